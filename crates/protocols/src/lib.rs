@@ -1,0 +1,15 @@
+//! Protocol definitions of vmfactory: Kata's `cache.proto` (the VMCache service, wire
+//! compatible with Kata Containers) and `agent.proto` (the guest agent API), compiled with
+//! `protox` and `tonic-build` at build time.
+
+/// Kata's VMCache protocol (`package cache`).
+pub mod cache {
+    #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+    tonic::include_proto!("cache");
+}
+
+/// The guest agent protocol (`package vmfactory.agent`).
+pub mod agent {
+    #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+    tonic::include_proto!("vmfactory.agent");
+}
