@@ -1,1 +1,11 @@
-//! placeholder
+//! VMs and the factories that make them. [`Vm`] is a running micro-VM with a connected
+//! guest agent; [`VmConfig`] describes what to boot; [`agent_client::AgentClient`] speaks
+//! the agent API over the VM's virtio-serial socket.
+
+pub mod agent_client;
+pub mod config;
+pub mod vm;
+
+pub use agent_client::{AgentClient, AgentError, ExecOutput, ExecRequest, GuestDetails};
+pub use config::VmConfig;
+pub use vm::{Vm, VmError};

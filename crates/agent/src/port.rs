@@ -1,0 +1,222 @@
+//! The virtio-serial port: finding it, waiting for the host, and serving one HTTP/2
+//! connection after another on it.
+
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{debug, info, warn};
+use vmfactory_protocols::agent::agent_service_server::AgentServiceServer;
+
+use crate::service::{Agent, MAX_MESSAGE_SIZE};
+
+/// Serves the agent API on the port named `name`, forever.
+pub async fn serve_port(name: &str) {
+    let mut sigio = match signal(SignalKind::io()) {
+        Ok(sigio) => Some(sigio),
+        Err(err) => {
+            warn!(%err, "Cannot watch SIGIO; polling for host connections instead");
+            None
+        }
+    };
+    let device = find_port(name).await;
+    info!(device = ?device, "Found the agent port");
+    let agent = Agent;
+    loop {
+        let port = open_port(&device).await;
+        wait_for_host(&port, sigio.as_mut()).await;
+        debug!("Host connected");
+        let io = match PortIo::new(port) {
+            Ok(io) => io,
+            Err(err) => {
+                warn!(%err, "Cannot register the port with the runtime");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = AgentServiceServer::new(agent.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(16 << 20)
+            .max_frame_size(1 << 20)
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+            .await;
+        match result {
+            Ok(()) => debug!("Host disconnected"),
+            Err(err) => debug!(%err, "Connection ended with an error"),
+        }
+        // The port is closed here (PortIo dropped) and reopened for the next host, so the
+        // host sees the guest side close and open again (QMP VSERPORT_CHANGE).
+    }
+}
+
+/// Waits until `/sys/class/virtio-ports/*/name` names `name`; returns its `/dev` node.
+async fn find_port(name: &str) -> CString {
+    let started = Instant::now();
+    let mut warned = false;
+    loop {
+        if let Ok(entries) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for entry in entries.flatten() {
+                let port_name = std::fs::read_to_string(entry.path().join("name"));
+                if port_name.is_ok_and(|n| n.trim() == name) {
+                    let device = Path::new("/dev").join(entry.file_name());
+                    // A directory entry name never contains a NUL byte.
+                    if let Ok(device) = CString::new(device.into_os_string().into_encoded_bytes()) {
+                        return device;
+                    }
+                }
+            }
+        }
+        if !warned && started.elapsed() > Duration::from_secs(5) {
+            warn!(name, "Still waiting for the virtio-serial port");
+            warned = true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Opens the port device, retrying while it is not ready (ENOENT, ENXIO) or busy.
+async fn open_port(path: &CStr) -> OwnedFd {
+    loop {
+        // SAFETY: path is a valid NUL-terminated string.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY,
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: fd was just returned by open and is owned by nobody else.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            enable_sigio(&fd);
+            return fd;
+        }
+        let err = io::Error::last_os_error();
+        debug!(%err, "Port not ready yet");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Asks the kernel to send us SIGIO when the host connects or disconnects.
+fn enable_sigio(fd: &OwnedFd) {
+    // SAFETY: fcntl on a valid open fd with integer arguments.
+    unsafe {
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETOWN, libc::getpid());
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_ASYNC);
+    }
+}
+
+/// True when the host side of the port is connected (poll reports no POLLHUP).
+fn host_connected(fd: &OwnedFd) -> bool {
+    let mut pollfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let rc = unsafe { libc::poll(&mut pollfd, 1, 0) };
+    rc >= 0 && pollfd.revents & libc::POLLHUP == 0
+}
+
+/// Waits until the host connects: woken by SIGIO, with a slow poll as a safety net.
+async fn wait_for_host(fd: &OwnedFd, mut sigio: Option<&mut tokio::signal::unix::Signal>) {
+    while !host_connected(fd) {
+        match sigio.as_deref_mut() {
+            Some(sigio) => {
+                let _ = tokio::time::timeout(Duration::from_millis(200), sigio.recv()).await;
+            }
+            None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// Non-blocking async I/O on the port's file descriptor.
+#[derive(Debug)]
+struct PortIo {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PortIo {
+    fn new(fd: OwnedFd) -> io::Result<Self> {
+        // SAFETY: the OwnedFd is valid, open, and owned by the AsyncFd for its lifetime.
+        let fd = unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)?;
+        Ok(Self { fd })
+    }
+}
+
+impl AsyncRead for PortIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let result = guard.try_io(|fd| {
+                // SAFETY: reading into a valid, initialized buffer of the given length.
+                let n = unsafe {
+                    libc::read(fd.as_raw_fd(), unfilled.as_mut_ptr().cast(), unfilled.len())
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match result {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(err)) => return Poll::Ready(Err(err)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for PortIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_write_ready(cx))?;
+            let result = guard.try_io(|fd| {
+                // SAFETY: writing from a valid buffer of the given length.
+                let n = unsafe { libc::write(fd.as_raw_fd(), data.as_ptr().cast(), data.len()) };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            match result {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

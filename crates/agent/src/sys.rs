@@ -1,0 +1,253 @@
+//! Guest system operations: details, clock, RNG, CPU and memory onlining.
+
+use std::fs::OpenOptions;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use vmfactory_protocols::agent::{GuestDetailsResponse, OnlineCpuMemResponse};
+
+/// Largest entropy buffer accepted by `ReseedRandomDev`.
+pub const MAX_RESEED_BYTES: usize = 64 << 10;
+/// How long `OnlineCPUMem` waits for hot-plugged CPUs to appear.
+const ONLINE_WAIT: Duration = Duration::from_secs(10);
+
+/// `_IOW('R', 0x03, int[2])`
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `_IO('R', 0x07)`
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Errors of guest system operations.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SysError(String);
+
+fn io_error(what: &str, path: &Path, err: std::io::Error) -> SysError {
+    SysError(format!("{what} {}: {err}", path.display()))
+}
+
+/// Kernel release, online CPUs, MemTotal and agent version.
+pub fn guest_details() -> Result<GuestDetailsResponse, SysError> {
+    let online = read("/sys/devices/system/cpu/online")?;
+    let meminfo = read("/proc/meminfo")?;
+    Ok(GuestDetailsResponse {
+        kernel_release: kernel_release()?,
+        online_cpus: count_cpu_list(&online)
+            .ok_or_else(|| SysError(format!("Unparsable CPU list {online:?}")))?,
+        mem_total_kib: mem_total_kib(&meminfo)
+            .ok_or_else(|| SysError("No MemTotal in /proc/meminfo".into()))?,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+    })
+}
+
+fn read(path: &str) -> Result<String, SysError> {
+    std::fs::read_to_string(path).map_err(|err| io_error("Cannot read", Path::new(path), err))
+}
+
+fn kernel_release() -> Result<String, SysError> {
+    // SAFETY: utsname is plain old data; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer to a utsname.
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        return Err(SysError(format!(
+            "uname failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let bytes: Vec<u8> = uts
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Counts the CPUs in a kernel CPU list such as `0-3,5,7-8`.
+pub fn count_cpu_list(list: &str) -> Option<u32> {
+    let list = list.trim();
+    if list.is_empty() {
+        return Some(0);
+    }
+    let mut count = 0u32;
+    for part in list.split(',') {
+        let part = part.trim();
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last): (u32, u32) = (first.parse().ok()?, last.parse().ok()?);
+                count = count.checked_add(last.checked_sub(first)?.checked_add(1)?)?;
+            }
+            None => {
+                part.parse::<u32>().ok()?;
+                count = count.checked_add(1)?;
+            }
+        }
+    }
+    Some(count)
+}
+
+/// Reads `MemTotal` (KiB) from the text of `/proc/meminfo`.
+pub fn mem_total_kib(meminfo: &str) -> Option<u64> {
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Sets `CLOCK_REALTIME`.
+pub fn set_clock(sec: i64, usec: i64) -> Result<(), SysError> {
+    let ts = libc::timespec {
+        tv_sec: sec as libc::time_t,
+        tv_nsec: (usec * 1000) as libc::c_long,
+    };
+    // SAFETY: valid pointer to a timespec.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(SysError(std::io::Error::last_os_error().to_string()));
+    }
+    Ok(())
+}
+
+/// Credits `data` to the kernel's entropy pool and forces a CRNG reseed.
+pub fn reseed_rng(data: &[u8]) -> Result<(), SysError> {
+    let path = Path::new("/dev/random");
+    let file = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|err| io_error("Cannot open", path, err))?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let len = i32::try_from(data.len()).map_err(|_| SysError("Too much data".into()))?;
+    let mut info = Vec::with_capacity(8 + data.len());
+    info.extend_from_slice(&len.saturating_mul(8).to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(data);
+    // Keep the buffer 4-byte aligned for the kernel's u32 array (Vec<u8> of u32 words).
+    let words: Vec<u32> = info
+        .chunks(4)
+        .map(|chunk| {
+            let mut word = [0u8; 4];
+            word[..chunk.len()].copy_from_slice(chunk);
+            u32::from_ne_bytes(word)
+        })
+        .collect();
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info of 8 + buf_size bytes from a valid buffer.
+    if unsafe { libc::ioctl(file.as_raw_fd(), RNDADDENTROPY, words.as_ptr()) } != 0 {
+        return Err(SysError(format!(
+            "RNDADDENTROPY failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(file.as_raw_fd(), RNDRESEEDCRNG) } != 0 {
+        return Err(SysError(format!(
+            "RNDRESEEDCRNG failed: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Onlines every offline CPU (and memory block unless `cpu_only`). When `nb_cpus` is
+/// non-zero, waits until that many CPUs are online, as hot-plugged CPUs appear late.
+pub async fn online_cpu_mem(
+    nb_cpus: u32,
+    cpu_only: bool,
+) -> Result<OnlineCpuMemResponse, SysError> {
+    let started = Instant::now();
+    let mut response = OnlineCpuMemResponse::default();
+    loop {
+        response.cpus_onlined += online_all(
+            Path::new("/sys/devices/system/cpu"),
+            "cpu",
+            "online",
+            "0",
+            "1",
+        )?;
+        if !cpu_only {
+            response.memory_blocks_onlined += online_all(
+                Path::new("/sys/devices/system/memory"),
+                "memory",
+                "state",
+                "offline",
+                "online",
+            )?;
+        }
+        let online = count_cpu_list(&read("/sys/devices/system/cpu/online")?).unwrap_or(0);
+        if online >= nb_cpus {
+            return Ok(response);
+        }
+        if started.elapsed() > ONLINE_WAIT {
+            return Err(SysError(format!(
+                "Only {online} of {nb_cpus} CPUs came online within {ONLINE_WAIT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes `on` to `<dir>/<prefix>N/<file>` wherever it reads `off`; returns how many.
+fn online_all(dir: &Path, prefix: &str, file: &str, off: &str, on: &str) -> Result<u32, SysError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(err) => return Err(io_error("Cannot list", dir, err)),
+    };
+    let mut count = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let is_item = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !is_item {
+            continue;
+        }
+        let path = entry.path().join(file);
+        let Ok(state) = std::fs::read_to_string(&path) else {
+            continue; // cpu0 has no "online" file
+        };
+        if state.trim() == off {
+            std::fs::write(&path, on).map_err(|err| io_error("Cannot online", &path, err))?;
+            count += 1;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_cpu_lists() {
+        assert_eq!(count_cpu_list("0\n"), Some(1));
+        assert_eq!(count_cpu_list("0-3"), Some(4));
+        assert_eq!(count_cpu_list("0-1,4,6-7"), Some(5));
+        assert_eq!(count_cpu_list(""), Some(0));
+        assert_eq!(count_cpu_list("3-1"), None);
+        assert_eq!(count_cpu_list("a"), None);
+    }
+
+    #[test]
+    fn parses_mem_total() {
+        let meminfo = "MemTotal:         228700 kB\nMemFree:  1 kB\n";
+        assert_eq!(mem_total_kib(meminfo), Some(228_700));
+        assert_eq!(mem_total_kib("MemFree: 1 kB\n"), None);
+    }
+
+    #[test]
+    fn onlines_only_offline_items() {
+        let dir = std::env::temp_dir().join(format!("vmf-online-{}", std::process::id()));
+        for (name, state) in [("cpu0", None), ("cpu1", Some("0")), ("cpu2", Some("1"))] {
+            std::fs::create_dir_all(dir.join(name)).expect("mkdir");
+            if let Some(state) = state {
+                std::fs::write(dir.join(name).join("online"), state).expect("write");
+            }
+        }
+        std::fs::create_dir_all(dir.join("cpufreq")).expect("mkdir");
+        let count = online_all(&dir, "cpu", "online", "0", "1").expect("online");
+        assert_eq!(count, 1);
+        let state = std::fs::read_to_string(dir.join("cpu1/online")).expect("read");
+        assert_eq!(state, "1");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

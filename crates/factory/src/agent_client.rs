@@ -1,0 +1,231 @@
+//! Host side of the guest agent API: a gRPC client over the VM's agent socket.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+use vmfactory_protocols::agent::agent_service_client::AgentServiceClient;
+use vmfactory_protocols::agent::health_check_response::ServingStatus;
+use vmfactory_protocols::agent::{
+    CheckRequest, EnvVar, ExecProcessRequest, GuestDetailsRequest, OnlineCpuMemRequest,
+    ReseedRandomDevRequest, SetGuestDateTimeRequest,
+};
+
+/// Largest message exchanged with the agent (command output can be large).
+const MAX_MESSAGE_SIZE: usize = 256 << 20;
+
+/// Errors talking to the guest agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The agent socket could not be connected.
+    #[error("Cannot connect to the guest agent at {path}")]
+    Connect {
+        /// The agent socket.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The agent answered with an error status.
+    #[error("Guest agent {rpc} failed: {}", .status.message())]
+    Rpc {
+        /// The RPC that failed.
+        rpc: &'static str,
+        /// The status the agent returned.
+        status: tonic::Status,
+    },
+    /// The agent answered, but not with SERVING.
+    #[error("Guest agent is not serving (status {0})")]
+    NotServing(i32),
+    /// The host clock is before 1970.
+    #[error("Host clock is before the Unix epoch")]
+    Clock,
+}
+
+fn rpc_error(rpc: &'static str) -> impl FnOnce(tonic::Status) -> AgentError {
+    move |status| AgentError::Rpc { rpc, status }
+}
+
+/// A command to run in the guest.
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest ("" = "/").
+    pub workdir: String,
+    /// Standard input bytes.
+    pub stdin: Vec<u8>,
+    /// Kill the command after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// What a command in the guest produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit code, when the command exited.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the command, when it was killed.
+    pub signal: Option<i32>,
+    /// Standard output.
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: Vec<u8>,
+    /// The command was killed because its timeout expired.
+    pub timed_out: bool,
+    /// Output beyond the agent's limit was dropped.
+    pub truncated: bool,
+}
+
+/// Facts the agent reports about the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestDetails {
+    /// `uname -r` of the guest.
+    pub kernel_release: String,
+    /// Online CPUs.
+    pub online_cpus: u32,
+    /// MemTotal, KiB.
+    pub mem_total_kib: u64,
+    /// Version of the agent binary.
+    pub agent_version: String,
+}
+
+/// A connection to one guest agent. Cloning shares the connection.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    inner: AgentServiceClient<Channel>,
+}
+
+impl AgentClient {
+    /// Connects to the agent socket. The HTTP/2 connection is set up at once; calls wait
+    /// until the agent in the guest listens, so this can run while the guest still boots.
+    pub async fn connect(socket: &Path) -> Result<Self, AgentError> {
+        let path = socket.to_path_buf();
+        let connector = tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        });
+        let channel = Endpoint::from_static("http://vmfactory-agent")
+            .initial_stream_window_size(8 << 20)
+            .initial_connection_window_size(16 << 20)
+            .connect_with_connector(connector)
+            .await
+            .map_err(|source| AgentError::Connect {
+                path: socket.to_path_buf(),
+                source,
+            })?;
+        let inner = AgentServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        Ok(Self { inner })
+    }
+
+    /// Health check: Ok once the agent serves.
+    pub async fn check(&self) -> Result<(), AgentError> {
+        let response = self
+            .inner
+            .clone()
+            .check(CheckRequest::default())
+            .await
+            .map_err(rpc_error("Check"))?
+            .into_inner();
+        if response.status == ServingStatus::Serving as i32 {
+            Ok(())
+        } else {
+            Err(AgentError::NotServing(response.status))
+        }
+    }
+
+    /// Runs a command to completion.
+    pub async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, AgentError> {
+        let request = ExecProcessRequest {
+            argv: request.argv,
+            env: request
+                .env
+                .into_iter()
+                .map(|(key, value)| EnvVar { key, value })
+                .collect(),
+            workdir: request.workdir,
+            stdin: request.stdin,
+            timeout_ms: request
+                .timeout
+                .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        };
+        let response = self
+            .inner
+            .clone()
+            .exec_process(request)
+            .await
+            .map_err(rpc_error("ExecProcess"))?
+            .into_inner();
+        Ok(ExecOutput {
+            exit_code: (response.signal == 0).then_some(response.exit_code),
+            signal: (response.signal != 0).then_some(response.signal),
+            stdout: response.stdout,
+            stderr: response.stderr,
+            timed_out: response.timed_out,
+            truncated: response.stdout_truncated || response.stderr_truncated,
+        })
+    }
+
+    /// Kernel release, online CPUs, memory, agent version.
+    pub async fn details(&self) -> Result<GuestDetails, AgentError> {
+        let response = self
+            .inner
+            .clone()
+            .guest_details(GuestDetailsRequest {})
+            .await
+            .map_err(rpc_error("GuestDetails"))?
+            .into_inner();
+        Ok(GuestDetails {
+            kernel_release: response.kernel_release,
+            online_cpus: response.online_cpus,
+            mem_total_kib: response.mem_total_kib,
+            agent_version: response.agent_version,
+        })
+    }
+
+    /// Sets the guest clock to `time`.
+    pub async fn set_time(&self, time: SystemTime) -> Result<(), AgentError> {
+        let since_epoch = time
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| AgentError::Clock)?;
+        let request = SetGuestDateTimeRequest {
+            sec: i64::try_from(since_epoch.as_secs()).map_err(|_| AgentError::Clock)?,
+            usec: i64::from(since_epoch.subsec_micros()),
+        };
+        self.inner
+            .clone()
+            .set_guest_date_time(request)
+            .await
+            .map_err(rpc_error("SetGuestDateTime"))?;
+        Ok(())
+    }
+
+    /// Adds `entropy` to the guest RNG and reseeds it.
+    pub async fn reseed(&self, entropy: Vec<u8>) -> Result<(), AgentError> {
+        self.inner
+            .clone()
+            .reseed_random_dev(ReseedRandomDevRequest { data: entropy })
+            .await
+            .map_err(rpc_error("ReseedRandomDev"))?;
+        Ok(())
+    }
+
+    /// Onlines hot-plugged CPUs (waiting for `cpus` online) and memory.
+    pub async fn online_cpu_mem(&self, cpus: u32, cpu_only: bool) -> Result<(), AgentError> {
+        self.inner
+            .clone()
+            .online_cpu_mem(OnlineCpuMemRequest {
+                wait: true,
+                nb_cpus: cpus,
+                cpu_only,
+            })
+            .await
+            .map_err(rpc_error("OnlineCPUMem"))?;
+        Ok(())
+    }
+}

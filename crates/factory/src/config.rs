@@ -1,0 +1,111 @@
+//! What a VM is made of: the QEMU settings, guest kernel and initramfs, sizes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmfactory_hypervisor::qemu::QemuConfig;
+use vmfactory_hypervisor::{MemoryBackend, VmSpec};
+
+/// Kernel command line every VM gets: serial console, quiet boot, no probing of hardware
+/// the VM does not have, and hot-plugged memory onlined by the kernel.
+pub const BASE_KERNEL_PARAMS: &str = "console=ttyS0 quiet panic=1 reboot=k \
+    rdinit=/init pci=lastbus=0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd \
+    8250.nr_uarts=1 tsc=reliable no_timer_check noreplace-smp cryptomgr.notests \
+    rcupdate.rcu_expedited=1 random.trust_cpu=on memhp_default_state=online";
+
+/// Everything needed to boot one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// QEMU backend settings.
+    pub qemu: QemuConfig,
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Guest initramfs (with the agent as `/init`).
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel parameters appended to [`BASE_KERNEL_PARAMS`].
+    pub kernel_params: String,
+    /// vCPUs at boot.
+    pub vcpus: u32,
+    /// Most vCPUs a VM may have after hot-plug.
+    pub max_vcpus: u32,
+    /// Guest RAM at boot, MiB.
+    pub memory_mib: u32,
+    /// DIMM slots for memory hot-plug.
+    pub memory_slots: u32,
+    /// Most guest RAM after hot-plug, MiB.
+    pub max_memory_mib: u32,
+    /// How long a boot may take until the agent answers.
+    pub boot_timeout: Duration,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            qemu: QemuConfig::default(),
+            kernel: PathBuf::new(),
+            initrd: None,
+            kernel_params: String::new(),
+            vcpus: 1,
+            max_vcpus: 4,
+            memory_mib: 256,
+            memory_slots: 4,
+            max_memory_mib: 2048,
+            boot_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl VmConfig {
+    /// The full kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let extra = self.kernel_params.trim();
+        if extra.is_empty() {
+            BASE_KERNEL_PARAMS.to_string()
+        } else {
+            format!("{BASE_KERNEL_PARAMS} {extra}")
+        }
+    }
+
+    /// The hypervisor's view of a VM with this config.
+    pub fn spec(&self, id: String, memory: MemoryBackend) -> VmSpec {
+        VmSpec {
+            id,
+            vcpus: self.vcpus,
+            max_vcpus: self.max_vcpus.max(self.vcpus),
+            memory_mib: self.memory_mib,
+            memory_slots: self.memory_slots,
+            max_memory_mib: self.max_memory_mib.max(self.memory_mib),
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            kernel_params: self.kernel_cmdline(),
+            memory,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_appends_extra_params() {
+        let mut config = VmConfig::default();
+        assert_eq!(config.kernel_cmdline(), BASE_KERNEL_PARAMS);
+        config.kernel_params = " debug ".into();
+        assert!(config.kernel_cmdline().ends_with(" debug"));
+    }
+
+    #[test]
+    fn spec_never_has_max_below_boot_size() {
+        let config = VmConfig {
+            vcpus: 8,
+            max_vcpus: 2,
+            memory_mib: 4096,
+            max_memory_mib: 1024,
+            ..VmConfig::default()
+        };
+        let spec = config.spec("x".into(), MemoryBackend::Memfd);
+        assert_eq!((spec.max_vcpus, spec.max_memory_mib), (8, 4096));
+    }
+}

@@ -1,0 +1,193 @@
+//! A VM: a hypervisor handle plus a connected guest agent.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::RngCore;
+use tracing::{debug, info};
+use vmfactory_hypervisor::qemu::{new_vm_id, Qemu};
+use vmfactory_hypervisor::{Hypervisor, HypervisorError, MemoryBackend};
+
+use crate::agent_client::{AgentClient, AgentError, ExecOutput, ExecRequest, GuestDetails};
+use crate::config::VmConfig;
+
+/// Bytes of host entropy sent to a guest on reseed.
+pub const RESEED_BYTES: usize = 512;
+
+/// Errors of VM operations.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The hypervisor failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// The guest agent failed.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The agent did not answer in time.
+    #[error("Guest agent did not answer within {seconds:.1} s{report}")]
+    AgentTimeout {
+        /// How long we waited.
+        seconds: f64,
+        /// Last lines of the guest console.
+        report: String,
+    },
+}
+
+/// A running micro-VM with a connected guest agent.
+#[derive(Debug)]
+pub struct Vm {
+    hypervisor: Box<dyn Hypervisor>,
+    agent: AgentClient,
+    /// vCPUs the VM has now.
+    pub cpu: u32,
+    /// Guest RAM the VM has now, MiB.
+    pub memory_mib: u32,
+    /// vCPUs hot-plugged beyond the factory's default.
+    pub cpu_delta: u32,
+}
+
+impl Vm {
+    /// Boots a VM directly from `config` and waits until its agent answers. The agent
+    /// connection is opened as soon as QEMU is up, while the guest kernel still boots, so the
+    /// first `Check` is answered the moment the agent listens.
+    pub async fn new(config: &VmConfig) -> Result<Self, VmError> {
+        let started = Instant::now();
+        let spec = config.spec(new_vm_id(), MemoryBackend::Memfd);
+        let mut qemu = Qemu::start(&config.qemu, &spec).await?;
+        debug!(id = %spec.id, elapsed = ?started.elapsed(), "QEMU is up");
+        match connect_agent(&qemu, config.boot_timeout).await {
+            Ok(agent) => {
+                info!(id = %spec.id, elapsed = ?started.elapsed(), "VM ready");
+                Ok(Self {
+                    hypervisor: Box::new(qemu),
+                    agent,
+                    cpu: config.vcpus,
+                    memory_mib: config.memory_mib,
+                    cpu_delta: 0,
+                })
+            }
+            Err(err) => {
+                let _ = qemu.stop().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Assembles a VM from an already running hypervisor and agent connection.
+    pub fn from_parts(
+        hypervisor: Box<dyn Hypervisor>,
+        agent: AgentClient,
+        cpu: u32,
+        memory_mib: u32,
+    ) -> Self {
+        Self {
+            hypervisor,
+            agent,
+            cpu,
+            memory_mib,
+            cpu_delta: 0,
+        }
+    }
+
+    /// The VM's id.
+    pub fn id(&self) -> &str {
+        self.hypervisor.id()
+    }
+
+    /// The hypervisor process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.hypervisor.pid()
+    }
+
+    /// The hypervisor handle.
+    pub fn hypervisor(&self) -> &dyn Hypervisor {
+        self.hypervisor.as_ref()
+    }
+
+    /// The agent connection.
+    pub fn agent(&self) -> &AgentClient {
+        &self.agent
+    }
+
+    /// Pauses the vCPUs.
+    pub async fn pause(&self) -> Result<(), VmError> {
+        Ok(self.hypervisor.pause().await?)
+    }
+
+    /// Resumes the vCPUs.
+    pub async fn resume(&self) -> Result<(), VmError> {
+        Ok(self.hypervisor.resume().await?)
+    }
+
+    /// Stops the VM and removes its directory.
+    pub async fn stop(mut self) -> Result<(), VmError> {
+        Ok(self.hypervisor.stop().await?)
+    }
+
+    /// Runs a command in the guest; fails fast if QEMU dies meanwhile.
+    pub async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, VmError> {
+        tokio::select! {
+            result = self.agent.exec(request) => Ok(result?),
+            err = self.hypervisor.exited() => Err(err.into()),
+        }
+    }
+
+    /// Sends [`RESEED_BYTES`] of host entropy to the guest RNG and reseeds it.
+    pub async fn reseed_rng(&self) -> Result<(), VmError> {
+        let mut entropy = vec![0u8; RESEED_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut entropy);
+        Ok(self.agent.reseed(entropy).await?)
+    }
+
+    /// Sets the guest clock to the host's.
+    pub async fn sync_time(&self) -> Result<(), VmError> {
+        Ok(self.agent.set_time(SystemTime::now()).await?)
+    }
+
+    /// Kernel release, online CPUs, memory and agent version of the guest.
+    pub async fn details(&self) -> Result<GuestDetails, VmError> {
+        Ok(self.agent.details().await?)
+    }
+}
+
+/// Connects to the agent of `hypervisor` and waits for a successful `Check`, unless the
+/// hypervisor dies or `timeout` passes first.
+pub async fn connect_agent(
+    hypervisor: &dyn Hypervisor,
+    timeout: Duration,
+) -> Result<AgentClient, VmError> {
+    let socket = hypervisor.agent_socket();
+    let attempt = async {
+        loop {
+            match AgentClient::connect(&socket).await {
+                Ok(agent) => match agent.check().await {
+                    Ok(()) => return agent,
+                    Err(err) => debug!(%err, "Agent check failed; retrying"),
+                },
+                Err(err) => debug!(%err, "Agent socket not ready; retrying"),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        agent = attempt => Ok(agent),
+        err = hypervisor.exited() => Err(err.into()),
+        () = tokio::time::sleep(timeout) => Err(VmError::AgentTimeout {
+            seconds: timeout.as_secs_f64(),
+            report: console_report(hypervisor),
+        }),
+    }
+}
+
+fn console_report(hypervisor: &dyn Hypervisor) -> String {
+    let console = hypervisor.vm_dir().join("console.log");
+    match std::fs::read_to_string(console) {
+        Ok(text) if !text.trim().is_empty() => {
+            let lines: Vec<&str> = text.lines().collect();
+            format!(
+                "\n--- last lines of guest console ---\n{}",
+                lines[lines.len().saturating_sub(15)..].join("\n")
+            )
+        }
+        _ => String::new(),
+    }
+}

@@ -1,0 +1,251 @@
+//! The QEMU command line for a VM.
+
+use std::path::{Path, PathBuf};
+
+use super::accel::ResolvedAccel;
+use super::QemuConfig;
+use crate::{HypervisorError, MemoryBackend, Result, VmSpec};
+
+/// Name of the virtio-serial port the guest agent listens on.
+pub const AGENT_PORT_NAME: &str = "agent.0";
+/// Longest path a Unix socket address can hold.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The files of one VM inside its directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmPaths {
+    /// The VM directory.
+    pub dir: PathBuf,
+    /// QMP socket.
+    pub qmp: PathBuf,
+    /// Host end of the agent's virtio-serial port.
+    pub agent: PathBuf,
+    /// Guest serial console output.
+    pub console: PathBuf,
+    /// QEMU's own stderr.
+    pub stderr: PathBuf,
+}
+
+impl VmPaths {
+    /// The paths of the VM directory `dir`.
+    pub fn new(dir: &Path) -> Result<Self> {
+        let paths = Self {
+            dir: dir.to_path_buf(),
+            qmp: dir.join("qmp.sock"),
+            agent: dir.join("agent.sock"),
+            console: dir.join("console.log"),
+            stderr: dir.join("qemu.stderr"),
+        };
+        for socket in [&paths.qmp, &paths.agent] {
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(HypervisorError::InvalidConfig(format!(
+                    "Socket path {} is longer than {MAX_SOCKET_PATH} bytes: choose a shorter runtime directory",
+                    socket.display()
+                )));
+            }
+        }
+        Ok(paths)
+    }
+}
+
+/// Builds QEMU's arguments (without the binary) for `spec`.
+pub fn build_args(
+    config: &QemuConfig,
+    spec: &VmSpec,
+    accel: ResolvedAccel,
+    paths: &VmPaths,
+) -> Result<Vec<String>> {
+    let machine = config.machine_type.as_str();
+    if !matches!(machine, "q35" | "pc") {
+        return Err(HypervisorError::InvalidConfig(format!(
+            "Machine type {machine:?} is not supported: use \"q35\" or \"pc\""
+        )));
+    }
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+
+    push(&["-name", &format!("vmfactory-{}", spec.id)]);
+    push(&["-machine", &format!("{machine},memory-backend=mem0")]);
+    match accel {
+        ResolvedAccel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        ResolvedAccel::Tcg => {
+            let tcg = match config.tb_size_mib {
+                Some(mib) => format!("tcg,tb-size={mib}"),
+                None => "tcg".to_string(),
+            };
+            push(&["-accel", &tcg, "-cpu", "max"]);
+        }
+    }
+    push(&[
+        "-smp",
+        &format!("{},maxcpus={}", spec.vcpus, spec.max_vcpus),
+    ]);
+    let memory = if spec.memory_slots > 0 && spec.max_memory_mib > spec.memory_mib {
+        format!(
+            "{}M,slots={},maxmem={}M",
+            spec.memory_mib, spec.memory_slots, spec.max_memory_mib
+        )
+    } else {
+        format!("{}M", spec.memory_mib)
+    };
+    push(&["-m", &memory]);
+    let backend = match &spec.memory {
+        MemoryBackend::Memfd => format!(
+            "memory-backend-memfd,id=mem0,size={}M,share=on",
+            spec.memory_mib
+        ),
+        MemoryBackend::File { path, share } => format!(
+            "memory-backend-file,id=mem0,size={}M,mem-path={},share={}",
+            spec.memory_mib,
+            escape_option(path),
+            if *share { "on" } else { "off" }
+        ),
+    };
+    push(&["-object", &backend]);
+    push(&["-kernel", &escape_option(&spec.kernel)]);
+    if let Some(initrd) = &spec.initrd {
+        push(&["-initrd", &escape_option(initrd)]);
+    }
+    push(&["-append", &spec.kernel_params]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-vga",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&[
+        "-chardev",
+        &format!("file,id=console0,path={}", escape_option(&paths.console)),
+        "-serial",
+        "chardev:console0",
+    ]);
+    push(&["-device", "virtio-serial-pci,id=vser0"]);
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=agent0,path={},server=on,wait=off",
+            escape_option(&paths.agent)
+        ),
+        "-device",
+        &format!("virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}"),
+    ]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", escape_option(&paths.qmp)),
+    ]);
+    Ok(args)
+}
+
+/// Escapes a path for a QEMU option value (a comma is written as two commas).
+fn escape_option(path: &Path) -> String {
+    path.to_string_lossy().replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::accel::Accelerator;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "abc".into(),
+            vcpus: 1,
+            max_vcpus: 4,
+            memory_mib: 256,
+            memory_slots: 4,
+            max_memory_mib: 2048,
+            kernel: "/k/vmlinux".into(),
+            initrd: Some("/k/initrd.img".into()),
+            kernel_params: "console=ttyS0 quiet".into(),
+            memory: MemoryBackend::Memfd,
+        }
+    }
+
+    fn config() -> QemuConfig {
+        QemuConfig {
+            accelerator: Accelerator::Tcg,
+            ..QemuConfig::default()
+        }
+    }
+
+    fn args_of(config: &QemuConfig, spec: &VmSpec, accel: ResolvedAccel) -> Vec<String> {
+        let paths = VmPaths::new(Path::new("/run/vmf/vm/abc")).expect("paths");
+        build_args(config, spec, accel, &paths).expect("args")
+    }
+
+    /// The value following `flag`, for every occurrence of it.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn tcg_q35_with_hotplug_room() {
+        let args = args_of(&config(), &spec(), ResolvedAccel::Tcg);
+        assert_eq!(values(&args, "-machine"), ["q35,memory-backend=mem0"]);
+        assert_eq!(values(&args, "-accel"), ["tcg"]);
+        assert_eq!(values(&args, "-cpu"), ["max"]);
+        assert_eq!(values(&args, "-smp"), ["1,maxcpus=4"]);
+        assert_eq!(values(&args, "-m"), ["256M,slots=4,maxmem=2048M"]);
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-memfd,id=mem0,size=256M,share=on"]
+        );
+        assert_eq!(values(&args, "-kernel"), ["/k/vmlinux"]);
+        assert_eq!(values(&args, "-initrd"), ["/k/initrd.img"]);
+        assert_eq!(values(&args, "-append"), ["console=ttyS0 quiet"]);
+        assert_eq!(
+            values(&args, "-qmp"),
+            ["unix:/run/vmf/vm/abc/qmp.sock,server=on,wait=off"]
+        );
+        assert!(values(&args, "-chardev")
+            .contains(&"socket,id=agent0,path=/run/vmf/vm/abc/agent.sock,server=on,wait=off"));
+        assert!(values(&args, "-device")
+            .contains(&"virtserialport,bus=vser0.0,chardev=agent0,name=agent.0"));
+        assert!(args.iter().any(|a| a == "-nodefaults"));
+        assert!(args.iter().any(|a| a == "-no-reboot"));
+    }
+
+    #[test]
+    fn kvm_uses_host_cpu_and_tb_size_only_applies_to_tcg() {
+        let mut config = config();
+        config.tb_size_mib = Some(32);
+        let kvm = args_of(&config, &spec(), ResolvedAccel::Kvm);
+        assert_eq!(values(&kvm, "-accel"), ["kvm"]);
+        assert_eq!(values(&kvm, "-cpu"), ["host"]);
+        let tcg = args_of(&config, &spec(), ResolvedAccel::Tcg);
+        assert_eq!(values(&tcg, "-accel"), ["tcg,tb-size=32"]);
+    }
+
+    #[test]
+    fn file_backend_and_escaping() {
+        let mut spec = spec();
+        spec.memory = MemoryBackend::File {
+            path: "/tmpl,x/memory".into(),
+            share: false,
+        };
+        spec.memory_slots = 0;
+        let args = args_of(&config(), &spec, ResolvedAccel::Tcg);
+        assert_eq!(
+            values(&args, "-object"),
+            ["memory-backend-file,id=mem0,size=256M,mem-path=/tmpl,,x/memory,share=off"]
+        );
+        assert_eq!(values(&args, "-m"), ["256M"]);
+    }
+
+    #[test]
+    fn rejects_unknown_machine_and_long_socket_paths() {
+        let mut config = config();
+        config.machine_type = "virt".into();
+        let paths = VmPaths::new(Path::new("/run/x")).expect("paths");
+        let err = build_args(&config, &spec(), ResolvedAccel::Tcg, &paths).expect_err("machine");
+        assert!(err.to_string().contains("q35"), "{err}");
+        let long = PathBuf::from(format!("/{}", "d".repeat(120)));
+        assert!(VmPaths::new(&long).is_err());
+    }
+}

@@ -1,0 +1,399 @@
+//! The QEMU backend: one `qemu-system-x86_64` process per VM, driven over QMP, with the
+//! guest agent's virtio-serial port exposed as a Unix socket in the VM directory.
+
+pub mod accel;
+pub mod cmdline;
+pub mod qmp;
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{watch, Mutex};
+use tracing::{debug, info, warn};
+
+use self::accel::{Accelerator, HostProbe, ResolvedAccel};
+use self::cmdline::VmPaths;
+use self::qmp::Qmp;
+use crate::{Hypervisor, HypervisorError, Result, VmSpec};
+
+/// Lines of QEMU's stderr and of the console quoted when QEMU dies.
+const REPORT_LINES: usize = 15;
+
+/// Settings of the QEMU backend shared by all VMs of a factory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuConfig {
+    /// QEMU binary: a path, or a name looked up in `PATH`.
+    pub binary: PathBuf,
+    /// Machine type (`q35` or `pc`).
+    pub machine_type: String,
+    /// Accelerator choice.
+    pub accelerator: Accelerator,
+    /// The guest kernel is built with `CONFIG_PVM_GUEST` (runs on kvm_pvm).
+    pub kernel_is_pvm: bool,
+    /// TCG translation buffer size, MiB (bounds QEMU's memory per VM under TCG).
+    pub tb_size_mib: Option<u32>,
+    /// Directory holding one sub-directory per VM.
+    pub runtime_dir: PathBuf,
+    /// How long QEMU may take to open its QMP socket.
+    pub start_timeout: Duration,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: "qemu-system-x86_64".into(),
+            machine_type: "q35".into(),
+            accelerator: Accelerator::Auto,
+            kernel_is_pvm: false,
+            tb_size_mib: None,
+            runtime_dir: default_runtime_dir(),
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `$VMFACTORY_RUNTIME_DIR`, else `/run/vmfactory` for root, else
+/// `$XDG_RUNTIME_DIR/vmfactory`, else `/tmp/vmfactory-<uid>`.
+pub fn default_runtime_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VMFACTORY_RUNTIME_DIR") {
+        return dir.into();
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return "/run/vmfactory".into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return Path::new(&dir).join("vmfactory");
+    }
+    format!("/tmp/vmfactory-{uid}").into()
+}
+
+/// Finds the QEMU binary: a path is checked, a bare name is searched in `PATH`.
+pub fn resolve_binary(binary: &Path) -> Result<PathBuf> {
+    let missing = || HypervisorError::MissingFile {
+        what: "QEMU binary",
+        path: binary.to_path_buf(),
+        hint: "install it with `apt-get install qemu-system-x86` or set the QEMU path",
+    };
+    if binary.components().count() > 1 {
+        return if binary.is_file() {
+            Ok(binary.to_path_buf())
+        } else {
+            Err(missing())
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(missing)
+}
+
+/// A new random VM id (16 hex digits).
+pub fn new_vm_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// The last `n` lines of a file, or an empty string.
+fn tail(path: &Path, n: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// What QEMU and the guest said last: quoted in errors when QEMU dies.
+pub fn failure_report(paths: &VmPaths) -> String {
+    let mut report = String::new();
+    for (label, path) in [
+        ("QEMU stderr", &paths.stderr),
+        ("guest console", &paths.console),
+    ] {
+        let text = tail(path, REPORT_LINES);
+        if !text.is_empty() {
+            report.push_str(&format!("\n--- last lines of {label} ---\n{text}"));
+        }
+    }
+    report
+}
+
+/// A QEMU process running one VM.
+#[derive(Debug)]
+pub struct Qemu {
+    id: String,
+    pid: u32,
+    paths: VmPaths,
+    accel: ResolvedAccel,
+    /// `Some(status)` once the process has exited.
+    exit: watch::Receiver<Option<String>>,
+    qmp: Mutex<Option<Qmp>>,
+    /// Set once `stop` has finished: nothing left to clean up.
+    stopped: bool,
+}
+
+impl Qemu {
+    /// Spawns QEMU for `spec` and waits until its QMP socket answers.
+    pub async fn start(config: &QemuConfig, spec: &VmSpec) -> Result<Self> {
+        spec.validate()?;
+        let binary = resolve_binary(&config.binary)?;
+        let (accel, reason) = accel::choose(
+            config.accelerator,
+            HostProbe::detect(),
+            config.kernel_is_pvm,
+        )?;
+        log_accel_once(accel, reason);
+
+        let dir = config.runtime_dir.join("vm").join(&spec.id);
+        let paths = VmPaths::new(&dir)?;
+        let args = cmdline::build_args(config, spec, accel, &paths)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| HypervisorError::Io {
+                action: "Cannot create the VM directory",
+                path: dir.clone(),
+                source,
+            })?;
+        let cleanup_dir = |err: HypervisorError| {
+            let _ = std::fs::remove_dir_all(&dir);
+            err
+        };
+        let stderr = std::fs::File::create(&paths.stderr)
+            .map_err(|source| HypervisorError::Io {
+                action: "Cannot create",
+                path: paths.stderr.clone(),
+                source,
+            })
+            .map_err(cleanup_dir)?;
+        debug!(binary = %binary.display(), ?args, "Starting QEMU");
+        let mut child = tokio::process::Command::new(&binary)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            // Its own process group: a Ctrl-C at the terminal reaches us, not QEMU; we stop
+            // the VM ourselves, and VMs handed to clients outlive their creator.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| HypervisorError::Spawn {
+                binary: binary.clone(),
+                source,
+            })
+            .map_err(cleanup_dir)?;
+        let pid = child.id().unwrap_or(0);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(err) => format!("unknown status: {err}"),
+            };
+            let _ = exit_tx.send(Some(status));
+        });
+        let mut qemu = Qemu {
+            id: spec.id.clone(),
+            pid,
+            paths,
+            accel,
+            exit: exit_rx,
+            qmp: Mutex::new(None),
+            stopped: false,
+        };
+        match qemu.connect_qmp(config.start_timeout).await {
+            Ok(qmp) => {
+                *qemu.qmp.get_mut() = Some(qmp);
+                Ok(qemu)
+            }
+            Err(err) => {
+                let _ = qemu.stop().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Connects to QMP as soon as the socket exists, unless QEMU dies first.
+    async fn connect_qmp(&self, timeout: Duration) -> Result<Qmp> {
+        let started = Instant::now();
+        loop {
+            if !self.is_running() {
+                return Err(self.exited().await);
+            }
+            if self.paths.qmp.exists() {
+                match Qmp::connect(&self.paths.qmp).await {
+                    Ok(qmp) => return Ok(qmp),
+                    Err(err) => debug!(%err, "QMP not ready yet"),
+                }
+            }
+            if started.elapsed() > timeout {
+                return Err(HypervisorError::Timeout {
+                    what: "waiting for QEMU's QMP socket".into(),
+                    seconds: timeout.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// The accelerator this VM runs with.
+    pub fn accel(&self) -> ResolvedAccel {
+        self.accel
+    }
+
+    /// The files of this VM.
+    pub fn paths(&self) -> &VmPaths {
+        &self.paths
+    }
+
+    /// Runs a QMP command.
+    pub async fn qmp(&self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let mut guard = self.qmp.lock().await;
+        if guard.is_none() {
+            *guard = Some(Qmp::connect(&self.paths.qmp).await?);
+        }
+        let Some(qmp) = guard.as_mut() else {
+            return Err(HypervisorError::Qmp {
+                command: command.into(),
+                message: "Not connected".into(),
+            });
+        };
+        let result = qmp.execute(command, arguments).await;
+        if result.is_err() && !self.is_running() {
+            *guard = None;
+            return Err(self.exited().await);
+        }
+        result
+    }
+
+    async fn wait_exit(&self, timeout: Duration) -> bool {
+        let mut exit = self.exit.clone();
+        let exited = tokio::time::timeout(timeout, exit.wait_for(Option::is_some))
+            .await
+            .is_ok();
+        exited
+    }
+
+    fn kill(&self) {
+        if self.is_running() {
+            if let Ok(pid) = i32::try_from(self.pid) {
+                // SAFETY: signals our own child, which has not been reaped yet (the exit
+                // watch has not fired), so the pid cannot have been reused.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    fn remove_dir(&self) -> Result<()> {
+        match std::fs::remove_dir_all(&self.paths.dir) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(HypervisorError::Io {
+                action: "Cannot remove the VM directory",
+                path: self.paths.dir.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+fn log_accel_once(accel: ResolvedAccel, reason: &'static str) {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    LOGGED.call_once(|| match accel {
+        ResolvedAccel::Kvm => info!(accelerator = "kvm", reason, "Accelerator chosen"),
+        ResolvedAccel::Tcg => info!(accelerator = "tcg", reason, "Accelerator chosen"),
+    });
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid)
+    }
+
+    fn vm_dir(&self) -> &Path {
+        &self.paths.dir
+    }
+
+    fn agent_socket(&self) -> PathBuf {
+        self.paths.agent.clone()
+    }
+
+    fn is_running(&self) -> bool {
+        self.exit.borrow().is_none()
+    }
+
+    async fn exited(&self) -> HypervisorError {
+        let mut exit = self.exit.clone();
+        let status = match exit.wait_for(Option::is_some).await {
+            Ok(status) => status.clone().unwrap_or_default(),
+            Err(_) => "unknown status".to_string(),
+        };
+        HypervisorError::Exited {
+            status,
+            when: if self.stopped {
+                "after stop"
+            } else {
+                "unexpectedly"
+            },
+            report: failure_report(&self.paths),
+        }
+    }
+
+    async fn pause(&self) -> Result<()> {
+        self.qmp("stop", None).await.map(drop)
+    }
+
+    async fn resume(&self) -> Result<()> {
+        self.qmp("cont", None).await.map(drop)
+    }
+
+    async fn stop(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        if self.is_running() {
+            let quit = tokio::time::timeout(Duration::from_secs(1), self.qmp("quit", None));
+            if let Ok(Err(err)) = quit.await {
+                debug!(%err, "QMP quit failed; killing QEMU");
+            }
+            if !self.wait_exit(Duration::from_secs(3)).await {
+                warn!(pid = self.pid, "QEMU did not quit; killing it");
+                self.kill();
+                if !self.wait_exit(Duration::from_secs(5)).await {
+                    return Err(HypervisorError::Timeout {
+                        what: format!("waiting for QEMU (pid {}) to die", self.pid),
+                        seconds: 8.0,
+                    });
+                }
+            }
+        }
+        *self.qmp.get_mut() = None;
+        self.remove_dir()?;
+        self.stopped = true;
+        Ok(())
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        if !self.stopped {
+            // Never leak a VM: a handle dropped without `stop` takes its VM down with it.
+            self.kill();
+            let _ = self.remove_dir();
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! A minimal QMP (QEMU Machine Protocol) client over a Unix socket.
+
+use std::path::Path;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+use tracing::debug;
+
+use crate::{HypervisorError, Result};
+
+/// Longest QMP line we accept from QEMU.
+const MAX_LINE: usize = 16 << 20;
+
+/// An open QMP session, past capability negotiation.
+#[derive(Debug)]
+pub struct Qmp {
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    events: Vec<Value>,
+}
+
+fn qmp_error(command: &str, message: impl Into<String>) -> HypervisorError {
+    HypervisorError::Qmp {
+        command: command.to_string(),
+        message: message.into(),
+    }
+}
+
+impl Qmp {
+    /// Connects to the QMP socket at `path` and negotiates capabilities.
+    pub async fn connect(path: &Path) -> Result<Self> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|err| qmp_error("connect", format!("{}: {err}", path.display())))?;
+        let (read, write) = stream.into_split();
+        let mut qmp = Qmp {
+            reader: BufReader::new(read),
+            writer: write,
+            events: Vec::new(),
+        };
+        let greeting = qmp.read_message("greeting").await?;
+        if greeting.get("QMP").is_none() {
+            return Err(qmp_error(
+                "greeting",
+                format!("Unexpected greeting {greeting}"),
+            ));
+        }
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    async fn read_message(&mut self, command: &str) -> Result<Value> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .await
+            .map_err(|err| qmp_error(command, format!("Read failed: {err}")))?;
+        if n == 0 {
+            return Err(qmp_error(command, "QEMU closed the QMP connection"));
+        }
+        if line.len() > MAX_LINE {
+            return Err(qmp_error(command, "QMP message too long"));
+        }
+        serde_json::from_str(&line)
+            .map_err(|err| qmp_error(command, format!("Malformed QMP message: {err}")))
+    }
+
+    /// Runs `command` with optional `arguments`; returns its `return` value.
+    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        let mut request = json!({ "execute": command });
+        if let Some(arguments) = arguments {
+            request["arguments"] = arguments;
+        }
+        let mut line = request.to_string();
+        line.push('\n');
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|err| qmp_error(command, format!("Write failed: {err}")))?;
+        loop {
+            let message = self.read_message(command).await?;
+            if let Some(value) = message.get("return") {
+                return Ok(value.clone());
+            }
+            if let Some(error) = message.get("error") {
+                let desc = error
+                    .get("desc")
+                    .and_then(Value::as_str)
+                    .unwrap_or("unknown error");
+                return Err(qmp_error(command, desc));
+            }
+            if message.get("event").is_some() {
+                debug!(event = %message, "QMP event");
+                self.events.push(message);
+                continue;
+            }
+            return Err(qmp_error(command, format!("Unexpected message {message}")));
+        }
+    }
+
+    /// Events received so far (and clears them).
+    pub fn take_events(&mut self) -> Vec<Value> {
+        std::mem::take(&mut self.events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    /// A fake QEMU that greets, accepts capabilities, emits an event, then answers.
+    #[tokio::test]
+    async fn negotiates_and_executes_skipping_events() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .expect("greet");
+            let caps = lines.next_line().await.expect("read").expect("line");
+            assert!(caps.contains("qmp_capabilities"));
+            write.write_all(b"{\"return\": {}}\n").await.expect("ret");
+            let stop = lines.next_line().await.expect("read").expect("line");
+            assert!(stop.contains("\"stop\""));
+            write
+                .write_all(b"{\"event\": \"STOP\", \"timestamp\": {}}\n{\"return\": {}}\n")
+                .await
+                .expect("ret");
+            let bad = lines.next_line().await.expect("read").expect("line");
+            assert!(bad.contains("nonsense"));
+            write
+                .write_all(b"{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \"The command nonsense has not been found\"}}\n")
+                .await
+                .expect("err");
+        });
+        let mut qmp = Qmp::connect(&path).await.expect("connect");
+        qmp.execute("stop", None).await.expect("stop");
+        assert_eq!(qmp.take_events().len(), 1);
+        let err = qmp.execute("nonsense", None).await.expect_err("error");
+        assert!(err.to_string().contains("has not been found"), "{err}");
+        server.await.expect("server");
+    }
+}

@@ -1,0 +1,202 @@
+//! `vmfactory bench`: speed measurements. Numbers are reported, never asserted.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use serde::Serialize;
+use vmfactory_factory::{Vm, VmConfig};
+
+use crate::VmArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Direct boot to first agent answer. When the guest image has both an uncompressed
+    /// PVH vmlinux and a bzImage, both are measured, interleaved, and compared.
+    Boot {
+        /// Boots per kernel.
+        #[arg(short, default_value_t = 5)]
+        n: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+}
+
+/// Summary of one series of samples, in milliseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub n: usize,
+    pub median_ms: f64,
+    pub p99_ms: f64,
+    pub min_ms: f64,
+    pub max_ms: f64,
+    pub samples_ms: Vec<f64>,
+}
+
+impl Stats {
+    pub fn from_samples(samples: &[Duration]) -> Option<Self> {
+        if samples.is_empty() {
+            return None;
+        }
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        let raw = ms.clone();
+        ms.sort_by(f64::total_cmp);
+        let n = ms.len();
+        let median = if n % 2 == 1 {
+            ms[n / 2]
+        } else {
+            (ms[n / 2 - 1] + ms[n / 2]) / 2.0
+        };
+        // Nearest-rank p99.
+        let rank = ((0.99 * n as f64).ceil() as usize).clamp(1, n);
+        Some(Self {
+            n,
+            median_ms: round(median),
+            p99_ms: round(ms[rank - 1]),
+            min_ms: round(ms[0]),
+            max_ms: round(ms[n - 1]),
+            samples_ms: raw.into_iter().map(round).collect(),
+        })
+    }
+}
+
+fn round(ms: f64) -> f64 {
+    (ms * 100.0).round() / 100.0
+}
+
+#[derive(Debug, Serialize)]
+struct BootReport {
+    what: &'static str,
+    accelerator: String,
+    vcpus: u32,
+    memory_mib: u32,
+    /// The kernel the VMs boot by default.
+    kernel: String,
+    results: Vec<KernelResult>,
+    /// Median of the bzImage series divided by the median of the vmlinux series.
+    bzimage_over_vmlinux: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct KernelResult {
+    kernel: String,
+    #[serde(flatten)]
+    stats: Stats,
+}
+
+pub async fn run(command: BenchCommand) -> Result<ExitCode> {
+    match command {
+        BenchCommand::Boot { n, json, vm } => bench_boot(n, json, vm).await,
+    }
+}
+
+async fn boot_once(config: &VmConfig) -> Result<Duration> {
+    let started = Instant::now();
+    let vm = Vm::new(config).await.context("Boot failed")?;
+    let elapsed = started.elapsed();
+    vm.stop().await.context("Stopping the VM failed")?;
+    Ok(elapsed)
+}
+
+async fn bench_boot(n: usize, json: bool, args: VmArgs) -> Result<ExitCode> {
+    if n == 0 {
+        bail!("-n must be at least 1");
+    }
+    let args_for_config = args.clone();
+    let config = tokio::task::spawn_blocking(move || args_for_config.vm_config())
+        .await
+        .context("Preparing the VM failed")??;
+    let mut kernels = vec![config.kernel.clone()];
+    // Compare against the bzImage of the same image when booting its vmlinux.
+    if args.kernel.is_none() && config.kernel.file_name().is_some_and(|f| f == "vmlinux") {
+        let bzimage = config.kernel.with_file_name("vmlinuz");
+        if bzimage.is_file() {
+            kernels.push(bzimage);
+        }
+    }
+    let mut samples = vec![Vec::new(); kernels.len()];
+    for round in 0..n {
+        for (index, kernel) in kernels.iter().enumerate() {
+            let config = VmConfig {
+                kernel: kernel.clone(),
+                ..config.clone()
+            };
+            let elapsed = boot_once(&config).await?;
+            if !json {
+                eprintln!(
+                    "boot {}/{n} {}: {:.1} ms",
+                    round + 1,
+                    kernel.display(),
+                    elapsed.as_secs_f64() * 1e3
+                );
+            }
+            samples[index].push(elapsed);
+        }
+    }
+    let results: Vec<KernelResult> = kernels
+        .iter()
+        .zip(&samples)
+        .filter_map(|(kernel, samples)| {
+            Some(KernelResult {
+                kernel: kernel.display().to_string(),
+                stats: Stats::from_samples(samples)?,
+            })
+        })
+        .collect();
+    let ratio = match results.as_slice() {
+        [vmlinux, bzimage] => Some(round(bzimage.stats.median_ms / vmlinux.stats.median_ms)),
+        _ => None,
+    };
+    let accel = vmfactory_hypervisor::qemu::accel::choose(
+        config.qemu.accelerator,
+        vmfactory_hypervisor::qemu::accel::HostProbe::detect(),
+        config.qemu.kernel_is_pvm,
+    )
+    .map(|(accel, _)| format!("{accel:?}").to_lowercase())
+    .unwrap_or_else(|_| "unknown".into());
+    let report = BootReport {
+        what: "boot",
+        accelerator: accel,
+        vcpus: config.vcpus,
+        memory_mib: config.memory_mib,
+        kernel: config.kernel.display().to_string(),
+        results,
+        bzimage_over_vmlinux: ratio,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for result in &report.results {
+            println!(
+                "{}: median {:.1} ms, p99 {:.1} ms (n={})",
+                result.kernel, result.stats.median_ms, result.stats.p99_ms, result.stats.n
+            );
+        }
+        if let Some(ratio) = ratio {
+            println!("bzImage / vmlinux median: {ratio:.2}x");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_median_and_p99() {
+        let samples: Vec<Duration> = [5, 1, 3, 2, 4].map(Duration::from_millis).to_vec();
+        let stats = Stats::from_samples(&samples).expect("stats");
+        assert_eq!(stats.median_ms, 3.0);
+        assert_eq!(stats.p99_ms, 5.0);
+        assert_eq!(stats.min_ms, 1.0);
+        assert_eq!(stats.samples_ms, [5.0, 1.0, 3.0, 2.0, 4.0]);
+        let even: Vec<Duration> = [1, 2, 3, 4].map(Duration::from_millis).to_vec();
+        assert_eq!(Stats::from_samples(&even).expect("stats").median_ms, 2.5);
+        assert!(Stats::from_samples(&[]).is_none());
+    }
+}
