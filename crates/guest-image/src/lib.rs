@@ -120,8 +120,8 @@ pub enum GuestImageError {
         #[source]
         source: io::Error,
     },
-    /// The manifest could not be encoded.
-    #[error("Could not encode the image manifest {}", path.display())]
+    /// The manifest could not be encoded or decoded.
+    #[error("Image manifest {} is not valid JSON of this version; delete the image directory and build again", path.display())]
     Manifest {
         /// The manifest path.
         path: PathBuf,
@@ -325,6 +325,9 @@ pub fn build(
     let images = opts.cache_dir.join("images");
     for dir in [&downloads, &images] {
         fs::create_dir_all(dir).map_err(io_error(dir))?;
+    }
+    for dir in [&opts.cache_dir, &downloads, &images] {
+        sweep_stale_staging(dir);
     }
     let kernel_deb = apt::ensure_downloaded(&downloads, &kernel, progress)?;
     let busybox_deb = apt::ensure_downloaded(&downloads, &busybox, progress)?;
@@ -675,30 +678,18 @@ pub fn check_static_executable(path: &Path) -> Result<(), GuestImageError> {
 /// Builds the static agent with cargo (`--profile agent`, `+crt-static`) in
 /// `workspace_root` and returns the path of the binary under `target_dir`.
 pub fn build_agent(workspace_root: &Path, target_dir: &Path) -> Result<PathBuf, GuestImageError> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     tracing::info!(workspace = %workspace_root.display(), target_dir = %target_dir.display(), "building the agent");
-    let status = Command::new(&cargo)
-        .current_dir(workspace_root)
-        .args([
-            "build",
-            "--profile",
-            "agent",
-            "-p",
-            "vmfactory-agent",
-            "--target",
-            AGENT_TARGET,
-        ])
-        .env("CARGO_TARGET_DIR", target_dir)
-        // With an explicit --target these flags reach only the target crates, not build
-        // scripts; CARGO_ENCODED_RUSTFLAGS would take precedence, so drop it.
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+    let mut command = agent_build_command(workspace_root, target_dir);
+    let status = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .status()
         .map_err(|err| GuestImageError::AgentBuild {
-            detail: format!("cannot run {}: {err}", Path::new(&cargo).display()),
+            detail: format!(
+                "cannot run {}: {err}",
+                Path::new(command.get_program()).display()
+            ),
         })?;
     if !status.success() {
         return Err(GuestImageError::AgentBuild {
@@ -716,6 +707,59 @@ pub fn build_agent(workspace_root: &Path, target_dir: &Path) -> Result<PathBuf, 
     }
     check_static_executable(&binary)?;
     Ok(binary)
+}
+
+/// The cargo invocation that builds the static agent.
+fn agent_build_command(workspace_root: &Path, target_dir: &Path) -> Command {
+    // Under cargo (tests, `cargo run`) use the same cargo; otherwise the one on PATH.
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(workspace_root)
+        .args([
+            "build",
+            "--profile",
+            "agent",
+            "-p",
+            "vmfactory-agent",
+            "--target",
+            AGENT_TARGET,
+        ])
+        .env("CARGO_TARGET_DIR", target_dir)
+        // With an explicit --target these flags reach only the target crates, not build
+        // scripts; CARGO_ENCODED_RUSTFLAGS would take precedence, so drop it.
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    command
+}
+
+/// Removes staging directories (`.build-*`, `.unpack-*`, `.download-*`, `.old-*`) older
+/// than a day that a killed build left in `dir`.
+fn sweep_stale_staging(dir: &Path) {
+    const PREFIXES: [&str; 4] = [".build-", ".unpack-", ".download-", ".old-"];
+    const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !PREFIXES.iter().any(|prefix| name.starts_with(prefix)) {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .is_some_and(|age| age > MAX_AGE);
+        if stale && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            tracing::info!(path = %entry.path().display(), "removing stale staging directory");
+            if let Err(err) = fs::remove_dir_all(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %err, "could not remove stale staging directory");
+            }
+        }
+    }
 }
 
 /// Writes `data` to `path` and flushes it to disk.
@@ -874,6 +918,57 @@ mod tests {
         assert_eq!(parse_sidecar("3 5 zz", "3 5"), None);
         assert_eq!(parse_sidecar(&format!("3 5 {first}"), "3 6"), None);
         assert_eq!(parse_sidecar(&format!("3 5 {first}"), "3 5"), Some(first));
+    }
+
+    #[test]
+    fn agent_is_built_static_with_the_agent_profile() {
+        let command = agent_build_command(Path::new("/ws"), Path::new("/ws/target/agent"));
+        let args: Vec<_> = command.get_args().map(|a| a.to_string_lossy()).collect();
+        assert_eq!(
+            args,
+            [
+                "build",
+                "--profile",
+                "agent",
+                "-p",
+                "vmfactory-agent",
+                "--target",
+                "x86_64-unknown-linux-gnu"
+            ]
+        );
+        assert_eq!(command.get_current_dir(), Some(Path::new("/ws")));
+        let envs: Vec<_> = command.get_envs().collect();
+        assert!(envs.contains(&(
+            std::ffi::OsStr::new("RUSTFLAGS"),
+            Some(std::ffi::OsStr::new("-C target-feature=+crt-static"))
+        )));
+        assert!(envs.contains(&(
+            std::ffi::OsStr::new("CARGO_TARGET_DIR"),
+            Some(std::ffi::OsStr::new("/ws/target/agent"))
+        )));
+        assert!(envs.contains(&(std::ffi::OsStr::new("CARGO_ENCODED_RUSTFLAGS"), None)));
+    }
+
+    #[test]
+    fn sweeps_only_old_staging_directories() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fresh = dir.path().join(".build-fresh");
+        let old = dir.path().join(".unpack-old");
+        let image = dir.path().join("0123abcd");
+        for path in [&fresh, &old, &image] {
+            fs::create_dir(path).expect("mkdir");
+        }
+        let two_days_ago =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+        for path in [&old, &image] {
+            File::open(path)
+                .and_then(|f| f.set_modified(two_days_ago))
+                .expect("set mtime");
+        }
+        sweep_stale_staging(dir.path());
+        assert!(fresh.exists());
+        assert!(!old.exists());
+        assert!(image.exists());
     }
 
     #[test]

@@ -1,0 +1,255 @@
+//! End-to-end tests of `vmfactory run`: real QEMU (TCG here), the real Debian cloud kernel,
+//! our agent as PID 1.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
+
+/// Kernel, initrd and kernel release of the guest image, built once per test binary.
+struct Image {
+    kernel: PathBuf,
+    initrd: PathBuf,
+    release: String,
+}
+
+fn image() -> &'static Image {
+    static IMAGE: OnceLock<Image> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let output = Command::new(BIN)
+            .args(["guest", "build"])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run vmfactory guest build");
+        assert!(output.status.success(), "guest build failed");
+        let stdout = String::from_utf8(output.stdout).expect("utf8");
+        let field = |name: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+        };
+        Image {
+            kernel: field("kernel:").into(),
+            initrd: field("initrd:").into(),
+            release: field("kernel release:"),
+        }
+    })
+}
+
+/// A `vmfactory` command with the image preset and a private runtime directory.
+struct Env {
+    runtime: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            runtime: tempfile::Builder::new()
+                .prefix("vmf-test-")
+                .tempdir_in("/tmp")
+                .expect("tempdir"),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let image = image();
+        let mut command = Command::new(BIN);
+        command
+            .env("VMFACTORY_KERNEL", &image.kernel)
+            .env("VMFACTORY_INITRD", &image.initrd)
+            .env("VMFACTORY_RUNTIME_DIR", self.runtime.path())
+            .env("RUST_LOG", "warn");
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command()
+            .arg("run")
+            .args(args)
+            .output()
+            .expect("spawn vmfactory")
+    }
+
+    /// Asserts that no VM directory and no QEMU process of this environment remain.
+    fn assert_nothing_left(&self) {
+        let vm_dir = self.runtime.path().join("vm");
+        let leftovers: Vec<_> = std::fs::read_dir(&vm_dir)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "VM directories left: {leftovers:?}");
+        let qemus = qemu_processes_under(self.runtime.path());
+        assert!(qemus.is_empty(), "QEMU processes left: {qemus:?}");
+    }
+}
+
+/// PIDs of processes whose command line mentions `dir`.
+fn qemu_processes_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some(pid)
+        })
+        .collect()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn uname_reports_the_packaged_kernel_not_the_hosts() {
+    let env = Env::new();
+    let output = env.run(&["--", "uname", "-r"]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    let guest = stdout(&output).trim().to_string();
+    assert_eq!(guest, image().release);
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("host release");
+    assert_ne!(guest, host.trim(), "the guest must not run the host kernel");
+    env.assert_nothing_left();
+}
+
+#[test]
+fn exit_code_and_stderr_propagate() {
+    let env = Env::new();
+    let output = env.run(&["--", "sh", "-c", "echo to-out; echo to-err >&2; exit 7"]);
+    assert_eq!(output.status.code(), Some(7), "stderr: {}", stderr(&output));
+    assert_eq!(stdout(&output), "to-out\n");
+    assert!(stderr(&output).contains("to-err"), "{}", stderr(&output));
+    env.assert_nothing_left();
+}
+
+#[test]
+fn sixteen_mib_of_output_arrive_byte_for_byte() {
+    let env = Env::new();
+    let script =
+        "head -c 16777216 /dev/urandom > /tmp/out && sha256sum /tmp/out >&2 && cat /tmp/out";
+    let output = env.run(&["--", "sh", "-c", script]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    assert_eq!(output.stdout.len(), 16 << 20);
+    let host_digest = format!("{:x}", Sha256::digest(&output.stdout));
+    let guest_digest = stderr(&output)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(host_digest, guest_digest);
+    env.assert_nothing_left();
+}
+
+#[test]
+fn vcpus_option_sets_the_guest_cpu_count() {
+    let env = Env::new();
+    let output = env.run(&["--vcpus", "2", "--", "nproc"]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    assert_eq!(stdout(&output).trim(), "2");
+    env.assert_nothing_left();
+}
+
+#[test]
+fn timeout_kills_the_command() {
+    let env = Env::new();
+    let output = env.run(&["--timeout", "1", "--", "sleep", "30"]);
+    assert_eq!(
+        output.status.code(),
+        Some(124),
+        "stderr: {}",
+        stderr(&output)
+    );
+    assert!(stderr(&output).contains("timed out"), "{}", stderr(&output));
+    env.assert_nothing_left();
+}
+
+#[test]
+fn ctrl_c_stops_the_vm_and_cleans_up() {
+    let env = Env::new();
+    let child = env
+        .command()
+        .args(["run", "--", "sleep", "600"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Wait until the VM is up (its QEMU exists), then give the guest time to start the command.
+    let started = Instant::now();
+    while qemu_processes_under(env.runtime.path()).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "QEMU never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe {
+        libc::kill(pid, libc::SIGINT);
+    }
+    let output = child.wait_with_output().expect("wait");
+    assert_eq!(
+        output.status.code(),
+        Some(130),
+        "stderr: {}",
+        stderr(&output)
+    );
+    env.assert_nothing_left();
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error() {
+    let env = Env::new();
+    let output = env.run(&["--kernel", "/nonexistent/vmlinux", "--", "true"]);
+    assert_eq!(output.status.code(), Some(125));
+    let message = stderr(&output);
+    assert!(
+        message.contains("Kernel /nonexistent/vmlinux not found"),
+        "{message}"
+    );
+    assert!(message.contains("vmfactory guest build"), "{message}");
+    assert!(!message.contains("panicked"), "{message}");
+    env.assert_nothing_left();
+}
+
+#[test]
+fn missing_qemu_binary_is_a_clear_error() {
+    let env = Env::new();
+    let output = env.run(&["--qemu", "/nonexistent/qemu-system-x86_64", "--", "true"]);
+    assert_eq!(output.status.code(), Some(125));
+    let message = stderr(&output);
+    assert!(
+        message.contains("QEMU binary /nonexistent/qemu-system-x86_64 not found"),
+        "{message}"
+    );
+    assert!(
+        message.contains("apt-get install qemu-system-x86"),
+        "{message}"
+    );
+    assert!(!message.contains("panicked"), "{message}");
+}
+
+#[test]
+fn zero_memory_is_a_clear_error() {
+    let env = Env::new();
+    let output = env.run(&["--memory", "0", "--", "true"]);
+    assert_eq!(output.status.code(), Some(125));
+    let message = stderr(&output);
+    assert!(
+        message.contains("Memory of 0 MiB is too small"),
+        "{message}"
+    );
+    assert!(!message.contains("panicked"), "{message}");
+}
