@@ -307,7 +307,10 @@ pub fn build(
         .kernel_package
         .as_deref()
         .unwrap_or(DEFAULT_KERNEL_PACKAGE);
-    progress(&format!("Resolving {meta} with apt-cache"));
+    tracing::info!(
+        package = meta,
+        "resolving the kernel package with apt-cache"
+    );
     let apt_dir = opts.cache_dir.join("apt");
     fs::create_dir_all(&apt_dir).map_err(io_error(&apt_dir))?;
     let apt_cache = apt::AptCache::with_private_cache(&apt_dir);
@@ -347,7 +350,6 @@ pub fn build(
     if !opts.force {
         if let Some(image) = load_cached(&dir, &key) {
             tracing::info!(key = %key, dir = %dir.display(), "guest image is cached");
-            progress(&format!("Guest image {} is up to date", short(&key)));
             return Ok(image);
         }
     }
@@ -678,8 +680,21 @@ pub fn check_static_executable(path: &Path) -> Result<(), GuestImageError> {
 /// Builds the static agent with cargo (`--profile agent`, `+crt-static`) in
 /// `workspace_root` and returns the path of the binary under `target_dir`.
 pub fn build_agent(workspace_root: &Path, target_dir: &Path) -> Result<PathBuf, GuestImageError> {
+    build_agent_with(workspace_root, target_dir, false)
+}
+
+/// [`build_agent`], with cargo's progress output suppressed when `quiet` (errors and
+/// warnings still reach stderr).
+pub fn build_agent_with(
+    workspace_root: &Path,
+    target_dir: &Path,
+    quiet: bool,
+) -> Result<PathBuf, GuestImageError> {
     tracing::info!(workspace = %workspace_root.display(), target_dir = %target_dir.display(), "building the agent");
     let mut command = agent_build_command(workspace_root, target_dir);
+    if quiet {
+        command.arg("--quiet");
+    }
     let status = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -825,11 +840,6 @@ fn hex(bytes: &[u8]) -> String {
             let _ = write!(out, "{b:02x}");
             out
         })
-}
-
-/// The first 12 hex digits of a key, for messages.
-fn short(key: &str) -> &str {
-    key.get(..12).unwrap_or(key)
 }
 
 #[cfg(test)]

@@ -4,7 +4,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use vmfactory_guest_image::{build, build_agent, default_cache_dir, BuildOptions, GuestImage};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use vmfactory_guest_image::{
+    build, build_agent_with, default_cache_dir, BuildOptions, GuestImage, AGENT_TARGET,
+};
 
 /// Where the guest image and the agent come from.
 #[derive(Debug, Clone, Args)]
@@ -44,8 +49,7 @@ pub fn ensure_image(args: &ImageArgs, force: bool) -> Result<GuestImage> {
                      vmfactory-agent, or run vmfactory from its source tree"
                 );
             };
-            build_agent(&root, &root.join("target/agent"))
-                .context("Cannot build the guest agent")?
+            build_agent_from_source(&root)?
         }
     };
     let options = BuildOptions {
@@ -56,4 +60,28 @@ pub fn ensure_image(args: &ImageArgs, force: bool) -> Result<GuestImage> {
     };
     let mut progress = |message: &str| eprintln!("vmfactory: {message}");
     build(&options, &mut progress).context("Cannot build the guest image")
+}
+
+/// Builds the agent from the source tree. The first build shows cargo's progress; later
+/// (usually no-op) builds are quiet and only announce themselves when they take a while.
+fn build_agent_from_source(root: &Path) -> Result<PathBuf> {
+    let target_dir = root.join("target/agent");
+    let built_before = target_dir
+        .join(AGENT_TARGET)
+        .join("agent/vmfactory-agent")
+        .is_file();
+    if !built_before {
+        eprintln!("vmfactory: building the guest agent (the first build takes a minute)");
+        return build_agent_with(root, &target_dir, false).context("Cannot build the guest agent");
+    }
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let notice = std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(Duration::from_secs(2)) {
+            eprintln!("vmfactory: rebuilding the guest agent (its sources changed)");
+        }
+    });
+    let result = build_agent_with(root, &target_dir, true);
+    drop(done_tx);
+    let _ = notice.join();
+    result.context("Cannot build the guest agent")
 }

@@ -102,6 +102,9 @@ pub fn build_args(
         ),
     };
     push(&["-object", &backend]);
+    if let Some(firmware) = &config.firmware {
+        push(&["-bios", &firmware.to_string_lossy()]);
+    }
     push(&["-kernel", &escape_option(&spec.kernel)]);
     if let Some(initrd) = &spec.initrd {
         push(&["-initrd", &escape_option(initrd)]);
@@ -167,6 +170,7 @@ mod tests {
     fn config() -> QemuConfig {
         QemuConfig {
             accelerator: Accelerator::Tcg,
+            firmware: None,
             ..QemuConfig::default()
         }
     }
@@ -209,6 +213,15 @@ mod tests {
             .contains(&"virtserialport,bus=vser0.0,chardev=agent0,name=agent.0"));
         assert!(args.iter().any(|a| a == "-nodefaults"));
         assert!(args.iter().any(|a| a == "-no-reboot"));
+        assert!(values(&args, "-bios").is_empty());
+    }
+
+    #[test]
+    fn firmware_is_passed_as_bios() {
+        let mut config = config();
+        config.firmware = Some("/usr/share/qemu/qboot.rom".into());
+        let args = args_of(&config, &spec(), ResolvedAccel::Tcg);
+        assert_eq!(values(&args, "-bios"), ["/usr/share/qemu/qboot.rom"]);
     }
 
     #[test]

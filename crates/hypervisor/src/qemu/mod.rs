@@ -41,6 +41,17 @@ pub struct QemuConfig {
     pub runtime_dir: PathBuf,
     /// How long QEMU may take to open its QMP socket.
     pub start_timeout: Duration,
+    /// Firmware image (`-bios`); `None` keeps QEMU's default (SeaBIOS).
+    pub firmware: Option<PathBuf>,
+}
+
+/// QEMU's minimal firmware: boots Linux straight from fw_cfg, faster than SeaBIOS.
+pub const QBOOT_PATH: &str = "/usr/share/qemu/qboot.rom";
+
+/// qboot when QEMU ships it, else QEMU's default firmware.
+pub fn default_firmware() -> Option<PathBuf> {
+    let qboot = Path::new(QBOOT_PATH);
+    qboot.is_file().then(|| qboot.to_path_buf())
 }
 
 impl Default for QemuConfig {
@@ -53,6 +64,7 @@ impl Default for QemuConfig {
             tb_size_mib: None,
             runtime_dir: default_runtime_dir(),
             start_timeout: Duration::from_secs(30),
+            firmware: default_firmware(),
         }
     }
 }
