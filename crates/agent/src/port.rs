@@ -14,7 +14,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 use vmfactory_protocols::agent::agent_service_server::AgentServiceServer;
 
 use crate::service::{Agent, MAX_MESSAGE_SIZE};
@@ -34,7 +34,7 @@ pub async fn serve_port(name: &str) {
     loop {
         let port = open_port(&device).await;
         wait_for_host(&port, sigio.as_mut()).await;
-        debug!("Host connected");
+        info!("Host connected");
         let io = match PortIo::new(port) {
             Ok(io) => io,
             Err(err) => {
@@ -53,8 +53,8 @@ pub async fn serve_port(name: &str) {
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
             .await;
         match result {
-            Ok(()) => debug!("Host disconnected"),
-            Err(err) => debug!(%err, "Connection ended with an error"),
+            Ok(()) => info!("Host disconnected"),
+            Err(err) => info!(%err, "Host connection ended"),
         }
         // The port is closed here (PortIo dropped) and reopened for the next host, so the
         // host sees the guest side close and open again (QMP VSERPORT_CHANGE).
@@ -88,6 +88,7 @@ async fn find_port(name: &str) -> CString {
 
 /// Opens the port device, retrying while it is not ready (ENOENT, ENXIO) or busy.
 async fn open_port(path: &CStr) -> OwnedFd {
+    let mut logged = false;
     loop {
         // SAFETY: path is a valid NUL-terminated string.
         let fd = unsafe {
@@ -100,10 +101,14 @@ async fn open_port(path: &CStr) -> OwnedFd {
             // SAFETY: fd was just returned by open and is owned by nobody else.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             enable_sigio(&fd);
+            info!("Agent port opened");
             return fd;
         }
         let err = io::Error::last_os_error();
-        debug!(%err, "Port not ready yet");
+        if !logged {
+            info!(%err, "Cannot open the agent port yet; retrying");
+            logged = true;
+        }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }

@@ -1,6 +1,8 @@
 //! Host side of the guest agent API: a gRPC client over the VM's agent socket.
 
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper_util::rt::TokioIo;
@@ -93,10 +95,51 @@ pub struct GuestDetails {
     pub agent_version: String,
 }
 
-/// A connection to one guest agent. Cloning shares the connection.
+/// A connection to one guest agent. Cloning shares the connection; it is closed when the
+/// last clone is dropped or on [`AgentClient::disconnect`].
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     inner: AgentServiceClient<Channel>,
+    socket: Arc<SocketGuard>,
+}
+
+/// A duplicate of the connected socket's fd, to shut the connection down on demand: the
+/// gRPC channel's background task may keep its own handle alive for a while, and the guest
+/// agent only goes back to waiting for a host once the host side is really gone.
+#[derive(Debug, Default)]
+struct SocketGuard {
+    fd: Mutex<Option<OwnedFd>>,
+}
+
+impl SocketGuard {
+    fn set(&self, fd: OwnedFd) {
+        if let Ok(mut slot) = self.fd.lock() {
+            if let Some(old) = slot.replace(fd) {
+                shutdown(&old);
+            }
+        }
+    }
+
+    fn shutdown(&self) {
+        if let Ok(mut slot) = self.fd.lock() {
+            if let Some(fd) = slot.take() {
+                shutdown(&fd);
+            }
+        }
+    }
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn shutdown(fd: &OwnedFd) {
+    // SAFETY: shutdown on a socket fd we own; it ends the connection for every holder.
+    unsafe {
+        libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR);
+    }
 }
 
 impl AgentClient {
@@ -104,9 +147,18 @@ impl AgentClient {
     /// until the agent in the guest listens, so this can run while the guest still boots.
     pub async fn connect(socket: &Path) -> Result<Self, AgentError> {
         let path = socket.to_path_buf();
+        let guard = Arc::new(SocketGuard::default());
+        let weak: Weak<SocketGuard> = Arc::downgrade(&guard);
         let connector = tower::service_fn(move |_| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+            let weak = weak.clone();
+            async move {
+                let stream = UnixStream::connect(path).await?;
+                if let Some(guard) = weak.upgrade() {
+                    guard.set(stream.as_fd().try_clone_to_owned()?);
+                }
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
         });
         let channel = Endpoint::from_static("http://vmfactory-agent")
             .initial_stream_window_size(8 << 20)
@@ -120,7 +172,15 @@ impl AgentClient {
         let inner = AgentServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        Ok(Self { inner })
+        Ok(Self {
+            inner,
+            socket: guard,
+        })
+    }
+
+    /// Closes the connection now, for every clone of this client.
+    pub fn disconnect(&self) {
+        self.socket.shutdown();
     }
 
     /// Health check: Ok once the agent serves.

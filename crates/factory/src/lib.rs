@@ -3,9 +3,13 @@
 //! the agent API over the VM's virtio-serial socket.
 
 pub mod agent_client;
+pub mod base;
 pub mod config;
+pub mod template;
 pub mod vm;
 
 pub use agent_client::{AgentClient, AgentError, ExecOutput, ExecRequest, GuestDetails};
+pub use base::{DirectFactory, Factory, FactoryBase, FactoryError, VmStatus};
 pub use config::VmConfig;
+pub use template::{TemplateError, TemplateFactory, TemplateMetadata};
 pub use vm::{Vm, VmError};

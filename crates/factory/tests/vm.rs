@@ -1,59 +1,12 @@
 //! Integration tests of `Vm` against real QEMU (TCG here) and the real guest image.
 
+mod common;
+
 use std::path::Path;
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::{config, image, runtime_dir, sh};
 use vmfactory_factory::{ExecRequest, Vm, VmConfig, VmError};
-use vmfactory_guest_image::{build, build_agent, BuildOptions, GuestImage};
-
-fn image() -> &'static GuestImage {
-    static IMAGE: OnceLock<GuestImage> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let agent = build_agent(&root, &root.join("target/agent")).expect("build the agent");
-        let options = BuildOptions {
-            agent_binary: agent,
-            ..BuildOptions::default()
-        };
-        build(&options, &mut |message| eprintln!("{message}")).expect("build the guest image")
-    })
-}
-
-fn config(runtime: &Path) -> VmConfig {
-    let image = image();
-    let mut config = VmConfig {
-        kernel: image.kernel.clone(),
-        initrd: Some(image.initrd.clone()),
-        ..VmConfig::default()
-    };
-    config.qemu.runtime_dir = runtime.to_path_buf();
-    config
-}
-
-fn runtime_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("vmf-vm-")
-        .tempdir_in("/tmp")
-        .expect("tempdir")
-}
-
-async fn sh(vm: &Vm, script: &str) -> String {
-    let output = vm
-        .exec(ExecRequest {
-            argv: vec!["sh".into(), "-c".into(), script.into()],
-            ..ExecRequest::default()
-        })
-        .await
-        .expect("exec");
-    assert_eq!(
-        output.exit_code,
-        Some(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
 
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()

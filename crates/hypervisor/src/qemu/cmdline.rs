@@ -8,6 +8,10 @@ use crate::{HypervisorError, MemoryBackend, Result, VmSpec};
 
 /// Name of the virtio-serial port the guest agent listens on.
 pub const AGENT_PORT_NAME: &str = "agent.0";
+/// QEMU device id of that port (named in QMP `VSERPORT_CHANGE` events).
+pub const AGENT_PORT_ID: &str = "agent-port";
+/// File descriptor number under which a clone's QEMU inherits the template state file.
+pub const STATE_FD: i32 = 3;
 /// Longest path a Unix socket address can hold.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -48,12 +52,24 @@ impl VmPaths {
     }
 }
 
+/// How a QEMU process starts its guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartMode {
+    /// Boot the kernel.
+    #[default]
+    Boot,
+    /// Wait paused for a device state to load (`-incoming defer -S`); the state file is
+    /// inherited as fd [`STATE_FD`].
+    Incoming,
+}
+
 /// Builds QEMU's arguments (without the binary) for `spec`.
 pub fn build_args(
     config: &QemuConfig,
     spec: &VmSpec,
     accel: ResolvedAccel,
     paths: &VmPaths,
+    mode: StartMode,
 ) -> Result<Vec<String>> {
     let machine = config.machine_type.as_str();
     if !matches!(machine, "q35" | "pc") {
@@ -133,12 +149,17 @@ pub fn build_args(
             escape_option(&paths.agent)
         ),
         "-device",
-        &format!("virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}"),
+        &format!(
+            "virtserialport,bus=vser0.0,chardev=agent0,id={AGENT_PORT_ID},name={AGENT_PORT_NAME}"
+        ),
     ]);
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", escape_option(&paths.qmp)),
     ]);
+    if mode == StartMode::Incoming {
+        push(&["-incoming", "defer", "-S"]);
+    }
     Ok(args)
 }
 
@@ -177,7 +198,7 @@ mod tests {
 
     fn args_of(config: &QemuConfig, spec: &VmSpec, accel: ResolvedAccel) -> Vec<String> {
         let paths = VmPaths::new(Path::new("/run/vmf/vm/abc")).expect("paths");
-        build_args(config, spec, accel, &paths).expect("args")
+        build_args(config, spec, accel, &paths, StartMode::Boot).expect("args")
     }
 
     /// The value following `flag`, for every occurrence of it.
@@ -210,10 +231,28 @@ mod tests {
         assert!(values(&args, "-chardev")
             .contains(&"socket,id=agent0,path=/run/vmf/vm/abc/agent.sock,server=on,wait=off"));
         assert!(values(&args, "-device")
-            .contains(&"virtserialport,bus=vser0.0,chardev=agent0,name=agent.0"));
+            .contains(&"virtserialport,bus=vser0.0,chardev=agent0,id=agent-port,name=agent.0"));
         assert!(args.iter().any(|a| a == "-nodefaults"));
+        assert!(values(&args, "-incoming").is_empty());
         assert!(args.iter().any(|a| a == "-no-reboot"));
         assert!(values(&args, "-bios").is_empty());
+    }
+
+    #[test]
+    fn incoming_mode_waits_paused_for_the_state() {
+        let paths = VmPaths::new(Path::new("/run/vmf/vm/abc")).expect("paths");
+        let args = build_args(
+            &config(),
+            &spec(),
+            ResolvedAccel::Tcg,
+            &paths,
+            StartMode::Incoming,
+        )
+        .expect("args");
+        assert_eq!(values(&args, "-incoming"), ["defer"]);
+        assert!(args.iter().any(|a| a == "-S"));
+        let boot = args_of(&config(), &spec(), ResolvedAccel::Tcg);
+        assert_eq!(boot.len() + 3, args.len(), "only -incoming defer -S differ");
     }
 
     #[test]
@@ -256,7 +295,14 @@ mod tests {
         let mut config = config();
         config.machine_type = "virt".into();
         let paths = VmPaths::new(Path::new("/run/x")).expect("paths");
-        let err = build_args(&config, &spec(), ResolvedAccel::Tcg, &paths).expect_err("machine");
+        let err = build_args(
+            &config,
+            &spec(),
+            ResolvedAccel::Tcg,
+            &paths,
+            StartMode::Boot,
+        )
+        .expect_err("machine");
         assert!(err.to_string().contains("q35"), "{err}");
         let long = PathBuf::from(format!("/{}", "d".repeat(120)));
         assert!(VmPaths::new(&long).is_err());

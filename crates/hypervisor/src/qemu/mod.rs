@@ -17,7 +17,7 @@ use tokio::sync::{watch, Mutex};
 use tracing::{debug, info, warn};
 
 use self::accel::{Accelerator, HostProbe, ResolvedAccel};
-use self::cmdline::VmPaths;
+use self::cmdline::{StartMode, VmPaths, AGENT_PORT_ID, STATE_FD};
 use self::qmp::Qmp;
 use crate::{Hypervisor, HypervisorError, Result, VmSpec};
 
@@ -107,6 +107,29 @@ pub fn resolve_binary(binary: &Path) -> Result<PathBuf> {
         .ok_or_else(missing)
 }
 
+/// The first line of `<binary> --version`, e.g. `QEMU emulator version 7.2.22 (Debian …)`.
+pub fn qemu_version(binary: &Path) -> Result<String> {
+    let binary = resolve_binary(binary)?;
+    let output = std::process::Command::new(&binary)
+        .arg("--version")
+        .output()
+        .map_err(|source| HypervisorError::Spawn {
+            binary: binary.clone(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .next()
+        .map(|line| line.trim().to_string())
+        .filter(|line| output.status.success() && !line.is_empty())
+        .ok_or_else(|| {
+            HypervisorError::InvalidConfig(format!(
+                "{} --version printed no version: is it a QEMU binary?",
+                binary.display()
+            ))
+        })
+}
+
 /// A new random VM id (16 hex digits).
 pub fn new_vm_id() -> String {
     format!("{:016x}", rand::random::<u64>())
@@ -154,6 +177,26 @@ pub struct Qemu {
 impl Qemu {
     /// Spawns QEMU for `spec` and waits until its QMP socket answers.
     pub async fn start(config: &QemuConfig, spec: &VmSpec) -> Result<Self> {
+        Self::spawn(config, spec, StartMode::Boot, None).await
+    }
+
+    /// Spawns QEMU paused and waiting for a device state (`-incoming defer -S`), with the
+    /// state file `state` open as fd 3; [`Qemu::load_state`] loads it.
+    pub async fn start_incoming(config: &QemuConfig, spec: &VmSpec, state: &Path) -> Result<Self> {
+        let file = std::fs::File::open(state).map_err(|source| HypervisorError::Io {
+            action: "Cannot open the template state",
+            path: state.to_path_buf(),
+            source,
+        })?;
+        Self::spawn(config, spec, StartMode::Incoming, Some(file)).await
+    }
+
+    async fn spawn(
+        config: &QemuConfig,
+        spec: &VmSpec,
+        mode: StartMode,
+        state: Option<std::fs::File>,
+    ) -> Result<Self> {
         spec.validate()?;
         let binary = resolve_binary(&config.binary)?;
         let (accel, reason) = accel::choose(
@@ -165,7 +208,7 @@ impl Qemu {
 
         let dir = config.runtime_dir.join("vm").join(&spec.id);
         let paths = VmPaths::new(&dir)?;
-        let args = cmdline::build_args(config, spec, accel, &paths)?;
+        let args = cmdline::build_args(config, spec, accel, &paths, mode)?;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -187,7 +230,24 @@ impl Qemu {
             })
             .map_err(cleanup_dir)?;
         debug!(binary = %binary.display(), ?args, "Starting QEMU");
-        let mut child = tokio::process::Command::new(&binary)
+        let mut command = tokio::process::Command::new(&binary);
+        if let Some(state) = &state {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(state);
+            // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec; `state`
+            // outlives the spawn, so `fd` is open in the child.
+            unsafe {
+                command.pre_exec(move || {
+                    if fd == STATE_FD {
+                        let flags = libc::fcntl(fd, libc::F_GETFD);
+                        libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    } else if libc::dup2(fd, STATE_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -202,6 +262,8 @@ impl Qemu {
                 source,
             })
             .map_err(cleanup_dir)?;
+        // The child holds its own copy of the state fd now.
+        drop(state);
         let pid = child.id().unwrap_or(0);
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
@@ -283,6 +345,135 @@ impl Qemu {
             return Err(self.exited().await);
         }
         result
+    }
+
+    /// Waits (up to `timeout`) for QMP event `name` whose data satisfies `matches`.
+    pub async fn wait_event(
+        &self,
+        name: &str,
+        matches: impl Fn(&Value) -> bool,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let mut guard = self.qmp.lock().await;
+        if guard.is_none() {
+            *guard = Some(Qmp::connect(&self.paths.qmp).await?);
+        }
+        let Some(qmp) = guard.as_mut() else {
+            return Err(HypervisorError::Qmp {
+                command: name.into(),
+                message: "Not connected".into(),
+            });
+        };
+        let waited = tokio::select! {
+            result = tokio::time::timeout(timeout, qmp.wait_event(name, matches)) => result,
+            err = self.exited() => return Err(err),
+        };
+        match waited {
+            Ok(result) => result,
+            Err(_) => {
+                // The wait may have stopped mid-message: start a fresh session next time.
+                *guard = None;
+                Err(HypervisorError::Timeout {
+                    what: format!(
+                        "waiting for QMP event {name}{}",
+                        failure_report(&self.paths)
+                    ),
+                    seconds: timeout.as_secs_f64(),
+                })
+            }
+        }
+    }
+
+    /// Forgets QMP events received so far.
+    pub async fn discard_events(&self) {
+        if let Some(qmp) = self.qmp.lock().await.as_mut() {
+            qmp.take_events();
+        }
+    }
+
+    /// Waits until the guest has opened (`open`) or closed the agent's port.
+    pub async fn wait_agent_port(&self, open: bool, timeout: Duration) -> Result<()> {
+        let matches = |data: &Value| {
+            data.get("id").and_then(Value::as_str) == Some(AGENT_PORT_ID)
+                && data.get("open").and_then(Value::as_bool) == Some(open)
+        };
+        self.wait_event("VSERPORT_CHANGE", matches, timeout)
+            .await
+            .map(drop)
+    }
+
+    async fn set_ignore_shared(&self) -> Result<()> {
+        let capabilities = serde_json::json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+        });
+        self.qmp("migrate-set-capabilities", Some(capabilities))
+            .await
+            .map(drop)
+    }
+
+    /// Pauses the VM and saves its device state to `path`; guest RAM (a shared memory
+    /// file) is skipped with `x-ignore-shared`, so the state holds only device state.
+    pub async fn save_state(&self, path: &Path, timeout: Duration) -> Result<()> {
+        let quoted = path.to_string_lossy();
+        if quoted.contains(['\'', '\n']) {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "State path {quoted} must not contain quotes or newlines"
+            )));
+        }
+        self.qmp("stop", None).await?;
+        self.set_ignore_shared().await?;
+        let uri = format!("exec:cat > '{quoted}'");
+        self.qmp("migrate", Some(serde_json::json!({ "uri": uri })))
+            .await?;
+        let started = Instant::now();
+        loop {
+            let info = self.qmp("query-migrate", None).await?;
+            match info.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    let reason = info
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
+                    return Err(HypervisorError::Qmp {
+                        command: "migrate".into(),
+                        message: format!("Saving the device state failed: {reason}"),
+                    });
+                }
+                _ => {}
+            }
+            if started.elapsed() > timeout {
+                return Err(HypervisorError::Timeout {
+                    what: "saving the device state".into(),
+                    seconds: timeout.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Loads the device state inherited as fd 3 (see [`Qemu::start_incoming`]); the VM
+    /// stays paused afterwards.
+    pub async fn load_state(&self, timeout: Duration) -> Result<()> {
+        self.set_ignore_shared().await?;
+        let uri = format!("fd:{STATE_FD}");
+        self.qmp("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+            .await?;
+        let started = Instant::now();
+        loop {
+            let status = self.qmp("query-status", None).await?;
+            match status.get("status").and_then(Value::as_str) {
+                Some("inmigrate") | None => {}
+                Some(_) => return Ok(()),
+            }
+            if started.elapsed() > timeout {
+                return Err(HypervisorError::Timeout {
+                    what: "loading the device state".into(),
+                    seconds: timeout.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
     }
 
     async fn wait_exit(&self, timeout: Duration) -> bool {

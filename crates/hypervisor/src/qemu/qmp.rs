@@ -105,6 +105,33 @@ impl Qmp {
     pub fn take_events(&mut self) -> Vec<Value> {
         std::mem::take(&mut self.events)
     }
+
+    /// Waits for an event named `name` whose `data` satisfies `matches`, looking first at
+    /// events already received. Not cancel-safe: a caller that times out must drop the
+    /// session.
+    pub async fn wait_event(
+        &mut self,
+        name: &str,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let is_match = |event: &Value| {
+            event.get("event").and_then(Value::as_str) == Some(name)
+                && matches(event.get("data").unwrap_or(&Value::Null))
+        };
+        if let Some(index) = self.events.iter().position(is_match) {
+            return Ok(self.events.remove(index));
+        }
+        loop {
+            let message = self.read_message(name).await?;
+            debug!(%message, "QMP message while waiting for an event");
+            if is_match(&message) {
+                return Ok(message);
+            }
+            if message.get("event").is_some() {
+                self.events.push(message);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

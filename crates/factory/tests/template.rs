@@ -1,0 +1,228 @@
+//! Integration tests of the template factory with real QEMU clones.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{config, runtime_dir, sh};
+use vmfactory_factory::template::{self, METADATA_FILE, STATE_FILE};
+use vmfactory_factory::{Factory, TemplateError, TemplateFactory, Vm};
+
+fn mounted(path: &Path) -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let target = path.to_string_lossy();
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|mount_point| mount_point == target)
+}
+
+fn host_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+}
+
+async fn stop_all(vms: Vec<Vm>) {
+    for vm in vms {
+        vm.stop().await.expect("stop clone");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
+    let runtime = runtime_dir();
+    let path = runtime.path().join("template");
+    let config = config(runtime.path());
+
+    let created = TemplateFactory::new(&config, &path).await.expect("create");
+    assert!(path.join(STATE_FILE).is_file());
+    let err = TemplateFactory::new(&config, &path)
+        .await
+        .expect_err("second create over an existing template");
+    assert!(matches!(err, TemplateError::Exists(_)), "{err}");
+    assert!(
+        err.to_string().contains("vmfactory factory destroy"),
+        "{err}"
+    );
+    drop(created);
+
+    // Let the template's clock go stale before cloning.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // A second factory instance opens the same template.
+    let fetched = TemplateFactory::fetch(&config, &path).await.expect("fetch");
+    let factory = Factory::new(Box::new(fetched));
+    let mut clones = Vec::new();
+    for _ in 0..5 {
+        clones.push(factory.get_vm().await.expect("clone"));
+    }
+
+    let first_guest_time: i64 = sh(&clones[0], "date +%s").await.parse().expect("time");
+    let host = host_now();
+    assert!(
+        (first_guest_time - host).abs() <= 1,
+        "clone clock {first_guest_time} vs host {host}"
+    );
+
+    let mut random = HashSet::new();
+    for clone in &clones {
+        assert_eq!(sh(clone, "echo alive").await, "alive");
+        let bytes = sh(
+            clone,
+            "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+        )
+        .await;
+        assert_eq!(bytes.len(), 64, "{bytes}");
+        random.insert(bytes);
+    }
+    assert_eq!(
+        random.len(),
+        clones.len(),
+        "clones produced the same random bytes"
+    );
+
+    sh(&clones[0], "echo secret > /root/only-in-clone-0").await;
+    assert_eq!(sh(&clones[0], "cat /root/only-in-clone-0").await, "secret");
+    for clone in &clones[1..] {
+        assert_eq!(
+            sh(
+                clone,
+                "test -e /root/only-in-clone-0 && echo seen || echo absent"
+            )
+            .await,
+            "absent"
+        );
+    }
+    // A clone made after the write starts from the untouched template.
+    let late = factory.get_vm().await.expect("late clone");
+    assert_eq!(
+        sh(
+            &late,
+            "test -e /root/only-in-clone-0 && echo seen || echo absent"
+        )
+        .await,
+        "absent"
+    );
+    clones.push(late);
+    stop_all(clones).await;
+
+    let err = TemplateFactory::new(&config, &path)
+        .await
+        .expect_err("exists");
+    assert!(matches!(err, TemplateError::Exists(_)));
+    assert!(template::destroy(&path).expect("destroy"));
+    assert!(!path.exists(), "template directory remains");
+    assert!(!mounted(&path), "template tmpfs still mounted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_refuses_a_corrupt_state_or_a_changed_kernel() {
+    let runtime = runtime_dir();
+    let path = runtime.path().join("template");
+    let config = config(runtime.path());
+    TemplateFactory::new(&config, &path).await.expect("create");
+
+    // A different kernel file (same size, one byte changed).
+    let other_kernel = runtime.path().join("other-kernel");
+    let mut bytes = std::fs::read(&config.kernel).expect("read kernel");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&other_kernel, bytes).expect("write kernel");
+    let changed = vmfactory_factory::VmConfig {
+        kernel: other_kernel,
+        ..config.clone()
+    };
+    let err = TemplateFactory::fetch(&changed, &path)
+        .await
+        .expect_err("changed kernel");
+    assert!(matches!(err, TemplateError::Mismatch { .. }), "{err}");
+    assert!(err.to_string().contains("kernel digest was"), "{err}");
+
+    let bigger = vmfactory_factory::VmConfig {
+        memory_mib: config.memory_mib * 2,
+        ..config.clone()
+    };
+    let err = TemplateFactory::fetch(&bigger, &path)
+        .await
+        .expect_err("changed memory");
+    assert!(
+        err.to_string()
+            .contains("memory (MiB) was 256 and is now 512"),
+        "{err}"
+    );
+
+    // Flip a byte in the device state.
+    let state = path.join(STATE_FILE);
+    let mut bytes = std::fs::read(&state).expect("read state");
+    bytes[100] ^= 0x01;
+    std::fs::write(&state, bytes).expect("write state");
+    let err = TemplateFactory::fetch(&config, &path)
+        .await
+        .expect_err("corrupt state");
+    assert!(matches!(err, TemplateError::Corrupt { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("does not match its recorded digest"),
+        "{err}"
+    );
+
+    std::fs::write(path.join(METADATA_FILE), b"{not json").expect("write metadata");
+    let err = TemplateFactory::fetch(&config, &path)
+        .await
+        .expect_err("corrupt metadata");
+    assert!(matches!(err, TemplateError::Corrupt { .. }), "{err}");
+
+    assert!(template::destroy(&path).expect("destroy"));
+    assert!(!path.exists());
+    assert!(!mounted(&path));
+    let err = TemplateFactory::fetch(&config, &path)
+        .await
+        .expect_err("missing");
+    assert!(err.to_string().contains("vmfactory factory init"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_clones_work_and_a_dead_pool_process_is_never_used() {
+    let runtime = runtime_dir();
+    let path = runtime.path().join("template");
+    let config = config(runtime.path());
+    let factory = TemplateFactory::new(&config, &path)
+        .await
+        .expect("create")
+        .with_warm_pool(2);
+    // Wait until the pool is full, then kill one pooled QEMU behind its back.
+    let vm_dir = runtime.path().join("vm");
+    let mut waited = 0;
+    while std::fs::read_dir(&vm_dir).map_or(0, |d| d.count()) < 2 {
+        assert!(waited < 600, "warm pool never filled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let victim = common::qemu_pids_under(&vm_dir)[0];
+    // SAFETY: killing a QEMU process this test started.
+    unsafe {
+        libc::kill(victim as i32, libc::SIGKILL);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let factory = Factory::new(Box::new(factory));
+    let mut clones = Vec::new();
+    for _ in 0..3 {
+        let vm = factory.get_vm().await.expect("clone from the pool");
+        assert_ne!(vm.pid(), Some(victim), "a dead pool process was handed out");
+        assert_eq!(sh(&vm, "echo pooled").await, "pooled");
+        clones.push(vm);
+    }
+    stop_all(clones).await;
+    factory.close().await.expect("close");
+    assert!(
+        common::qemu_pids_under(&vm_dir).is_empty(),
+        "pool QEMUs left after close"
+    );
+    assert!(template::destroy(&path).expect("destroy"));
+}
