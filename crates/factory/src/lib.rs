@@ -5,11 +5,13 @@
 pub mod agent_client;
 pub mod base;
 pub mod config;
+pub mod settings;
 pub mod template;
 pub mod vm;
 
 pub use agent_client::{AgentClient, AgentError, ExecOutput, ExecRequest, GuestDetails};
 pub use base::{DirectFactory, Factory, FactoryBase, FactoryError, VmStatus};
 pub use config::VmConfig;
+pub use settings::{Settings, SettingsError};
 pub use template::{TemplateError, TemplateFactory, TemplateMetadata};
 pub use vm::{Vm, VmError};

@@ -540,6 +540,14 @@ impl TemplateFactory {
         self
     }
 
+    /// QEMU processes waiting in the warm pool right now (0 without a pool).
+    pub async fn warm_pool_ready(&self) -> usize {
+        match &self.pool {
+            Some(pool) => pool.ready.lock().await.len(),
+            None => 0,
+        }
+    }
+
     /// The template's metadata.
     pub fn metadata(&self) -> &TemplateMetadata {
         &self.metadata
@@ -581,14 +589,19 @@ impl FactoryBase for TemplateFactory {
             Some(pool) => pool.take().await,
             None => None,
         };
-        let mut qemu = match pooled {
-            Some(qemu) => qemu,
-            None => start_clone_qemu(&self.config, &self.path)
-                .await
-                .map_err(VmError::from)?,
+        let (mut qemu, needs_load) = match pooled {
+            Some(qemu) => (qemu, false),
+            None => (
+                start_clone_qemu(&self.config, &self.path)
+                    .await
+                    .map_err(VmError::from)?,
+                true,
+            ),
         };
         let loaded = async {
-            qemu.load_state(STATE_TIMEOUT).await?;
+            if needs_load {
+                qemu.load_state(STATE_TIMEOUT).await?;
+            }
             AgentClient::connect(&qemu.agent_socket())
                 .await
                 .map_err(VmError::from)
@@ -623,7 +636,8 @@ impl FactoryBase for TemplateFactory {
     }
 }
 
-/// QEMU processes started in advance, waiting for the template's state.
+/// Clones prepared in advance: QEMU started with `-incoming defer` and the template's
+/// state already loaded, paused and never run.
 #[derive(Debug)]
 pub struct WarmPool {
     ready: Mutex<VecDeque<Qemu>>,
@@ -660,7 +674,17 @@ impl WarmPool {
                 self.refill.notified().await;
                 continue;
             }
-            match start_clone_qemu(&config, &path).await {
+            let started = async {
+                let mut qemu = start_clone_qemu(&config, &path).await?;
+                // A loaded clone that never ran is still identical to the template, so the
+                // load can happen ahead of the request too.
+                if let Err(err) = qemu.load_state(STATE_TIMEOUT).await {
+                    let _ = qemu.stop().await;
+                    return Err(err);
+                }
+                Ok(qemu)
+            };
+            match started.await {
                 Ok(qemu) => {
                     failures = 0;
                     if self.is_closed() {

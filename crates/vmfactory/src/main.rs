@@ -2,6 +2,7 @@
 //! measure boot times.
 
 mod bench;
+mod factory;
 mod guest;
 
 use std::io::IsTerminal;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tokio::io::AsyncWriteExt;
-use vmfactory_factory::{ExecRequest, Vm, VmConfig};
+use vmfactory_factory::{ExecRequest, Settings, VmConfig};
 use vmfactory_hypervisor::qemu::accel::Accelerator;
 
 /// Exit status for vmfactory's own failures (as `docker run` does), distinct from the
@@ -31,6 +32,10 @@ struct Cli {
     /// Log more (-v: info, -vv: debug). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Configuration file (TOML); default: /etc/vmfactory/configuration.toml if it
+    /// exists, else built-in defaults.
+    #[arg(long, global = true, env = "VMFACTORY_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +52,18 @@ enum Command {
     /// Measure vmfactory's speed; prints medians and p99 (JSON with --json).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Manage the VM factory: the template (enable_template) of the [factory] section.
+    #[command(subcommand)]
+    Factory(factory::FactoryCommand),
+    /// Show the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (file plus defaults) as TOML.
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -62,21 +79,22 @@ enum GuestCommand {
     },
 }
 
-/// Options describing the VM to boot, shared by `run` and `bench`.
+/// Options describing the VM to boot, shared by `run` and `bench`. Each overrides the
+/// configuration file.
 #[derive(Debug, Clone, Args)]
 struct VmArgs {
-    /// vCPUs of the VM.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u32,
+    /// vCPUs of the VM (default: hypervisor.qemu.default_vcpus, 1).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Guest memory in MiB (default: hypervisor.qemu.default_memory, 256).
+    #[arg(long)]
+    memory: Option<u32>,
     /// Accelerator: auto (KVM when it can run the guest, else TCG), kvm or tcg.
-    #[arg(long, default_value = "auto", value_parser = parse_accel)]
-    accel: Accelerator,
+    #[arg(long, value_parser = parse_accel)]
+    accel: Option<Accelerator>,
     /// QEMU binary (path or name in PATH).
-    #[arg(long, env = "VMFACTORY_QEMU", default_value = "qemu-system-x86_64")]
-    qemu: PathBuf,
+    #[arg(long, env = "VMFACTORY_QEMU")]
+    qemu: Option<PathBuf>,
     /// Guest kernel; default: the one of the built guest image.
     #[arg(long, env = "VMFACTORY_KERNEL")]
     kernel: Option<PathBuf>,
@@ -84,11 +102,11 @@ struct VmArgs {
     #[arg(long, env = "VMFACTORY_INITRD")]
     initrd: Option<PathBuf>,
     /// Extra kernel parameters.
-    #[arg(long, default_value = "")]
-    kernel_params: String,
+    #[arg(long)]
+    kernel_params: Option<String>,
     /// Seconds a boot may take before giving up.
-    #[arg(long, default_value_t = 60)]
-    boot_timeout: u64,
+    #[arg(long)]
+    boot_timeout: Option<u64>,
     #[command(flatten)]
     image: guest::ImageArgs,
 }
@@ -98,30 +116,59 @@ fn parse_accel(s: &str) -> Result<Accelerator, String> {
         .map_err(|err: vmfactory_hypervisor::HypervisorError| err.to_string())
 }
 
+/// What a command works with: the effective settings, the factory's VM config (the
+/// configuration's sizes) and the VM the user asked for (sizes from the command line).
+#[derive(Debug, Clone)]
+struct Resolved {
+    settings: Settings,
+    base: VmConfig,
+    request: VmConfig,
+}
+
 impl VmArgs {
-    /// The VM config these options describe; builds the guest image when no kernel is given.
-    fn vm_config(&self) -> Result<VmConfig> {
-        let (kernel, initrd) = match (&self.kernel, &self.initrd) {
-            (Some(kernel), initrd) => (kernel.clone(), initrd.clone()),
-            (None, initrd) => {
+    /// Loads the configuration, applies these options, and builds the guest image when
+    /// no kernel is configured.
+    fn resolve(&self, config_file: Option<&std::path::Path>) -> Result<Resolved> {
+        let mut settings = Settings::load(config_file)?;
+        let qemu = &mut settings.hypervisor.qemu;
+        if let Some(binary) = &self.qemu {
+            qemu.path = binary.clone();
+        }
+        if let Some(accel) = self.accel {
+            qemu.accelerator = accel;
+        }
+        if let Some(params) = &self.kernel_params {
+            qemu.kernel_params = params.clone();
+        }
+        if let Some(timeout) = self.boot_timeout {
+            qemu.boot_timeout = timeout;
+        }
+        let image = match (&self.kernel, &self.initrd) {
+            (Some(kernel), initrd) => Some((kernel.clone(), initrd.clone().unwrap_or_default())),
+            (None, _) if settings.uses_guest_image() => {
                 let image = guest::ensure_image(&self.image, false)?;
-                (image.kernel, Some(initrd.clone().unwrap_or(image.initrd)))
+                Some((image.kernel, self.initrd.clone().unwrap_or(image.initrd)))
             }
+            (None, _) => None,
         };
-        let mut config = VmConfig {
-            kernel,
-            initrd,
-            kernel_params: self.kernel_params.clone(),
-            vcpus: self.vcpus,
-            memory_mib: self.memory,
-            boot_timeout: Duration::from_secs(self.boot_timeout),
-            ..VmConfig::default()
-        };
-        config.max_vcpus = config.max_vcpus.max(self.vcpus);
-        config.max_memory_mib = config.max_memory_mib.max(self.memory);
-        config.qemu.binary = self.qemu.clone();
-        config.qemu.accelerator = self.accel;
-        Ok(config)
+        if let Some((kernel, initrd)) = &image {
+            settings.hypervisor.qemu.kernel = kernel.clone();
+            settings.hypervisor.qemu.initrd = initrd.clone();
+        }
+        let base = settings.vm_config(None);
+        let mut request = base.clone();
+        request.vcpus = self.vcpus.unwrap_or(base.vcpus);
+        request.memory_mib = self.memory.unwrap_or(base.memory_mib);
+        request.max_vcpus = request.max_vcpus.max(request.vcpus);
+        request.max_memory_mib = request.max_memory_mib.max(request.memory_mib);
+        // A directly booted VM is booted at its final size and never grows: reserving
+        // hot-plug room would only slow its boot.
+        request.memory_slots = 0;
+        Ok(Resolved {
+            settings,
+            base,
+            request,
+        })
     }
 }
 
@@ -164,7 +211,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_VMFACTORY_ERROR);
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
+    match runtime.block_on(dispatch(cli.command, cli.config)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("vmfactory: {err:#}");
@@ -189,9 +236,15 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-async fn dispatch(command: Command) -> Result<ExitCode> {
+async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode> {
     match command {
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(args, config).await,
+        Command::Factory(command) => factory::run(command, config).await,
+        Command::Config(ConfigCommand::Show) => {
+            let settings = Settings::load(config.as_deref())?;
+            print!("{}", toml::to_string_pretty(&settings)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Guest(GuestCommand::Build { force, image }) => {
             let image = tokio::task::spawn_blocking(move || guest::ensure_image(&image, force))
                 .await
@@ -201,13 +254,13 @@ async fn dispatch(command: Command) -> Result<ExitCode> {
             println!("kernel release: {}", image.kernel_release);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(command) => bench::run(command).await,
+        Command::Bench(command) => bench::run(command, config).await,
     }
 }
 
-async fn run(args: RunArgs) -> Result<ExitCode> {
+async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
     let vm_args = args.vm.clone();
-    let config = tokio::task::spawn_blocking(move || vm_args.vm_config())
+    let resolved = tokio::task::spawn_blocking(move || vm_args.resolve(config_file.as_deref()))
         .await
         .context("Preparing the VM failed")??;
     let interrupted = || async {
@@ -219,7 +272,7 @@ async fn run(args: RunArgs) -> Result<ExitCode> {
 
     // Dropping a VM that is still starting kills it and removes its directory.
     let vm = tokio::select! {
-        vm = Vm::new(&config) => vm.context("Cannot boot the VM")?,
+        vm = factory::get_vm(&resolved) => vm?,
         () = interrupted() => {
             eprintln!("vmfactory: interrupted");
             return Ok(ExitCode::from(EXIT_INTERRUPTED));

@@ -1,5 +1,6 @@
 //! `vmfactory bench`: speed measurements. Numbers are reported, never asserted.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,9 @@ use clap::Subcommand;
 use serde::Serialize;
 use vmfactory_factory::{Vm, VmConfig};
 
-use crate::VmArgs;
+use crate::{Resolved, VmArgs};
+
+mod clone;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -18,6 +21,40 @@ pub enum BenchCommand {
         /// Boots per kernel.
         #[arg(short, default_value_t = 5)]
         n: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Template clone to first agent answer, without and with the warm pool, and direct
+    /// boot measured in the same run (interleaved), with their ratios. Creates a
+    /// temporary template and removes it afterwards.
+    Clone {
+        /// Clones per series.
+        #[arg(short, default_value_t = 10)]
+        n: usize,
+        /// Warm pool size for the pooled series.
+        #[arg(long, default_value_t = 2)]
+        pool: usize,
+        /// Direct boots for the baseline.
+        #[arg(long, default_value_t = 5)]
+        direct: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Memory of idle VMs: per-VM PSS (total and guest RAM) and host memory used, for
+    /// COUNT template clones and COUNT direct boots.
+    Density {
+        /// VMs per kind.
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// TCG translation buffer size in MiB for the measured VMs (0: QEMU's default).
+        #[arg(long, default_value_t = 0)]
+        tb_size: u32,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -64,7 +101,7 @@ impl Stats {
     }
 }
 
-fn round(ms: f64) -> f64 {
+pub fn round(ms: f64) -> f64 {
     (ms * 100.0).round() / 100.0
 }
 
@@ -88,10 +125,29 @@ struct KernelResult {
     stats: Stats,
 }
 
-pub async fn run(command: BenchCommand) -> Result<ExitCode> {
+pub async fn run(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitCode> {
     match command {
-        BenchCommand::Boot { n, json, vm } => bench_boot(n, json, vm).await,
+        BenchCommand::Boot { n, json, vm } => bench_boot(n, json, vm, config).await,
+        BenchCommand::Clone {
+            n,
+            pool,
+            direct,
+            json,
+            vm,
+        } => clone::bench_clone(n, pool, direct, json, resolve(vm, config).await?).await,
+        BenchCommand::Density {
+            count,
+            tb_size,
+            json,
+            vm,
+        } => clone::bench_density(count, tb_size, json, resolve(vm, config).await?).await,
     }
+}
+
+async fn resolve(vm: VmArgs, config: Option<PathBuf>) -> Result<Resolved> {
+    tokio::task::spawn_blocking(move || vm.resolve(config.as_deref()))
+        .await
+        .context("Preparing the VM failed")?
 }
 
 async fn boot_once(config: &VmConfig) -> Result<Duration> {
@@ -102,14 +158,16 @@ async fn boot_once(config: &VmConfig) -> Result<Duration> {
     Ok(elapsed)
 }
 
-async fn bench_boot(n: usize, json: bool, args: VmArgs) -> Result<ExitCode> {
+async fn bench_boot(
+    n: usize,
+    json: bool,
+    args: VmArgs,
+    config_file: Option<PathBuf>,
+) -> Result<ExitCode> {
     if n == 0 {
         bail!("-n must be at least 1");
     }
-    let args_for_config = args.clone();
-    let config = tokio::task::spawn_blocking(move || args_for_config.vm_config())
-        .await
-        .context("Preparing the VM failed")??;
+    let config = resolve(args.clone(), config_file).await?.request;
     let mut kernels = vec![config.kernel.clone()];
     // Compare against the bzImage of the same image when booting its vmlinux.
     if args.kernel.is_none() && config.kernel.file_name().is_some_and(|f| f == "vmlinux") {

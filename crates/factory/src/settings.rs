@@ -1,0 +1,535 @@
+//! The configuration file (TOML): `[hypervisor.qemu]`, `[agent]` and Kata's `[factory]`
+//! keys, with validation whose messages name the key and the fix.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmfactory_hypervisor::qemu::accel::Accelerator;
+use vmfactory_hypervisor::qemu::{default_firmware, default_runtime_dir, QemuConfig};
+
+use crate::config::VmConfig;
+
+/// Where the configuration is read from when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmfactory/configuration.toml";
+
+/// Errors of loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file could not be read.
+    #[error("Cannot read the configuration {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for our schema (unknown keys included).
+    #[error("Invalid configuration {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is out of range or contradicts another.
+    #[error("Invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The offending key, e.g. `hypervisor.qemu.default_memory`.
+        key: &'static str,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Hypervisor tables.
+    pub hypervisor: HypervisorSettings,
+    /// Agent settings.
+    pub agent: AgentSettings,
+    /// Factory settings (Kata's keys plus ours).
+    pub factory: FactorySettings,
+}
+
+/// `[hypervisor]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HypervisorSettings {
+    /// `[hypervisor.qemu]`
+    pub qemu: QemuSettings,
+}
+
+/// `[hypervisor.qemu]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuSettings {
+    /// QEMU binary (path or name in PATH).
+    pub path: PathBuf,
+    /// Guest kernel; empty: the built guest image's.
+    pub kernel: PathBuf,
+    /// Guest initramfs; empty: the built guest image's.
+    pub initrd: PathBuf,
+    /// `q35` or `pc`.
+    pub machine_type: String,
+    /// Extra kernel parameters.
+    pub kernel_params: String,
+    /// Firmware image; empty: qboot when installed, else QEMU's default.
+    pub firmware: PathBuf,
+    /// vCPUs per VM.
+    pub default_vcpus: u32,
+    /// Most vCPUs a VM can be grown to.
+    pub default_maxvcpus: u32,
+    /// Guest RAM per VM, MiB.
+    pub default_memory: u32,
+    /// DIMM slots for memory hot-plug.
+    pub memory_slots: u32,
+    /// Most guest RAM a VM can be grown to, MiB.
+    pub default_maxmemory: u32,
+    /// `auto`, `kvm` or `tcg`.
+    pub accelerator: Accelerator,
+    /// The kernel is a PVM guest kernel (runs on kvm_pvm).
+    pub kernel_is_pvm: bool,
+    /// TCG translation buffer, MiB (0: QEMU's default).
+    pub tcg_tb_size: u32,
+    /// Seconds a boot may take until the agent answers.
+    pub boot_timeout: u64,
+    /// Directory of per-VM sockets and logs.
+    pub runtime_dir: PathBuf,
+}
+
+impl Default for QemuSettings {
+    fn default() -> Self {
+        Self {
+            path: "qemu-system-x86_64".into(),
+            kernel: PathBuf::new(),
+            initrd: PathBuf::new(),
+            machine_type: "q35".into(),
+            kernel_params: String::new(),
+            firmware: default_firmware().unwrap_or_default(),
+            default_vcpus: 1,
+            default_maxvcpus: 4,
+            default_memory: 256,
+            memory_slots: 4,
+            default_maxmemory: 2048,
+            accelerator: Accelerator::Auto,
+            kernel_is_pvm: false,
+            tcg_tb_size: 0,
+            boot_timeout: 60,
+            runtime_dir: default_runtime_dir(),
+        }
+    }
+}
+
+/// `[agent]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    /// Seconds a VM handed out by a factory may take to answer after resume.
+    pub dial_timeout: u64,
+}
+
+impl Default for AgentSettings {
+    fn default() -> Self {
+        Self { dial_timeout: 30 }
+    }
+}
+
+/// `[factory]`: Kata's keys, plus `template_warm_pool`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FactorySettings {
+    /// Clone VMs from a template.
+    pub enable_template: bool,
+    /// Where the template lives (a tmpfs is mounted there).
+    pub template_path: PathBuf,
+    /// VMs the VMCache server keeps ready (0: no VMCache).
+    pub vm_cache_number: u32,
+    /// Unix socket of the VMCache server.
+    pub vm_cache_endpoint: PathBuf,
+    /// QEMU processes kept waiting for the template state (0: none).
+    pub template_warm_pool: u32,
+}
+
+impl Default for FactorySettings {
+    fn default() -> Self {
+        let runtime = default_runtime_dir();
+        Self {
+            enable_template: false,
+            template_path: runtime.join("template"),
+            vm_cache_number: 0,
+            vm_cache_endpoint: runtime.join("cache.sock"),
+            template_warm_pool: 0,
+        }
+    }
+}
+
+/// Most vCPUs the host offers.
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+        .unwrap_or(1)
+}
+
+impl Settings {
+    /// Parses TOML text (from `path`, for messages) and validates it.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, SettingsError> {
+        let settings: Settings = toml::from_str(text).map_err(|err| SettingsError::Parse {
+            path: path.to_path_buf(),
+            message: err.message().to_string()
+                + &err
+                    .span()
+                    .map(|span| format!(" (at byte {})", span.start))
+                    .unwrap_or_default(),
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// `--config` if given, else [`DEFAULT_CONFIG_PATH`] if it exists, else the defaults.
+    pub fn load(path: Option<&Path>) -> Result<Self, SettingsError> {
+        let path = match path {
+            Some(path) => path.to_path_buf(),
+            None if Path::new(DEFAULT_CONFIG_PATH).is_file() => DEFAULT_CONFIG_PATH.into(),
+            None => return Ok(Self::default()),
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| SettingsError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text, &path)
+    }
+
+    /// Checks values and their combinations.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let qemu = &self.hypervisor.qemu;
+        if qemu.default_memory == 0 {
+            return Err(invalid(
+                "hypervisor.qemu.default_memory",
+                "is 0: give the guest memory in MiB, at least 64",
+            ));
+        }
+        if qemu.default_memory < vmfactory_hypervisor::MIN_MEMORY_MIB {
+            return Err(invalid(
+                "hypervisor.qemu.default_memory",
+                format!(
+                    "{} MiB is too small: give at least {} MiB",
+                    qemu.default_memory,
+                    vmfactory_hypervisor::MIN_MEMORY_MIB
+                ),
+            ));
+        }
+        if qemu.default_vcpus == 0 {
+            return Err(invalid(
+                "hypervisor.qemu.default_vcpus",
+                "is 0: a VM needs at least 1 vCPU",
+            ));
+        }
+        let host = host_cpus();
+        if qemu.default_vcpus > host {
+            return Err(invalid(
+                "hypervisor.qemu.default_vcpus",
+                format!(
+                    "{} exceeds the host's {host} CPUs: lower it",
+                    qemu.default_vcpus
+                ),
+            ));
+        }
+        if qemu.default_maxvcpus < qemu.default_vcpus {
+            return Err(invalid(
+                "hypervisor.qemu.default_maxvcpus",
+                format!(
+                    "{} is below default_vcpus ({}): raise it",
+                    qemu.default_maxvcpus, qemu.default_vcpus
+                ),
+            ));
+        }
+        if qemu.default_maxvcpus > 255 {
+            return Err(invalid(
+                "hypervisor.qemu.default_maxvcpus",
+                format!("{} exceeds 255: lower it", qemu.default_maxvcpus),
+            ));
+        }
+        if qemu.default_maxmemory < qemu.default_memory {
+            return Err(invalid(
+                "hypervisor.qemu.default_maxmemory",
+                format!(
+                    "{} MiB is below default_memory ({} MiB): raise it",
+                    qemu.default_maxmemory, qemu.default_memory
+                ),
+            ));
+        }
+        if qemu.memory_slots > 256 {
+            return Err(invalid(
+                "hypervisor.qemu.memory_slots",
+                format!("{} exceeds 256: lower it", qemu.memory_slots),
+            ));
+        }
+        if !matches!(qemu.machine_type.as_str(), "q35" | "pc") {
+            return Err(invalid(
+                "hypervisor.qemu.machine_type",
+                format!(
+                    "{:?} is not supported: use \"q35\" or \"pc\"",
+                    qemu.machine_type
+                ),
+            ));
+        }
+        if !qemu.kernel.as_os_str().is_empty() && !qemu.kernel.is_file() {
+            return Err(invalid(
+                "hypervisor.qemu.kernel",
+                format!(
+                    "{} does not exist: fix the path, or leave it empty to use the built guest image",
+                    qemu.kernel.display()
+                ),
+            ));
+        }
+        if !qemu.initrd.as_os_str().is_empty() {
+            let size = std::fs::metadata(&qemu.initrd).map(|m| m.len()).map_err(|_| {
+                invalid(
+                    "hypervisor.qemu.initrd",
+                    format!(
+                        "{} does not exist: fix the path, or leave it empty to use the built guest image",
+                        qemu.initrd.display()
+                    ),
+                )
+            })?;
+            if size >= u64::from(qemu.default_memory) << 20 {
+                return Err(invalid(
+                    "hypervisor.qemu.initrd",
+                    format!(
+                        "{} is {} MiB, larger than guest memory ({} MiB): raise default_memory",
+                        qemu.initrd.display(),
+                        size >> 20,
+                        qemu.default_memory
+                    ),
+                ));
+            }
+        }
+        if qemu.kernel.as_os_str().is_empty() != qemu.initrd.as_os_str().is_empty() {
+            return Err(invalid(
+                "hypervisor.qemu.kernel",
+                "kernel and initrd must be set together (or both left empty for the built guest image)",
+            ));
+        }
+        if qemu.accelerator == Accelerator::Tcg && qemu.kernel_is_pvm {
+            return Err(invalid(
+                "hypervisor.qemu.kernel_is_pvm",
+                "is set but accelerator = \"tcg\": PVM kernels matter only with KVM; use accelerator = \"auto\" or \"kvm\"",
+            ));
+        }
+        let factory = &self.factory;
+        if factory.enable_template && factory.template_path.as_os_str().is_empty() {
+            return Err(invalid(
+                "factory.template_path",
+                "is empty but enable_template = true: give a directory for the template",
+            ));
+        }
+        if factory.template_warm_pool > 0 && !factory.enable_template {
+            return Err(invalid(
+                "factory.template_warm_pool",
+                "needs enable_template = true: enable templates or set the pool to 0",
+            ));
+        }
+        if factory.vm_cache_number > 0 && factory.vm_cache_endpoint.as_os_str().is_empty() {
+            return Err(invalid(
+                "factory.vm_cache_endpoint",
+                "is empty but vm_cache_number > 0: give the server's Unix socket path",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The VM config these settings describe, with `kernel`/`initrd` filling in empty
+    /// settings (the built guest image).
+    pub fn vm_config(&self, image: Option<(PathBuf, PathBuf)>) -> VmConfig {
+        let qemu = &self.hypervisor.qemu;
+        let (kernel, initrd) = if qemu.kernel.as_os_str().is_empty() {
+            image.unwrap_or_default()
+        } else {
+            (qemu.kernel.clone(), qemu.initrd.clone())
+        };
+        VmConfig {
+            qemu: QemuConfig {
+                binary: qemu.path.clone(),
+                machine_type: qemu.machine_type.clone(),
+                accelerator: qemu.accelerator,
+                kernel_is_pvm: qemu.kernel_is_pvm,
+                tb_size_mib: (qemu.tcg_tb_size > 0).then_some(qemu.tcg_tb_size),
+                runtime_dir: qemu.runtime_dir.clone(),
+                start_timeout: Duration::from_secs(30),
+                firmware: (!qemu.firmware.as_os_str().is_empty()).then(|| qemu.firmware.clone()),
+            },
+            kernel,
+            initrd: (!initrd.as_os_str().is_empty()).then_some(initrd),
+            kernel_params: qemu.kernel_params.clone(),
+            vcpus: qemu.default_vcpus,
+            max_vcpus: qemu.default_maxvcpus,
+            memory_mib: qemu.default_memory,
+            memory_slots: qemu.memory_slots,
+            max_memory_mib: qemu.default_maxmemory,
+            boot_timeout: Duration::from_secs(qemu.boot_timeout),
+        }
+    }
+
+    /// Whether the kernel and initrd come from the built guest image.
+    pub fn uses_guest_image(&self) -> bool {
+        self.hypervisor.qemu.kernel.as_os_str().is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, SettingsError> {
+        Settings::parse(text, Path::new("test.toml"))
+    }
+
+    fn message(text: &str) -> String {
+        parse(text).expect_err("invalid").to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").expect("empty"), Settings::default());
+    }
+
+    #[test]
+    fn a_kata_factory_section_loads_unchanged() {
+        let kata = r#"
+[factory]
+# VM templating support.
+enable_template = true
+template_path = "/run/vc/vm/template"
+# VMCache
+vm_cache_number = 3
+vm_cache_endpoint = "/var/run/kata-containers/cache.sock"
+"#;
+        let settings = parse(kata).expect("kata factory section");
+        assert!(settings.factory.enable_template);
+        assert_eq!(
+            settings.factory.template_path,
+            Path::new("/run/vc/vm/template")
+        );
+        assert_eq!(settings.factory.vm_cache_number, 3);
+        assert_eq!(
+            settings.factory.vm_cache_endpoint,
+            Path::new("/var/run/kata-containers/cache.sock")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = message("[factory]\nenable_templates = true\n");
+        assert!(err.contains("enable_templates"), "{err}");
+        let err = message("[hypervisor.qemu]\nmemory = 128\n");
+        assert!(err.contains("memory"), "{err}");
+    }
+
+    #[test]
+    fn every_rule_names_its_key() {
+        let cases = [
+            (
+                "[hypervisor.qemu]\ndefault_memory = 0",
+                "default_memory: is 0",
+            ),
+            (
+                "[hypervisor.qemu]\ndefault_memory = 16",
+                "16 MiB is too small",
+            ),
+            (
+                "[hypervisor.qemu]\ndefault_vcpus = 0",
+                "default_vcpus: is 0",
+            ),
+            (
+                "[hypervisor.qemu]\ndefault_vcpus = 100000\ndefault_maxvcpus = 100000",
+                "exceeds the host's",
+            ),
+            (
+                "[hypervisor.qemu]\ndefault_maxvcpus = 0",
+                "default_maxvcpus: 0 is below default_vcpus",
+            ),
+            ("[hypervisor.qemu]\ndefault_maxvcpus = 300", "exceeds 255"),
+            (
+                "[hypervisor.qemu]\ndefault_maxmemory = 128",
+                "default_maxmemory: 128 MiB is below",
+            ),
+            (
+                "[hypervisor.qemu]\nmemory_slots = 300",
+                "memory_slots: 300 exceeds 256",
+            ),
+            (
+                "[hypervisor.qemu]\nmachine_type = \"virt\"",
+                "machine_type: \"virt\" is not supported",
+            ),
+            (
+                "[hypervisor.qemu]\nkernel = \"/nonexistent/k\"\ninitrd = \"/nonexistent/i\"",
+                "kernel: /nonexistent/k does not exist",
+            ),
+            (
+                "[hypervisor.qemu]\naccelerator = \"tcg\"\nkernel_is_pvm = true",
+                "kernel_is_pvm",
+            ),
+            ("[hypervisor.qemu]\naccelerator = \"xen\"", "xen"),
+            (
+                "[factory]\ntemplate_warm_pool = 2",
+                "template_warm_pool: needs enable_template",
+            ),
+            (
+                "[factory]\nenable_template = true\ntemplate_path = \"\"",
+                "template_path: is empty",
+            ),
+            (
+                "[factory]\nvm_cache_number = 2\nvm_cache_endpoint = \"\"",
+                "vm_cache_endpoint: is empty",
+            ),
+        ];
+        for (text, expected) in cases {
+            let err = message(text);
+            assert!(err.contains(expected), "{text:?} gave {err:?}");
+        }
+    }
+
+    #[test]
+    fn initrd_larger_than_memory_and_lone_kernel_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kernel = dir.path().join("kernel");
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&kernel, b"k").expect("kernel");
+        let file = std::fs::File::create(&initrd).expect("initrd");
+        file.set_len(200 << 20).expect("size");
+        let text = format!(
+            "[hypervisor.qemu]\nkernel = {:?}\ninitrd = {:?}\ndefault_memory = 128\n",
+            kernel, initrd
+        );
+        let err = message(&text);
+        assert!(err.contains("larger than guest memory"), "{err}");
+        let text = format!("[hypervisor.qemu]\nkernel = {kernel:?}\n");
+        let err = message(&text);
+        assert!(
+            err.contains("kernel and initrd must be set together"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn vm_config_takes_sizes_and_the_image() {
+        let settings =
+            parse("[hypervisor.qemu]\ndefault_memory = 512\ntcg_tb_size = 32\n").expect("settings");
+        let config = settings.vm_config(Some(("/img/vmlinux".into(), "/img/initrd".into())));
+        assert_eq!(config.memory_mib, 512);
+        assert_eq!(config.kernel, Path::new("/img/vmlinux"));
+        assert_eq!(config.initrd.as_deref(), Some(Path::new("/img/initrd")));
+        assert_eq!(config.qemu.tb_size_mib, Some(32));
+    }
+}

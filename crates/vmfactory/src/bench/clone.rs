@@ -1,0 +1,356 @@
+//! `bench clone` and `bench density`: template clones against direct boots.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use vmfactory_factory::template;
+use vmfactory_factory::{FactoryBase, TemplateFactory, Vm, VmConfig};
+use vmfactory_hypervisor::qemu::new_vm_id;
+
+use super::{round, Stats};
+use crate::Resolved;
+
+/// A temporary template that is removed however the benchmark ends.
+struct ScratchTemplate {
+    path: PathBuf,
+}
+
+impl ScratchTemplate {
+    async fn create(config: &VmConfig) -> Result<(Self, TemplateFactory)> {
+        let path = config
+            .qemu
+            .runtime_dir
+            .join(format!("bench-template-{}", new_vm_id()));
+        let scratch = Self { path };
+        let template = TemplateFactory::new(config, &scratch.path)
+            .await
+            .context("Cannot create the benchmark template")?;
+        Ok((scratch, template))
+    }
+}
+
+impl Drop for ScratchTemplate {
+    fn drop(&mut self) {
+        if let Err(err) = template::destroy(&self.path) {
+            eprintln!(
+                "vmfactory: cannot remove the benchmark template {}: {err}",
+                self.path.display()
+            );
+        }
+    }
+}
+
+/// Clone → resume → first agent answer; then the identity refresh, untimed.
+async fn clone_once(template: &TemplateFactory) -> Result<Duration> {
+    let started = Instant::now();
+    let vm = template.get_base_vm().await?;
+    let loaded = started.elapsed();
+    vm.resume().await?;
+    let resumed = started.elapsed();
+    vm.agent().check().await?;
+    let answered = started.elapsed();
+    tracing::debug!(?loaded, ?resumed, ?answered, "Clone phases");
+    vm.reseed_rng().await?;
+    vm.sync_time().await?;
+    vm.stop().await?;
+    Ok(answered)
+}
+
+async fn direct_once(config: &VmConfig) -> Result<Duration> {
+    let started = Instant::now();
+    let vm = Vm::new(config).await?;
+    let answered = started.elapsed();
+    vm.stop().await?;
+    Ok(answered)
+}
+
+async fn wait_for_pool(template: &TemplateFactory, size: usize) -> Result<()> {
+    let started = Instant::now();
+    while template.warm_pool_ready().await < size {
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("The warm pool did not fill within 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the freshly started QEMUs finish initializing before timing.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct CloneReport {
+    what: &'static str,
+    vcpus: u32,
+    memory_mib: u32,
+    /// Clone to first agent answer, no warm pool.
+    clone: Stats,
+    /// The same with a warm pool of `pool_size` QEMUs.
+    clone_warm_pool: Stats,
+    pool_size: usize,
+    /// Direct boot to first agent answer, measured in the same run.
+    direct: Stats,
+    /// direct median / clone median.
+    direct_over_clone: f64,
+    /// direct median / warm-pool clone median.
+    direct_over_warm_pool: f64,
+}
+
+pub async fn bench_clone(
+    n: usize,
+    pool: usize,
+    direct: usize,
+    json: bool,
+    resolved: Resolved,
+) -> Result<ExitCode> {
+    if n == 0 || direct == 0 || pool == 0 {
+        bail!("-n, --direct and --pool must be at least 1");
+    }
+    let (scratch, plain) = ScratchTemplate::create(&resolved.base).await?;
+    let pooled = TemplateFactory::fetch(&resolved.base, &scratch.path)
+        .await?
+        .with_warm_pool(pool);
+    let (mut clones, mut warm, mut directs) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..n {
+        wait_for_pool(&pooled, pool).await?;
+        warm.push(clone_once(&pooled).await?);
+        // The pool refills in the background: let it finish before timing anything else.
+        wait_for_pool(&pooled, pool).await?;
+        clones.push(clone_once(&plain).await?);
+        if round < direct {
+            directs.push(direct_once(&resolved.request).await?);
+        }
+        if !json {
+            eprintln!(
+                "round {}/{n}: clone {:.1} ms, warm pool {:.1} ms{}",
+                round + 1,
+                ms(clones[round]),
+                ms(warm[round]),
+                directs
+                    .get(round)
+                    .map(|d| format!(", direct {:.1} ms", ms(*d)))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    pooled.close().await?;
+    drop(pooled);
+    drop(plain);
+    drop(scratch);
+    let (Some(clone), Some(clone_warm_pool), Some(direct)) = (
+        Stats::from_samples(&clones),
+        Stats::from_samples(&warm),
+        Stats::from_samples(&directs),
+    ) else {
+        bail!("No samples");
+    };
+    let report = CloneReport {
+        what: "clone",
+        vcpus: resolved.base.vcpus,
+        memory_mib: resolved.base.memory_mib,
+        direct_over_clone: round(direct.median_ms / clone.median_ms),
+        direct_over_warm_pool: round(direct.median_ms / clone_warm_pool.median_ms),
+        clone,
+        clone_warm_pool,
+        pool_size: pool,
+        direct,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "clone: median {:.1} ms, p99 {:.1} ms\nclone with warm pool: median {:.1} ms, p99 {:.1} ms\ndirect boot: median {:.1} ms\ndirect/clone {:.1}x, direct/warm pool {:.1}x",
+            report.clone.median_ms,
+            report.clone.p99_ms,
+            report.clone_warm_pool.median_ms,
+            report.clone_warm_pool.p99_ms,
+            report.direct.median_ms,
+            report.direct_over_clone,
+            report.direct_over_warm_pool
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// PSS of a process: total, and of the mapping that backs guest RAM, in KiB.
+fn pss_kib(pid: u32, guest_ram: &dyn Fn(&str) -> bool) -> Result<(u64, u64)> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .with_context(|| format!("Cannot read /proc/{pid}/smaps"))?;
+    let (mut total, mut guest) = (0u64, 0u64);
+    let mut in_guest_ram = false;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: address range, perms, offset, dev, inode, [path].
+            let path: Vec<&str> = line.split_whitespace().skip(5).collect();
+            in_guest_ram = guest_ram(&path.join(" "));
+        } else if first == "Pss:" {
+            let kib: u64 = fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            total += kib;
+            if in_guest_ram {
+                guest += kib;
+            }
+        }
+    }
+    Ok((total, guest))
+}
+
+fn mem_available_kib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Serialize)]
+struct DensitySide {
+    count: usize,
+    /// Median PSS per VM process, MiB.
+    pss_total_mib: f64,
+    /// Median PSS of the guest RAM mapping per VM, MiB.
+    pss_guest_ram_mib: f64,
+    /// Host MemAvailable drop per VM, MiB.
+    host_used_per_vm_mib: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct DensityReport {
+    what: &'static str,
+    memory_mib: u32,
+    tb_size_mib: Option<u32>,
+    clones: DensitySide,
+    direct: DensitySide,
+    /// direct / clone, per VM host memory.
+    host_memory_ratio: f64,
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+async fn measure(
+    vms: &[Vm],
+    before_kib: u64,
+    guest_ram: &dyn Fn(&str) -> bool,
+) -> Result<DensitySide> {
+    // Let the guests settle into idle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after_kib = mem_available_kib();
+    let (mut totals, mut guests) = (Vec::new(), Vec::new());
+    for vm in vms {
+        let pid = vm.pid().context("VM without a pid")?;
+        let (total, guest) = pss_kib(pid, guest_ram)?;
+        totals.push(total as f64 / 1024.0);
+        guests.push(guest as f64 / 1024.0);
+    }
+    Ok(DensitySide {
+        count: vms.len(),
+        pss_total_mib: round(median(totals)),
+        pss_guest_ram_mib: round(median(guests)),
+        host_used_per_vm_mib: round(
+            before_kib.saturating_sub(after_kib) as f64 / 1024.0 / vms.len().max(1) as f64,
+        ),
+    })
+}
+
+pub async fn bench_density(
+    count: usize,
+    tb_size: u32,
+    json: bool,
+    mut resolved: Resolved,
+) -> Result<ExitCode> {
+    if count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let tb = (tb_size > 0).then_some(tb_size);
+    resolved.base.qemu.tb_size_mib = tb;
+    resolved.request.qemu.tb_size_mib = tb;
+    let (scratch, template) = ScratchTemplate::create(&resolved.base).await?;
+    let factory = vmfactory_factory::Factory::new(Box::new(template));
+    let memory_file = scratch.path.join(template::MEMORY_FILE);
+    let memory_file = memory_file.to_string_lossy().to_string();
+
+    let before = mem_available_kib();
+    let mut clones = Vec::new();
+    for _ in 0..count {
+        clones.push(factory.get_vm().await?);
+    }
+    let is_template_memory = |path: &str| path == memory_file;
+    let clone_side = measure(&clones, before, &is_template_memory).await;
+    for vm in clones {
+        vm.stop().await?;
+    }
+    drop(factory);
+    drop(scratch);
+    let clone_side = clone_side?;
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = mem_available_kib();
+    let mut directs = Vec::new();
+    for _ in 0..count {
+        directs.push(Vm::new(&resolved.request).await?);
+    }
+    let is_memfd = |path: &str| path.starts_with("/memfd:mem0");
+    let direct_side = measure(&directs, before, &is_memfd).await;
+    for vm in directs {
+        vm.stop().await?;
+    }
+    let direct_side = direct_side?;
+
+    let report = DensityReport {
+        what: "density",
+        memory_mib: resolved.base.memory_mib,
+        tb_size_mib: tb,
+        host_memory_ratio: round(
+            direct_side.host_used_per_vm_mib / clone_side.host_used_per_vm_mib.max(0.01),
+        ),
+        clones: clone_side,
+        direct: direct_side,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for (name, side) in [("clones", &report.clones), ("direct", &report.direct)] {
+            println!(
+                "{name}: {} VMs, PSS {:.1} MiB per VM (guest RAM {:.1} MiB), host memory {:.1} MiB per VM",
+                side.count, side.pss_total_mib, side.pss_guest_ram_mib, side.host_used_per_vm_mib
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(Vec::new()), 0.0);
+    }
+
+    #[test]
+    fn pss_of_this_process_is_positive() {
+        let (total, guest) = pss_kib(std::process::id(), &|_| false).expect("smaps");
+        assert!(total > 0);
+        assert_eq!(guest, 0);
+    }
+}

@@ -1,0 +1,202 @@
+//! End-to-end tests of `vmfactory factory init|status|destroy`, `config show`, and `run`
+//! through a template, with a configuration file.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
+
+fn image() -> (String, String) {
+    let output = Command::new(BIN)
+        .args(["guest", "build"])
+        .output()
+        .expect("guest build");
+    assert!(output.status.success(), "guest build failed");
+    let stdout = String::from_utf8(output.stdout).expect("utf8");
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+    };
+    (field("kernel:"), field("initrd:"))
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new(factory: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vmf-cli-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let (kernel, initrd) = image();
+        let config = format!(
+            "[hypervisor.qemu]\nkernel = {kernel:?}\ninitrd = {initrd:?}\nruntime_dir = {:?}\n\n[factory]\n{factory}\ntemplate_path = {:?}\n",
+            dir.path().join("run"),
+            dir.path().join("template"),
+        );
+        std::fs::write(dir.path().join("config.toml"), config).expect("config");
+        Self { dir }
+    }
+
+    fn vmfactory(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(self.dir.path().join("config.toml"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("spawn vmfactory")
+    }
+
+    fn template(&self) -> std::path::PathBuf {
+        self.dir.path().join("template")
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn mounted(path: &Path) -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let target = path.to_string_lossy();
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|mount_point| mount_point == target)
+}
+
+/// Command lines of the QEMU processes running under `dir`.
+fn qemu_cmdlines_under(dir: &Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|entry| {
+            entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some(cmdline)
+        })
+        .collect()
+}
+
+/// Runs `sleep 2` in a VM and reports whether its QEMU was a template clone
+/// (`-incoming`) rather than a direct boot.
+fn run_is_clone(env: &Env, extra: &[&str]) -> bool {
+    let mut command = Command::new(BIN);
+    command
+        .arg("--config")
+        .arg(env.dir.path().join("config.toml"))
+        .arg("run")
+        .args(extra)
+        .args(["--", "sh", "-c", "sleep 2; echo slept"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = command.spawn().expect("spawn");
+    let runtime = env.dir.path().join("run");
+    let started = std::time::Instant::now();
+    let mut seen = Vec::new();
+    while seen.is_empty() && started.elapsed() < std::time::Duration::from_secs(60) {
+        seen = qemu_cmdlines_under(&runtime);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().expect("wait");
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "slept\n");
+    assert_eq!(seen.len(), 1, "expected one QEMU: {seen:?}");
+    seen[0].contains("-incoming")
+}
+
+#[test]
+fn template_lifecycle_through_the_cli() {
+    let env = Env::new("enable_template = true");
+
+    let status = env.vmfactory(&["factory", "status"]);
+    assert!(status.status.success(), "{}", text(&status));
+    assert!(text(&status).contains("No template"), "{}", text(&status));
+
+    let init = env.vmfactory(&["factory", "init"]);
+    assert!(init.status.success(), "{}", text(&init));
+    assert!(text(&init).contains("Template created"), "{}", text(&init));
+    assert!(mounted(&env.template()), "template tmpfs not mounted");
+
+    let again = env.vmfactory(&["factory", "init"]);
+    assert_eq!(again.status.code(), Some(125));
+    assert!(
+        text(&again).contains("vmfactory factory destroy"),
+        "{}",
+        text(&again)
+    );
+
+    let status = env.vmfactory(&["factory", "status", "--json"]);
+    assert!(status.status.success(), "{}", text(&status));
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(report["usable"], true, "{report}");
+    assert_eq!(report["metadata"]["vm"]["memory_mib"], 256);
+
+    // With a template, run clones it; a request that does not fit boots directly.
+    assert!(run_is_clone(&env, &[]), "run did not clone the template");
+    assert!(
+        !run_is_clone(&env, &["--memory", "320"]),
+        "a 320 MiB request must boot directly"
+    );
+
+    let destroy = env.vmfactory(&["factory", "destroy"]);
+    assert!(destroy.status.success(), "{}", text(&destroy));
+    assert!(text(&destroy).contains("destroyed"), "{}", text(&destroy));
+    assert!(!env.template().exists(), "template directory remains");
+    assert!(!mounted(&env.template()), "template tmpfs still mounted");
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path().join("run/vm"))
+        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    let destroy = env.vmfactory(&["factory", "destroy"]);
+    assert!(text(&destroy).contains("No template"), "{}", text(&destroy));
+}
+
+#[test]
+fn init_without_a_factory_says_what_to_enable() {
+    let env = Env::new("enable_template = false");
+    let output = env.vmfactory(&["factory", "init"]);
+    assert_eq!(output.status.code(), Some(125));
+    assert!(
+        text(&output).contains("enable_template = true"),
+        "{}",
+        text(&output)
+    );
+}
+
+#[test]
+fn config_show_prints_the_effective_configuration() {
+    let env = Env::new("enable_template = true");
+    let output = env.vmfactory(&["config", "show"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(shown.contains("enable_template = true"), "{shown}");
+    assert!(shown.contains("default_memory = 256"), "{shown}");
+    assert!(shown.contains("[hypervisor.qemu]"), "{shown}");
+}
+
+#[test]
+fn an_invalid_configuration_names_the_key() {
+    let env = Env::new("enable_template = true\nvm_cache_numbr = 3");
+    let output = env.vmfactory(&["config", "show"]);
+    assert_eq!(output.status.code(), Some(125));
+    assert!(
+        text(&output).contains("vm_cache_numbr"),
+        "{}",
+        text(&output)
+    );
+}
