@@ -226,3 +226,53 @@ async fn warm_pool_clones_work_and_a_dead_pool_process_is_never_used() {
     );
     assert!(template::destroy(&path).expect("destroy"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_vm_grows_a_clone_or_boots_directly_on_other_differences() {
+    let runtime = runtime_dir();
+    let path = runtime.path().join("template");
+    let mut config = config(runtime.path());
+    config.memory_slots = 4;
+    config.max_memory_mib = 2048;
+    config.max_vcpus = 4;
+    let factory = Factory::new(Box::new(
+        TemplateFactory::new(&config, &path).await.expect("create"),
+    ));
+
+    let bigger = vmfactory_factory::VmConfig {
+        vcpus: 2,
+        memory_mib: 512,
+        ..config.clone()
+    };
+    let vm = factory.get_vm_for(&bigger).await.expect("grown clone");
+    let cmdline =
+        std::fs::read(format!("/proc/{}/cmdline", vm.pid().expect("pid"))).expect("cmdline");
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("-incoming"),
+        "a size-only difference must be served by a clone"
+    );
+    let details = vm.details().await.expect("details");
+    assert_eq!(details.online_cpus, 2, "{details:?}");
+    assert!(
+        details.mem_total_kib > 400 << 10,
+        "MemTotal {} KiB did not grow",
+        details.mem_total_kib
+    );
+    assert_eq!((vm.cpu, vm.memory_mib, vm.cpu_delta), (2, 512, 1));
+    assert_eq!(sh(&vm, "nproc").await, "2");
+    vm.stop().await.expect("stop");
+
+    let other = vmfactory_factory::VmConfig {
+        kernel_params: "vmfactory.test=1".into(),
+        ..config.clone()
+    };
+    let vm = factory.get_vm_for(&other).await.expect("direct VM");
+    let cmdline =
+        std::fs::read(format!("/proc/{}/cmdline", vm.pid().expect("pid"))).expect("cmdline");
+    assert!(!String::from_utf8_lossy(&cmdline).contains("-incoming"));
+    assert!(sh(&vm, "cat /proc/cmdline")
+        .await
+        .contains("vmfactory.test=1"));
+    vm.stop().await.expect("stop");
+    assert!(template::destroy(&path).expect("destroy"));
+}

@@ -559,7 +559,15 @@ fn install(
         fs::rename(dir, &aside).map_err(io_error(dir))?;
         // `old` is removed with its contents when it goes out of scope.
     }
-    fs::rename(staging.path(), dir).map_err(io_error(dir))?;
+    if let Err(err) = fs::rename(staging.path(), dir) {
+        // A concurrent build may have installed the same image in the meantime.
+        if !force {
+            if let Some(existing) = load_cached(dir, key) {
+                return Ok(existing);
+            }
+        }
+        return Err(io_error(dir)(err));
+    }
     // The staging path is gone now; nothing left to clean up.
     let _ = staging.keep();
     if let Ok(parent) = File::open(dir.parent().unwrap_or(Path::new("."))) {

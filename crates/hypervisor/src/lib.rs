@@ -189,4 +189,14 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     async fn resume(&self) -> Result<()>;
     /// Stops the VM (gracefully, then by force) and removes its directory. Idempotent.
     async fn stop(&mut self) -> Result<()>;
+    /// Hot-plugs `count` vCPUs into free CPU slots; returns how many were added.
+    async fn add_vcpus(&self, count: u32) -> Result<u32> {
+        let _ = count;
+        Err(HypervisorError::Unsupported("CPU hot-plug"))
+    }
+    /// Hot-plugs `mib` MiB of memory as one DIMM.
+    async fn add_memory(&self, mib: u32) -> Result<()> {
+        let _ = mib;
+        Err(HypervisorError::Unsupported("Memory hot-plug"))
+    }
 }

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde::Serialize;
 use vmfactory_factory::template::{self, TemplateMetadata};
-use vmfactory_factory::{Factory, TemplateError, TemplateFactory, Vm};
+use vmfactory_factory::{Factory, TemplateError, TemplateFactory, Vm, VmConfig};
 
 use crate::{Resolved, VmArgs};
 
@@ -156,29 +156,27 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The VM for `run`: a template clone when templates are enabled and the request fits the
-/// template, else a direct boot.
+/// The VM for `run`: from the template when templates are enabled (grown by hot-plug when
+/// the request asks for more vCPUs or memory), else a direct boot.
 pub async fn get_vm(resolved: &Resolved) -> Result<Vm> {
     let settings = &resolved.settings;
     if settings.factory.enable_template {
-        let request = &resolved.request;
-        let fits =
-            request.vcpus == resolved.base.vcpus && request.memory_mib == resolved.base.memory_mib;
-        if fits {
-            match TemplateFactory::fetch(&resolved.base, &settings.factory.template_path).await {
-                Ok(template) => {
-                    let factory = Factory::new(Box::new(template));
-                    return factory
-                        .get_vm()
-                        .await
-                        .context("Cannot clone a VM from the template");
-                }
-                Err(err) => {
-                    eprintln!("vmfactory: the template is not usable ({err}); booting directly");
-                }
+        match TemplateFactory::fetch(&resolved.base, &settings.factory.template_path).await {
+            Ok(template) => {
+                let wanted = VmConfig {
+                    vcpus: resolved.request.vcpus,
+                    memory_mib: resolved.request.memory_mib,
+                    ..resolved.base.clone()
+                };
+                let factory = Factory::new(Box::new(template));
+                return factory
+                    .get_vm_for(&wanted)
+                    .await
+                    .context("Cannot get a VM from the template");
             }
-        } else {
-            tracing::info!("The request differs from the template's size; booting directly");
+            Err(err) => {
+                eprintln!("vmfactory: the template is not usable ({err}); booting directly");
+            }
         }
     }
     Vm::new(&resolved.request)

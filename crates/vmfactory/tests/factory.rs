@@ -7,6 +7,11 @@ use std::process::{Command, Output};
 const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
 
 fn image() -> (String, String) {
+    static IMAGE: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(build_image).clone()
+}
+
+fn build_image() -> (String, String) {
     let output = Command::new(BIN)
         .args(["guest", "build"])
         .output()
@@ -145,11 +150,19 @@ fn template_lifecycle_through_the_cli() {
     assert_eq!(report["usable"], true, "{report}");
     assert_eq!(report["metadata"]["vm"]["memory_mib"], 256);
 
-    // With a template, run clones it; a request that does not fit boots directly.
+    // With a template, run clones it, growing the clone for a bigger request; a request
+    // that differs in anything else boots directly.
     assert!(run_is_clone(&env, &[]), "run did not clone the template");
     assert!(
-        !run_is_clone(&env, &["--memory", "320"]),
-        "a 320 MiB request must boot directly"
+        run_is_clone(&env, &["--vcpus", "2", "--memory", "512"]),
+        "a bigger request must get a grown clone"
+    );
+    let grown = env.vmfactory(&["run", "--vcpus", "2", "--memory", "512", "--", "nproc"]);
+    assert!(grown.status.success(), "{}", text(&grown));
+    assert_eq!(String::from_utf8_lossy(&grown.stdout).trim(), "2");
+    assert!(
+        !run_is_clone(&env, &["--kernel-params", "vmfactory.test=1"]),
+        "other kernel parameters must boot directly"
     );
 
     let destroy = env.vmfactory(&["factory", "destroy"]);

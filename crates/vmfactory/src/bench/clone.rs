@@ -306,7 +306,7 @@ pub async fn bench_density(
     for _ in 0..count {
         directs.push(Vm::new(&resolved.request).await?);
     }
-    let is_memfd = |path: &str| path.starts_with("/memfd:mem0");
+    let is_memfd = |path: &str| path.starts_with("/memfd:memory-backend-memfd");
     let direct_side = measure(&directs, before, &is_memfd).await;
     for vm in directs {
         vm.stop().await?;
