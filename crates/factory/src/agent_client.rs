@@ -146,10 +146,43 @@ impl AgentClient {
     /// Connects to the agent socket. The HTTP/2 connection is set up at once; calls wait
     /// until the agent in the guest listens, so this can run while the guest still boots.
     pub async fn connect(socket: &Path) -> Result<Self, AgentError> {
+        let (endpoint, connector, guard) = Self::endpoint(socket);
+        let channel = endpoint
+            .connect_with_connector(connector)
+            .await
+            .map_err(|source| AgentError::Connect {
+                path: socket.to_path_buf(),
+                source,
+            })?;
+        Ok(Self::with_channel(channel, guard))
+    }
+
+    /// A client that connects on its first call: nothing reaches the guest before then
+    /// (a paused VM that may change hands must not have a stale connection in its port).
+    pub fn connect_lazy(socket: &Path) -> Self {
+        let (endpoint, connector, guard) = Self::endpoint(socket);
+        Self::with_channel(endpoint.connect_with_connector_lazy(connector), guard)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn endpoint(
+        socket: &Path,
+    ) -> (
+        Endpoint,
+        impl tower::Service<
+                http::Uri,
+                Response = TokioIo<UnixStream>,
+                Error = std::io::Error,
+                Future = impl Send,
+            > + Send
+            + Clone
+            + 'static,
+        Arc<SocketGuard>,
+    ) {
         let path = socket.to_path_buf();
         let guard = Arc::new(SocketGuard::default());
         let weak: Weak<SocketGuard> = Arc::downgrade(&guard);
-        let connector = tower::service_fn(move |_| {
+        let connector = tower::service_fn(move |_: http::Uri| {
             let path = path.clone();
             let weak = weak.clone();
             async move {
@@ -160,22 +193,17 @@ impl AgentClient {
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         });
-        let channel = Endpoint::from_static("http://vmfactory-agent")
+        let endpoint = Endpoint::from_static("http://vmfactory-agent")
             .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(16 << 20)
-            .connect_with_connector(connector)
-            .await
-            .map_err(|source| AgentError::Connect {
-                path: socket.to_path_buf(),
-                source,
-            })?;
+            .initial_connection_window_size(16 << 20);
+        (endpoint, connector, guard)
+    }
+
+    fn with_channel(channel: Channel, socket: Arc<SocketGuard>) -> Self {
         let inner = AgentServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        Ok(Self {
-            inner,
-            socket: guard,
-        })
+        Self { inner, socket }
     }
 
     /// Closes the connection now, for every clone of this client.

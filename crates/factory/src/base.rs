@@ -11,6 +11,9 @@ use crate::vm::{Vm, VmError};
 
 /// How long a handed-out VM's agent may take to answer after resume.
 const RESUME_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+/// One attempt of that check; a connection that gets no answer is replaced, since the
+/// guest may still have been serving a previous owner's connection when it was paused.
+const CHECK_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Errors of factories.
 #[derive(Debug, thiserror::Error)]
@@ -102,8 +105,8 @@ impl Factory {
     /// reseeded with host entropy and its clock set to the host's, so no two VMs share
     /// randomness or stale time.
     pub async fn get_vm(&self) -> Result<Vm, FactoryError> {
-        let vm = self.base.get_base_vm().await?;
-        match Self::make_ready(&vm).await {
+        let mut vm = self.base.get_base_vm().await?;
+        match Self::make_ready(&mut vm).await {
             Ok(()) => Ok(vm),
             Err(err) => {
                 let _ = vm.stop().await;
@@ -112,17 +115,30 @@ impl Factory {
         }
     }
 
-    async fn make_ready(vm: &Vm) -> Result<(), FactoryError> {
+    async fn make_ready(vm: &mut Vm) -> Result<(), FactoryError> {
         vm.resume().await?;
-        let checked = tokio::select! {
-            checked = vm.agent().check() => checked.map_err(VmError::from),
-            err = vm.hypervisor().exited() => Err(err.into()),
-            () = tokio::time::sleep(RESUME_CHECK_TIMEOUT) => Err(VmError::AgentTimeout {
-                seconds: RESUME_CHECK_TIMEOUT.as_secs_f64(),
-                report: String::new(),
-            }),
-        };
-        checked?;
+        let started = std::time::Instant::now();
+        loop {
+            let attempt = tokio::select! {
+                checked = vm.agent().check() => Some(checked.map_err(VmError::from)),
+                err = vm.hypervisor().exited() => return Err(VmError::from(err).into()),
+                () = tokio::time::sleep(CHECK_ATTEMPT_TIMEOUT) => None,
+            };
+            match attempt {
+                Some(Ok(())) => break,
+                Some(Err(err)) => debug!(%err, "Agent check failed; reconnecting"),
+                None => debug!("Agent check timed out; reconnecting"),
+            }
+            if started.elapsed() > RESUME_CHECK_TIMEOUT {
+                return Err(VmError::AgentTimeout {
+                    seconds: RESUME_CHECK_TIMEOUT.as_secs_f64(),
+                    report: String::new(),
+                }
+                .into());
+            }
+            vm.reconnect_agent();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         vm.reseed_rng().await?;
         vm.sync_time().await?;
         debug!(id = vm.id(), "VM ready for use");

@@ -4,6 +4,7 @@
 
 pub mod agent_client;
 pub mod base;
+pub mod cache;
 pub mod config;
 pub mod settings;
 pub mod template;
@@ -11,6 +12,7 @@ pub mod vm;
 
 pub use agent_client::{AgentClient, AgentError, ExecOutput, ExecRequest, GuestDetails};
 pub use base::{DirectFactory, Factory, FactoryBase, FactoryError, VmStatus};
+pub use cache::CacheFactory;
 pub use config::VmConfig;
 pub use settings::{Settings, SettingsError};
 pub use template::{TemplateError, TemplateFactory, TemplateMetadata};

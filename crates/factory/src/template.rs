@@ -602,9 +602,8 @@ impl FactoryBase for TemplateFactory {
             if needs_load {
                 qemu.load_state(STATE_TIMEOUT).await?;
             }
-            AgentClient::connect(&qemu.agent_socket())
-                .await
-                .map_err(VmError::from)
+            // Connect on first use: a paused clone may change hands (VMCache) first.
+            Ok::<_, VmError>(AgentClient::connect_lazy(&qemu.agent_socket()))
         }
         .await;
         match loaded {

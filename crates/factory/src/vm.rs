@@ -108,6 +108,18 @@ impl Vm {
         &self.agent
     }
 
+    /// Drops the agent connection and prepares a new one (made on first use): the agent
+    /// serves the next connection after it has seen the old one end.
+    pub fn reconnect_agent(&mut self) {
+        self.agent.disconnect();
+        self.agent = AgentClient::connect_lazy(&self.hypervisor.agent_socket());
+    }
+
+    /// Hands the agent connection over: closes it, so that another process can connect.
+    pub fn disconnect_agent(&self) {
+        self.agent.disconnect();
+    }
+
     /// Pauses the vCPUs.
     pub async fn pause(&self) -> Result<(), VmError> {
         Ok(self.hypervisor.pause().await?)
