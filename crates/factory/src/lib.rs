@@ -9,6 +9,7 @@ pub mod config;
 pub mod settings;
 pub mod template;
 pub mod vm;
+pub mod vmcache;
 
 pub use agent_client::{AgentClient, AgentError, ExecOutput, ExecRequest, GuestDetails};
 pub use base::{DirectFactory, Factory, FactoryBase, FactoryError, VmStatus};
@@ -16,4 +17,5 @@ pub use cache::CacheFactory;
 pub use config::VmConfig;
 pub use settings::{Settings, SettingsError};
 pub use template::{TemplateError, TemplateFactory, TemplateMetadata};
-pub use vm::{Vm, VmError};
+pub use vm::{HandOff, Vm, VmError};
+pub use vmcache::{GrpcCacheFactory, VmCacheError};

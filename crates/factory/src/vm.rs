@@ -22,6 +22,9 @@ pub enum VmError {
     /// The guest agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// A remote factory failed.
+    #[error("VMCache server: {0}")]
+    Remote(String),
     /// The agent did not answer in time.
     #[error("Guest agent did not answer within {seconds:.1} s{report}")]
     AgentTimeout {
@@ -30,6 +33,21 @@ pub enum VmError {
         /// Last lines of the guest console.
         report: String,
     },
+}
+
+/// A VM given away by one process for another to take over.
+#[derive(Debug, Clone)]
+pub struct HandOff {
+    /// VM id.
+    pub id: String,
+    /// The hypervisor's own description (for QEMU: a `QemuHandle`).
+    pub hypervisor: serde_json::Value,
+    /// vCPUs.
+    pub cpu: u32,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// Hot-plugged vCPUs.
+    pub cpu_delta: u32,
 }
 
 /// A running micro-VM with a connected guest agent.
@@ -118,6 +136,22 @@ impl Vm {
     /// Hands the agent connection over: closes it, so that another process can connect.
     pub fn disconnect_agent(&self) {
         self.agent.disconnect();
+    }
+
+    /// Gives the VM to another process (VMCache `GetBaseVM`): closes our agent connection
+    /// and QMP session and returns the hypervisor description; the VM keeps running.
+    pub fn hand_off(self) -> Result<HandOff, VmError> {
+        self.agent.disconnect();
+        let id = self.id().to_string();
+        let (cpu, memory_mib, cpu_delta) = (self.cpu, self.memory_mib, self.cpu_delta);
+        let hypervisor = self.hypervisor.detach()?;
+        Ok(HandOff {
+            id,
+            hypervisor,
+            cpu,
+            memory_mib,
+            cpu_delta,
+        })
     }
 
     /// Pauses the vCPUs.

@@ -189,6 +189,11 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     async fn resume(&self) -> Result<()>;
     /// Stops the VM (gracefully, then by force) and removes its directory. Idempotent.
     async fn stop(&mut self) -> Result<()>;
+    /// Gives the VM away: returns a JSON description another process can rebuild a
+    /// handle from, and leaves the VM running (this handle no longer owns it).
+    fn detach(self: Box<Self>) -> Result<serde_json::Value> {
+        Err(HypervisorError::Unsupported("Handing a VM over"))
+    }
     /// Hot-plugs `count` vCPUs into free CPU slots; returns how many were added.
     async fn add_vcpus(&self, count: u32) -> Result<u32> {
         let _ = count;

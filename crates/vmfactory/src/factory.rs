@@ -7,8 +7,16 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde::Serialize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
 use vmfactory_factory::template::{self, TemplateMetadata};
-use vmfactory_factory::{Factory, TemplateError, TemplateFactory, Vm, VmConfig};
+use vmfactory_factory::vmcache;
+use vmfactory_factory::{
+    CacheFactory, DirectFactory, Factory, FactoryBase, GrpcCacheFactory, TemplateError,
+    TemplateFactory, Vm, VmConfig,
+};
 
 use crate::{Resolved, VmArgs};
 
@@ -47,13 +55,17 @@ pub async fn run(command: FactoryCommand, config: Option<PathBuf>) -> Result<Exi
         FactoryCommand::Init { vm } => init(resolve(vm, config).await?).await,
         FactoryCommand::Status { json, vm } => status(resolve(vm, config).await?, json).await,
         FactoryCommand::Destroy { vm } => {
-            // Destroying needs only the path: no guest image build, no validation of the rest.
-            let settings = vmfactory_factory::Settings::load(config.as_deref())?;
+            // Destroying needs only the paths: no guest image build.
             let _ = vm;
-            let path = settings.factory.template_path;
+            let settings = vmfactory_factory::Settings::load(config.as_deref())?;
+            let factory = settings.factory;
+            if factory.vm_cache_number > 0 {
+                stop_server(&factory.vm_cache_endpoint).await?;
+            }
+            let path = factory.template_path;
             if template::destroy(&path)? {
                 println!("Template at {} destroyed", path.display());
-            } else {
+            } else if factory.enable_template {
                 println!("No template at {}", path.display());
             }
             Ok(ExitCode::SUCCESS)
@@ -61,14 +73,90 @@ pub async fn run(command: FactoryCommand, config: Option<PathBuf>) -> Result<Exi
     }
 }
 
+/// Asks the VMCache server to quit and waits until its socket is gone.
+async fn stop_server(endpoint: &std::path::Path) -> Result<()> {
+    match vmcache::quit(endpoint).await {
+        Ok(()) => {
+            let started = Instant::now();
+            while endpoint.exists() && started.elapsed() < Duration::from_secs(60) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if endpoint.exists() {
+                bail!(
+                    "The VMCache server on {} did not stop within 60 s",
+                    endpoint.display()
+                );
+            }
+            println!("VMCache server on {} stopped", endpoint.display());
+        }
+        Err(vmfactory_factory::VmCacheError::NotRunning { .. }) => {
+            println!("No VMCache server on {}", endpoint.display());
+        }
+        Err(err) => return Err(err.into()),
+    }
+    Ok(())
+}
+
+/// Runs the VMCache server in the foreground until SIGTERM/SIGINT or `Quit`.
+async fn serve(resolved: Resolved) -> Result<ExitCode> {
+    let factory = &resolved.settings.factory;
+    let mut created_template = false;
+    let base: Arc<dyn FactoryBase> = if factory.enable_template {
+        let path = &factory.template_path;
+        let template = match TemplateFactory::fetch(&resolved.base, path).await {
+            Ok(template) => template,
+            Err(TemplateError::Missing(_)) => {
+                eprintln!("vmfactory: creating the template at {}", path.display());
+                created_template = true;
+                TemplateFactory::new(&resolved.base, path).await?
+            }
+            Err(err) => return Err(err.into()),
+        };
+        Arc::new(template.with_warm_pool(factory.template_warm_pool as usize))
+    } else {
+        Arc::new(DirectFactory::new(resolved.base.clone()))
+    };
+    let cache = Arc::new(CacheFactory::new(base, factory.vm_cache_number as usize));
+    let shutdown = Arc::new(Notify::new());
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        signals.notify_one();
+    });
+    eprintln!(
+        "vmfactory: VMCache server on {} (pid {}) keeping {} VMs ready; stop it with `vmfactory factory destroy`",
+        factory.vm_cache_endpoint.display(),
+        std::process::id(),
+        factory.vm_cache_number
+    );
+    let served = vmcache::serve(cache.clone(), &factory.vm_cache_endpoint, shutdown).await;
+    eprintln!("vmfactory: VMCache server stopping");
+    cache.close().await?;
+    if created_template {
+        template::destroy(&factory.template_path)?;
+    }
+    served?;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn init(resolved: Resolved) -> Result<ExitCode> {
     let factory = &resolved.settings.factory;
     if factory.vm_cache_number > 0 {
-        bail!("vm_cache_number > 0 asks for the VMCache server, which this version does not have yet: set vm_cache_number = 0");
+        return serve(resolved).await;
     }
     if !factory.enable_template {
         bail!(
-            "Nothing to initialize: set enable_template = true in the [factory] section of the configuration (see `vmfactory config show`)"
+            "Nothing to initialize: set enable_template = true or vm_cache_number > 0 in the [factory] section of the configuration (see `vmfactory config show`)"
         );
     }
     let path = &factory.template_path;
@@ -96,8 +184,50 @@ struct StatusReport {
     metadata: Option<TemplateMetadata>,
 }
 
+#[derive(Debug, Serialize)]
+struct ServerReport {
+    endpoint: PathBuf,
+    pid: u32,
+    vms: Vec<ServerVm>,
+}
+
+#[derive(Debug, Serialize)]
+struct ServerVm {
+    pid: u32,
+    cpu: u32,
+    memory_mib: u32,
+}
+
 async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
     let factory = &resolved.settings.factory;
+    if factory.vm_cache_number > 0 {
+        let endpoint = &factory.vm_cache_endpoint;
+        let (pid, vms) = vmcache::status(endpoint).await?;
+        let report = ServerReport {
+            endpoint: endpoint.clone(),
+            pid,
+            vms: vms
+                .into_iter()
+                .map(|vm| ServerVm {
+                    pid: vm.pid,
+                    cpu: vm.cpu,
+                    memory_mib: vm.memory_mib,
+                })
+                .collect(),
+        };
+        if json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!("VM cache server pid = {}", report.pid);
+            for vm in &report.vms {
+                println!(
+                    "VM pid = {} Cpu = {} Memory = {}MiB",
+                    vm.pid, vm.cpu, vm.memory_mib
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let path = factory.template_path.clone();
     let metadata = template::read_metadata(&path).ok();
     let problem = match TemplateFactory::fetch(&resolved.base, &path).await {
@@ -160,14 +290,21 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
 /// the request asks for more vCPUs or memory), else a direct boot.
 pub async fn get_vm(resolved: &Resolved) -> Result<Vm> {
     let settings = &resolved.settings;
+    let wanted = VmConfig {
+        vcpus: resolved.request.vcpus,
+        memory_mib: resolved.request.memory_mib,
+        ..resolved.base.clone()
+    };
+    if settings.factory.vm_cache_number > 0 {
+        let client = GrpcCacheFactory::connect(&settings.factory.vm_cache_endpoint).await?;
+        return Factory::new(Box::new(client))
+            .get_vm_for(&wanted)
+            .await
+            .context("Cannot get a VM from the VMCache server");
+    }
     if settings.factory.enable_template {
         match TemplateFactory::fetch(&resolved.base, &settings.factory.template_path).await {
             Ok(template) => {
-                let wanted = VmConfig {
-                    vcpus: resolved.request.vcpus,
-                    memory_mib: resolved.request.memory_mib,
-                    ..resolved.base.clone()
-                };
                 let factory = Factory::new(Box::new(template));
                 return factory
                     .get_vm_for(&wanted)

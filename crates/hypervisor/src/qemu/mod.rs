@@ -160,6 +160,20 @@ pub fn failure_report(paths: &VmPaths) -> String {
     report
 }
 
+/// What another process needs to take over a running QEMU (sent as JSON in
+/// `GrpcVM.hypervisor`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuHandle {
+    /// VM id.
+    pub id: String,
+    /// QEMU's pid.
+    pub pid: u32,
+    /// The VM directory (sockets, logs).
+    pub dir: PathBuf,
+    /// The accelerator it runs with.
+    pub accel: ResolvedAccel,
+}
+
 /// A QEMU process running one VM.
 #[derive(Debug)]
 pub struct Qemu {
@@ -172,6 +186,10 @@ pub struct Qemu {
     qmp: Mutex<Option<Qmp>>,
     /// Set once `stop` has finished: nothing left to clean up.
     stopped: bool,
+    /// False once handed over: dropping the handle then leaves the VM alone.
+    owned: bool,
+    /// For an adopted QEMU (not our child): a pidfd to signal it without pid reuse races.
+    pidfd: Option<std::os::fd::OwnedFd>,
 }
 
 impl Qemu {
@@ -281,6 +299,8 @@ impl Qemu {
             exit: exit_rx,
             qmp: Mutex::new(None),
             stopped: false,
+            owned: true,
+            pidfd: None,
         };
         match qemu.connect_qmp(config.start_timeout).await {
             Ok(qmp) => {
@@ -484,7 +504,74 @@ impl Qemu {
         exited
     }
 
+    /// Takes over a QEMU another process started and handed over (see
+    /// [`Hypervisor::detach`]). Its exit is watched through a pidfd.
+    pub async fn adopt(handle: QemuHandle) -> Result<Self> {
+        let paths = VmPaths::new(&handle.dir)?;
+        let gone = |why: &str| {
+            HypervisorError::InvalidConfig(format!(
+                "Cannot take over VM {} (pid {}): {why}",
+                handle.id, handle.pid
+            ))
+        };
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", handle.pid))
+            .map_err(|_| gone("the process is gone"))?;
+        if !String::from_utf8_lossy(&cmdline).contains(&*paths.qmp.to_string_lossy()) {
+            return Err(gone("the process is not that VM's QEMU"));
+        }
+        let pid = i32::try_from(handle.pid).map_err(|_| gone("bad pid"))?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if raw < 0 {
+            return Err(gone(&format!(
+                "pidfd_open failed: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: the syscall returned a new fd that nothing else owns.
+        let pidfd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
+        let watched = pidfd.try_clone().map_err(|err| gone(&err.to_string()))?;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        // SAFETY: the cloned pidfd is open and owned by the AsyncFd for its lifetime.
+        let exit_fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE)
+        }
+        .map_err(|err| gone(&std::io::Error::from(err).to_string()))?;
+        tokio::spawn(async move {
+            // A pidfd becomes readable when the process exits.
+            let _ = exit_fd.readable().await;
+            let _ = exit_tx.send(Some("exited (adopted process)".to_string()));
+        });
+        Ok(Self {
+            id: handle.id,
+            pid: handle.pid,
+            paths,
+            accel: handle.accel,
+            exit: exit_rx,
+            qmp: Mutex::new(None),
+            stopped: false,
+            owned: true,
+            pidfd: Some(pidfd),
+        })
+    }
+
     fn kill(&self) {
+        if let Some(pidfd) = &self.pidfd {
+            if self.is_running() {
+                // SAFETY: pidfd_send_signal on our pidfd; no pid reuse possible.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        std::os::fd::AsRawFd::as_raw_fd(pidfd),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                }
+            }
+            return;
+        }
         if self.is_running() {
             if let Ok(pid) = i32::try_from(self.pid) {
                 // SAFETY: signals our own child, which has not been reaped yet (the exit
@@ -562,6 +649,26 @@ impl Hypervisor for Qemu {
 
     async fn resume(&self) -> Result<()> {
         self.qmp("cont", None).await.map(drop)
+    }
+
+    fn detach(mut self: Box<Self>) -> Result<serde_json::Value> {
+        if !self.is_running() {
+            return Err(HypervisorError::Exited {
+                status: "gone".into(),
+                when: "before hand-over",
+                report: failure_report(&self.paths),
+            });
+        }
+        // Close our QMP session so the new owner can open its own.
+        *self.qmp.get_mut() = None;
+        self.owned = false;
+        let handle = QemuHandle {
+            id: self.id.clone(),
+            pid: self.pid,
+            dir: self.paths.dir.clone(),
+            accel: self.accel,
+        };
+        serde_json::to_value(handle).map_err(|err| HypervisorError::InvalidConfig(err.to_string()))
     }
 
     async fn add_vcpus(&self, count: u32) -> Result<u32> {
@@ -661,7 +768,7 @@ impl Qemu {
 
 impl Drop for Qemu {
     fn drop(&mut self) {
-        if !self.stopped {
+        if !self.stopped && self.owned {
             // Never leak a VM: a handle dropped without `stop` takes its VM down with it.
             self.kill();
             let _ = self.remove_dir();

@@ -1,0 +1,298 @@
+//! VMCache: a server that hands out cached VMs over Kata's `cache.proto` on a Unix
+//! socket, and the client factory that takes them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use hyper_util::rt::TokioIo;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::Notify;
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use vmfactory_hypervisor::qemu::{Qemu, QemuHandle};
+use vmfactory_protocols::cache::cache_service_client::CacheServiceClient;
+use vmfactory_protocols::cache::cache_service_server::{CacheService, CacheServiceServer};
+use vmfactory_protocols::cache::{GrpcStatus, GrpcVm, GrpcVmConfig, GrpcVmStatus};
+
+use crate::agent_client::AgentClient;
+use crate::base::{FactoryBase, FactoryError, VmStatus};
+use crate::config::VmConfig;
+use crate::vm::{Vm, VmError};
+
+/// Errors of the VMCache server and client.
+#[derive(Debug, thiserror::Error)]
+pub enum VmCacheError {
+    /// Another server answers on the endpoint.
+    #[error(
+        "A VMCache server already answers on {0}: stop it with `vmfactory factory destroy` first"
+    )]
+    AlreadyRunning(PathBuf),
+    /// No server answers on the endpoint.
+    #[error(
+        "No VMCache server answers on {path} ({reason}): start one with `vmfactory factory init`"
+    )]
+    NotRunning {
+        /// The endpoint.
+        path: PathBuf,
+        /// What happened.
+        reason: String,
+    },
+    /// A socket file operation failed.
+    #[error("{action} {path}")]
+    Io {
+        /// What was done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server answered with an error.
+    #[error("VMCache {rpc} failed: {}", .status.message())]
+    Rpc {
+        /// The RPC.
+        rpc: &'static str,
+        /// Its status.
+        status: Status,
+    },
+    /// The server sent something unusable.
+    #[error("VMCache server sent an invalid {what}: {detail}")]
+    Invalid {
+        /// What.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// Serving failed.
+    #[error("VMCache server failed: {0}")]
+    Serve(String),
+}
+
+/// Serves `factory` (normally a [`crate::CacheFactory`]) on the Unix socket `endpoint`
+/// until `shutdown` is notified or a client calls `Quit`. Refuses to start while another
+/// server answers there; removes a stale socket; the socket is mode 0600 and removed on
+/// exit. The factory is not closed here: the caller decides what to release.
+pub async fn serve(
+    factory: Arc<dyn FactoryBase>,
+    endpoint: &Path,
+    shutdown: Arc<Notify>,
+) -> Result<(), VmCacheError> {
+    let listener = bind(endpoint).await?;
+    info!(endpoint = %endpoint.display(), pid = std::process::id(), "VMCache server listening");
+    let service = CacheServer {
+        factory,
+        shutdown: shutdown.clone(),
+    };
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let result = Server::builder()
+        .add_service(CacheServiceServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown.notified())
+        .await;
+    let _ = std::fs::remove_file(endpoint);
+    result.map_err(|err| VmCacheError::Serve(err.to_string()))
+}
+
+async fn bind(endpoint: &Path) -> Result<UnixListener, VmCacheError> {
+    let io = |action: &'static str| {
+        move |source| VmCacheError::Io {
+            action,
+            path: endpoint.to_path_buf(),
+            source,
+        }
+    };
+    if let Some(parent) = endpoint.parent() {
+        std::fs::create_dir_all(parent).map_err(io("Cannot create the directory of"))?;
+    }
+    if endpoint.exists() {
+        if UnixStream::connect(endpoint).await.is_ok() {
+            return Err(VmCacheError::AlreadyRunning(endpoint.to_path_buf()));
+        }
+        warn!(endpoint = %endpoint.display(), "Removing the stale socket of a dead VMCache server");
+        std::fs::remove_file(endpoint).map_err(io("Cannot remove the stale socket"))?;
+    }
+    let listener = UnixListener::bind(endpoint).map_err(io("Cannot listen on"))?;
+    std::fs::set_permissions(endpoint, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("Cannot restrict the permissions of"))?;
+    Ok(listener)
+}
+
+#[derive(Debug)]
+struct CacheServer {
+    factory: Arc<dyn FactoryBase>,
+    shutdown: Arc<Notify>,
+}
+
+#[tonic::async_trait]
+impl CacheService for CacheServer {
+    async fn config(&self, _request: Request<()>) -> Result<Response<GrpcVmConfig>, Status> {
+        let data = serde_json::to_vec(self.factory.config())
+            .map_err(|err| Status::internal(err.to_string()))?;
+        Ok(Response::new(GrpcVmConfig {
+            data,
+            agent_config: b"{}".to_vec(),
+        }))
+    }
+
+    async fn get_base_vm(&self, _request: Request<()>) -> Result<Response<GrpcVm>, Status> {
+        let vm = self
+            .factory
+            .get_base_vm()
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
+        let handoff = vm
+            .hand_off()
+            .map_err(|err| Status::internal(err.to_string()))?;
+        let hypervisor = serde_json::to_vec(&handoff.hypervisor)
+            .map_err(|err| Status::internal(err.to_string()))?;
+        info!(id = handoff.id, "VM handed over");
+        Ok(Response::new(GrpcVm {
+            id: handoff.id,
+            hypervisor,
+            proxy_pid: 0,
+            proxy_url: String::new(),
+            cpu: handoff.cpu,
+            memory: handoff.memory_mib,
+            cpu_delta: handoff.cpu_delta,
+        }))
+    }
+
+    async fn status(&self, _request: Request<()>) -> Result<Response<GrpcStatus>, Status> {
+        let vmstatus = self
+            .factory
+            .status()
+            .await
+            .into_iter()
+            .map(|vm| GrpcVmStatus {
+                pid: i64::from(vm.pid),
+                cpu: vm.cpu,
+                memory: vm.memory_mib,
+            })
+            .collect();
+        Ok(Response::new(GrpcStatus {
+            pid: i64::from(std::process::id()),
+            vmstatus,
+        }))
+    }
+
+    async fn quit(&self, _request: Request<()>) -> Result<Response<()>, Status> {
+        info!("Quit requested");
+        // notify_one stores a permit, so a shutdown future polled later still sees it.
+        self.shutdown.notify_one();
+        Ok(Response::new(()))
+    }
+}
+
+/// A gRPC client of a VMCache server.
+pub async fn connect(endpoint: &Path) -> Result<CacheServiceClient<Channel>, VmCacheError> {
+    let path = endpoint.to_path_buf();
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let path = path.clone();
+        async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+    });
+    let channel = Endpoint::from_static("http://vmcache")
+        .connect_with_connector(connector)
+        .await
+        .map_err(|err| VmCacheError::NotRunning {
+            path: endpoint.to_path_buf(),
+            reason: err.to_string(),
+        })?;
+    Ok(CacheServiceClient::new(channel))
+}
+
+/// Server pid and its cached VMs.
+pub async fn status(endpoint: &Path) -> Result<(u32, Vec<VmStatus>), VmCacheError> {
+    let mut client = connect(endpoint).await?;
+    let status = client
+        .status(())
+        .await
+        .map_err(|status| VmCacheError::Rpc {
+            rpc: "Status",
+            status,
+        })?
+        .into_inner();
+    let vms = status
+        .vmstatus
+        .into_iter()
+        .map(|vm| VmStatus {
+            pid: u32::try_from(vm.pid).unwrap_or(0),
+            cpu: vm.cpu,
+            memory_mib: vm.memory,
+        })
+        .collect();
+    Ok((u32::try_from(status.pid).unwrap_or(0), vms))
+}
+
+/// Asks the server to quit.
+pub async fn quit(endpoint: &Path) -> Result<(), VmCacheError> {
+    let mut client = connect(endpoint).await?;
+    client.quit(()).await.map_err(|status| VmCacheError::Rpc {
+        rpc: "Quit",
+        status,
+    })?;
+    Ok(())
+}
+
+/// The client side of VMCache as a factory: each base VM is taken over from the server.
+#[derive(Debug)]
+pub struct GrpcCacheFactory {
+    client: CacheServiceClient<Channel>,
+    config: VmConfig,
+}
+
+impl GrpcCacheFactory {
+    /// Connects to the server at `endpoint` and fetches its VM config.
+    pub async fn connect(endpoint: &Path) -> Result<Self, VmCacheError> {
+        let mut client = connect(endpoint).await?;
+        let response = client
+            .config(())
+            .await
+            .map_err(|status| VmCacheError::NotRunning {
+                path: endpoint.to_path_buf(),
+                reason: status.message().to_string(),
+            })?
+            .into_inner();
+        let config: VmConfig =
+            serde_json::from_slice(&response.data).map_err(|err| VmCacheError::Invalid {
+                what: "VM config",
+                detail: err.to_string(),
+            })?;
+        Ok(Self { client, config })
+    }
+}
+
+#[async_trait]
+impl FactoryBase for GrpcCacheFactory {
+    fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    async fn get_base_vm(&self) -> Result<Vm, FactoryError> {
+        let vm = self
+            .client
+            .clone()
+            .get_base_vm(())
+            .await
+            .map_err(|status| VmError::Remote(status.message().to_string()))?
+            .into_inner();
+        let handle: QemuHandle = serde_json::from_slice(&vm.hypervisor)
+            .map_err(|err| VmError::Remote(format!("Invalid hypervisor description: {err}")))?;
+        let qemu = Qemu::adopt(handle).await.map_err(VmError::from)?;
+        let agent =
+            AgentClient::connect_lazy(&vmfactory_hypervisor::Hypervisor::agent_socket(&qemu));
+        let mut taken = Vm::from_parts(Box::new(qemu), agent, vm.cpu, vm.memory);
+        taken.cpu_delta = vm.cpu_delta;
+        Ok(taken)
+    }
+
+    async fn status(&self) -> Vec<VmStatus> {
+        Vec::new()
+    }
+
+    async fn close(&self) -> Result<(), FactoryError> {
+        Ok(())
+    }
+}
