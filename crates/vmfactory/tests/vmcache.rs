@@ -1,0 +1,347 @@
+//! End-to-end tests of the VMCache server (`vmfactory factory init` with
+//! vm_cache_number > 0) and its clients: `vmfactory run`, the library client, and a
+//! Python client generated from Kata's cache.proto.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use vmfactory_factory::{ExecRequest, Factory, GrpcCacheFactory};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
+
+fn image() -> &'static (String, String) {
+    static IMAGE: OnceLock<(String, String)> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let output = Command::new(BIN)
+            .args(["guest", "build"])
+            .output()
+            .expect("guest build");
+        assert!(output.status.success(), "guest build failed");
+        let stdout = String::from_utf8(output.stdout).expect("utf8");
+        let field = |name: &str| {
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+        };
+        (field("kernel:"), field("initrd:"))
+    })
+}
+
+/// A VMCache server in its own directory, stopped (and checked clean) on drop.
+struct Server {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn start(cached: u32) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vmf-cache-")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let (kernel, initrd) = image();
+        let config = format!(
+            "[hypervisor.qemu]\nkernel = {kernel:?}\ninitrd = {initrd:?}\nruntime_dir = {:?}\n\n\
+             [factory]\nenable_template = true\ntemplate_path = {:?}\n\
+             vm_cache_number = {cached}\nvm_cache_endpoint = {:?}\n",
+            dir.path().join("run"),
+            dir.path().join("template"),
+            dir.path().join("cache.sock"),
+        );
+        std::fs::write(dir.path().join("config.toml"), config).expect("config");
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(dir.path().join("config.toml"))
+            .args(["factory", "init"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start server");
+        let server = Self {
+            dir,
+            child: Some(child),
+        };
+        server.wait_for_cached(cached as usize, &[]);
+        server
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("cache.sock")
+    }
+
+    fn vmfactory(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("spawn vmfactory")
+    }
+
+    /// Cached VM pids per `factory status --json`.
+    fn cached_pids(&self) -> Vec<u64> {
+        let output = self.vmfactory(&["factory", "status", "--json"]);
+        if !output.status.success() {
+            return Vec::new();
+        }
+        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        report["vms"]
+            .as_array()
+            .map(|vms| vms.iter().filter_map(|vm| vm["pid"].as_u64()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Waits until `count` VMs are cached, none of them in `excluded`.
+    fn wait_for_cached(&self, count: usize, excluded: &[u64]) -> Vec<u64> {
+        let started = Instant::now();
+        loop {
+            let pids = self.cached_pids();
+            if pids.len() == count && pids.iter().all(|pid| !excluded.contains(pid)) {
+                return pids;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(180),
+                "the cache never held {count} fresh VMs: {pids:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `factory destroy`, then checks that server, socket, mount and QEMUs are gone.
+    fn destroy(&mut self) {
+        let output = self.vmfactory(&["factory", "destroy"]);
+        assert!(output.status.success(), "{}", text(&output));
+        if let Some(mut child) = self.child.take() {
+            let status = child.wait().expect("wait for the server");
+            assert!(status.success(), "server exited with {status}");
+        }
+        self.assert_clean();
+    }
+
+    fn assert_clean(&self) {
+        assert!(!self.socket().exists(), "socket left behind");
+        assert!(
+            !mounted(&self.dir.path().join("template")),
+            "template still mounted"
+        );
+        assert!(
+            !self.dir.path().join("template").exists(),
+            "template left behind"
+        );
+        let qemus = qemu_pids_under(self.dir.path());
+        assert!(qemus.is_empty(), "QEMUs left: {qemus:?}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for pid in qemu_pids_under(self.dir.path()) {
+            // SAFETY: killing QEMUs this test's server started.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        let template = self.dir.path().join("template");
+        if mounted(&template) {
+            let _ = Command::new("umount").arg("-l").arg(&template).status();
+        }
+    }
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+fn mounted(path: &Path) -> bool {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let target = path.to_string_lossy();
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|mount_point| mount_point == target)
+}
+
+fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().to_string();
+    std::fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn serves_sequential_and_concurrent_runs_and_replaces_a_killed_vm() {
+    let mut server = Server::start(3);
+
+    for i in 0..10 {
+        let output = server.vmfactory(&["run", "--", "echo", &format!("sequential-{i}")]);
+        assert!(output.status.success(), "{}", text(&output));
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            format!("sequential-{i}\n")
+        );
+    }
+    let handles: Vec<_> = (0..10)
+        .map(|i| {
+            let config = server.config();
+            std::thread::spawn(move || {
+                let output = Command::new(BIN)
+                    .arg("--config")
+                    .arg(config)
+                    .args(["run", "--", "echo", &format!("concurrent-{i}")])
+                    .env("RUST_LOG", "warn")
+                    .output()
+                    .expect("spawn");
+                (i, output)
+            })
+        })
+        .collect();
+    for handle in handles {
+        let (i, output) = handle.join().expect("thread");
+        assert!(output.status.success(), "{}", text(&output));
+        assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            format!("concurrent-{i}\n")
+        );
+    }
+
+    // Kill one cached VM behind the server's back: it is noticed and replaced.
+    let pids = server.wait_for_cached(3, &[]);
+    let victim = pids[0];
+    // SAFETY: killing a QEMU this test's server started.
+    unsafe {
+        libc::kill(victim as i32, libc::SIGKILL);
+    }
+    let replaced = server.wait_for_cached(3, &[victim]);
+    assert!(!replaced.contains(&victim));
+    let output = server.vmfactory(&["run", "--", "echo", "after-kill"]);
+    assert!(output.status.success(), "{}", text(&output));
+
+    server.destroy();
+}
+
+#[test]
+fn a_handed_out_vm_outlives_the_server() {
+    let mut server = Server::start(1);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let vm = runtime.block_on(async {
+        let client = GrpcCacheFactory::connect(&server.socket())
+            .await
+            .expect("connect");
+        Factory::new(Box::new(client))
+            .get_vm()
+            .await
+            .expect("get_vm")
+    });
+    let pid = vm.pid().expect("pid");
+    // Stop the server; the VM it handed out must keep running and answering.
+    let output = server.vmfactory(&["factory", "destroy"]);
+    assert!(output.status.success(), "{}", text(&output));
+    if let Some(mut child) = server.child.take() {
+        assert!(child.wait().expect("wait").success());
+    }
+    assert!(!server.socket().exists());
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the handed-out VM died"
+    );
+    let output = runtime
+        .block_on(vm.exec(ExecRequest {
+            argv: vec!["echo".into(), "still-mine".into()],
+            ..ExecRequest::default()
+        }))
+        .expect("exec after the server stopped");
+    assert_eq!(output.stdout, b"still-mine\n");
+    runtime.block_on(vm.stop()).expect("stop");
+    server.assert_clean();
+}
+
+#[test]
+fn run_without_a_server_says_to_start_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[factory]\nvm_cache_number = 2\nvm_cache_endpoint = {:?}\n",
+            dir.path().join("none.sock")
+        ),
+    )
+    .expect("config");
+    let (kernel, initrd) = image();
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["run", "--kernel", kernel, "--initrd", initrd, "--", "true"])
+        .output()
+        .expect("spawn");
+    assert_eq!(output.status.code(), Some(125));
+    assert!(
+        text(&output).contains("vmfactory factory init"),
+        "{}",
+        text(&output)
+    );
+}
+
+#[test]
+fn a_client_generated_from_katas_cache_proto_calls_all_four_rpcs() {
+    let mut server = Server::start(1);
+    let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../protocols/proto");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/kata_cache_client.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .arg(proto_dir)
+        .arg(server.socket())
+        .output()
+        .expect("python3");
+    assert!(output.status.success(), "{}", text(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(report["config"]["memory_mib"], 256, "{report}");
+    assert_eq!(
+        report["cached"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
+    assert!(report["server_pid"].as_u64().is_some_and(|pid| pid > 0));
+    assert_eq!(report["vm"]["cpu"], 1);
+    assert_eq!(report["vm"]["memory"], 256);
+    let handed_pid = report["vm"]["hypervisor"]["pid"].as_u64().expect("pid");
+    // Quit was called: the server exits on its own.
+    if let Some(mut child) = server.child.take() {
+        assert!(child.wait().expect("wait").success());
+    }
+    // The Python client does not manage VMs: stop the one it was handed.
+    assert!(Path::new(&format!("/proc/{handed_pid}")).exists());
+    // SAFETY: killing the QEMU handed to the Python client.
+    unsafe {
+        libc::kill(handed_pid as i32, libc::SIGKILL);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let template = server.dir.path().join("template");
+    assert!(!server.socket().exists());
+    assert!(!mounted(&template));
+}
