@@ -212,6 +212,11 @@ impl AsyncWrite for PortIo {
             });
             match result {
                 Ok(result) => return Poll::Ready(result),
+                // With the host gone, writes would block forever while poll keeps
+                // reporting HUP: end the connection instead of waiting on it.
+                Err(_would_block) if !host_connected(self.fd.get_ref()) => {
+                    return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+                }
                 Err(_would_block) => continue,
             }
         }

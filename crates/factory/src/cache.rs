@@ -27,6 +27,7 @@ pub struct CacheFactory {
 
 #[derive(Debug)]
 struct Shared {
+    warm_up: bool,
     base: Arc<dyn FactoryBase>,
     ready: Mutex<VecDeque<Vm>>,
     /// One permit per empty place in the cache.
@@ -39,7 +40,14 @@ struct Shared {
 impl CacheFactory {
     /// Starts filling a cache of `size` VMs from `base` (one refill task per place).
     pub fn new(base: Arc<dyn FactoryBase>, size: usize) -> Self {
+        Self::with_warm_up(base, size, false)
+    }
+
+    /// Like [`CacheFactory::new`]; with `warm_up`, every VM is warmed (see
+    /// [`Vm::warm_up`]) before it is cached.
+    pub fn with_warm_up(base: Arc<dyn FactoryBase>, size: usize, warm_up: bool) -> Self {
         let shared = Arc::new(Shared {
+            warm_up,
             base,
             ready: Mutex::new(VecDeque::new()),
             free: Semaphore::new(size),
@@ -78,7 +86,17 @@ async fn refill(shared: Arc<Shared>) {
         if shared.is_closed() {
             return;
         }
-        match shared.base.get_base_vm().await {
+        let made = match shared.base.get_base_vm().await {
+            Ok(mut vm) if shared.warm_up => match vm.warm_up().await {
+                Ok(()) => Ok(vm),
+                Err(err) => {
+                    let _ = vm.stop().await;
+                    Err(FactoryError::from(err))
+                }
+            },
+            other => other,
+        };
+        match made {
             Ok(vm) => {
                 failures = 0;
                 if shared.is_closed() {

@@ -133,6 +133,33 @@ impl Vm {
         self.agent = AgentClient::connect_lazy(&self.hypervisor.agent_socket());
     }
 
+    /// Runs the (paused) VM through one agent connection and pauses it again once the
+    /// agent has let go of it: the code a later owner's first calls run is then already
+    /// translated (TCG), so handing the VM out costs milliseconds, not a cold start. Its
+    /// RNG and clock are refreshed when it is handed out, as for any VM.
+    pub async fn warm_up(&mut self) -> Result<(), VmError> {
+        let started = Instant::now();
+        self.resume().await?;
+        tokio::select! {
+            checked = self.agent.check() => checked?,
+            err = self.hypervisor.exited() => return Err(err.into()),
+            () = tokio::time::sleep(Duration::from_secs(30)) => {
+                return Err(VmError::AgentTimeout { seconds: 30.0, report: String::new() })
+            }
+        }
+        self.hypervisor.mark_agent_handover().await;
+        self.agent.disconnect();
+        self.hypervisor
+            .wait_agent_closed(Duration::from_secs(10))
+            .await?;
+        // Let the agent reopen its port and wait for a host (warming that path too).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.agent = AgentClient::connect_lazy(&self.hypervisor.agent_socket());
+        self.pause().await?;
+        debug!(id = self.id(), elapsed = ?started.elapsed(), "VM warmed up");
+        Ok(())
+    }
+
     /// Hands the agent connection over: closes it, so that another process can connect.
     pub fn disconnect_agent(&self) {
         self.agent.disconnect();

@@ -10,6 +10,15 @@ use common::{config, runtime_dir, sh};
 use vmfactory_factory::template::{self, METADATA_FILE, STATE_FILE};
 use vmfactory_factory::{Factory, TemplateError, TemplateFactory, Vm};
 
+/// Destroys the template when dropped, so a failing test leaves no mount behind.
+struct TemplateGuard(std::path::PathBuf);
+
+impl Drop for TemplateGuard {
+    fn drop(&mut self) {
+        let _ = template::destroy(&self.0);
+    }
+}
+
 fn mounted(path: &Path) -> bool {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let target = path.to_string_lossy();
@@ -36,6 +45,7 @@ async fn stop_all(vms: Vec<Vm>) {
 async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
     let runtime = runtime_dir();
     let path = runtime.path().join("template");
+    let _guard = TemplateGuard(path.clone());
     let config = config(runtime.path());
 
     let created = TemplateFactory::new(&config, &path).await.expect("create");
@@ -123,6 +133,7 @@ async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
 async fn fetch_refuses_a_corrupt_state_or_a_changed_kernel() {
     let runtime = runtime_dir();
     let path = runtime.path().join("template");
+    let _guard = TemplateGuard(path.clone());
     let config = config(runtime.path());
     TemplateFactory::new(&config, &path).await.expect("create");
 
@@ -189,6 +200,7 @@ async fn fetch_refuses_a_corrupt_state_or_a_changed_kernel() {
 async fn warm_pool_clones_work_and_a_dead_pool_process_is_never_used() {
     let runtime = runtime_dir();
     let path = runtime.path().join("template");
+    let _guard = TemplateGuard(path.clone());
     let config = config(runtime.path());
     let factory = TemplateFactory::new(&config, &path)
         .await
@@ -231,6 +243,7 @@ async fn warm_pool_clones_work_and_a_dead_pool_process_is_never_used() {
 async fn get_vm_grows_a_clone_or_boots_directly_on_other_differences() {
     let runtime = runtime_dir();
     let path = runtime.path().join("template");
+    let _guard = TemplateGuard(path.clone());
     let mut config = config(runtime.path());
     config.memory_slots = 4;
     config.max_memory_mib = 2048;

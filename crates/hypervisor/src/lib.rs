@@ -194,6 +194,18 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     fn detach(self: Box<Self>) -> Result<serde_json::Value> {
         Err(HypervisorError::Unsupported("Handing a VM over"))
     }
+    /// Marks the point after which [`Hypervisor::wait_agent_closed`] looks for the agent
+    /// letting go of its port; call it before closing the agent connection.
+    async fn mark_agent_handover(&self) {}
+    /// Waits until the guest agent has closed its port (after its host left), as the
+    /// agent reports on the console. Guest output is untrusted: a false report only makes
+    /// the next connection early, which callers tolerate by retrying. From then
+    /// on a new host connection is safe: its bytes wait until the agent opens the port
+    /// again, so no stale connection can swallow them.
+    async fn wait_agent_closed(&self, timeout: std::time::Duration) -> Result<()> {
+        let _ = timeout;
+        Err(HypervisorError::Unsupported("Watching the agent port"))
+    }
     /// Hot-plugs `count` vCPUs into free CPU slots; returns how many were added.
     async fn add_vcpus(&self, count: u32) -> Result<u32> {
         let _ = count;

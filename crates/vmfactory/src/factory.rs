@@ -116,7 +116,12 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     } else {
         Arc::new(DirectFactory::new(resolved.base.clone()))
     };
-    let cache = Arc::new(CacheFactory::new(base, factory.vm_cache_number as usize));
+    // Cached VMs are warmed up: handing one out then takes milliseconds.
+    let cache = Arc::new(CacheFactory::with_warm_up(
+        base,
+        factory.vm_cache_number as usize,
+        true,
+    ));
     let shutdown = Arc::new(Notify::new());
     let signals = shutdown.clone();
     tokio::spawn(async move {

@@ -63,6 +63,25 @@ impl Env {
     }
 }
 
+impl Drop for Env {
+    /// Cleans up after a failed test: no template mount may outlive it.
+    fn drop(&mut self) {
+        if mounted(&self.template()) {
+            let _ = Command::new(BIN)
+                .arg("--config")
+                .arg(self.dir.path().join("config.toml"))
+                .args(["factory", "destroy"])
+                .output();
+        }
+        if mounted(&self.template()) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.template())
+                .status();
+        }
+    }
+}
+
 fn text(output: &Output) -> String {
     format!(
         "{}{}",

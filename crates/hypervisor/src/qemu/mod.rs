@@ -190,6 +190,8 @@ pub struct Qemu {
     owned: bool,
     /// For an adopted QEMU (not our child): a pidfd to signal it without pid reuse races.
     pidfd: Option<std::os::fd::OwnedFd>,
+    /// Console length when the agent connection was last handed over.
+    console_mark: std::sync::Mutex<u64>,
 }
 
 impl Qemu {
@@ -301,6 +303,7 @@ impl Qemu {
             stopped: false,
             owned: true,
             pidfd: None,
+            console_mark: std::sync::Mutex::new(0),
         };
         match qemu.connect_qmp(config.start_timeout).await {
             Ok(qmp) => {
@@ -411,7 +414,9 @@ impl Qemu {
         }
     }
 
-    /// Waits until the guest has opened (`open`) or closed the agent's port.
+    /// Waits until the guest has opened (`open`) or closed the agent's port. QEMU sends at
+    /// most one `VSERPORT_CHANGE` per second per port (later ones are delayed and merged),
+    /// so only the first change after a quiet second arrives at once.
     pub async fn wait_agent_port(&self, open: bool, timeout: Duration) -> Result<()> {
         let matches = |data: &Value| {
             data.get("id").and_then(Value::as_str) == Some(AGENT_PORT_ID)
@@ -553,6 +558,7 @@ impl Qemu {
             stopped: false,
             owned: true,
             pidfd: Some(pidfd),
+            console_mark: std::sync::Mutex::new(0),
         })
     }
 
@@ -651,6 +657,38 @@ impl Hypervisor for Qemu {
         self.qmp("cont", None).await.map(drop)
     }
 
+    async fn mark_agent_handover(&self) {
+        let length = std::fs::metadata(&self.paths.console).map_or(0, |m| m.len());
+        if let Ok(mut mark) = self.console_mark.lock() {
+            *mark = length;
+        }
+    }
+
+    async fn wait_agent_closed(&self, timeout: Duration) -> Result<()> {
+        // Not the QMP VSERPORT_CHANGE event: QEMU throttles it to one a second per port
+        // and merges the close with the reopen that follows.
+        let mark = self.console_mark.lock().map_or(0, |mark| *mark);
+        let started = Instant::now();
+        loop {
+            if console_has_line_after(&self.paths.console, mark, AGENT_DISCONNECT_LINES) {
+                return Ok(());
+            }
+            if !self.is_running() {
+                return Err(self.exited().await);
+            }
+            if started.elapsed() > timeout {
+                return Err(HypervisorError::Timeout {
+                    what: format!(
+                        "waiting for the agent to let go of its port{}",
+                        failure_report(&self.paths)
+                    ),
+                    seconds: timeout.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     fn detach(mut self: Box<Self>) -> Result<serde_json::Value> {
         if !self.is_running() {
             return Err(HypervisorError::Exited {
@@ -735,6 +773,28 @@ impl Hypervisor for Qemu {
         self.stopped = true;
         Ok(())
     }
+}
+
+/// What the agent prints on the console once a host connection has ended and it closed
+/// its port.
+const AGENT_DISCONNECT_LINES: [&str; 2] = ["Host disconnected", "Host connection ended"];
+
+/// True when the console file holds one of `needles` after byte `offset`.
+fn console_has_line_after(console: &Path, offset: u64, needles: [&str; 2]) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(console) else {
+        return false;
+    };
+    if file.seek(SeekFrom::Start(offset)).is_err() {
+        return false;
+    }
+    let mut text = Vec::new();
+    // Bounded: a chatty guest cannot make us read without end.
+    if file.take(1 << 20).read_to_end(&mut text).is_err() {
+        return false;
+    }
+    let text = String::from_utf8_lossy(&text);
+    needles.iter().any(|needle| text.contains(needle))
 }
 
 /// Linux onlines memory in blocks of 128 MiB: DIMMs are sized in multiples of it.

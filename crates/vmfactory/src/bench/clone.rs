@@ -174,6 +174,142 @@ pub async fn bench_clone(
     Ok(ExitCode::SUCCESS)
 }
 
+#[derive(Debug, Serialize)]
+struct GetvmReport {
+    what: &'static str,
+    clients: usize,
+    cache_size: usize,
+    pool_size: usize,
+    /// get_vm call to first agent answer (resumed, checked; before reseed/clock).
+    first_answer: Stats,
+    /// get_vm call to a VM ready for use (reseeded, clock synced).
+    ready: Stats,
+    /// VMs (cloned and warmed) the cache made per second: VMs taken in a round divided
+    /// by the time from the round's requests until the cache was full again.
+    refill_per_second: f64,
+}
+
+/// One get_vm over gRPC: first agent answer and ready times; the VM is returned to stop.
+async fn getvm_once(endpoint: PathBuf) -> Result<(Duration, Duration, Vm)> {
+    let remote = vmfactory_factory::GrpcCacheFactory::connect(&endpoint).await?;
+    let started = Instant::now();
+    let vm = remote.get_base_vm().await?;
+    vm.resume().await?;
+    vm.agent().check().await?;
+    let answered = started.elapsed();
+    vm.reseed_rng().await?;
+    vm.sync_time().await?;
+    Ok((answered, started.elapsed(), vm))
+}
+
+async fn wait_full(cache: &vmfactory_factory::CacheFactory, size: usize) -> Result<Duration> {
+    let started = Instant::now();
+    while cache.ready_count().await < size {
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("The cache did not fill within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(started.elapsed())
+}
+
+pub async fn bench_getvm(
+    n: usize,
+    clients: usize,
+    cache_size: usize,
+    pool: usize,
+    json: bool,
+    resolved: Resolved,
+) -> Result<ExitCode> {
+    if n == 0 || clients == 0 || cache_size == 0 {
+        bail!("-n, --clients and --cache must be at least 1");
+    }
+    // Every client of a round must find a warm VM.
+    let cache_size = cache_size.max(clients);
+    let (scratch, template) = ScratchTemplate::create(&resolved.base).await?;
+    let template: std::sync::Arc<dyn FactoryBase> =
+        std::sync::Arc::new(template.with_warm_pool(pool));
+    let cache = std::sync::Arc::new(vmfactory_factory::CacheFactory::with_warm_up(
+        template, cache_size, true,
+    ));
+    let endpoint = scratch.path.with_extension("sock");
+    let shutdown = std::sync::Arc::new(tokio::sync::Notify::new());
+    let server = tokio::spawn({
+        let (cache, endpoint, shutdown) = (cache.clone(), endpoint.clone(), shutdown.clone());
+        async move { vmfactory_factory::vmcache::serve(cache, &endpoint, shutdown).await }
+    });
+    let result = async {
+        wait_full(&cache, cache_size).await?;
+        let (mut answers, mut readies, mut refills) = (Vec::new(), Vec::new(), Vec::new());
+        let rounds = n.div_ceil(clients);
+        for round in 0..rounds {
+            let batch = clients.min(n - round * clients);
+            let round_started = Instant::now();
+            let tasks: Vec<_> = (0..batch)
+                .map(|_| tokio::spawn(getvm_once(endpoint.clone())))
+                .collect();
+            let mut vms = Vec::new();
+            for task in tasks {
+                let (answered, ready, vm) = task.await??;
+                answers.push(answered);
+                readies.push(ready);
+                vms.push(vm);
+            }
+            for vm in vms {
+                vm.stop().await?;
+            }
+            wait_full(&cache, cache_size).await?;
+            // Taking a VM starts its replacement: time from the round's requests to a full
+            // cache again.
+            let refill = round_started.elapsed();
+            refills.push((batch, refill));
+            if !json {
+                eprintln!(
+                    "round {}/{rounds}: {batch} VMs, refilled in {:.0} ms",
+                    round + 1,
+                    ms(refill)
+                );
+            }
+        }
+        Ok::<_, anyhow::Error>((answers, readies, refills))
+    }
+    .await;
+    shutdown.notify_one();
+    let _ = server.await;
+    cache.close().await?;
+    drop(scratch);
+    let (answers, readies, refills) = result?;
+    let (Some(first_answer), Some(ready)) =
+        (Stats::from_samples(&answers), Stats::from_samples(&readies))
+    else {
+        bail!("No samples");
+    };
+    let refilled: usize = refills.iter().map(|(count, _)| count).sum();
+    let refill_time: f64 = refills.iter().map(|(_, time)| time.as_secs_f64()).sum();
+    let report = GetvmReport {
+        what: "getvm",
+        clients,
+        cache_size,
+        pool_size: pool,
+        first_answer,
+        ready,
+        refill_per_second: round(refilled as f64 / refill_time.max(1e-3)),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "get_vm with {} client(s): first answer median {:.1} ms, p99 {:.1} ms; ready median {:.1} ms; refill {:.2} VMs/s",
+            clients,
+            report.first_answer.median_ms,
+            report.first_answer.p99_ms,
+            report.ready.median_ms,
+            report.refill_per_second
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1e3
 }

@@ -46,6 +46,28 @@ pub enum BenchCommand {
         #[command(flatten)]
         vm: VmArgs,
     },
+    /// get_vm from a warm VMCache server to first agent answer, with C concurrent
+    /// clients; reports median, p99 and the refill rate the cache sustained. Starts a
+    /// temporary server (template + cache) in this process and removes it afterwards.
+    Getvm {
+        /// get_vm calls in all.
+        #[arg(short, default_value_t = 20)]
+        n: usize,
+        /// Concurrent clients.
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        /// VMs the server keeps ready.
+        #[arg(long, default_value_t = 4)]
+        cache: usize,
+        /// Warm pool size of the template behind the cache.
+        #[arg(long, default_value_t = 2)]
+        pool: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
     /// Memory of idle VMs: per-VM PSS (total and guest RAM) and host memory used, for
     /// COUNT template clones and COUNT direct boots.
     Density {
@@ -135,6 +157,14 @@ pub async fn run(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitC
             json,
             vm,
         } => clone::bench_clone(n, pool, direct, json, resolve(vm, config).await?).await,
+        BenchCommand::Getvm {
+            n,
+            clients,
+            cache,
+            pool,
+            json,
+            vm,
+        } => clone::bench_getvm(n, clients, cache, pool, json, resolve(vm, config).await?).await,
         BenchCommand::Density {
             count,
             tb_size,
