@@ -43,6 +43,10 @@ impl Server {
             .prefix("vmf-cache-")
             .tempdir_in("/tmp")
             .expect("tempdir");
+        Self::start_in(dir, cached)
+    }
+
+    fn start_in(dir: tempfile::TempDir, cached: u32) -> Self {
         let (kernel, initrd) = image();
         let config = format!(
             "[hypervisor.qemu]\nkernel = {kernel:?}\ninitrd = {initrd:?}\nruntime_dir = {:?}\n\n\
@@ -344,4 +348,41 @@ fn a_client_generated_from_katas_cache_proto_calls_all_four_rpcs() {
     let template = server.dir.path().join("template");
     assert!(!server.socket().exists());
     assert!(!mounted(&template));
+}
+
+#[test]
+fn a_second_server_is_refused_a_stale_socket_is_replaced_and_sigterm_stops_cleanly() {
+    // A socket file left by a dead server.
+    let dir = tempfile::Builder::new()
+        .prefix("vmf-cache-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    drop(std::os::unix::net::UnixListener::bind(dir.path().join("cache.sock")).expect("bind"));
+    assert!(dir.path().join("cache.sock").exists());
+    let mut server = Server::start_in(dir, 1);
+
+    let second = server.vmfactory(&["factory", "init"]);
+    assert_eq!(second.status.code(), Some(125), "{}", text(&second));
+    assert!(
+        text(&second).contains("already answers"),
+        "{}",
+        text(&second)
+    );
+    let mode = std::fs::metadata(server.socket())
+        .expect("socket")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+
+    let mut child = server.child.take().expect("server");
+    let pid = i32::try_from(child.id()).expect("pid");
+    // SAFETY: signalling the server this test started.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "server exited with {status}");
+    server.assert_clean();
 }
