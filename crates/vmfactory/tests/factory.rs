@@ -1,32 +1,11 @@
 //! End-to-end tests of `vmfactory factory init|status|destroy`, `config show`, and `run`
 //! through a template, with a configuration file.
 
-use std::path::Path;
+mod common;
+
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
-
-fn image() -> (String, String) {
-    static IMAGE: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
-    IMAGE.get_or_init(build_image).clone()
-}
-
-fn build_image() -> (String, String) {
-    let output = Command::new(BIN)
-        .args(["guest", "build"])
-        .output()
-        .expect("guest build");
-    assert!(output.status.success(), "guest build failed");
-    let stdout = String::from_utf8(output.stdout).expect("utf8");
-    let field = |name: &str| {
-        stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
-    };
-    (field("kernel:"), field("initrd:"))
-}
+use common::{image, mounted, qemu_processes_under, text, BIN};
 
 struct Env {
     dir: tempfile::TempDir,
@@ -38,7 +17,7 @@ impl Env {
             .prefix("vmf-cli-")
             .tempdir_in("/tmp")
             .expect("tempdir");
-        let (kernel, initrd) = image();
+        let (kernel, initrd) = (&image().kernel, &image().initrd);
         let config = format!(
             "[hypervisor.qemu]\nkernel = {kernel:?}\ninitrd = {initrd:?}\nruntime_dir = {:?}\n\n[factory]\n{factory}\ntemplate_path = {:?}\n",
             dir.path().join("run"),
@@ -82,38 +61,6 @@ impl Drop for Env {
     }
 }
 
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn mounted(path: &Path) -> bool {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let target = path.to_string_lossy();
-    mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|mount_point| mount_point == target)
-}
-
-/// Command lines of the QEMU processes running under `dir`.
-fn qemu_cmdlines_under(dir: &Path) -> Vec<String> {
-    let needle = dir.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .expect("read /proc")
-        .flatten()
-        .filter_map(|entry| {
-            entry.file_name().to_str()?.parse::<u32>().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some(cmdline)
-        })
-        .collect()
-}
-
 /// Runs `sleep 2` in a VM and reports whether its QEMU was a template clone
 /// (`-incoming`) rather than a direct boot.
 fn run_is_clone(env: &Env, extra: &[&str]) -> bool {
@@ -132,7 +79,10 @@ fn run_is_clone(env: &Env, extra: &[&str]) -> bool {
     let started = std::time::Instant::now();
     let mut seen = Vec::new();
     while seen.is_empty() && started.elapsed() < std::time::Duration::from_secs(60) {
-        seen = qemu_cmdlines_under(&runtime);
+        seen = qemu_processes_under(&runtime)
+            .into_iter()
+            .map(|(_, cmdline)| cmdline)
+            .collect();
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let output = child.wait_with_output().expect("wait");

@@ -1,46 +1,13 @@
 //! End-to-end tests of `vmfactory run`: real QEMU (TCG here), the real Debian cloud kernel,
 //! our agent as PID 1.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::{image, qemu_pids_under, BIN};
 use sha2::{Digest, Sha256};
-
-const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
-
-/// Kernel, initrd and kernel release of the guest image, built once per test binary.
-struct Image {
-    kernel: PathBuf,
-    initrd: PathBuf,
-    release: String,
-}
-
-fn image() -> &'static Image {
-    static IMAGE: OnceLock<Image> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let output = Command::new(BIN)
-            .args(["guest", "build"])
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run vmfactory guest build");
-        assert!(output.status.success(), "guest build failed");
-        let stdout = String::from_utf8(output.stdout).expect("utf8");
-        let field = |name: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_else(|| panic!("no {name} in {stdout}"))
-        };
-        Image {
-            kernel: field("kernel:").into(),
-            initrd: field("initrd:").into(),
-            release: field("kernel release:"),
-        }
-    })
-}
 
 /// A `vmfactory` command with the image preset and a private runtime directory.
 struct Env {
@@ -83,24 +50,9 @@ impl Env {
             .map(|entries| entries.flatten().map(|e| e.path()).collect())
             .unwrap_or_default();
         assert!(leftovers.is_empty(), "VM directories left: {leftovers:?}");
-        let qemus = qemu_processes_under(self.runtime.path());
+        let qemus = qemu_pids_under(self.runtime.path());
         assert!(qemus.is_empty(), "QEMU processes left: {qemus:?}");
     }
-}
-
-/// PIDs of processes whose command line mentions `dir`.
-fn qemu_processes_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .expect("read /proc")
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some(pid)
-        })
-        .collect()
 }
 
 fn stdout(output: &Output) -> String {
@@ -186,7 +138,7 @@ fn ctrl_c_stops_the_vm_and_cleans_up() {
         .expect("spawn");
     // Wait until the VM is up (its QEMU exists), then give the guest time to start the command.
     let started = Instant::now();
-    while qemu_processes_under(env.runtime.path()).is_empty() {
+    while qemu_pids_under(env.runtime.path()).is_empty() {
         assert!(
             started.elapsed() < Duration::from_secs(120),
             "QEMU never started"

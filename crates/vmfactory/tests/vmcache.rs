@@ -2,34 +2,14 @@
 //! vm_cache_number > 0) and its clients: `vmfactory run`, the library client, and a
 //! Python client generated from Kata's cache.proto.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::{image, mounted, qemu_pids_under, text, BIN};
 use vmfactory_factory::{ExecRequest, Factory, GrpcCacheFactory};
-
-const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
-
-fn image() -> &'static (String, String) {
-    static IMAGE: OnceLock<(String, String)> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let output = Command::new(BIN)
-            .args(["guest", "build"])
-            .output()
-            .expect("guest build");
-        assert!(output.status.success(), "guest build failed");
-        let stdout = String::from_utf8(output.stdout).expect("utf8");
-        let field = |name: &str| {
-            stdout
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.trim().to_string())
-                .unwrap_or_else(|| panic!("no {name} in {stdout}"))
-        };
-        (field("kernel:"), field("initrd:"))
-    })
-}
 
 /// A VMCache server in its own directory, stopped (and checked clean) on drop.
 struct Server {
@@ -47,7 +27,7 @@ impl Server {
     }
 
     fn start_in(dir: tempfile::TempDir, cached: u32) -> Self {
-        let (kernel, initrd) = image();
+        let (kernel, initrd) = (&image().kernel, &image().initrd);
         let config = format!(
             "[hypervisor.qemu]\nkernel = {kernel:?}\ninitrd = {initrd:?}\nruntime_dir = {:?}\n\n\
              [factory]\nenable_template = true\ntemplate_path = {:?}\n\
@@ -166,37 +146,6 @@ impl Drop for Server {
     }
 }
 
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-fn mounted(path: &Path) -> bool {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let target = path.to_string_lossy();
-    mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|mount_point| mount_point == target)
-}
-
-fn qemu_pids_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .expect("read /proc")
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some(pid)
-        })
-        .collect()
-}
-
 #[test]
 fn serves_sequential_and_concurrent_runs_and_replaces_a_killed_vm() {
     let mut server = Server::start(3);
@@ -296,11 +245,15 @@ fn run_without_a_server_says_to_start_one() {
         ),
     )
     .expect("config");
-    let (kernel, initrd) = image();
     let output = Command::new(BIN)
         .arg("--config")
         .arg(&config)
-        .args(["run", "--kernel", kernel, "--initrd", initrd, "--", "true"])
+        .arg("run")
+        .arg("--kernel")
+        .arg(&image().kernel)
+        .arg("--initrd")
+        .arg(&image().initrd)
+        .args(["--", "true"])
         .output()
         .expect("spawn");
     assert_eq!(output.status.code(), Some(125));
