@@ -9,8 +9,6 @@ use tracing::debug;
 use crate::config::VmConfig;
 use crate::vm::{Vm, VmError};
 
-/// How long a handed-out VM's agent may take to answer after resume.
-const RESUME_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
 /// One attempt of that check; a connection that gets no answer is replaced, since the
 /// guest may still have been serving a previous owner's connection when it was paused.
 const CHECK_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -106,7 +104,8 @@ impl Factory {
     /// randomness or stale time.
     pub async fn get_vm(&self) -> Result<Vm, FactoryError> {
         let mut vm = self.base.get_base_vm().await?;
-        match Self::make_ready(&mut vm).await {
+        let timeout = self.base.config().agent_timeout;
+        match Self::make_ready(&mut vm, timeout).await {
             Ok(()) => Ok(vm),
             Err(err) => {
                 let _ = vm.stop().await;
@@ -115,7 +114,7 @@ impl Factory {
         }
     }
 
-    async fn make_ready(vm: &mut Vm) -> Result<(), FactoryError> {
+    async fn make_ready(vm: &mut Vm, timeout: Duration) -> Result<(), FactoryError> {
         vm.resume().await?;
         let started = std::time::Instant::now();
         loop {
@@ -129,9 +128,9 @@ impl Factory {
                 Some(Err(err)) => debug!(%err, "Agent check failed; reconnecting"),
                 None => debug!("Agent check timed out; reconnecting"),
             }
-            if started.elapsed() > RESUME_CHECK_TIMEOUT {
+            if started.elapsed() > timeout {
                 return Err(VmError::AgentTimeout {
-                    seconds: RESUME_CHECK_TIMEOUT.as_secs_f64(),
+                    seconds: timeout.as_secs_f64(),
                     report: String::new(),
                 }
                 .into());

@@ -38,6 +38,13 @@ pub struct VmConfig {
     pub max_memory_mib: u32,
     /// How long a boot may take until the agent answers.
     pub boot_timeout: Duration,
+    /// How long a VM handed out by a factory may take to answer after resume.
+    #[serde(default = "default_agent_timeout")]
+    pub agent_timeout: Duration,
+}
+
+fn default_agent_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl Default for VmConfig {
@@ -53,6 +60,7 @@ impl Default for VmConfig {
             memory_slots: 0,
             max_memory_mib: 2048,
             boot_timeout: Duration::from_secs(60),
+            agent_timeout: default_agent_timeout(),
         }
     }
 }

@@ -327,6 +327,12 @@ impl Settings {
                 "is set but accelerator = \"tcg\": PVM kernels matter only with KVM; use accelerator = \"auto\" or \"kvm\"",
             ));
         }
+        if self.agent.dial_timeout == 0 {
+            return Err(invalid(
+                "agent.dial_timeout",
+                "is 0: give the seconds a handed-out VM's agent may take to answer",
+            ));
+        }
         let factory = &self.factory;
         if factory.enable_template && factory.template_path.as_os_str().is_empty() {
             return Err(invalid(
@@ -378,6 +384,7 @@ impl Settings {
             memory_slots: qemu.memory_slots,
             max_memory_mib: qemu.default_maxmemory,
             boot_timeout: Duration::from_secs(qemu.boot_timeout),
+            agent_timeout: Duration::from_secs(self.agent.dial_timeout),
         }
     }
 
@@ -531,5 +538,6 @@ vm_cache_endpoint = "/var/run/kata-containers/cache.sock"
         assert_eq!(config.kernel, Path::new("/img/vmlinux"));
         assert_eq!(config.initrd.as_deref(), Some(Path::new("/img/initrd")));
         assert_eq!(config.qemu.tb_size_mib, Some(32));
+        assert_eq!(config.agent_timeout, Duration::from_secs(30));
     }
 }
