@@ -122,7 +122,9 @@ pub fn build_args(
         push(&["-bios", &firmware.to_string_lossy()]);
     }
     push(&["-kernel", &escape_option(&spec.kernel)]);
-    if let Some(initrd) = &spec.initrd {
+    // A clone resumes a guest that unpacked its initramfs long ago: QEMU need not read
+    // the initrd into its own memory (fw_cfg data, not part of the migrated RAM).
+    if let (Some(initrd), StartMode::Boot) = (&spec.initrd, mode) {
         push(&["-initrd", &escape_option(initrd)]);
     }
     push(&["-append", &spec.kernel_params]);
@@ -251,8 +253,16 @@ mod tests {
         .expect("args");
         assert_eq!(values(&args, "-incoming"), ["defer"]);
         assert!(args.iter().any(|a| a == "-S"));
+        assert!(
+            values(&args, "-initrd").is_empty(),
+            "a clone needs no initrd"
+        );
         let boot = args_of(&config(), &spec(), ResolvedAccel::Tcg);
-        assert_eq!(boot.len() + 3, args.len(), "only -incoming defer -S differ");
+        assert_eq!(
+            boot.len() + 3 - 2,
+            args.len(),
+            "-incoming defer -S, no -initrd"
+        );
     }
 
     #[test]
