@@ -114,21 +114,17 @@ pub fn reseed_rng(data: &[u8]) -> Result<(), SysError> {
         .write(true)
         .open(path)
         .map_err(|err| io_error("Cannot open", path, err))?;
-    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-    let len = i32::try_from(data.len()).map_err(|_| SysError("Too much data".into()))?;
-    let mut info = Vec::with_capacity(8 + data.len());
-    info.extend_from_slice(&len.saturating_mul(8).to_ne_bytes());
-    info.extend_from_slice(&len.to_ne_bytes());
-    info.extend_from_slice(data);
-    // Keep the buffer 4-byte aligned for the kernel's u32 array (Vec<u8> of u32 words).
-    let words: Vec<u32> = info
-        .chunks(4)
-        .map(|chunk| {
-            let mut word = [0u8; 4];
-            word[..chunk.len()].copy_from_slice(chunk);
-            u32::from_ne_bytes(word)
-        })
-        .collect();
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, built as
+    // u32 words so the kernel's array is aligned.
+    let len = u32::try_from(data.len()).map_err(|_| SysError("Too much data".into()))?;
+    let mut words = Vec::with_capacity(2 + data.len().div_ceil(4));
+    words.push(len.saturating_mul(8)); // entropy credited, in bits
+    words.push(len);
+    words.extend(data.chunks(4).map(|chunk| {
+        let mut word = [0u8; 4];
+        word[..chunk.len()].copy_from_slice(chunk);
+        u32::from_ne_bytes(word)
+    }));
     // SAFETY: RNDADDENTROPY reads a rand_pool_info of 8 + buf_size bytes from a valid buffer.
     if unsafe { libc::ioctl(file.as_raw_fd(), RNDADDENTROPY, words.as_ptr()) } != 0 {
         return Err(SysError(format!(

@@ -94,11 +94,6 @@ impl Factory {
         Self { base }
     }
 
-    /// The base factory.
-    pub fn base(&self) -> &dyn FactoryBase {
-        self.base.as_ref()
-    }
-
     /// A running VM: taken from the base factory, resumed, its agent checked, its RNG
     /// reseeded with host entropy and its clock set to the host's, so no two VMs share
     /// randomness or stale time.

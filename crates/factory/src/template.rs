@@ -164,74 +164,71 @@ pub struct TemplateMetadata {
 impl TemplateMetadata {
     /// Lists what differs between this template and `current`.
     pub fn differences(&self, current: &TemplateMetadata) -> Vec<String> {
-        let mut differences = Vec::new();
-        let mut compare = |what: &str, built: String, now: String| {
-            if built != now {
-                differences.push(format!("{what} was {built} and is now {now}"));
-            }
-        };
-        compare(
-            "format version",
-            self.format_version.to_string(),
-            current.format_version.to_string(),
-        );
-        compare(
-            "QEMU",
-            self.qemu_version.clone(),
-            current.qemu_version.clone(),
-        );
-        compare(
-            "kernel digest",
-            short(&self.kernel_sha256),
-            short(&current.kernel_sha256),
-        );
-        compare(
-            "initrd digest",
-            self.initrd_sha256.as_deref().map(short).unwrap_or_default(),
-            current
-                .initrd_sha256
-                .as_deref()
-                .map(short)
-                .unwrap_or_default(),
-        );
+        let digest = |d: &Option<String>| d.as_deref().map(short).unwrap_or_default();
         let (built, now) = (&self.vm, &current.vm);
-        compare("vCPUs", built.vcpus.to_string(), now.vcpus.to_string());
-        compare(
-            "max vCPUs",
-            built.max_vcpus.to_string(),
-            now.max_vcpus.to_string(),
-        );
-        compare(
-            "memory (MiB)",
-            built.memory_mib.to_string(),
-            now.memory_mib.to_string(),
-        );
-        compare(
-            "memory slots",
-            built.memory_slots.to_string(),
-            now.memory_slots.to_string(),
-        );
-        compare(
-            "max memory (MiB)",
-            built.max_memory_mib.to_string(),
-            now.max_memory_mib.to_string(),
-        );
-        compare(
-            "machine type",
-            built.machine_type.clone(),
-            now.machine_type.clone(),
-        );
-        compare(
-            "kernel command line",
-            format!("{:?}", built.kernel_cmdline),
-            format!("{:?}", now.kernel_cmdline),
-        );
-        compare(
-            "firmware",
-            format!("{:?}", built.firmware),
-            format!("{:?}", now.firmware),
-        );
-        differences
+        let compared: [(&str, String, String); 12] = [
+            (
+                "format version",
+                self.format_version.to_string(),
+                current.format_version.to_string(),
+            ),
+            (
+                "QEMU",
+                self.qemu_version.clone(),
+                current.qemu_version.clone(),
+            ),
+            (
+                "kernel digest",
+                short(&self.kernel_sha256),
+                short(&current.kernel_sha256),
+            ),
+            (
+                "initrd digest",
+                digest(&self.initrd_sha256),
+                digest(&current.initrd_sha256),
+            ),
+            ("vCPUs", built.vcpus.to_string(), now.vcpus.to_string()),
+            (
+                "max vCPUs",
+                built.max_vcpus.to_string(),
+                now.max_vcpus.to_string(),
+            ),
+            (
+                "memory (MiB)",
+                built.memory_mib.to_string(),
+                now.memory_mib.to_string(),
+            ),
+            (
+                "memory slots",
+                built.memory_slots.to_string(),
+                now.memory_slots.to_string(),
+            ),
+            (
+                "max memory (MiB)",
+                built.max_memory_mib.to_string(),
+                now.max_memory_mib.to_string(),
+            ),
+            (
+                "machine type",
+                built.machine_type.clone(),
+                now.machine_type.clone(),
+            ),
+            (
+                "kernel command line",
+                format!("{:?}", built.kernel_cmdline),
+                format!("{:?}", now.kernel_cmdline),
+            ),
+            (
+                "firmware",
+                format!("{:?}", built.firmware),
+                format!("{:?}", now.firmware),
+            ),
+        ];
+        compared
+            .into_iter()
+            .filter(|(_, was, is)| was != is)
+            .map(|(what, was, is)| format!("{what} was {was} and is now {is}"))
+            .collect()
     }
 }
 

@@ -160,11 +160,6 @@ impl Vm {
         Ok(())
     }
 
-    /// Hands the agent connection over: closes it, so that another process can connect.
-    pub fn disconnect_agent(&self) {
-        self.agent.disconnect();
-    }
-
     /// Gives the VM to another process (VMCache `GetBaseVM`): closes our agent connection
     /// and QMP session and returns the hypervisor description; the VM keeps running.
     pub fn hand_off(self) -> Result<HandOff, VmError> {
@@ -246,21 +241,7 @@ pub async fn connect_agent(
         err = hypervisor.exited() => Err(err.into()),
         () = tokio::time::sleep(timeout) => Err(VmError::AgentTimeout {
             seconds: timeout.as_secs_f64(),
-            report: console_report(hypervisor),
+            report: hypervisor.failure_report(),
         }),
-    }
-}
-
-fn console_report(hypervisor: &dyn Hypervisor) -> String {
-    let console = hypervisor.vm_dir().join("console.log");
-    match std::fs::read_to_string(console) {
-        Ok(text) if !text.trim().is_empty() => {
-            let lines: Vec<&str> = text.lines().collect();
-            format!(
-                "\n--- last lines of guest console ---\n{}",
-                lines[lines.len().saturating_sub(15)..].join("\n")
-            )
-        }
-        _ => String::new(),
     }
 }

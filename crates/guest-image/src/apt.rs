@@ -50,6 +50,18 @@ impl AptCache {
         all.extend(args.iter().map(OsStr::new));
         run("apt-cache", &all, None)
     }
+
+    /// Runs `apt-cache <args>` about `package`; its stdout, or why it failed.
+    fn query(&self, args: &[&str], package: &str) -> Result<String, GuestImageError> {
+        let output = self.run(args)?;
+        if !output.status.success() {
+            return Err(GuestImageError::AptResolve {
+                package: package.to_owned(),
+                detail: stderr_text(&output),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
 }
 
 /// Runs `program` with `args` (C locale, no stdin) and captures its output.
@@ -112,14 +124,8 @@ pub(crate) fn resolve_kernel_package(
     apt: &AptCache,
     meta: &str,
 ) -> Result<String, GuestImageError> {
-    let output = apt.run(&["depends", meta])?;
-    if !output.status.success() {
-        return Err(GuestImageError::AptResolve {
-            package: meta.to_owned(),
-            detail: stderr_text(&output),
-        });
-    }
-    if let Some(kernel) = parse_depends(&String::from_utf8_lossy(&output.stdout)) {
+    let depends = apt.query(&["depends", meta], meta)?;
+    if let Some(kernel) = parse_depends(&depends) {
         return Ok(kernel);
     }
     // A versioned kernel package such as linux-image-6.1.0-56-cloud-amd64 is used as is.
@@ -152,17 +158,9 @@ pub(crate) fn candidate_version(
     apt: &AptCache,
     package: &str,
 ) -> Result<PackageVersion, GuestImageError> {
-    let output = apt.run(&["policy", package])?;
-    if !output.status.success() {
-        return Err(GuestImageError::AptResolve {
-            package: package.to_owned(),
-            detail: stderr_text(&output),
-        });
-    }
-    let version = parse_candidate(&String::from_utf8_lossy(&output.stdout)).ok_or_else(|| {
-        GuestImageError::NoCandidate {
-            package: package.to_owned(),
-        }
+    let policy = apt.query(&["policy", package], package)?;
+    let version = parse_candidate(&policy).ok_or_else(|| GuestImageError::NoCandidate {
+        package: package.to_owned(),
     })?;
     Ok(PackageVersion {
         name: package.to_owned(),

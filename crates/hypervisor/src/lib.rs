@@ -181,6 +181,10 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     fn agent_socket(&self) -> PathBuf;
     /// True while the hypervisor process is alive.
     fn is_running(&self) -> bool;
+    /// What the hypervisor and the guest console said last, for error messages.
+    fn failure_report(&self) -> String {
+        String::new()
+    }
     /// Resolves when the hypervisor process has exited, with an error that explains why.
     async fn exited(&self) -> HypervisorError;
     /// Pauses the vCPUs.

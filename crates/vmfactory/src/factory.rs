@@ -37,11 +37,9 @@ pub enum FactoryCommand {
         #[command(flatten)]
         vm: VmArgs,
     },
-    /// Remove the template: unmount its tmpfs and delete its files.
-    Destroy {
-        #[command(flatten)]
-        vm: VmArgs,
-    },
+    /// Stop the VMCache server (Quit) and remove the template: unmount its tmpfs and
+    /// delete its files.
+    Destroy,
 }
 
 async fn resolve(vm: VmArgs, config: Option<PathBuf>) -> Result<Resolved> {
@@ -54,9 +52,8 @@ pub async fn run(command: FactoryCommand, config: Option<PathBuf>) -> Result<Exi
     match command {
         FactoryCommand::Init { vm } => init(resolve(vm, config).await?).await,
         FactoryCommand::Status { json, vm } => status(resolve(vm, config).await?, json).await,
-        FactoryCommand::Destroy { vm } => {
+        FactoryCommand::Destroy => {
             // Destroying needs only the paths: no guest image build.
-            let _ = vm;
             let settings = vmfactory_factory::Settings::load(config.as_deref())?;
             let factory = settings.factory;
             if factory.vm_cache_number > 0 {
@@ -234,11 +231,11 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let path = factory.template_path.clone();
-    let metadata = template::read_metadata(&path).ok();
-    let problem = match TemplateFactory::fetch(&resolved.base, &path).await {
-        Ok(_) => None,
-        Err(TemplateError::Missing(_)) => None,
-        Err(err) => Some(err.to_string()),
+    let (metadata, problem) = match TemplateFactory::fetch(&resolved.base, &path).await {
+        Ok(template) => (Some(template.metadata().clone()), None),
+        Err(TemplateError::Missing(_)) => (None, None),
+        // Unusable: still say what it was built from, when that is readable.
+        Err(err) => (template::read_metadata(&path).ok(), Some(err.to_string())),
     };
     let report = StatusReport {
         template_path: path.clone(),

@@ -353,14 +353,9 @@ impl Qemu {
     /// Runs a QMP command.
     pub async fn qmp(&self, command: &str, arguments: Option<Value>) -> Result<Value> {
         let mut guard = self.qmp.lock().await;
-        if guard.is_none() {
-            *guard = Some(Qmp::connect(&self.paths.qmp).await?);
-        }
-        let Some(qmp) = guard.as_mut() else {
-            return Err(HypervisorError::Qmp {
-                command: command.into(),
-                message: "Not connected".into(),
-            });
+        let qmp = match guard.as_mut() {
+            Some(qmp) => qmp,
+            None => guard.insert(Qmp::connect(&self.paths.qmp).await?),
         };
         let result = qmp.execute(command, arguments).await;
         if result.is_err() && !self.is_running() {
@@ -378,14 +373,9 @@ impl Qemu {
         timeout: Duration,
     ) -> Result<Value> {
         let mut guard = self.qmp.lock().await;
-        if guard.is_none() {
-            *guard = Some(Qmp::connect(&self.paths.qmp).await?);
-        }
-        let Some(qmp) = guard.as_mut() else {
-            return Err(HypervisorError::Qmp {
-                command: name.into(),
-                message: "Not connected".into(),
-            });
+        let qmp = match guard.as_mut() {
+            Some(qmp) => qmp,
+            None => guard.insert(Qmp::connect(&self.paths.qmp).await?),
         };
         let waited = tokio::select! {
             result = tokio::time::timeout(timeout, qmp.wait_event(name, matches)) => result,
@@ -630,6 +620,10 @@ impl Hypervisor for Qemu {
 
     fn is_running(&self) -> bool {
         self.exit.borrow().is_none()
+    }
+
+    fn failure_report(&self) -> String {
+        failure_report(&self.paths)
     }
 
     async fn exited(&self) -> HypervisorError {

@@ -44,17 +44,24 @@ impl Drop for ScratchTemplate {
 }
 
 /// Clone → resume → first agent answer; then the identity refresh, untimed.
-async fn clone_once(template: &TemplateFactory) -> Result<Duration> {
+/// Takes a base VM, resumes it and times the first agent answer; then refreshes its
+/// identity (timed as "ready"). Returns both times and the VM.
+async fn take_timed(factory: &dyn FactoryBase) -> Result<(Duration, Duration, Vm)> {
     let started = Instant::now();
-    let vm = template.get_base_vm().await?;
+    let vm = factory.get_base_vm().await?;
     let loaded = started.elapsed();
     vm.resume().await?;
-    let resumed = started.elapsed();
     vm.agent().check().await?;
     let answered = started.elapsed();
-    tracing::debug!(?loaded, ?resumed, ?answered, "Clone phases");
+    tracing::debug!(?loaded, ?answered, "Take phases");
     vm.reseed_rng().await?;
     vm.sync_time().await?;
+    Ok((answered, started.elapsed(), vm))
+}
+
+/// Clone → resume → first agent answer.
+async fn clone_once(template: &TemplateFactory) -> Result<Duration> {
+    let (answered, _, vm) = take_timed(template).await?;
     vm.stop().await?;
     Ok(answered)
 }
@@ -192,14 +199,7 @@ struct GetvmReport {
 /// One get_vm over gRPC: first agent answer and ready times; the VM is returned to stop.
 async fn getvm_once(endpoint: PathBuf) -> Result<(Duration, Duration, Vm)> {
     let remote = vmfactory_factory::GrpcCacheFactory::connect(&endpoint).await?;
-    let started = Instant::now();
-    let vm = remote.get_base_vm().await?;
-    vm.resume().await?;
-    vm.agent().check().await?;
-    let answered = started.elapsed();
-    vm.reseed_rng().await?;
-    vm.sync_time().await?;
-    Ok((answered, started.elapsed(), vm))
+    take_timed(&remote).await
 }
 
 async fn wait_full(cache: &vmfactory_factory::CacheFactory, size: usize) -> Result<Duration> {
