@@ -159,6 +159,56 @@ pub struct TemplateMetadata {
     pub mounted_tmpfs: bool,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
+    /// Stamp of the kernel file when its digest was taken (lets `fetch` skip hashing it).
+    #[serde(default)]
+    pub kernel_stamp: Option<FileStamp>,
+    /// Stamp of the initrd file when its digest was taken.
+    #[serde(default)]
+    pub initrd_stamp: Option<FileStamp>,
+}
+
+/// What the file system says about a file's contents: any write changes its ctime, which
+/// no user tool can set back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<Self, TemplateError> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).map_err(io_error("Cannot stat", path))?;
+        let ns = |secs: i64, nanos: i64| i128::from(secs) * 1_000_000_000 + i128::from(nanos);
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: ns(meta.mtime(), meta.mtime_nsec()),
+            ctime_ns: ns(meta.ctime(), meta.ctime_nsec()),
+        })
+    }
+}
+
+/// The sha256 of `path` and its stamp. `known` (a stamp, its digest, and when it was
+/// recorded, in Unix seconds) is reused instead of reading the file when the file is
+/// provably unchanged: same stamp, and last changed more than 2 s before the recording,
+/// since ctime ticks coarsely (git's "racy" rule).
+fn digest_of(
+    path: &Path,
+    known: Option<(&FileStamp, &str, u64)>,
+) -> Result<(String, FileStamp), TemplateError> {
+    let stamp = FileStamp::of(path)?;
+    if let Some((recorded, digest, recorded_unix)) = known {
+        let settled = recorded.ctime_ns + 2_000_000_000 < i128::from(recorded_unix) * 1_000_000_000;
+        if *recorded == stamp && settled {
+            return Ok((digest.to_string(), stamp));
+        }
+    }
+    Ok((sha256_file(path)?, stamp))
 }
 
 impl TemplateMetadata {
@@ -244,19 +294,43 @@ fn sha256_file(path: &Path) -> Result<String, TemplateError> {
 }
 
 /// What the current configuration would record in a template's metadata (the state
-/// digest and memory size are left empty).
-fn expected_metadata(config: &VmConfig) -> Result<TemplateMetadata, TemplateError> {
-    let initrd_sha256 = match &config.initrd {
-        Some(initrd) => Some(sha256_file(initrd)?),
-        None => None,
+/// digest and memory size are left empty). Digests recorded in `built` are reused for
+/// files that provably did not change since (see [`digest_of`]).
+fn expected_metadata(
+    config: &VmConfig,
+    built: Option<&TemplateMetadata>,
+) -> Result<TemplateMetadata, TemplateError> {
+    let kernel_known = built.and_then(|b| {
+        let stamp = b
+            .kernel_stamp
+            .as_ref()
+            .filter(|_| b.kernel == config.kernel)?;
+        Some((stamp, b.kernel_sha256.as_str(), b.created_unix))
+    });
+    let (kernel_sha256, kernel_stamp) = digest_of(&config.kernel, kernel_known)?;
+    let (initrd_sha256, initrd_stamp) = match &config.initrd {
+        Some(initrd) => {
+            let known = built.and_then(|b| {
+                let stamp = b
+                    .initrd_stamp
+                    .as_ref()
+                    .filter(|_| b.initrd.as_ref() == Some(initrd))?;
+                Some((stamp, b.initrd_sha256.as_deref()?, b.created_unix))
+            });
+            let (digest, stamp) = digest_of(initrd, known)?;
+            (Some(digest), Some(stamp))
+        }
+        None => (None, None),
     };
     Ok(TemplateMetadata {
         format_version: TEMPLATE_FORMAT_VERSION,
         qemu_version: qemu_version(&config.qemu.binary)?,
         kernel: config.kernel.clone(),
-        kernel_sha256: sha256_file(&config.kernel)?,
+        kernel_sha256,
+        kernel_stamp: Some(kernel_stamp),
         initrd: config.initrd.clone(),
         initrd_sha256,
+        initrd_stamp,
         state_sha256: String::new(),
         memory_bytes: 0,
         vm: TemplateVmConfig::of(config),
@@ -403,7 +477,7 @@ impl TemplateFactory {
         if path.join(METADATA_FILE).exists() {
             return Err(TemplateError::Exists(path.to_path_buf()));
         }
-        let mut metadata = expected_metadata(config)?;
+        let mut metadata = expected_metadata(config, None)?;
         let mounted = prepare_tmpfs(path, config.memory_mib + TMPFS_HEADROOM_MIB)?;
         match Self::create(config, path, &mut metadata, mounted).await {
             Ok(()) => Ok(Self {
@@ -509,7 +583,7 @@ impl TemplateFactory {
             }
             Err(_) => return Err(corrupt(format!("{MEMORY_FILE} is missing"))),
         }
-        let differences = metadata.differences(&expected_metadata(config)?);
+        let differences = metadata.differences(&expected_metadata(config, Some(&metadata))?);
         if !differences.is_empty() {
             return Err(TemplateError::Mismatch {
                 path: path.to_path_buf(),
@@ -734,5 +808,44 @@ impl WarmPool {
         while let Some(mut qemu) = ready.pop_front() {
             let _ = qemu.stop().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now_unix() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+
+    #[test]
+    fn digest_is_reused_only_for_a_provably_unchanged_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("kernel");
+        std::fs::write(&file, b"kernel v1").expect("write");
+        let (real, stamp) = digest_of(&file, None).expect("digest");
+        assert_eq!(real, sha256_file(&file).expect("sha"));
+
+        // Recorded well after the file last changed: the known digest is trusted.
+        let later = now_unix() + 10;
+        let (reused, _) = digest_of(&file, Some((&stamp, "recorded", later))).expect("digest");
+        assert_eq!(reused, "recorded");
+
+        // Recorded within 2 s of the change (ctime is coarse): hashed again.
+        let (hashed, _) = digest_of(&file, Some((&stamp, "recorded", now_unix()))).expect("digest");
+        assert_eq!(hashed, real);
+
+        // Rewritten in place, same length, a few timestamp ticks later (the test fakes the
+        // recording time, so it must not rely on the 2 s rule): hashed again.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::write(&file, b"kernel v2").expect("rewrite");
+        let (changed, new_stamp) =
+            digest_of(&file, Some((&stamp, "recorded", later))).expect("digest");
+        assert_ne!(new_stamp, stamp);
+        assert_eq!(changed, sha256_file(&file).expect("sha"));
+        assert_ne!(changed, real);
     }
 }
