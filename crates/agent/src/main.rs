@@ -15,7 +15,7 @@ use std::time::Duration;
 use tracing::{error, info};
 
 /// Name of the virtio-serial port the host connects to.
-pub const PORT_NAME: &str = "agent.0";
+pub use vmfactory_protocols::contract::AGENT_PORT_NAME as PORT_NAME;
 
 fn main() {
     tracing_subscriber::fmt()

@@ -17,7 +17,12 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 use vmfactory_protocols::agent::agent_service_server::AgentServiceServer;
 
-use crate::service::{Agent, MAX_MESSAGE_SIZE};
+use vmfactory_protocols::contract::{
+    AGENT_CONNECTION_WINDOW, AGENT_MAX_FRAME_SIZE, AGENT_MAX_MESSAGE_SIZE as MAX_MESSAGE_SIZE,
+    AGENT_STREAM_WINDOW, CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED,
+};
+
+use crate::service::Agent;
 
 /// Serves the agent API on the port named `name`, forever.
 pub async fn serve_port(name: &str) {
@@ -47,14 +52,14 @@ pub async fn serve_port(name: &str) {
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(16 << 20)
-            .max_frame_size(1 << 20)
+            .initial_stream_window_size(AGENT_STREAM_WINDOW)
+            .initial_connection_window_size(AGENT_CONNECTION_WINDOW)
+            .max_frame_size(AGENT_MAX_FRAME_SIZE)
             .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
             .await;
         match result {
-            Ok(()) => info!("Host disconnected"),
-            Err(err) => info!(%err, "Host connection ended"),
+            Ok(()) => info!("{}", CONSOLE_HOST_LEFT[0]),
+            Err(err) => info!(%err, "{}", CONSOLE_HOST_LEFT[1]),
         }
         // The port is closed here (PortIo dropped) and reopened for the next host, so the
         // host sees the guest side close and open again (QMP VSERPORT_CHANGE).
@@ -101,7 +106,7 @@ async fn open_port(path: &CStr) -> OwnedFd {
             // SAFETY: fd was just returned by open and is owned by nobody else.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             enable_sigio(&fd);
-            info!("Agent port opened");
+            info!("{}", CONSOLE_PORT_OPENED);
             return fd;
         }
         let err = io::Error::last_os_error();

@@ -19,8 +19,6 @@ use vmfactory_protocols::agent::{
 
 use crate::sys;
 
-/// Largest gRPC message the agent accepts or sends.
-pub const MAX_MESSAGE_SIZE: usize = 256 << 20;
 /// Output kept per stream of a command; the rest is read and dropped.
 pub const MAX_OUTPUT: usize = 128 << 20;
 /// How long output readers may run on after the command exited (background children

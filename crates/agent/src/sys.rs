@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use vmfactory_protocols::agent::{GuestDetailsResponse, OnlineCpuMemResponse};
 
 /// Largest entropy buffer accepted by `ReseedRandomDev`.
-pub const MAX_RESEED_BYTES: usize = 64 << 10;
+pub use vmfactory_protocols::contract::MAX_RESEED_BYTES;
 /// How long `OnlineCPUMem` waits for hot-plugged CPUs to appear.
 const ONLINE_WAIT: Duration = Duration::from_secs(10);
 

@@ -15,8 +15,9 @@ use vmfactory_protocols::agent::{
     ReseedRandomDevRequest, SetGuestDateTimeRequest,
 };
 
-/// Largest message exchanged with the agent (command output can be large).
-const MAX_MESSAGE_SIZE: usize = 256 << 20;
+use vmfactory_protocols::contract::{
+    AGENT_CONNECTION_WINDOW, AGENT_MAX_MESSAGE_SIZE as MAX_MESSAGE_SIZE, AGENT_STREAM_WINDOW,
+};
 
 /// Errors talking to the guest agent.
 #[derive(Debug, thiserror::Error)]
@@ -194,8 +195,8 @@ impl AgentClient {
             }
         });
         let endpoint = Endpoint::from_static("http://vmfactory-agent")
-            .initial_stream_window_size(8 << 20)
-            .initial_connection_window_size(16 << 20);
+            .initial_stream_window_size(AGENT_STREAM_WINDOW)
+            .initial_connection_window_size(AGENT_CONNECTION_WINDOW);
         (endpoint, connector, guard)
     }
 

@@ -1,13 +1,17 @@
 //! Factories: [`FactoryBase`] makes base VMs (paused, as they come), [`Factory::get_vm`]
 //! turns one into the VM a caller asked for.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tracing::debug;
+use vmfactory_hypervisor::{Backend, MEMORY_BLOCK_MIB};
 
-use crate::config::VmConfig;
+use crate::config::{VmConfig, VmRequest};
+use crate::template::TemplateError;
 use crate::vm::{Vm, VmError};
+use crate::vmcache::VmCacheError;
 
 /// One attempt of that check; a connection that gets no answer is replaced, since the
 /// guest may still have been serving a previous owner's connection when it was paused.
@@ -19,9 +23,20 @@ pub enum FactoryError {
     /// A VM operation failed.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The template factory failed.
+    #[error(transparent)]
+    Template(#[from] Box<TemplateError>),
+    /// The VMCache server or client failed.
+    #[error(transparent)]
+    VmCache(#[from] Box<VmCacheError>),
     /// The factory is closed.
     #[error("The factory is closed")]
     Closed,
+    /// A factory that boots or clones VMs was opened without a VM config.
+    #[error(
+        "No VM configuration to boot or clone VMs with: resolve the guest image and settings first"
+    )]
+    MissingConfig,
 }
 
 /// One ready VM, as `status` lists it.
@@ -40,6 +55,13 @@ pub struct VmStatus {
 pub trait FactoryBase: Send + Sync + std::fmt::Debug {
     /// The VM config its VMs have.
     fn config(&self) -> &VmConfig;
+    /// The backend its VMs run on (also boots VMs the factory cannot serve).
+    fn backend(&self) -> &Arc<dyn Backend>;
+    /// True when every base VM is booted on demand anyway: [`Factory::get_vm`] then boots
+    /// it at the requested size instead of growing it.
+    fn boots_each_vm(&self) -> bool {
+        false
+    }
     /// A new base VM, paused.
     async fn get_base_vm(&self) -> Result<Vm, FactoryError>;
     /// The VMs it holds ready.
@@ -52,12 +74,13 @@ pub trait FactoryBase: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct DirectFactory {
     config: VmConfig,
+    backend: Arc<dyn Backend>,
 }
 
 impl DirectFactory {
-    /// A direct factory for `config`.
-    pub fn new(config: VmConfig) -> Self {
-        Self { config }
+    /// A direct factory for `config` on `backend`.
+    pub fn new(config: VmConfig, backend: Arc<dyn Backend>) -> Self {
+        Self { config, backend }
     }
 }
 
@@ -67,8 +90,16 @@ impl FactoryBase for DirectFactory {
         &self.config
     }
 
+    fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    fn boots_each_vm(&self) -> bool {
+        true
+    }
+
     async fn get_base_vm(&self) -> Result<Vm, FactoryError> {
-        let vm = Vm::new(&self.config).await?;
+        let vm = Vm::boot(self.backend.as_ref(), &self.config).await?;
         vm.pause().await?;
         Ok(vm)
     }
@@ -82,74 +113,56 @@ impl FactoryBase for DirectFactory {
     }
 }
 
-/// The factory callers use: hands out running VMs with a fresh identity.
+/// The factory callers use: hands out running VMs with a fresh identity. Built by
+/// [`Factory::open`] from the configuration, or over any [`FactoryBase`].
 #[derive(Debug)]
 pub struct Factory {
-    base: Box<dyn FactoryBase>,
+    base: Arc<dyn FactoryBase>,
+    notice: Option<String>,
 }
 
 impl Factory {
     /// A factory over `base`.
-    pub fn new(base: Box<dyn FactoryBase>) -> Self {
-        Self { base }
+    pub fn new(base: Arc<dyn FactoryBase>) -> Self {
+        Self { base, notice: None }
     }
 
-    /// A running VM: taken from the base factory, resumed, its agent checked, its RNG
-    /// reseeded with host entropy and its clock set to the host's, so no two VMs share
-    /// randomness or stale time.
-    pub async fn get_vm(&self) -> Result<Vm, FactoryError> {
-        let mut vm = self.base.get_base_vm().await?;
-        let timeout = self.base.config().agent_timeout;
-        match Self::make_ready(&mut vm, timeout).await {
-            Ok(()) => Ok(vm),
-            Err(err) => {
-                let _ = vm.stop().await;
-                Err(err)
-            }
+    /// A factory over `base` that had to fall back to it, saying why.
+    pub(crate) fn degraded(base: Arc<dyn FactoryBase>, notice: String) -> Self {
+        Self {
+            base,
+            notice: Some(notice),
         }
     }
 
-    async fn make_ready(vm: &mut Vm, timeout: Duration) -> Result<(), FactoryError> {
-        vm.resume().await?;
-        let started = std::time::Instant::now();
-        loop {
-            let attempt = tokio::select! {
-                checked = vm.agent().check() => Some(checked.map_err(VmError::from)),
-                err = vm.hypervisor().exited() => return Err(VmError::from(err).into()),
-                () = tokio::time::sleep(CHECK_ATTEMPT_TIMEOUT) => None,
-            };
-            match attempt {
-                Some(Ok(())) => break,
-                Some(Err(err)) => debug!(%err, "Agent check failed; reconnecting"),
-                None => debug!("Agent check timed out; reconnecting"),
-            }
-            if started.elapsed() > timeout {
-                return Err(VmError::AgentTimeout {
-                    seconds: timeout.as_secs_f64(),
-                    report: String::new(),
-                }
-                .into());
-            }
-            vm.reconnect_agent();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        vm.reseed_rng().await?;
-        vm.sync_time().await?;
-        debug!(id = vm.id(), "VM ready for use");
-        Ok(())
+    /// Why this factory is not the one the configuration asked for, if it is not.
+    pub fn notice(&self) -> Option<&str> {
+        self.notice.as_deref()
     }
 
-    /// A running VM shaped like `request`. When `request` differs from the factory's VMs
-    /// in anything but vCPUs and memory, or asks for more than they can grow to, it is
-    /// booted directly (and checked, reseeded and clock-synced like any other). Otherwise a
-    /// factory VM is grown to fit: vCPUs and memory are hot-plugged and onlined by the
-    /// agent. VMs never shrink: a smaller request gets the factory's size.
-    pub async fn get_vm_for(&self, request: &VmConfig) -> Result<Vm, FactoryError> {
+    /// The base factory.
+    pub fn base(&self) -> &Arc<dyn FactoryBase> {
+        &self.base
+    }
+
+    /// A running VM shaped like `request`: taken from the base factory, resumed, its agent
+    /// checked, its RNG reseeded with host entropy and its clock set to the host's, so no
+    /// two VMs share randomness or stale time. A factory VM is grown to fit by hot-plugged
+    /// vCPUs and memory that the agent onlines; VMs never shrink (a smaller request gets
+    /// the factory's size). A request the factory's VMs cannot grow to is booted directly
+    /// (and checked, reseeded and clock-synced like any other).
+    pub async fn get_vm(&self, request: &VmRequest) -> Result<Vm, FactoryError> {
         let base = self.base.config();
-        if let Some(reason) = incompatibility(base, request) {
-            debug!(reason, "Request does not fit the factory; booting directly");
-            let vm = Vm::new(request).await?;
-            return match Self::refresh_identity(&vm).await {
+        let direct = if self.base.boots_each_vm() {
+            Some("the factory boots every VM")
+        } else {
+            incompatibility(base, request)
+        };
+        if let Some(reason) = direct {
+            debug!(reason, "Booting the VM directly at the requested size");
+            let config = base.for_direct_boot(request);
+            let vm = Vm::boot(self.base.backend().as_ref(), &config).await?;
+            return match refresh_identity(&vm).await {
                 Ok(()) => Ok(vm),
                 Err(err) => {
                     let _ = vm.stop().await;
@@ -157,54 +170,19 @@ impl Factory {
                 }
             };
         }
-        let mut vm = self.get_vm().await?;
-        match Self::grow(&mut vm, request).await {
+        let mut vm = self.base.get_base_vm().await?;
+        let timeout = base.agent_timeout;
+        let ready = async {
+            make_ready(&mut vm, timeout).await?;
+            grow(&mut vm, request).await
+        };
+        match ready.await {
             Ok(()) => Ok(vm),
             Err(err) => {
                 let _ = vm.stop().await;
                 Err(err)
             }
         }
-    }
-
-    async fn grow(vm: &mut Vm, request: &VmConfig) -> Result<(), FactoryError> {
-        let cpus = request.vcpus.saturating_sub(vm.cpu);
-        let memory = round_up_to_block(request.memory_mib.saturating_sub(vm.memory_mib));
-        if cpus == 0 && memory == 0 {
-            return Ok(());
-        }
-        if cpus > 0 {
-            vm.hypervisor()
-                .add_vcpus(cpus)
-                .await
-                .map_err(VmError::from)?;
-            vm.cpu += cpus;
-            vm.cpu_delta += cpus;
-        }
-        if memory > 0 {
-            vm.hypervisor()
-                .add_memory(memory)
-                .await
-                .map_err(VmError::from)?;
-            vm.memory_mib += memory;
-        }
-        vm.agent()
-            .online_cpu_mem(vm.cpu, memory == 0)
-            .await
-            .map_err(VmError::from)?;
-        debug!(
-            id = vm.id(),
-            cpu = vm.cpu,
-            memory_mib = vm.memory_mib,
-            "VM grown"
-        );
-        Ok(())
-    }
-
-    async fn refresh_identity(vm: &Vm) -> Result<(), FactoryError> {
-        vm.reseed_rng().await?;
-        vm.sync_time().await?;
-        Ok(())
     }
 
     /// Stops the base factory.
@@ -213,27 +191,99 @@ impl Factory {
     }
 }
 
+/// Resumes a base VM, checks its agent (reconnecting while a previous owner's connection
+/// may still be in the guest), and refreshes its identity.
+async fn make_ready(vm: &mut Vm, timeout: Duration) -> Result<(), FactoryError> {
+    vm.resume().await?;
+    let started = std::time::Instant::now();
+    loop {
+        let attempt = tokio::select! {
+            checked = vm.agent().check() => Some(checked.map_err(VmError::from)),
+            err = vm.hypervisor().exited() => return Err(VmError::from(err).into()),
+            () = tokio::time::sleep(CHECK_ATTEMPT_TIMEOUT) => None,
+        };
+        match attempt {
+            Some(Ok(())) => break,
+            Some(Err(err)) => debug!(%err, "Agent check failed; reconnecting"),
+            None => debug!("Agent check timed out; reconnecting"),
+        }
+        if started.elapsed() > timeout {
+            return Err(VmError::AgentTimeout {
+                seconds: timeout.as_secs_f64(),
+                report: vm.hypervisor().failure_report(),
+            }
+            .into());
+        }
+        vm.reconnect_agent();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    refresh_identity(vm).await?;
+    debug!(id = vm.id(), "VM ready for use");
+    Ok(())
+}
+
+async fn refresh_identity(vm: &Vm) -> Result<(), FactoryError> {
+    vm.reseed_rng().await?;
+    vm.sync_time().await?;
+    Ok(())
+}
+
+async fn grow(vm: &mut Vm, request: &VmRequest) -> Result<(), FactoryError> {
+    let cpus = request.vcpus.unwrap_or(0).saturating_sub(vm.cpu);
+    let memory = round_up_to_block(
+        request
+            .memory_mib
+            .unwrap_or(0)
+            .saturating_sub(vm.memory_mib),
+    );
+    if cpus == 0 && memory == 0 {
+        return Ok(());
+    }
+    if cpus > 0 {
+        vm.hypervisor()
+            .add_vcpus(cpus)
+            .await
+            .map_err(VmError::from)?;
+        vm.cpu += cpus;
+        vm.cpu_delta += cpus;
+    }
+    if memory > 0 {
+        vm.hypervisor()
+            .add_memory(memory)
+            .await
+            .map_err(VmError::from)?;
+        vm.memory_mib += memory;
+    }
+    vm.agent()
+        .online_cpu_mem(vm.cpu, memory == 0)
+        .await
+        .map_err(VmError::from)?;
+    debug!(
+        id = vm.id(),
+        cpu = vm.cpu,
+        memory_mib = vm.memory_mib,
+        "VM grown"
+    );
+    Ok(())
+}
+
 /// Memory is hot-plugged in whole Linux memory blocks.
 fn round_up_to_block(mib: u32) -> u32 {
-    let block = vmfactory_hypervisor::qemu::MEMORY_BLOCK_MIB;
-    mib.div_ceil(block).saturating_mul(block)
+    mib.div_ceil(MEMORY_BLOCK_MIB)
+        .saturating_mul(MEMORY_BLOCK_MIB)
 }
 
 /// Why `request` cannot be served by growing a VM made from `base`, if it cannot.
-pub fn incompatibility(base: &VmConfig, request: &VmConfig) -> Option<&'static str> {
-    if base.qemu != request.qemu {
-        return Some("hypervisor settings differ");
-    }
-    if base.kernel != request.kernel || base.initrd != request.initrd {
-        return Some("kernel or initrd differ");
-    }
-    if base.kernel_cmdline() != request.kernel_cmdline() {
-        return Some("kernel parameters differ");
-    }
-    if request.vcpus > base.max_vcpus.max(base.vcpus) {
+pub fn incompatibility(base: &VmConfig, request: &VmRequest) -> Option<&'static str> {
+    if request.vcpus.unwrap_or(0) > base.max_vcpus.max(base.vcpus) {
         return Some("more vCPUs than the factory's VMs can grow to");
     }
-    let wanted_memory = round_up_to_block(request.memory_mib.saturating_sub(base.memory_mib));
+    let wanted_memory = round_up_to_block(
+        request
+            .memory_mib
+            .unwrap_or(0)
+            .saturating_sub(base.memory_mib),
+    );
     if wanted_memory > 0 {
         if base.memory_slots == 0 {
             return Some("more memory, but the factory's VMs have no memory slots");
@@ -262,66 +312,39 @@ mod tests {
         }
     }
 
+    fn request(vcpus: u32, memory_mib: u32) -> VmRequest {
+        VmRequest {
+            vcpus: Some(vcpus),
+            memory_mib: Some(memory_mib),
+        }
+    }
+
     #[test]
-    fn only_cpu_and_memory_may_differ() {
+    fn growth_within_limits_is_served() {
         let base = base();
-        let mut request = base.clone();
-        assert_eq!(incompatibility(&base, &request), None);
-        request.vcpus = 3;
-        request.memory_mib = 1024;
-        assert_eq!(incompatibility(&base, &request), None);
-        let smaller = VmConfig {
-            memory_mib: 128,
-            ..base.clone()
-        };
+        assert_eq!(incompatibility(&base, &VmRequest::default()), None);
+        assert_eq!(incompatibility(&base, &request(3, 1024)), None);
         assert_eq!(
-            incompatibility(&base, &smaller),
+            incompatibility(&base, &request(1, 128)),
             None,
             "never shrink, but serve"
-        );
-
-        let mut other = base.clone();
-        other.kernel_params = "debug".into();
-        assert_eq!(
-            incompatibility(&base, &other),
-            Some("kernel parameters differ")
-        );
-        let mut other = base.clone();
-        other.kernel = "/other".into();
-        assert_eq!(
-            incompatibility(&base, &other),
-            Some("kernel or initrd differ")
-        );
-        let mut other = base.clone();
-        other.qemu.machine_type = "pc".into();
-        assert_eq!(
-            incompatibility(&base, &other),
-            Some("hypervisor settings differ")
         );
     }
 
     #[test]
     fn growth_limits_fall_back_to_direct_boot() {
         let base = base();
-        let too_many = VmConfig {
-            vcpus: 5,
-            ..base.clone()
-        };
-        assert!(incompatibility(&base, &too_many).is_some());
-        let too_much = VmConfig {
-            memory_mib: 4096,
-            ..base.clone()
-        };
-        assert!(incompatibility(&base, &too_much).is_some());
+        assert!(incompatibility(&base, &request(5, 256)).is_some());
+        assert!(incompatibility(&base, &request(1, 4096)).is_some());
         let no_slots = VmConfig {
             memory_slots: 0,
             ..base.clone()
         };
-        let request = VmConfig {
-            memory_mib: 512,
-            ..no_slots.clone()
-        };
-        assert!(incompatibility(&no_slots, &request).is_some());
+        assert!(incompatibility(&no_slots, &request(1, 512)).is_some());
+        let direct = base.for_direct_boot(&request(8, 4096));
+        assert_eq!((direct.vcpus, direct.max_vcpus), (8, 8));
+        assert_eq!((direct.memory_mib, direct.max_memory_mib), (4096, 4096));
+        assert_eq!(direct.memory_slots, 0, "direct boots never grow");
     }
 
     #[test]

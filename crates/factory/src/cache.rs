@@ -1,44 +1,27 @@
-//! The cache factory: keeps `size` base VMs ready, refilled in the background.
+//! The cache factory: keeps `size` base VMs ready in a [`ReadyPool`], refilled in the
+//! background.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{Mutex, Notify, Semaphore};
-use tokio::task::JoinHandle;
-use tracing::{debug, warn};
+use tracing::debug;
+use vmfactory_hypervisor::Backend;
 
 use crate::base::{FactoryBase, FactoryError, VmStatus};
 use crate::config::VmConfig;
+use crate::pool::{Maker, ReadyPool};
 use crate::vm::Vm;
 
-/// How often ready VMs are checked for a dead hypervisor.
-const WATCH_INTERVAL: Duration = Duration::from_millis(500);
-
 /// `size` ready VMs from a base factory. A dead VM is discarded and replaced, never
-/// handed out; `close` stops the refill tasks and every ready VM.
+/// handed out; `close` stops the refill and every ready VM, then the base factory.
 #[derive(Debug)]
 pub struct CacheFactory {
-    shared: Arc<Shared>,
-    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
-}
-
-#[derive(Debug)]
-struct Shared {
-    warm_up: bool,
     base: Arc<dyn FactoryBase>,
-    ready: Mutex<VecDeque<Vm>>,
-    /// One permit per empty place in the cache.
-    free: Semaphore,
-    /// Signalled when a VM becomes ready or the cache closes.
-    filled: Notify,
-    closed: AtomicBool,
+    pool: ReadyPool<Vm>,
 }
 
 impl CacheFactory {
-    /// Starts filling a cache of `size` VMs from `base` (one refill task per place).
+    /// Starts filling a cache of `size` VMs from `base`.
     pub fn new(base: Arc<dyn FactoryBase>, size: usize) -> Self {
         Self::with_warm_up(base, size, false)
     }
@@ -46,160 +29,59 @@ impl CacheFactory {
     /// Like [`CacheFactory::new`]; with `warm_up`, every VM is warmed (see
     /// [`Vm::warm_up`]) before it is cached.
     pub fn with_warm_up(base: Arc<dyn FactoryBase>, size: usize, warm_up: bool) -> Self {
-        let shared = Arc::new(Shared {
-            warm_up,
-            base,
-            ready: Mutex::new(VecDeque::new()),
-            free: Semaphore::new(size),
-            filled: Notify::new(),
-            closed: AtomicBool::new(false),
+        let maker_base = base.clone();
+        let maker: Maker<Vm> = Arc::new(move || {
+            let base = maker_base.clone();
+            Box::pin(async move {
+                let mut vm = base.get_base_vm().await?;
+                if warm_up {
+                    if let Err(err) = vm.warm_up().await {
+                        let _ = vm.stop().await;
+                        return Err(err.into());
+                    }
+                }
+                Ok(vm)
+            })
         });
-        let mut tasks: Vec<JoinHandle<()>> = (0..size)
-            .map(|_| tokio::spawn(refill(shared.clone())))
-            .collect();
-        tasks.push(tokio::spawn(watch(shared.clone())));
-        Self {
-            shared,
-            tasks: std::sync::Mutex::new(tasks),
-        }
+        let pool = ReadyPool::start("cache", size, maker);
+        Self { base, pool }
     }
 
     /// VMs ready right now.
     pub async fn ready_count(&self) -> usize {
-        self.shared.ready.lock().await.len()
-    }
-}
-
-impl Shared {
-    fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
-    }
-}
-
-/// Produces VMs while there is room, until the cache closes.
-async fn refill(shared: Arc<Shared>) {
-    let mut failures = 0u32;
-    loop {
-        let Ok(permit) = shared.free.acquire().await else {
-            return; // closed
-        };
-        if shared.is_closed() {
-            return;
-        }
-        let made = match shared.base.get_base_vm().await {
-            Ok(mut vm) if shared.warm_up => match vm.warm_up().await {
-                Ok(()) => Ok(vm),
-                Err(err) => {
-                    let _ = vm.stop().await;
-                    Err(FactoryError::from(err))
-                }
-            },
-            other => other,
-        };
-        match made {
-            Ok(vm) => {
-                failures = 0;
-                if shared.is_closed() {
-                    let _ = vm.stop().await;
-                    return;
-                }
-                permit.forget();
-                shared.ready.lock().await.push_back(vm);
-                shared.filled.notify_one();
-            }
-            Err(err) => {
-                drop(permit);
-                failures += 1;
-                warn!(%err, "Cannot make a VM for the cache");
-                let backoff = Duration::from_millis(200 * u64::from(failures.min(25)));
-                tokio::time::sleep(backoff).await;
-                if shared.is_closed() {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Discards ready VMs whose hypervisor died, freeing their place for a new one.
-async fn watch(shared: Arc<Shared>) {
-    while !shared.is_closed() {
-        tokio::time::sleep(WATCH_INTERVAL).await;
-        let dead: Vec<Vm> = {
-            let mut ready = shared.ready.lock().await;
-            let (alive, dead): (VecDeque<Vm>, VecDeque<Vm>) =
-                ready.drain(..).partition(|vm| vm.hypervisor().is_running());
-            *ready = alive;
-            dead.into()
-        };
-        for vm in dead {
-            warn!(id = vm.id(), "A cached VM died; replacing it");
-            let _ = vm.stop().await;
-            shared.free.add_permits(1);
-        }
+        self.pool.ready_count().await
     }
 }
 
 #[async_trait]
 impl FactoryBase for CacheFactory {
     fn config(&self) -> &VmConfig {
-        self.shared.base.config()
+        self.base.config()
+    }
+
+    fn backend(&self) -> &Arc<dyn Backend> {
+        self.base.backend()
     }
 
     async fn get_base_vm(&self) -> Result<Vm, FactoryError> {
-        loop {
-            if self.shared.is_closed() {
-                return Err(FactoryError::Closed);
-            }
-            let notified = self.shared.filled.notified();
-            let taken = self.shared.ready.lock().await.pop_front();
-            match taken {
-                Some(vm) if vm.hypervisor().is_running() => {
-                    self.shared.free.add_permits(1);
-                    debug!(id = vm.id(), "VM taken from the cache");
-                    return Ok(vm);
-                }
-                Some(dead) => {
-                    warn!(id = dead.id(), "Discarding a dead cached VM");
-                    let _ = dead.stop().await;
-                    self.shared.free.add_permits(1);
-                }
-                None => notified.await,
-            }
-        }
+        let vm = self.pool.take().await?;
+        debug!(id = vm.id(), "VM taken from the cache");
+        Ok(vm)
     }
 
     async fn status(&self) -> Vec<VmStatus> {
-        self.shared
-            .ready
-            .lock()
-            .await
-            .iter()
-            .map(|vm| VmStatus {
+        self.pool
+            .map_ready(|vm| VmStatus {
                 pid: vm.pid().unwrap_or(0),
                 cpu: vm.cpu,
                 memory_mib: vm.memory_mib,
             })
-            .collect()
+            .await
     }
 
     async fn close(&self) -> Result<(), FactoryError> {
-        self.shared.closed.store(true, Ordering::SeqCst);
-        self.shared.free.close();
-        self.shared.filled.notify_waiters();
-        let tasks = self
-            .tasks
-            .lock()
-            .map(|mut tasks| std::mem::take(&mut *tasks))
-            .unwrap_or_default();
-        for task in tasks {
-            let _ = task.await;
-        }
-        let vms: Vec<Vm> = self.shared.ready.lock().await.drain(..).collect();
-        for vm in vms {
-            let _ = vm.stop().await;
-        }
-        self.shared.base.close().await
+        self.pool.close().await;
+        self.base.close().await
     }
 }
 
@@ -207,11 +89,13 @@ impl FactoryBase for CacheFactory {
 mod tests {
     use std::sync::atomic::AtomicUsize;
 
-    use vmfactory_hypervisor::mock::{MockControl, MockHypervisor};
-    use vmfactory_hypervisor::{Hypervisor, MemoryBackend};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use vmfactory_hypervisor::mock::{MockBackend, MockControl};
+    use vmfactory_hypervisor::MemoryBackend;
 
     use super::*;
-    use crate::agent_client::AgentClient;
 
     /// Makes mock VMs, optionally slowly, and remembers their controls.
     #[derive(Debug)]
@@ -219,21 +103,32 @@ mod tests {
         config: VmConfig,
         made: AtomicUsize,
         delay: Duration,
-        controls: std::sync::Mutex<Vec<Arc<MockControl>>>,
+        backend: Arc<dyn Backend>,
+        mock: MockBackend,
+        _dir: tempfile::TempDir,
     }
 
     impl MockFactory {
         fn new(delay: Duration) -> Arc<Self> {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let kernel = dir.path().join("kernel");
+            std::fs::write(&kernel, b"k").expect("kernel");
+            let mock = MockBackend::new(dir.path(), None);
             Arc::new(Self {
-                config: VmConfig::default(),
+                config: VmConfig {
+                    kernel,
+                    ..VmConfig::default()
+                },
                 made: AtomicUsize::new(0),
                 delay,
-                controls: std::sync::Mutex::new(Vec::new()),
+                backend: Arc::new(mock.clone()),
+                mock,
+                _dir: dir,
             })
         }
 
         fn controls(&self) -> Vec<Arc<MockControl>> {
-            self.controls.lock().expect("lock").clone()
+            self.mock.controls().into_iter().map(|(_, c)| c).collect()
         }
     }
 
@@ -243,15 +138,20 @@ mod tests {
             &self.config
         }
 
+        fn backend(&self) -> &Arc<dyn Backend> {
+            &self.backend
+        }
+
         async fn get_base_vm(&self) -> Result<Vm, FactoryError> {
             tokio::time::sleep(self.delay).await;
             let n = self.made.fetch_add(1, Ordering::SeqCst);
             let spec = self.config.spec(format!("mock{n}"), MemoryBackend::Memfd);
-            let (hypervisor, control) =
-                MockHypervisor::start(&spec).map_err(|err| FactoryError::Vm(err.into()))?;
-            self.controls.lock().expect("lock").push(control);
-            let agent = AgentClient::connect_lazy(&hypervisor.agent_socket());
-            Ok(Vm::from_parts(Box::new(hypervisor), agent, 1, 256))
+            let hypervisor = self
+                .backend
+                .boot(&spec)
+                .await
+                .map_err(|err| FactoryError::Vm(err.into()))?;
+            Ok(Vm::from_hypervisor(hypervisor, 1, 256))
         }
 
         async fn status(&self) -> Vec<VmStatus> {

@@ -3,9 +3,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
-use vmfactory_hypervisor::qemu::QemuConfig;
-use vmfactory_hypervisor::{MemoryBackend, VmSpec};
+use vmfactory_hypervisor::qemu::{QemuBackend, QemuConfig};
+use vmfactory_hypervisor::{Backend, MemoryBackend, VmSpec};
 
 /// Kernel command line every VM gets: serial console, quiet boot, no probing of hardware
 /// the VM does not have, and hot-plugged memory onlined by the kernel.
@@ -65,7 +67,35 @@ impl Default for VmConfig {
     }
 }
 
+/// What a caller asks [`crate::Factory::get_vm`] for: a VM of the factory's kind, with
+/// these sizes (`None`: the factory's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRequest {
+    /// vCPUs.
+    pub vcpus: Option<u32>,
+    /// Guest RAM, MiB.
+    pub memory_mib: Option<u32>,
+}
+
 impl VmConfig {
+    /// The backend that runs VMs of this config. This is where a new hypervisor backend
+    /// plugs in: today every config names QEMU.
+    pub fn backend(&self) -> Arc<dyn Backend> {
+        Arc::new(QemuBackend::new(self.qemu.clone()))
+    }
+
+    /// This config resized as `request` asks, for a VM booted directly at that size: it
+    /// never grows, so it gets no memory hot-plug slots (they slow its boot).
+    pub fn for_direct_boot(&self, request: &VmRequest) -> Self {
+        let mut config = self.clone();
+        config.vcpus = request.vcpus.unwrap_or(self.vcpus);
+        config.memory_mib = request.memory_mib.unwrap_or(self.memory_mib);
+        config.max_vcpus = config.max_vcpus.max(config.vcpus);
+        config.max_memory_mib = config.max_memory_mib.max(config.memory_mib);
+        config.memory_slots = 0;
+        config
+    }
+
     /// The full kernel command line.
     pub fn kernel_cmdline(&self) -> String {
         let extra = self.kernel_params.trim();

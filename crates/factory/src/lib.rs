@@ -1,21 +1,38 @@
-//! VMs and the factories that make them. [`Vm`] is a running micro-VM with a connected
-//! guest agent; [`VmConfig`] describes what to boot; [`agent_client::AgentClient`] speaks
-//! the agent API over the VM's virtio-serial socket.
+//! VMs and the factories that make them, as Kata's VM factory, on any
+//! [`vmfactory_hypervisor::Backend`]:
+//! - [`VmConfig`] describes what to boot, [`VmRequest`] what a caller asks for;
+//! - [`Vm`] is a running micro-VM plus its guest agent connection ([`AgentClient`]);
+//!   [`agent_port`] knows when the agent lets go of a host and waits for the next;
+//! - [`FactoryBase`] makes base VMs: [`DirectFactory`], [`TemplateFactory`] (clones of a
+//!   saved VM), [`CacheFactory`] (a [`pool::ReadyPool`] of ready VMs) and
+//!   [`GrpcCacheFactory`] (VMs taken over from a [`vmcache`] server by a
+//!   [`HandOverRecord`]);
+//! - [`Factory::get_vm`] turns a base VM into the VM asked for, and [`Factory::open`] /
+//!   [`CacheServerFactory`] ([`select`]) choose the factory from [`Settings`].
 
 pub mod agent_client;
+pub mod agent_port;
 pub mod base;
 pub mod cache;
 pub mod config;
+pub mod handover;
+pub mod pool;
+pub mod select;
 pub mod settings;
 pub mod template;
 pub mod vm;
 pub mod vmcache;
 
+#[cfg(test)]
+mod mock_agent;
+
 pub use agent_client::{AgentClient, AgentError, ExecOutput, ExecRequest, GuestDetails};
 pub use base::{DirectFactory, Factory, FactoryBase, FactoryError, VmStatus};
 pub use cache::CacheFactory;
-pub use config::VmConfig;
+pub use config::{VmConfig, VmRequest};
+pub use handover::{HandOverError, HandOverRecord};
+pub use select::{CacheServerFactory, FactoryChoice};
 pub use settings::{Settings, SettingsError};
 pub use template::{TemplateError, TemplateFactory, TemplateMetadata};
-pub use vm::{HandOff, Vm, VmError};
+pub use vm::{Vm, VmError};
 pub use vmcache::{GrpcCacheFactory, VmCacheError};

@@ -1,17 +1,23 @@
-//! A VM: a hypervisor handle plus a connected guest agent.
+//! A VM: a hypervisor handle plus a connection to its guest agent.
 
 use std::time::{Duration, Instant, SystemTime};
 
+use async_trait::async_trait;
 use rand::RngCore;
 use tracing::{debug, info};
-use vmfactory_hypervisor::qemu::{new_vm_id, Qemu};
-use vmfactory_hypervisor::{Hypervisor, HypervisorError, MemoryBackend};
+use vmfactory_hypervisor::qemu::new_vm_id;
+use vmfactory_hypervisor::{Backend, Hypervisor, HypervisorError, MemoryBackend};
 
 use crate::agent_client::{AgentClient, AgentError, ExecOutput, ExecRequest, GuestDetails};
+use crate::agent_port::PortWatch;
 use crate::config::VmConfig;
+use crate::handover::{HandOverError, HandOverRecord, HANDOVER_FORMAT_VERSION};
+use crate::pool::Poolable;
 
 /// Bytes of host entropy sent to a guest on reseed.
 pub const RESEED_BYTES: usize = 512;
+/// How long a warm-up may wait for the agent.
+const WARM_UP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Errors of VM operations.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +28,9 @@ pub enum VmError {
     /// The guest agent failed.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// A hand-over record could not be read.
+    #[error(transparent)]
+    HandOver(#[from] HandOverError),
     /// A remote factory failed.
     #[error("VMCache server: {0}")]
     Remote(String),
@@ -35,22 +44,7 @@ pub enum VmError {
     },
 }
 
-/// A VM given away by one process for another to take over.
-#[derive(Debug, Clone)]
-pub struct HandOff {
-    /// VM id.
-    pub id: String,
-    /// The hypervisor's own description (for QEMU: a `QemuHandle`).
-    pub hypervisor: serde_json::Value,
-    /// vCPUs.
-    pub cpu: u32,
-    /// Memory, MiB.
-    pub memory_mib: u32,
-    /// Hot-plugged vCPUs.
-    pub cpu_delta: u32,
-}
-
-/// A running micro-VM with a connected guest agent.
+/// A running micro-VM with a connection to its guest agent.
 #[derive(Debug)]
 pub struct Vm {
     hypervisor: Box<dyn Hypervisor>,
@@ -64,19 +58,19 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Boots a VM directly from `config` and waits until its agent answers. The agent
-    /// connection is opened as soon as QEMU is up, while the guest kernel still boots, so the
-    /// first `Check` is answered the moment the agent listens.
-    pub async fn new(config: &VmConfig) -> Result<Self, VmError> {
+    /// Boots a VM from `config` with `backend` and waits until its agent answers. The agent
+    /// connection is opened as soon as the VM exists, while the guest kernel still boots,
+    /// so the first `Check` is answered the moment the agent listens.
+    pub async fn boot(backend: &dyn Backend, config: &VmConfig) -> Result<Self, VmError> {
         let started = Instant::now();
         let spec = config.spec(new_vm_id(), MemoryBackend::Memfd);
-        let mut qemu = Qemu::start(&config.qemu, &spec).await?;
-        debug!(id = %spec.id, elapsed = ?started.elapsed(), "QEMU is up");
-        match connect_agent(&qemu, config.boot_timeout).await {
+        let mut hypervisor = backend.boot(&spec).await?;
+        debug!(id = %spec.id, elapsed = ?started.elapsed(), "Hypervisor is up");
+        match connect_agent(hypervisor.as_ref(), config.boot_timeout).await {
             Ok(agent) => {
                 info!(id = %spec.id, elapsed = ?started.elapsed(), "VM ready");
                 Ok(Self {
-                    hypervisor: Box::new(qemu),
+                    hypervisor,
                     agent,
                     cpu: config.vcpus,
                     memory_mib: config.memory_mib,
@@ -84,19 +78,16 @@ impl Vm {
                 })
             }
             Err(err) => {
-                let _ = qemu.stop().await;
+                let _ = hypervisor.stop().await;
                 Err(err)
             }
         }
     }
 
-    /// Assembles a VM from an already running hypervisor and agent connection.
-    pub fn from_parts(
-        hypervisor: Box<dyn Hypervisor>,
-        agent: AgentClient,
-        cpu: u32,
-        memory_mib: u32,
-    ) -> Self {
+    /// A VM around a running (or paused) hypervisor; the agent connection is made on first
+    /// use, so a paused VM that may change hands never has bytes in flight in its port.
+    pub fn from_hypervisor(hypervisor: Box<dyn Hypervisor>, cpu: u32, memory_mib: u32) -> Self {
+        let agent = AgentClient::connect_lazy(&hypervisor.channels().agent_socket);
         Self {
             hypervisor,
             agent,
@@ -104,6 +95,32 @@ impl Vm {
             memory_mib,
             cpu_delta: 0,
         }
+    }
+
+    /// Takes over the VM `record` describes with `backend`.
+    pub async fn adopt(backend: &dyn Backend, record: HandOverRecord) -> Result<Self, VmError> {
+        let hypervisor = backend.adopt(record.hypervisor).await?;
+        let mut vm = Self::from_hypervisor(hypervisor, record.cpu, record.memory_mib);
+        vm.cpu_delta = record.cpu_delta;
+        Ok(vm)
+    }
+
+    /// Gives the VM to another owner (VMCache `GetBaseVM`): closes our agent connection and
+    /// the hypervisor's control session and returns the record to adopt it with; the VM
+    /// keeps running.
+    pub fn hand_over(self) -> Result<HandOverRecord, VmError> {
+        self.agent.disconnect();
+        let id = self.id().to_string();
+        let (cpu, memory_mib, cpu_delta) = (self.cpu, self.memory_mib, self.cpu_delta);
+        let hypervisor = self.hypervisor.hand_over()?;
+        Ok(HandOverRecord {
+            format_version: HANDOVER_FORMAT_VERSION,
+            id,
+            cpu,
+            memory_mib,
+            cpu_delta,
+            hypervisor,
+        })
     }
 
     /// The VM's id.
@@ -130,7 +147,7 @@ impl Vm {
     /// serves the next connection after it has seen the old one end.
     pub fn reconnect_agent(&mut self) {
         self.agent.disconnect();
-        self.agent = AgentClient::connect_lazy(&self.hypervisor.agent_socket());
+        self.agent = AgentClient::connect_lazy(&self.hypervisor.channels().agent_socket);
     }
 
     /// Runs the (paused) VM through one agent connection and pauses it again once the
@@ -143,37 +160,22 @@ impl Vm {
         tokio::select! {
             checked = self.agent.check() => checked?,
             err = self.hypervisor.exited() => return Err(err.into()),
-            () = tokio::time::sleep(Duration::from_secs(30)) => {
-                return Err(VmError::AgentTimeout { seconds: 30.0, report: String::new() })
+            () = tokio::time::sleep(WARM_UP_TIMEOUT) => {
+                return Err(VmError::AgentTimeout {
+                    seconds: WARM_UP_TIMEOUT.as_secs_f64(),
+                    report: self.hypervisor.failure_report(),
+                })
             }
         }
-        self.hypervisor.mark_agent_handover().await;
+        let watch = PortWatch::mark(self.hypervisor.as_ref());
         self.agent.disconnect();
-        self.hypervisor
-            .wait_agent_closed(Duration::from_secs(10))
+        watch
+            .wait_reopened(self.hypervisor.as_ref(), Duration::from_secs(10))
             .await?;
-        // Let the agent reopen its port and wait for a host (warming that path too).
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        self.agent = AgentClient::connect_lazy(&self.hypervisor.agent_socket());
+        self.agent = AgentClient::connect_lazy(&self.hypervisor.channels().agent_socket);
         self.pause().await?;
         debug!(id = self.id(), elapsed = ?started.elapsed(), "VM warmed up");
         Ok(())
-    }
-
-    /// Gives the VM to another process (VMCache `GetBaseVM`): closes our agent connection
-    /// and QMP session and returns the hypervisor description; the VM keeps running.
-    pub fn hand_off(self) -> Result<HandOff, VmError> {
-        self.agent.disconnect();
-        let id = self.id().to_string();
-        let (cpu, memory_mib, cpu_delta) = (self.cpu, self.memory_mib, self.cpu_delta);
-        let hypervisor = self.hypervisor.detach()?;
-        Ok(HandOff {
-            id,
-            hypervisor,
-            cpu,
-            memory_mib,
-            cpu_delta,
-        })
     }
 
     /// Pauses the vCPUs.
@@ -191,7 +193,7 @@ impl Vm {
         Ok(self.hypervisor.stop().await?)
     }
 
-    /// Runs a command in the guest; fails fast if QEMU dies meanwhile.
+    /// Runs a command in the guest; fails fast if the VM dies meanwhile.
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, VmError> {
         tokio::select! {
             result = self.agent.exec(request) => Ok(result?),
@@ -217,13 +219,43 @@ impl Vm {
     }
 }
 
+#[async_trait]
+impl Poolable for Vm {
+    fn pool_id(&self) -> String {
+        self.id().to_string()
+    }
+
+    fn is_alive(&self) -> bool {
+        self.hypervisor.is_running()
+    }
+
+    async fn discard(self) {
+        let _ = self.stop().await;
+    }
+}
+
+#[async_trait]
+impl Poolable for Box<dyn Hypervisor> {
+    fn pool_id(&self) -> String {
+        self.id().to_string()
+    }
+
+    fn is_alive(&self) -> bool {
+        self.is_running()
+    }
+
+    async fn discard(mut self) {
+        let _ = self.stop().await;
+    }
+}
+
 /// Connects to the agent of `hypervisor` and waits for a successful `Check`, unless the
-/// hypervisor dies or `timeout` passes first.
+/// VM dies or `timeout` passes first.
 pub async fn connect_agent(
     hypervisor: &dyn Hypervisor,
     timeout: Duration,
 ) -> Result<AgentClient, VmError> {
-    let socket = hypervisor.agent_socket();
+    let socket = hypervisor.channels().agent_socket;
     let attempt = async {
         loop {
             match AgentClient::connect(&socket).await {

@@ -12,14 +12,14 @@ use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
-use vmfactory_hypervisor::qemu::{Qemu, QemuHandle};
+use vmfactory_hypervisor::Backend;
 use vmfactory_protocols::cache::cache_service_client::CacheServiceClient;
 use vmfactory_protocols::cache::cache_service_server::{CacheService, CacheServiceServer};
 use vmfactory_protocols::cache::{GrpcStatus, GrpcVm, GrpcVmConfig, GrpcVmStatus};
 
-use crate::agent_client::AgentClient;
 use crate::base::{FactoryBase, FactoryError, VmStatus};
 use crate::config::VmConfig;
+use crate::handover::HandOverRecord;
 use crate::vm::{Vm, VmError};
 
 /// Errors of the VMCache server and client.
@@ -143,21 +143,11 @@ impl CacheService for CacheServer {
             .get_base_vm()
             .await
             .map_err(|err| Status::unavailable(err.to_string()))?;
-        let handoff = vm
-            .hand_off()
+        let record = vm
+            .hand_over()
             .map_err(|err| Status::internal(err.to_string()))?;
-        let hypervisor = serde_json::to_vec(&handoff.hypervisor)
-            .map_err(|err| Status::internal(err.to_string()))?;
-        info!(id = handoff.id, "VM handed over");
-        Ok(Response::new(GrpcVm {
-            id: handoff.id,
-            hypervisor,
-            proxy_pid: 0,
-            proxy_url: String::new(),
-            cpu: handoff.cpu,
-            memory: handoff.memory_mib,
-            cpu_delta: handoff.cpu_delta,
-        }))
+        info!(id = record.id, "VM handed over");
+        Ok(Response::new(grpc_vm(&record)))
     }
 
     async fn status(&self, _request: Request<()>) -> Result<Response<GrpcStatus>, Status> {
@@ -184,6 +174,32 @@ impl CacheService for CacheServer {
         self.shutdown.notify_one();
         Ok(Response::new(()))
     }
+}
+
+/// Kata's `GrpcVM` for a handed-over VM: the Kata fields filled from the record, and the
+/// whole record (JSON) in `hypervisor`, where Kata puts its hypervisor's own description.
+pub fn grpc_vm(record: &HandOverRecord) -> GrpcVm {
+    GrpcVm {
+        id: record.id.clone(),
+        hypervisor: record.to_json(),
+        proxy_pid: 0,
+        proxy_url: String::new(),
+        cpu: record.cpu,
+        memory: record.memory_mib,
+        cpu_delta: record.cpu_delta,
+    }
+}
+
+/// The hand-over record in a `GrpcVM`, checked against the message's own fields.
+pub fn record_of(vm: &GrpcVm) -> Result<HandOverRecord, VmError> {
+    let record = HandOverRecord::from_json(&vm.hypervisor)?;
+    if record.id != vm.id || record.hypervisor.id() != vm.id {
+        return Err(VmError::Remote(format!(
+            "The hand-over record describes VM {:?}, the message VM {:?}",
+            record.id, vm.id
+        )));
+    }
+    Ok(record)
 }
 
 /// A gRPC client of a VMCache server.
@@ -241,11 +257,38 @@ pub async fn quit(endpoint: &Path) -> Result<(), VmCacheError> {
 pub struct GrpcCacheFactory {
     client: CacheServiceClient<Channel>,
     config: VmConfig,
+    backend: Arc<dyn Backend>,
 }
 
 impl GrpcCacheFactory {
-    /// Connects to the server at `endpoint` and fetches its VM config.
+    /// Connects to the server at `endpoint` and fetches its VM config (Kata's `Config`);
+    /// VMs are adopted with the backend that config names.
     pub async fn connect(endpoint: &Path) -> Result<Self, VmCacheError> {
+        let (client, config) = Self::config_of(endpoint).await?;
+        let backend = config.backend();
+        Ok(Self {
+            client,
+            config,
+            backend,
+        })
+    }
+
+    /// Like [`GrpcCacheFactory::connect`], adopting VMs with `backend`.
+    pub async fn connect_with_backend(
+        endpoint: &Path,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self, VmCacheError> {
+        let (client, config) = Self::config_of(endpoint).await?;
+        Ok(Self {
+            client,
+            config,
+            backend,
+        })
+    }
+
+    async fn config_of(
+        endpoint: &Path,
+    ) -> Result<(CacheServiceClient<Channel>, VmConfig), VmCacheError> {
         let mut client = connect(endpoint).await?;
         let response = client
             .config(())
@@ -260,7 +303,7 @@ impl GrpcCacheFactory {
                 what: "VM config",
                 detail: err.to_string(),
             })?;
-        Ok(Self { client, config })
+        Ok((client, config))
     }
 }
 
@@ -268,6 +311,10 @@ impl GrpcCacheFactory {
 impl FactoryBase for GrpcCacheFactory {
     fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
     }
 
     async fn get_base_vm(&self) -> Result<Vm, FactoryError> {
@@ -278,14 +325,8 @@ impl FactoryBase for GrpcCacheFactory {
             .await
             .map_err(|status| VmError::Remote(status.message().to_string()))?
             .into_inner();
-        let handle: QemuHandle = serde_json::from_slice(&vm.hypervisor)
-            .map_err(|err| VmError::Remote(format!("Invalid hypervisor description: {err}")))?;
-        let qemu = Qemu::adopt(handle).await.map_err(VmError::from)?;
-        let agent =
-            AgentClient::connect_lazy(&vmfactory_hypervisor::Hypervisor::agent_socket(&qemu));
-        let mut taken = Vm::from_parts(Box::new(qemu), agent, vm.cpu, vm.memory);
-        taken.cpu_delta = vm.cpu_delta;
-        Ok(taken)
+        let record = record_of(&vm)?;
+        Ok(Vm::adopt(self.backend.as_ref(), record).await?)
     }
 
     async fn status(&self) -> Vec<VmStatus> {

@@ -4,11 +4,12 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{config, runtime_dir, sh};
 use vmfactory_factory::template::{self, METADATA_FILE, STATE_FILE};
-use vmfactory_factory::{Factory, TemplateError, TemplateFactory, Vm};
+use vmfactory_factory::{Factory, TemplateError, TemplateFactory, Vm, VmRequest};
 
 /// Destroys the template when dropped, so a failing test leaves no mount behind.
 struct TemplateGuard(std::path::PathBuf);
@@ -48,9 +49,11 @@ async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
     let _guard = TemplateGuard(path.clone());
     let config = config(runtime.path());
 
-    let created = TemplateFactory::new(&config, &path).await.expect("create");
+    let created = TemplateFactory::new(&config, &path, config.backend())
+        .await
+        .expect("create");
     assert!(path.join(STATE_FILE).is_file());
-    let err = TemplateFactory::new(&config, &path)
+    let err = TemplateFactory::new(&config, &path, config.backend())
         .await
         .expect_err("second create over an existing template");
     assert!(matches!(err, TemplateError::Exists(_)), "{err}");
@@ -64,11 +67,13 @@ async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     // A second factory instance opens the same template.
-    let fetched = TemplateFactory::fetch(&config, &path).await.expect("fetch");
-    let factory = Factory::new(Box::new(fetched));
+    let fetched = TemplateFactory::fetch(&config, &path, config.backend())
+        .await
+        .expect("fetch");
+    let factory = Factory::new(Arc::new(fetched));
     let mut clones = Vec::new();
     for _ in 0..5 {
-        clones.push(factory.get_vm().await.expect("clone"));
+        clones.push(factory.get_vm(&VmRequest::default()).await.expect("clone"));
     }
 
     let first_guest_time: i64 = sh(&clones[0], "date +%s").await.parse().expect("time");
@@ -108,7 +113,10 @@ async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
         );
     }
     // A clone made after the write starts from the untouched template.
-    let late = factory.get_vm().await.expect("late clone");
+    let late = factory
+        .get_vm(&VmRequest::default())
+        .await
+        .expect("late clone");
     assert_eq!(
         sh(
             &late,
@@ -120,7 +128,7 @@ async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
     clones.push(late);
     stop_all(clones).await;
 
-    let err = TemplateFactory::new(&config, &path)
+    let err = TemplateFactory::new(&config, &path, config.backend())
         .await
         .expect_err("exists");
     assert!(matches!(err, TemplateError::Exists(_)));
@@ -135,7 +143,9 @@ async fn fetch_refuses_a_corrupt_state_or_a_changed_kernel() {
     let path = runtime.path().join("template");
     let _guard = TemplateGuard(path.clone());
     let config = config(runtime.path());
-    TemplateFactory::new(&config, &path).await.expect("create");
+    TemplateFactory::new(&config, &path, config.backend())
+        .await
+        .expect("create");
 
     // A different kernel file (same size, one byte changed).
     let other_kernel = runtime.path().join("other-kernel");
@@ -147,7 +157,7 @@ async fn fetch_refuses_a_corrupt_state_or_a_changed_kernel() {
         kernel: other_kernel,
         ..config.clone()
     };
-    let err = TemplateFactory::fetch(&changed, &path)
+    let err = TemplateFactory::fetch(&changed, &path, changed.backend())
         .await
         .expect_err("changed kernel");
     assert!(matches!(err, TemplateError::Mismatch { .. }), "{err}");
@@ -157,7 +167,7 @@ async fn fetch_refuses_a_corrupt_state_or_a_changed_kernel() {
         memory_mib: config.memory_mib * 2,
         ..config.clone()
     };
-    let err = TemplateFactory::fetch(&bigger, &path)
+    let err = TemplateFactory::fetch(&bigger, &path, bigger.backend())
         .await
         .expect_err("changed memory");
     assert!(
@@ -171,7 +181,7 @@ async fn fetch_refuses_a_corrupt_state_or_a_changed_kernel() {
     let mut bytes = std::fs::read(&state).expect("read state");
     bytes[100] ^= 0x01;
     std::fs::write(&state, bytes).expect("write state");
-    let err = TemplateFactory::fetch(&config, &path)
+    let err = TemplateFactory::fetch(&config, &path, config.backend())
         .await
         .expect_err("corrupt state");
     assert!(matches!(err, TemplateError::Corrupt { .. }), "{err}");
@@ -182,7 +192,7 @@ async fn fetch_refuses_a_corrupt_state_or_a_changed_kernel() {
     );
 
     std::fs::write(path.join(METADATA_FILE), b"{not json").expect("write metadata");
-    let err = TemplateFactory::fetch(&config, &path)
+    let err = TemplateFactory::fetch(&config, &path, config.backend())
         .await
         .expect_err("corrupt metadata");
     assert!(matches!(err, TemplateError::Corrupt { .. }), "{err}");
@@ -190,7 +200,7 @@ async fn fetch_refuses_a_corrupt_state_or_a_changed_kernel() {
     assert!(template::destroy(&path).expect("destroy"));
     assert!(!path.exists());
     assert!(!mounted(&path));
-    let err = TemplateFactory::fetch(&config, &path)
+    let err = TemplateFactory::fetch(&config, &path, config.backend())
         .await
         .expect_err("missing");
     assert!(err.to_string().contains("vmfactory factory init"), "{err}");
@@ -202,7 +212,7 @@ async fn warm_pool_clones_work_and_a_dead_pool_process_is_never_used() {
     let path = runtime.path().join("template");
     let _guard = TemplateGuard(path.clone());
     let config = config(runtime.path());
-    let factory = TemplateFactory::new(&config, &path)
+    let factory = TemplateFactory::new(&config, &path, config.backend())
         .await
         .expect("create")
         .with_warm_pool(2);
@@ -222,10 +232,13 @@ async fn warm_pool_clones_work_and_a_dead_pool_process_is_never_used() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let factory = Factory::new(Box::new(factory));
+    let factory = Factory::new(Arc::new(factory));
     let mut clones = Vec::new();
     for _ in 0..3 {
-        let vm = factory.get_vm().await.expect("clone from the pool");
+        let vm = factory
+            .get_vm(&VmRequest::default())
+            .await
+            .expect("clone from the pool");
         assert_ne!(vm.pid(), Some(victim), "a dead pool process was handed out");
         assert_eq!(sh(&vm, "echo pooled").await, "pooled");
         clones.push(vm);
@@ -240,7 +253,7 @@ async fn warm_pool_clones_work_and_a_dead_pool_process_is_never_used() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn get_vm_grows_a_clone_or_boots_directly_on_other_differences() {
+async fn get_vm_grows_a_clone_or_boots_directly_beyond_its_limits() {
     let runtime = runtime_dir();
     let path = runtime.path().join("template");
     let _guard = TemplateGuard(path.clone());
@@ -248,16 +261,17 @@ async fn get_vm_grows_a_clone_or_boots_directly_on_other_differences() {
     config.memory_slots = 4;
     config.max_memory_mib = 2048;
     config.max_vcpus = 4;
-    let factory = Factory::new(Box::new(
-        TemplateFactory::new(&config, &path).await.expect("create"),
+    let factory = Factory::new(Arc::new(
+        TemplateFactory::new(&config, &path, config.backend())
+            .await
+            .expect("create"),
     ));
 
-    let bigger = vmfactory_factory::VmConfig {
-        vcpus: 2,
-        memory_mib: 512,
-        ..config.clone()
+    let bigger = VmRequest {
+        vcpus: Some(2),
+        memory_mib: Some(512),
     };
-    let vm = factory.get_vm_for(&bigger).await.expect("grown clone");
+    let vm = factory.get_vm(&bigger).await.expect("grown clone");
     let cmdline =
         std::fs::read(format!("/proc/{}/cmdline", vm.pid().expect("pid"))).expect("cmdline");
     assert!(
@@ -275,17 +289,21 @@ async fn get_vm_grows_a_clone_or_boots_directly_on_other_differences() {
     assert_eq!(sh(&vm, "nproc").await, "2");
     vm.stop().await.expect("stop");
 
-    let other = vmfactory_factory::VmConfig {
-        kernel_params: "vmfactory.test=1".into(),
-        ..config.clone()
+    // More memory than the template's VMs can grow to: booted directly at that size.
+    let beyond = VmRequest {
+        vcpus: None,
+        memory_mib: Some(2560),
     };
-    let vm = factory.get_vm_for(&other).await.expect("direct VM");
+    let vm = factory.get_vm(&beyond).await.expect("direct VM");
     let cmdline =
         std::fs::read(format!("/proc/{}/cmdline", vm.pid().expect("pid"))).expect("cmdline");
     assert!(!String::from_utf8_lossy(&cmdline).contains("-incoming"));
-    assert!(sh(&vm, "cat /proc/cmdline")
-        .await
-        .contains("vmfactory.test=1"));
+    let details = vm.details().await.expect("details");
+    assert!(
+        details.mem_total_kib > 2300 << 10,
+        "MemTotal {} KiB of a 2560 MiB VM",
+        details.mem_total_kib
+    );
     vm.stop().await.expect("stop");
     assert!(template::destroy(&path).expect("destroy"));
 }

@@ -18,7 +18,10 @@ fn pid_alive(pid: u32) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn details_clock_rng_and_bad_requests() {
     let runtime = runtime_dir();
-    let vm = Vm::new(&config(runtime.path())).await.expect("boot");
+    let config = config(runtime.path());
+    let vm = Vm::boot(config.backend().as_ref(), &config)
+        .await
+        .expect("boot");
 
     let details = vm.details().await.expect("details");
     assert_eq!(details.kernel_release, image().kernel_release);
@@ -70,7 +73,10 @@ async fn details_clock_rng_and_bad_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_vm_does_not_run_until_resumed() {
     let runtime = runtime_dir();
-    let vm = Vm::new(&config(runtime.path())).await.expect("boot");
+    let config = config(runtime.path());
+    let vm = Vm::boot(config.backend().as_ref(), &config)
+        .await
+        .expect("boot");
     vm.pause().await.expect("pause");
     {
         let echo = vm.exec(ExecRequest {
@@ -96,7 +102,9 @@ async fn qemu_dying_at_start_reports_its_stderr() {
         kernel: junk,
         ..config(runtime.path())
     };
-    let err = Vm::new(&config).await.expect_err("junk kernel must fail");
+    let err = Vm::boot(config.backend().as_ref(), &config)
+        .await
+        .expect_err("junk kernel must fail");
     let message = err.to_string();
     assert!(matches!(err, VmError::Hypervisor(_)), "{message}");
     assert!(message.contains("QEMU exited"), "{message}");

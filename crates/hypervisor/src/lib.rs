@@ -1,174 +1,60 @@
-//! The hypervisor layer of vmfactory: the [`Hypervisor`] trait that the factory drives, its
-//! QEMU backend ([`qemu`]: command line, accelerator choice, QMP, process lifecycle) and a
-//! [`mock`] backend for unit tests of factory logic.
+//! The hypervisor layer of vmfactory. Two traits cover a VM's whole life:
+//! - [`Backend`] starts VMs: boots a [`VmSpec`], restores one from saved device state, or
+//!   adopts one another process handed over (described by a [`HypervisorHandle`]);
+//! - [`Hypervisor`] is one running VM: pause/resume, save its state, hot-plug vCPUs and
+//!   memory, stop it, or hand it over.
+//!
+//! [`qemu`] implements both with one `qemu-system-x86_64` process per VM, driven over QMP;
+//! [`mock`] implements both in memory for unit tests of factory logic. What the guest agent
+//! says on its channel is not this layer's business: a hypervisor only tells where the
+//! channel and the console end on the host ([`GuestChannels`]).
 
 pub mod mock;
 pub mod qemu;
 
+mod error;
+mod handle;
+mod spec;
+
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 
-/// Errors of the hypervisor layer.
-#[derive(Debug, thiserror::Error)]
-pub enum HypervisorError {
-    /// The VM description is unusable.
-    #[error("Invalid VM configuration: {0}")]
-    InvalidConfig(String),
-    /// A file the VM needs does not exist.
-    #[error("{what} {path} not found: {hint}")]
-    MissingFile {
-        /// What the file is ("Kernel", "QEMU binary", …).
-        what: &'static str,
-        /// The path that was looked up.
-        path: PathBuf,
-        /// What the user should do.
-        hint: &'static str,
-    },
-    /// The hypervisor process could not be started.
-    #[error("Cannot start {binary}")]
-    Spawn {
-        /// The binary that was executed.
-        binary: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The hypervisor process exited on its own.
-    #[error("QEMU exited ({status}) {when}{report}")]
-    Exited {
-        /// Exit status as text.
-        status: String,
-        /// What was happening ("during start-up", …).
-        when: &'static str,
-        /// Last lines of QEMU's stderr and of the guest console.
-        report: String,
-    },
-    /// A QMP command failed or the QMP connection broke.
-    #[error("QMP {command} failed: {message}")]
-    Qmp {
-        /// The QMP command.
-        command: String,
-        /// What went wrong.
-        message: String,
-    },
-    /// An operation did not finish in time.
-    #[error("Timed out after {seconds:.1} s {what}")]
-    Timeout {
-        /// What was being waited for.
-        what: String,
-        /// How long we waited.
-        seconds: f64,
-    },
-    /// A file system operation failed.
-    #[error("{action} {path}")]
-    Io {
-        /// What was being done.
-        action: &'static str,
-        /// The path involved.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The operation is not supported by this backend.
-    #[error("{0} is not supported by this hypervisor")]
-    Unsupported(&'static str),
+pub use error::{HypervisorError, Result};
+pub use handle::{HypervisorHandle, BACKEND_NAMES};
+pub use spec::{MemoryBackend, VmSpec, MIN_MEMORY_MIB};
+
+/// Linux onlines memory in blocks of 128 MiB: hot-plugged DIMMs are sized in multiples.
+pub const MEMORY_BLOCK_MIB: u32 = 128;
+
+/// Where a VM's guest-facing channels end on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestChannels {
+    /// Unix socket connected to the guest agent's port.
+    pub agent_socket: PathBuf,
+    /// File the guest's serial console is written to, when the backend keeps one.
+    pub console_log: Option<PathBuf>,
 }
 
-/// Result type of the hypervisor layer.
-pub type Result<T, E = HypervisorError> = std::result::Result<T, E>;
-
-/// How guest RAM is backed on the host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum MemoryBackend {
-    /// An anonymous shared-memory file (`memory-backend-memfd`).
-    Memfd,
-    /// A file at `path`; `share` maps it shared (template) or private (clone, copy-on-write).
-    File {
-        /// The memory file.
-        path: PathBuf,
-        /// `share=on` when true, `share=off` (MAP_PRIVATE) when false.
-        share: bool,
-    },
+/// Starts VMs of one kind (one per factory; cheap to share behind an `Arc`).
+#[async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Short name, also the tag of this backend's [`HypervisorHandle`]s (`qemu`, `mock`).
+    fn name(&self) -> &'static str;
+    /// Version of the hypervisor program; templates record it and refuse another.
+    fn version(&self) -> Result<String>;
+    /// Boots `spec`; the VM runs when this returns.
+    async fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Hypervisor>>;
+    /// Starts `spec` from the device state saved at `state` by
+    /// [`Hypervisor::save_state`]; guest RAM comes from `spec.memory`. The VM is paused
+    /// when this returns and identical to the saved one.
+    async fn restore(&self, spec: &VmSpec, state: &Path) -> Result<Box<dyn Hypervisor>>;
+    /// Takes over a running VM another handle gave away with [`Hypervisor::hand_over`],
+    /// possibly in another process.
+    async fn adopt(&self, handle: HypervisorHandle) -> Result<Box<dyn Hypervisor>>;
 }
 
-/// Everything that describes one VM to start.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmSpec {
-    /// Unique id; names the VM directory.
-    pub id: String,
-    /// vCPUs at boot.
-    pub vcpus: u32,
-    /// vCPUs the VM may grow to by hot-plug.
-    pub max_vcpus: u32,
-    /// Guest RAM at boot, MiB.
-    pub memory_mib: u32,
-    /// DIMM slots for memory hot-plug (0 disables it).
-    pub memory_slots: u32,
-    /// Largest guest RAM reachable by hot-plug, MiB.
-    pub max_memory_mib: u32,
-    /// Guest kernel (bzImage or PVH-capable vmlinux).
-    pub kernel: PathBuf,
-    /// Initramfs.
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line.
-    pub kernel_params: String,
-    /// Guest RAM backing.
-    pub memory: MemoryBackend,
-}
-
-impl VmSpec {
-    /// Checks the numbers and files of the spec.
-    pub fn validate(&self) -> Result<()> {
-        if self.vcpus == 0 {
-            return Err(HypervisorError::InvalidConfig(
-                "vCPUs is 0: a VM needs at least 1 vCPU".into(),
-            ));
-        }
-        if self.max_vcpus < self.vcpus {
-            return Err(HypervisorError::InvalidConfig(format!(
-                "{} vCPUs exceed the maximum of {}: raise the maximum or ask for fewer",
-                self.vcpus, self.max_vcpus
-            )));
-        }
-        if self.memory_mib < MIN_MEMORY_MIB {
-            return Err(HypervisorError::InvalidConfig(format!(
-                "Memory of {} MiB is too small: give at least {MIN_MEMORY_MIB} MiB",
-                self.memory_mib
-            )));
-        }
-        if self.max_memory_mib < self.memory_mib {
-            return Err(HypervisorError::InvalidConfig(format!(
-                "Memory of {} MiB exceeds the maximum of {} MiB",
-                self.memory_mib, self.max_memory_mib
-            )));
-        }
-        if !self.kernel.is_file() {
-            return Err(HypervisorError::MissingFile {
-                what: "Kernel",
-                path: self.kernel.clone(),
-                hint: "run `vmfactory guest build` or point the kernel setting at a guest kernel",
-            });
-        }
-        if let Some(initrd) = &self.initrd {
-            if !initrd.is_file() {
-                return Err(HypervisorError::MissingFile {
-                    what: "Initrd",
-                    path: initrd.clone(),
-                    hint: "run `vmfactory guest build` or point the initrd setting at an initramfs",
-                });
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Smallest guest RAM we accept, MiB.
-pub const MIN_MEMORY_MIB: u32 = 64;
-
-/// A running (or paused) VM as the factory sees it.
+/// One running (or paused) VM. Dropping a handle that still owns its VM kills the VM.
 #[async_trait]
 pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// The VM's id.
@@ -177,47 +63,28 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     fn pid(&self) -> Option<u32>;
     /// The VM's private directory (sockets, logs).
     fn vm_dir(&self) -> &Path;
-    /// Host Unix socket connected to the guest agent's virtio-serial port.
-    fn agent_socket(&self) -> PathBuf;
-    /// True while the hypervisor process is alive.
+    /// Where the guest agent's channel and the console end on the host.
+    fn channels(&self) -> GuestChannels;
+    /// True while the VM exists.
     fn is_running(&self) -> bool;
     /// What the hypervisor and the guest console said last, for error messages.
-    fn failure_report(&self) -> String {
-        String::new()
-    }
-    /// Resolves when the hypervisor process has exited, with an error that explains why.
+    fn failure_report(&self) -> String;
+    /// Resolves when the VM has gone, with an error that explains why.
     async fn exited(&self) -> HypervisorError;
     /// Pauses the vCPUs.
     async fn pause(&self) -> Result<()>;
     /// Resumes the vCPUs.
     async fn resume(&self) -> Result<()>;
+    /// Pauses the VM and saves its device state to `path`. Guest RAM in a shared memory
+    /// file is not copied: a restore maps the same file.
+    async fn save_state(&self, path: &Path) -> Result<()>;
+    /// Hot-plugs `count` vCPUs into free CPU slots; returns how many were added.
+    async fn add_vcpus(&self, count: u32) -> Result<u32>;
+    /// Hot-plugs `mib` MiB of memory (a multiple of [`MEMORY_BLOCK_MIB`]) as one DIMM.
+    async fn add_memory(&self, mib: u32) -> Result<()>;
     /// Stops the VM (gracefully, then by force) and removes its directory. Idempotent.
     async fn stop(&mut self) -> Result<()>;
-    /// Gives the VM away: returns a JSON description another process can rebuild a
-    /// handle from, and leaves the VM running (this handle no longer owns it).
-    fn detach(self: Box<Self>) -> Result<serde_json::Value> {
-        Err(HypervisorError::Unsupported("Handing a VM over"))
-    }
-    /// Marks the point after which [`Hypervisor::wait_agent_closed`] looks for the agent
-    /// letting go of its port; call it before closing the agent connection.
-    async fn mark_agent_handover(&self) {}
-    /// Waits until the guest agent has closed its port (after its host left), as the
-    /// agent reports on the console. Guest output is untrusted: a false report only makes
-    /// the next connection early, which callers tolerate by retrying. From then
-    /// on a new host connection is safe: its bytes wait until the agent opens the port
-    /// again, so no stale connection can swallow them.
-    async fn wait_agent_closed(&self, timeout: std::time::Duration) -> Result<()> {
-        let _ = timeout;
-        Err(HypervisorError::Unsupported("Watching the agent port"))
-    }
-    /// Hot-plugs `count` vCPUs into free CPU slots; returns how many were added.
-    async fn add_vcpus(&self, count: u32) -> Result<u32> {
-        let _ = count;
-        Err(HypervisorError::Unsupported("CPU hot-plug"))
-    }
-    /// Hot-plugs `mib` MiB of memory as one DIMM.
-    async fn add_memory(&self, mib: u32) -> Result<()> {
-        let _ = mib;
-        Err(HypervisorError::Unsupported("Memory hot-plug"))
-    }
+    /// Gives the VM away: it keeps running, this handle no longer owns it, and the
+    /// returned description lets [`Backend::adopt`] take it over.
+    fn hand_over(self: Box<Self>) -> Result<HypervisorHandle>;
 }

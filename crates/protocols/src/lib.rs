@@ -1,6 +1,9 @@
 //! Protocol definitions of vmfactory: Kata's `cache.proto` (the VMCache service, wire
 //! compatible with Kata Containers) and `agent.proto` (the guest agent API), compiled with
-//! `protox` and `tonic-build` at build time.
+//! `protox` and `tonic-build` at build time, plus the [`contract`] constants both ends of
+//! the agent connection share.
+
+pub mod contract;
 
 /// Kata's VMCache protocol (`package cache`).
 pub mod cache {

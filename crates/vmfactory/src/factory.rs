@@ -14,8 +14,7 @@ use tokio::sync::Notify;
 use vmfactory_factory::template::{self, TemplateMetadata};
 use vmfactory_factory::vmcache;
 use vmfactory_factory::{
-    CacheFactory, DirectFactory, Factory, FactoryBase, GrpcCacheFactory, TemplateError,
-    TemplateFactory, Vm, VmConfig,
+    CacheServerFactory, Factory, FactoryChoice, TemplateError, TemplateFactory, Vm,
 };
 
 use crate::{Resolved, VmArgs};
@@ -42,16 +41,21 @@ pub enum FactoryCommand {
     Destroy,
 }
 
-async fn resolve(vm: VmArgs, config: Option<PathBuf>) -> Result<Resolved> {
-    tokio::task::spawn_blocking(move || vm.resolve(config.as_deref()))
+async fn resolve(vm: VmArgs, config: Option<PathBuf>, local: bool) -> Result<Resolved> {
+    tokio::task::spawn_blocking(move || vm.resolve(config.as_deref(), local))
         .await
         .context("Loading the configuration failed")?
 }
 
 pub async fn run(command: FactoryCommand, config: Option<PathBuf>) -> Result<ExitCode> {
     match command {
-        FactoryCommand::Init { vm } => init(resolve(vm, config).await?).await,
-        FactoryCommand::Status { json, vm } => status(resolve(vm, config).await?, json).await,
+        FactoryCommand::Init { vm } => init(resolve(vm, config, true).await?).await,
+        FactoryCommand::Status { json, vm } => {
+            // A VMCache server's status needs no guest image.
+            let settings = vmfactory_factory::Settings::load(config.as_deref())?;
+            let local = FactoryChoice::from_settings(&settings.factory).needs_local_config();
+            status(resolve(vm, config, local).await?, json).await
+        }
         FactoryCommand::Destroy => {
             // Destroying needs only the paths: no guest image build.
             let settings = vmfactory_factory::Settings::load(config.as_deref())?;
@@ -97,28 +101,13 @@ async fn stop_server(endpoint: &std::path::Path) -> Result<()> {
 /// Runs the VMCache server in the foreground until SIGTERM/SIGINT or `Quit`.
 async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let factory = &resolved.settings.factory;
-    let mut created_template = false;
-    let base: Arc<dyn FactoryBase> = if factory.enable_template {
-        let path = &factory.template_path;
-        let template = match TemplateFactory::fetch(&resolved.base, path).await {
-            Ok(template) => template,
-            Err(TemplateError::Missing(_)) => {
-                eprintln!("vmfactory: creating the template at {}", path.display());
-                created_template = true;
-                TemplateFactory::new(&resolved.base, path).await?
-            }
-            Err(err) => return Err(err.into()),
-        };
-        Arc::new(template.with_warm_pool(factory.template_warm_pool as usize))
-    } else {
-        Arc::new(DirectFactory::new(resolved.base.clone()))
-    };
-    // Cached VMs are warmed up: handing one out then takes milliseconds.
-    let cache = Arc::new(CacheFactory::with_warm_up(
-        base,
-        factory.vm_cache_number as usize,
-        true,
-    ));
+    if factory.enable_template && !factory.template_path.join(template::METADATA_FILE).exists() {
+        eprintln!(
+            "vmfactory: creating the template at {}",
+            factory.template_path.display()
+        );
+    }
+    let server = CacheServerFactory::start(factory, &resolved.base).await?;
     let shutdown = Arc::new(Notify::new());
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -141,12 +130,9 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
         std::process::id(),
         factory.vm_cache_number
     );
-    let served = vmcache::serve(cache.clone(), &factory.vm_cache_endpoint, shutdown).await;
+    let served = vmcache::serve(server.cache(), &factory.vm_cache_endpoint, shutdown).await;
     eprintln!("vmfactory: VMCache server stopping");
-    cache.close().await?;
-    if created_template {
-        template::destroy(&factory.template_path)?;
-    }
+    server.close().await?;
     served?;
     Ok(ExitCode::SUCCESS)
 }
@@ -167,7 +153,7 @@ async fn init(resolved: Resolved) -> Result<ExitCode> {
         path.display()
     );
     let started = Instant::now();
-    let template = TemplateFactory::new(&resolved.base, path).await?;
+    let template = TemplateFactory::new(&resolved.base, path, resolved.base.backend()).await?;
     println!(
         "Template created at {} in {:.1} s",
         template.path().display(),
@@ -231,7 +217,8 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let path = factory.template_path.clone();
-    let (metadata, problem) = match TemplateFactory::fetch(&resolved.base, &path).await {
+    let fetched = TemplateFactory::fetch(&resolved.base, &path, resolved.base.backend()).await;
+    let (metadata, problem) = match fetched {
         Ok(template) => (Some(template.metadata().clone()), None),
         Err(TemplateError::Missing(_)) => (None, None),
         // Unusable: still say what it was built from, when that is readable.
@@ -288,37 +275,22 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The VM for `run`: from the template when templates are enabled (grown by hot-plug when
-/// the request asks for more vCPUs or memory), else a direct boot.
+/// The VM for `run`, from the factory the configuration chooses: the VMCache server's,
+/// the template's (grown by hot-plug when the request asks for more vCPUs or memory), or
+/// a direct boot.
 pub async fn get_vm(resolved: &Resolved) -> Result<Vm> {
-    let settings = &resolved.settings;
-    let wanted = VmConfig {
-        vcpus: resolved.request.vcpus,
-        memory_mib: resolved.request.memory_mib,
-        ..resolved.base.clone()
-    };
-    if settings.factory.vm_cache_number > 0 {
-        let client = GrpcCacheFactory::connect(&settings.factory.vm_cache_endpoint).await?;
-        return Factory::new(Box::new(client))
-            .get_vm_for(&wanted)
-            .await
-            .context("Cannot get a VM from the VMCache server");
+    let choice = FactoryChoice::from_settings(&resolved.settings.factory);
+    let local = choice.needs_local_config().then_some(&resolved.base);
+    let factory = Factory::open(&choice, local).await?;
+    if let Some(notice) = factory.notice() {
+        eprintln!("vmfactory: {notice}");
     }
-    if settings.factory.enable_template {
-        match TemplateFactory::fetch(&resolved.base, &settings.factory.template_path).await {
-            Ok(template) => {
-                let factory = Factory::new(Box::new(template));
-                return factory
-                    .get_vm_for(&wanted)
-                    .await
-                    .context("Cannot get a VM from the template");
-            }
-            Err(err) => {
-                eprintln!("vmfactory: the template is not usable ({err}); booting directly");
-            }
+    let context = match choice {
+        FactoryChoice::VmCache(_) => "Cannot get a VM from the VMCache server",
+        FactoryChoice::Template(_) if factory.notice().is_none() => {
+            "Cannot get a VM from the template"
         }
-    }
-    Vm::new(&resolved.request)
-        .await
-        .context("Cannot boot the VM")
+        _ => "Cannot boot the VM",
+    };
+    factory.get_vm(&resolved.request).await.context(context)
 }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use tokio::io::AsyncWriteExt;
-use vmfactory_factory::{ExecRequest, Settings, VmConfig};
+use vmfactory_factory::{ExecRequest, FactoryChoice, Settings, VmConfig, VmRequest};
 use vmfactory_hypervisor::qemu::accel::Accelerator;
 
 /// Exit status for vmfactory's own failures (as `docker run` does), distinct from the
@@ -117,18 +117,26 @@ fn parse_accel(s: &str) -> Result<Accelerator, String> {
 }
 
 /// What a command works with: the effective settings, the factory's VM config (the
-/// configuration's sizes) and the VM the user asked for (sizes from the command line).
+/// configuration's sizes) and what the user asked for (sizes from the command line).
 #[derive(Debug, Clone)]
 struct Resolved {
     settings: Settings,
     base: VmConfig,
-    request: VmConfig,
+    request: VmRequest,
+}
+
+impl Resolved {
+    /// The config of a VM booted directly at the requested size.
+    fn direct_config(&self) -> VmConfig {
+        self.base.for_direct_boot(&self.request)
+    }
 }
 
 impl VmArgs {
-    /// Loads the configuration, applies these options, and builds the guest image when
-    /// no kernel is configured.
-    fn resolve(&self, config_file: Option<&std::path::Path>) -> Result<Resolved> {
+    /// Loads the configuration and applies these options; finds (or builds) the guest
+    /// image when no kernel is configured and `local` says the VM config is needed here
+    /// (not when a VMCache server will say which config its VMs have).
+    fn resolve(&self, config_file: Option<&std::path::Path>, local: bool) -> Result<Resolved> {
         let mut settings = Settings::load(config_file)?;
         let qemu = &mut settings.hypervisor.qemu;
         if let Some(binary) = &self.qemu {
@@ -145,7 +153,7 @@ impl VmArgs {
         }
         let image = match (&self.kernel, &self.initrd) {
             (Some(kernel), initrd) => Some((kernel.clone(), initrd.clone().unwrap_or_default())),
-            (None, _) if settings.uses_guest_image() => {
+            (None, _) if local && settings.uses_guest_image() => {
                 let image = guest::ensure_image(&self.image, false)?;
                 Some((image.kernel, self.initrd.clone().unwrap_or(image.initrd)))
             }
@@ -156,14 +164,10 @@ impl VmArgs {
             settings.hypervisor.qemu.initrd = initrd.clone();
         }
         let base = settings.vm_config(None);
-        let mut request = base.clone();
-        request.vcpus = self.vcpus.unwrap_or(base.vcpus);
-        request.memory_mib = self.memory.unwrap_or(base.memory_mib);
-        request.max_vcpus = request.max_vcpus.max(request.vcpus);
-        request.max_memory_mib = request.max_memory_mib.max(request.memory_mib);
-        // A directly booted VM is booted at its final size and never grows: reserving
-        // hot-plug room would only slow its boot.
-        request.memory_slots = 0;
+        let request = VmRequest {
+            vcpus: self.vcpus,
+            memory_mib: self.memory,
+        };
         Ok(Resolved {
             settings,
             base,
@@ -260,9 +264,13 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
 
 async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
     let vm_args = args.vm.clone();
-    let resolved = tokio::task::spawn_blocking(move || vm_args.resolve(config_file.as_deref()))
-        .await
-        .context("Preparing the VM failed")??;
+    let resolved = tokio::task::spawn_blocking(move || {
+        let settings = Settings::load(config_file.as_deref())?;
+        let choice = FactoryChoice::from_settings(&settings.factory);
+        vm_args.resolve(config_file.as_deref(), choice.needs_local_config())
+    })
+    .await
+    .context("Preparing the VM failed")??;
     let interrupted = || async {
         // If the handler cannot be installed, behave as if Ctrl-C never comes.
         if tokio::signal::ctrl_c().await.is_err() {

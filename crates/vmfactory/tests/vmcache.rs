@@ -205,8 +205,8 @@ fn a_handed_out_vm_outlives_the_server() {
         let client = GrpcCacheFactory::connect(&server.socket())
             .await
             .expect("connect");
-        Factory::new(Box::new(client))
-            .get_vm()
+        Factory::new(std::sync::Arc::new(client))
+            .get_vm(&vmfactory_factory::VmRequest::default())
             .await
             .expect("get_vm")
     });

@@ -6,8 +6,7 @@ use super::accel::ResolvedAccel;
 use super::QemuConfig;
 use crate::{HypervisorError, MemoryBackend, Result, VmSpec};
 
-/// Name of the virtio-serial port the guest agent listens on.
-pub const AGENT_PORT_NAME: &str = "agent.0";
+pub use vmfactory_protocols::contract::AGENT_PORT_NAME;
 /// QEMU device id of that port (named in QMP `VSERPORT_CHANGE` events).
 pub const AGENT_PORT_ID: &str = "agent-port";
 /// File descriptor number under which a clone's QEMU inherits the template state file.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vmfactory_factory::template;
-use vmfactory_factory::{FactoryBase, TemplateFactory, Vm, VmConfig};
+use vmfactory_factory::{FactoryBase, TemplateFactory, Vm, VmConfig, VmRequest};
 use vmfactory_hypervisor::qemu::new_vm_id;
 
 use super::{round, Stats};
@@ -25,7 +25,7 @@ impl ScratchTemplate {
             .runtime_dir
             .join(format!("bench-template-{}", new_vm_id()));
         let scratch = Self { path };
-        let template = TemplateFactory::new(config, &scratch.path)
+        let template = TemplateFactory::new(config, &scratch.path, config.backend())
             .await
             .context("Cannot create the benchmark template")?;
         Ok((scratch, template))
@@ -68,7 +68,7 @@ async fn clone_once(template: &TemplateFactory) -> Result<Duration> {
 
 async fn direct_once(config: &VmConfig) -> Result<Duration> {
     let started = Instant::now();
-    let vm = Vm::new(config).await?;
+    let vm = Vm::boot(config.backend().as_ref(), config).await?;
     let answered = started.elapsed();
     vm.stop().await?;
     Ok(answered)
@@ -115,8 +115,9 @@ pub async fn bench_clone(
     if n == 0 || direct == 0 || pool == 0 {
         bail!("-n, --direct and --pool must be at least 1");
     }
+    let direct_config = resolved.direct_config();
     let (scratch, plain) = ScratchTemplate::create(&resolved.base).await?;
-    let pooled = TemplateFactory::fetch(&resolved.base, &scratch.path)
+    let pooled = TemplateFactory::fetch(&resolved.base, &scratch.path, resolved.base.backend())
         .await?
         .with_warm_pool(pool);
     let (mut clones, mut warm, mut directs) = (Vec::new(), Vec::new(), Vec::new());
@@ -127,7 +128,7 @@ pub async fn bench_clone(
         wait_for_pool(&pooled, pool).await?;
         clones.push(clone_once(&plain).await?);
         if round < direct {
-            directs.push(direct_once(&resolved.request).await?);
+            directs.push(direct_once(&direct_config).await?);
         }
         if !json {
             eprintln!(
@@ -416,16 +417,16 @@ pub async fn bench_density(
     }
     let tb = (tb_size > 0).then_some(tb_size);
     resolved.base.qemu.tb_size_mib = tb;
-    resolved.request.qemu.tb_size_mib = tb;
+    let direct_config = resolved.direct_config();
     let (scratch, template) = ScratchTemplate::create(&resolved.base).await?;
-    let factory = vmfactory_factory::Factory::new(Box::new(template));
+    let factory = vmfactory_factory::Factory::new(std::sync::Arc::new(template));
     let memory_file = scratch.path.join(template::MEMORY_FILE);
     let memory_file = memory_file.to_string_lossy().to_string();
 
     let before = mem_available_kib();
     let mut clones = Vec::new();
     for _ in 0..count {
-        clones.push(factory.get_vm().await?);
+        clones.push(factory.get_vm(&VmRequest::default()).await?);
     }
     let is_template_memory = |path: &str| path == memory_file;
     let clone_side = measure(&clones, before, &is_template_memory).await;
@@ -440,7 +441,7 @@ pub async fn bench_density(
     let before = mem_available_kib();
     let mut directs = Vec::new();
     for _ in 0..count {
-        directs.push(Vm::new(&resolved.request).await?);
+        directs.push(Vm::boot(direct_config.backend().as_ref(), &direct_config).await?);
     }
     let is_memfd = |path: &str| path.starts_with("/memfd:memory-backend-memfd");
     let direct_side = measure(&directs, before, &is_memfd).await;

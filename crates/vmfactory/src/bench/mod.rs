@@ -175,14 +175,16 @@ pub async fn run(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitC
 }
 
 async fn resolve(vm: VmArgs, config: Option<PathBuf>) -> Result<Resolved> {
-    tokio::task::spawn_blocking(move || vm.resolve(config.as_deref()))
+    tokio::task::spawn_blocking(move || vm.resolve(config.as_deref(), true))
         .await
         .context("Preparing the VM failed")?
 }
 
 async fn boot_once(config: &VmConfig) -> Result<Duration> {
     let started = Instant::now();
-    let vm = Vm::new(config).await.context("Boot failed")?;
+    let vm = Vm::boot(config.backend().as_ref(), config)
+        .await
+        .context("Boot failed")?;
     let elapsed = started.elapsed();
     vm.stop().await.context("Stopping the VM failed")?;
     Ok(elapsed)
@@ -197,7 +199,7 @@ async fn bench_boot(
     if n == 0 {
         bail!("-n must be at least 1");
     }
-    let config = resolve(args.clone(), config_file).await?.request;
+    let config = resolve(args.clone(), config_file).await?.direct_config();
     let mut kernels = vec![config.kernel.clone()];
     // Compare against the bzImage of the same image when booting its vmlinux.
     if args.kernel.is_none() && config.kernel.file_name().is_some_and(|f| f == "vmlinux") {

@@ -1,0 +1,152 @@
+//! The agent's port as the host sees it: when the guest agent has let go of a host
+//! connection and when it waits for the next one. The agent says so on the serial console
+//! (the lines are in [`vmfactory_protocols::contract`]); QMP's `VSERPORT_CHANGE` would be
+//! backend-specific and is throttled to one event a second per port, merging the close
+//! with the reopen that follows. Guest output is untrusted: a forged line only makes the
+//! next connection early, which every caller tolerates by checking and reconnecting.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vmfactory_hypervisor::{Hypervisor, HypervisorError};
+use vmfactory_protocols::contract::{CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED};
+
+use crate::vm::VmError;
+
+/// Most console bytes read per look: a chatty guest cannot make the host read without end.
+const MAX_CONSOLE_READ: u64 = 1 << 20;
+
+/// A mark in a VM's console log; waits look only at what the guest printed after it.
+#[derive(Debug, Clone)]
+pub struct PortWatch {
+    console: Option<PathBuf>,
+    mark: u64,
+}
+
+impl PortWatch {
+    /// Marks the end of `hypervisor`'s console now. Call it before closing the agent
+    /// connection whose end you want to see.
+    pub fn mark(hypervisor: &dyn Hypervisor) -> Self {
+        let console = hypervisor.channels().console_log;
+        let mark = console
+            .as_deref()
+            .and_then(|path| std::fs::metadata(path).ok())
+            .map_or(0, |meta| meta.len());
+        Self { console, mark }
+    }
+
+    /// Waits until the agent has closed its port after its host left. From then on a new
+    /// host connection is safe: its bytes wait until the agent opens the port again.
+    pub async fn wait_host_left(
+        &self,
+        hypervisor: &dyn Hypervisor,
+        timeout: Duration,
+    ) -> Result<(), VmError> {
+        self.wait(
+            hypervisor,
+            timeout,
+            "the agent to let go of its port",
+            |text| host_left_at(text).is_some(),
+        )
+        .await
+    }
+
+    /// Waits until the agent has let go of its port and opened it again, waiting for the
+    /// next host: a VM saved from then on resumes with its agent waiting.
+    pub async fn wait_reopened(
+        &self,
+        hypervisor: &dyn Hypervisor,
+        timeout: Duration,
+    ) -> Result<(), VmError> {
+        self.wait(
+            hypervisor,
+            timeout,
+            "the agent to wait for a new host",
+            |text| host_left_at(text).is_some_and(|at| text[at..].contains(CONSOLE_PORT_OPENED)),
+        )
+        .await
+    }
+
+    async fn wait(
+        &self,
+        hypervisor: &dyn Hypervisor,
+        timeout: Duration,
+        what: &str,
+        seen: impl Fn(&str) -> bool,
+    ) -> Result<(), VmError> {
+        let Some(console) = &self.console else {
+            return Err(
+                HypervisorError::Unsupported("Watching the agent port without a console").into(),
+            );
+        };
+        let started = Instant::now();
+        loop {
+            if seen(&read_after(console, self.mark)) {
+                return Ok(());
+            }
+            if !hypervisor.is_running() {
+                return Err(hypervisor.exited().await.into());
+            }
+            if started.elapsed() > timeout {
+                return Err(HypervisorError::Timeout {
+                    what: format!("waiting for {what}{}", hypervisor.failure_report()),
+                    seconds: timeout.as_secs_f64(),
+                }
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Where the first "host left" line starts in `text`.
+fn host_left_at(text: &str) -> Option<usize> {
+    CONSOLE_HOST_LEFT
+        .iter()
+        .filter_map(|line| text.find(line))
+        .min()
+}
+
+/// The console text after byte `offset` (at most [`MAX_CONSOLE_READ`] bytes).
+fn read_after(console: &Path, offset: u64) -> String {
+    let Ok(mut file) = std::fs::File::open(console) else {
+        return String::new();
+    };
+    if file.seek(SeekFrom::Start(offset)).is_err() {
+        return String::new();
+    }
+    let mut text = Vec::new();
+    if file.take(MAX_CONSOLE_READ).read_to_end(&mut text).is_err() {
+        return String::new();
+    }
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopen_counts_only_after_the_host_left() {
+        let opened_first = format!("{CONSOLE_PORT_OPENED}\n{}\n", CONSOLE_HOST_LEFT[0]);
+        let at = host_left_at(&opened_first).expect("left");
+        assert!(!opened_first[at..].contains(CONSOLE_PORT_OPENED));
+        let reopened = format!("{}\n{CONSOLE_PORT_OPENED}\n", CONSOLE_HOST_LEFT[1]);
+        let at = host_left_at(&reopened).expect("left");
+        assert!(reopened[at..].contains(CONSOLE_PORT_OPENED));
+        assert_eq!(host_left_at("nothing yet"), None);
+    }
+
+    #[test]
+    fn reads_only_after_the_mark() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let console = dir.path().join("console.log");
+        std::fs::write(&console, "Host disconnected\n").expect("write");
+        let mark = std::fs::metadata(&console).expect("meta").len();
+        assert_eq!(read_after(&console, mark), "");
+        std::fs::write(&console, "Host disconnected\nAgent port opened\n").expect("write");
+        assert_eq!(read_after(&console, mark), "Agent port opened\n");
+        assert_eq!(read_after(&dir.path().join("missing"), 0), "");
+    }
+}

@@ -1,0 +1,143 @@
+//! A stand-in guest agent for unit tests with the mock hypervisor: it serves the agent API
+//! on a mock VM's agent socket, one host connection after another, and prints the console
+//! lines the real agent prints (port opened, host left), so factory code that watches the
+//! agent's port runs unchanged.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::UnixListener;
+use tonic::{Request, Response, Status};
+use vmfactory_hypervisor::mock::{GuestHook, MockControl};
+use vmfactory_hypervisor::GuestChannels;
+use vmfactory_protocols::agent::agent_service_server::{AgentService, AgentServiceServer};
+use vmfactory_protocols::agent::health_check_response::ServingStatus;
+use vmfactory_protocols::agent::{
+    CheckRequest, ExecProcessRequest, ExecProcessResponse, GuestDetailsRequest,
+    GuestDetailsResponse, HealthCheckResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
+    ReseedRandomDevRequest, SetGuestDateTimeRequest,
+};
+use vmfactory_protocols::contract::{CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED};
+
+/// Counts of what the stand-in agents were asked, across all mock VMs of a hook.
+#[derive(Debug, Default)]
+pub struct AgentCalls {
+    /// `ReseedRandomDev` calls.
+    pub reseeds: AtomicU32,
+    /// `SetGuestDateTime` calls.
+    pub clock_sets: AtomicU32,
+    /// `OnlineCPUMem` calls.
+    pub onlines: AtomicU32,
+}
+
+#[derive(Debug, Clone)]
+struct MockAgent {
+    calls: Arc<AgentCalls>,
+}
+
+#[tonic::async_trait]
+impl AgentService for MockAgent {
+    async fn check(
+        &self,
+        _request: Request<CheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        Ok(Response::new(HealthCheckResponse {
+            status: ServingStatus::Serving as i32,
+        }))
+    }
+
+    async fn exec_process(
+        &self,
+        request: Request<ExecProcessRequest>,
+    ) -> Result<Response<ExecProcessResponse>, Status> {
+        Ok(Response::new(ExecProcessResponse {
+            stdout: request.into_inner().argv.join(" ").into_bytes(),
+            ..ExecProcessResponse::default()
+        }))
+    }
+
+    async fn guest_details(
+        &self,
+        _request: Request<GuestDetailsRequest>,
+    ) -> Result<Response<GuestDetailsResponse>, Status> {
+        Ok(Response::new(GuestDetailsResponse {
+            kernel_release: "mock".into(),
+            online_cpus: 1,
+            mem_total_kib: 1,
+            agent_version: "mock".into(),
+        }))
+    }
+
+    async fn set_guest_date_time(
+        &self,
+        _request: Request<SetGuestDateTimeRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.calls.clock_sets.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(()))
+    }
+
+    async fn reseed_random_dev(
+        &self,
+        _request: Request<ReseedRandomDevRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.calls.reseeds.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(()))
+    }
+
+    async fn online_cpu_mem(
+        &self,
+        _request: Request<OnlineCpuMemRequest>,
+    ) -> Result<Response<OnlineCpuMemResponse>, Status> {
+        self.calls.onlines.fetch_add(1, Ordering::SeqCst);
+        Ok(Response::new(OnlineCpuMemResponse::default()))
+    }
+}
+
+fn console_line(console: &Path, line: &str) {
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(console)
+    {
+        let _ = writeln!(file, "{line}");
+    }
+}
+
+/// A guest hook that runs a stand-in agent in every mock VM; `calls` counts its calls.
+pub fn hook(calls: Arc<AgentCalls>) -> GuestHook {
+    Arc::new(move |channels: GuestChannels, control: Arc<MockControl>| {
+        let agent = MockAgent {
+            calls: calls.clone(),
+        };
+        // Bound now, so a host may connect as soon as the VM exists (as QEMU's socket).
+        let _ = std::fs::remove_file(&channels.agent_socket);
+        let Ok(listener) = UnixListener::bind(&channels.agent_socket) else {
+            return;
+        };
+        let console = channels.console_log.clone().unwrap_or_default();
+        tokio::spawn(async move {
+            while control.is_alive() {
+                console_line(&console, CONSOLE_PORT_OPENED);
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    () = async {
+                        while control.is_alive() {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    } => return,
+                };
+                let Ok((stream, _)) = accepted else { return };
+                let service = TowerToHyperService::new(AgentServiceServer::new(agent.clone()));
+                let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                console_line(&console, CONSOLE_HOST_LEFT[usize::from(served.is_err())]);
+            }
+        });
+    })
+}

@@ -1,0 +1,319 @@
+//! [`ReadyPool`]: `size` things made ahead of demand and refilled in the background. The
+//! template factory's warm pool (QEMUs with the template state loaded) and the cache
+//! factory (whole VMs, warmed up) are both one. A dead item is discarded and replaced,
+//! never handed out; a failing maker backs off; `close` stops the refill and every item.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{Mutex, Notify, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::base::FactoryError;
+
+/// How often ready items are checked for a dead hypervisor.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Back-off after each consecutive failure of the maker, up to [`MAX_BACKOFF_STEPS`] times.
+const BACKOFF_STEP: Duration = Duration::from_millis(200);
+/// Cap of the back-off multiplier (5 s).
+const MAX_BACKOFF_STEPS: u32 = 25;
+
+/// Something a pool can hold.
+#[async_trait]
+pub trait Poolable: Send + Sync + 'static {
+    /// Its id, for logs.
+    fn pool_id(&self) -> String;
+    /// False once its VM died.
+    fn is_alive(&self) -> bool;
+    /// Stops it for good.
+    async fn discard(self);
+}
+
+/// The future a pool's maker returns.
+pub type MakeFuture<T> = Pin<Box<dyn Future<Output = Result<T, FactoryError>> + Send>>;
+/// Makes one item.
+pub type Maker<T> = Arc<dyn Fn() -> MakeFuture<T> + Send + Sync>;
+
+/// `size` items kept ready by one refill task per place plus a watcher.
+pub struct ReadyPool<T: Poolable> {
+    shared: Arc<Shared<T>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl<T: Poolable> std::fmt::Debug for ReadyPool<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadyPool")
+            .field("name", &self.shared.name)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared<T> {
+    name: &'static str,
+    maker: Maker<T>,
+    ready: Mutex<VecDeque<T>>,
+    /// One permit per empty place.
+    free: Semaphore,
+    /// Signalled when an item becomes ready or the pool closes.
+    filled: Notify,
+    closed: AtomicBool,
+}
+
+impl<T> Shared<T> {
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+impl<T: Poolable> ReadyPool<T> {
+    /// Starts filling a pool of `size` items made by `maker` (`name` appears in logs).
+    /// Must be called within a tokio runtime.
+    pub fn start(name: &'static str, size: usize, maker: Maker<T>) -> Self {
+        let shared = Arc::new(Shared {
+            name,
+            maker,
+            ready: Mutex::new(VecDeque::new()),
+            free: Semaphore::new(size),
+            filled: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
+        let mut tasks: Vec<JoinHandle<()>> = (0..size)
+            .map(|_| tokio::spawn(refill(shared.clone())))
+            .collect();
+        tasks.push(tokio::spawn(watch(shared.clone())));
+        Self {
+            shared,
+            tasks: std::sync::Mutex::new(tasks),
+        }
+    }
+
+    /// Items ready right now.
+    pub async fn ready_count(&self) -> usize {
+        self.shared.ready.lock().await.len()
+    }
+
+    /// `f` of every ready item.
+    pub async fn map_ready<R>(&self, f: impl Fn(&T) -> R) -> Vec<R> {
+        self.shared.ready.lock().await.iter().map(f).collect()
+    }
+
+    /// A live ready item, if one is there now.
+    pub async fn try_take(&self) -> Option<T> {
+        loop {
+            let taken = self.shared.ready.lock().await.pop_front()?;
+            if let Some(item) = self.accept(taken).await {
+                return Some(item);
+            }
+        }
+    }
+
+    /// The next live item, waiting for one to be made; `Closed` once the pool closed.
+    pub async fn take(&self) -> Result<T, FactoryError> {
+        loop {
+            if self.shared.is_closed() {
+                return Err(FactoryError::Closed);
+            }
+            let notified = self.shared.filled.notified();
+            let taken = self.shared.ready.lock().await.pop_front();
+            match taken {
+                Some(item) => {
+                    if let Some(item) = self.accept(item).await {
+                        return Ok(item);
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// Frees the taken item's place; returns it if it is alive, else discards it.
+    async fn accept(&self, item: T) -> Option<T> {
+        self.shared.free.add_permits(1);
+        if item.is_alive() {
+            return Some(item);
+        }
+        warn!(
+            pool = self.shared.name,
+            id = item.pool_id(),
+            "Discarding a dead item"
+        );
+        item.discard().await;
+        None
+    }
+
+    /// Stops the refill (waiting for makes in flight, whose items are discarded) and
+    /// discards every ready item.
+    pub async fn close(&self) {
+        self.shared.closed.store(true, Ordering::SeqCst);
+        self.shared.free.close();
+        self.shared.filled.notify_waiters();
+        let tasks = self
+            .tasks
+            .lock()
+            .map(|mut tasks| std::mem::take(&mut *tasks))
+            .unwrap_or_default();
+        for task in tasks {
+            let _ = task.await;
+        }
+        let items: Vec<T> = self.shared.ready.lock().await.drain(..).collect();
+        for item in items {
+            item.discard().await;
+        }
+    }
+}
+
+/// Makes items while there is room, until the pool closes.
+async fn refill<T: Poolable>(shared: Arc<Shared<T>>) {
+    let mut failures = 0u32;
+    loop {
+        let Ok(permit) = shared.free.acquire().await else {
+            return; // closed
+        };
+        if shared.is_closed() {
+            return;
+        }
+        match (shared.maker)().await {
+            Ok(item) => {
+                failures = 0;
+                if shared.is_closed() {
+                    item.discard().await;
+                    return;
+                }
+                permit.forget();
+                shared.ready.lock().await.push_back(item);
+                shared.filled.notify_one();
+            }
+            Err(err) => {
+                drop(permit);
+                failures += 1;
+                warn!(pool = shared.name, %err, failures, "Cannot make a ready item");
+                tokio::time::sleep(BACKOFF_STEP * failures.min(MAX_BACKOFF_STEPS)).await;
+                if shared.is_closed() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Discards ready items whose VM died, freeing their place for a new one.
+async fn watch<T: Poolable>(shared: Arc<Shared<T>>) {
+    while !shared.is_closed() {
+        tokio::time::sleep(WATCH_INTERVAL).await;
+        let dead: Vec<T> = {
+            let mut ready = shared.ready.lock().await;
+            let (alive, dead): (VecDeque<T>, VecDeque<T>) =
+                ready.drain(..).partition(Poolable::is_alive);
+            *ready = alive;
+            dead.into()
+        };
+        for item in dead {
+            warn!(
+                pool = shared.name,
+                id = item.pool_id(),
+                "A ready item died; replacing it"
+            );
+            item.discard().await;
+            shared.free.add_permits(1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[derive(Debug)]
+    struct Item {
+        id: usize,
+        alive: Arc<AtomicBool>,
+        discarded: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl Poolable for Item {
+        fn pool_id(&self) -> String {
+            self.id.to_string()
+        }
+        fn is_alive(&self) -> bool {
+            self.alive.load(Ordering::SeqCst)
+        }
+        async fn discard(self) {
+            self.discarded.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    struct Counters {
+        made: AtomicUsize,
+        discarded: Arc<AtomicUsize>,
+        fail_first: usize,
+        lives: std::sync::Mutex<Vec<Arc<AtomicBool>>>,
+    }
+
+    fn pool(size: usize, fail_first: usize) -> (ReadyPool<Item>, Arc<Counters>) {
+        let counters = Arc::new(Counters {
+            made: AtomicUsize::new(0),
+            discarded: Arc::default(),
+            fail_first,
+            lives: std::sync::Mutex::default(),
+        });
+        let c = counters.clone();
+        let maker: Maker<Item> = Arc::new(move || {
+            let c = c.clone();
+            Box::pin(async move {
+                let n = c.made.fetch_add(1, Ordering::SeqCst);
+                if n < c.fail_first {
+                    return Err(FactoryError::Closed);
+                }
+                let alive = Arc::new(AtomicBool::new(true));
+                c.lives.lock().expect("lock").push(alive.clone());
+                Ok(Item {
+                    id: n,
+                    alive,
+                    discarded: c.discarded.clone(),
+                })
+            })
+        });
+        (ReadyPool::start("test", size, maker), counters)
+    }
+
+    async fn wait_ready(pool: &ReadyPool<Item>, count: usize) {
+        for _ in 0..500 {
+            if pool.ready_count().await >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("pool never reached {count}");
+    }
+
+    #[tokio::test]
+    async fn refills_skips_dead_and_discards_on_close() {
+        let (pool, counters) = pool(2, 2);
+        wait_ready(&pool, 2).await;
+        assert_eq!(
+            counters.made.load(Ordering::SeqCst),
+            4,
+            "two failures, then two"
+        );
+        counters.lives.lock().expect("lock")[0].store(false, Ordering::SeqCst);
+        let item = pool.take().await.expect("take");
+        assert!(item.is_alive(), "a dead item was handed out");
+        wait_ready(&pool, 2).await;
+        assert!(pool.try_take().await.is_some());
+        pool.close().await;
+        assert!(matches!(pool.take().await, Err(FactoryError::Closed)));
+        assert!(pool.try_take().await.is_none());
+        // The dead one and every ready one at close were discarded; taken ones were not.
+        assert!(counters.discarded.load(Ordering::SeqCst) >= 2);
+        assert!(item.is_alive());
+    }
+}

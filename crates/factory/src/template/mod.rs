@@ -1,0 +1,363 @@
+//! The template factory: boot one VM, pause it, save its device state, keep its memory in a
+//! file on tmpfs; every clone maps that file copy-on-write and loads the state.
+
+//!
+//! - `metadata`: what a template was built from, and the comparison with the configuration;
+//! - `tmpfs`: the tmpfs its memory lives on, and removing a template;
+//! - this module: creating, opening and cloning templates, with an optional warm pool of
+//!   clones restored ahead of demand.
+
+mod metadata;
+mod tmpfs;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tracing::{debug, info};
+use vmfactory_hypervisor::qemu::new_vm_id;
+use vmfactory_hypervisor::{Backend, Hypervisor, HypervisorError, MemoryBackend};
+
+use crate::agent_port::PortWatch;
+use crate::base::{FactoryBase, FactoryError, VmStatus};
+use crate::config::VmConfig;
+use crate::pool::{Maker, ReadyPool};
+use crate::vm::{connect_agent, Vm, VmError};
+
+use self::metadata::{expected_metadata, sha256_file};
+pub use self::metadata::{read_metadata, FileStamp, TemplateMetadata, TemplateVmConfig};
+pub use self::tmpfs::destroy;
+use self::tmpfs::{prepare_tmpfs, unmount};
+
+/// Version of the template layout and metadata.
+pub const TEMPLATE_FORMAT_VERSION: u32 = 1;
+/// Metadata file inside the template directory.
+pub const METADATA_FILE: &str = "metadata.json";
+/// Guest memory file inside the template directory.
+pub const MEMORY_FILE: &str = "memory";
+/// Device state file inside the template directory.
+pub const STATE_FILE: &str = "state";
+/// Head room of the template tmpfs beyond guest memory, MiB.
+const TMPFS_HEADROOM_MIB: u32 = 8;
+/// How long the template VM's agent may take to go back to waiting for a host.
+const REOPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of the template factory.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// A template already exists where a new one should go.
+    #[error("A template already exists at {0}: remove it with `vmfactory factory destroy` first")]
+    Exists(PathBuf),
+    /// No template where one should be.
+    #[error("No template at {0}: create one with `vmfactory factory init`")]
+    Missing(PathBuf),
+    /// The template's files are damaged.
+    #[error("Template at {path} is damaged ({problem}): destroy it with `vmfactory factory destroy` and create it again")]
+    Corrupt {
+        /// The template directory.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The template was built from something else than the current configuration.
+    #[error("Template at {path} does not match the configuration: {differences}. Destroy it with `vmfactory factory destroy` and create it again")]
+    Mismatch {
+        /// The template directory.
+        path: PathBuf,
+        /// What differs, `; `-separated.
+        differences: String,
+    },
+    /// The tmpfs could not be mounted.
+    #[error("Cannot mount a tmpfs at {path} ({source}): run as root (CAP_SYS_ADMIN), or set template_path to a directory on an existing tmpfs such as /dev/shm/vmfactory-template")]
+    Mount {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file operation failed.
+    #[error("{action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The hypervisor failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// Booting or talking to the template VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+}
+
+pub(crate) fn io_error(
+    action: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> TemplateError {
+    let path = path.to_path_buf();
+    move |source| TemplateError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// A template on disk, ready to be cloned.
+#[derive(Debug)]
+pub struct TemplateFactory {
+    config: VmConfig,
+    backend: Arc<dyn Backend>,
+    path: PathBuf,
+    metadata: TemplateMetadata,
+    pool: Option<ReadyPool<Box<dyn Hypervisor>>>,
+}
+
+impl TemplateFactory {
+    /// Creates a template at `path` from `config` on `backend`: mounts a tmpfs, boots the
+    /// template VM on a shared memory file there, waits for its agent, lets the agent go
+    /// back to waiting for a host, saves the device state and stops the template VM.
+    pub async fn new(
+        config: &VmConfig,
+        path: &Path,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self, TemplateError> {
+        if path.join(METADATA_FILE).exists() {
+            return Err(TemplateError::Exists(path.to_path_buf()));
+        }
+        let mut metadata = expected_metadata(config, backend.as_ref(), None)?;
+        let mounted = prepare_tmpfs(path, config.memory_mib + TMPFS_HEADROOM_MIB)?;
+        match Self::create(config, backend.as_ref(), path, &mut metadata, mounted).await {
+            Ok(()) => Ok(Self {
+                config: config.clone(),
+                backend,
+                path: path.to_path_buf(),
+                metadata,
+                pool: None,
+            }),
+            Err(err) => {
+                if mounted {
+                    let _ = unmount(path);
+                }
+                let _ = std::fs::remove_dir_all(path);
+                Err(err)
+            }
+        }
+    }
+
+    async fn create(
+        config: &VmConfig,
+        backend: &dyn Backend,
+        path: &Path,
+        metadata: &mut TemplateMetadata,
+        mounted: bool,
+    ) -> Result<(), TemplateError> {
+        let started = Instant::now();
+        let memory = MemoryBackend::File {
+            path: path.join(MEMORY_FILE),
+            share: true,
+        };
+        let spec = config.spec(new_vm_id(), memory);
+        let mut vm = backend.boot(&spec).await?;
+        let saved = async {
+            let agent = connect_agent(vm.as_ref(), config.boot_timeout).await?;
+            // The agent sees the host leave, closes its port and opens it again to wait for
+            // the next host: saved from then on, every clone resumes with it waiting.
+            let watch = PortWatch::mark(vm.as_ref());
+            agent.disconnect();
+            watch.wait_reopened(vm.as_ref(), REOPEN_TIMEOUT).await?;
+            vm.save_state(&path.join(STATE_FILE)).await?;
+            Ok::<(), TemplateError>(())
+        }
+        .await;
+        let stopped = vm.stop().await;
+        saved?;
+        stopped?;
+        let state = path.join(STATE_FILE);
+        metadata.state_sha256 = sha256_file(&state)?;
+        metadata.memory_bytes = std::fs::metadata(path.join(MEMORY_FILE))
+            .map_err(io_error("Cannot stat", &path.join(MEMORY_FILE)))?
+            .len();
+        metadata.mounted_tmpfs = mounted;
+        metadata.created_unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let json = serde_json::to_vec_pretty(&metadata).map_err(|err| TemplateError::Corrupt {
+            path: path.to_path_buf(),
+            problem: err.to_string(),
+        })?;
+        let file = path.join(METADATA_FILE);
+        std::fs::write(&file, json).map_err(io_error("Cannot write", &file))?;
+        info!(path = %path.display(), elapsed = ?started.elapsed(), "Template created");
+        Ok(())
+    }
+
+    /// Opens the template at `path` after checking that it is intact and was built from
+    /// the same hypervisor version, kernel, initrd and VM settings as `config`.
+    pub async fn fetch(
+        config: &VmConfig,
+        path: &Path,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self, TemplateError> {
+        let metadata = read_metadata(path)?;
+        let corrupt = |problem: String| TemplateError::Corrupt {
+            path: path.to_path_buf(),
+            problem,
+        };
+        if metadata.format_version != TEMPLATE_FORMAT_VERSION {
+            return Err(TemplateError::Mismatch {
+                path: path.to_path_buf(),
+                differences: format!(
+                    "format version was {} and is now {TEMPLATE_FORMAT_VERSION}",
+                    metadata.format_version
+                ),
+            });
+        }
+        let state = path.join(STATE_FILE);
+        if !state.is_file() {
+            return Err(corrupt(format!("{STATE_FILE} is missing")));
+        }
+        if sha256_file(&state)? != metadata.state_sha256 {
+            return Err(corrupt(format!(
+                "{STATE_FILE} does not match its recorded digest"
+            )));
+        }
+        match std::fs::metadata(path.join(MEMORY_FILE)) {
+            Ok(memory) if memory.len() == metadata.memory_bytes => {}
+            Ok(memory) => {
+                return Err(corrupt(format!(
+                    "{MEMORY_FILE} has {} bytes, expected {}",
+                    memory.len(),
+                    metadata.memory_bytes
+                )))
+            }
+            Err(_) => return Err(corrupt(format!("{MEMORY_FILE} is missing"))),
+        }
+        let expected = expected_metadata(config, backend.as_ref(), Some(&metadata))?;
+        let differences = metadata.differences(&expected);
+        if !differences.is_empty() {
+            return Err(TemplateError::Mismatch {
+                path: path.to_path_buf(),
+                differences: differences.join("; "),
+            });
+        }
+        Ok(Self {
+            config: config.clone(),
+            backend,
+            path: path.to_path_buf(),
+            metadata,
+            pool: None,
+        })
+    }
+
+    /// Keeps `size` clones restored ahead of demand (paused, never run: still identical to
+    /// the template), so a clone skips start-up and state load. Must be called within a
+    /// tokio runtime.
+    pub fn with_warm_pool(mut self, size: usize) -> Self {
+        if size > 0 {
+            let (config, path, backend) =
+                (self.config.clone(), self.path.clone(), self.backend.clone());
+            let maker: Maker<Box<dyn Hypervisor>> = Arc::new(move || {
+                let (config, path, backend) = (config.clone(), path.clone(), backend.clone());
+                Box::pin(async move {
+                    restore_clone(&config, &path, backend.as_ref())
+                        .await
+                        .map_err(|err| FactoryError::Vm(err.into()))
+                })
+            });
+            self.pool = Some(ReadyPool::start("warm pool", size, maker));
+        }
+        self
+    }
+
+    /// Clones waiting in the warm pool right now (0 without a pool).
+    pub async fn warm_pool_ready(&self) -> usize {
+        match &self.pool {
+            Some(pool) => pool.ready_count().await,
+            None => 0,
+        }
+    }
+
+    /// The template's metadata.
+    pub fn metadata(&self) -> &TemplateMetadata {
+        &self.metadata
+    }
+
+    /// The template directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Removes the template (unmount, delete), after stopping the warm pool.
+    pub async fn destroy(self) -> Result<(), TemplateError> {
+        if let Some(pool) = &self.pool {
+            pool.close().await;
+        }
+        destroy(&self.path).map(drop)
+    }
+}
+
+/// A clone of the template at `path`: its memory file mapped copy-on-write, its device
+/// state loaded; paused.
+async fn restore_clone(
+    config: &VmConfig,
+    path: &Path,
+    backend: &dyn Backend,
+) -> Result<Box<dyn Hypervisor>, HypervisorError> {
+    let memory = MemoryBackend::File {
+        path: path.join(MEMORY_FILE),
+        share: false,
+    };
+    let spec = config.spec(new_vm_id(), memory);
+    backend.restore(&spec, &path.join(STATE_FILE)).await
+}
+
+#[async_trait]
+impl FactoryBase for TemplateFactory {
+    fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    async fn get_base_vm(&self) -> Result<Vm, FactoryError> {
+        let started = Instant::now();
+        let pooled = match &self.pool {
+            Some(pool) => pool.try_take().await,
+            None => None,
+        };
+        let clone = match pooled {
+            Some(clone) => clone,
+            None => restore_clone(&self.config, &self.path, self.backend.as_ref())
+                .await
+                .map_err(VmError::from)?,
+        };
+        debug!(id = clone.id(), elapsed = ?started.elapsed(), "Clone restored");
+        Ok(Vm::from_hypervisor(
+            clone,
+            self.config.vcpus,
+            self.config.memory_mib,
+        ))
+    }
+
+    async fn status(&self) -> Vec<VmStatus> {
+        Vec::new()
+    }
+
+    async fn close(&self) -> Result<(), FactoryError> {
+        if let Some(pool) = &self.pool {
+            pool.close().await;
+        }
+        Ok(())
+    }
+}

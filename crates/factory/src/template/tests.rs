@@ -1,0 +1,251 @@
+//! Unit tests of the template factory, the cache and the VMCache client on the mock
+//! hypervisor, with a stand-in agent: create, clone, fetch with a mismatch, close, and the
+//! hand-over record across a real gRPC server on a Unix socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vmfactory_hypervisor::mock::MockBackend;
+use vmfactory_hypervisor::Backend;
+use vmfactory_protocols::cache::GrpcVm;
+
+use super::*;
+use crate::base::{Factory, FactoryBase};
+use crate::cache::CacheFactory;
+use crate::config::VmRequest;
+use crate::mock_agent::{self, AgentCalls};
+use crate::vmcache::{self, GrpcCacheFactory};
+
+/// A mock world: a template path on tmpfs (no mount needed), kernel and initrd files, and
+/// a mock backend whose VMs run the stand-in agent.
+struct World {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    config: VmConfig,
+    mock: MockBackend,
+    backend: Arc<dyn Backend>,
+    calls: Arc<AgentCalls>,
+}
+
+impl World {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vmf-mock-")
+            .tempdir_in("/dev/shm")
+            .expect("tempdir on tmpfs");
+        let kernel = dir.path().join("kernel");
+        let initrd = dir.path().join("initrd");
+        std::fs::write(&kernel, b"mock kernel").expect("kernel");
+        std::fs::write(&initrd, b"mock initrd").expect("initrd");
+        let mut config = VmConfig {
+            kernel,
+            initrd: Some(initrd),
+            memory_mib: 128,
+            memory_slots: 2,
+            ..VmConfig::default()
+        };
+        config.qemu.runtime_dir = dir.path().join("run");
+        let calls = Arc::new(AgentCalls::default());
+        let mock = MockBackend::new(
+            &dir.path().join("vms"),
+            Some(mock_agent::hook(calls.clone())),
+        );
+        Self {
+            path: dir.path().join("template"),
+            _dir: dir,
+            config,
+            backend: Arc::new(mock.clone()),
+            mock,
+            calls,
+        }
+    }
+
+    async fn create(&self) -> TemplateFactory {
+        TemplateFactory::new(&self.config, &self.path, self.backend.clone())
+            .await
+            .expect("create the template")
+    }
+
+    fn alive(&self) -> usize {
+        self.mock
+            .controls()
+            .iter()
+            .filter(|(_, control)| control.is_alive())
+            .count()
+    }
+}
+
+fn files(path: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(path)
+        .expect("read_dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_clone_and_close() {
+    let world = World::new();
+    let template = world.create().await;
+    assert_eq!(files(&world.path), [MEMORY_FILE, METADATA_FILE, STATE_FILE]);
+    assert_eq!(template.metadata().qemu_version, "mock hypervisor 1");
+    assert_eq!(template.metadata().memory_bytes, 128 << 20);
+    assert!(
+        !template.metadata().mounted_tmpfs,
+        "/dev/shm is a tmpfs already"
+    );
+    assert_eq!(world.alive(), 0, "the template VM was stopped after saving");
+    let err = TemplateFactory::new(&world.config, &world.path, world.backend.clone())
+        .await
+        .expect_err("second create");
+    assert!(matches!(err, TemplateError::Exists(_)), "{err}");
+
+    let factory = Factory::new(Arc::new(template.with_warm_pool(2)));
+    let first = factory.get_vm(&VmRequest::default()).await.expect("clone");
+    assert!(first.hypervisor().is_running());
+    assert_eq!((first.cpu, first.memory_mib), (1, 128));
+    assert_eq!(world.calls.reseeds.load(Ordering::SeqCst), 1, "reseeded");
+    assert_eq!(
+        world.calls.clock_sets.load(Ordering::SeqCst),
+        1,
+        "clock set"
+    );
+
+    // A bigger request grows the clone by hot-plug; the agent onlines it.
+    let grown = factory
+        .get_vm(&VmRequest {
+            vcpus: Some(2),
+            memory_mib: Some(200),
+        })
+        .await
+        .expect("grown clone");
+    assert_eq!((grown.cpu, grown.memory_mib, grown.cpu_delta), (2, 256, 1));
+    assert_eq!(world.calls.onlines.load(Ordering::SeqCst), 1);
+
+    factory.close().await.expect("close");
+    assert_eq!(
+        world.alive(),
+        2,
+        "only the two handed-out clones run after close"
+    );
+    first.stop().await.expect("stop");
+    grown.stop().await.expect("stop");
+    assert_eq!(world.alive(), 0);
+    assert!(destroy(&world.path).expect("destroy"));
+    assert!(!world.path.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_refuses_mismatch_and_damage() {
+    let world = World::new();
+    drop(world.create().await);
+    let fetched = TemplateFactory::fetch(&world.config, &world.path, world.backend.clone())
+        .await
+        .expect("fetch an intact template");
+    assert_eq!(fetched.path(), world.path);
+
+    let bigger = VmConfig {
+        memory_mib: 256,
+        ..world.config.clone()
+    };
+    let err = TemplateFactory::fetch(&bigger, &world.path, world.backend.clone())
+        .await
+        .expect_err("other size");
+    assert!(matches!(err, TemplateError::Mismatch { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains("memory (MiB) was 128 and is now 256"),
+        "{err}"
+    );
+
+    let initrd = world.config.initrd.clone().expect("initrd");
+    std::fs::write(&initrd, b"another initrd").expect("rewrite initrd");
+    let err = TemplateFactory::fetch(&world.config, &world.path, world.backend.clone())
+        .await
+        .expect_err("changed initrd");
+    assert!(err.to_string().contains("initrd digest was"), "{err}");
+    std::fs::write(&initrd, b"mock initrd").expect("restore initrd");
+
+    std::fs::write(world.path.join(STATE_FILE), b"damaged").expect("damage the state");
+    let err = TemplateFactory::fetch(&world.config, &world.path, world.backend.clone())
+        .await
+        .expect_err("damaged state");
+    assert!(matches!(err, TemplateError::Corrupt { .. }), "{err}");
+
+    assert!(destroy(&world.path).expect("destroy"));
+    let err = TemplateFactory::fetch(&world.config, &world.path, world.backend.clone())
+        .await
+        .expect_err("missing");
+    assert!(matches!(err, TemplateError::Missing(_)), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmcache_hands_over_by_record_and_refuses_unknown_versions() {
+    let world = World::new();
+    let template = world.create().await;
+    let cache = Arc::new(CacheFactory::with_warm_up(Arc::new(template), 2, true));
+    let endpoint = world.path.with_extension("sock");
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let server = tokio::spawn({
+        let (cache, endpoint, shutdown) = (cache.clone(), endpoint.clone(), shutdown.clone());
+        async move { vmcache::serve(cache, &endpoint, shutdown).await }
+    });
+    for _ in 0..500 {
+        if cache.ready_count().await == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cache.ready_count().await, 2, "the cache never filled");
+
+    let client = GrpcCacheFactory::connect_with_backend(&endpoint, world.backend.clone())
+        .await
+        .expect("connect");
+    assert_eq!(client.config().memory_mib, 128, "config from the server");
+    let factory = Factory::new(Arc::new(client));
+    let vm = factory.get_vm(&VmRequest::default()).await.expect("get_vm");
+    assert!(vm.hypervisor().is_running());
+    assert_eq!(
+        vm.exec(crate::ExecRequest {
+            argv: vec!["echo".into(), "adopted".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("exec")
+        .stdout,
+        b"echo adopted"
+    );
+
+    // A record of a version this build does not read is refused, naming what it reads.
+    let vm_id = vm.id().to_string();
+    let mut record: serde_json::Value =
+        serde_json::from_slice(&vm.hand_over().expect("hand over").to_json()).expect("json");
+    record["format_version"] = 9.into();
+    let message = GrpcVm {
+        id: vm_id.clone(),
+        hypervisor: record.to_string().into_bytes(),
+        ..GrpcVm::default()
+    };
+    let err = vmcache::record_of(&message).expect_err("version 9");
+    assert!(err.to_string().contains("version 9"), "{err}");
+    assert!(err.to_string().contains("reads version(s) 1"), "{err}");
+    record["format_version"] = 1.into();
+    let message = GrpcVm {
+        id: vm_id,
+        hypervisor: record.to_string().into_bytes(),
+        ..GrpcVm::default()
+    };
+    let record = vmcache::record_of(&message).expect("version 1");
+    let mut adopted = world.backend.adopt(record.hypervisor).await.expect("adopt");
+    adopted.stop().await.expect("stop");
+
+    shutdown.notify_one();
+    server.await.expect("join").expect("serve");
+    assert!(!endpoint.exists(), "socket removed");
+    cache.close().await.expect("close");
+    assert_eq!(world.alive(), 0, "nothing left running");
+    assert!(destroy(&world.path).expect("destroy"));
+}

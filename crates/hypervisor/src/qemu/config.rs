@@ -1,0 +1,120 @@
+//! Settings of the QEMU backend and facts about the QEMU binary.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::accel::Accelerator;
+use crate::{HypervisorError, Result};
+
+/// Settings of the QEMU backend shared by all VMs of a factory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QemuConfig {
+    /// QEMU binary: a path, or a name looked up in `PATH`.
+    pub binary: PathBuf,
+    /// Machine type (`q35` or `pc`).
+    pub machine_type: String,
+    /// Accelerator choice.
+    pub accelerator: Accelerator,
+    /// The guest kernel is built with `CONFIG_PVM_GUEST` (runs on kvm_pvm).
+    pub kernel_is_pvm: bool,
+    /// TCG translation buffer size, MiB (bounds QEMU's memory per VM under TCG).
+    pub tb_size_mib: Option<u32>,
+    /// Directory holding one sub-directory per VM.
+    pub runtime_dir: PathBuf,
+    /// How long QEMU may take to open its QMP socket.
+    pub start_timeout: Duration,
+    /// Firmware image (`-bios`); `None` keeps QEMU's default (SeaBIOS).
+    pub firmware: Option<PathBuf>,
+}
+
+/// QEMU's minimal firmware: boots Linux straight from fw_cfg, faster than SeaBIOS.
+pub const QBOOT_PATH: &str = "/usr/share/qemu/qboot.rom";
+
+/// qboot when QEMU ships it, else QEMU's default firmware.
+pub fn default_firmware() -> Option<PathBuf> {
+    let qboot = Path::new(QBOOT_PATH);
+    qboot.is_file().then(|| qboot.to_path_buf())
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: "qemu-system-x86_64".into(),
+            machine_type: "q35".into(),
+            accelerator: Accelerator::Auto,
+            kernel_is_pvm: false,
+            tb_size_mib: None,
+            runtime_dir: default_runtime_dir(),
+            start_timeout: Duration::from_secs(30),
+            firmware: default_firmware(),
+        }
+    }
+}
+
+/// `$VMFACTORY_RUNTIME_DIR`, else `/run/vmfactory` for root, else
+/// `$XDG_RUNTIME_DIR/vmfactory`, else `/tmp/vmfactory-<uid>`.
+pub fn default_runtime_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("VMFACTORY_RUNTIME_DIR") {
+        return dir.into();
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return "/run/vmfactory".into();
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return Path::new(&dir).join("vmfactory");
+    }
+    format!("/tmp/vmfactory-{uid}").into()
+}
+
+/// Finds the QEMU binary: a path is checked, a bare name is searched in `PATH`.
+pub fn resolve_binary(binary: &Path) -> Result<PathBuf> {
+    let missing = || HypervisorError::MissingFile {
+        what: "QEMU binary",
+        path: binary.to_path_buf(),
+        hint: "install it with `apt-get install qemu-system-x86` or set the QEMU path",
+    };
+    if binary.components().count() > 1 {
+        return if binary.is_file() {
+            Ok(binary.to_path_buf())
+        } else {
+            Err(missing())
+        };
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(missing)
+}
+
+/// The first line of `<binary> --version`, e.g. `QEMU emulator version 7.2.22 (Debian …)`.
+pub fn qemu_version(binary: &Path) -> Result<String> {
+    let binary = resolve_binary(binary)?;
+    let output = std::process::Command::new(&binary)
+        .arg("--version")
+        .output()
+        .map_err(|source| HypervisorError::Spawn {
+            binary: binary.clone(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines()
+        .next()
+        .map(|line| line.trim().to_string())
+        .filter(|line| output.status.success() && !line.is_empty())
+        .ok_or_else(|| {
+            HypervisorError::InvalidConfig(format!(
+                "{} --version printed no version: is it a QEMU binary?",
+                binary.display()
+            ))
+        })
+}
+
+/// A new random VM id (16 hex digits).
+pub fn new_vm_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}

@@ -1,0 +1,275 @@
+//! The QEMU process: spawning it (to boot, or to wait for a saved state), taking over one
+//! another process started, and killing it.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Mutex};
+use tracing::{debug, info};
+
+use super::accel::{self, HostProbe, ResolvedAccel};
+use super::cmdline::{self, StartMode, VmPaths, STATE_FD};
+use super::config::{resolve_binary, QemuConfig};
+use super::qmp::Qmp;
+use super::{Qemu, QemuHandle};
+use crate::{Hypervisor, HypervisorError, Result, VmSpec};
+
+impl Qemu {
+    /// Spawns QEMU for `spec` and waits until its QMP socket answers.
+    pub async fn start(config: &QemuConfig, spec: &VmSpec) -> Result<Self> {
+        Self::spawn(config, spec, StartMode::Boot, None).await
+    }
+
+    /// Spawns QEMU paused and waiting for a device state (`-incoming defer -S`), with the
+    /// state file `state` open as fd 3, and loads it.
+    pub async fn start_incoming(config: &QemuConfig, spec: &VmSpec, state: &Path) -> Result<Self> {
+        let file = std::fs::File::open(state).map_err(|source| HypervisorError::Io {
+            action: "Cannot open the saved device state",
+            path: state.to_path_buf(),
+            source,
+        })?;
+        let mut qemu = Self::spawn(config, spec, StartMode::Incoming, Some(file)).await?;
+        if let Err(err) = qemu.load_device_state().await {
+            let _ = qemu.stop().await;
+            return Err(err);
+        }
+        Ok(qemu)
+    }
+
+    async fn spawn(
+        config: &QemuConfig,
+        spec: &VmSpec,
+        mode: StartMode,
+        state: Option<std::fs::File>,
+    ) -> Result<Self> {
+        spec.validate()?;
+        let binary = resolve_binary(&config.binary)?;
+        let (accel, reason) = accel::choose(
+            config.accelerator,
+            HostProbe::detect(),
+            config.kernel_is_pvm,
+        )?;
+        log_accel_once(accel, reason);
+
+        let dir = config.runtime_dir.join("vm").join(&spec.id);
+        let paths = VmPaths::new(&dir)?;
+        let args = cmdline::build_args(config, spec, accel, &paths, mode)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|source| HypervisorError::Io {
+                action: "Cannot create the VM directory",
+                path: dir.clone(),
+                source,
+            })?;
+        let cleanup_dir = |err: HypervisorError| {
+            let _ = std::fs::remove_dir_all(&dir);
+            err
+        };
+        let stderr = std::fs::File::create(&paths.stderr)
+            .map_err(|source| HypervisorError::Io {
+                action: "Cannot create",
+                path: paths.stderr.clone(),
+                source,
+            })
+            .map_err(cleanup_dir)?;
+        debug!(binary = %binary.display(), ?args, "Starting QEMU");
+        let mut command = tokio::process::Command::new(&binary);
+        if let Some(state) = &state {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(state);
+            // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec; `state`
+            // outlives the spawn, so `fd` is open in the child.
+            unsafe {
+                command.pre_exec(move || {
+                    if fd == STATE_FD {
+                        let flags = libc::fcntl(fd, libc::F_GETFD);
+                        libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    } else if libc::dup2(fd, STATE_FD) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            // Its own process group: a Ctrl-C at the terminal reaches us, not QEMU; we stop
+            // the VM ourselves, and VMs handed to clients outlive their creator.
+            .process_group(0)
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|source| HypervisorError::Spawn {
+                binary: binary.clone(),
+                source,
+            })
+            .map_err(cleanup_dir)?;
+        // The child holds its own copy of the state fd now.
+        drop(state);
+        let pid = child.id().unwrap_or(0);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(status) => status.to_string(),
+                Err(err) => format!("unknown status: {err}"),
+            };
+            let _ = exit_tx.send(Some(status));
+        });
+        let mut qemu = Qemu {
+            id: spec.id.clone(),
+            pid,
+            paths,
+            accel,
+            exit: exit_rx,
+            qmp: Mutex::new(None),
+            stopped: false,
+            owned: true,
+            pidfd: None,
+        };
+        match qemu.connect_qmp(config.start_timeout).await {
+            Ok(qmp) => {
+                *qemu.qmp.get_mut() = Some(qmp);
+                Ok(qemu)
+            }
+            Err(err) => {
+                let _ = qemu.stop().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Connects to QMP as soon as the socket exists, unless QEMU dies first.
+    async fn connect_qmp(&self, timeout: Duration) -> Result<Qmp> {
+        let started = Instant::now();
+        loop {
+            if !self.is_running() {
+                return Err(self.exited().await);
+            }
+            if self.paths.qmp.exists() {
+                match Qmp::connect(&self.paths.qmp).await {
+                    Ok(qmp) => return Ok(qmp),
+                    Err(err) => debug!(%err, "QMP not ready yet"),
+                }
+            }
+            if started.elapsed() > timeout {
+                return Err(HypervisorError::Timeout {
+                    what: "waiting for QEMU's QMP socket".into(),
+                    seconds: timeout.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    pub(super) async fn wait_exit(&self, timeout: Duration) -> bool {
+        let mut exit = self.exit.clone();
+        let exited = tokio::time::timeout(timeout, exit.wait_for(Option::is_some))
+            .await
+            .is_ok();
+        exited
+    }
+
+    /// Takes over a QEMU another process started and handed over (see
+    /// [`Hypervisor::hand_over`]). Its exit is watched through a pidfd.
+    pub async fn adopt(handle: QemuHandle) -> Result<Self> {
+        let paths = VmPaths::new(&handle.dir)?;
+        let gone = |why: &str| {
+            HypervisorError::InvalidConfig(format!(
+                "Cannot take over VM {} (pid {}): {why}",
+                handle.id, handle.pid
+            ))
+        };
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", handle.pid))
+            .map_err(|_| gone("the process is gone"))?;
+        if !String::from_utf8_lossy(&cmdline).contains(&*paths.qmp.to_string_lossy()) {
+            return Err(gone("the process is not that VM's QEMU"));
+        }
+        let pid = i32::try_from(handle.pid).map_err(|_| gone("bad pid"))?;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if raw < 0 {
+            return Err(gone(&format!(
+                "pidfd_open failed: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: the syscall returned a new fd that nothing else owns.
+        let pidfd =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
+        let watched = pidfd.try_clone().map_err(|err| gone(&err.to_string()))?;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        // SAFETY: the cloned pidfd is open and owned by the AsyncFd for its lifetime.
+        let exit_fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE)
+        }
+        .map_err(|err| gone(&std::io::Error::from(err).to_string()))?;
+        tokio::spawn(async move {
+            // A pidfd becomes readable when the process exits.
+            let _ = exit_fd.readable().await;
+            let _ = exit_tx.send(Some("exited (adopted process)".to_string()));
+        });
+        Ok(Self {
+            id: handle.id,
+            pid: handle.pid,
+            paths,
+            accel: handle.accel,
+            exit: exit_rx,
+            qmp: Mutex::new(None),
+            stopped: false,
+            owned: true,
+            pidfd: Some(pidfd),
+        })
+    }
+
+    pub(super) fn kill(&self) {
+        if let Some(pidfd) = &self.pidfd {
+            if self.is_running() {
+                // SAFETY: pidfd_send_signal on our pidfd; no pid reuse possible.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        std::os::fd::AsRawFd::as_raw_fd(pidfd),
+                        libc::SIGKILL,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    );
+                }
+            }
+            return;
+        }
+        if self.is_running() {
+            if let Ok(pid) = i32::try_from(self.pid) {
+                // SAFETY: signals our own child, which has not been reaped yet (the exit
+                // watch has not fired), so the pid cannot have been reused.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+
+    pub(super) fn remove_dir(&self) -> Result<()> {
+        match std::fs::remove_dir_all(&self.paths.dir) {
+            Ok(()) => Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(HypervisorError::Io {
+                action: "Cannot remove the VM directory",
+                path: self.paths.dir.clone(),
+                source,
+            }),
+        }
+    }
+}
+
+fn log_accel_once(accel: ResolvedAccel, reason: &'static str) {
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    LOGGED.call_once(|| match accel {
+        ResolvedAccel::Kvm => info!(accelerator = "kvm", reason, "Accelerator chosen"),
+        ResolvedAccel::Tcg => info!(accelerator = "tcg", reason, "Accelerator chosen"),
+    });
+}

@@ -1,0 +1,91 @@
+//! Saving and loading a VM's device state (QEMU migration to and from a file). Guest RAM
+//! lives in a shared memory file and is skipped with `x-ignore-shared`, so the state holds
+//! only device state: a few hundred KB.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::cmdline::STATE_FD;
+use super::Qemu;
+use crate::{HypervisorError, Result};
+
+/// How long a state load or save may take.
+pub(super) const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Qemu {
+    async fn set_ignore_shared(&self) -> Result<()> {
+        // QEMU 7.2 needs the capability on both the saving and the loading side.
+        let capabilities = serde_json::json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+        });
+        self.qmp("migrate-set-capabilities", Some(capabilities))
+            .await
+            .map(drop)
+    }
+
+    /// Pauses the VM and saves its device state to `path`.
+    pub(super) async fn save_device_state(&self, path: &Path) -> Result<()> {
+        let quoted = path.to_string_lossy();
+        if quoted.contains(['\'', '\n']) {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "State path {quoted} must not contain quotes or newlines"
+            )));
+        }
+        self.qmp("stop", None).await?;
+        self.set_ignore_shared().await?;
+        let uri = format!("exec:cat > '{quoted}'");
+        self.qmp("migrate", Some(serde_json::json!({ "uri": uri })))
+            .await?;
+        let started = Instant::now();
+        loop {
+            let info = self.qmp("query-migrate", None).await?;
+            match info.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    let reason = info
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
+                    return Err(HypervisorError::Qmp {
+                        command: "migrate".into(),
+                        message: format!("Saving the device state failed: {reason}"),
+                    });
+                }
+                _ => {}
+            }
+            if started.elapsed() > STATE_TIMEOUT {
+                return Err(HypervisorError::Timeout {
+                    what: "saving the device state".into(),
+                    seconds: STATE_TIMEOUT.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Loads the device state inherited as fd [`STATE_FD`] (see [`Qemu::start_incoming`]);
+    /// the VM stays paused afterwards.
+    pub(super) async fn load_device_state(&self) -> Result<()> {
+        self.set_ignore_shared().await?;
+        let uri = format!("fd:{STATE_FD}");
+        self.qmp("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+            .await?;
+        let started = Instant::now();
+        loop {
+            let status = self.qmp("query-status", None).await?;
+            match status.get("status").and_then(Value::as_str) {
+                Some("inmigrate") | None => {}
+                Some(_) => return Ok(()),
+            }
+            if started.elapsed() > STATE_TIMEOUT {
+                return Err(HypervisorError::Timeout {
+                    what: "loading the device state".into(),
+                    seconds: STATE_TIMEOUT.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! Contracts between the host and the guest agent that are not in a `.proto` file: the
+//! name of the agent's port, the console lines the host waits for, and the sizes both
+//! ends of the agent connection agree on. Both sides use these constants; changing one
+//! changes the guest image (the agent is rebuilt) and the host in the same build.
+
+/// Name of the virtio-serial port the guest agent serves its API on.
+pub const AGENT_PORT_NAME: &str = "agent.0";
+
+/// Console line the agent prints each time it has (re)opened its port and waits for a host.
+pub const CONSOLE_PORT_OPENED: &str = "Agent port opened";
+
+/// Console lines the agent prints once a host connection has ended and it closed its
+/// port (a clean end, and an end with an error).
+pub const CONSOLE_HOST_LEFT: [&str; 2] = ["Host disconnected", "Host connection ended"];
+
+/// Largest gRPC message either end of the agent connection accepts.
+pub const AGENT_MAX_MESSAGE_SIZE: usize = 256 << 20;
+
+/// HTTP/2 stream flow-control window of the agent connection.
+pub const AGENT_STREAM_WINDOW: u32 = 8 << 20;
+
+/// HTTP/2 connection flow-control window of the agent connection.
+pub const AGENT_CONNECTION_WINDOW: u32 = 16 << 20;
+
+/// Largest HTTP/2 frame the agent's server accepts.
+pub const AGENT_MAX_FRAME_SIZE: u32 = 1 << 20;
+
+/// Most entropy bytes one `ReseedRandomDev` may carry.
+pub const MAX_RESEED_BYTES: usize = 64 << 10;
