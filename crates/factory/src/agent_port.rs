@@ -36,22 +36,6 @@ impl PortWatch {
         Self { console, mark }
     }
 
-    /// Waits until the agent has closed its port after its host left. From then on a new
-    /// host connection is safe: its bytes wait until the agent opens the port again.
-    pub async fn wait_host_left(
-        &self,
-        hypervisor: &dyn Hypervisor,
-        timeout: Duration,
-    ) -> Result<(), VmError> {
-        self.wait(
-            hypervisor,
-            timeout,
-            "the agent to let go of its port",
-            |text| host_left_at(text).is_some(),
-        )
-        .await
-    }
-
     /// Waits until the agent has let go of its port and opened it again, waiting for the
     /// next host: a VM saved from then on resumes with its agent waiting.
     pub async fn wait_reopened(
@@ -59,22 +43,14 @@ impl PortWatch {
         hypervisor: &dyn Hypervisor,
         timeout: Duration,
     ) -> Result<(), VmError> {
-        self.wait(
-            hypervisor,
-            timeout,
-            "the agent to wait for a new host",
-            |text| host_left_at(text).is_some_and(|at| text[at..].contains(CONSOLE_PORT_OPENED)),
-        )
-        .await
+        self.wait(hypervisor, timeout).await
     }
 
-    async fn wait(
-        &self,
-        hypervisor: &dyn Hypervisor,
-        timeout: Duration,
-        what: &str,
-        seen: impl Fn(&str) -> bool,
-    ) -> Result<(), VmError> {
+    async fn wait(&self, hypervisor: &dyn Hypervisor, timeout: Duration) -> Result<(), VmError> {
+        let what = "the agent to let go of its host and wait for a new one";
+        let seen = |text: &str| {
+            host_left_at(text).is_some_and(|at| text[at..].contains(CONSOLE_PORT_OPENED))
+        };
         let Some(console) = &self.console else {
             return Err(
                 HypervisorError::Unsupported("Watching the agent port without a console").into(),

@@ -64,8 +64,10 @@ pub trait FactoryBase: Send + Sync + std::fmt::Debug {
     }
     /// A new base VM, paused.
     async fn get_base_vm(&self) -> Result<Vm, FactoryError>;
-    /// The VMs it holds ready.
-    async fn status(&self) -> Vec<VmStatus>;
+    /// The VMs it holds ready (none, unless it keeps a cache).
+    async fn status(&self) -> Vec<VmStatus> {
+        Vec::new()
+    }
     /// Stops what it runs.
     async fn close(&self) -> Result<(), FactoryError>;
 }
@@ -102,10 +104,6 @@ impl FactoryBase for DirectFactory {
         let vm = Vm::boot(self.backend.as_ref(), &self.config).await?;
         vm.pause().await?;
         Ok(vm)
-    }
-
-    async fn status(&self) -> Vec<VmStatus> {
-        Vec::new()
     }
 
     async fn close(&self) -> Result<(), FactoryError> {

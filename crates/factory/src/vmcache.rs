@@ -329,10 +329,6 @@ impl FactoryBase for GrpcCacheFactory {
         Ok(Vm::adopt(self.backend.as_ref(), record).await?)
     }
 
-    async fn status(&self) -> Vec<VmStatus> {
-        Vec::new()
-    }
-
     async fn close(&self) -> Result<(), FactoryError> {
         Ok(())
     }

@@ -21,12 +21,7 @@ impl Drop for TemplateGuard {
 }
 
 fn mounted(path: &Path) -> bool {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let target = path.to_string_lossy();
-    mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|mount_point| mount_point == target)
+    template::is_mountpoint(path)
 }
 
 fn host_now() -> i64 {

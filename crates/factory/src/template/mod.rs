@@ -23,14 +23,14 @@ use vmfactory_hypervisor::qemu::new_vm_id;
 use vmfactory_hypervisor::{Backend, Hypervisor, HypervisorError, MemoryBackend};
 
 use crate::agent_port::PortWatch;
-use crate::base::{FactoryBase, FactoryError, VmStatus};
+use crate::base::{FactoryBase, FactoryError};
 use crate::config::VmConfig;
 use crate::pool::{Maker, ReadyPool};
 use crate::vm::{connect_agent, Vm, VmError};
 
 use self::metadata::{expected_metadata, sha256_file};
 pub use self::metadata::{read_metadata, FileStamp, TemplateMetadata, TemplateVmConfig};
-pub use self::tmpfs::destroy;
+pub use self::tmpfs::{destroy, is_mountpoint};
 use self::tmpfs::{prepare_tmpfs, unmount};
 
 /// Version of the template layout and metadata.
@@ -348,10 +348,6 @@ impl FactoryBase for TemplateFactory {
             self.config.vcpus,
             self.config.memory_mib,
         ))
-    }
-
-    async fn status(&self) -> Vec<VmStatus> {
-        Vec::new()
     }
 
     async fn close(&self) -> Result<(), FactoryError> {

@@ -101,7 +101,7 @@ pub fn destroy(path: &Path) -> Result<bool, TemplateError> {
 }
 
 /// True when `path` is a mount point (per /proc/self/mountinfo).
-fn is_mountpoint(path: &Path) -> bool {
+pub fn is_mountpoint(path: &Path) -> bool {
     let Ok(canonical) = path.canonicalize() else {
         return false;
     };

@@ -69,15 +69,8 @@ pub async fn sh(vm: &Vm, script: &str) -> String {
 
 /// PIDs of QEMU processes whose command line mentions `dir`.
 pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .expect("read /proc")
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some(pid)
-        })
+    vmfactory_hypervisor::qemu::processes_under(dir)
+        .into_iter()
+        .map(|(pid, _)| pid)
         .collect()
 }

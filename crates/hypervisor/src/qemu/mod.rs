@@ -40,6 +40,7 @@ pub use self::config::{
     QBOOT_PATH,
 };
 pub use self::console::failure_report;
+pub use self::process::processes_under;
 
 /// What another process needs to take over a running QEMU.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

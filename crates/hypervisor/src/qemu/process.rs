@@ -273,3 +273,21 @@ fn log_accel_once(accel: ResolvedAccel, reason: &'static str) {
         ResolvedAccel::Tcg => info!(accelerator = "tcg", reason, "Accelerator chosen"),
     });
 }
+
+/// QEMU processes on this host whose command line mentions `dir` (a runtime or VM
+/// directory): pids and command lines. Finds vmfactory's VMs without their handles.
+pub fn processes_under(dir: &Path) -> Vec<(u32, String)> {
+    let needle = dir.to_string_lossy().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some((pid, cmdline))
+        })
+        .collect()
+}

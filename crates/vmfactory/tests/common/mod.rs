@@ -55,27 +55,12 @@ pub fn text(output: &Output) -> String {
 
 /// True when `path` is a mount point.
 pub fn mounted(path: &Path) -> bool {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let target = path.to_string_lossy();
-    mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .any(|mount_point| mount_point == target)
+    vmfactory_factory::template::is_mountpoint(path)
 }
 
 /// PIDs and command lines of QEMU processes whose command line mentions `dir`.
 pub fn qemu_processes_under(dir: &Path) -> Vec<(u32, String)> {
-    let needle = dir.to_string_lossy().to_string();
-    std::fs::read_dir("/proc")
-        .expect("read /proc")
-        .flatten()
-        .filter_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some((pid, cmdline))
-        })
-        .collect()
+    vmfactory_hypervisor::qemu::processes_under(dir)
 }
 
 /// PIDs of QEMU processes whose command line mentions `dir`.
