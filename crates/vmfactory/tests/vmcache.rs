@@ -286,7 +286,11 @@ fn a_client_generated_from_katas_cache_proto_calls_all_four_rpcs() {
     assert!(report["server_pid"].as_u64().is_some_and(|pid| pid > 0));
     assert_eq!(report["vm"]["cpu"], 1);
     assert_eq!(report["vm"]["memory"], 256);
-    let handed_pid = report["vm"]["hypervisor"]["pid"].as_u64().expect("pid");
+    // The hand-over record travels in GrpcVM.hypervisor: versioned, tagged by backend.
+    let record = &report["vm"]["hypervisor"];
+    assert_eq!(record["format_version"], 1, "{report}");
+    assert_eq!(record["hypervisor"]["backend"], "qemu", "{report}");
+    let handed_pid = record["hypervisor"]["pid"].as_u64().expect("pid");
     // Quit was called: the server exits on its own.
     if let Some(mut child) = server.child.take() {
         assert!(child.wait().expect("wait").success());
