@@ -7,6 +7,7 @@
 
 mod init;
 mod port;
+mod process;
 mod service;
 mod sys;
 

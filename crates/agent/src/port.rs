@@ -35,7 +35,7 @@ pub async fn serve_port(name: &str) {
     };
     let device = find_port(name).await;
     info!(device = ?device, "Found the agent port");
-    let agent = Agent;
+    let agent = Agent::default();
     loop {
         let port = open_port(&device).await;
         wait_for_host(&port, sigio.as_mut()).await;

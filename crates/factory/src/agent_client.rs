@@ -3,7 +3,7 @@
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
@@ -11,8 +11,8 @@ use tonic::transport::{Channel, Endpoint};
 use vmfactory_protocols::agent::agent_service_client::AgentServiceClient;
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
-    CheckRequest, EnvVar, ExecProcessRequest, GuestDetailsRequest, OnlineCpuMemRequest,
-    ReseedRandomDevRequest, SetGuestDateTimeRequest,
+    CheckRequest, GuestDetailsRequest, OnlineCpuMemRequest, ReseedRandomDevRequest,
+    SetGuestDateTimeRequest,
 };
 
 use vmfactory_protocols::contract::{
@@ -47,40 +47,8 @@ pub enum AgentError {
     Clock,
 }
 
-fn rpc_error(rpc: &'static str) -> impl FnOnce(tonic::Status) -> AgentError {
+pub(crate) fn rpc_error(rpc: &'static str) -> impl FnOnce(tonic::Status) -> AgentError {
     move |status| AgentError::Rpc { rpc, status }
-}
-
-/// A command to run in the guest.
-#[derive(Debug, Clone, Default)]
-pub struct ExecRequest {
-    /// Program and arguments.
-    pub argv: Vec<String>,
-    /// Extra environment variables.
-    pub env: Vec<(String, String)>,
-    /// Working directory in the guest ("" = "/").
-    pub workdir: String,
-    /// Standard input bytes.
-    pub stdin: Vec<u8>,
-    /// Kill the command after this long.
-    pub timeout: Option<Duration>,
-}
-
-/// What a command in the guest produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecOutput {
-    /// Exit code, when the command exited.
-    pub exit_code: Option<i32>,
-    /// Signal that killed the command, when it was killed.
-    pub signal: Option<i32>,
-    /// Standard output.
-    pub stdout: Vec<u8>,
-    /// Standard error.
-    pub stderr: Vec<u8>,
-    /// The command was killed because its timeout expired.
-    pub timed_out: bool,
-    /// Output beyond the agent's limit was dropped.
-    pub truncated: bool,
 }
 
 /// Facts the agent reports about the guest.
@@ -100,7 +68,7 @@ pub struct GuestDetails {
 /// last clone is dropped or on [`AgentClient::disconnect`].
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    inner: AgentServiceClient<Channel>,
+    pub(crate) inner: AgentServiceClient<Channel>,
     socket: Arc<SocketGuard>,
 }
 
@@ -226,38 +194,6 @@ impl AgentClient {
         } else {
             Err(AgentError::NotServing(response.status))
         }
-    }
-
-    /// Runs a command to completion.
-    pub async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, AgentError> {
-        let request = ExecProcessRequest {
-            argv: request.argv,
-            env: request
-                .env
-                .into_iter()
-                .map(|(key, value)| EnvVar { key, value })
-                .collect(),
-            workdir: request.workdir,
-            stdin: request.stdin,
-            timeout_ms: request
-                .timeout
-                .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-        };
-        let response = self
-            .inner
-            .clone()
-            .exec_process(request)
-            .await
-            .map_err(rpc_error("ExecProcess"))?
-            .into_inner();
-        Ok(ExecOutput {
-            exit_code: (response.signal == 0).then_some(response.exit_code),
-            signal: (response.signal != 0).then_some(response.signal),
-            stdout: response.stdout,
-            stderr: response.stderr,
-            timed_out: response.timed_out,
-            truncated: response.stdout_truncated || response.stderr_truncated,
-        })
     }
 
     /// Kernel release, online CPUs, memory, agent version.

@@ -9,7 +9,7 @@ use vmfactory_hypervisor::Backend;
 
 use crate::base::{FactoryBase, FactoryError, VmStatus};
 use crate::config::VmConfig;
-use crate::pool::{Maker, ReadyPool};
+use crate::pool::{Maker, PoolObserver, ReadyPool};
 use crate::vm::Vm;
 
 /// `size` ready VMs from a base factory. A dead VM is discarded and replaced, never
@@ -29,6 +29,16 @@ impl CacheFactory {
     /// Like [`CacheFactory::new`]; with `warm_up`, every VM is warmed (see
     /// [`Vm::warm_up`]) before it is cached.
     pub fn with_warm_up(base: Arc<dyn FactoryBase>, size: usize, warm_up: bool) -> Self {
+        Self::start(base, size, warm_up, None)
+    }
+
+    /// Like [`CacheFactory::with_warm_up`], telling `observer` (metrics) what happens.
+    pub fn start(
+        base: Arc<dyn FactoryBase>,
+        size: usize,
+        warm_up: bool,
+        observer: Option<Arc<dyn PoolObserver>>,
+    ) -> Self {
         let maker_base = base.clone();
         let maker: Maker<Vm> = Arc::new(move || {
             let base = maker_base.clone();
@@ -43,7 +53,7 @@ impl CacheFactory {
                 Ok(vm)
             })
         });
-        let pool = ReadyPool::start("cache", size, maker);
+        let pool = ReadyPool::start_observed("cache", size, maker, observer);
         Self { base, pool }
     }
 

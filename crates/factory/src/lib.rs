@@ -12,10 +12,12 @@
 
 pub mod agent_client;
 pub mod agent_port;
+pub mod agent_process;
 pub mod base;
 pub mod cache;
 pub mod config;
 pub mod handover;
+pub mod metrics;
 pub mod pool;
 pub mod select;
 pub mod settings;
@@ -26,7 +28,10 @@ pub mod vmcache;
 #[cfg(test)]
 mod mock_agent;
 
-pub use agent_client::{AgentClient, AgentError, ExecOutput, ExecRequest, GuestDetails};
+pub use agent_client::{AgentClient, AgentError, GuestDetails};
+pub use agent_process::{
+    ExecOutput, ExecRequest, OutputPipe, OutputStream, ProcessExit, ProcessSpec,
+};
 pub use base::{DirectFactory, Factory, FactoryBase, FactoryError, VmStatus};
 pub use cache::CacheFactory;
 pub use config::{VmConfig, VmRequest};

@@ -18,9 +18,11 @@ use vmfactory_hypervisor::GuestChannels;
 use vmfactory_protocols::agent::agent_service_server::{AgentService, AgentServiceServer};
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
-    CheckRequest, ExecProcessRequest, ExecProcessResponse, GuestDetailsRequest,
+    CheckRequest, CloseStdinRequest, ExecProcessRequest, ExecProcessResponse, GuestDetailsRequest,
     GuestDetailsResponse, HealthCheckResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
-    ReseedRandomDevRequest, SetGuestDateTimeRequest,
+    ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest, SetGuestDateTimeRequest,
+    SignalProcessRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
+    WriteStreamResponse,
 };
 use vmfactory_protocols::contract::{CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED};
 
@@ -33,11 +35,15 @@ pub struct AgentCalls {
     pub clock_sets: AtomicU32,
     /// `OnlineCPUMem` calls.
     pub onlines: AtomicU32,
+    /// `ExecProcess` calls.
+    pub execs: AtomicU32,
 }
 
 #[derive(Debug, Clone)]
 struct MockAgent {
     calls: Arc<AgentCalls>,
+    /// Output of started mock processes not read yet, by exec id.
+    outputs: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>,
 }
 
 #[tonic::async_trait]
@@ -51,14 +57,74 @@ impl AgentService for MockAgent {
         }))
     }
 
+    /// A mock process prints its own command line and exits 0.
     async fn exec_process(
         &self,
         request: Request<ExecProcessRequest>,
     ) -> Result<Response<ExecProcessResponse>, Status> {
-        Ok(Response::new(ExecProcessResponse {
-            stdout: request.into_inner().argv.join(" ").into_bytes(),
-            ..ExecProcessResponse::default()
-        }))
+        let exec_id = format!("mock{}", self.calls.execs.fetch_add(1, Ordering::SeqCst));
+        let line = request.into_inner().argv.join(" ").into_bytes();
+        if let Ok(mut outputs) = self.outputs.lock() {
+            outputs.insert(exec_id.clone(), line);
+        }
+        Ok(Response::new(ExecProcessResponse { exec_id, pid: 1 }))
+    }
+
+    type ReadStdoutStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<ReadStreamResponse, Status>>>;
+
+    async fn read_stdout(
+        &self,
+        request: Request<ReadStreamRequest>,
+    ) -> Result<Response<Self::ReadStdoutStream>, Status> {
+        let id = request.into_inner().exec_id;
+        let data = self
+            .outputs
+            .lock()
+            .ok()
+            .and_then(|mut outputs| outputs.remove(&id))
+            .ok_or_else(|| Status::not_found(id))?;
+        Ok(Response::new(tokio_stream::iter(vec![Ok(
+            ReadStreamResponse { data },
+        )])))
+    }
+
+    type ReadStderrStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<ReadStreamResponse, Status>>>;
+
+    async fn read_stderr(
+        &self,
+        _request: Request<ReadStreamRequest>,
+    ) -> Result<Response<Self::ReadStderrStream>, Status> {
+        Ok(Response::new(tokio_stream::iter(Vec::new())))
+    }
+
+    async fn write_stdin(
+        &self,
+        _request: Request<tonic::Streaming<WriteStreamRequest>>,
+    ) -> Result<Response<WriteStreamResponse>, Status> {
+        Ok(Response::new(WriteStreamResponse { len: 0 }))
+    }
+
+    async fn close_stdin(
+        &self,
+        _request: Request<CloseStdinRequest>,
+    ) -> Result<Response<()>, Status> {
+        Ok(Response::new(()))
+    }
+
+    async fn signal_process(
+        &self,
+        _request: Request<SignalProcessRequest>,
+    ) -> Result<Response<()>, Status> {
+        Ok(Response::new(()))
+    }
+
+    async fn wait_process(
+        &self,
+        _request: Request<WaitProcessRequest>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
+        Ok(Response::new(WaitProcessResponse::default()))
     }
 
     async fn guest_details(
@@ -113,6 +179,7 @@ pub fn hook(calls: Arc<AgentCalls>) -> GuestHook {
     Arc::new(move |channels: GuestChannels, control: Arc<MockControl>| {
         let agent = MockAgent {
             calls: calls.clone(),
+            outputs: Arc::default(),
         };
         // Bound now, so a host may connect as soon as the VM exists (as QEMU's socket).
         let _ = std::fs::remove_file(&channels.agent_socket);

@@ -35,6 +35,20 @@ pub trait Poolable: Send + Sync + 'static {
     async fn discard(self);
 }
 
+/// Told what happens in a pool (metrics).
+pub trait PoolObserver: Send + Sync + std::fmt::Debug {
+    /// Items ready now.
+    fn ready(&self, count: usize);
+    /// The maker failed once.
+    fn make_failed(&self);
+    /// A ready item died and was replaced.
+    fn dead_replaced(&self);
+    /// An item was taken after waiting `elapsed`.
+    fn taken(&self, elapsed: Duration) {
+        let _ = elapsed;
+    }
+}
+
 /// The future a pool's maker returns.
 pub type MakeFuture<T> = Pin<Box<dyn Future<Output = Result<T, FactoryError>> + Send>>;
 /// Makes one item.
@@ -63,11 +77,25 @@ struct Shared<T> {
     /// Signalled when an item becomes ready or the pool closes.
     filled: Notify,
     closed: AtomicBool,
+    observer: Option<Arc<dyn PoolObserver>>,
 }
 
 impl<T> Shared<T> {
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    fn observe(&self, event: impl FnOnce(&dyn PoolObserver)) {
+        if let Some(observer) = &self.observer {
+            event(observer.as_ref());
+        }
+    }
+
+    async fn report_ready(&self) {
+        if self.observer.is_some() {
+            let count = self.ready.lock().await.len();
+            self.observe(|o| o.ready(count));
+        }
     }
 }
 
@@ -75,6 +103,16 @@ impl<T: Poolable> ReadyPool<T> {
     /// Starts filling a pool of `size` items made by `maker` (`name` appears in logs).
     /// Must be called within a tokio runtime.
     pub fn start(name: &'static str, size: usize, maker: Maker<T>) -> Self {
+        Self::start_observed(name, size, maker, None)
+    }
+
+    /// Like [`ReadyPool::start`], telling `observer` what happens.
+    pub fn start_observed(
+        name: &'static str,
+        size: usize,
+        maker: Maker<T>,
+        observer: Option<Arc<dyn PoolObserver>>,
+    ) -> Self {
         let shared = Arc::new(Shared {
             name,
             maker,
@@ -82,6 +120,7 @@ impl<T: Poolable> ReadyPool<T> {
             free: Semaphore::new(size),
             filled: Notify::new(),
             closed: AtomicBool::new(false),
+            observer,
         });
         let mut tasks: Vec<JoinHandle<()>> = (0..size)
             .map(|_| tokio::spawn(refill(shared.clone())))
@@ -115,6 +154,7 @@ impl<T: Poolable> ReadyPool<T> {
 
     /// The next live item, waiting for one to be made; `Closed` once the pool closed.
     pub async fn take(&self) -> Result<T, FactoryError> {
+        let started = std::time::Instant::now();
         loop {
             if self.shared.is_closed() {
                 return Err(FactoryError::Closed);
@@ -124,6 +164,7 @@ impl<T: Poolable> ReadyPool<T> {
             match taken {
                 Some(item) => {
                     if let Some(item) = self.accept(item).await {
+                        self.shared.observe(|o| o.taken(started.elapsed()));
                         return Ok(item);
                     }
                 }
@@ -135,6 +176,7 @@ impl<T: Poolable> ReadyPool<T> {
     /// Frees the taken item's place; returns it if it is alive, else discards it.
     async fn accept(&self, item: T) -> Option<T> {
         self.shared.free.add_permits(1);
+        self.shared.report_ready().await;
         if item.is_alive() {
             return Some(item);
         }
@@ -187,11 +229,13 @@ async fn refill<T: Poolable>(shared: Arc<Shared<T>>) {
                 }
                 permit.forget();
                 shared.ready.lock().await.push_back(item);
+                shared.report_ready().await;
                 shared.filled.notify_one();
             }
             Err(err) => {
                 drop(permit);
                 failures += 1;
+                shared.observe(|o| o.make_failed());
                 warn!(pool = shared.name, %err, failures, "Cannot make a ready item");
                 tokio::time::sleep(BACKOFF_STEP * failures.min(MAX_BACKOFF_STEPS)).await;
                 if shared.is_closed() {
@@ -220,8 +264,10 @@ async fn watch<T: Poolable>(shared: Arc<Shared<T>>) {
                 "A ready item died; replacing it"
             );
             item.discard().await;
+            shared.observe(|o| o.dead_replaced());
             shared.free.add_permits(1);
         }
+        shared.report_ready().await;
     }
 }
 

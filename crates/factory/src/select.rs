@@ -13,6 +13,8 @@ use tracing::warn;
 use crate::base::{DirectFactory, Factory, FactoryBase, FactoryError};
 use crate::cache::CacheFactory;
 use crate::config::VmConfig;
+use crate::metrics::FactoryMetrics;
+use crate::pool::PoolObserver;
 use crate::settings::FactorySettings;
 use crate::template::{self, TemplateError, TemplateFactory};
 use crate::vmcache::GrpcCacheFactory;
@@ -109,13 +111,23 @@ pub struct CacheServerFactory {
 }
 
 impl CacheServerFactory {
-    /// Starts filling the cache. Must be called within a tokio runtime.
-    pub async fn start(factory: &FactorySettings, config: &VmConfig) -> Result<Self, FactoryError> {
+    /// Starts filling the cache; `metrics` (if any) is told what happens. Must be called
+    /// within a tokio runtime.
+    pub async fn start(
+        factory: &FactorySettings,
+        config: &VmConfig,
+        metrics: Option<Arc<FactoryMetrics>>,
+    ) -> Result<Self, FactoryError> {
         let (base, created_template): (Arc<dyn FactoryBase>, _) = if factory.enable_template {
             let path = &factory.template_path;
             let (template, created) = TemplateFactory::open_or_create(config, path)
                 .await
                 .map_err(Box::new)?;
+            if let Some(metrics) = &metrics {
+                let created = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_secs(template.metadata().created_unix);
+                metrics.set_template_created(created);
+            }
             let template = template.with_warm_pool(factory.template_warm_pool as usize);
             (Arc::new(template), created.then(|| path.clone()))
         } else {
@@ -123,10 +135,12 @@ impl CacheServerFactory {
             (Arc::new(direct), None)
         };
         // Cached VMs are warmed up: handing one out then takes milliseconds.
-        let cache = Arc::new(CacheFactory::with_warm_up(
+        let observer = metrics.map(|m| m as Arc<dyn PoolObserver>);
+        let cache = Arc::new(CacheFactory::start(
             base,
             factory.vm_cache_number as usize,
             true,
+            observer,
         ));
         Ok(Self {
             cache,

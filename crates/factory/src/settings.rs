@@ -9,6 +9,7 @@ use vmfactory_hypervisor::qemu::accel::Accelerator;
 use vmfactory_hypervisor::qemu::{default_firmware, default_runtime_dir, QemuConfig};
 
 use crate::config::VmConfig;
+use crate::metrics::MetricsAddress;
 
 /// Where the configuration is read from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmfactory/configuration.toml";
@@ -159,6 +160,9 @@ pub struct FactorySettings {
     pub vm_cache_endpoint: PathBuf,
     /// QEMU processes kept waiting for the template state (0: none).
     pub template_warm_pool: u32,
+    /// Where the VMCache server serves Prometheus metrics: `127.0.0.1:PORT` or a Unix
+    /// socket path; empty: nowhere.
+    pub metrics_address: String,
 }
 
 impl Default for FactorySettings {
@@ -170,6 +174,7 @@ impl Default for FactorySettings {
             vm_cache_number: 0,
             vm_cache_endpoint: runtime.join("cache.sock"),
             template_warm_pool: 0,
+            metrics_address: String::new(),
         }
     }
 }
@@ -346,6 +351,17 @@ impl Settings {
                 "needs enable_template = true: enable templates or set the pool to 0",
             ));
         }
+        if !factory.metrics_address.is_empty() {
+            if let Err(err) = factory.metrics_address.parse::<MetricsAddress>() {
+                return Err(invalid("factory.metrics_address", err.to_string()));
+            }
+            if factory.vm_cache_number == 0 {
+                return Err(invalid(
+                    "factory.metrics_address",
+                    "needs vm_cache_number > 0: metrics are served by the VMCache server",
+                ));
+            }
+        }
         if factory.vm_cache_number > 0 && factory.vm_cache_endpoint.as_os_str().is_empty() {
             return Err(invalid(
                 "factory.vm_cache_endpoint",
@@ -491,6 +507,14 @@ vm_cache_endpoint = "/var/run/kata-containers/cache.sock"
             (
                 "[factory]\ntemplate_warm_pool = 2",
                 "template_warm_pool: needs enable_template",
+            ),
+            (
+                "[factory]\nvm_cache_number = 1\nmetrics_address = \"nowhere\"",
+                "metrics_address: Invalid metrics address",
+            ),
+            (
+                "[factory]\nmetrics_address = \"127.0.0.1:9464\"",
+                "metrics_address: needs vm_cache_number",
             ),
             (
                 "[factory]\nenable_template = true\ntemplate_path = \"\"",

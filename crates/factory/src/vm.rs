@@ -8,8 +8,9 @@ use tracing::{debug, info};
 use vmfactory_hypervisor::qemu::new_vm_id;
 use vmfactory_hypervisor::{Backend, Hypervisor, HypervisorError, MemoryBackend};
 
-use crate::agent_client::{AgentClient, AgentError, ExecOutput, ExecRequest, GuestDetails};
+use crate::agent_client::{AgentClient, AgentError, GuestDetails};
 use crate::agent_port::PortWatch;
+use crate::agent_process::{ExecOutput, ExecRequest};
 use crate::config::VmConfig;
 use crate::handover::{HandOverError, HandOverRecord, HANDOVER_FORMAT_VERSION};
 use crate::pool::Poolable;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use vmfactory_factory::metrics::{self, FactoryMetrics, MetricsAddress};
 use vmfactory_factory::template::{self, TemplateMetadata};
 use vmfactory_factory::vmcache;
 use vmfactory_factory::{
@@ -107,7 +108,24 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
             factory.template_path.display()
         );
     }
-    let server = CacheServerFactory::start(factory, &resolved.base).await?;
+    let metrics_address: Option<MetricsAddress> = (!factory.metrics_address.is_empty())
+        .then(|| factory.metrics_address.parse())
+        .transpose()?;
+    let metrics = metrics_address
+        .as_ref()
+        .map(|_| Arc::new(FactoryMetrics::default()));
+    let server = CacheServerFactory::start(factory, &resolved.base, metrics.clone()).await?;
+    let metrics_stop = Arc::new(Notify::new());
+    let metrics_task = match (metrics, metrics_address) {
+        (Some(metrics), Some(address)) => {
+            let stop = metrics_stop.clone();
+            eprintln!("vmfactory: metrics on {address}/metrics");
+            Some(tokio::spawn(async move {
+                metrics::serve(metrics, &address, stop).await
+            }))
+        }
+        _ => None,
+    };
     let shutdown = Arc::new(Notify::new());
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -132,6 +150,12 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     );
     let served = vmcache::serve(server.cache(), &factory.vm_cache_endpoint, shutdown).await;
     eprintln!("vmfactory: VMCache server stopping");
+    if let Some(task) = metrics_task {
+        metrics_stop.notify_one();
+        if let Ok(Err(err)) = task.await {
+            eprintln!("vmfactory: {err}");
+        }
+    }
     server.close().await?;
     served?;
     Ok(ExitCode::SUCCESS)

@@ -4,25 +4,20 @@
 mod bench;
 mod factory;
 mod guest;
+mod run;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use tokio::io::AsyncWriteExt;
-use vmfactory_factory::{ExecRequest, FactoryChoice, Settings, VmConfig, VmRequest};
+use vmfactory_factory::{Settings, VmConfig, VmRequest};
 use vmfactory_hypervisor::qemu::accel::Accelerator;
 
 /// Exit status for vmfactory's own failures (as `docker run` does), distinct from the
 /// guest command's exit codes.
 const EXIT_VMFACTORY_ERROR: u8 = 125;
-/// Exit status when the guest command hit `--timeout`.
-const EXIT_TIMEOUT: u8 = 124;
-/// Exit status after Ctrl-C.
-const EXIT_INTERRUPTED: u8 = 130;
 
 /// vmfactory hands out ready, hardware-isolated micro-VMs: QEMU guests booted from a
 /// minimal kernel and initramfs whose PID 1 is the vmfactory agent.
@@ -45,7 +40,7 @@ enum Command {
     /// Run one command in a freshly booted VM; print its output and exit with its exit code.
     ///
     /// Example: vmfactory run -- uname -a
-    Run(RunArgs),
+    Run(run::RunArgs),
     /// Manage the guest image (kernel + initramfs with the agent).
     #[command(subcommand)]
     Guest(GuestCommand),
@@ -63,7 +58,11 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Print the effective configuration (file plus defaults) as TOML.
-    Show,
+    Show {
+        /// Print JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,25 +175,7 @@ impl VmArgs {
     }
 }
 
-#[derive(Debug, Args)]
-struct RunArgs {
-    #[command(flatten)]
-    vm: VmArgs,
-    /// Kill the command after this many seconds (exit status 124).
-    #[arg(long)]
-    timeout: Option<u64>,
-    /// Environment variable for the command, KEY=VALUE (repeatable).
-    #[arg(short, long = "env", value_parser = parse_env)]
-    env: Vec<(String, String)>,
-    /// Working directory in the guest.
-    #[arg(short, long, default_value = "/")]
-    workdir: String,
-    /// The command and its arguments (after `--`).
-    #[arg(required = true, last = true)]
-    command: Vec<String>,
-}
-
-fn parse_env(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
         _ => Err(format!("{s:?} is not KEY=VALUE")),
@@ -215,13 +196,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_VMFACTORY_ERROR);
         }
     };
-    match runtime.block_on(dispatch(cli.command, cli.config)) {
+    let code = match runtime.block_on(dispatch(cli.command, cli.config)) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("vmfactory: {err:#}");
             ExitCode::from(EXIT_VMFACTORY_ERROR)
         }
-    }
+    };
+    // Do not wait for a blocking read of our stdin that the guest command never needed.
+    runtime.shutdown_background();
+    code
 }
 
 fn init_logging(verbose: u8) {
@@ -242,11 +226,15 @@ fn init_logging(verbose: u8) {
 
 async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode> {
     match command {
-        Command::Run(args) => run(args, config).await,
+        Command::Run(args) => run::run(args, config).await,
         Command::Factory(command) => factory::run(command, config).await,
-        Command::Config(ConfigCommand::Show) => {
+        Command::Config(ConfigCommand::Show { json }) => {
             let settings = Settings::load(config.as_deref())?;
-            print!("{}", toml::to_string_pretty(&settings)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&settings)?);
+            } else {
+                print!("{}", toml::to_string_pretty(&settings)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Guest(GuestCommand::Build { force, image }) => {
@@ -259,74 +247,5 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(command) => bench::run(command, config).await,
-    }
-}
-
-async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
-    let vm_args = args.vm.clone();
-    let resolved = tokio::task::spawn_blocking(move || {
-        let settings = Settings::load(config_file.as_deref())?;
-        let choice = FactoryChoice::from_settings(&settings.factory);
-        vm_args.resolve(config_file.as_deref(), choice.needs_local_config())
-    })
-    .await
-    .context("Preparing the VM failed")??;
-    let interrupted = || async {
-        // If the handler cannot be installed, behave as if Ctrl-C never comes.
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-
-    // Dropping a VM that is still starting kills it and removes its directory.
-    let vm = tokio::select! {
-        vm = factory::get_vm(&resolved) => vm?,
-        () = interrupted() => {
-            eprintln!("vmfactory: interrupted");
-            return Ok(ExitCode::from(EXIT_INTERRUPTED));
-        }
-    };
-    let request = ExecRequest {
-        argv: args.command,
-        env: args.env,
-        workdir: args.workdir,
-        stdin: Vec::new(),
-        timeout: args.timeout.map(Duration::from_secs),
-    };
-    let outcome = tokio::select! {
-        output = vm.exec(request) => Some(output),
-        () = interrupted() => None,
-    };
-    let stopped = vm.stop().await;
-    let Some(output) = outcome else {
-        eprintln!("vmfactory: interrupted");
-        return Ok(ExitCode::from(EXIT_INTERRUPTED));
-    };
-    let output = output.context("Cannot run the command in the VM")?;
-    if let Err(err) = stopped {
-        tracing::warn!(%err, "Stopping the VM failed");
-    }
-    let mut stdout = tokio::io::stdout();
-    let mut stderr = tokio::io::stderr();
-    stdout.write_all(&output.stdout).await?;
-    stdout.flush().await?;
-    stderr.write_all(&output.stderr).await?;
-    if output.truncated {
-        stderr
-            .write_all(b"vmfactory: output was truncated by the guest agent's limit\n")
-            .await?;
-    }
-    stderr.flush().await?;
-    if output.timed_out {
-        eprintln!("vmfactory: the command timed out and was killed");
-        return Ok(ExitCode::from(EXIT_TIMEOUT));
-    }
-    match (output.exit_code, output.signal) {
-        (Some(code), _) => Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))),
-        (None, Some(signal)) => {
-            let code = 128 + (signal & 0x7f);
-            Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
-        }
-        (None, None) => bail!("The guest agent reported neither an exit code nor a signal"),
     }
 }

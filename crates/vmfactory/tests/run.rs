@@ -126,8 +126,9 @@ fn timeout_kills_the_command() {
     env.assert_nothing_left();
 }
 
-#[test]
-fn ctrl_c_stops_the_vm_and_cleans_up() {
+/// Starts `run -- sleep 600`, waits until the command runs, sends `signal` to vmfactory
+/// and checks the exit status (128 + signal) and that nothing is left.
+fn signal_stops_the_vm_and_cleans_up(signal: i32) {
     let env = Env::new();
     let child = env
         .command()
@@ -147,15 +148,105 @@ fn ctrl_c_stops_the_vm_and_cleans_up() {
     }
     std::thread::sleep(Duration::from_secs(4));
     let pid = i32::try_from(child.id()).expect("pid");
-    // SAFETY: sending SIGINT to our own child process.
+    // SAFETY: sending a signal to our own child process.
     unsafe {
-        libc::kill(pid, libc::SIGINT);
+        libc::kill(pid, signal);
     }
     let output = child.wait_with_output().expect("wait");
     assert_eq!(
         output.status.code(),
-        Some(130),
+        Some(128 + signal),
         "stderr: {}",
+        stderr(&output)
+    );
+    env.assert_nothing_left();
+}
+
+#[test]
+fn ctrl_c_stops_the_vm_and_cleans_up() {
+    signal_stops_the_vm_and_cleans_up(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_and_sighup_stop_the_vm_and_clean_up() {
+    signal_stops_the_vm_and_cleans_up(libc::SIGTERM);
+    signal_stops_the_vm_and_cleans_up(libc::SIGHUP);
+}
+
+#[test]
+fn output_arrives_while_the_command_runs() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let mut child = env
+        .command()
+        .args(["run", "--", "sh", "-c", "echo a; sleep 3; echo b"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let first = lines.next().expect("a line").expect("read");
+    assert_eq!(first, "a");
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "`a` arrived only after the command ended"
+    );
+    assert_eq!(lines.next().expect("b").expect("read"), "b");
+    assert!(child.wait().expect("wait").success());
+    env.assert_nothing_left();
+}
+
+#[test]
+fn stdin_is_passed_to_the_command() {
+    use std::io::Write;
+    let env = Env::new();
+    let run_with_input = |input: Vec<u8>, args: &[&str]| {
+        let mut child = env
+            .command()
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        });
+        let output = child.wait_with_output().expect("wait");
+        writer.join().expect("writer");
+        output
+    };
+    let output = run_with_input(b"hi\n".to_vec(), &["--", "cat"]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    assert_eq!(stdout(&output), "hi\n");
+
+    // 4 MiB of random bytes through the guest and back, byte for byte.
+    let input: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let expected = format!("{:x}", Sha256::digest(&input));
+    let output = run_with_input(input, &["--", "sha256sum"]);
+    assert!(output.status.success(), "stderr: {}", stderr(&output));
+    assert_eq!(stdout(&output).split_whitespace().next(), Some(&*expected));
+    env.assert_nothing_left();
+}
+
+#[test]
+fn a_missing_command_exits_127() {
+    let env = Env::new();
+    let output = env.run(&["--", "no-such-command"]);
+    assert_eq!(
+        output.status.code(),
+        Some(127),
+        "stderr: {}",
+        stderr(&output)
+    );
+    assert!(
+        stderr(&output).contains("no-such-command"),
+        "{}",
         stderr(&output)
     );
     env.assert_nothing_left();

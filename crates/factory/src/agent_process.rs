@@ -1,0 +1,282 @@
+//! Guest processes through the agent: start one, stream its output as it is produced,
+//! feed its input, signal it, wait for it (Kata's `ExecProcess`, `ReadStdout`,
+//! `WriteStdin`, `CloseStdin`, `SignalProcess`, `WaitProcess`), and [`AgentClient::exec`],
+//! which does all of it for a command whose output fits in memory.
+
+use std::time::Duration;
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::Streaming;
+use vmfactory_protocols::agent::{
+    CloseStdinRequest, EnvVar, ExecProcessRequest, ReadStreamRequest, ReadStreamResponse,
+    SignalProcessRequest, WaitProcessRequest, WriteStreamRequest,
+};
+
+use crate::agent_client::{rpc_error, AgentClient, AgentError};
+
+/// Output [`AgentClient::exec`] keeps per stream; the rest is read and dropped.
+pub const MAX_EXEC_OUTPUT: usize = 128 << 20;
+
+/// A process to start in the guest.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessSpec {
+    /// Program and arguments; the program is looked up in the guest's PATH.
+    pub argv: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest ("" = "/").
+    pub workdir: String,
+    /// Give it a standard input pipe (fed with [`AgentClient::write_stdin`]).
+    pub stdin: bool,
+    /// The agent kills it (and its process group) after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// How a guest process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessExit {
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// Signal that killed it, when it was killed.
+    pub signal: Option<i32>,
+    /// The agent killed it because its timeout expired.
+    pub timed_out: bool,
+}
+
+impl ProcessExit {
+    /// The exit status a shell would report: the code, or 128 + the signal.
+    pub fn shell_status(&self) -> u8 {
+        match (self.exit_code, self.signal) {
+            (Some(code), _) => u8::try_from(code & 0xff).unwrap_or(1),
+            (None, Some(signal)) => u8::try_from(128 + (signal & 0x7f)).unwrap_or(1),
+            (None, None) => 1,
+        }
+    }
+}
+
+/// Which output of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputPipe {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// One output of a guest process, chunk by chunk as the guest produces it.
+#[derive(Debug)]
+pub struct OutputStream {
+    inner: Streaming<ReadStreamResponse>,
+}
+
+impl OutputStream {
+    /// The next chunk; `None` once the process closed the pipe.
+    pub async fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, AgentError> {
+        match self.inner.message().await {
+            Ok(Some(chunk)) => Ok(Some(chunk.data)),
+            Ok(None) => Ok(None),
+            Err(status) => Err(AgentError::Rpc {
+                rpc: "ReadStdout",
+                status,
+            }),
+        }
+    }
+}
+
+/// A command run to completion with [`AgentClient::exec`].
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest ("" = "/").
+    pub workdir: String,
+    /// Standard input bytes.
+    pub stdin: Vec<u8>,
+    /// Kill the command after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// What a command run with [`AgentClient::exec`] produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Exit code, when the command exited.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the command, when it was killed.
+    pub signal: Option<i32>,
+    /// Standard output.
+    pub stdout: Vec<u8>,
+    /// Standard error.
+    pub stderr: Vec<u8>,
+    /// The command was killed because its timeout expired.
+    pub timed_out: bool,
+    /// Output beyond [`MAX_EXEC_OUTPUT`] was dropped.
+    pub truncated: bool,
+}
+
+impl AgentClient {
+    /// Starts a process; returns its exec id. Its output waits in the guest's pipes until
+    /// [`AgentClient::output`] streams it.
+    pub async fn start_process(&self, spec: ProcessSpec) -> Result<String, AgentError> {
+        let request = ExecProcessRequest {
+            argv: spec.argv,
+            env: spec
+                .env
+                .into_iter()
+                .map(|(key, value)| EnvVar { key, value })
+                .collect(),
+            workdir: spec.workdir,
+            timeout_ms: spec
+                .timeout
+                .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            exec_id: String::new(),
+            stdin: spec.stdin,
+        };
+        let response = self
+            .inner
+            .clone()
+            .exec_process(request)
+            .await
+            .map_err(rpc_error("ExecProcess"))?;
+        Ok(response.into_inner().exec_id)
+    }
+
+    /// Streams one output of process `id` (one reader per output).
+    pub async fn output(&self, id: &str, pipe: OutputPipe) -> Result<OutputStream, AgentError> {
+        let request = ReadStreamRequest {
+            exec_id: id.to_string(),
+        };
+        let mut client = self.inner.clone();
+        let inner = match pipe {
+            OutputPipe::Stdout => client.read_stdout(request).await,
+            OutputPipe::Stderr => client.read_stderr(request).await,
+        }
+        .map_err(rpc_error("ReadStdout"))?
+        .into_inner();
+        Ok(OutputStream { inner })
+    }
+
+    /// Writes `chunks` to the standard input of process `id`; returns the bytes written.
+    pub async fn write_stdin(
+        &self,
+        id: &str,
+        chunks: impl Stream<Item = Vec<u8>> + Send + 'static,
+    ) -> Result<u64, AgentError> {
+        let id = id.to_string();
+        let mut first = true;
+        let requests = chunks.map(move |data| WriteStreamRequest {
+            exec_id: if std::mem::take(&mut first) {
+                id.clone()
+            } else {
+                String::new()
+            },
+            data,
+        });
+        let response = self
+            .inner
+            .clone()
+            .write_stdin(requests)
+            .await
+            .map_err(rpc_error("WriteStdin"))?;
+        Ok(response.into_inner().len)
+    }
+
+    /// Closes the standard input of process `id`.
+    pub async fn close_stdin(&self, id: &str) -> Result<(), AgentError> {
+        let request = CloseStdinRequest {
+            exec_id: id.to_string(),
+        };
+        self.inner
+            .clone()
+            .close_stdin(request)
+            .await
+            .map_err(rpc_error("CloseStdin"))?;
+        Ok(())
+    }
+
+    /// Sends `signal` to process `id`.
+    pub async fn signal_process(&self, id: &str, signal: i32) -> Result<(), AgentError> {
+        let request = SignalProcessRequest {
+            exec_id: id.to_string(),
+            signal: u32::try_from(signal).unwrap_or(0),
+        };
+        self.inner
+            .clone()
+            .signal_process(request)
+            .await
+            .map_err(rpc_error("SignalProcess"))?;
+        Ok(())
+    }
+
+    /// Waits until process `id` has ended.
+    pub async fn wait_process(&self, id: &str) -> Result<ProcessExit, AgentError> {
+        let request = WaitProcessRequest {
+            exec_id: id.to_string(),
+        };
+        let response = self
+            .inner
+            .clone()
+            .wait_process(request)
+            .await
+            .map_err(rpc_error("WaitProcess"))?
+            .into_inner();
+        Ok(ProcessExit {
+            exit_code: (response.signal == 0).then_some(response.status),
+            signal: (response.signal != 0).then_some(response.signal),
+            timed_out: response.timed_out,
+        })
+    }
+
+    /// Runs a command to completion and collects its output (up to [`MAX_EXEC_OUTPUT`]
+    /// per stream).
+    pub async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, AgentError> {
+        let has_stdin = !request.stdin.is_empty();
+        let id = self
+            .start_process(ProcessSpec {
+                argv: request.argv,
+                env: request.env,
+                workdir: request.workdir,
+                stdin: has_stdin,
+                timeout: request.timeout,
+            })
+            .await?;
+        let mut stdout = self.output(&id, OutputPipe::Stdout).await?;
+        let mut stderr = self.output(&id, OutputPipe::Stderr).await?;
+        let feed = async {
+            if has_stdin {
+                let chunks: Vec<Vec<u8>> =
+                    request.stdin.chunks(64 << 10).map(<[u8]>::to_vec).collect();
+                self.write_stdin(&id, tokio_stream::iter(chunks)).await?;
+                self.close_stdin(&id).await?;
+            }
+            Ok::<(), AgentError>(())
+        };
+        let (fed, out, err) = tokio::join!(feed, collect(&mut stdout), collect(&mut stderr));
+        // A command that does not read its input may exit before taking it all.
+        if let Err(err) = fed {
+            tracing::debug!(%err, "Standard input not fully written");
+        }
+        let ((stdout, out_cut), (stderr, err_cut)) = (out?, err?);
+        let exit = self.wait_process(&id).await?;
+        Ok(ExecOutput {
+            exit_code: exit.exit_code,
+            signal: exit.signal,
+            stdout,
+            stderr,
+            timed_out: exit.timed_out,
+            truncated: out_cut || err_cut,
+        })
+    }
+}
+
+/// Reads `stream` to its end, keeping up to [`MAX_EXEC_OUTPUT`] bytes.
+async fn collect(stream: &mut OutputStream) -> Result<(Vec<u8>, bool), AgentError> {
+    let (mut data, mut truncated) = (Vec::new(), false);
+    while let Some(chunk) = stream.next_chunk().await? {
+        let room = MAX_EXEC_OUTPUT.saturating_sub(data.len());
+        truncated |= chunk.len() > room;
+        data.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+    Ok((data, truncated))
+}

@@ -1,0 +1,282 @@
+//! `vmfactory run`: one command in a fresh VM, its output streamed to ours as it is
+//! produced, our standard input passed on, its exit status ours. Every way out (the
+//! command's end, `--timeout`, SIGINT/SIGTERM/SIGHUP, a closed output pipe, an error)
+//! throws the VM away.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::debug;
+use vmfactory_factory::{
+    AgentClient, AgentError, FactoryChoice, OutputPipe, OutputStream, ProcessSpec, Settings, Vm,
+};
+
+use crate::{factory, parse_env, VmArgs};
+
+/// Exit status when the guest command hit `--timeout`.
+const EXIT_TIMEOUT: u8 = 124;
+/// Exit status when the command cannot be executed (permission denied), as shells.
+const EXIT_CANNOT_EXECUTE: u8 = 126;
+/// Exit status when the command does not exist, as shells and `docker run`.
+const EXIT_NOT_FOUND: u8 = 127;
+/// Exit status when our standard output or error was closed (128 + SIGPIPE).
+const EXIT_BROKEN_PIPE: u8 = 141;
+/// How long the host waits beyond `--timeout` for the guest to report the kill.
+const HOST_TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+/// How long output may keep flowing after the command exited (a background process it
+/// left behind may hold the pipes open).
+const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+/// Bytes of our standard input sent per chunk.
+const STDIN_CHUNK: usize = 64 << 10;
+
+/// Options of `vmfactory run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    vm: VmArgs,
+    /// Kill the command after this many seconds (exit status 124).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Environment variable for the command, KEY=VALUE (repeatable).
+    #[arg(short, long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory in the guest.
+    #[arg(short, long, default_value = "/")]
+    workdir: String,
+    /// Pass our standard input to the command even when it is a terminal (it always is
+    /// passed when it is a pipe or a file).
+    #[arg(short, long)]
+    interactive: bool,
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+/// Why `run` ends early.
+#[derive(Debug)]
+enum Stop {
+    /// A signal arrived (its number).
+    Signal(i32),
+}
+
+/// SIGINT, SIGTERM and SIGHUP, each ending the run with 128 + its number.
+struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("Cannot handle SIGINT")?,
+            term: signal(SignalKind::terminate()).context("Cannot handle SIGTERM")?,
+            hup: signal(SignalKind::hangup()).context("Cannot handle SIGHUP")?,
+        })
+    }
+
+    async fn recv(&mut self) -> Stop {
+        tokio::select! {
+            _ = self.int.recv() => Stop::Signal(libc::SIGINT),
+            _ = self.term.recv() => Stop::Signal(libc::SIGTERM),
+            _ = self.hup.recv() => Stop::Signal(libc::SIGHUP),
+        }
+    }
+}
+
+fn signal_exit(stop: Stop) -> ExitCode {
+    let Stop::Signal(number) = stop;
+    eprintln!("vmfactory: interrupted");
+    ExitCode::from(u8::try_from(128 + number).unwrap_or(1))
+}
+
+/// Runs `vmfactory run`.
+pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
+    let mut signals = Signals::install()?;
+    let vm_args = args.vm.clone();
+    let resolved = tokio::task::spawn_blocking(move || {
+        let settings = Settings::load(config_file.as_deref())?;
+        let choice = FactoryChoice::from_settings(&settings.factory);
+        vm_args.resolve(config_file.as_deref(), choice.needs_local_config())
+    })
+    .await
+    .context("Preparing the VM failed")??;
+
+    // Dropping a VM that is still starting kills it and removes its directory.
+    let vm = tokio::select! {
+        vm = factory::get_vm(&resolved) => vm?,
+        stop = signals.recv() => return Ok(signal_exit(stop)),
+    };
+    let host_deadline = args
+        .timeout
+        .map(|seconds| Duration::from_secs(seconds) + HOST_TIMEOUT_GRACE);
+    let outcome = tokio::select! {
+        outcome = attach(&vm, &args, host_deadline) => Ok(outcome),
+        stop = signals.recv() => Err(stop),
+    };
+    // The VM served this one command: throw it away.
+    if let Err(err) = vm.stop().await {
+        tracing::warn!(%err, "Stopping the VM failed");
+    }
+    match outcome {
+        Ok(outcome) => outcome,
+        Err(stop) => Ok(signal_exit(stop)),
+    }
+}
+
+/// Starts the command, streams its output and our input, and waits for its end.
+async fn attach(vm: &Vm, args: &RunArgs, host_deadline: Option<Duration>) -> Result<ExitCode> {
+    let agent = vm.agent();
+    let pass_stdin = args.interactive || !std::io::stdin().is_terminal();
+    let spec = ProcessSpec {
+        argv: args.command.clone(),
+        env: args.env.clone(),
+        workdir: args.workdir.clone(),
+        stdin: pass_stdin,
+        timeout: args.timeout.map(Duration::from_secs),
+    };
+    let id = match agent.start_process(spec).await {
+        Ok(id) => id,
+        Err(AgentError::Rpc { status, .. })
+            if matches!(
+                status.code(),
+                tonic::Code::NotFound | tonic::Code::PermissionDenied
+            ) =>
+        {
+            eprintln!("vmfactory: {}", status.message());
+            return Ok(ExitCode::from(if status.code() == tonic::Code::NotFound {
+                EXIT_NOT_FOUND
+            } else {
+                EXIT_CANNOT_EXECUTE
+            }));
+        }
+        Err(err) => return Err(err).context("Cannot run the command in the VM"),
+    };
+    let stdout = agent.output(&id, OutputPipe::Stdout).await?;
+    let stderr = agent.output(&id, OutputPipe::Stderr).await?;
+    let feeder = pass_stdin.then(|| tokio::spawn(feed_stdin(agent.clone(), id.clone())));
+    let finished = async {
+        tokio::select! {
+            result = follow(agent, &id, stdout, stderr) => result,
+            err = vm.hypervisor().exited() => {
+                Err(anyhow::Error::new(err).context("The VM died while running the command"))
+            }
+        }
+    };
+    let result = match host_deadline {
+        Some(deadline) => match tokio::time::timeout(deadline, finished).await {
+            Ok(result) => result,
+            Err(_) => {
+                eprintln!(
+                    "vmfactory: the command did not end within --timeout; the VM was stopped"
+                );
+                Ok(ExitCode::from(EXIT_TIMEOUT))
+            }
+        },
+        None => finished.await,
+    };
+    if let Some(feeder) = feeder {
+        feeder.abort();
+    }
+    result
+}
+
+/// Copies both outputs to ours while waiting for the command's end; returns our exit code.
+async fn follow(
+    agent: &AgentClient,
+    id: &str,
+    stdout: OutputStream,
+    stderr: OutputStream,
+) -> Result<ExitCode> {
+    let copies = async {
+        let (out, err) = tokio::join!(
+            copy(stdout, tokio::io::stdout()),
+            copy(stderr, tokio::io::stderr())
+        );
+        out.and(err)
+    };
+    let wait = agent.wait_process(id);
+    tokio::pin!(copies, wait);
+    let mut copied = None;
+    let exit = loop {
+        tokio::select! {
+            exit = &mut wait => break exit.context("Cannot wait for the command")?,
+            result = &mut copies, if copied.is_none() => copied = Some(result),
+        }
+    };
+    let copied = match copied {
+        Some(result) => result,
+        None => tokio::time::timeout(OUTPUT_GRACE, &mut copies)
+            .await
+            .unwrap_or_else(|_| {
+                debug!("Output still open after the command ended; not waiting for it");
+                Ok(())
+            }),
+    };
+    match copied {
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+            return Ok(ExitCode::from(EXIT_BROKEN_PIPE))
+        }
+        Err(err) => return Err(err).context("Cannot copy the command's output"),
+        Ok(()) => {}
+    }
+    if exit.timed_out {
+        eprintln!("vmfactory: the command timed out and was killed");
+        return Ok(ExitCode::from(EXIT_TIMEOUT));
+    }
+    Ok(ExitCode::from(exit.shell_status()))
+}
+
+/// Writes every chunk of `stream` to `sink` as it arrives.
+async fn copy(
+    mut stream: OutputStream,
+    mut sink: impl tokio::io::AsyncWrite + Unpin,
+) -> std::io::Result<()> {
+    loop {
+        match stream.next_chunk().await {
+            Ok(Some(chunk)) => {
+                sink.write_all(&chunk).await?;
+                sink.flush().await?;
+            }
+            Ok(None) => return Ok(()),
+            Err(err) => {
+                debug!(%err, "Output stream ended with an error");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Sends our standard input to the command until EOF, then closes its input.
+async fn feed_stdin(agent: AgentClient, id: String) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let reader = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        loop {
+            let mut chunk = vec![0u8; STDIN_CHUNK];
+            match stdin.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    if tx.send(chunk).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    if let Err(err) = agent.write_stdin(&id, ReceiverStream::new(rx)).await {
+        debug!(%err, "Standard input not fully passed on");
+    }
+    reader.abort();
+    if let Err(err) = agent.close_stdin(&id).await {
+        debug!(%err, "Cannot close the command's standard input");
+    }
+}
