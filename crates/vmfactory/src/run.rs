@@ -6,7 +6,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -20,6 +20,8 @@ use vmfactory_factory::{
 
 use crate::{factory, parse_env, VmArgs};
 
+/// Message of the `-v` log line with a run's phase timings.
+pub const RUN_TIMING: &str = "Run timing";
 /// Exit status when the guest command hit `--timeout`.
 const EXIT_TIMEOUT: u8 = 124;
 /// Exit status when the command cannot be executed (permission denied), as shells.
@@ -99,6 +101,7 @@ fn signal_exit(stop: Stop) -> ExitCode {
 
 /// Runs `vmfactory run`.
 pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
+    let started = Instant::now();
     let mut signals = Signals::install()?;
     let vm_args = args.vm.clone();
     let resolved = tokio::task::spawn_blocking(move || {
@@ -108,12 +111,14 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
     })
     .await
     .context("Preparing the VM failed")??;
+    let resolved_at = started.elapsed();
 
     // Dropping a VM that is still starting kills it and removes its directory.
     let vm = tokio::select! {
         vm = factory::get_vm(&resolved) => vm?,
         stop = signals.recv() => return Ok(signal_exit(stop)),
     };
+    let got_vm_at = started.elapsed();
     let host_deadline = args
         .timeout
         .map(|seconds| Duration::from_secs(seconds) + HOST_TIMEOUT_GRACE);
@@ -121,10 +126,20 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
         outcome = attach(&vm, &args, host_deadline) => Ok(outcome),
         stop = signals.recv() => Err(stop),
     };
+    let ran_at = started.elapsed();
     // The VM served this one command: throw it away.
     if let Err(err) = vm.stop().await {
         tracing::warn!(%err, "Stopping the VM failed");
     }
+    let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
+    // `bench run` reads this line (with -v) to say where a run's time goes.
+    tracing::info!(
+        config_ms = ms(resolved_at),
+        get_vm_ms = ms(got_vm_at - resolved_at),
+        exec_ms = ms(ran_at - got_vm_at),
+        teardown_ms = ms(started.elapsed() - ran_at),
+        "{RUN_TIMING}"
+    );
     match outcome {
         Ok(outcome) => outcome,
         Err(stop) => Ok(signal_exit(stop)),

@@ -31,10 +31,11 @@ impl Server {
         let config = format!(
             "[hypervisor.qemu]\nkernel = {kernel:?}\ninitrd = {initrd:?}\nruntime_dir = {:?}\n\n\
              [factory]\nenable_template = true\ntemplate_path = {:?}\n\
-             vm_cache_number = {cached}\nvm_cache_endpoint = {:?}\n",
+             vm_cache_number = {cached}\nvm_cache_endpoint = {:?}\nmetrics_address = {:?}\n",
             dir.path().join("run"),
             dir.path().join("template"),
             dir.path().join("cache.sock"),
+            dir.path().join("metrics.sock"),
         );
         std::fs::write(dir.path().join("config.toml"), config).expect("config");
         let child = Command::new(BIN)
@@ -60,6 +61,30 @@ impl Server {
 
     fn socket(&self) -> PathBuf {
         self.dir.path().join("cache.sock")
+    }
+
+    /// `GET /metrics` from the server's metrics socket.
+    fn scrape(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(self.dir.path().join("metrics.sock"))
+                .expect("connect to the metrics socket");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        response
+    }
+
+    /// The value of metric `name` in a scrape.
+    fn metric(&self, name: &str) -> f64 {
+        let scrape = self.scrape();
+        scrape
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {scrape}"))
     }
 
     fn vmfactory(&self, args: &[&str]) -> Output {
@@ -342,4 +367,19 @@ fn a_second_server_is_refused_a_stale_socket_is_replaced_and_sigterm_stops_clean
     let status = child.wait().expect("wait");
     assert!(status.success(), "server exited with {status}");
     server.assert_clean();
+}
+
+#[test]
+fn metrics_count_handouts_and_ready_vms() {
+    let mut server = Server::start(1);
+    assert_eq!(server.metric("vmfactory_vms_ready"), 1.0);
+    let before = server.metric("vmfactory_handouts_total");
+    let output = server.vmfactory(&["run", "--", "true"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(server.metric("vmfactory_handouts_total"), before + 1.0);
+    assert!(server.metric("vmfactory_handout_seconds_count") >= 1.0);
+    assert!(server.metric("vmfactory_template_age_seconds") > 0.0);
+    server.wait_for_cached(1, &[]);
+    server.destroy();
+    assert!(!server.dir.path().join("metrics.sock").exists());
 }

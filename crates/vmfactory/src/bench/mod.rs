@@ -12,6 +12,7 @@ use vmfactory_factory::{Vm, VmConfig};
 use crate::{Resolved, VmArgs};
 
 mod clone;
+mod run;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -62,6 +63,26 @@ pub enum BenchCommand {
         /// Warm pool size of the template behind the cache.
         #[arg(long, default_value_t = 2)]
         pool: usize,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// What a user waits for: whole `vmfactory run -- true` processes, spawn to exit,
+    /// through a VMCache server, a template and a direct boot, interleaved, with where
+    /// the time goes (config, get VM, exec, teardown, process start/exit). Sets up a
+    /// temporary template and server and removes them afterwards.
+    Run {
+        /// Runs per mode.
+        #[arg(short, default_value_t = 10)]
+        n: usize,
+        /// Direct-boot runs (the slow baseline).
+        #[arg(long, default_value_t = 3)]
+        direct: usize,
+        /// VMs the temporary VMCache server keeps ready.
+        #[arg(long, default_value_t = 2)]
+        cache: u32,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -165,6 +186,18 @@ pub async fn run(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitC
             json,
             vm,
         } => clone::bench_getvm(n, clients, cache, pool, json, resolve(vm, config).await?).await,
+        BenchCommand::Run {
+            n,
+            direct,
+            cache,
+            json,
+            vm,
+        } => {
+            let resolved = resolve(vm, config).await?;
+            tokio::task::spawn_blocking(move || run::bench_run(n, direct, cache, json, resolved))
+                .await
+                .context("The benchmark task failed")?
+        }
         BenchCommand::Density {
             count,
             tb_size,
