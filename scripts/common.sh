@@ -36,5 +36,32 @@ ensure_python_grpc() {
     python3 -m pip install --quiet grpcio grpcio-tools >&2
 }
 
+# Where the tests find @grpc/grpc-js: the node_modules under vmfactory's cache directory
+# (the guest image's cache root: $VMFACTORY_CACHE_DIR, $XDG_CACHE_HOME/vmfactory or
+# ~/.cache/vmfactory).
+node_grpc_dir() {
+    if [ -n "${VMFACTORY_CACHE_DIR:-}" ]; then echo "$VMFACTORY_CACHE_DIR/node-grpc"
+    elif [ -n "${XDG_CACHE_HOME:-}" ]; then echo "$XDG_CACHE_HOME/vmfactory/node-grpc"
+    elif [ -n "${HOME:-}" ]; then echo "$HOME/.cache/vmfactory/node-grpc"
+    else echo /var/cache/vmfactory/node-grpc
+    fi
+}
+
+# The tests check wire compatibility with a @grpc/grpc-js client too.
+ensure_node_grpc() {
+    local dir
+    dir=$(node_grpc_dir)
+    [ -f "$dir/node_modules/@grpc/grpc-js/package.json" ] \
+        && [ -f "$dir/node_modules/@grpc/proto-loader/package.json" ] && return 0
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "vmfactory: npm not found; install Node.js and npm to run the grpc-js client test" >&2
+        return 1
+    fi
+    echo "vmfactory: installing @grpc/grpc-js and @grpc/proto-loader with npm into $dir (for the tests)" >&2
+    mkdir -p "$dir"
+    npm install --no-save --no-audit --no-fund --prefix "$dir" \
+        @grpc/grpc-js@1 @grpc/proto-loader@0 >&2
+}
+
 ensure_packages qemu-system-x86 ca-certificates
 ensure_toolchain

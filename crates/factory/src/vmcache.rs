@@ -22,6 +22,8 @@ use crate::config::VmConfig;
 use crate::handover::HandOverRecord;
 use crate::vm::{Vm, VmError};
 
+mod authority;
+
 /// Errors of the VMCache server and client.
 #[derive(Debug, thiserror::Error)]
 pub enum VmCacheError {
@@ -87,7 +89,11 @@ pub async fn serve(
         factory,
         shutdown: shutdown.clone(),
     };
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    // Each connection goes through the `:authority` fix-up that gRPC C-core clients need.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::UnixListenerStream::new(listener),
+        |connection| connection.map(authority::AuthorityFilterStream::new),
+    );
     let result = Server::builder()
         .add_service(CacheServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown.notified())

@@ -1,6 +1,7 @@
 //! End-to-end tests of the VMCache server (`vmfactory factory init` with
-//! vm_cache_number > 0) and its clients: `vmfactory run`, the library client, and a
-//! Python client generated from Kata's cache.proto.
+//! vm_cache_number > 0) and its clients: `vmfactory run`, the library client, and
+//! Python (grpcio, gRPC C-core) and Node (@grpc/grpc-js) clients generated from Kata's
+//! cache.proto.
 
 mod common;
 
@@ -289,47 +290,91 @@ fn run_without_a_server_says_to_start_one() {
     );
 }
 
-#[test]
-fn a_client_generated_from_katas_cache_proto_calls_all_four_rpcs() {
+/// Runs a client generated from Kata's cache.proto in another gRPC stack, with default
+/// channel options, against a server with one cached VM; checks its JSON report, and stops
+/// the VM it was handed (a foreign client does not manage VMs).
+fn a_foreign_client_calls_all_four_rpcs(client: impl FnOnce(&Path, &Path) -> Command) {
     let mut server = Server::start(1);
     let proto_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../protocols/proto");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/kata_cache_client.py");
-    let output = Command::new("python3")
-        .arg(script)
-        .arg(proto_dir)
-        .arg(server.socket())
+    let output = client(&proto_dir, &server.socket())
         .output()
-        .expect("python3");
+        .expect("spawn the client");
     assert!(output.status.success(), "{}", text(&output));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    // The hand-over record's QEMU handle names the VM's process.
+    let handed_pid = report["vm"]["hypervisor"]["hypervisor"]["pid"]
+        .as_u64()
+        .and_then(|pid| i32::try_from(pid).ok())
+        .unwrap_or_else(|| panic!("no QEMU pid in {report}"));
     assert_eq!(report["config"]["memory_mib"], 256, "{report}");
+    assert_eq!(report["agent_config"], serde_json::json!({}), "{report}");
     assert_eq!(
         report["cached"].as_array().map(Vec::len),
         Some(1),
         "{report}"
     );
     assert!(report["server_pid"].as_u64().is_some_and(|pid| pid > 0));
+    assert!(report["vm"]["id"].as_str().is_some_and(|id| !id.is_empty()));
     assert_eq!(report["vm"]["cpu"], 1);
     assert_eq!(report["vm"]["memory"], 256);
     // The hand-over record travels in GrpcVM.hypervisor: versioned, tagged by backend.
     let record = &report["vm"]["hypervisor"];
     assert_eq!(record["format_version"], 1, "{report}");
     assert_eq!(record["hypervisor"]["backend"], "qemu", "{report}");
-    let handed_pid = record["hypervisor"]["pid"].as_u64().expect("pid");
     // Quit was called: the server exits on its own.
     if let Some(mut child) = server.child.take() {
         assert!(child.wait().expect("wait").success());
     }
-    // The Python client does not manage VMs: stop the one it was handed.
-    assert!(Path::new(&format!("/proc/{handed_pid}")).exists());
-    // SAFETY: killing the QEMU handed to the Python client.
+    // The handed-out VM outlived the server; stop it.
+    let proc_dir = format!("/proc/{handed_pid}");
+    assert!(Path::new(&proc_dir).exists(), "the handed-out VM died");
+    // SAFETY: killing the QEMU handed to the client, which this test's server started.
     unsafe {
-        libc::kill(handed_pid as i32, libc::SIGKILL);
+        libc::kill(handed_pid, libc::SIGKILL);
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let template = server.dir.path().join("template");
+    let started = Instant::now();
+    while !qemu_pids_under(server.dir.path()).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the handed-out VM survived SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(!server.socket().exists());
-    assert!(!mounted(&template));
+    assert!(!mounted(&server.dir.path().join("template")));
+}
+
+#[test]
+fn a_grpcio_client_with_default_options_calls_all_four_rpcs() {
+    a_foreign_client_calls_all_four_rpcs(|proto_dir, socket| {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/kata_cache_client.py");
+        let mut command = Command::new("python3");
+        command.arg(script).arg(proto_dir).arg(socket);
+        command
+    });
+}
+
+#[test]
+fn a_grpc_js_client_with_default_options_calls_all_four_rpcs() {
+    // scripts/test installs them (scripts/common.sh: ensure_node_grpc).
+    let modules = vmfactory_guest_image::default_cache_dir().join("node-grpc/node_modules");
+    assert!(
+        modules.join("@grpc/grpc-js").is_dir() && modules.join("@grpc/proto-loader").is_dir(),
+        "no @grpc/grpc-js in {}: run `bash -c 'source scripts/common.sh && ensure_node_grpc'`",
+        modules.display()
+    );
+    a_foreign_client_calls_all_four_rpcs(|proto_dir, socket| {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/kata_cache_client.js");
+        let mut command = Command::new("node");
+        command
+            .arg(script)
+            .arg(proto_dir)
+            .arg(socket)
+            .env("NODE_PATH", &modules);
+        command
+    });
 }
 
 #[test]

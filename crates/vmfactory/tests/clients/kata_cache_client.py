@@ -25,11 +25,9 @@ def main():
     import cache_pb2_grpc
     from google.protobuf import empty_pb2
 
-    # gRPC C-core would send the percent-encoded socket path as :authority, which the
-    # server's HTTP/2 layer rejects as malformed; gRPC-Go (Kata's client) sends
-    # "localhost" for unix: targets, and so do we.
-    channel = grpc.insecure_channel(f"unix://{socket_path}",
-                                    options=[("grpc.default_authority", "localhost")])
+    # Default channel options: C-core sends the percent-encoded socket path as :authority,
+    # which the server accepts.
+    channel = grpc.insecure_channel(f"unix://{socket_path}")
     stub = cache_pb2_grpc.CacheServiceStub(channel)
     config = stub.Config(empty_pb2.Empty(), timeout=30)
     status = stub.Status(empty_pb2.Empty(), timeout=30)
