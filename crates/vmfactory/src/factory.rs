@@ -15,9 +15,10 @@ use vmfactory_factory::metrics::{self, FactoryMetrics, MetricsAddress};
 use vmfactory_factory::template::{self, TemplateMetadata};
 use vmfactory_factory::vmcache;
 use vmfactory_factory::{
-    CacheServerFactory, Factory, FactoryChoice, TemplateError, TemplateFactory, Vm,
+    CacheFactory, CacheServerFactory, Factory, FactoryChoice, TemplateError, TemplateFactory, Vm,
 };
 
+use crate::progress::Progress;
 use crate::{Resolved, VmArgs};
 
 #[derive(Debug, Subcommand)]
@@ -102,19 +103,34 @@ async fn stop_server(endpoint: &std::path::Path) -> Result<()> {
 /// Runs the VMCache server in the foreground until SIGTERM/SIGINT or `Quit`.
 async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let factory = &resolved.settings.factory;
-    if factory.enable_template && !factory.template_path.join(template::METADATA_FILE).exists() {
-        eprintln!(
-            "vmfactory: creating the template at {}",
+    let creating = (factory.enable_template
+        && !factory.template_path.join(template::METADATA_FILE).exists())
+    .then(|| {
+        Progress::spinner(&format!(
+            "Creating the template at {}",
             factory.template_path.display()
-        );
-    }
+        ))
+    });
     let metrics_address: Option<MetricsAddress> = (!factory.metrics_address.is_empty())
         .then(|| factory.metrics_address.parse())
         .transpose()?;
     let metrics = metrics_address
         .as_ref()
         .map(|_| Arc::new(FactoryMetrics::default()));
-    let server = CacheServerFactory::start(factory, &resolved.base, metrics.clone()).await?;
+    let server = match CacheServerFactory::start(factory, &resolved.base, metrics.clone()).await {
+        Ok(server) => {
+            if let Some(progress) = creating {
+                progress.finish("Template created");
+            }
+            server
+        }
+        Err(err) => {
+            if let Some(progress) = creating {
+                progress.abandon();
+            }
+            return Err(err.into());
+        }
+    };
     let metrics_stop = Arc::new(Notify::new());
     let metrics_task = match (metrics, metrics_address) {
         (Some(metrics), Some(address)) => {
@@ -148,7 +164,9 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
         std::process::id(),
         factory.vm_cache_number
     );
+    let warming = tokio::spawn(show_warm_up(server.cache(), factory.vm_cache_number));
     let served = vmcache::serve(server.cache(), &factory.vm_cache_endpoint, shutdown).await;
+    warming.abort();
     eprintln!("vmfactory: VMCache server stopping");
     if let Some(task) = metrics_task {
         metrics_stop.notify_one();
@@ -159,6 +177,20 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     server.close().await?;
     served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Shows the cache filling with warmed-up VMs until it is full the first time.
+async fn show_warm_up(cache: Arc<CacheFactory>, size: u32) {
+    let mut progress = Progress::bar("Warming up VMs", u64::from(size));
+    loop {
+        let ready = cache.ready_count().await;
+        progress.set(ready as u64);
+        if ready >= size as usize {
+            progress.finish(&format!("{size} VMs ready"));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn init(resolved: Resolved) -> Result<ExitCode> {
@@ -172,12 +204,21 @@ async fn init(resolved: Resolved) -> Result<ExitCode> {
         );
     }
     let path = &factory.template_path;
-    eprintln!(
-        "vmfactory: creating the template at {} (boots one VM; takes a few seconds)",
+    let progress = Progress::spinner(&format!(
+        "Creating the template at {} (boots one VM)",
         path.display()
-    );
+    ));
     let started = Instant::now();
-    let template = TemplateFactory::new(&resolved.base, path, resolved.base.backend()).await?;
+    let template = match TemplateFactory::new(&resolved.base, path, resolved.base.backend()).await {
+        Ok(template) => {
+            progress.finish("Template created");
+            template
+        }
+        Err(err) => {
+            progress.abandon();
+            return Err(err.into());
+        }
+    };
     println!(
         "Template created at {} in {:.1} s",
         template.path().display(),

@@ -4,6 +4,7 @@
 mod bench;
 mod factory;
 mod guest;
+mod progress;
 mod run;
 
 use std::io::IsTerminal;
