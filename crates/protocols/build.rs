@@ -1,7 +1,11 @@
 //! Compiles the protobuf files with `protox` (pure Rust, no `protoc` needed).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/agent.proto", "proto/cache.proto"];
+    let protos = [
+        "proto/agent.proto",
+        "proto/cache.proto",
+        "proto/sandbox.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -175,6 +175,12 @@ impl AgentClient {
         Self { inner, socket }
     }
 
+    /// The generated gRPC client on this connection (to forward calls, as a sandbox
+    /// supervisor does).
+    pub fn grpc(&self) -> AgentServiceClient<Channel> {
+        self.inner.clone()
+    }
+
     /// Closes the connection now, for every clone of this client.
     pub fn disconnect(&self) {
         self.socket.shutdown();

@@ -390,6 +390,7 @@ impl Settings {
                 runtime_dir: qemu.runtime_dir.clone(),
                 start_timeout: Duration::from_secs(30),
                 firmware: (!qemu.firmware.as_os_str().is_empty()).then(|| qemu.firmware.clone()),
+                die_with_parent: false,
             },
             kernel,
             initrd: (!initrd.as_os_str().is_empty()).then_some(initrd),

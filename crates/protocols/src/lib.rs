@@ -11,6 +11,12 @@ pub mod cache {
     tonic::include_proto!("cache");
 }
 
+/// The sandbox supervisor's local API (`package vmfactory.sandbox`).
+pub mod sandbox {
+    #![allow(missing_docs, clippy::all, missing_debug_implementations)]
+    tonic::include_proto!("vmfactory.sandbox");
+}
+
 /// The guest agent protocol (`package vmfactory.agent`).
 pub mod agent {
     #![allow(missing_docs, clippy::all, missing_debug_implementations)]

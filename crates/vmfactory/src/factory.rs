@@ -117,7 +117,10 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let metrics = metrics_address
         .as_ref()
         .map(|_| Arc::new(FactoryMetrics::default()));
-    let server = match CacheServerFactory::start(factory, &resolved.base, metrics.clone()).await {
+    // Cached VMs are handed over to clients and outlive this server.
+    let mut base = resolved.base.clone();
+    base.qemu.die_with_parent = false;
+    let server = match CacheServerFactory::start(factory, &base, metrics.clone()).await {
         Ok(server) => {
             if let Some(progress) = creating {
                 progress.finish("Template created");

@@ -6,6 +6,7 @@ mod factory;
 mod guest;
 mod progress;
 mod run;
+mod sandbox;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -51,6 +52,9 @@ enum Command {
     /// Manage the VM factory: the template (enable_template) of the [factory] section.
     #[command(subcommand)]
     Factory(factory::FactoryCommand),
+    /// Long-lived VMs (sandboxes): create, list, exec into, pause, resume, remove.
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCommand),
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -163,7 +167,10 @@ impl VmArgs {
             settings.hypervisor.qemu.kernel = kernel.clone();
             settings.hypervisor.qemu.initrd = initrd.clone();
         }
-        let base = settings.vm_config(None);
+        let mut base = settings.vm_config(None);
+        // VMs are owned by the process that makes them (and die with it), except the
+        // VMCache server's, which are handed over and must outlive it.
+        base.qemu.die_with_parent = true;
         let request = VmRequest {
             vcpus: self.vcpus,
             memory_mib: self.memory,
@@ -229,6 +236,7 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
     match command {
         Command::Run(args) => run::run(args, config).await,
         Command::Factory(command) => factory::run(command, config).await,
+        Command::Sandbox(command) => sandbox::run(command, config).await,
         Command::Config(ConfigCommand::Show { json }) => {
             let settings = Settings::load(config.as_deref())?;
             if json {

@@ -63,20 +63,20 @@ pub struct RunArgs {
 
 /// Why `run` ends early.
 #[derive(Debug)]
-enum Stop {
+pub(crate) enum Stop {
     /// A signal arrived (its number).
     Signal(i32),
 }
 
 /// SIGINT, SIGTERM and SIGHUP, each ending the run with 128 + its number.
-struct Signals {
+pub(crate) struct Signals {
     int: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
-    fn install() -> Result<Self> {
+    pub(crate) fn install() -> Result<Self> {
         Ok(Self {
             int: signal(SignalKind::interrupt()).context("Cannot handle SIGINT")?,
             term: signal(SignalKind::terminate()).context("Cannot handle SIGTERM")?,
@@ -84,7 +84,7 @@ impl Signals {
         })
     }
 
-    async fn recv(&mut self) -> Stop {
+    pub(crate) async fn recv(&mut self) -> Stop {
         tokio::select! {
             _ = self.int.recv() => Stop::Signal(libc::SIGINT),
             _ = self.term.recv() => Stop::Signal(libc::SIGTERM),
@@ -146,16 +146,65 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
     }
 }
 
-/// Starts the command, streams its output and our input, and waits for its end.
+/// What to run in a guest and how to connect it to us.
+#[derive(Debug, Clone)]
+pub(crate) struct ExecOptions {
+    /// Program and arguments.
+    pub command: Vec<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory in the guest.
+    pub workdir: String,
+    /// Pass our stdin even when it is a terminal.
+    pub interactive: bool,
+    /// Guest-side timeout.
+    pub timeout: Option<Duration>,
+}
+
 async fn attach(vm: &Vm, args: &RunArgs, host_deadline: Option<Duration>) -> Result<ExitCode> {
-    let agent = vm.agent();
-    let pass_stdin = args.interactive || !std::io::stdin().is_terminal();
-    let spec = ProcessSpec {
-        argv: args.command.clone(),
+    let options = ExecOptions {
+        command: args.command.clone(),
         env: args.env.clone(),
         workdir: args.workdir.clone(),
-        stdin: pass_stdin,
+        interactive: args.interactive,
         timeout: args.timeout.map(Duration::from_secs),
+    };
+    let died = async {
+        anyhow::Error::new(vm.hypervisor().exited().await)
+            .context("The VM died while running the command")
+    };
+    let execution = exec_attached(vm.agent(), &options, died, None);
+    match host_deadline {
+        Some(deadline) => match tokio::time::timeout(deadline, execution).await {
+            Ok(result) => result,
+            Err(_) => {
+                eprintln!(
+                    "vmfactory: the command did not end within --timeout; the VM was stopped"
+                );
+                Ok(ExitCode::from(EXIT_TIMEOUT))
+            }
+        },
+        None => execution.await,
+    }
+}
+
+/// Starts a process through `agent`, streams its output to ours and our input to it, and
+/// waits for its end; returns our exit code. Fails early when `died` resolves (the VM or
+/// the connection to it is gone). With `signals`, SIGINT/SIGTERM/SIGHUP are forwarded to
+/// the process instead of ending us.
+pub(crate) async fn exec_attached(
+    agent: &AgentClient,
+    options: &ExecOptions,
+    died: impl std::future::Future<Output = anyhow::Error>,
+    signals: Option<&mut Signals>,
+) -> Result<ExitCode> {
+    let pass_stdin = options.interactive || !std::io::stdin().is_terminal();
+    let spec = ProcessSpec {
+        argv: options.command.clone(),
+        env: options.env.clone(),
+        workdir: options.workdir.clone(),
+        stdin: pass_stdin,
+        timeout: options.timeout,
     };
     let id = match agent.start_process(spec).await {
         Ok(id) => id,
@@ -177,30 +226,31 @@ async fn attach(vm: &Vm, args: &RunArgs, host_deadline: Option<Duration>) -> Res
     let stdout = agent.output(&id, OutputPipe::Stdout).await?;
     let stderr = agent.output(&id, OutputPipe::Stderr).await?;
     let feeder = pass_stdin.then(|| tokio::spawn(feed_stdin(agent.clone(), id.clone())));
-    let finished = async {
-        tokio::select! {
-            result = follow(agent, &id, stdout, stderr) => result,
-            err = vm.hypervisor().exited() => {
-                Err(anyhow::Error::new(err).context("The VM died while running the command"))
-            }
+    let forward = async {
+        match signals {
+            Some(signals) => loop {
+                let Stop::Signal(number) = signals.recv().await;
+                if let Err(err) = agent.signal_process(&id, number).await {
+                    debug!(%err, "Cannot forward a signal");
+                }
+            },
+            None => std::future::pending::<()>().await,
         }
     };
-    let result = match host_deadline {
-        Some(deadline) => match tokio::time::timeout(deadline, finished).await {
-            Ok(result) => result,
-            Err(_) => {
-                eprintln!(
-                    "vmfactory: the command did not end within --timeout; the VM was stopped"
-                );
-                Ok(ExitCode::from(EXIT_TIMEOUT))
-            }
-        },
-        None => finished.await,
+    let result = tokio::select! {
+        result = follow(agent, &id, stdout, stderr) => result,
+        err = died => Err(err),
+        () = forward => unreachable_forward(),
     };
     if let Some(feeder) = feeder {
         feeder.abort();
     }
     result
+}
+
+/// The signal forwarder never ends on its own.
+fn unreachable_forward() -> Result<ExitCode> {
+    Err(anyhow::anyhow!("Signal forwarding ended"))
 }
 
 /// Copies both outputs to ours while waiting for the command's end; returns our exit code.

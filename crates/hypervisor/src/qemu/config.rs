@@ -27,6 +27,11 @@ pub struct QemuConfig {
     pub start_timeout: Duration,
     /// Firmware image (`-bios`); `None` keeps QEMU's default (SeaBIOS).
     pub firmware: Option<PathBuf>,
+    /// QEMU gets SIGKILL when the thread that started it dies (`PR_SET_PDEATHSIG`): set
+    /// for VMs one process owns (`run`, a sandbox supervisor), so even a SIGKILL of that
+    /// process leaves no VM; never for VMs that are handed over (VMCache).
+    #[serde(default)]
+    pub die_with_parent: bool,
 }
 
 /// QEMU's minimal firmware: boots Linux straight from fw_cfg, faster than SeaBIOS.
@@ -49,6 +54,7 @@ impl Default for QemuConfig {
             runtime_dir: default_runtime_dir(),
             start_timeout: Duration::from_secs(30),
             firmware: default_firmware(),
+            die_with_parent: false,
         }
     }
 }

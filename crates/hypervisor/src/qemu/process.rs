@@ -94,6 +94,25 @@ impl Qemu {
                 });
             }
         }
+        if config.die_with_parent {
+            let parent = i32::try_from(std::process::id()).unwrap_or(0);
+            // SAFETY: prctl and getppid are async-signal-safe; nothing else runs between
+            // fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent may have died before the prctl: then nobody owns us.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::other(
+                            "vmfactory exited while starting QEMU",
+                        ));
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = command
             .args(&args)
             .stdin(Stdio::null())

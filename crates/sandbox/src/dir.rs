@@ -1,0 +1,385 @@
+//! Where a sandbox lives: `<runtime_dir>/sandbox/<id>/` holds its record
+//! (`sandbox.json`), the supervisor's socket (`sandbox.sock`) and log
+//! (`supervisor.log`), and a `vm` link to the VM's own directory (as Kata's
+//! `assignSandbox` links the VM's sockets into the sandbox). The supervisor writes the
+//! record atomically; anyone may read it. A sandbox whose supervisor is gone is swept:
+//! its VM (if it still runs) is killed and its directory removed, so none is half there.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::SandboxError;
+
+/// The record file in a sandbox directory.
+pub const RECORD_FILE: &str = "sandbox.json";
+/// The supervisor's socket in a sandbox directory.
+pub const SOCKET_FILE: &str = "sandbox.sock";
+/// The supervisor's log in a sandbox directory.
+pub const LOG_FILE: &str = "supervisor.log";
+/// The link to the VM directory in a sandbox directory.
+pub const VM_LINK: &str = "vm";
+/// Longest sandbox name.
+const MAX_NAME: usize = 64;
+/// Largest record accepted.
+const MAX_RECORD_BYTES: u64 = 64 << 10;
+
+/// A sandbox's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SandboxState {
+    /// The supervisor is getting the VM.
+    Creating,
+    /// The VM runs.
+    Running,
+    /// The VM's vCPUs are stopped.
+    Paused,
+}
+
+impl SandboxState {
+    /// The state's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Creating => "creating",
+            Self::Running => "running",
+            Self::Paused => "paused",
+        }
+    }
+}
+
+/// What `sandbox.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    /// Sandbox id (12 hex digits).
+    pub id: String,
+    /// Name given at creation (may be empty).
+    pub name: String,
+    /// Creation time, seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// Pid of the supervisor process.
+    pub supervisor_pid: u32,
+    /// Pid of the VM's hypervisor process (0 while creating).
+    pub vm_pid: u32,
+    /// The VM's directory (empty while creating).
+    pub vm_dir: PathBuf,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u32,
+    /// State.
+    pub state: SandboxState,
+}
+
+/// The directory of one sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxDir {
+    /// The directory.
+    pub path: PathBuf,
+}
+
+/// The directory holding every sandbox under `runtime_dir`.
+pub fn sandboxes_root(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("sandbox")
+}
+
+/// A new random sandbox id.
+pub fn new_id() -> String {
+    format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+/// Checks a user-given sandbox name.
+pub fn validate_name(name: &str) -> Result<(), SandboxError> {
+    let bad = |why| SandboxError::Name {
+        name: name.chars().take(MAX_NAME + 8).collect(),
+        why,
+    };
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(bad("give 1 to 64 characters"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(bad("use letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl SandboxRecord {
+    /// A record for a sandbox being created by this process.
+    pub fn creating(id: &str, name: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            name: name.to_string(),
+            created_unix: now_unix(),
+            supervisor_pid: std::process::id(),
+            vm_pid: 0,
+            vm_dir: PathBuf::new(),
+            vcpus: 0,
+            memory_mib: 0,
+            state: SandboxState::Creating,
+        }
+    }
+
+    /// Seconds since creation.
+    pub fn age_seconds(&self) -> u64 {
+        now_unix().saturating_sub(self.created_unix)
+    }
+}
+
+impl SandboxDir {
+    /// The directory of sandbox `id` under `runtime_dir`.
+    pub fn new(runtime_dir: &Path, id: &str) -> Self {
+        Self {
+            path: sandboxes_root(runtime_dir).join(id),
+        }
+    }
+
+    /// The supervisor's socket.
+    pub fn socket(&self) -> PathBuf {
+        self.path.join(SOCKET_FILE)
+    }
+
+    /// The supervisor's log.
+    pub fn log(&self) -> PathBuf {
+        self.path.join(LOG_FILE)
+    }
+
+    /// Creates the directory (mode 0700).
+    pub fn create(&self) -> Result<(), SandboxError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.path)
+            .map_err(|source| SandboxError::Io {
+                action: "Cannot create the sandbox directory",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Writes the record atomically (temporary file, then rename).
+    pub fn write(&self, record: &SandboxRecord) -> Result<(), SandboxError> {
+        let path = self.path.join(RECORD_FILE);
+        let temporary = self
+            .path
+            .join(format!(".{RECORD_FILE}.{}", std::process::id()));
+        let json = serde_json::to_vec_pretty(record).map_err(|err| SandboxError::Corrupt {
+            path: path.clone(),
+            problem: err.to_string(),
+        })?;
+        std::fs::write(&temporary, json)
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(|source| SandboxError::Io {
+                action: "Cannot write",
+                path,
+                source,
+            })
+    }
+
+    /// Reads the record.
+    pub fn read(&self) -> Result<SandboxRecord, SandboxError> {
+        use std::io::Read;
+        let path = self.path.join(RECORD_FILE);
+        let io = |source| SandboxError::Io {
+            action: "Cannot read",
+            path: path.clone(),
+            source,
+        };
+        let mut text = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|file| file.take(MAX_RECORD_BYTES).read_to_end(&mut text))
+            .map_err(io)?;
+        serde_json::from_slice(&text).map_err(|err| SandboxError::Corrupt {
+            path: path.clone(),
+            problem: err.to_string(),
+        })
+    }
+
+    /// Links `vm` in the sandbox directory to the VM's directory.
+    pub fn link_vm(&self, vm_dir: &Path) -> Result<(), SandboxError> {
+        let link = self.path.join(VM_LINK);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(vm_dir, &link).map_err(|source| SandboxError::Io {
+            action: "Cannot link the VM directory into",
+            path: link,
+            source,
+        })
+    }
+
+    /// Removes the directory.
+    pub fn remove(&self) -> Result<(), SandboxError> {
+        match std::fs::remove_dir_all(&self.path) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(SandboxError::Io {
+                action: "Cannot remove the sandbox directory",
+                path: self.path.clone(),
+                source: err,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// True when `pid` is alive and its command line contains `needle`.
+pub fn process_matches(pid: u32, needle: &str) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+        String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .contains(needle)
+    })
+}
+
+/// True when the supervisor of `record` still runs.
+pub fn supervisor_alive(record: &SandboxRecord) -> bool {
+    process_matches(record.supervisor_pid, &record.id)
+}
+
+/// Kills the VM of `record` if its process is still that VM's, and removes the sandbox.
+pub fn sweep(dir: &SandboxDir, record: Option<&SandboxRecord>) -> Result<(), SandboxError> {
+    if let Some(record) = record {
+        let vm_dir = record.vm_dir.to_string_lossy();
+        if !vm_dir.is_empty() && process_matches(record.vm_pid, &vm_dir) {
+            warn!(
+                id = record.id,
+                pid = record.vm_pid,
+                "Killing the VM of a sandbox whose supervisor is gone"
+            );
+            if let Ok(pid) = i32::try_from(record.vm_pid) {
+                // SAFETY: kill on a pid whose command line names this sandbox's VM
+                // directory; nothing else runs with that argument.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        if !vm_dir.is_empty() {
+            let _ = std::fs::remove_dir_all(&record.vm_dir);
+        }
+    }
+    info!(path = %dir.path.display(), "Removing a sandbox whose supervisor is gone");
+    dir.remove()
+}
+
+/// Every sandbox under `runtime_dir` whose supervisor runs, oldest first. Sandboxes whose
+/// supervisor is gone are swept on the way (their VM killed, their directory removed).
+pub fn list(runtime_dir: &Path) -> Vec<(SandboxDir, SandboxRecord)> {
+    let root = sandboxes_root(runtime_dir);
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Vec::new();
+    };
+    let mut live = Vec::new();
+    for entry in entries.flatten() {
+        let dir = SandboxDir { path: entry.path() };
+        if !dir.path.is_dir() {
+            continue;
+        }
+        match dir.read() {
+            Ok(record) if supervisor_alive(&record) => live.push((dir, record)),
+            Ok(record) => {
+                if let Err(err) = sweep(&dir, Some(&record)) {
+                    warn!(%err, "Cannot sweep a sandbox");
+                }
+            }
+            // A directory without a readable record: a supervisor may be writing its
+            // first record right now; leave young ones alone.
+            Err(_) => {
+                let young = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() < 60);
+                if !young {
+                    let _ = sweep(&dir, None);
+                }
+            }
+        }
+    }
+    live.sort_by_key(|(_, record)| (record.created_unix, record.id.clone()));
+    live
+}
+
+/// The live sandbox that `key` names: an id, a unique id prefix, or a name.
+pub fn find(runtime_dir: &Path, key: &str) -> Result<(SandboxDir, SandboxRecord), SandboxError> {
+    let live = list(runtime_dir);
+    if let Some(found) = live.iter().find(|(_, r)| r.id == key || r.name == key) {
+        return Ok(found.clone());
+    }
+    let mut prefixed = live.into_iter().filter(|(_, r)| r.id.starts_with(key));
+    match (prefixed.next(), prefixed.next()) {
+        (Some(found), None) if !key.is_empty() => Ok(found),
+        (Some(_), Some(_)) => Err(SandboxError::Ambiguous(key.to_string())),
+        _ => Err(SandboxError::NotFound(key.chars().take(80).collect())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("web-1.test_a").is_ok());
+        for bad in ["", "a b", "x/y", &"n".repeat(65)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_dead_supervisors_are_swept() {
+        let runtime = tempfile::tempdir().expect("tempdir");
+        let mine = SandboxDir::new(runtime.path(), "aaaaaaaaaaaa");
+        mine.create().expect("create");
+        // A supervisor pid that no process has.
+        let mut record = SandboxRecord::creating("aaaaaaaaaaaa", "one");
+        record.supervisor_pid = u32::MAX - 1;
+        mine.write(&record).expect("write");
+        assert_eq!(mine.read().expect("read"), record);
+        assert!(
+            list(runtime.path()).is_empty(),
+            "a dead supervisor's sandbox is not listed"
+        );
+        assert!(!mine.path.exists(), "and is swept");
+        assert!(matches!(
+            find(runtime.path(), "one"),
+            Err(SandboxError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_record_whose_process_lives_is_listed_and_found() {
+        let runtime = tempfile::tempdir().expect("tempdir");
+        // Our own process: its command line contains the test binary's name, which we
+        // use as the "id" so that supervisor_alive holds.
+        let cmdline = std::fs::read("/proc/self/cmdline").expect("cmdline");
+        let argv0 = String::from_utf8_lossy(&cmdline)
+            .split('\0')
+            .next()
+            .unwrap_or_default()
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let dir = SandboxDir::new(runtime.path(), "bbbbbbbbbbbb");
+        dir.create().expect("create");
+        let mut record = SandboxRecord::creating(&argv0, "two");
+        record.state = SandboxState::Running;
+        dir.write(&record).expect("write");
+        let live = list(runtime.path());
+        assert_eq!(live.len(), 1);
+        assert_eq!(find(runtime.path(), "two").expect("by name").1, record);
+        assert_eq!(find(runtime.path(), &argv0).expect("by id").1, record);
+    }
+}

@@ -1,0 +1,86 @@
+//! Sandboxes: factory VMs that outlive the command that made them. Each sandbox is owned
+//! by one supervisor process (as Kata's shim owns one sandbox), which takes its VM through
+//! `Factory::get_vm`, holds the VM's hypervisor and agent connections, and serves a local
+//! API on a Unix socket in the sandbox's directory: the sandbox control service
+//! (`vmfactory.sandbox`: status, pause, resume, stop) and the agent API, forwarded over
+//! its one agent connection, so several commands can use one sandbox at once.
+//!
+//! - [`dir`]: the sandbox directory, its record (`sandbox.json`), listing, and the sweep
+//!   that removes sandboxes whose supervisor is gone;
+//! - [`supervisor`]: the supervisor's life: get the VM, serve, stop;
+//! - [`proxy`]: the agent API forwarded to the VM's agent;
+//! - [`client`]: talking to a supervisor.
+
+pub mod client;
+pub mod dir;
+pub mod proxy;
+pub mod supervisor;
+
+use std::path::PathBuf;
+
+pub use client::SandboxClient;
+pub use dir::{SandboxDir, SandboxRecord, SandboxState};
+pub use supervisor::{Supervisor, SupervisorOptions};
+
+/// Errors of sandboxes.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// No live sandbox has that id or name.
+    #[error("No sandbox {0:?}: list them with `vmfactory sandbox ls`")]
+    NotFound(String),
+    /// An id prefix matches several sandboxes.
+    #[error("{0:?} matches several sandboxes: give more of the id")]
+    Ambiguous(String),
+    /// A name is taken or malformed.
+    #[error("Invalid sandbox name {name:?}: {why}")]
+    Name {
+        /// The name.
+        name: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// The supervisor does not answer.
+    #[error("The supervisor of sandbox {id} does not answer ({reason}): remove the sandbox with `vmfactory sandbox rm -f {id}`")]
+    Unreachable {
+        /// The sandbox.
+        id: String,
+        /// What happened.
+        reason: String,
+    },
+    /// The supervisor refused or failed a request.
+    #[error("Sandbox {id}: {message}")]
+    Rpc {
+        /// The sandbox.
+        id: String,
+        /// What the supervisor said.
+        message: String,
+    },
+    /// A sandbox file is unreadable.
+    #[error("Sandbox record {path} is damaged: {problem}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A file operation failed.
+    #[error("{action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Getting or driving the VM failed.
+    #[error(transparent)]
+    Factory(#[from] vmfactory_factory::FactoryError),
+    /// A VM operation failed.
+    #[error(transparent)]
+    Vm(#[from] vmfactory_factory::VmError),
+    /// Serving the local API failed.
+    #[error("Cannot serve the sandbox API: {0}")]
+    Serve(String),
+}

@@ -1,0 +1,281 @@
+//! The supervisor: one process per sandbox. It takes the sandbox's VM through
+//! `Factory::get_vm`, owns the VM's hypervisor handle and agent connection, serves the
+//! sandbox API and the forwarded agent API on its socket, and when told to stop (the
+//! `Stop` RPC, SIGTERM, SIGINT, SIGHUP) or when the VM dies, stops the VM and removes the
+//! sandbox directory. VMs it boots or clones itself die with it (QEMU's parent-death
+//! signal), so even a SIGKILL leaves at most a directory, which the next listing sweeps.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{Mutex, Notify};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+use vmfactory_factory::{Factory, Vm, VmRequest};
+use vmfactory_protocols::agent::agent_service_server::AgentServiceServer;
+use vmfactory_protocols::contract::AGENT_MAX_MESSAGE_SIZE;
+use vmfactory_protocols::sandbox::sandbox_service_server::{SandboxService, SandboxServiceServer};
+use vmfactory_protocols::sandbox::SandboxStatus;
+
+use crate::dir::{SandboxDir, SandboxRecord, SandboxState};
+use crate::proxy::AgentProxy;
+use crate::SandboxError;
+
+/// How often the supervisor checks that its VM still runs.
+const VM_WATCH_INTERVAL: Duration = Duration::from_millis(200);
+
+/// What a supervisor is asked to make.
+#[derive(Debug, Clone)]
+pub struct SupervisorOptions {
+    /// Sandbox id.
+    pub id: String,
+    /// Sandbox name (may be empty).
+    pub name: String,
+    /// Runtime directory (sandboxes live under `<runtime_dir>/sandbox`).
+    pub runtime_dir: PathBuf,
+    /// The VM asked for.
+    pub request: VmRequest,
+}
+
+/// Runs one sandbox's supervisor.
+#[derive(Debug)]
+pub struct Supervisor;
+
+#[derive(Debug)]
+struct Shared {
+    dir: SandboxDir,
+    record: Mutex<SandboxRecord>,
+    vm: Mutex<Option<Vm>>,
+    stop: Notify,
+}
+
+impl Shared {
+    async fn set_state(&self, state: SandboxState) -> Result<(), Status> {
+        let mut record = self.record.lock().await;
+        record.state = state;
+        self.dir
+            .write(&record)
+            .map_err(|err| Status::internal(err.to_string()))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Control {
+    shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl SandboxService for Control {
+    async fn status(&self, _request: Request<()>) -> Result<Response<SandboxStatus>, Status> {
+        let record = self.shared.record.lock().await.clone();
+        Ok(Response::new(SandboxStatus {
+            id: record.id,
+            name: record.name,
+            supervisor_pid: record.supervisor_pid,
+            vm_pid: record.vm_pid,
+            vcpus: record.vcpus,
+            memory_mib: record.memory_mib,
+            created_unix: i64::try_from(record.created_unix).unwrap_or(0),
+            state: record.state.as_str().to_string(),
+        }))
+    }
+
+    async fn pause(&self, _request: Request<()>) -> Result<Response<()>, Status> {
+        if let Some(vm) = self.shared.vm.lock().await.as_ref() {
+            vm.pause()
+                .await
+                .map_err(|err| Status::internal(err.to_string()))?;
+        }
+        self.shared.set_state(SandboxState::Paused).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn resume(&self, _request: Request<()>) -> Result<Response<()>, Status> {
+        if let Some(vm) = self.shared.vm.lock().await.as_ref() {
+            vm.resume()
+                .await
+                .map_err(|err| Status::internal(err.to_string()))?;
+        }
+        self.shared.set_state(SandboxState::Running).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn stop(&self, _request: Request<()>) -> Result<Response<()>, Status> {
+        info!("Stop requested");
+        self.shared.stop.notify_one();
+        Ok(Response::new(()))
+    }
+}
+
+/// Why the supervisor ends.
+#[derive(Debug)]
+enum End {
+    Stopped,
+    Signal(&'static str),
+    VmDied,
+}
+
+impl End {
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Stopped => "stop requested",
+            Self::Signal(name) => name,
+            Self::VmDied => "the VM died",
+        }
+    }
+}
+
+impl Supervisor {
+    /// Makes the sandbox and serves it until it is stopped; `ready` is told once the
+    /// sandbox answers on its socket, with its record (or the error that prevented it).
+    /// The sandbox directory is gone when this returns.
+    pub async fn run(
+        options: SupervisorOptions,
+        factory: Factory,
+        ready: impl FnOnce(Result<&SandboxRecord, &SandboxError>),
+    ) -> Result<(), SandboxError> {
+        let dir = SandboxDir::new(&options.runtime_dir, &options.id);
+        let (term, int, hup) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) {
+            (Ok(term), Ok(int), Ok(hup)) => (term, int, hup),
+            _ => {
+                let err = SandboxError::Serve("Cannot handle signals".into());
+                ready(Err(&err));
+                return Err(err);
+            }
+        };
+        let started = Self::start(&options, &dir, &factory).await;
+        let (shared, listener) = match started {
+            Ok(started) => started,
+            Err(err) => {
+                ready(Err(&err));
+                let _ = dir.remove();
+                return Err(err);
+            }
+        };
+        let record = shared.record.lock().await.clone();
+        ready(Ok(&record));
+        let end = Self::serve(shared.clone(), listener, (term, int, hup)).await;
+        info!(
+            reason = end.reason(),
+            id = options.id,
+            "Supervisor stopping"
+        );
+        if let Some(vm) = shared.vm.lock().await.take() {
+            if let Err(err) = vm.stop().await {
+                warn!(%err, "Stopping the sandbox VM failed");
+            }
+        }
+        dir.remove()
+    }
+
+    /// Creates the directory, gets the VM and binds the socket.
+    async fn start(
+        options: &SupervisorOptions,
+        dir: &SandboxDir,
+        factory: &Factory,
+    ) -> Result<(Arc<Shared>, UnixListener), SandboxError> {
+        dir.create()?;
+        let mut record = SandboxRecord::creating(&options.id, &options.name);
+        dir.write(&record)?;
+        let vm = factory.get_vm(&options.request).await?;
+        record.vm_pid = vm.pid().unwrap_or(0);
+        record.vm_dir = vm.hypervisor().vm_dir().to_path_buf();
+        record.vcpus = vm.cpu;
+        record.memory_mib = vm.memory_mib;
+        record.state = SandboxState::Running;
+        dir.link_vm(&record.vm_dir)?;
+        let socket = dir.socket();
+        let _ = std::fs::remove_file(&socket);
+        let io = |action: &'static str| {
+            let socket = socket.clone();
+            move |source| SandboxError::Io {
+                action,
+                path: socket,
+                source,
+            }
+        };
+        let listener = UnixListener::bind(&socket).map_err(io("Cannot listen on"))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(io("Cannot restrict the permissions of"))?;
+        dir.write(&record)?;
+        let shared = Arc::new(Shared {
+            dir: dir.clone(),
+            record: Mutex::new(record),
+            vm: Mutex::new(Some(vm)),
+            stop: Notify::new(),
+        });
+        Ok((shared, listener))
+    }
+
+    async fn serve(
+        shared: Arc<Shared>,
+        listener: UnixListener,
+        signals: (
+            tokio::signal::unix::Signal,
+            tokio::signal::unix::Signal,
+            tokio::signal::unix::Signal,
+        ),
+    ) -> End {
+        let (mut term, mut int, mut hup) = signals;
+        let agent = match shared.vm.lock().await.as_ref() {
+            Some(vm) => vm.agent().grpc(),
+            None => return End::VmDied,
+        };
+        let proxy = AgentServiceServer::new(AgentProxy::new(agent))
+            .max_decoding_message_size(AGENT_MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(AGENT_MAX_MESSAGE_SIZE);
+        let control = SandboxServiceServer::new(Control {
+            shared: shared.clone(),
+        });
+        let ended = Arc::new(Notify::new());
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+        let server = tonic::transport::Server::builder()
+            .add_service(control)
+            .add_service(proxy)
+            .serve_with_incoming_shutdown(incoming, {
+                let ended = ended.clone();
+                async move { ended.notified().await }
+            });
+        tokio::pin!(server);
+        let watch_vm = async {
+            loop {
+                tokio::time::sleep(VM_WATCH_INTERVAL).await;
+                let alive = shared
+                    .vm
+                    .lock()
+                    .await
+                    .as_ref()
+                    .is_some_and(|vm| vm.hypervisor().is_running());
+                if !alive {
+                    return;
+                }
+            }
+        };
+        let end = tokio::select! {
+            () = shared.stop.notified() => End::Stopped,
+            _ = term.recv() => End::Signal("SIGTERM"),
+            _ = int.recv() => End::Signal("SIGINT"),
+            _ = hup.recv() => End::Signal("SIGHUP"),
+            () = watch_vm => End::VmDied,
+            served = &mut server => {
+                if let Err(err) = served {
+                    warn!(%err, "Sandbox API server failed");
+                }
+                End::Stopped
+            }
+        };
+        // Let a Stop call get its answer, then close the socket.
+        ended.notify_one();
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+        let _ = std::fs::remove_file(shared.dir.socket());
+        end
+    }
+}

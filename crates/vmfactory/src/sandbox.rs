@@ -1,0 +1,387 @@
+//! `vmfactory sandbox …`: long-lived VMs. `create` starts a supervisor process (the hidden
+//! `sandbox supervise`), which takes a VM through the configured factory and serves the
+//! sandbox on a socket in its directory; the other commands talk to that supervisor.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use vmfactory_factory::{Factory, FactoryChoice, Settings};
+use vmfactory_hypervisor::qemu::accel::Accelerator;
+use vmfactory_sandbox::dir::{self, SandboxDir};
+use vmfactory_sandbox::{SandboxClient, SandboxRecord, Supervisor, SupervisorOptions};
+
+use crate::run::{exec_attached, ExecOptions, Signals};
+use crate::{parse_env, VmArgs};
+
+/// What the supervisor prints on its stdout once the sandbox answers.
+const READY_LINE: &str = "ready";
+/// How long `rm` waits for a supervisor to remove its sandbox.
+const RM_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `vmfactory sandbox …`
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Create a sandbox: a VM from the configured factory (VMCache server, template, or a
+    /// direct boot), owned by a supervisor process; prints the sandbox id.
+    Create {
+        /// A name to refer to the sandbox by (letters, digits, '-', '_', '.').
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// List the sandboxes (id, name, pid, vCPUs, memory, age, state).
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and remove sandboxes (by id, id prefix or name).
+    Rm {
+        /// Kill a supervisor that does not answer, and its VM.
+        #[arg(short, long)]
+        force: bool,
+        /// Sandboxes.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Stop a sandbox's vCPUs.
+    Pause {
+        /// The sandbox.
+        id: String,
+    },
+    /// Continue a paused sandbox's vCPUs.
+    Resume {
+        /// The sandbox.
+        id: String,
+    },
+    /// Run a command in a sandbox: output streamed, stdin passed with -i (or when it is
+    /// not a terminal), SIGINT/SIGTERM/SIGHUP forwarded, its exit status ours.
+    Exec(ExecArgs),
+    /// Serve one sandbox (started by `create`; not for direct use).
+    #[command(hide = true)]
+    Supervise {
+        /// Sandbox id.
+        #[arg(long)]
+        id: String,
+        /// Sandbox name.
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+}
+
+/// Options of `sandbox exec`.
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// Pass our standard input even when it is a terminal (EOF closes it).
+    #[arg(short, long)]
+    interactive: bool,
+    /// Environment variable for the command, KEY=VALUE (repeatable).
+    #[arg(short, long = "env", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory in the guest.
+    #[arg(short, long, default_value = "/")]
+    workdir: String,
+    /// Kill the command after this many seconds (exit status 124... as reported by the guest).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// The sandbox (id, id prefix or name).
+    id: String,
+    /// The command and its arguments (after `--`).
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
+}
+
+/// Runs a `sandbox` command.
+pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<ExitCode> {
+    let settings = Settings::load(config.as_deref())?;
+    let runtime = settings.hypervisor.qemu.runtime_dir.clone();
+    match command {
+        SandboxCommand::Create { name, vm } => create(name, vm, config, &runtime).await,
+        SandboxCommand::Ls { json } => ls(&runtime, json),
+        SandboxCommand::Rm { force, ids } => rm(&runtime, &ids, force).await,
+        SandboxCommand::Pause { id } => {
+            connect(&runtime, &id).await?.pause().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SandboxCommand::Resume { id } => {
+            connect(&runtime, &id).await?.resume().await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        SandboxCommand::Exec(args) => exec(&runtime, args).await,
+        SandboxCommand::Supervise { id, name, vm } => supervise(id, name, vm, config).await,
+    }
+}
+
+async fn connect(runtime: &Path, key: &str) -> Result<SandboxClient> {
+    let (dir, record) = dir::find(runtime, key)?;
+    Ok(SandboxClient::connect(&dir, &record.id).await?)
+}
+
+/// The command-line options that reproduce `vm` for the supervisor.
+fn vm_args(vm: &VmArgs) -> Vec<String> {
+    let mut args = Vec::new();
+    let mut push = |flag: &str, value: Option<String>| {
+        if let Some(value) = value {
+            args.push(flag.to_string());
+            args.push(value);
+        }
+    };
+    push("--vcpus", vm.vcpus.map(|v| v.to_string()));
+    push("--memory", vm.memory.map(|v| v.to_string()));
+    push(
+        "--accel",
+        vm.accel.map(|a| {
+            match a {
+                Accelerator::Auto => "auto",
+                Accelerator::Kvm => "kvm",
+                Accelerator::Tcg => "tcg",
+            }
+            .to_string()
+        }),
+    );
+    let path = |p: &Option<PathBuf>| p.as_ref().map(|p| p.to_string_lossy().into_owned());
+    push("--qemu", path(&vm.qemu));
+    push("--kernel", path(&vm.kernel));
+    push("--initrd", path(&vm.initrd));
+    push("--kernel-params", vm.kernel_params.clone());
+    push("--boot-timeout", vm.boot_timeout.map(|v| v.to_string()));
+    push("--cache-dir", path(&vm.image.cache_dir));
+    push("--agent", path(&vm.image.agent));
+    args
+}
+
+async fn create(
+    name: Option<String>,
+    vm: VmArgs,
+    config: Option<PathBuf>,
+    runtime: &Path,
+) -> Result<ExitCode> {
+    let name = name.unwrap_or_default();
+    if !name.is_empty() {
+        dir::validate_name(&name)?;
+        if dir::list(runtime).iter().any(|(_, r)| r.name == name) {
+            bail!("A sandbox named {name:?} exists: choose another name or remove it first");
+        }
+    }
+    let id = dir::new_id();
+    let sandbox = SandboxDir::new(runtime, &id);
+    sandbox.create()?;
+    let log = std::fs::File::create(sandbox.log())
+        .with_context(|| format!("Cannot create {}", sandbox.log().display()))?;
+    let exe = std::env::current_exe().context("Cannot find the vmfactory binary")?;
+    let mut command = std::process::Command::new(exe);
+    if let Some(config) = &config {
+        command.arg("--config").arg(config);
+    }
+    command
+        .args(["-v", "sandbox", "supervise", "--id", &id, "--name", &name])
+        .args(vm_args(&vm))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe. The supervisor leads its own session: our
+    // terminal's signals (Ctrl-C, hang-up) do not reach it, and it outlives us.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .context("Cannot start the sandbox supervisor")?;
+    let supervisor_pid = child.id();
+    let stdout = child.stdout.take().context("No supervisor stdout")?;
+    let mut signals = Signals::install()?;
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        line
+    });
+    let line = tokio::select! {
+        line = ready => line.unwrap_or_default(),
+        _ = signals.recv() => {
+            // Interrupted: the supervisor undoes what it made.
+            // SAFETY: signalling the supervisor we just started.
+            unsafe { libc::kill(supervisor_pid as i32, libc::SIGTERM); }
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+            eprintln!("vmfactory: interrupted; the sandbox was not created");
+            return Ok(ExitCode::from(130));
+        }
+    };
+    if line.trim() != READY_LINE {
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        let log = std::fs::read_to_string(sandbox.log()).unwrap_or_default();
+        let _ = sandbox.remove();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("The sandbox could not be created:\n{}", tail.join("\n"));
+    }
+    println!("{id}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn supervise(
+    id: String,
+    name: String,
+    vm: VmArgs,
+    config: Option<PathBuf>,
+) -> Result<ExitCode> {
+    let resolved = tokio::task::spawn_blocking(move || {
+        let settings = Settings::load(config.as_deref())?;
+        let choice = FactoryChoice::from_settings(&settings.factory);
+        vm.resolve(config.as_deref(), choice.needs_local_config())
+    })
+    .await
+    .context("Preparing the VM failed")??;
+    let choice = FactoryChoice::from_settings(&resolved.settings.factory);
+    let local = choice.needs_local_config().then_some(&resolved.base);
+    let factory = Factory::open(&choice, local).await?;
+    if let Some(notice) = factory.notice() {
+        tracing::warn!(notice, "Factory degraded");
+    }
+    let options = SupervisorOptions {
+        id,
+        name,
+        runtime_dir: resolved.base.qemu.runtime_dir.clone(),
+        request: resolved.request,
+    };
+    let ready = |result: Result<&SandboxRecord, &vmfactory_sandbox::SandboxError>| {
+        use std::io::Write;
+        match result {
+            Ok(_) => {
+                let mut stdout = std::io::stdout();
+                let _ = writeln!(stdout, "{READY_LINE}");
+                let _ = stdout.flush();
+            }
+            Err(err) => tracing::error!(%err, "The sandbox could not be created"),
+        }
+    };
+    Supervisor::run(options, factory, ready).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Debug, Serialize)]
+struct Listed<'a> {
+    #[serde(flatten)]
+    record: &'a SandboxRecord,
+    age_seconds: u64,
+}
+
+fn ls(runtime: &Path, json: bool) -> Result<ExitCode> {
+    let live = dir::list(runtime);
+    if json {
+        let listed: Vec<Listed<'_>> = live
+            .iter()
+            .map(|(_, record)| Listed {
+                record,
+                age_seconds: record.age_seconds(),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&listed)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<12}  {:<16}  {:>8}  {:>5}  {:>7}  {:>8}  STATE",
+        "ID", "NAME", "PID", "VCPUS", "MEMORY", "AGE"
+    );
+    for (_, record) in &live {
+        println!(
+            "{:<12}  {:<16}  {:>8}  {:>5}  {:>5}Mi  {:>7}s  {}",
+            record.id,
+            record.name,
+            record.vm_pid,
+            record.vcpus,
+            record.memory_mib,
+            record.age_seconds(),
+            record.state.as_str()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rm(runtime: &Path, keys: &[String], force: bool) -> Result<ExitCode> {
+    let mut failed = false;
+    for key in keys {
+        if let Err(err) = rm_one(runtime, key, force).await {
+            eprintln!("vmfactory: {err:#}");
+            failed = true;
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn rm_one(runtime: &Path, key: &str, force: bool) -> Result<()> {
+    let (sandbox, record) = dir::find(runtime, key)?;
+    let stopped = async {
+        SandboxClient::connect(&sandbox, &record.id)
+            .await?
+            .stop()
+            .await
+    }
+    .await;
+    if let Err(err) = stopped {
+        if !force {
+            return Err(err.into());
+        }
+    }
+    let started = Instant::now();
+    while sandbox.path.exists() {
+        if started.elapsed() > RM_TIMEOUT {
+            if !force {
+                bail!(
+                    "Sandbox {} did not stop within {} s: remove it with `vmfactory sandbox rm -f {}`",
+                    record.id,
+                    RM_TIMEOUT.as_secs(),
+                    record.id
+                );
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if sandbox.path.exists() && force {
+        if dir::supervisor_alive(&record) {
+            // SAFETY: the pid's command line names this sandbox's id: it is its supervisor.
+            unsafe {
+                libc::kill(record.supervisor_pid as i32, libc::SIGKILL);
+            }
+        }
+        dir::sweep(&sandbox, Some(&record))?;
+    }
+    println!("{}", record.id);
+    Ok(())
+}
+
+async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
+    let (sandbox, record) = dir::find(runtime, &args.id)?;
+    let client = SandboxClient::connect(&sandbox, &record.id).await?;
+    let options = ExecOptions {
+        command: args.command,
+        env: args.env,
+        workdir: args.workdir,
+        interactive: args.interactive,
+        timeout: args.timeout.map(Duration::from_secs),
+    };
+    let died = async {
+        while dir::supervisor_alive(&record) {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        anyhow::anyhow!("The supervisor of sandbox {} is gone", record.id)
+    };
+    let mut signals = Signals::install()?;
+    exec_attached(client.agent(), &options, died, Some(&mut signals)).await
+}
