@@ -1,0 +1,275 @@
+//! End-to-end tests of sandboxes: `vmfactory sandbox create|ls|exec|pause|resume|rm` on
+//! real VMs, and what SIGKILL of the supervisor or of the creating command leaves.
+
+mod common;
+
+use std::io::{BufRead, Write};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{image, qemu_pids_under, text, BIN};
+use sha2::{Digest, Sha256};
+
+/// A private runtime directory for sandboxes, checked clean (and cleaned) on drop.
+struct Env {
+    runtime: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        Self {
+            runtime: tempfile::Builder::new()
+                .prefix("vmf-sbx-")
+                .tempdir_in("/tmp")
+                .expect("tempdir"),
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let image = image();
+        let mut command = Command::new(BIN);
+        command
+            .env("VMFACTORY_KERNEL", &image.kernel)
+            .env("VMFACTORY_INITRD", &image.initrd)
+            .env("VMFACTORY_RUNTIME_DIR", self.runtime.path())
+            .env("RUST_LOG", "warn")
+            .args(args);
+        command
+    }
+
+    fn sandbox(&self, args: &[&str]) -> Output {
+        let mut all = vec!["sandbox"];
+        all.extend_from_slice(args);
+        self.command(&all).output().expect("spawn vmfactory")
+    }
+
+    fn create(&self, name: &str) -> String {
+        let output = self.sandbox(&["create", "--name", name]);
+        assert!(output.status.success(), "{}", text(&output));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
+
+    fn exec(&self, id: &str, script: &str) -> String {
+        let output = self.sandbox(&["exec", id, "--", "sh", "-c", script]);
+        assert!(output.status.success(), "{}", text(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn listed(&self) -> Vec<serde_json::Value> {
+        let output = self.sandbox(&["ls", "--json"]);
+        assert!(output.status.success(), "{}", text(&output));
+        serde_json::from_slice::<Vec<serde_json::Value>>(&output.stdout).expect("json")
+    }
+
+    fn assert_nothing_left(&self) {
+        let sandboxes = self.runtime.path().join("sandbox");
+        let left: Vec<_> = std::fs::read_dir(&sandboxes)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "sandbox directories left: {left:?}");
+        let vms: Vec<_> = std::fs::read_dir(self.runtime.path().join("vm"))
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(vms.is_empty(), "VM directories left: {vms:?}");
+        let qemus = qemu_pids_under(self.runtime.path());
+        assert!(qemus.is_empty(), "QEMU processes left: {qemus:?}");
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for sandbox in self.listed_quietly() {
+            let _ = self.sandbox(&["rm", "-f", &sandbox]);
+        }
+    }
+}
+
+impl Env {
+    fn listed_quietly(&self) -> Vec<String> {
+        self.command(&["sandbox", "ls", "--json"])
+            .output()
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Vec<serde_json::Value>>(&o.stdout).ok())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| s["id"].as_str().map(str::to_string))
+            .collect()
+    }
+}
+
+fn wait_gone(pid: u32) {
+    let started = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "pid {pid} lives on"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_sandbox_keeps_state_between_execs_and_rm_leaves_nothing() {
+    let env = Env::new();
+    let id = env.create("state");
+    assert_eq!(id.len(), 12, "{id}");
+    env.exec(&id, "echo kept > /root/file");
+    assert_eq!(env.exec("state", "cat /root/file"), "kept\n", "by name");
+    assert_eq!(
+        env.exec(&id[..6], "cat /root/file"),
+        "kept\n",
+        "by id prefix"
+    );
+
+    let listed = env.listed();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["id"], id.as_str());
+    assert_eq!(listed[0]["name"], "state");
+    assert_eq!(listed[0]["state"], "running");
+    assert_eq!(listed[0]["vcpus"], 1);
+    assert_eq!(listed[0]["memory_mib"], 256);
+
+    // Two processes at once, each with its own output.
+    let slow = env
+        .command(&[
+            "sandbox",
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "sleep 2; echo slow",
+        ])
+        .output();
+    let fast = env.exec(&id, "echo fast");
+    assert_eq!(fast, "fast\n");
+    assert_eq!(
+        String::from_utf8_lossy(&slow.expect("slow").stdout),
+        "slow\n"
+    );
+
+    let output = env.sandbox(&["pause", &id]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(env.listed()[0]["state"], "paused");
+    let output = env.sandbox(&["resume", &id]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(env.exec(&id, "echo awake"), "awake\n");
+
+    let output = env.sandbox(&["rm", &id]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(env.listed().is_empty());
+    env.assert_nothing_left();
+    let output = env.sandbox(&["exec", &id, "--", "true"]);
+    assert_eq!(output.status.code(), Some(125));
+    assert!(text(&output).contains("sandbox ls"), "{}", text(&output));
+}
+
+#[test]
+fn exec_streams_passes_stdin_and_forwards_signals() {
+    let env = Env::new();
+    let id = env.create("io");
+
+    // Output arrives while the command still runs.
+    let mut child = env
+        .command(&[
+            "sandbox",
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "echo a; sleep 3; echo b",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(lines.next().expect("a").expect("read"), "a");
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "`a` came after the end"
+    );
+    assert_eq!(lines.next().expect("b").expect("read"), "b");
+    assert!(child.wait().expect("wait").success());
+
+    // 10 MiB through `cat`, byte for byte, with -i.
+    let input: Vec<u8> = (0..10u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let mut child = env
+        .command(&["sandbox", "exec", "-i", &id, "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let expected = input.clone();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let output = child.wait_with_output().expect("wait");
+    writer.join().expect("writer").expect("write");
+    assert!(output.status.success());
+    assert_eq!(output.stdout.len(), expected.len());
+    assert_eq!(Sha256::digest(&output.stdout), Sha256::digest(&expected));
+
+    // SIGTERM to `exec` reaches the guest process: exit 143.
+    let child = env
+        .command(&["sandbox", "exec", &id, "--", "sleep", "100"])
+        .spawn()
+        .expect("spawn");
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: signalling our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let output = child.wait_with_output().expect("wait");
+    assert_eq!(output.status.code(), Some(143));
+    assert_eq!(env.exec(&id, "echo still-there"), "still-there\n");
+    let output = env.sandbox(&["rm", &id]);
+    assert!(output.status.success(), "{}", text(&output));
+    env.assert_nothing_left();
+}
+
+fn spawn_create(env: &Env, name: &str) -> Child {
+    env.command(&["sandbox", "create", "--name", name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn create")
+}
+
+#[test]
+fn sigkill_of_the_supervisor_or_the_creator_leaves_no_half_sandbox() {
+    let env = Env::new();
+    // The creating command killed while the supervisor boots the VM: the sandbox is
+    // still made, and usable.
+    let mut creator = spawn_create(&env, "orphaned");
+    std::thread::sleep(Duration::from_millis(500));
+    creator.kill().expect("kill the creator");
+    let _ = creator.wait();
+    let started = Instant::now();
+    loop {
+        let listed = env.listed();
+        if listed
+            .iter()
+            .any(|s| s["name"] == "orphaned" && s["state"] == "running")
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{listed:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(env.exec("orphaned", "echo usable"), "usable\n");
+
+    // The supervisor killed: its VM dies with it, and the next listing removes the rest.
+    let record = env.listed().remove(0);
+    let supervisor = record["supervisor_pid"].as_u64().expect("pid") as u32;
+    let vm = record["vm_pid"].as_u64().expect("pid") as u32;
+    // SAFETY: killing the supervisor this test created.
+    unsafe {
+        libc::kill(supervisor as i32, libc::SIGKILL);
+    }
+    wait_gone(supervisor);
+    wait_gone(vm);
+    assert!(env.listed().is_empty());
+    env.assert_nothing_left();
+}
