@@ -117,6 +117,15 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let metrics = metrics_address
         .as_ref()
         .map(|_| Arc::new(FactoryMetrics::default()));
+    // VMs a killed server left behind (no owner any more) are reaped before we start.
+    let reaped = vmfactory_hypervisor::qemu::reap_orphans(&resolved.base.qemu.runtime_dir);
+    if !reaped.is_empty() {
+        eprintln!(
+            "vmfactory: stopped {} VM(s) whose owner is gone: {}",
+            reaped.len(),
+            reaped.join(", ")
+        );
+    }
     // Cached VMs are handed over to clients and outlive this server.
     let mut base = resolved.base.clone();
     base.qemu.die_with_parent = false;

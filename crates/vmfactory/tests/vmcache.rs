@@ -428,3 +428,39 @@ fn metrics_count_handouts_and_ready_vms() {
     server.destroy();
     assert!(!server.dir.path().join("metrics.sock").exists());
 }
+
+#[test]
+fn a_restarted_server_reaps_the_vms_a_killed_one_left() {
+    let mut server = Server::start(2);
+    let orphans = server.cached_pids();
+    assert_eq!(orphans.len(), 2);
+    if let Some(mut child) = server.child.take() {
+        child.kill().expect("SIGKILL the server");
+        let _ = child.wait();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for pid in &orphans {
+        assert!(
+            Path::new(&format!("/proc/{pid}")).exists(),
+            "cached VM {pid} died with the server: it would not outlive it after hand-over"
+        );
+    }
+    let replacement = tempfile::tempdir().expect("tempdir");
+    let dir = std::mem::replace(&mut server.dir, replacement);
+    drop(server);
+    let mut restarted = Server::start_in(dir, 2);
+    let started = Instant::now();
+    while orphans
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "orphans {orphans:?} were not reaped"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fresh = restarted.cached_pids();
+    assert!(fresh.iter().all(|pid| !orphans.contains(pid)));
+    restarted.destroy();
+}

@@ -16,6 +16,7 @@ pub mod qmp;
 
 mod console;
 mod hotplug;
+mod orphans;
 mod process;
 mod state;
 
@@ -40,6 +41,7 @@ pub use self::config::{
     QBOOT_PATH,
 };
 pub use self::console::failure_report;
+pub use self::orphans::{reap_orphans, OWNER_FILE};
 pub use self::process::processes_under;
 
 /// What another process needs to take over a running QEMU.

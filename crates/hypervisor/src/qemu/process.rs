@@ -131,6 +131,7 @@ impl Qemu {
         // The child holds its own copy of the state fd now.
         drop(state);
         let pid = child.id().unwrap_or(0);
+        super::orphans::claim(&dir);
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
             let status = match child.wait().await {
@@ -232,6 +233,7 @@ impl Qemu {
             let _ = exit_fd.readable().await;
             let _ = exit_tx.send(Some("exited (adopted process)".to_string()));
         });
+        super::orphans::claim(&paths.dir);
         Ok(Self {
             id: handle.id,
             pid: handle.pid,

@@ -1,0 +1,111 @@
+//! Who owns a VM, and reaping VMs whose owner is gone. Every VM directory holds an
+//! `owner` file naming the process that owns the VM (pid and start time, so a reused pid
+//! is not mistaken for the owner): the process that started QEMU, then whoever adopted
+//! it. A VM whose owner no longer runs is an orphan: nobody will ever stop it.
+//! [`reap_orphans`] kills such VMs and removes their directories; it never touches a VM
+//! whose owner lives (a sandbox, a client holding a handed-out VM).
+
+use std::path::Path;
+
+use tracing::{info, warn};
+
+/// The owner file in a VM directory.
+pub const OWNER_FILE: &str = "owner";
+
+/// A process's start time (clock ticks since boot, field 22 of `/proc/PID/stat`).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: skip past its end.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Records this process as the owner of the VM in `vm_dir`.
+pub fn claim(vm_dir: &Path) {
+    let pid = std::process::id();
+    let text = format!("{pid} {}\n", start_time(pid).unwrap_or(0));
+    let path = vm_dir.join(OWNER_FILE);
+    let temporary = vm_dir.join(format!(".{OWNER_FILE}.{pid}"));
+    if let Err(err) =
+        std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, &path))
+    {
+        warn!(%err, path = %path.display(), "Cannot record the VM's owner");
+    }
+}
+
+/// True when the owner recorded in `vm_dir` still runs (or nothing readable is recorded:
+/// a VM being started right now).
+fn owner_alive(vm_dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(vm_dir.join(OWNER_FILE)) else {
+        return true;
+    };
+    let mut fields = text.split_whitespace();
+    let (Some(Ok(pid)), Some(Ok(started))) = (
+        fields.next().map(str::parse::<u32>),
+        fields.next().map(str::parse::<u64>),
+    ) else {
+        return true;
+    };
+    start_time(pid).is_some_and(|now| now == started || started == 0)
+}
+
+/// Kills the VMs under `runtime_dir/vm` whose owner is gone and removes their
+/// directories; returns the ids reaped.
+pub fn reap_orphans(runtime_dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(runtime_dir.join("vm")) else {
+        return Vec::new();
+    };
+    let mut reaped = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !dir.is_dir() || owner_alive(&dir) {
+            continue;
+        }
+        for (pid, _) in super::processes_under(&dir) {
+            if let Ok(pid) = i32::try_from(pid) {
+                // SAFETY: kill on a QEMU whose command line names this VM directory,
+                // whose owner is gone.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let id = entry.file_name().to_string_lossy().into_owned();
+        info!(id, "Reaped a VM whose owner is gone");
+        reaped.push(id);
+    }
+    reaped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_is_reaped_only_when_its_owner_is_gone() {
+        let runtime = tempfile::tempdir().expect("tempdir");
+        let mine = runtime.path().join("vm/mine");
+        let orphan = runtime.path().join("vm/orphan");
+        let starting = runtime.path().join("vm/starting");
+        for dir in [&mine, &orphan, &starting] {
+            std::fs::create_dir_all(dir).expect("mkdir");
+        }
+        claim(&mine);
+        // A pid no process has, and our own pid with a start time that is not ours
+        // (a reused pid).
+        std::fs::write(orphan.join(OWNER_FILE), "4294967294 1\n").expect("write");
+        let reused = runtime.path().join("vm/reused");
+        std::fs::create_dir_all(&reused).expect("mkdir");
+        std::fs::write(
+            reused.join(OWNER_FILE),
+            format!("{} 1\n", std::process::id()),
+        )
+        .expect("write");
+        let mut reaped = reap_orphans(runtime.path());
+        reaped.sort();
+        assert_eq!(reaped, ["orphan", "reused"]);
+        assert!(mine.exists() && starting.exists());
+        assert!(!orphan.exists() && !reused.exists());
+    }
+}
