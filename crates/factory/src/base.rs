@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tracing::debug;
+use tracing::{debug, warn};
 use vmfactory_hypervisor::{Backend, MEMORY_BLOCK_MIB};
 
 use crate::config::{VmConfig, VmRequest};
@@ -117,12 +117,17 @@ impl FactoryBase for DirectFactory {
 pub struct Factory {
     base: Arc<dyn FactoryBase>,
     notice: Option<String>,
+    fallback: std::sync::Mutex<Option<String>>,
 }
 
 impl Factory {
     /// A factory over `base`.
     pub fn new(base: Arc<dyn FactoryBase>) -> Self {
-        Self { base, notice: None }
+        Self {
+            base,
+            notice: None,
+            fallback: std::sync::Mutex::new(None),
+        }
     }
 
     /// A factory over `base` that had to fall back to it, saying why.
@@ -130,6 +135,7 @@ impl Factory {
         Self {
             base,
             notice: Some(notice),
+            fallback: std::sync::Mutex::new(None),
         }
     }
 
@@ -158,18 +164,32 @@ impl Factory {
         };
         if let Some(reason) = direct {
             debug!(reason, "Booting the VM directly at the requested size");
-            let config = base.for_direct_boot(request);
-            let vm = Vm::boot(self.base.backend().as_ref(), &config).await?;
-            return match refresh_identity(&vm).await {
-                Ok(()) => Ok(vm),
-                Err(err) => {
-                    let _ = vm.stop().await;
-                    Err(err)
-                }
-            };
+            return self.boot_directly(request).await;
         }
+        match self.take_ready(request).await {
+            Ok(vm) => Ok(vm),
+            // A factory that cannot deliver (a damaged template, a failing server) does
+            // not strand the caller: the VM is booted instead, and the failure recorded.
+            Err(err) if !matches!(err, FactoryError::Closed) => {
+                warn!(%err, "The factory failed; booting the VM directly");
+                if let Ok(mut last) = self.fallback.lock() {
+                    *last = Some(err.to_string());
+                }
+                self.boot_directly(request).await
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Why the last [`Factory::get_vm`] had to boot directly instead, if it had to.
+    pub fn last_fallback(&self) -> Option<String> {
+        self.fallback.lock().ok().and_then(|last| last.clone())
+    }
+
+    /// A factory VM made ready and grown, without falling back.
+    async fn take_ready(&self, request: &VmRequest) -> Result<Vm, FactoryError> {
         let mut vm = self.base.get_base_vm().await?;
-        let timeout = base.agent_timeout;
+        let timeout = self.base.config().agent_timeout;
         let ready = async {
             make_ready(&mut vm, timeout).await?;
             grow(&mut vm, request).await
@@ -181,6 +201,28 @@ impl Factory {
                 Err(err)
             }
         }
+    }
+
+    async fn boot_directly(&self, request: &VmRequest) -> Result<Vm, FactoryError> {
+        let config = self.base.config().for_direct_boot(request);
+        let vm = Vm::boot(self.base.backend().as_ref(), &config).await?;
+        match refresh_identity(&vm).await {
+            Ok(()) => Ok(vm),
+            Err(err) => {
+                let _ = vm.stop().await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Checks that the factory really delivers: takes one VM, makes it ready, stops it;
+    /// returns how long that took. Never falls back.
+    pub async fn probe(&self) -> Result<Duration, FactoryError> {
+        let started = std::time::Instant::now();
+        let vm = self.take_ready(&VmRequest::default()).await?;
+        let elapsed = started.elapsed();
+        vm.stop().await?;
+        Ok(elapsed)
     }
 
     /// Stops the base factory.

@@ -246,6 +246,8 @@ struct StatusReport {
     exists: bool,
     usable: bool,
     problem: Option<String>,
+    /// How long a trial clone took to answer, ms.
+    probe_ms: Option<f64>,
     metadata: Option<TemplateMetadata>,
 }
 
@@ -295,8 +297,24 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
     }
     let path = factory.template_path.clone();
     let fetched = TemplateFactory::fetch(&resolved.base, &path, resolved.base.backend()).await;
+    let mut probe_ms = None;
     let (metadata, problem) = match fetched {
-        Ok(template) => (Some(template.metadata().clone()), None),
+        Ok(template) => {
+            let metadata = template.metadata().clone();
+            // The files look right; check that a clone really comes up.
+            match Factory::new(Arc::new(template)).probe().await {
+                Ok(elapsed) => {
+                    probe_ms = Some((elapsed.as_secs_f64() * 1e4).round() / 10.0);
+                    (Some(metadata), None)
+                }
+                Err(err) => (
+                    Some(metadata),
+                    Some(format!(
+                        "broken: a clone does not come up ({err}); destroy it with `vmfactory factory destroy` and create it again"
+                    )),
+                ),
+            }
+        }
         Err(TemplateError::Missing(_)) => (None, None),
         // Unusable: still say what it was built from, when that is readable.
         Err(err) => (template::read_metadata(&path).ok(), Some(err.to_string())),
@@ -307,6 +325,7 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
         exists: metadata.is_some(),
         usable: metadata.is_some() && problem.is_none(),
         problem,
+        probe_ms,
         metadata,
     };
     if json {
@@ -344,7 +363,10 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
                 meta.vm.machine_type
             );
             match &report.problem {
-                None => println!("Status: ready"),
+                None => println!(
+                    "Status: ready (a trial clone answered in {:.0} ms)",
+                    report.probe_ms.unwrap_or_default()
+                ),
                 Some(problem) => println!("Status: unusable: {problem}"),
             }
         }
@@ -362,6 +384,10 @@ pub async fn get_vm(resolved: &Resolved) -> Result<Vm> {
     if let Some(notice) = factory.notice() {
         eprintln!("vmfactory: {notice}");
     }
+    let vm = factory.get_vm(&resolved.request).await;
+    if let Some(reason) = factory.last_fallback() {
+        eprintln!("vmfactory: the factory failed ({reason}); the VM was booted directly");
+    }
     let context = match choice {
         FactoryChoice::VmCache(_) => "Cannot get a VM from the VMCache server",
         FactoryChoice::Template(_) if factory.notice().is_none() => {
@@ -369,5 +395,5 @@ pub async fn get_vm(resolved: &Resolved) -> Result<Vm> {
         }
         _ => "Cannot boot the VM",
     };
-    factory.get_vm(&resolved.request).await.context(context)
+    vm.context(context)
 }

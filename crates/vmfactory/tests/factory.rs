@@ -182,3 +182,45 @@ fn an_invalid_configuration_names_the_key() {
         text(&output)
     );
 }
+
+#[test]
+fn a_damaged_template_is_reported_broken_and_run_boots_directly() {
+    let env = Env::new("enable_template = true");
+    let config = env.dir.path().join("config.toml");
+    let mut text_config = std::fs::read_to_string(&config).expect("config");
+    text_config.push_str("\n[agent]\ndial_timeout = 5\n");
+    std::fs::write(&config, text_config).expect("config");
+    let init = env.vmfactory(&["factory", "init"]);
+    assert!(init.status.success(), "{}", text(&init));
+
+    // Damage the guest memory in a way the metadata cannot see: same size, all zeros.
+    let memory = env.template().join("memory");
+    let size = std::fs::metadata(&memory).expect("memory").len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .expect("open memory");
+    file.set_len(0).expect("truncate");
+    file.set_len(size).expect("extend");
+    drop(file);
+
+    let status = env.vmfactory(&["factory", "status", "--json"]);
+    assert!(status.status.success(), "{}", text(&status));
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(report["usable"], false, "{report}");
+    assert!(
+        report["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("broken")),
+        "{report}"
+    );
+
+    let run = env.vmfactory(&["run", "--", "echo", "served"]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert_eq!(String::from_utf8_lossy(&run.stdout), "served\n");
+    assert!(text(&run).contains("booted directly"), "{}", text(&run));
+
+    let destroy = env.vmfactory(&["factory", "destroy"]);
+    assert!(destroy.status.success(), "{}", text(&destroy));
+    assert!(!mounted(&env.template()));
+}
