@@ -30,7 +30,8 @@ mod mock_agent;
 
 pub use agent_client::{AgentClient, AgentError, GuestDetails};
 pub use agent_process::{
-    ExecOutput, ExecRequest, OutputPipe, OutputStream, ProcessExit, ProcessSpec,
+    ExecOutput, ExecRequest, OutputPipe, OutputStream, ProcessExit, ProcessInfo, ProcessSpec,
+    TtySize,
 };
 pub use base::{DirectFactory, Factory, FactoryBase, FactoryError, VmStatus};
 pub use cache::CacheFactory;

@@ -156,6 +156,7 @@ async fn attach(vm: &Vm, args: &RunArgs, host_deadline: Option<Duration>) -> Res
         workdir: args.workdir.clone(),
         stdin: pass_stdin,
         timeout: args.timeout.map(Duration::from_secs),
+        terminal: None,
     };
     let id = match agent.start_process(spec).await {
         Ok(id) => id,
