@@ -248,7 +248,7 @@ impl AgentClient {
                         .await?;
                 }
                 Step::Leave { guest, stamp, .. } => {
-                    self.send_whole(stamp.request(&guest, FileKind::Directory), "CopyFile")
+                    self.send_whole(stamp.request(&guest, FileKind::Directory))
                         .await?;
                 }
             }
@@ -285,13 +285,13 @@ impl AgentClient {
             })?;
             let mut request = stamp.request(guest, FileKind::Symlink);
             request.link_target = target;
-            self.send_whole(request, "CopyFile").await?;
+            self.send_whole(request).await?;
             stats.symlinks += 1;
         } else if file_type.is_dir() {
             // Writable by us until its own turn comes after its content.
             let mut request = stamp.request(guest, FileKind::Directory);
             request.mode |= 0o700;
-            self.send_whole(request, "CopyFile").await?;
+            self.send_whole(request).await?;
             stats.dirs += 1;
             steps.push(Step::Leave {
                 local: local.to_path_buf(),
@@ -387,16 +387,12 @@ impl AgentClient {
     }
 
     /// Sends a `CopyFile` stream of one message.
-    async fn send_whole(
-        &self,
-        request: CopyFileRequest,
-        rpc: &'static str,
-    ) -> Result<(), AgentError> {
+    async fn send_whole(&self, request: CopyFileRequest) -> Result<(), AgentError> {
         self.inner
             .clone()
             .copy_file(tokio_stream::iter(vec![request]))
             .await
-            .map_err(rpc_error(rpc))?;
+            .map_err(rpc_error("CopyFile"))?;
         Ok(())
     }
 
