@@ -10,9 +10,9 @@ use tracing::{error, info, warn};
 /// Directory of the modules in the initramfs and the file that lists their load order.
 const MODULES_DIR: &str = "/lib/modules";
 
-/// Mounts `/proc`, `/sys`, `/dev`, `/tmp`, `/run` and loads the kernel modules.
+/// Mounts `/proc`, `/sys`, `/dev`, `/dev/pts`, `/tmp`, `/run` and loads the kernel modules.
 pub fn prepare_system() {
-    let mounts: [(&str, &str, &str, libc::c_ulong); 5] = [
+    let mounts: [(&str, &str, &str, libc::c_ulong); 6] = [
         (
             "proc",
             "/proc",
@@ -26,6 +26,13 @@ pub fn prepare_system() {
             libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         ),
         ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID),
+        // Pseudo-terminals of terminal processes (/dev/ptmx finds its instance here).
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+        ),
         ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
         ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
     ];

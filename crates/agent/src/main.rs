@@ -5,9 +5,11 @@
 //! the virtio-serial port named `agent.0` and serves the agent API (gRPC over HTTP/2) on it,
 //! one host connection after another.
 
+mod files;
 mod init;
 mod port;
 mod process;
+mod pty;
 mod service;
 mod sys;
 

@@ -1,32 +1,44 @@
-//! Processes started by `ExecProcess`, by exec id: their pipes, streamed on demand, and
-//! their end. Output is never collected in the agent: a stream reads a pipe only as fast
-//! as the host takes the chunks (HTTP/2 flow control), so a flooding process blocks on
-//! its pipe instead of filling guest memory.
+//! Processes started by `ExecProcess`, by exec id: their pipes or pseudo-terminal,
+//! streamed on demand, and their end. Output is never collected in the agent: a stream
+//! reads a pipe only as fast as the host takes the chunks (HTTP/2 flow control), so a
+//! flooding process blocks on its pipe instead of filling guest memory.
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{ChildStderr, ChildStdin, ChildStdout, Command};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tokio_stream::{Stream, StreamExt};
+use tonic::Status;
+use tracing::debug;
 use vmfactory_protocols::agent::{
-    ExecProcessRequest, ReadStreamResponse, WaitProcessResponse, WriteStreamRequest,
+    ExecProcessRequest, ProcessInfo, ReadStreamResponse, WaitProcessResponse, WriteStreamRequest,
 };
+
+use crate::pty;
 
 /// Most processes the agent tracks at once (running, or ended and not yet waited for).
 const MAX_PROCESSES: usize = 1024;
 /// Bytes read from a pipe per streamed chunk.
 const CHUNK: usize = 64 << 10;
 /// Chunks buffered per stream between the pipe and the connection.
-const STREAM_DEPTH: usize = 4;
+pub const STREAM_DEPTH: usize = 4;
 /// Longest exec id accepted.
 const MAX_EXEC_ID: usize = 128;
+/// Most arguments plus environment variables of one process.
+const MAX_ARGS: usize = 4096;
+/// Most bytes of arguments plus environment of one process.
+const MAX_ARG_BYTES: usize = 1 << 20;
+/// Bytes of argv kept for `ListProcesses`.
+const LISTED_ARGV_BYTES: usize = 4096;
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,13 +70,29 @@ pub enum Output {
     Stderr,
 }
 
-#[derive(Debug)]
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
 struct Process {
     pid: u32,
-    stdin: tokio::sync::Mutex<Option<ChildStdin>>,
-    stdout: Mutex<Option<ChildStdout>>,
-    stderr: Mutex<Option<ChildStderr>>,
+    /// The first [`LISTED_ARGV_BYTES`] of its argv.
+    argv: Vec<String>,
+    stdin: tokio::sync::Mutex<Option<Writer>>,
+    stdout: Mutex<Option<Reader>>,
+    stderr: Mutex<Option<Reader>>,
+    /// The pseudo-terminal's master of a terminal process (for its size and VEOF).
+    tty: Option<OwnedFd>,
     exit: watch::Receiver<Option<Exit>>,
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Process")
+            .field("pid", &self.pid)
+            .field("argv", &self.argv)
+            .field("terminal", &self.tty.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The processes of this agent, shared by every host connection.
@@ -82,6 +110,19 @@ fn validate(request: &ExecProcessRequest) -> Result<(), Status> {
     };
     if program.is_empty() {
         return Err(Status::invalid_argument("argv[0] is empty"));
+    }
+    let count = request.argv.len() + request.env.len();
+    let bytes: usize = request.argv.iter().map(String::len).sum::<usize>()
+        + request
+            .env
+            .iter()
+            .map(|var| var.key.len() + var.value.len())
+            .sum::<usize>();
+    if count > MAX_ARGS || bytes > MAX_ARG_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "Too many arguments: {count} arguments and variables of {bytes} bytes; at most \
+             {MAX_ARGS} of {MAX_ARG_BYTES} bytes fit (pass bulk data on standard input)"
+        )));
     }
     if request.argv.iter().any(|arg| arg.contains('\0')) {
         return Err(Status::invalid_argument("An argument contains a NUL byte"));
@@ -110,6 +151,44 @@ fn validate(request: &ExecProcessRequest) -> Result<(), Status> {
     Ok(())
 }
 
+/// A terminal size from a request: 0 means the default, above 65535 is refused.
+fn tty_size(rows: u32, cols: u32) -> Result<(u16, u16), Status> {
+    let pick = |value: u32, default: u16| match value {
+        0 => Ok(default),
+        _ => u16::try_from(value).map_err(|_| {
+            Status::invalid_argument(format!(
+                "Invalid terminal size {rows}x{cols}: rows and columns must be 1 to 65535"
+            ))
+        }),
+    };
+    Ok((
+        pick(rows, pty::DEFAULT_ROWS)?,
+        pick(cols, pty::DEFAULT_COLS)?,
+    ))
+}
+
+/// The first [`LISTED_ARGV_BYTES`] bytes of `argv`, whole arguments where they fit.
+fn listed_argv(argv: &[String]) -> Vec<String> {
+    let mut room = LISTED_ARGV_BYTES;
+    let mut listed = Vec::new();
+    for arg in argv {
+        if arg.len() <= room {
+            room -= arg.len();
+            listed.push(arg.clone());
+            continue;
+        }
+        let mut end = room;
+        while !arg.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end > 0 {
+            listed.push(arg[..end].to_string());
+        }
+        break;
+    }
+    listed
+}
+
 /// Takes what `slot` holds.
 fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
     slot.lock().ok().and_then(|mut held| held.take())
@@ -123,6 +202,36 @@ fn kill_group(pgid: u32, signal: i32) {
             libc::kill(-pgid, signal);
         }
     }
+}
+
+/// The standard streams of a child, and the agent's ends of them.
+struct Stdio3 {
+    child: [Stdio; 3],
+    tty: Option<OwnedFd>,
+    pty_reader: Option<Reader>,
+    pty_writer: Option<Writer>,
+}
+
+/// Opens a pseudo-terminal of the requested size for a terminal process.
+fn terminal_stdio(rows: u16, cols: u16) -> Result<Stdio3, Status> {
+    let internal = |err: &dyn std::fmt::Display| Status::internal(err.to_string());
+    let pair = pty::open(rows, cols).map_err(|err| internal(&err))?;
+    let slave = |fd: &OwnedFd| fd.try_clone().map(Stdio::from);
+    let child = [
+        slave(&pair.slave).map_err(|err| internal(&err))?,
+        slave(&pair.slave).map_err(|err| internal(&err))?,
+        Stdio::from(pair.slave),
+    ];
+    let reader = pty::nonblocking_dup(&pair.master).map_err(|err| internal(&err))?;
+    let writer = pty::nonblocking_dup(&pair.master).map_err(|err| internal(&err))?;
+    let reader = pipe::Receiver::from_owned_fd_unchecked(reader).map_err(|err| internal(&err))?;
+    let writer = pipe::Sender::from_owned_fd_unchecked(writer).map_err(|err| internal(&err))?;
+    Ok(Stdio3 {
+        child,
+        tty: Some(pair.master),
+        pty_reader: Some(Box::new(reader)),
+        pty_writer: Some(Box::new(writer)),
+    })
 }
 
 impl Processes {
@@ -150,31 +259,56 @@ impl Processes {
         } else {
             &request.workdir
         };
+        let stdio = if request.terminal {
+            let (rows, cols) = tty_size(request.rows, request.cols)?;
+            terminal_stdio(rows, cols)?
+        } else {
+            let stdin = if request.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            };
+            Stdio3 {
+                child: [stdin, Stdio::piped(), Stdio::piped()],
+                tty: None,
+                pty_reader: None,
+                pty_writer: None,
+            }
+        };
+        let [child_in, child_out, child_err] = stdio.child;
         let mut command = Command::new(&request.argv[0]);
         command
             .args(&request.argv[1..])
             .env_clear()
             .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
             .env("HOME", "/root")
+            .envs(request.terminal.then_some(("TERM", "xterm")))
             .envs(request.env.iter().map(|v| (&v.key, &v.value)))
             .current_dir(workdir)
-            .stdin(if request.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdin(child_in)
+            .stdout(child_out)
+            .stderr(child_err)
             .kill_on_drop(false);
-        // SAFETY: setsid is async-signal-safe; the child leads a new process group, so a
-        // timeout or a signal can reach everything it started.
+        let terminal = request.terminal;
+        // SAFETY: setsid and ioctl are async-signal-safe. The child leads a new session
+        // and process group, so a timeout or a signal can reach everything it started; a
+        // terminal process takes its terminal (already its fd 0) as controlling terminal.
         unsafe {
-            command.pre_exec(|| {
-                libc::setsid();
+            command.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(|err| {
+        let spawned = command.spawn();
+        // The agent's copies of the terminal's slave go now, or reading the master would
+        // never end.
+        drop(command);
+        let mut child = spawned.map_err(|err| {
             let message = format!("Cannot start {:?} in {workdir:?}: {err}", request.argv[0]);
             match err.kind() {
                 std::io::ErrorKind::NotFound => Status::not_found(message),
@@ -184,11 +318,22 @@ impl Processes {
         })?;
         let pid = child.id().unwrap_or(0);
         let (exit_tx, exit_rx) = watch::channel(None);
+        let stdin: Option<Writer> = match stdio.pty_writer {
+            Some(writer) => Some(writer),
+            None => child.stdin.take().map(|pipe| Box::new(pipe) as Writer),
+        };
+        let stdout: Option<Reader> = match stdio.pty_reader {
+            Some(reader) => Some(reader),
+            None => child.stdout.take().map(|pipe| Box::new(pipe) as Reader),
+        };
+        let stderr = child.stderr.take().map(|pipe| Box::new(pipe) as Reader);
         let process = Arc::new(Process {
             pid,
-            stdin: tokio::sync::Mutex::new(child.stdin.take()),
-            stdout: Mutex::new(child.stdout.take()),
-            stderr: Mutex::new(child.stderr.take()),
+            argv: listed_argv(&request.argv),
+            stdin: tokio::sync::Mutex::new(stdin),
+            stdout: Mutex::new(stdout),
+            stderr: Mutex::new(stderr),
+            tty: stdio.tty,
             exit: exit_rx,
         });
         let limit = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
@@ -236,27 +381,35 @@ impl Processes {
             .ok_or_else(|| Status::not_found(format!("No process {id:?}")))
     }
 
-    /// A stream of `output`'s chunks until the pipe closes. One reader per pipe.
+    /// A stream of `output`'s chunks until the pipe closes. One reader per pipe. The
+    /// standard error of a terminal process is its terminal: that stream ends at once.
     pub fn read(
         &self,
         id: &str,
         output: Output,
     ) -> Result<ReceiverStream<Result<ReadStreamResponse, Status>>, Status> {
         let process = self.get(id)?;
-        let pipe: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>> = match output {
-            Output::Stdout => take(&process.stdout).map(|p| Box::new(p) as _),
-            Output::Stderr => take(&process.stderr).map(|p| Box::new(p) as _),
+        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+        if process.tty.is_some() && matches!(output, Output::Stderr) {
+            return Ok(ReceiverStream::new(rx));
+        }
+        let pipe = match output {
+            Output::Stdout => take(&process.stdout),
+            Output::Stderr => take(&process.stderr),
         };
-        let pipe = pipe.ok_or_else(|| {
+        let mut pipe = pipe.ok_or_else(|| {
             Status::failed_precondition(format!("The {output:?} of process {id} is already read"))
         })?;
-        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
         tokio::spawn(async move {
-            let mut pipe = pipe;
             loop {
                 let mut chunk = vec![0u8; CHUNK];
                 let n = match pipe.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
+                    Ok(0) => return,
+                    // A terminal's master reads EIO once the last slave is closed: the end.
+                    Err(err) => {
+                        debug!(%err, "Output stream ends");
+                        return;
+                    }
                     Ok(n) => n,
                 };
                 chunk.truncate(n);
@@ -274,12 +427,13 @@ impl Processes {
     }
 
     /// Writes every chunk of `stream` to the standard input of the process its first
-    /// message names; returns the bytes written.
-    pub async fn write_stdin(
-        &self,
-        mut stream: Streaming<WriteStreamRequest>,
-    ) -> Result<u64, Status> {
-        let Some(first) = stream.message().await? else {
+    /// message names (a terminal process: types it into the terminal); returns the bytes
+    /// written.
+    pub async fn write_stdin<S>(&self, mut stream: S) -> Result<u64, Status>
+    where
+        S: Stream<Item = Result<WriteStreamRequest, Status>> + Unpin + Send,
+    {
+        let Some(first) = stream.next().await.transpose()? else {
             return Ok(0);
         };
         let process = self.get(&first.exec_id)?;
@@ -298,18 +452,62 @@ impl Processes {
                 return Ok(written);
             }
             written += data.len() as u64;
-            match stream.message().await? {
+            match stream.next().await.transpose()? {
                 Some(next) => data = next.data,
                 None => return Ok(written),
             }
         }
     }
 
-    /// Closes the standard input of process `id`.
+    /// Closes the standard input of process `id`. A terminal stays open (closing it would
+    /// hang up the process): the agent types its end-of-file character (VEOF, normally
+    /// Ctrl-D), which a program reading lines sees as end of file, and refuses further
+    /// input.
     pub async fn close_stdin(&self, id: &str) -> Result<(), Status> {
         let process = self.get(id)?;
-        process.stdin.lock().await.take();
+        let mut stdin = process.stdin.lock().await;
+        if let (Some(master), Some(writer)) = (&process.tty, stdin.as_mut()) {
+            let eof = pty::eof_char(master);
+            if let Err(err) = writer.write_all(&[eof]).await {
+                debug!(%err, "Cannot type end-of-file into the terminal");
+            }
+        }
+        stdin.take();
         Ok(())
+    }
+
+    /// Sets the window size of terminal process `id`.
+    pub fn resize(&self, id: &str, rows: u32, cols: u32) -> Result<(), Status> {
+        let process = self.get(id)?;
+        let Some(master) = &process.tty else {
+            return Err(Status::failed_precondition(format!(
+                "Process {id} has no terminal: start it with terminal set"
+            )));
+        };
+        if rows == 0 || cols == 0 {
+            return Err(Status::invalid_argument(format!(
+                "Invalid terminal size {rows}x{cols}: rows and columns must be 1 to 65535"
+            )));
+        }
+        let (rows, cols) = tty_size(rows, cols)?;
+        pty::resize(master, rows, cols).map_err(|err| Status::internal(err.to_string()))
+    }
+
+    /// The processes tracked now, by exec id.
+    pub fn list(&self) -> Result<Vec<ProcessInfo>, Status> {
+        let mut list: Vec<ProcessInfo> = self
+            .lock()?
+            .iter()
+            .map(|(id, process)| ProcessInfo {
+                exec_id: id.clone(),
+                pid: process.pid,
+                argv: process.argv.clone(),
+                running: process.exit.borrow().is_none(),
+                terminal: process.tty.is_some(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.exec_id.cmp(&b.exec_id));
+        Ok(list)
     }
 
     /// Sends `signal` to process `id`.
@@ -350,116 +548,4 @@ impl Processes {
 }
 
 #[cfg(test)]
-mod tests {
-    use tokio_stream::StreamExt;
-    use vmfactory_protocols::agent::EnvVar;
-
-    use super::*;
-
-    fn request(argv: &[&str]) -> ExecProcessRequest {
-        ExecProcessRequest {
-            argv: argv.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        }
-    }
-
-    async fn read_all(processes: &Processes, id: &str, output: Output) -> Vec<u8> {
-        let mut stream = processes.read(id, output).expect("read");
-        let mut data = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            data.extend(chunk.expect("chunk").data);
-        }
-        data
-    }
-
-    #[tokio::test]
-    async fn streams_output_and_reports_exit() {
-        let processes = Processes::default();
-        let mut req = request(&[
-            "sh",
-            "-c",
-            "echo out; echo err >&2; echo \"$G\"; pwd; exit 3",
-        ]);
-        req.env = vec![EnvVar {
-            key: "G".into(),
-            value: "hello".into(),
-        }];
-        req.workdir = "/tmp".into();
-        let (id, pid) = processes.start(req).expect("start");
-        assert!(pid > 0);
-        assert_eq!(
-            read_all(&processes, &id, Output::Stdout).await,
-            b"out\nhello\n/tmp\n"
-        );
-        assert_eq!(read_all(&processes, &id, Output::Stderr).await, b"err\n");
-        let exit = processes.wait(&id).await.expect("wait");
-        assert_eq!((exit.status, exit.signal, exit.timed_out), (3, 0, false));
-        assert_eq!(
-            processes.wait(&id).await.expect_err("forgotten").code(),
-            tonic::Code::NotFound
-        );
-    }
-
-    #[tokio::test]
-    async fn output_is_read_once_and_large_output_is_intact() {
-        let processes = Processes::default();
-        let (id, _) = processes
-            .start(request(&[
-                "sh",
-                "-c",
-                "head -c 16777216 /dev/zero | tr '\\0' 'x'",
-            ]))
-            .expect("start");
-        let data = read_all(&processes, &id, Output::Stdout).await;
-        assert_eq!(data.len(), 16 << 20);
-        assert!(data.iter().all(|&b| b == b'x'));
-        assert_eq!(
-            processes
-                .read(&id, Output::Stdout)
-                .expect_err("twice")
-                .code(),
-            tonic::Code::FailedPrecondition
-        );
-        processes.wait(&id).await.expect("wait");
-    }
-
-    #[tokio::test]
-    async fn timeouts_signals_and_bad_requests() {
-        let processes = Processes::default();
-        let mut req = request(&["sleep", "10"]);
-        req.timeout_ms = 100;
-        let (id, _) = processes.start(req).expect("start");
-        let exit = processes.wait(&id).await.expect("wait");
-        assert!(exit.timed_out);
-        assert_eq!((exit.status, exit.signal), (-1, libc::SIGKILL));
-
-        let (id, _) = processes.start(request(&["sleep", "10"])).expect("start");
-        processes.signal(&id, 15).expect("signal");
-        assert_eq!(processes.wait(&id).await.expect("wait").signal, 15);
-
-        let err = processes.start(request(&[])).expect_err("empty argv");
-        assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        let mut bad = request(&["true"]);
-        bad.exec_id = "../x".into();
-        assert_eq!(
-            processes.start(bad).expect_err("id").code(),
-            tonic::Code::InvalidArgument
-        );
-        let err = processes
-            .start(request(&["/nonexistent/program"]))
-            .expect_err("missing program");
-        assert_eq!(err.code(), tonic::Code::NotFound);
-        assert!(err.message().contains("/nonexistent/program"));
-        let mut named = request(&["true"]);
-        named.exec_id = "mine".into();
-        processes.start(named.clone()).expect("named");
-        assert_eq!(
-            processes.start(named).expect_err("dup").code(),
-            tonic::Code::AlreadyExists
-        );
-        assert!(
-            processes.signal("mine", 0).is_err(),
-            "signal 0 is not a signal"
-        );
-    }
-}
+mod tests;

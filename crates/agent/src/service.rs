@@ -8,13 +8,16 @@ use tonic::{Request, Response, Status, Streaming};
 use vmfactory_protocols::agent::agent_service_server::AgentService;
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
-    CheckRequest, CloseStdinRequest, ExecProcessRequest, ExecProcessResponse, GuestDetailsRequest,
-    GuestDetailsResponse, HealthCheckResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
-    ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest, SetGuestDateTimeRequest,
-    SignalProcessRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
+    CheckRequest, CloseStdinRequest, CopyFileRequest, ExecProcessRequest, ExecProcessResponse,
+    GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse, ListProcessesRequest,
+    ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest,
+    ReadFileResponse, ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest,
+    SetGuestDateTimeRequest, SignalProcessRequest, StatPathRequest, StatPathResponse,
+    TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
     WriteStreamResponse,
 };
 
+use crate::files;
 use crate::process::{Output, Processes};
 use crate::sys;
 
@@ -97,6 +100,50 @@ impl AgentService for Agent {
     ) -> Result<Response<WaitProcessResponse>, Status> {
         let exit = self.processes.wait(&request.into_inner().exec_id).await?;
         Ok(Response::new(exit.into()))
+    }
+
+    async fn tty_win_resize(
+        &self,
+        request: Request<TtyWinResizeRequest>,
+    ) -> Result<Response<()>, Status> {
+        let request = request.into_inner();
+        self.processes
+            .resize(&request.exec_id, request.rows, request.cols)?;
+        Ok(Response::new(()))
+    }
+
+    async fn list_processes(
+        &self,
+        _request: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        let processes = self.processes.list()?;
+        Ok(Response::new(ListProcessesResponse { processes }))
+    }
+
+    async fn copy_file(
+        &self,
+        request: Request<Streaming<CopyFileRequest>>,
+    ) -> Result<Response<()>, Status> {
+        files::copy_file(request.into_inner()).await?;
+        Ok(Response::new(()))
+    }
+
+    async fn stat_path(
+        &self,
+        request: Request<StatPathRequest>,
+    ) -> Result<Response<StatPathResponse>, Status> {
+        let response = files::stat_path(&request.into_inner().path).await?;
+        Ok(Response::new(response))
+    }
+
+    type ReadFileStream = ReceiverStream<Result<ReadFileResponse, Status>>;
+
+    async fn read_file(
+        &self,
+        request: Request<ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        let stream = files::read_file(&request.into_inner().path).await?;
+        Ok(Response::new(stream))
     }
 
     async fn guest_details(

@@ -45,6 +45,25 @@ pub enum AgentError {
     /// The host clock is before 1970.
     #[error("Host clock is before the Unix epoch")]
     Clock,
+    /// A local file could not be read or written while copying to or from the guest.
+    #[error("Cannot {action} {}", .path.display())]
+    Local {
+        /// What was being done.
+        action: &'static str,
+        /// The local path.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A copy to or from the guest cannot go on.
+    #[error("Cannot copy {path}: {reason}")]
+    Copy {
+        /// The path (local or in the guest) that cannot be copied.
+        path: String,
+        /// Why, and what to do.
+        reason: String,
+    },
 }
 
 pub(crate) fn rpc_error(rpc: &'static str) -> impl FnOnce(tonic::Status) -> AgentError {

@@ -1,15 +1,17 @@
-//! Guest processes through the agent: start one, stream its output as it is produced,
-//! feed its input, signal it, wait for it (Kata's `ExecProcess`, `ReadStdout`,
-//! `WriteStdin`, `CloseStdin`, `SignalProcess`, `WaitProcess`), and [`AgentClient::exec`],
-//! which does all of it for a command whose output fits in memory.
+//! Guest processes through the agent: start one (on pipes or on a pseudo-terminal),
+//! stream its output as it is produced, feed its input, resize its terminal, signal it,
+//! wait for it, list them (Kata's `ExecProcess`, `ReadStdout`, `WriteStdin`,
+//! `CloseStdin`, `TtyWinResize`, `SignalProcess`, `WaitProcess`, `ListProcesses`), and
+//! [`AgentClient::exec`], which does all of it for a command whose output fits in memory.
 
 use std::time::Duration;
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::Streaming;
 use vmfactory_protocols::agent::{
-    CloseStdinRequest, EnvVar, ExecProcessRequest, ReadStreamRequest, ReadStreamResponse,
-    SignalProcessRequest, WaitProcessRequest, WriteStreamRequest,
+    CloseStdinRequest, EnvVar, ExecProcessRequest, ListProcessesRequest, ReadStreamRequest,
+    ReadStreamResponse, SignalProcessRequest, TtyWinResizeRequest, WaitProcessRequest,
+    WriteStreamRequest,
 };
 
 use crate::agent_client::{rpc_error, AgentClient, AgentError};
@@ -30,6 +32,34 @@ pub struct ProcessSpec {
     pub stdin: bool,
     /// The agent kills it (and its process group) after this long.
     pub timeout: Option<Duration>,
+    /// Run it on a new pseudo-terminal of this size: the terminal is its standard input,
+    /// output and error, [`OutputPipe::Stderr`] is empty, [`AgentClient::write_stdin`]
+    /// types into the terminal and [`AgentClient::close_stdin`] types end-of-file (VEOF).
+    pub terminal: Option<TtySize>,
+}
+
+/// The size of a terminal, in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TtySize {
+    /// Rows (lines).
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+}
+
+/// A process the agent tracks (running, or ended and not yet waited for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// Its exec id.
+    pub exec_id: String,
+    /// Its pid in the guest.
+    pub pid: u32,
+    /// Its argv (the first 4 KiB of it).
+    pub argv: Vec<String>,
+    /// It is still running.
+    pub running: bool,
+    /// It runs on a pseudo-terminal.
+    pub terminal: bool,
 }
 
 /// How a guest process ended.
@@ -132,6 +162,9 @@ impl AgentClient {
                 .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
             exec_id: String::new(),
             stdin: spec.stdin,
+            terminal: spec.terminal.is_some(),
+            rows: spec.terminal.map_or(0, |size| u32::from(size.rows)),
+            cols: spec.terminal.map_or(0, |size| u32::from(size.cols)),
         };
         let response = self
             .inner
@@ -195,6 +228,44 @@ impl AgentClient {
         Ok(())
     }
 
+    /// Sets the terminal size of process `id` (started with [`ProcessSpec::terminal`]); the
+    /// guest kernel sends SIGWINCH to its foreground process group.
+    pub async fn resize_tty(&self, id: &str, rows: u16, cols: u16) -> Result<(), AgentError> {
+        let request = TtyWinResizeRequest {
+            exec_id: id.to_string(),
+            rows: u32::from(rows),
+            cols: u32::from(cols),
+        };
+        self.inner
+            .clone()
+            .tty_win_resize(request)
+            .await
+            .map_err(rpc_error("TtyWinResize"))?;
+        Ok(())
+    }
+
+    /// The processes the agent tracks, sorted by exec id.
+    pub async fn list_processes(&self) -> Result<Vec<ProcessInfo>, AgentError> {
+        let response = self
+            .inner
+            .clone()
+            .list_processes(ListProcessesRequest {})
+            .await
+            .map_err(rpc_error("ListProcesses"))?
+            .into_inner();
+        Ok(response
+            .processes
+            .into_iter()
+            .map(|info| ProcessInfo {
+                exec_id: info.exec_id,
+                pid: info.pid,
+                argv: info.argv,
+                running: info.running,
+                terminal: info.terminal,
+            })
+            .collect())
+    }
+
     /// Sends `signal` to process `id`.
     pub async fn signal_process(&self, id: &str, signal: i32) -> Result<(), AgentError> {
         let request = SignalProcessRequest {
@@ -239,6 +310,7 @@ impl AgentClient {
                 workdir: request.workdir,
                 stdin: has_stdin,
                 timeout: request.timeout,
+                terminal: None,
             })
             .await?;
         let mut stdout = self.output(&id, OutputPipe::Stdout).await?;

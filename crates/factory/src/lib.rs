@@ -1,7 +1,8 @@
 //! VMs and the factories that make them, as Kata's VM factory, on any
 //! [`vmfactory_hypervisor::Backend`]:
 //! - [`VmConfig`] describes what to boot, [`VmRequest`] what a caller asks for;
-//! - [`Vm`] is a running micro-VM plus its guest agent connection ([`AgentClient`]);
+//! - [`Vm`] is a running micro-VM plus its guest agent connection ([`AgentClient`]:
+//!   processes in [`agent_process`], file copies in [`agent_files`]);
 //!   [`agent_port`] knows when the agent lets go of a host and waits for the next;
 //! - [`FactoryBase`] makes base VMs: [`DirectFactory`], [`TemplateFactory`] (clones of a
 //!   saved VM), [`CacheFactory`] (a [`pool::ReadyPool`] of ready VMs) and
@@ -11,6 +12,7 @@
 //!   [`CacheServerFactory`] ([`select`]) choose the factory from [`Settings`].
 
 pub mod agent_client;
+pub mod agent_files;
 pub mod agent_port;
 pub mod agent_process;
 pub mod base;
@@ -29,8 +31,10 @@ pub mod vmcache;
 mod mock_agent;
 
 pub use agent_client::{AgentClient, AgentError, GuestDetails};
+pub use agent_files::CopyStats;
 pub use agent_process::{
-    ExecOutput, ExecRequest, OutputPipe, OutputStream, ProcessExit, ProcessSpec,
+    ExecOutput, ExecRequest, OutputPipe, OutputStream, ProcessExit, ProcessInfo, ProcessSpec,
+    TtySize,
 };
 pub use base::{DirectFactory, Factory, FactoryBase, FactoryError, VmStatus};
 pub use cache::CacheFactory;

@@ -18,10 +18,12 @@ use vmfactory_hypervisor::GuestChannels;
 use vmfactory_protocols::agent::agent_service_server::{AgentService, AgentServiceServer};
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
-    CheckRequest, CloseStdinRequest, ExecProcessRequest, ExecProcessResponse, GuestDetailsRequest,
-    GuestDetailsResponse, HealthCheckResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
-    ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest, SetGuestDateTimeRequest,
-    SignalProcessRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
+    CheckRequest, CloseStdinRequest, CopyFileRequest, ExecProcessRequest, ExecProcessResponse,
+    GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse, ListProcessesRequest,
+    ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest,
+    ReadFileResponse, ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest,
+    SetGuestDateTimeRequest, SignalProcessRequest, StatPathRequest, StatPathResponse,
+    TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
     WriteStreamResponse,
 };
 use vmfactory_protocols::contract::{CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED};
@@ -161,6 +163,43 @@ impl AgentService for MockAgent {
     ) -> Result<Response<OnlineCpuMemResponse>, Status> {
         self.calls.onlines.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(OnlineCpuMemResponse::default()))
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _request: Request<TtyWinResizeRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented("The mock agent has no terminals"))
+    }
+
+    async fn list_processes(
+        &self,
+        _request: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        Ok(Response::new(ListProcessesResponse::default()))
+    }
+
+    async fn copy_file(
+        &self,
+        _request: Request<tonic::Streaming<CopyFileRequest>>,
+    ) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented("The mock agent has no files"))
+    }
+
+    async fn stat_path(
+        &self,
+        _request: Request<StatPathRequest>,
+    ) -> Result<Response<StatPathResponse>, Status> {
+        Err(Status::unimplemented("The mock agent has no files"))
+    }
+
+    type ReadFileStream = tokio_stream::Iter<std::vec::IntoIter<Result<ReadFileResponse, Status>>>;
+
+    async fn read_file(
+        &self,
+        _request: Request<ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        Err(Status::unimplemented("The mock agent has no files"))
     }
 }
 

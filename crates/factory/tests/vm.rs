@@ -2,11 +2,17 @@
 
 mod common;
 
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{config, image, runtime_dir, sh};
-use vmfactory_factory::{ExecRequest, Vm, VmConfig, VmError};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use vmfactory_factory::{
+    ExecRequest, OutputPipe, OutputStream, ProcessSpec, TtySize, Vm, VmConfig, VmError,
+};
 
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
@@ -113,4 +119,235 @@ async fn qemu_dying_at_start_reports_its_stderr() {
         .map(|entries| entries.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Reads `stream` until its text contains `needle`; returns the text so far.
+async fn read_until(stream: &mut OutputStream, needle: &str) -> String {
+    let mut text = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), async {
+        while !text.contains(needle) {
+            match stream.next_chunk().await.expect("chunk") {
+                Some(chunk) => text.push_str(&String::from_utf8_lossy(&chunk)),
+                None => break,
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok() && text.contains(needle),
+        "no {needle:?} in {text:?}"
+    );
+    text
+}
+
+async fn read_to_end(stream: &mut OutputStream) -> String {
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next_chunk().await.expect("chunk") {
+        data.extend(chunk);
+    }
+    String::from_utf8_lossy(&data).into_owned()
+}
+
+fn sha256_of(path: &Path) -> String {
+    let mut file = std::fs::File::open(path).expect("open");
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).expect("hash");
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Mode bits and modification time of a local path (not following a link).
+fn stamp(path: &Path) -> (u32, i64, i64) {
+    let meta = std::fs::symlink_metadata(path).expect("stat");
+    (meta.mode() & 0o7777, meta.mtime(), meta.mtime_nsec())
+}
+
+fn set_stamp(path: &Path, mode: u32, mtime: SystemTime) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    std::fs::File::open(path)
+        .expect("open")
+        .set_modified(mtime)
+        .expect("set mtime");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_terminals_and_concurrent_processes() {
+    let runtime = runtime_dir();
+    let config = VmConfig {
+        memory_mib: 512,
+        ..config(runtime.path())
+    };
+    let vm = Vm::boot(config.backend().as_ref(), &config)
+        .await
+        .expect("boot");
+    let agent = vm.agent();
+    let work = tempfile::tempdir().expect("tempdir");
+    let mtime = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
+
+    // A 64 MiB random file in and back out: same content, mode and time.
+    let big = work.path().join("big.bin");
+    {
+        let mut file = std::fs::File::create(&big).expect("create");
+        let mut chunk = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            rand::thread_rng().fill_bytes(&mut chunk);
+            file.write_all(&chunk).expect("write");
+        }
+    }
+    set_stamp(&big, 0o640, mtime);
+    let stats = agent.copy_in(&big, "/tmp").await.expect("copy in");
+    assert_eq!((stats.files, stats.bytes), (1, 64 << 20));
+    let host_sum = sha256_of(&big);
+    let guest = sh(&vm, "sha256sum /tmp/big.bin; stat -c '%a %Y' /tmp/big.bin").await;
+    assert_eq!(guest, format!("{host_sum}  /tmp/big.bin\n640 1700000000"));
+    let back = work.path().join("back.bin");
+    let stats = agent
+        .copy_out("/tmp/big.bin", &back)
+        .await
+        .expect("copy out");
+    assert_eq!((stats.files, stats.bytes), (1, 64 << 20));
+    assert_eq!(sha256_of(&back), host_sum);
+    assert_eq!(stamp(&back), (0o640, 1_700_000_000, 123_456_789));
+    sh(&vm, "rm /tmp/big.bin").await;
+
+    // A small tree with a nested directory and a link round-trips.
+    let tree = work.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).expect("mkdir");
+    std::fs::write(tree.join("a.txt"), b"alpha\n").expect("write");
+    std::fs::write(tree.join("sub/b.txt"), b"beta\n").expect("write");
+    std::os::unix::fs::symlink("a.txt", tree.join("link")).expect("symlink");
+    set_stamp(&tree.join("a.txt"), 0o600, mtime);
+    set_stamp(&tree.join("sub/b.txt"), 0o755, mtime);
+    set_stamp(&tree.join("sub"), 0o750, mtime);
+    set_stamp(&tree, 0o711, mtime);
+    let stats = agent.copy_in(&tree, "/tmp").await.expect("copy tree in");
+    assert_eq!((stats.files, stats.dirs, stats.symlinks), (2, 2, 1));
+    let listing = sh(
+        &vm,
+        "cd /tmp/tree && stat -c '%n %a %Y' . a.txt sub sub/b.txt",
+    )
+    .await;
+    assert_eq!(
+        listing,
+        ". 711 1700000000\na.txt 600 1700000000\nsub 750 1700000000\nsub/b.txt 755 1700000000"
+    );
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).expect("mkdir");
+    let stats = agent
+        .copy_out("/tmp/tree", &out)
+        .await
+        .expect("copy tree out");
+    assert_eq!((stats.files, stats.dirs, stats.symlinks), (2, 2, 1));
+    let copy = out.join("tree");
+    for name in ["", "a.txt", "sub", "sub/b.txt"] {
+        let (original, copied) = (tree.join(name), copy.join(name));
+        assert_eq!(stamp(&copied), stamp(&original), "{name}");
+        if original.is_file() {
+            assert_eq!(std::fs::read(&copied).ok(), std::fs::read(&original).ok());
+        }
+    }
+    assert_eq!(
+        std::fs::read_link(copy.join("link")).expect("link"),
+        Path::new("a.txt")
+    );
+
+    // A terminal process sees its size, and a resize.
+    let id = agent
+        .start_process(ProcessSpec {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "tty; stty size; read line; stty size; echo \"got:$line\"".into(),
+            ],
+            terminal: Some(TtySize {
+                rows: 33,
+                cols: 101,
+            }),
+            ..ProcessSpec::default()
+        })
+        .await
+        .expect("start terminal");
+    let mut tty = agent.output(&id, OutputPipe::Stdout).await.expect("output");
+    let text = read_until(&mut tty, "33 101").await;
+    assert!(text.contains("/dev/pts/"), "{text:?}");
+    let listed = agent.list_processes().await.expect("list");
+    assert!(
+        listed
+            .iter()
+            .any(|p| p.exec_id == id && p.terminal && p.running),
+        "{listed:?}"
+    );
+    agent.resize_tty(&id, 44, 120).await.expect("resize");
+    agent
+        .write_stdin(&id, tokio_stream::iter(vec![b"go\n".to_vec()]))
+        .await
+        .expect("type");
+    let text = read_until(&mut tty, "got:go").await;
+    assert!(text.contains("44 120"), "{text:?}");
+    assert_eq!(
+        agent.wait_process(&id).await.expect("wait").exit_code,
+        Some(0)
+    );
+
+    // Two processes at once, each with its own input and output.
+    let mut ids = Vec::new();
+    for name in ["first", "second"] {
+        let id = agent
+            .start_process(ProcessSpec {
+                argv: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("read x; echo {name}-$x; echo {name}-err >&2"),
+                ],
+                stdin: true,
+                ..ProcessSpec::default()
+            })
+            .await
+            .expect("start");
+        ids.push(id);
+    }
+    let listed = agent.list_processes().await.expect("list");
+    for id in &ids {
+        assert!(
+            listed
+                .iter()
+                .any(|p| &p.exec_id == id && p.running && !p.terminal),
+            "{listed:?}"
+        );
+    }
+    let mut outputs = Vec::new();
+    for id in &ids {
+        outputs.push(agent.output(id, OutputPipe::Stdout).await.expect("stdout"));
+    }
+    for (id, input) in ids.iter().rev().zip(["2", "1"]) {
+        agent
+            .write_stdin(
+                id,
+                tokio_stream::iter(vec![format!("{input}\n").into_bytes()]),
+            )
+            .await
+            .expect("stdin");
+        agent.close_stdin(id).await.expect("close");
+    }
+    let (first_out, second_out) = outputs.split_at_mut(1);
+    let (first, second) = tokio::join!(
+        read_to_end(&mut first_out[0]),
+        read_to_end(&mut second_out[0])
+    );
+    assert_eq!(
+        (first.as_str(), second.as_str()),
+        ("first-1\n", "second-2\n")
+    );
+    for id in &ids {
+        let mut err = agent.output(id, OutputPipe::Stderr).await.expect("stderr");
+        assert!(read_to_end(&mut err).await.ends_with("-err\n"));
+        assert_eq!(
+            agent.wait_process(id).await.expect("wait").exit_code,
+            Some(0)
+        );
+    }
+    vm.stop().await.expect("stop");
 }

@@ -27,3 +27,9 @@ pub const AGENT_MAX_FRAME_SIZE: u32 = 1 << 20;
 
 /// Most entropy bytes one `ReseedRandomDev` may carry.
 pub const MAX_RESEED_BYTES: usize = 64 << 10;
+
+/// Bytes per chunk of file content in `CopyFile` and `ReadFile` streams.
+pub const FILE_CHUNK_SIZE: usize = 64 << 10;
+
+/// Most names `StatPath` lists for one directory.
+pub const MAX_DIR_ENTRIES: usize = 100_000;

@@ -168,6 +168,7 @@ async fn attach(vm: &Vm, args: &RunArgs, host_deadline: Option<Duration>) -> Res
         workdir: args.workdir.clone(),
         interactive: args.interactive,
         timeout: args.timeout.map(Duration::from_secs),
+        terminal: None,
     };
     let died = async {
         anyhow::Error::new(vm.hypervisor().exited().await)

@@ -1,0 +1,250 @@
+//! Tests of the process table: pipes, terminals, signals, timeouts.
+
+use tokio_stream::StreamExt;
+use vmfactory_protocols::agent::EnvVar;
+
+use super::*;
+
+fn request(argv: &[&str]) -> ExecProcessRequest {
+    ExecProcessRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+async fn read_all(processes: &Processes, id: &str, output: Output) -> Vec<u8> {
+    let mut stream = processes.read(id, output).expect("read");
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        data.extend(chunk.expect("chunk").data);
+    }
+    data
+}
+
+#[tokio::test]
+async fn streams_output_and_reports_exit() {
+    let processes = Processes::default();
+    let mut req = request(&[
+        "sh",
+        "-c",
+        "echo out; echo err >&2; echo \"$G\"; pwd; exit 3",
+    ]);
+    req.env = vec![EnvVar {
+        key: "G".into(),
+        value: "hello".into(),
+    }];
+    req.workdir = "/tmp".into();
+    let (id, pid) = processes.start(req).expect("start");
+    assert!(pid > 0);
+    assert_eq!(
+        read_all(&processes, &id, Output::Stdout).await,
+        b"out\nhello\n/tmp\n"
+    );
+    assert_eq!(read_all(&processes, &id, Output::Stderr).await, b"err\n");
+    let exit = processes.wait(&id).await.expect("wait");
+    assert_eq!((exit.status, exit.signal, exit.timed_out), (3, 0, false));
+    assert_eq!(
+        processes.wait(&id).await.expect_err("forgotten").code(),
+        tonic::Code::NotFound
+    );
+}
+
+#[tokio::test]
+async fn output_is_read_once_and_large_output_is_intact() {
+    let processes = Processes::default();
+    let (id, _) = processes
+        .start(request(&[
+            "sh",
+            "-c",
+            "head -c 16777216 /dev/zero | tr '\\0' 'x'",
+        ]))
+        .expect("start");
+    let data = read_all(&processes, &id, Output::Stdout).await;
+    assert_eq!(data.len(), 16 << 20);
+    assert!(data.iter().all(|&b| b == b'x'));
+    assert_eq!(
+        processes
+            .read(&id, Output::Stdout)
+            .expect_err("twice")
+            .code(),
+        tonic::Code::FailedPrecondition
+    );
+    processes.wait(&id).await.expect("wait");
+}
+
+#[tokio::test]
+async fn timeouts_signals_and_bad_requests() {
+    let processes = Processes::default();
+    let mut req = request(&["sleep", "10"]);
+    req.timeout_ms = 100;
+    let (id, _) = processes.start(req).expect("start");
+    let exit = processes.wait(&id).await.expect("wait");
+    assert!(exit.timed_out);
+    assert_eq!((exit.status, exit.signal), (-1, libc::SIGKILL));
+
+    let (id, _) = processes.start(request(&["sleep", "10"])).expect("start");
+    processes.signal(&id, 15).expect("signal");
+    assert_eq!(processes.wait(&id).await.expect("wait").signal, 15);
+
+    let err = processes.start(request(&[])).expect_err("empty argv");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let mut bad = request(&["true"]);
+    bad.exec_id = "../x".into();
+    assert_eq!(
+        processes.start(bad).expect_err("id").code(),
+        tonic::Code::InvalidArgument
+    );
+    let err = processes
+        .start(request(&["/nonexistent/program"]))
+        .expect_err("missing program");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("/nonexistent/program"));
+    let mut named = request(&["true"]);
+    named.exec_id = "mine".into();
+    processes.start(named.clone()).expect("named");
+    assert_eq!(
+        processes.start(named).expect_err("dup").code(),
+        tonic::Code::AlreadyExists
+    );
+    assert!(
+        processes.signal("mine", 0).is_err(),
+        "signal 0 is not a signal"
+    );
+}
+
+/// Reads `stream` until its text so far contains `needle`; returns that text.
+async fn read_until(
+    stream: &mut ReceiverStream<Result<ReadStreamResponse, Status>>,
+    needle: &str,
+) -> String {
+    let mut text = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while !text.contains(needle) {
+            match stream.next().await {
+                Some(chunk) => text.push_str(&String::from_utf8_lossy(&chunk.expect("chunk").data)),
+                None => break,
+            }
+        }
+    })
+    .await;
+    assert!(
+        found.is_ok() && text.contains(needle),
+        "no {needle:?} in {text:?}"
+    );
+    text
+}
+
+async fn type_into(processes: &Processes, id: &str, text: &str) {
+    let message = WriteStreamRequest {
+        exec_id: id.to_string(),
+        data: text.as_bytes().to_vec(),
+    };
+    let written = processes
+        .write_stdin(tokio_stream::iter(vec![Ok(message)]))
+        .await
+        .expect("write");
+    assert_eq!(written, text.len() as u64);
+}
+
+fn terminal(argv: &[&str], rows: u32, cols: u32) -> ExecProcessRequest {
+    ExecProcessRequest {
+        terminal: true,
+        rows,
+        cols,
+        ..request(argv)
+    }
+}
+
+#[tokio::test]
+async fn terminal_process_has_a_tty_of_the_given_size_and_sees_a_resize() {
+    let processes = Processes::default();
+    let script = "tty; stty size; read line; stty size; echo \"got:$line\"; test -t 2";
+    let (id, _) = processes
+        .start(terminal(&["sh", "-c", script], 30, 100))
+        .expect("start");
+    let mut out = processes.read(&id, Output::Stdout).expect("read");
+    let text = read_until(&mut out, "30 100").await;
+    assert!(text.contains("/dev/pts/"), "{text:?}");
+    processes.resize(&id, 40, 120).expect("resize");
+    type_into(&processes, &id, "hello\n").await;
+    let text = read_until(&mut out, "got:hello").await;
+    assert!(text.contains("40 120"), "{text:?}");
+    // Standard error is the terminal too: its stream is empty.
+    let mut err = processes.read(&id, Output::Stderr).expect("stderr");
+    assert!(err.next().await.is_none());
+    // The output ends (EIO from the master) once the process is gone.
+    while out.next().await.is_some() {}
+    let exit = processes.wait(&id).await.expect("wait");
+    assert_eq!((exit.status, exit.signal), (0, 0));
+}
+
+#[tokio::test]
+async fn close_stdin_of_a_terminal_types_end_of_file() {
+    let processes = Processes::default();
+    let (id, _) = processes.start(terminal(&["cat"], 0, 0)).expect("start");
+    let mut out = processes.read(&id, Output::Stdout).expect("read");
+    type_into(&processes, &id, "abc\n").await;
+    read_until(&mut out, "abc\r\nabc\r\n").await;
+    processes.close_stdin(&id).await.expect("close");
+    let exit = processes.wait(&id).await.expect("wait");
+    assert_eq!((exit.status, exit.signal), (0, 0));
+    let more = processes
+        .write_stdin(tokio_stream::iter(vec![Ok(WriteStreamRequest {
+            exec_id: id.clone(),
+            data: b"late".to_vec(),
+        })]))
+        .await;
+    assert!(more.is_err(), "the process is forgotten after its wait");
+}
+
+#[tokio::test]
+async fn lists_processes_and_refuses_bad_terminal_requests() {
+    let processes = Processes::default();
+    let (plain, _) = processes.start(request(&["sleep", "10"])).expect("plain");
+    let (tty, tty_pid) = processes
+        .start(terminal(&["sleep", "10"], 5, 5))
+        .expect("terminal");
+    let list = processes.list().expect("list");
+    assert_eq!(list.len(), 2);
+    let info = list.iter().find(|p| p.exec_id == tty).expect("listed");
+    assert_eq!(
+        (info.pid, info.running, info.terminal),
+        (tty_pid, true, true)
+    );
+    assert_eq!(info.argv, ["sleep", "10"]);
+    let info = list.iter().find(|p| p.exec_id == plain).expect("listed");
+    assert!(info.running && !info.terminal);
+
+    let err = processes.resize(&plain, 10, 10).expect_err("no tty");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let err = processes.resize(&tty, 0, 10).expect_err("zero rows");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = processes.resize(&tty, 10, 70_000).expect_err("too wide");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = processes
+        .start(terminal(&["true"], 70_000, 1))
+        .expect_err("too tall");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let huge = vec!["x".repeat(1024); 2048];
+    let mut big = request(&["true"]);
+    big.argv.extend(huge);
+    assert_eq!(
+        processes.start(big).expect_err("huge argv").code(),
+        tonic::Code::InvalidArgument
+    );
+
+    for id in [&plain, &tty] {
+        processes.signal(id, 9).expect("kill");
+        processes.wait(id).await.expect("wait");
+    }
+    assert!(processes.list().expect("list").is_empty());
+}
+
+#[test]
+fn listed_argv_keeps_4_kib() {
+    let long = "é".repeat(3000); // 6000 bytes
+    let listed = listed_argv(&["a".into(), long]);
+    assert_eq!(listed[0], "a");
+    assert_eq!(listed[1].len(), LISTED_ARGV_BYTES - 2); // whole characters only
+    assert!(listed.iter().map(String::len).sum::<usize>() <= LISTED_ARGV_BYTES);
+}

@@ -1,0 +1,621 @@
+//! Copying files between the host and the guest through the agent (`CopyFile`,
+//! `StatPath`, `ReadFile`), like `cp -a SRC DST`: a file, a symbolic link or a whole
+//! directory tree, with permission bits and modification times kept (ownership and access
+//! times are not). Content is streamed in chunks of [`FILE_CHUNK_SIZE`] both ways and
+//! never held whole in memory. A file lands under a temporary name in its directory and is
+//! renamed once complete, in the guest and on the host, so a broken copy leaves no partial
+//! file. Devices, sockets and FIFOs are skipped (and counted).
+//!
+//! What the guest reports is untrusted: names it lists must be single path components,
+//! and directories are created without following symbolic links.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::{AtFlags, Timespec, Timestamps, CWD, UTIME_OMIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{debug, info, warn};
+use vmfactory_protocols::agent::{
+    CopyFileRequest, FileKind, ReadFileRequest, StatPathRequest, StatPathResponse,
+};
+use vmfactory_protocols::contract::FILE_CHUNK_SIZE;
+
+use crate::agent_client::{rpc_error, AgentClient, AgentError};
+
+/// Messages buffered between a local file and its `CopyFile` stream.
+const SEND_DEPTH: usize = 4;
+/// Permission bits that are copied.
+const MODE_BITS: u32 = 0o7777;
+
+/// Temporary names of files being received are unique within this process.
+static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
+
+/// What a copy did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CopyStats {
+    /// Regular files copied.
+    pub files: u64,
+    /// Directories created or updated.
+    pub dirs: u64,
+    /// Symbolic links copied.
+    pub symlinks: u64,
+    /// Bytes of file content copied.
+    pub bytes: u64,
+    /// Devices, sockets and FIFOs skipped.
+    pub skipped: u64,
+}
+
+/// Mode and modification time of an entry.
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    mode: u32,
+    mtime_sec: i64,
+    mtime_nsec: u32,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            mode: meta.mode() & MODE_BITS,
+            mtime_sec: meta.mtime(),
+            mtime_nsec: u32::try_from(meta.mtime_nsec()).unwrap_or(0),
+        }
+    }
+
+    fn of_guest(stat: &StatPathResponse) -> Self {
+        Self {
+            mode: stat.mode & MODE_BITS,
+            mtime_sec: stat.mtime_sec,
+            mtime_nsec: stat.mtime_nsec.min(999_999_999),
+        }
+    }
+
+    fn request(&self, path: &str, kind: FileKind) -> CopyFileRequest {
+        CopyFileRequest {
+            path: path.to_string(),
+            kind: kind as i32,
+            mode: self.mode,
+            mtime_sec: self.mtime_sec,
+            mtime_nsec: self.mtime_nsec,
+            ..CopyFileRequest::default()
+        }
+    }
+}
+
+fn local_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> AgentError {
+    let path = path.to_path_buf();
+    move |source| AgentError::Local {
+        action,
+        path,
+        source,
+    }
+}
+
+fn copy_error(path: impl std::fmt::Display, reason: impl Into<String>) -> AgentError {
+    AgentError::Copy {
+        path: path.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// `dir/name` for guest paths.
+fn guest_join(dir: &str, name: &str) -> String {
+    format!("{}/{name}", dir.trim_end_matches('/'))
+}
+
+/// The last component of a guest path, if it has one.
+fn guest_name(path: &str) -> Option<&str> {
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .filter(|name| !name.is_empty() && *name != "." && *name != "..")
+}
+
+/// Checks a name the guest listed in directory `dir`: one path component, not seen before.
+fn checked_entry<'a>(
+    dir: &str,
+    name: &'a str,
+    previous: Option<&str>,
+) -> Result<&'a str, AgentError> {
+    let bad = name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\0'])
+        || previous == Some(name);
+    if bad {
+        return Err(copy_error(
+            dir,
+            format!("the guest listed the entry {name:?}, which is not a name in a directory; the guest may be compromised"),
+        ));
+    }
+    Ok(name)
+}
+
+/// A UTF-8 name of a local path (the agent API carries paths as strings).
+fn local_name(path: &Path) -> Result<String, AgentError> {
+    let name = match path.file_name() {
+        Some(name) => name.to_os_string(),
+        None => std::fs::canonicalize(path)
+            .map_err(local_error("resolve", path))?
+            .file_name()
+            .map(ToOwned::to_owned)
+            .ok_or_else(|| copy_error(path.display(), "name a file or directory, not /"))?,
+    };
+    name.into_string().map_err(|name| {
+        copy_error(
+            path.display(),
+            format!("the name {name:?} is not UTF-8; rename it to copy it"),
+        )
+    })
+}
+
+/// Sets the mode (unless `None`, as for links) and modification time of local `path`,
+/// without following a final symbolic link.
+fn stamp_local(path: &Path, mode: Option<u32>, stamp: &Stamp) -> Result<(), AgentError> {
+    if let Some(mode) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(local_error("set the mode of", path))?;
+    }
+    let times = Timestamps {
+        last_access: Timespec {
+            tv_sec: 0,
+            tv_nsec: UTIME_OMIT,
+        },
+        last_modification: Timespec {
+            tv_sec: stamp.mtime_sec,
+            tv_nsec: i64::from(stamp.mtime_nsec),
+        },
+    };
+    rustix::fs::utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|err| local_error("set the modification time of", path)(err.into()))
+}
+
+/// A local temporary file next to its final path, removed unless renamed into place.
+#[derive(Debug)]
+struct TempFile {
+    path: Option<PathBuf>,
+}
+
+impl TempFile {
+    fn next_to(path: &Path) -> Self {
+        let parent = path.parent().unwrap_or(Path::new("."));
+        let n = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
+        let name = format!(".vmfactory-copy.{}.{n}", std::process::id());
+        Self {
+            path: Some(parent.join(name)),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.path.as_deref().unwrap_or(Path::new(""))
+    }
+
+    fn persist(mut self, path: &Path) -> Result<(), AgentError> {
+        let temp = self.path.take().unwrap_or_default();
+        std::fs::rename(&temp, path).map_err(|err| {
+            let _ = std::fs::remove_file(&temp);
+            local_error("replace", path)(err)
+        })
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// One step of a depth-first copy: enter an entry, or stamp a finished directory (its
+/// time is set after its content, which changes it).
+#[derive(Debug)]
+enum Step {
+    Enter {
+        local: PathBuf,
+        guest: String,
+    },
+    Leave {
+        local: PathBuf,
+        guest: String,
+        stamp: Stamp,
+    },
+}
+
+impl AgentClient {
+    /// Copies local `local` (a file, symbolic link or directory tree) into the guest, like
+    /// `cp -a local guest`: into `guest/<name of local>` when `guest` is a directory, else
+    /// to `guest` (whose parent must exist).
+    pub async fn copy_in(&self, local: &Path, guest: &str) -> Result<CopyStats, AgentError> {
+        let target = match self.stat_if_exists(guest).await? {
+            Some(stat) if stat.kind == FileKind::Directory as i32 => {
+                guest_join(guest, &local_name(local)?)
+            }
+            _ => guest.to_string(),
+        };
+        let mut stats = CopyStats::default();
+        let mut steps = vec![Step::Enter {
+            local: local.to_path_buf(),
+            guest: target,
+        }];
+        while let Some(step) = steps.pop() {
+            match step {
+                Step::Enter { local, guest } => {
+                    self.send_entry(&local, &guest, &mut steps, &mut stats)
+                        .await?;
+                }
+                Step::Leave { guest, stamp, .. } => {
+                    self.send_whole(stamp.request(&guest, FileKind::Directory))
+                        .await?;
+                }
+            }
+        }
+        info!(local = %local.display(), guest, ?stats, "Copied into the guest");
+        Ok(stats)
+    }
+
+    /// Sends one local entry; a directory's children become new steps.
+    async fn send_entry(
+        &self,
+        local: &Path,
+        guest: &str,
+        steps: &mut Vec<Step>,
+        stats: &mut CopyStats,
+    ) -> Result<(), AgentError> {
+        let meta = tokio::fs::symlink_metadata(local)
+            .await
+            .map_err(local_error("read", local))?;
+        let stamp = Stamp::of(&meta);
+        let file_type = meta.file_type();
+        if file_type.is_file() {
+            stats.bytes += self.send_file(local, guest, stamp).await?;
+            stats.files += 1;
+        } else if file_type.is_symlink() {
+            let target = tokio::fs::read_link(local)
+                .await
+                .map_err(local_error("read the link", local))?;
+            let target = target.into_os_string().into_string().map_err(|target| {
+                copy_error(
+                    local.display(),
+                    format!("the link target {target:?} is not UTF-8"),
+                )
+            })?;
+            let mut request = stamp.request(guest, FileKind::Symlink);
+            request.link_target = target;
+            self.send_whole(request).await?;
+            stats.symlinks += 1;
+        } else if file_type.is_dir() {
+            // Writable by us until its own turn comes after its content.
+            let mut request = stamp.request(guest, FileKind::Directory);
+            request.mode |= 0o700;
+            self.send_whole(request).await?;
+            stats.dirs += 1;
+            steps.push(Step::Leave {
+                local: local.to_path_buf(),
+                guest: guest.to_string(),
+                stamp,
+            });
+            let mut names = Vec::new();
+            let mut entries = tokio::fs::read_dir(local)
+                .await
+                .map_err(local_error("list", local))?;
+            while let Some(entry) = entries
+                .next_entry()
+                .await
+                .map_err(local_error("list", local))?
+            {
+                names.push(local_name(&entry.path())?);
+            }
+            names.sort_unstable();
+            // Popped from the end: push in reverse for name order.
+            for name in names.into_iter().rev() {
+                steps.push(Step::Enter {
+                    local: local.join(&name),
+                    guest: guest_join(guest, &name),
+                });
+            }
+        } else {
+            warn!(path = %local.display(), "Skipping a device, socket or FIFO");
+            stats.skipped += 1;
+        }
+        Ok(())
+    }
+
+    /// Streams local file `local` to `guest`; returns its size.
+    async fn send_file(&self, local: &Path, guest: &str, stamp: Stamp) -> Result<u64, AgentError> {
+        let mut file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+            .open(local)
+            .await
+            .map_err(local_error("open", local))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(local_error("read", local))?
+            .len();
+        let mut first = stamp.request(guest, FileKind::File);
+        first.size = size;
+        let (tx, rx) = mpsc::channel(SEND_DEPTH);
+        // Reads as fast as the agent takes the chunks; stops at `size` bytes.
+        let feeder = tokio::spawn(async move {
+            let mut message = first;
+            let mut left = size;
+            loop {
+                let mut chunk =
+                    vec![0u8; FILE_CHUNK_SIZE.min(usize::try_from(left).unwrap_or(usize::MAX))];
+                let mut filled = 0;
+                while filled < chunk.len() {
+                    match file.read(&mut chunk[filled..]).await? {
+                        0 => {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "the file shrank while it was copied; copy it again",
+                            ))
+                        }
+                        n => filled += n,
+                    }
+                }
+                left -= filled as u64;
+                message.data = chunk;
+                if tx.send(message).await.is_err() {
+                    return Ok(()); // The call ended; its status says why.
+                }
+                if left == 0 {
+                    return Ok(());
+                }
+                message = CopyFileRequest::default();
+            }
+        });
+        let sent = self.inner.clone().copy_file(ReceiverStream::new(rx)).await;
+        match feeder.await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(local_error("read", local)(err)),
+            Err(err) => {
+                return Err(copy_error(
+                    local.display(),
+                    format!("the reader failed: {err}"),
+                ))
+            }
+        }
+        sent.map_err(rpc_error("CopyFile"))?;
+        debug!(local = %local.display(), guest, size, "Copied a file into the guest");
+        Ok(size)
+    }
+
+    /// Sends a `CopyFile` stream of one message.
+    async fn send_whole(&self, request: CopyFileRequest) -> Result<(), AgentError> {
+        self.inner
+            .clone()
+            .copy_file(tokio_stream::iter(vec![request]))
+            .await
+            .map_err(rpc_error("CopyFile"))?;
+        Ok(())
+    }
+
+    /// Describes guest path `path` (a final symbolic link is not followed); for a
+    /// directory, lists its names.
+    async fn stat_guest(&self, path: &str) -> Result<StatPathResponse, AgentError> {
+        let request = StatPathRequest {
+            path: path.to_string(),
+        };
+        Ok(self
+            .inner
+            .clone()
+            .stat_path(request)
+            .await
+            .map_err(rpc_error("StatPath"))?
+            .into_inner())
+    }
+
+    /// As [`Self::stat_guest`], `None` when nothing is there.
+    async fn stat_if_exists(&self, path: &str) -> Result<Option<StatPathResponse>, AgentError> {
+        match self.stat_guest(path).await {
+            Ok(stat) => Ok(Some(stat)),
+            Err(AgentError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound => {
+                Ok(None)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Copies guest path `guest` (a file, symbolic link or directory tree) to the host,
+    /// like `cp -a guest local`: into `local/<name of guest>` when `local` is a directory,
+    /// else to `local` (whose parent must exist).
+    pub async fn copy_out(&self, guest: &str, local: &Path) -> Result<CopyStats, AgentError> {
+        let stat = self.stat_guest(guest).await?;
+        let target = if tokio::fs::metadata(local).await.is_ok_and(|m| m.is_dir()) {
+            let name = guest_name(guest)
+                .ok_or_else(|| copy_error(guest, "name a file or directory in the guest"))?;
+            local.join(name)
+        } else {
+            local.to_path_buf()
+        };
+        let mut stats = CopyStats::default();
+        let mut steps = Vec::new();
+        self.receive_entry(guest, &target, stat, &mut steps, &mut stats)
+            .await?;
+        while let Some(step) = steps.pop() {
+            match step {
+                Step::Enter { local, guest } => {
+                    let stat = self.stat_guest(&guest).await?;
+                    self.receive_entry(&guest, &local, stat, &mut steps, &mut stats)
+                        .await?;
+                }
+                Step::Leave { local, stamp, .. } => stamp_local(&local, Some(stamp.mode), &stamp)?,
+            }
+        }
+        info!(guest, local = %local.display(), ?stats, "Copied out of the guest");
+        Ok(stats)
+    }
+
+    /// Receives one guest entry described by `stat`; a directory's children become steps.
+    async fn receive_entry(
+        &self,
+        guest: &str,
+        local: &Path,
+        stat: StatPathResponse,
+        steps: &mut Vec<Step>,
+        stats: &mut CopyStats,
+    ) -> Result<(), AgentError> {
+        let stamp = Stamp::of_guest(&stat);
+        match FileKind::try_from(stat.kind).unwrap_or(FileKind::Unspecified) {
+            FileKind::File => {
+                stats.bytes += self.receive_file(guest, local, &stamp).await?;
+                stats.files += 1;
+            }
+            FileKind::Symlink => {
+                if stat.link_target.is_empty() || stat.link_target.contains('\0') {
+                    return Err(copy_error(
+                        guest,
+                        "the guest reported an invalid link target",
+                    ));
+                }
+                let temp = TempFile::next_to(local);
+                std::os::unix::fs::symlink(&stat.link_target, temp.path())
+                    .map_err(local_error("create a link next to", local))?;
+                stamp_local(temp.path(), None, &stamp)?;
+                temp.persist(local)?;
+                stats.symlinks += 1;
+            }
+            FileKind::Directory => {
+                make_local_dir(local, stamp.mode | 0o700)?;
+                stats.dirs += 1;
+                steps.push(Step::Leave {
+                    local: local.to_path_buf(),
+                    guest: guest.to_string(),
+                    stamp,
+                });
+                let mut previous: Option<&str> = None;
+                let mut children = Vec::with_capacity(stat.entries.len());
+                for name in &stat.entries {
+                    previous = Some(checked_entry(guest, name, previous)?);
+                    children.push(Step::Enter {
+                        local: local.join(name),
+                        guest: guest_join(guest, name),
+                    });
+                }
+                steps.extend(children.into_iter().rev());
+            }
+            FileKind::Other | FileKind::Unspecified => {
+                warn!(
+                    path = guest,
+                    "Skipping a device, socket or FIFO in the guest"
+                );
+                stats.skipped += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams guest file `guest` into local `local`; returns the bytes received.
+    async fn receive_file(
+        &self,
+        guest: &str,
+        local: &Path,
+        stamp: &Stamp,
+    ) -> Result<u64, AgentError> {
+        let mut stream = self
+            .inner
+            .clone()
+            .read_file(ReadFileRequest {
+                path: guest.to_string(),
+            })
+            .await
+            .map_err(rpc_error("ReadFile"))?
+            .into_inner();
+        let temp = TempFile::next_to(local);
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(temp.path())
+            .await
+            .map_err(local_error("create a file next to", local))?;
+        let mut received = 0u64;
+        while let Some(chunk) = stream.message().await.map_err(rpc_error("ReadFile"))? {
+            file.write_all(&chunk.data)
+                .await
+                .map_err(local_error("write", local))?;
+            received += chunk.data.len() as u64;
+        }
+        file.flush().await.map_err(local_error("write", local))?;
+        drop(file);
+        stamp_local(temp.path(), Some(stamp.mode), stamp)?;
+        temp.persist(local)?;
+        debug!(guest, local = %local.display(), received, "Copied a file out of the guest");
+        Ok(received)
+    }
+}
+
+/// Creates local directory `path`, or keeps it if it is one (not a link to one).
+fn make_local_dir(path: &Path, mode: u32) -> Result<(), AgentError> {
+    match std::fs::create_dir(path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+            let is_dir = std::fs::symlink_metadata(path).is_ok_and(|meta| meta.is_dir());
+            if !is_dir {
+                return Err(copy_error(
+                    path.display(),
+                    "something other than a directory is in the way; remove it first",
+                ));
+            }
+        }
+        Err(err) => return Err(local_error("create the directory", path)(err)),
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(local_error("set the mode of", path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_paths_join_and_name() {
+        assert_eq!(guest_join("/", "a"), "/a");
+        assert_eq!(guest_join("/tmp/", "a"), "/tmp/a");
+        assert_eq!(guest_name("/tmp/dir/"), Some("dir"));
+        assert_eq!(guest_name("/"), None);
+        assert_eq!(guest_name("/a/.."), None);
+    }
+
+    #[test]
+    fn guest_entries_must_be_plain_names() {
+        assert!(checked_entry("/d", "ok.txt", None).is_ok());
+        for bad in ["", ".", "..", "a/b", "../etc", "a\0b"] {
+            let err = checked_entry("/d", bad, None).expect_err(bad);
+            assert!(err.to_string().contains("Cannot copy /d"), "{err}");
+        }
+        assert!(checked_entry("/d", "x", Some("x")).is_err(), "duplicate");
+    }
+
+    #[test]
+    fn local_names_and_stamps() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(local_name(Path::new("/")).is_err());
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").expect("write");
+        let stamp = Stamp {
+            mode: 0o604,
+            mtime_sec: 1_234_567_890,
+            mtime_nsec: 5,
+        };
+        stamp_local(&file, Some(stamp.mode), &stamp).expect("stamp");
+        let meta = std::fs::metadata(&file).expect("stat");
+        assert_eq!(meta.mode() & MODE_BITS, 0o604);
+        assert_eq!((meta.mtime(), meta.mtime_nsec()), (1_234_567_890, 5));
+        assert_eq!(local_name(&file).expect("name"), "f");
+        let link = dir.path().join("l");
+        std::os::unix::fs::symlink(&file, &link).expect("link");
+        assert!(
+            make_local_dir(&link, 0o755).is_err(),
+            "a link is not a directory"
+        );
+        make_local_dir(&dir.path().join("d"), 0o755).expect("mkdir");
+        make_local_dir(&dir.path().join("d"), 0o750).expect("existing");
+    }
+}
