@@ -8,10 +8,12 @@ use tonic::{Request, Response, Status, Streaming};
 use vmfactory_protocols::agent::agent_service_client::AgentServiceClient;
 use vmfactory_protocols::agent::agent_service_server::AgentService;
 use vmfactory_protocols::agent::{
-    CheckRequest, CloseStdinRequest, ExecProcessRequest, ExecProcessResponse, GuestDetailsRequest,
-    GuestDetailsResponse, HealthCheckResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
-    ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest, SetGuestDateTimeRequest,
-    SignalProcessRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
+    CheckRequest, CloseStdinRequest, CopyFileRequest, ExecProcessRequest, ExecProcessResponse,
+    GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse, ListProcessesRequest,
+    ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest,
+    ReadFileResponse, ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest,
+    SetGuestDateTimeRequest, SignalProcessRequest, StatPathRequest, StatPathResponse,
+    TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
     WriteStreamResponse,
 };
 
@@ -125,5 +127,48 @@ impl AgentService for AgentProxy {
         request: Request<OnlineCpuMemRequest>,
     ) -> Result<Response<OnlineCpuMemResponse>, Status> {
         self.agent().online_cpu_mem(request.into_inner()).await
+    }
+
+    async fn tty_win_resize(
+        &self,
+        request: Request<TtyWinResizeRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.agent().tty_win_resize(request.into_inner()).await
+    }
+
+    async fn list_processes(
+        &self,
+        request: Request<ListProcessesRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
+        self.agent().list_processes(request.into_inner()).await
+    }
+
+    async fn copy_file(
+        &self,
+        request: Request<Streaming<CopyFileRequest>>,
+    ) -> Result<Response<()>, Status> {
+        // A client that fails mid-stream ends the stream short: the agent then keeps
+        // nothing of the file (its size does not match).
+        let chunks = request
+            .into_inner()
+            .take_while(Result::is_ok)
+            .filter_map(Result::ok);
+        self.agent().copy_file(chunks).await
+    }
+
+    async fn stat_path(
+        &self,
+        request: Request<StatPathRequest>,
+    ) -> Result<Response<StatPathResponse>, Status> {
+        self.agent().stat_path(request.into_inner()).await
+    }
+
+    type ReadFileStream = Streaming<ReadFileResponse>;
+
+    async fn read_file(
+        &self,
+        request: Request<ReadFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        self.agent().read_file(request.into_inner()).await
     }
 }

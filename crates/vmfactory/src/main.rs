@@ -7,6 +7,7 @@ mod guest;
 mod progress;
 mod run;
 mod sandbox;
+mod terminal;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

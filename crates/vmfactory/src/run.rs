@@ -15,10 +15,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 use vmfactory_factory::{
-    AgentClient, AgentError, FactoryChoice, OutputPipe, OutputStream, ProcessSpec, Settings, Vm,
+    AgentClient, AgentError, FactoryChoice, OutputPipe, OutputStream, ProcessSpec, Settings,
+    TtySize, Vm,
 };
 
-use crate::{factory, parse_env, VmArgs};
+use crate::{factory, parse_env, terminal, VmArgs};
 
 /// Message of the `-v` log line with a run's phase timings.
 pub const RUN_TIMING: &str = "Run timing";
@@ -56,6 +57,10 @@ pub struct RunArgs {
     /// passed when it is a pipe or a file).
     #[arg(short, long)]
     interactive: bool,
+    /// Give the command a terminal (a pseudo-terminal in the guest; ours in raw mode,
+    /// its size sent at start and on every resize). `-it` is an interactive shell.
+    #[arg(short, long)]
+    tty: bool,
     /// The command and its arguments (after `--`).
     #[arg(required = true, last = true)]
     command: Vec<String>,
@@ -159,6 +164,8 @@ pub(crate) struct ExecOptions {
     pub interactive: bool,
     /// Guest-side timeout.
     pub timeout: Option<Duration>,
+    /// Run on a terminal in the guest.
+    pub tty: bool,
 }
 
 async fn attach(vm: &Vm, args: &RunArgs, host_deadline: Option<Duration>) -> Result<ExitCode> {
@@ -168,7 +175,7 @@ async fn attach(vm: &Vm, args: &RunArgs, host_deadline: Option<Duration>) -> Res
         workdir: args.workdir.clone(),
         interactive: args.interactive,
         timeout: args.timeout.map(Duration::from_secs),
-        terminal: None,
+        tty: args.tty,
     };
     let died = async {
         anyhow::Error::new(vm.hypervisor().exited().await)
@@ -200,12 +207,17 @@ pub(crate) async fn exec_attached(
     signals: Option<&mut Signals>,
 ) -> Result<ExitCode> {
     let pass_stdin = options.interactive || !std::io::stdin().is_terminal();
+    let terminal = options.tty.then(|| {
+        let (rows, cols) = terminal::window_size().unwrap_or((24, 80));
+        TtySize { rows, cols }
+    });
     let spec = ProcessSpec {
         argv: options.command.clone(),
         env: options.env.clone(),
         workdir: options.workdir.clone(),
         stdin: pass_stdin,
         timeout: options.timeout,
+        terminal,
     };
     let id = match agent.start_process(spec).await {
         Ok(id) => id,
@@ -226,6 +238,15 @@ pub(crate) async fn exec_attached(
     };
     let stdout = agent.output(&id, OutputPipe::Stdout).await?;
     let stderr = agent.output(&id, OutputPipe::Stderr).await?;
+    // Our keys go to the guest's terminal as typed (Ctrl-C included) until we return.
+    let _raw = if options.tty && pass_stdin {
+        terminal::RawMode::enable()?
+    } else {
+        None
+    };
+    let resizer = options
+        .tty
+        .then(|| tokio::spawn(follow_window_size(agent.clone(), id.clone())));
     let feeder = pass_stdin.then(|| tokio::spawn(feed_stdin(agent.clone(), id.clone())));
     let forward = async {
         match signals {
@@ -246,7 +267,24 @@ pub(crate) async fn exec_attached(
     if let Some(feeder) = feeder {
         feeder.abort();
     }
+    if let Some(resizer) = resizer {
+        resizer.abort();
+    }
     result
+}
+
+/// Sends our terminal's size to the guest's on every SIGWINCH.
+async fn follow_window_size(agent: AgentClient, id: String) {
+    let Ok(mut changes) = signal(SignalKind::window_change()) else {
+        return;
+    };
+    while changes.recv().await.is_some() {
+        if let Some((rows, cols)) = terminal::window_size() {
+            if let Err(err) = agent.resize_tty(&id, rows, cols).await {
+                debug!(%err, "Cannot resize the guest terminal");
+            }
+        }
+    }
 }
 
 /// The signal forwarder never ends on its own.

@@ -64,6 +64,15 @@ pub enum SandboxCommand {
     /// Run a command in a sandbox: output streamed, stdin passed with -i (or when it is
     /// not a terminal), SIGINT/SIGTERM/SIGHUP forwarded, its exit status ours.
     Exec(ExecArgs),
+    /// Copy files or directory trees in or out, keeping mode and modification time:
+    /// `sandbox cp SRC ID:DST` or `sandbox cp ID:SRC DST` (guest paths are absolute; into
+    /// DST/<name> when DST is a directory, as `cp -a`).
+    Cp {
+        /// Source: a local path, or ID:/guest/path.
+        src: String,
+        /// Destination: a local path, or ID:/guest/path.
+        dst: String,
+    },
     /// Serve one sandbox (started by `create`; not for direct use).
     #[command(hide = true)]
     Supervise {
@@ -84,6 +93,9 @@ pub struct ExecArgs {
     /// Pass our standard input even when it is a terminal (EOF closes it).
     #[arg(short, long)]
     interactive: bool,
+    /// Give the command a terminal (ours in raw mode, its size followed).
+    #[arg(short, long)]
+    tty: bool,
     /// Environment variable for the command, KEY=VALUE (repeatable).
     #[arg(short, long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
@@ -117,6 +129,7 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         SandboxCommand::Exec(args) => exec(&runtime, args).await,
+        SandboxCommand::Cp { src, dst } => cp(&runtime, &src, &dst).await,
         SandboxCommand::Supervise { id, name, vm } => supervise(id, name, vm, config).await,
     }
 }
@@ -375,6 +388,7 @@ async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
         workdir: args.workdir,
         interactive: args.interactive,
         timeout: args.timeout.map(Duration::from_secs),
+        tty: args.tty,
     };
     let died = async {
         while dir::supervisor_alive(&record) {
@@ -384,4 +398,47 @@ async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
     };
     let mut signals = Signals::install()?;
     exec_attached(client.agent(), &options, died, Some(&mut signals)).await
+}
+
+/// `ID:/path` → (ID, /path), when the part before the colon names no local directory.
+fn sandbox_path(spec: &str) -> Option<(&str, &str)> {
+    let (id, path) = spec.split_once(':')?;
+    (!id.is_empty() && !id.contains('/')).then_some((id, path))
+}
+
+async fn cp(runtime: &Path, src: &str, dst: &str) -> Result<ExitCode> {
+    let (key, guest, local, inward) = match (sandbox_path(src), sandbox_path(dst)) {
+        (None, Some((id, guest))) => (id, guest, src, true),
+        (Some((id, guest)), None) => (id, guest, dst, false),
+        (Some(_), Some(_)) => {
+            bail!("Copy between two sandboxes is not supported: copy out, then in")
+        }
+        (None, None) => {
+            bail!("Name the sandbox side as ID:/path (e.g. `sandbox cp file.txt web:/tmp/`)")
+        }
+    };
+    if !guest.starts_with('/') {
+        bail!("The path in the sandbox must be absolute, not {guest:?}");
+    }
+    let (sandbox, record) = dir::find(runtime, key)?;
+    let client = SandboxClient::connect(&sandbox, &record.id).await?;
+    let stats = if inward {
+        client.agent().copy_in(Path::new(local), guest).await
+    } else {
+        client.agent().copy_out(guest, Path::new(local)).await
+    }
+    .context("Copy failed")?;
+    eprintln!(
+        "vmfactory: copied {} file(s), {} director(ies), {} link(s), {} bytes{}",
+        stats.files,
+        stats.dirs,
+        stats.symlinks,
+        stats.bytes,
+        if stats.skipped > 0 {
+            format!(" ({} special file(s) skipped)", stats.skipped)
+        } else {
+            String::new()
+        }
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -273,3 +273,137 @@ fn sigkill_of_the_supervisor_or_the_creator_leaves_no_half_sandbox() {
     assert!(env.listed().is_empty());
     env.assert_nothing_left();
 }
+
+/// Runs `vmfactory ARGS` on a new pseudo-terminal of 33x101 (its controlling terminal);
+/// once `marker` appears in the output, resizes the terminal to 44x120. Returns what the
+/// terminal showed.
+fn on_a_terminal(env: &Env, args: &[&str], marker: &str) -> String {
+    let script = r#"
+import fcntl, os, pty, struct, subprocess, sys, termios, time
+master, slave = pty.openpty()
+fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
+child = subprocess.Popen(sys.argv[2:], stdin=slave, stdout=slave, stderr=slave,
+                         start_new_session=True,
+                         preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+os.close(slave)
+marker, seen, resized = sys.argv[1].encode(), b"", False
+deadline = time.time() + 120
+while time.time() < deadline:
+    try:
+        chunk = os.read(master, 65536)
+    except OSError:
+        break
+    if not chunk:
+        break
+    seen += chunk
+    if not resized and marker in seen:
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 120, 0, 0))
+        resized = True
+child.wait()
+sys.stdout.write(seen.decode(errors="replace"))
+sys.stdout.write("\nEXIT %d\n" % child.returncode)
+"#;
+    let image = image();
+    let output = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(marker)
+        .arg(BIN)
+        .args(args)
+        .env("VMFACTORY_KERNEL", &image.kernel)
+        .env("VMFACTORY_INITRD", &image.initrd)
+        .env("VMFACTORY_RUNTIME_DIR", env.runtime.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("python3");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn terminals_have_our_size_and_follow_a_resize_and_files_round_trip() {
+    let env = Env::new();
+    let id = env.create("tty");
+    let shown = on_a_terminal(
+        &env,
+        &[
+            "sandbox",
+            "exec",
+            "-t",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "tty; stty size; echo resize-now; sleep 3; stty size",
+        ],
+        "resize-now",
+    );
+    assert!(shown.contains("/dev/pts/"), "{shown}");
+    assert!(shown.contains("33 101"), "{shown}");
+    assert!(shown.contains("44 120"), "{shown}");
+    assert!(shown.contains("EXIT 0"), "{shown}");
+
+    // `run -t` too, in a fresh VM.
+    let shown = on_a_terminal(&env, &["run", "-t", "--", "stty", "size"], "never");
+    assert!(shown.contains("33 101"), "{shown}");
+    assert!(shown.contains("EXIT 0"), "{shown}");
+
+    // Copy a 64 MiB random file and a tree in and back out.
+    let local = tempfile::tempdir().expect("tempdir");
+    let payload: Vec<u8> = (0..64u32 << 20)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 9) as u8)
+        .collect();
+    let file = local.path().join("payload.bin");
+    std::fs::write(&file, &payload).expect("write");
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o640))
+        .expect("chmod");
+    let tree = local.path().join("tree");
+    std::fs::create_dir_all(tree.join("a/b")).expect("mkdir");
+    std::fs::write(tree.join("a/b/leaf.txt"), "leaf").expect("write");
+    std::fs::write(tree.join("top.txt"), "top").expect("write");
+    for (src, dst) in [
+        (file.to_string_lossy().into_owned(), format!("{id}:/root/")),
+        (tree.to_string_lossy().into_owned(), format!("{id}:/root/")),
+    ] {
+        let output = env.sandbox(&["cp", &src, &dst]);
+        assert!(output.status.success(), "{}", text(&output));
+    }
+    assert_eq!(
+        env.exec(
+            &id,
+            "stat -c %a /root/payload.bin; cat /root/tree/a/b/leaf.txt"
+        ),
+        "640\nleaf"
+    );
+    let back = local.path().join("back");
+    std::fs::create_dir(&back).expect("mkdir");
+    for src in ["/root/payload.bin", "/root/tree"] {
+        let output = env.sandbox(&["cp", &format!("{id}:{src}"), &back.to_string_lossy()]);
+        assert!(output.status.success(), "{}", text(&output));
+    }
+    let copied = std::fs::read(back.join("payload.bin")).expect("read");
+    assert_eq!(Sha256::digest(&copied), Sha256::digest(&payload));
+    let mode = std::fs::metadata(back.join("payload.bin")).expect("meta");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o640
+    );
+    assert_eq!(
+        std::fs::read_to_string(back.join("tree/a/b/leaf.txt")).expect("leaf"),
+        "leaf"
+    );
+    assert_eq!(
+        std::fs::read_to_string(back.join("tree/top.txt")).expect("top"),
+        "top"
+    );
+    let output = env.sandbox(&[
+        "cp",
+        &format!("{id}:/no/such/file"),
+        &back.to_string_lossy(),
+    ]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("/no/such/file"), "{}", text(&output));
+
+    let output = env.sandbox(&["rm", &id]);
+    assert!(output.status.success(), "{}", text(&output));
+    env.assert_nothing_left();
+}

@@ -13,6 +13,7 @@ use crate::{Resolved, VmArgs};
 
 mod clone;
 mod run;
+mod sandbox;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -80,6 +81,25 @@ pub enum BenchCommand {
         /// Direct-boot runs (the slow baseline).
         #[arg(long, default_value_t = 3)]
         direct: usize,
+        /// VMs the temporary VMCache server keeps ready.
+        #[arg(long, default_value_t = 2)]
+        cache: u32,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        vm: VmArgs,
+    },
+    /// Sandboxes: `sandbox create` from a warm VMCache server, an `exec -- true` round
+    /// trip on a live sandbox (whole process, and through the supervisor alone), and copy
+    /// throughput in and out. Sets up a temporary server and removes everything after.
+    Sandbox {
+        /// Sandboxes created, and exec round trips.
+        #[arg(short, default_value_t = 5)]
+        n: usize,
+        /// Size of the file copied each way, MiB.
+        #[arg(long, default_value_t = 64)]
+        copy_mib: u64,
         /// VMs the temporary VMCache server keeps ready.
         #[arg(long, default_value_t = 2)]
         cache: u32,
@@ -198,6 +218,13 @@ pub async fn run(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitC
                 .await
                 .context("The benchmark task failed")?
         }
+        BenchCommand::Sandbox {
+            n,
+            copy_mib,
+            cache,
+            json,
+            vm,
+        } => sandbox::bench_sandbox(n, copy_mib, cache, json, resolve(vm, config).await?).await,
         BenchCommand::Density {
             count,
             tb_size,

@@ -29,9 +29,9 @@ struct Mode {
 
 /// Scratch directory with the configurations; the factories it set up are destroyed and
 /// the directory removed however the benchmark ends.
-struct Scratch {
-    dir: PathBuf,
-    configs: Vec<PathBuf>,
+pub(super) struct Scratch {
+    pub(super) dir: PathBuf,
+    pub(super) configs: Vec<PathBuf>,
 }
 
 impl Drop for Scratch {
@@ -46,7 +46,7 @@ impl Drop for Scratch {
     }
 }
 
-fn vmfactory(config: &Path, args: &[&str]) -> Command {
+pub(super) fn vmfactory(config: &Path, args: &[&str]) -> Command {
     let exe = std::env::current_exe().unwrap_or_else(|_| "vmfactory".into());
     let mut command = Command::new(exe);
     command
@@ -59,7 +59,7 @@ fn vmfactory(config: &Path, args: &[&str]) -> Command {
 }
 
 /// Writes `settings` with the factory section `factory` to `path`.
-fn write_config(
+pub(super) fn write_config(
     path: &Path,
     settings: &Settings,
     dir: &Path,
@@ -84,7 +84,7 @@ fn cached(config: &Path) -> usize {
         .unwrap_or(0)
 }
 
-fn wait_cached(config: &Path, count: usize) -> Result<()> {
+pub(super) fn wait_cached(config: &Path, count: usize) -> Result<()> {
     let started = Instant::now();
     while cached(config) < count {
         if started.elapsed() > Duration::from_secs(300) {
@@ -141,7 +141,7 @@ struct RunReport {
     direct_over_template: f64,
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+pub(super) fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
         0 => 0.0,
