@@ -1,6 +1,8 @@
 //! The guest agent: checking that a binary can be `/init`, and building it with cargo.
 
 use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -76,27 +78,123 @@ pub fn build_agent_with(
 }
 
 /// The cargo invocation that builds the static agent.
+///
+/// It also runs inside vmfactory's build script, where cargo hands the script an
+/// environment meant for the outer build: its flags, target dir, profile and wrappers
+/// (`clippy-driver` under `cargo clippy`) would leak into the agent build, change its
+/// fingerprint and rebuild it needlessly or wrongly. So every variable for which
+/// [`leaks_into_nested_cargo`] holds is removed; `CARGO_MAKEFLAGS` stays, so the nested
+/// cargo takes its jobs from the outer build's jobserver instead of adding its own.
 pub(crate) fn agent_build_command(workspace_root: &Path, target_dir: &Path) -> Command {
-    // Under cargo (tests, `cargo run`) use the same cargo; otherwise the one on PATH.
+    // Under cargo (build scripts, tests, `cargo run`) use the same cargo; otherwise the
+    // one on PATH.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = Command::new(cargo);
+    command.current_dir(workspace_root).args([
+        "build",
+        "--locked",
+        "--profile",
+        "agent",
+        "-p",
+        "vmfactory-agent",
+        "--target",
+        AGENT_TARGET,
+    ]);
+    for (name, _) in std::env::vars_os() {
+        if name.to_str().is_some_and(leaks_into_nested_cargo) {
+            command.env_remove(&name);
+        }
+    }
     command
-        .current_dir(workspace_root)
-        .args([
-            "build",
-            "--profile",
-            "agent",
-            "-p",
-            "vmfactory-agent",
-            "--target",
-            AGENT_TARGET,
-        ])
         .env("CARGO_TARGET_DIR", target_dir)
         // With an explicit --target these flags reach only the target crates, not build
-        // scripts; CARGO_ENCODED_RUSTFLAGS would take precedence, so drop it.
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+        // scripts (which must stay dynamically linked).
+        .env("RUSTFLAGS", "-C target-feature=+crt-static");
     command
+}
+
+/// True for an environment variable that cargo sets for (or a user sets around) an outer
+/// build and that must not reach the nested cargo building the agent.
+pub(crate) fn leaks_into_nested_cargo(name: &str) -> bool {
+    // Cargo settings that only say how to reach registries and where its home is.
+    const KEEP: [&str; 2] = ["CARGO_HOME", "CARGO_MAKEFLAGS"];
+    const KEEP_PREFIXES: [&str; 5] = [
+        "CARGO_NET_",
+        "CARGO_HTTP_",
+        "CARGO_REGISTRIES_",
+        "CARGO_REGISTRY_",
+        "CARGO_TERM_",
+    ];
+    // What cargo gives build scripts and rustc, and compiler wrappers and flags.
+    const REMOVE: [&str; 16] = [
+        "CARGO",
+        "RUSTFLAGS",
+        "RUSTDOCFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_LINKER",
+        "RUSTDOC",
+        "CLIPPY_ARGS",
+        "CLIPPY_CONF_DIR",
+        "OUT_DIR",
+        "TARGET",
+        "HOST",
+        "NUM_JOBS",
+        "OPT_LEVEL",
+        "PROFILE",
+        "DEBUG",
+    ];
+    if KEEP.contains(&name) || KEEP_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        return false;
+    }
+    REMOVE.contains(&name)
+        || name.starts_with("CARGO_")
+        || name.starts_with("__CARGO")
+        || name.starts_with("DEP_")
+}
+
+/// Where [`install_embedded_agent`] puts the agent of digest `sha256`:
+/// `cache_dir/agents/<sha256>/vmfactory-agent`.
+pub fn embedded_agent_path(cache_dir: &Path, sha256: &str) -> PathBuf {
+    cache_dir
+        .join("agents")
+        .join(sha256)
+        .join("vmfactory-agent")
+}
+
+/// Writes an agent binary carried inside the calling program (of SHA-256 `sha256`) to
+/// [`embedded_agent_path`], once: an existing file of the right size is reused. The file
+/// appears atomically (written under a temporary name, then renamed), so a concurrent or
+/// killed writer never leaves a partial agent behind.
+pub fn install_embedded_agent(
+    cache_dir: &Path,
+    bytes: &[u8],
+    sha256: &str,
+) -> Result<PathBuf, GuestImageError> {
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(GuestImageError::AgentBuild {
+            detail: format!("the embedded agent's digest {sha256:?} is not a SHA-256"),
+        });
+    }
+    let path = embedded_agent_path(cache_dir, sha256);
+    if fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64) {
+        return Ok(path);
+    }
+    let dir = path.parent().unwrap_or(cache_dir);
+    fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let mut file = tempfile::Builder::new()
+        .prefix(".agent-")
+        .permissions(fs::Permissions::from_mode(0o755))
+        .tempfile_in(dir)
+        .map_err(io_error(dir))?;
+    file.write_all(bytes).map_err(io_error(&path))?;
+    file.as_file().sync_all().map_err(io_error(&path))?;
+    file.persist(&path).map_err(|err| GuestImageError::Io {
+        path: path.clone(),
+        source: err.error,
+    })?;
+    tracing::info!(path = %path.display(), "installed the embedded agent");
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -112,6 +210,7 @@ mod tests {
             args,
             [
                 "build",
+                "--locked",
                 "--profile",
                 "agent",
                 "-p",
@@ -130,7 +229,89 @@ mod tests {
             std::ffi::OsStr::new("CARGO_TARGET_DIR"),
             Some(std::ffi::OsStr::new("/ws/target/agent"))
         )));
-        assert!(envs.contains(&(std::ffi::OsStr::new("CARGO_ENCODED_RUSTFLAGS"), None)));
+        // This test runs under cargo, which sets CARGO_PKG_NAME: it must be removed.
+        if std::env::var_os("CARGO_PKG_NAME").is_some() {
+            assert!(envs.contains(&(std::ffi::OsStr::new("CARGO_PKG_NAME"), None)));
+        }
+    }
+
+    #[test]
+    fn outer_build_variables_do_not_reach_the_agent_build() {
+        for leaking in [
+            "CARGO_ENCODED_RUSTFLAGS",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET",
+            "CARGO_BUILD_RUSTFLAGS",
+            "CARGO_PROFILE_RELEASE_LTO",
+            "CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS",
+            "CARGO_CFG_TARGET_FEATURE",
+            "CARGO_FEATURE_STD",
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_INCREMENTAL",
+            "CARGO",
+            "RUSTFLAGS",
+            "RUSTC_WRAPPER",
+            "RUSTC_WORKSPACE_WRAPPER",
+            "CLIPPY_ARGS",
+            "OUT_DIR",
+            "TARGET",
+            "PROFILE",
+            "OPT_LEVEL",
+            "DEBUG",
+            "NUM_JOBS",
+            "DEP_Z_INCLUDE",
+            "__CARGO_DEFAULT_LIB_METADATA",
+        ] {
+            assert!(
+                leaks_into_nested_cargo(leaking),
+                "{leaking} must be removed"
+            );
+        }
+        for kept in [
+            "CARGO_HOME",
+            "CARGO_MAKEFLAGS",
+            "CARGO_NET_OFFLINE",
+            "CARGO_HTTP_PROXY",
+            "CARGO_REGISTRIES_CRATES_IO_PROTOCOL",
+            "RUSTC",
+            "RUSTUP_TOOLCHAIN",
+            "PATH",
+            "HOME",
+        ] {
+            assert!(!leaks_into_nested_cargo(kept), "{kept} must be kept");
+        }
+    }
+
+    #[test]
+    fn embedded_agent_is_written_once_by_digest() {
+        let cache = tempfile::tempdir().expect("tempdir");
+        let digest = "ab".repeat(32);
+        let path =
+            install_embedded_agent(cache.path(), b"\x7fELF agent", &digest).expect("install");
+        assert_eq!(path, embedded_agent_path(cache.path(), &digest));
+        assert_eq!(fs::read(&path).expect("read"), b"\x7fELF agent");
+        let mode = fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o755);
+        let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).expect("stat"));
+        // A second call keeps the file as it is.
+        install_embedded_agent(cache.path(), b"\x7fELF agent", &digest).expect("again");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&fs::metadata(&path).expect("stat")),
+            inode
+        );
+        // A truncated file (size differs) is replaced.
+        fs::write(&path, b"\x7fE").expect("truncate");
+        install_embedded_agent(cache.path(), b"\x7fELF agent", &digest).expect("repair");
+        assert_eq!(fs::read(&path).expect("read"), b"\x7fELF agent");
+        // No temporary files remain.
+        let names: Vec<_> = fs::read_dir(path.parent().expect("parent"))
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, ["vmfactory-agent"]);
+        assert!(install_embedded_agent(cache.path(), b"x", "not-a-digest").is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::digest::hex;
+use crate::digest::{hex, sha256_file};
 use crate::error::{io_error, GuestImageError};
 use crate::FORMAT_VERSION;
 
@@ -114,10 +114,15 @@ pub fn default_cache_dir() -> PathBuf {
 
 /// Returns the image in `dir` if its manifest is present, current and its files exist.
 pub(crate) fn load_cached(dir: &Path, key: &str) -> Option<GuestImage> {
+    load_cached_manifest(dir, key).map(|manifest| manifest.image)
+}
+
+/// [`load_cached`] with the whole manifest, its image's paths rebased on `dir`.
+pub(crate) fn load_cached_manifest(dir: &Path, key: &str) -> Option<Manifest> {
     if !dir.join(MANIFEST_FILE).is_file() {
         return None;
     }
-    let manifest = match read_manifest(dir) {
+    let mut manifest = match read_manifest(dir) {
         Ok(manifest) => manifest,
         Err(err) => {
             tracing::warn!(dir = %dir.display(), error = %err, "ignoring unreadable cached image");
@@ -129,7 +134,8 @@ pub(crate) fn load_cached(dir: &Path, key: &str) -> Option<GuestImage> {
         return None;
     }
     // Rebase the paths on where the image is now, in case the cache was moved.
-    let image = rebased(manifest.image, dir);
+    manifest.image = rebased(manifest.image, dir);
+    let image = &manifest.image;
     let files_present = image.bzimage.is_file()
         && image.initrd.is_file()
         && image.vmlinux.as_ref().map_or(true, |v| v.is_file());
@@ -137,7 +143,23 @@ pub(crate) fn load_cached(dir: &Path, key: &str) -> Option<GuestImage> {
         tracing::warn!(dir = %dir.display(), "cached image is missing files; rebuilding");
         return None;
     }
-    Some(image)
+    Some(manifest)
+}
+
+/// True when the kernel and initramfs files of `manifest`'s image have the digests the
+/// manifest recorded (reads every file: only for images whose stamps changed).
+pub(crate) fn digests_match(manifest: &Manifest) -> bool {
+    let image = &manifest.image;
+    let matches =
+        |path: &Path, expected: &str| sha256_file(path).is_ok_and(|digest| digest == expected);
+    let vmlinux_ok = match (&image.vmlinux, &manifest.vmlinux_sha256) {
+        (Some(path), Some(expected)) => matches(path, expected),
+        (None, _) => true,
+        (Some(_), None) => false,
+    };
+    vmlinux_ok
+        && matches(&image.bzimage, &manifest.vmlinuz_sha256)
+        && matches(&image.initrd, &manifest.initrd_sha256)
 }
 
 /// Points every path of `image` into `dir`.

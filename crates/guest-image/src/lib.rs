@@ -10,6 +10,7 @@ pub mod initramfs;
 mod agent;
 mod apt;
 mod assemble;
+mod current;
 mod digest;
 mod elf;
 mod error;
@@ -18,9 +19,16 @@ mod modules;
 mod vmlinux;
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-pub use agent::{build_agent, build_agent_with, check_static_executable};
+use serde::Serialize;
+
+pub use agent::{
+    build_agent, build_agent_with, check_static_executable, embedded_agent_path,
+    install_embedded_agent,
+};
+pub use apt::PackageVersion;
+pub use current::{current, FileStamp, CURRENT_FILE};
 pub use elf::ElfError;
 pub use error::GuestImageError;
 pub use image::{
@@ -32,7 +40,8 @@ pub use vmlinux::VmlinuxError;
 use assemble::{assemble, Assembly};
 use digest::{sha256_file, sha256_file_remembered};
 use error::io_error;
-use image::{load_cached, sweep_stale_staging};
+use image::sweep_stale_staging;
+use image::{digests_match, load_cached_manifest};
 
 /// Version of the image layout; bump it whenever the output for the same inputs changes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -52,6 +61,10 @@ pub struct BuildOptions {
     pub cache_dir: PathBuf,
     /// Statically linked agent executable; becomes `/init`.
     pub agent_binary: PathBuf,
+    /// Hex SHA-256 of `agent_binary` when the caller knows it (an agent embedded at
+    /// compile time); `None`: [`build`] hashes the file and [`current`] recognises it by
+    /// its stamp.
+    pub agent_sha256: Option<String>,
     /// Meta package to resolve; `None` means [`DEFAULT_KERNEL_PACKAGE`].
     pub kernel_package: Option<String>,
     /// Root modules to include; their dependency closure is added.
@@ -65,6 +78,7 @@ impl Default for BuildOptions {
         Self {
             cache_dir: default_cache_dir(),
             agent_binary: PathBuf::new(),
+            agent_sha256: None,
             kernel_package: None,
             modules: DEFAULT_MODULES.iter().map(|m| (*m).to_owned()).collect(),
             force: false,
@@ -72,15 +86,16 @@ impl Default for BuildOptions {
     }
 }
 
-/// Builds the guest image (or returns the cached one) as `opts` describes, reporting
-/// each long step to `progress`.
-pub fn build(
-    opts: &BuildOptions,
-    progress: &mut dyn FnMut(&str),
-) -> Result<GuestImage, GuestImageError> {
-    check_static_executable(&opts.agent_binary)?;
-    apt::check_tools()?;
+/// Hex SHA-256 of the file at `path` (reads all of it).
+pub fn file_sha256(path: &Path) -> Result<String, GuestImageError> {
+    sha256_file(path)
+}
 
+/// The kernel and busybox versions apt offers now for `opts`.
+fn resolve_packages(
+    opts: &BuildOptions,
+) -> Result<(PackageVersion, PackageVersion), GuestImageError> {
+    apt::check_tools()?;
     let meta = opts
         .kernel_package
         .as_deref()
@@ -101,6 +116,18 @@ pub fn build(
         busybox_version = %busybox.version,
         "resolved guest packages"
     );
+    Ok((kernel, busybox))
+}
+
+/// Builds the guest image (or returns the cached one) as `opts` describes, reporting
+/// each long step to `progress`. Always asks apt for the newest kernel and busybox, and
+/// records the result as the [`current`] image for `opts`.
+pub fn build(
+    opts: &BuildOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<GuestImage, GuestImageError> {
+    check_static_executable(&opts.agent_binary)?;
+    let (kernel, busybox) = resolve_packages(opts)?;
 
     let downloads = opts.cache_dir.join("downloads");
     let images = opts.cache_dir.join("images");
@@ -113,10 +140,14 @@ pub fn build(
     let kernel_deb = apt::ensure_downloaded(&downloads, &kernel, progress)?;
     let busybox_deb = apt::ensure_downloaded(&downloads, &busybox, progress)?;
 
+    let agent_sha256 = match &opts.agent_sha256 {
+        Some(digest) => digest.clone(),
+        None => sha256_file(&opts.agent_binary)?,
+    };
     let inputs = ImageInputs {
         kernel_deb_sha256: sha256_file_remembered(&kernel_deb)?,
         busybox_deb_sha256: sha256_file_remembered(&busybox_deb)?,
-        agent_sha256: sha256_file(&opts.agent_binary)?,
+        agent_sha256: agent_sha256.clone(),
         modules: opts
             .modules
             .iter()
@@ -126,9 +157,15 @@ pub fn build(
     let key = inputs.key();
     let dir = images.join(&key);
     if !opts.force {
-        if let Some(image) = load_cached(&dir, &key) {
-            tracing::info!(key = %key, dir = %dir.display(), "guest image is cached");
-            return Ok(image);
+        if let Some(manifest) = load_cached_manifest(&dir, &key) {
+            // Files whose stamps changed since they were recorded are checked against
+            // the manifest's digests before the image is trusted again.
+            if current::is_recorded_unchanged(&opts.cache_dir, &key) || digests_match(&manifest) {
+                tracing::info!(key = %key, dir = %dir.display(), "guest image is cached");
+                current::record_current(opts, &agent_sha256, &manifest, &dir)?;
+                return Ok(manifest.image);
+            }
+            tracing::warn!(dir = %dir.display(), "cached guest image files do not match their digests; rebuilding");
         }
     }
 
@@ -158,7 +195,68 @@ pub fn build(
         progress,
     )?;
     tracing::info!(key = %key, dir = %image.dir.display(), vmlinux = image.vmlinux.is_some(), "built guest image");
+    let manifest = read_manifest(&image.dir)?;
+    current::record_current(opts, &agent_sha256, &manifest, &image.dir)?;
     Ok(image)
+}
+
+/// Whether a build would change the current image, as [`check`] found out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateStatus {
+    /// The current image has the kernel and busybox apt offers.
+    UpToDate,
+    /// Apt offers another kernel or busybox than the current image has.
+    UpdateAvailable,
+    /// No image is current for these options (never built, or changed on disk).
+    NoImage,
+}
+
+/// What [`check`] found: the current image's packages and apt's candidates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpdateCheck {
+    /// The verdict.
+    pub status: UpdateStatus,
+    /// The current image, if any.
+    pub current: Option<GuestImage>,
+    /// Busybox version of the current image, if any.
+    pub current_busybox_version: Option<String>,
+    /// The kernel package apt would build with now.
+    pub candidate_kernel: PackageVersion,
+    /// The busybox package apt would build with now.
+    pub candidate_busybox: PackageVersion,
+}
+
+/// Asks apt which kernel and busybox a build would use now and compares them with the
+/// [`current`] image for `opts`. Downloads and builds nothing.
+pub fn check(opts: &BuildOptions) -> Result<UpdateCheck, GuestImageError> {
+    let (kernel, busybox) = resolve_packages(opts)?;
+    let current = current::current_manifest(opts);
+    let status = match &current {
+        None => UpdateStatus::NoImage,
+        Some((manifest, _))
+            if manifest.image.kernel_package == kernel.name
+                && manifest.image.kernel_version == kernel.version
+                && manifest.busybox_version == busybox.version =>
+        {
+            UpdateStatus::UpToDate
+        }
+        Some(_) => UpdateStatus::UpdateAvailable,
+    };
+    let (current, current_busybox_version) = match current {
+        Some((manifest, dir)) => (
+            Some(image::rebased(manifest.image, &dir)),
+            Some(manifest.busybox_version),
+        ),
+        None => (None, None),
+    };
+    Ok(UpdateCheck {
+        status,
+        current,
+        current_busybox_version,
+        candidate_kernel: kernel,
+        candidate_busybox: busybox,
+    })
 }
 
 #[cfg(test)]
@@ -172,5 +270,6 @@ mod tests {
         assert_eq!(opts.kernel_package, None);
         assert!(!opts.force);
         assert!(opts.agent_binary.as_os_str().is_empty());
+        assert_eq!(opts.agent_sha256, None);
     }
 }
