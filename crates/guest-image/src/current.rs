@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -272,6 +272,7 @@ fn write_current(cache_dir: &Path, current: &CurrentImages) -> Result<(), GuestI
     json.push(b'\n');
     let mut file = tempfile::Builder::new()
         .prefix(".current-")
+        .permissions(fs::Permissions::from_mode(0o644))
         .tempfile_in(cache_dir)
         .map_err(io_error(cache_dir))?;
     file.write_all(&json).map_err(io_error(&path))?;

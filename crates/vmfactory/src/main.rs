@@ -48,7 +48,7 @@ enum Command {
     Run(RunArgs),
     /// Manage the guest image (kernel + initramfs with the agent).
     #[command(subcommand)]
-    Guest(GuestCommand),
+    Guest(guest::GuestCommand),
     /// Measure vmfactory's speed; prints medians and p99 (JSON with --json).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -64,19 +64,6 @@ enum Command {
 enum ConfigCommand {
     /// Print the effective configuration (file plus defaults) as TOML.
     Show,
-}
-
-#[derive(Debug, Subcommand)]
-enum GuestCommand {
-    /// Build the guest image (downloads Debian's cloud kernel and busybox with apt-get,
-    /// builds the agent). Does nothing when the cached image is up to date.
-    Build {
-        /// Rebuild even if an up-to-date image is cached.
-        #[arg(long)]
-        force: bool,
-        #[command(flatten)]
-        image: guest::ImageArgs,
-    },
 }
 
 /// Options describing the VM to boot, shared by `run` and `bench`. Each overrides the
@@ -245,15 +232,9 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
             print!("{}", toml::to_string_pretty(&settings)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Guest(GuestCommand::Build { force, image }) => {
-            let image = tokio::task::spawn_blocking(move || guest::ensure_image(&image, force))
-                .await
-                .context("Guest image build task failed")??;
-            println!("kernel: {}", image.kernel.display());
-            println!("initrd: {}", image.initrd.display());
-            println!("kernel release: {}", image.kernel_release);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Guest(command) => tokio::task::spawn_blocking(move || guest::run(command))
+            .await
+            .context("Guest image task failed")?,
         Command::Bench(command) => bench::run(command, config).await,
     }
 }
