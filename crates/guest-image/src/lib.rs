@@ -227,14 +227,15 @@ pub struct UpdateCheck {
     pub candidate_busybox: PackageVersion,
 }
 
-/// Asks apt which kernel and busybox a build would use now and compares them with the
-/// [`current`] image for `opts`. Downloads and builds nothing.
-pub fn check(opts: &BuildOptions) -> Result<UpdateCheck, GuestImageError> {
-    let (kernel, busybox) = resolve_packages(opts)?;
-    let current = current::current_manifest(opts);
-    let status = match &current {
+/// Compares the current image's packages with apt's candidates.
+fn update_status(
+    current: Option<&Manifest>,
+    kernel: &PackageVersion,
+    busybox: &PackageVersion,
+) -> UpdateStatus {
+    match current {
         None => UpdateStatus::NoImage,
-        Some((manifest, _))
+        Some(manifest)
             if manifest.image.kernel_package == kernel.name
                 && manifest.image.kernel_version == kernel.version
                 && manifest.busybox_version == busybox.version =>
@@ -242,7 +243,15 @@ pub fn check(opts: &BuildOptions) -> Result<UpdateCheck, GuestImageError> {
             UpdateStatus::UpToDate
         }
         Some(_) => UpdateStatus::UpdateAvailable,
-    };
+    }
+}
+
+/// Asks apt which kernel and busybox a build would use now and compares them with the
+/// [`current`] image for `opts`. Downloads and builds nothing.
+pub fn check(opts: &BuildOptions) -> Result<UpdateCheck, GuestImageError> {
+    let (kernel, busybox) = resolve_packages(opts)?;
+    let current = current::current_manifest(opts);
+    let status = update_status(current.as_ref().map(|(m, _)| m), &kernel, &busybox);
     let (current, current_busybox_version) = match current {
         Some((manifest, dir)) => (
             Some(image::rebased(manifest.image, &dir)),
@@ -271,5 +280,53 @@ mod tests {
         assert!(!opts.force);
         assert!(opts.agent_binary.as_os_str().is_empty());
         assert_eq!(opts.agent_sha256, None);
+    }
+
+    #[test]
+    fn a_different_candidate_kernel_or_busybox_is_an_update() {
+        let manifest: Manifest = serde_json::from_value(serde_json::json!({
+            "format_version": FORMAT_VERSION,
+            "dir": "/c/images/k", "kernel": "/c/images/k/vmlinuz",
+            "bzimage": "/c/images/k/vmlinuz", "vmlinux": null,
+            "initrd": "/c/images/k/initrd.img",
+            "kernel_release": "6.1.0-56-cloud-amd64",
+            "kernel_package": "linux-image-6.1.0-56-cloud-amd64",
+            "kernel_version": "6.1.192-2", "key": "k",
+            "busybox_package": "busybox-static", "busybox_version": "1:1.35.0-4",
+            "inputs": {"kernel_deb_sha256": "", "busybox_deb_sha256": "",
+                       "agent_sha256": "", "modules": []},
+            "module_load_order": [], "vmlinuz_sha256": "", "vmlinux_sha256": null,
+            "initrd_sha256": ""
+        }))
+        .expect("manifest");
+        let package = |name: &str, version: &str| PackageVersion {
+            name: name.into(),
+            version: version.into(),
+        };
+        let kernel = package("linux-image-6.1.0-56-cloud-amd64", "6.1.192-2");
+        let busybox = package(BUSYBOX_PACKAGE, "1:1.35.0-4");
+        assert_eq!(
+            update_status(Some(&manifest), &kernel, &busybox),
+            UpdateStatus::UpToDate
+        );
+        assert_eq!(
+            update_status(None, &kernel, &busybox),
+            UpdateStatus::NoImage
+        );
+        let newer_abi = package("linux-image-6.1.0-57-cloud-amd64", "6.1.193-1");
+        assert_eq!(
+            update_status(Some(&manifest), &newer_abi, &busybox),
+            UpdateStatus::UpdateAvailable
+        );
+        let rebuilt = package("linux-image-6.1.0-56-cloud-amd64", "6.1.192-3");
+        assert_eq!(
+            update_status(Some(&manifest), &rebuilt, &busybox),
+            UpdateStatus::UpdateAvailable
+        );
+        let newer_busybox = package(BUSYBOX_PACKAGE, "1:1.36.1-1");
+        assert_eq!(
+            update_status(Some(&manifest), &kernel, &newer_busybox),
+            UpdateStatus::UpdateAvailable
+        );
     }
 }
