@@ -172,8 +172,8 @@ pub fn install_embedded_agent(
     sha256: &str,
 ) -> Result<PathBuf, GuestImageError> {
     if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(GuestImageError::AgentBuild {
-            detail: format!("the embedded agent's digest {sha256:?} is not a SHA-256"),
+        return Err(GuestImageError::EmbeddedAgentDigest {
+            digest: sha256.to_owned(),
         });
     }
     let path = embedded_agent_path(cache_dir, sha256);

@@ -105,6 +105,12 @@ pub enum GuestImageError {
         /// The configured path.
         path: PathBuf,
     },
+    /// The digest given with an embedded agent is not a SHA-256.
+    #[error("The agent embedded in this program has an invalid digest {digest:?}; rebuild the program with cargo")]
+    EmbeddedAgentDigest {
+        /// The digest given.
+        digest: String,
+    },
     /// Building the agent with cargo failed.
     #[error(
         "Building the agent failed ({detail}); fix the errors cargo printed above and try again"

@@ -2,7 +2,10 @@
 //! and, when it can be extracted, an uncompressed PVH-bootable `vmlinux`) plus an
 //! uncompressed newc initramfs holding the agent as `/init`, the virtio modules it loads,
 //! and a static busybox. Images live in a cache directory under a key derived from every
-//! input, so a build only does work when an input changed.
+//! input, so a build only does work when an input changed. [`build`] asks apt for the
+//! newest packages and records its result in the cache's `current.json`, with stamps of
+//! the image's files; [`current`] finds that image again without running anything, and
+//! [`check`] tells whether apt has newer packages. See `docs/guest-image.md`.
 
 pub mod cpio;
 pub mod initramfs;
