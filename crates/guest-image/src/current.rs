@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -246,6 +247,8 @@ pub(crate) fn record_current(
         files,
     };
 
+    // Concurrent builds (say, two test binaries) must not drop each other's entries.
+    let _lock = lock_current(&options.cache_dir)?;
     let mut current = read_current(&options.cache_dir);
     current.format_version = CURRENT_FORMAT_VERSION;
     current.images.retain(|old| {
@@ -259,6 +262,31 @@ pub(crate) fn record_current(
     current.images.insert(0, entry);
     current.images.truncate(MAX_ENTRIES);
     write_current(&options.cache_dir, &current)
+}
+
+/// Takes an exclusive lock on `cache_dir/.current.lock` (released when the returned file
+/// is closed), serialising read-modify-write cycles of `current.json`. Readers need no
+/// lock: the file is replaced by a rename.
+fn lock_current(cache_dir: &Path) -> Result<fs::File, GuestImageError> {
+    let path = cache_dir.join(".current.lock");
+    let file = fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_error(&path))?;
+    loop {
+        // SAFETY: flock takes a file descriptor that `file` owns and keeps open for the
+        // duration of the call; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            return Ok(file);
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(io_error(&path)(err));
+        }
+    }
 }
 
 /// Writes `current.json` through a temporary file and a rename.

@@ -221,10 +221,10 @@ pub(crate) fn install(
     })
 }
 
-/// Removes staging directories (`.build-*`, `.unpack-*`, `.download-*`, `.old-*`) older
-/// than a day that a killed build left in `dir`.
+/// Removes staging directories (`.build-*`, `.unpack-*`, `.download-*`, `.old-*`) and
+/// temporary `.current-*` files older than a day that a killed build left in `dir`.
 pub(crate) fn sweep_stale_staging(dir: &Path) {
-    const PREFIXES: [&str; 4] = [".build-", ".unpack-", ".download-", ".old-"];
+    const PREFIXES: [&str; 5] = [".build-", ".unpack-", ".download-", ".old-", ".current-"];
     const MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -246,6 +246,9 @@ pub(crate) fn sweep_stale_staging(dir: &Path) {
             if let Err(err) = fs::remove_dir_all(entry.path()) {
                 tracing::warn!(path = %entry.path().display(), error = %err, "could not remove stale staging directory");
             }
+        } else if stale && name.starts_with(".current-") {
+            // A temporary current.json of a killed writer.
+            let _ = fs::remove_file(entry.path());
         }
     }
 }
