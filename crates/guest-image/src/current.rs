@@ -216,8 +216,8 @@ pub(crate) fn is_recorded_unchanged(cache_dir: &Path, key: &str) -> bool {
 }
 
 /// Records `image` as current for `options` (built with an agent of `agent_sha256`),
-/// replacing what was current for the same options. Written atomically; a concurrent
-/// writer may win, which costs the loser's next `run` one more check with apt.
+/// replacing what was current for the same options. Updated under a lock and written
+/// atomically.
 pub(crate) fn record_current(
     options: &BuildOptions,
     agent_sha256: &str,
