@@ -1,5 +1,6 @@
 //! The guest agent: checking that a binary can be `/init`, and building it with cargo.
 
+use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -44,6 +45,8 @@ pub fn build_agent_with(
     quiet: bool,
 ) -> Result<PathBuf, GuestImageError> {
     tracing::info!(workspace = %workspace_root.display(), target_dir = %target_dir.display(), "building the agent");
+    // Exists before the build, so its path is canonical from the first build on.
+    fs::create_dir_all(target_dir).map_err(io_error(target_dir))?;
     let mut command = agent_build_command(workspace_root, target_dir);
     if quiet {
         command.arg("--quiet");
@@ -86,6 +89,11 @@ pub fn build_agent_with(
 /// [`leaks_into_nested_cargo`] holds is removed; `CARGO_MAKEFLAGS` stays, so the nested
 /// cargo takes its jobs from the outer build's jobserver instead of adding its own.
 pub(crate) fn agent_build_command(workspace_root: &Path, target_dir: &Path) -> Command {
+    // Canonical paths, so that every caller passes the same flags (the remapped paths are
+    // part of them) and cargo's fingerprint, hence the build, is shared.
+    let canonical = |path: &Path| path.canonicalize().unwrap_or_else(|_| path.to_owned());
+    let (workspace_root, target_dir) = (canonical(workspace_root), canonical(target_dir));
+    let (workspace_root, target_dir) = (workspace_root.as_path(), target_dir.as_path());
     // Under cargo (build scripts, tests, `cargo run`) use the same cargo; otherwise the
     // one on PATH.
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -109,8 +117,28 @@ pub(crate) fn agent_build_command(workspace_root: &Path, target_dir: &Path) -> C
         .env("CARGO_TARGET_DIR", target_dir)
         // With an explicit --target these flags reach only the target crates, not build
         // scripts (which must stay dynamically linked).
-        .env("RUSTFLAGS", "-C target-feature=+crt-static");
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            agent_rustflags(workspace_root, target_dir),
+        );
     command
+}
+
+/// Flags of the agent build, separated by 0x1f as `CARGO_ENCODED_RUSTFLAGS` wants (paths
+/// may hold spaces): static linking, and the workspace and target directory paths
+/// remapped so that the agent's bytes (and so its digest and the image key) do not
+/// depend on where the tree or the target directory lie.
+pub(crate) fn agent_rustflags(workspace_root: &Path, target_dir: &Path) -> OsString {
+    let mut flags = OsString::from("-Ctarget-feature=+crt-static");
+    // rustc applies the last matching prefix: the target directory may lie inside the
+    // workspace, so it comes last.
+    for (from, to) in [(workspace_root, "/vmfactory"), (target_dir, "/target")] {
+        flags.push("\u{1f}--remap-path-prefix=");
+        flags.push(from);
+        flags.push("=");
+        flags.push(to);
+    }
+    flags
 }
 
 /// True for an environment variable that cargo sets for (or a user sets around) an outer
@@ -221,9 +249,10 @@ mod tests {
         );
         assert_eq!(command.get_current_dir(), Some(Path::new("/ws")));
         let envs: Vec<_> = command.get_envs().collect();
+        let flags = "-Ctarget-feature=+crt-static\u{1f}--remap-path-prefix=/ws=/vmfactory\u{1f}--remap-path-prefix=/ws/target/agent=/target";
         assert!(envs.contains(&(
-            std::ffi::OsStr::new("RUSTFLAGS"),
-            Some(std::ffi::OsStr::new("-C target-feature=+crt-static"))
+            std::ffi::OsStr::new("CARGO_ENCODED_RUSTFLAGS"),
+            Some(std::ffi::OsStr::new(flags))
         )));
         assert!(envs.contains(&(
             std::ffi::OsStr::new("CARGO_TARGET_DIR"),
