@@ -1,4 +1,5 @@
 # Shared by scripts/vmfactory and scripts/test: installs what vmfactory needs on Debian.
+# Sourcing it defines the functions; the scripts call the ones they need.
 set -euo pipefail
 
 # Installs the Debian packages given as arguments when any is missing.
@@ -21,7 +22,10 @@ ensure_toolchain() {
         echo "vmfactory: cargo not found. Install Rust (https://rustup.rs), then run this again." >&2
         exit 1
     fi
-    # Guest images are built from Debian packages; apt needs a package list to resolve them.
+}
+
+# Guest images are built from Debian packages; apt needs a package list to resolve them.
+ensure_apt_lists() {
     if ! apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
         local sudo=()
         [ "$(id -u)" -eq 0 ] || sudo=(sudo)
@@ -62,6 +66,3 @@ ensure_node_grpc() {
     npm install --no-save --no-audit --no-fund --prefix "$dir" \
         @grpc/grpc-js@1 @grpc/proto-loader@0 >&2
 }
-
-ensure_packages qemu-system-x86 ca-certificates
-ensure_toolchain

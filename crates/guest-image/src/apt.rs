@@ -13,12 +13,12 @@ use crate::GuestImageError;
 pub(crate) const REQUIRED_TOOLS: [&str; 3] = ["apt-get", "apt-cache", "dpkg-deb"];
 
 /// A package name with the exact version to use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct PackageVersion {
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PackageVersion {
     /// Package name, e.g. `linux-image-6.1.0-56-cloud-amd64`.
-    pub(crate) name: String,
+    pub name: String,
     /// Debian version, possibly with an epoch, e.g. `1:1.35.0-4`.
-    pub(crate) version: String,
+    pub version: String,
 }
 
 /// How `apt-cache` is invoked: with a private binary package cache, because Debian's

@@ -1,15 +1,29 @@
-//! Finding or building the guest image for the CLI.
+//! Finding or building the guest image for the CLI. The agent is the one embedded in
+//! this binary (see `build.rs`) unless `--agent` names another. Commands that boot VMs
+//! take the current image from the cache's `current.json` (a few `stat` calls, nothing
+//! spawned); only a missing or stale image, and `vmfactory guest build`, ask apt.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
-use std::sync::mpsc;
-use std::time::Duration;
+use clap::{Args, Subcommand};
 
 use vmfactory_guest_image::{
-    build, build_agent_with, default_cache_dir, BuildOptions, GuestImage, AGENT_TARGET,
+    build, check, current, default_cache_dir, embedded_agent_path, install_embedded_agent,
+    BuildOptions, GuestImage, UpdateCheck, UpdateStatus,
 };
+
+/// The static guest agent, built by `build.rs` with the workspace's `agent` profile.
+static EMBEDDED_AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vmfactory-agent"));
+/// Hex SHA-256 of [`EMBEDDED_AGENT`], computed by `build.rs`.
+const EMBEDDED_AGENT_SHA256: &str = env!("VMFACTORY_AGENT_SHA256");
+
+/// Exit status of `guest build --check` when apt offers another kernel or busybox than
+/// the current image has.
+pub const EXIT_UPDATE_AVAILABLE: u8 = 100;
+/// Exit status of `guest build --check` when no image is current for these options.
+pub const EXIT_NO_IMAGE: u8 = 101;
 
 /// Where the guest image and the agent come from.
 #[derive(Debug, Clone, Args)]
@@ -17,71 +31,144 @@ pub struct ImageArgs {
     /// Cache directory of guest images (default: $VMFACTORY_CACHE_DIR, else ~/.cache/vmfactory).
     #[arg(long, env = "VMFACTORY_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Prebuilt static agent binary; default: build it from this source tree with cargo.
+    /// Static agent binary to use as the guest's /init instead of the one built into
+    /// vmfactory.
     #[arg(long, env = "VMFACTORY_AGENT")]
     pub agent: Option<PathBuf>,
 }
 
-/// The source tree this binary was built from, if it is still there.
-fn workspace_root() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    root.join("crates/agent/Cargo.toml")
-        .is_file()
-        .then(|| root.canonicalize().unwrap_or(root))
+/// `vmfactory guest …`
+#[derive(Debug, Subcommand)]
+pub enum GuestCommand {
+    /// Build the guest image: ask apt for Debian's newest cloud kernel and busybox,
+    /// download them and pack them with the agent. Does nothing when the cached image is
+    /// up to date; prints its paths.
+    Build(BuildArgs),
 }
 
-/// Returns the cached guest image, building the agent and the image when missing or stale.
+/// Options of `vmfactory guest build`.
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Rebuild even if an up-to-date image is cached.
+    #[arg(long, conflicts_with = "check")]
+    force: bool,
+    /// Only say whether apt offers a newer kernel or busybox than the current image;
+    /// build nothing. Exit status: 0 up to date, 100 an update is available, 101 no
+    /// image is built yet.
+    #[arg(long)]
+    check: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    image: ImageArgs,
+}
+
+/// Runs a `vmfactory guest` command (blocking: it may run apt and build an image).
+pub fn run(command: GuestCommand) -> Result<ExitCode> {
+    let GuestCommand::Build(args) = command;
+    let options = build_options(&args.image)?;
+    if args.check {
+        let report = check(&options).context("Cannot check for a newer guest kernel")?;
+        print_check(&report, args.json)?;
+        return Ok(match report.status {
+            UpdateStatus::UpToDate => ExitCode::SUCCESS,
+            UpdateStatus::UpdateAvailable => ExitCode::from(EXIT_UPDATE_AVAILABLE),
+            UpdateStatus::NoImage => ExitCode::from(EXIT_NO_IMAGE),
+        });
+    }
+    let image = build_image(&options, args.force)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&image)?);
+    } else {
+        println!("kernel: {}", image.kernel.display());
+        println!("initrd: {}", image.initrd.display());
+        println!("kernel release: {}", image.kernel_release);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_check(report: &UpdateCheck, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    let candidate = format!(
+        "{} {} with {} {}",
+        report.candidate_kernel.name,
+        report.candidate_kernel.version,
+        report.candidate_busybox.name,
+        report.candidate_busybox.version
+    );
+    match (&report.current, report.status) {
+        (Some(image), UpdateStatus::UpToDate) => println!(
+            "The guest image is up to date: {} {} ({})",
+            image.kernel_package, image.kernel_version, image.kernel_release
+        ),
+        (Some(image), _) => println!(
+            "An update is available: apt offers {candidate}; the current image has {} {} with busybox {}. Run `vmfactory guest build` to update it.",
+            image.kernel_package,
+            image.kernel_version,
+            report.current_busybox_version.as_deref().unwrap_or("?")
+        ),
+        (None, _) => println!(
+            "No guest image is built yet; apt offers {candidate}. Run `vmfactory guest build` to build it."
+        ),
+    }
+    Ok(())
+}
+
+/// Returns the current guest image, building it (with apt) only when there is none or
+/// it changed on disk; `force` rebuilds it.
 pub fn ensure_image(args: &ImageArgs, force: bool) -> Result<GuestImage> {
-    let agent = match &args.agent {
+    let options = build_options(args)?;
+    if !force {
+        if let Some(image) = current(&options) {
+            tracing::debug!(dir = %image.dir.display(), "using the current guest image");
+            return Ok(image);
+        }
+    }
+    build_image(&options, force)
+}
+
+/// The build options for `args`: the embedded agent (by its digest) unless `--agent`.
+fn build_options(args: &ImageArgs) -> Result<BuildOptions> {
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let (agent_binary, agent_sha256) = match &args.agent {
         Some(agent) => {
             if !agent.is_file() {
                 bail!(
-                    "Agent binary {} not found: pass the path of a static vmfactory-agent",
+                    "Agent binary {} not found: pass the path of a static vmfactory-agent, or \
+                     leave out --agent (and VMFACTORY_AGENT) to use the one built into vmfactory",
                     agent.display()
                 );
             }
-            agent.clone()
+            (agent.clone(), None)
         }
-        None => {
-            let Some(root) = workspace_root() else {
-                bail!(
-                    "No agent binary: pass --agent PATH (or set VMFACTORY_AGENT) to a static \
-                     vmfactory-agent, or run vmfactory from its source tree"
-                );
-            };
-            build_agent_from_source(&root)?
-        }
+        None => (
+            embedded_agent_path(&cache_dir, EMBEDDED_AGENT_SHA256),
+            Some(EMBEDDED_AGENT_SHA256.to_owned()),
+        ),
     };
-    let options = BuildOptions {
-        cache_dir: args.cache_dir.clone().unwrap_or_else(default_cache_dir),
-        agent_binary: agent,
-        force,
+    Ok(BuildOptions {
+        cache_dir,
+        agent_binary,
+        agent_sha256,
         ..BuildOptions::default()
+    })
+}
+
+/// Builds (or finds cached) the image with apt, writing the embedded agent first if it
+/// is the one to use.
+fn build_image(options: &BuildOptions, force: bool) -> Result<GuestImage> {
+    if options.agent_sha256.is_some() {
+        install_embedded_agent(&options.cache_dir, EMBEDDED_AGENT, EMBEDDED_AGENT_SHA256)
+            .context("Cannot write the embedded guest agent into the cache")?;
+    }
+    let options = BuildOptions {
+        force,
+        ..options.clone()
     };
     let mut progress = |message: &str| eprintln!("vmfactory: {message}");
     build(&options, &mut progress).context("Cannot build the guest image")
-}
-
-/// Builds the agent from the source tree. The first build shows cargo's progress; later
-/// (usually no-op) builds are quiet and only announce themselves when they take a while.
-fn build_agent_from_source(root: &Path) -> Result<PathBuf> {
-    let target_dir = root.join("target/agent");
-    let built_before = target_dir
-        .join(AGENT_TARGET)
-        .join("agent/vmfactory-agent")
-        .is_file();
-    if !built_before {
-        eprintln!("vmfactory: building the guest agent (the first build takes a minute)");
-        return build_agent_with(root, &target_dir, false).context("Cannot build the guest agent");
-    }
-    let (done_tx, done_rx) = mpsc::channel::<()>();
-    let notice = std::thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(Duration::from_secs(2)) {
-            eprintln!("vmfactory: rebuilding the guest agent (its sources changed)");
-        }
-    });
-    let result = build_agent_with(root, &target_dir, true);
-    drop(done_tx);
-    let _ = notice.join();
-    result.context("Cannot build the guest agent")
 }

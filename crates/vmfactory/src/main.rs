@@ -46,7 +46,7 @@ enum Command {
     Run(run::RunArgs),
     /// Manage the guest image (kernel + initramfs with the agent).
     #[command(subcommand)]
-    Guest(GuestCommand),
+    Guest(guest::GuestCommand),
     /// Measure vmfactory's speed; prints medians and p99 (JSON with --json).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -68,19 +68,6 @@ enum ConfigCommand {
         /// Print JSON instead.
         #[arg(long)]
         json: bool,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-enum GuestCommand {
-    /// Build the guest image (downloads Debian's cloud kernel and busybox with apt-get,
-    /// builds the agent). Does nothing when the cached image is up to date.
-    Build {
-        /// Rebuild even if an up-to-date image is cached.
-        #[arg(long)]
-        force: bool,
-        #[command(flatten)]
-        image: guest::ImageArgs,
     },
 }
 
@@ -247,15 +234,9 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Guest(GuestCommand::Build { force, image }) => {
-            let image = tokio::task::spawn_blocking(move || guest::ensure_image(&image, force))
-                .await
-                .context("Guest image build task failed")??;
-            println!("kernel: {}", image.kernel.display());
-            println!("initrd: {}", image.initrd.display());
-            println!("kernel release: {}", image.kernel_release);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Guest(command) => tokio::task::spawn_blocking(move || guest::run(command))
+            .await
+            .context("Guest image task failed")?,
         Command::Bench(command) => bench::run(command, config).await,
     }
 }
