@@ -32,6 +32,9 @@ pub enum VmCacheError {
         "A VMCache server already answers on {0}: stop it with `vmfactory factory destroy` first"
     )]
     AlreadyRunning(PathBuf),
+    /// The endpoint exists and is not a socket: it is not vmfactory's to remove.
+    #[error("vm_cache_endpoint {0} exists and is not a Unix socket: set vm_cache_endpoint to another path, or move that file away")]
+    NotASocket(PathBuf),
     /// No server answers on the endpoint.
     #[error(
         "No VMCache server answers on {path} ({reason}): start one with `vmfactory factory init`"
@@ -76,7 +79,7 @@ pub enum VmCacheError {
 
 /// Serves `factory` (normally a [`crate::CacheFactory`]) on the Unix socket `endpoint`
 /// until `shutdown` is notified or a client calls `Quit`. Refuses to start while another
-/// server answers there; removes a stale socket; the socket is mode 0600 and removed on
+/// server answers there, and when the path is anything but a socket; removes a stale socket; the socket is mode 0600 and removed on
 /// exit. The factory is not closed here: the caller decides what to release.
 pub async fn serve(
     factory: Arc<dyn FactoryBase>,
@@ -113,7 +116,11 @@ async fn bind(endpoint: &Path) -> Result<UnixListener, VmCacheError> {
     if let Some(parent) = endpoint.parent() {
         std::fs::create_dir_all(parent).map_err(io("Cannot create the directory of"))?;
     }
-    if endpoint.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(endpoint) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(VmCacheError::NotASocket(endpoint.to_path_buf()));
+        }
         if UnixStream::connect(endpoint).await.is_ok() {
             return Err(VmCacheError::AlreadyRunning(endpoint.to_path_buf()));
         }
@@ -337,5 +344,28 @@ impl FactoryBase for GrpcCacheFactory {
 
     async fn close(&self) -> Result<(), FactoryError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_refuses_a_file_and_replaces_a_stale_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("cache.sock");
+        std::fs::write(&file, b"not a socket").expect("file");
+        let err = bind(&file).await.expect_err("a regular file");
+        assert!(matches!(err, VmCacheError::NotASocket(_)), "{err}");
+        assert!(err.to_string().contains("is not a Unix socket"), "{err}");
+        assert_eq!(std::fs::read(&file).expect("kept"), b"not a socket");
+
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("socket"));
+        let listener = bind(&stale).await.expect("a stale socket is replaced");
+        let err = bind(&stale).await.expect_err("a live one is not");
+        assert!(matches!(err, VmCacheError::AlreadyRunning(_)), "{err}");
+        drop(listener);
     }
 }
