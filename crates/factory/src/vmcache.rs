@@ -20,6 +20,7 @@ use vmfactory_protocols::cache::{GrpcStatus, GrpcVm, GrpcVmConfig, GrpcVmStatus}
 use crate::base::{FactoryBase, FactoryError, VmStatus};
 use crate::config::VmConfig;
 use crate::handover::HandOverRecord;
+use crate::lock::{LockError, LockKind, PathLock};
 use crate::vm::{Vm, VmError};
 
 mod authority;
@@ -72,6 +73,9 @@ pub enum VmCacheError {
         /// Why.
         detail: String,
     },
+    /// Another server holds the endpoint.
+    #[error(transparent)]
+    Locked(#[from] LockError),
     /// Serving failed.
     #[error("VMCache server failed: {0}")]
     Serve(String),
@@ -80,10 +84,29 @@ pub enum VmCacheError {
 /// Serves `factory` (normally a [`crate::CacheFactory`]) on the Unix socket `endpoint`
 /// until `shutdown` is notified or a client calls `Quit`. Refuses to start while another
 /// server answers there, and when the path is anything but a socket; removes a stale socket; the socket is mode 0600 and removed on
-/// exit. The factory is not closed here: the caller decides what to release.
+/// exit. The factory is not closed here: the caller decides what to release. Holds the
+/// endpoint's lock ([`lock_endpoint`]) while it serves.
 pub async fn serve(
     factory: Arc<dyn FactoryBase>,
     endpoint: &Path,
+    shutdown: Arc<Notify>,
+) -> Result<(), VmCacheError> {
+    let lock = lock_endpoint(endpoint)?;
+    serve_locked(factory, endpoint, &lock, shutdown).await
+}
+
+/// Takes the lock of `endpoint` (`<endpoint>.lock`), refusing at once, with the holder's
+/// pid, while another server holds it. Hold it for the server's whole life.
+pub fn lock_endpoint(endpoint: &Path) -> Result<PathLock, VmCacheError> {
+    Ok(PathLock::acquire(endpoint, LockKind::Endpoint)?)
+}
+
+/// [`serve`] with the endpoint's lock already held by the caller (taken before it
+/// started filling its cache, so a second server is refused before it boots anything).
+pub async fn serve_locked(
+    factory: Arc<dyn FactoryBase>,
+    endpoint: &Path,
+    _lock: &PathLock,
     shutdown: Arc<Notify>,
 ) -> Result<(), VmCacheError> {
     let listener = bind(endpoint).await?;
@@ -367,5 +390,21 @@ mod tests {
         let err = bind(&stale).await.expect_err("a live one is not");
         assert!(matches!(err, VmCacheError::AlreadyRunning(_)), "{err}");
         drop(listener);
+    }
+
+    #[tokio::test]
+    async fn a_second_server_is_refused_by_the_lock_naming_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = dir.path().join("cache.sock");
+        let held = lock_endpoint(&endpoint).expect("first server");
+        let err = lock_endpoint(&endpoint).expect_err("second server");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("vmfactory process {}", std::process::id())),
+            "{message}"
+        );
+        assert!(message.contains("vmfactory factory destroy"), "{message}");
+        drop(held);
+        drop(lock_endpoint(&endpoint).expect("free once the first is gone"));
     }
 }

@@ -25,6 +25,7 @@ use vmfactory_hypervisor::{Backend, Hypervisor, HypervisorError, MemoryBackend};
 use crate::agent_port::PortWatch;
 use crate::base::{FactoryBase, FactoryError};
 use crate::config::VmConfig;
+use crate::lock::{LockError, LockKind, PathLock};
 use crate::pool::{Maker, ReadyPool};
 use crate::vm::{connect_agent, Vm, VmError};
 
@@ -97,6 +98,9 @@ pub enum TemplateError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process creates or destroys this template.
+    #[error(transparent)]
+    Locked(#[from] LockError),
     /// The hypervisor failed.
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
@@ -131,11 +135,13 @@ impl TemplateFactory {
     /// Creates a template at `path` from `config` on `backend`: mounts a tmpfs, boots the
     /// template VM on a shared memory file there, waits for its agent, lets the agent go
     /// back to waiting for a host, saves the device state and stops the template VM.
+    /// Holds the template's lock throughout: a concurrent creation or destroy is refused.
     pub async fn new(
         config: &VmConfig,
         path: &Path,
         backend: Arc<dyn Backend>,
     ) -> Result<Self, TemplateError> {
+        let _lock = PathLock::acquire(path, LockKind::Template)?;
         if path.join(METADATA_FILE).exists() {
             return Err(TemplateError::Exists(path.to_path_buf()));
         }

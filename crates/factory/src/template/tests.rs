@@ -341,3 +341,38 @@ fn a_mounted_tmpfs_is_unmounted_and_the_user_directory_kept() {
     assert!(destroy(&made).expect("destroy"));
     assert!(!made.exists(), "the directory vmfactory made is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creations_one_wins_the_other_is_refused_naming_the_pid() {
+    let world = World::new();
+    let (first, second) = tokio::join!(
+        TemplateFactory::new(&world.config, &world.path, world.backend.clone()),
+        TemplateFactory::new(&world.config, &world.path, world.backend.clone()),
+    );
+    let (won, lost) = match (first, second) {
+        (Ok(won), Err(lost)) | (Err(lost), Ok(won)) => (won, lost),
+        (first, second) => panic!("expected one winner: {first:?} / {second:?}"),
+    };
+    let pid = std::process::id();
+    assert!(
+        matches!(&lost, TemplateError::Locked(crate::lock::LockError::Busy { pid: Some(p), .. }) if *p == pid),
+        "{lost}"
+    );
+    assert!(
+        lost.to_string().contains(&format!("process {pid}")),
+        "{lost}"
+    );
+    drop(won);
+    TemplateFactory::fetch(&world.config, &world.path, world.backend.clone())
+        .await
+        .expect("the winner left a usable template");
+
+    // destroy takes the same lock: refused while a creation holds it.
+    let held =
+        crate::lock::PathLock::acquire(&world.path, crate::lock::LockKind::Template).expect("hold");
+    let err = destroy(&world.path).expect_err("destroy during a creation");
+    assert!(matches!(err, TemplateError::Locked(_)), "{err}");
+    assert!(world.path.join(METADATA_FILE).exists(), "nothing removed");
+    drop(held);
+    assert!(destroy(&world.path).expect("destroy"));
+}

@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 
 use super::metadata::read_metadata;
 use super::{io_error, TemplateError, MEMORY_FILE, METADATA_FILE, STATE_FILE};
+use crate::lock::{LockKind, PathLock};
 
 /// `statfs` magic of tmpfs.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -204,8 +205,15 @@ pub(super) fn remove_ours(path: &Path) -> Result<bool, TemplateError> {
 
 /// Removes the template at `path`, but only what vmfactory made there (see
 /// [`OWNER_MARKER`]). Does nothing when there is no template; refuses a path that is not a
-/// directory.
+/// directory, and refuses while another process holds the template's lock.
 pub fn destroy(path: &Path) -> Result<bool, TemplateError> {
+    let no_parent = path
+        .parent()
+        .is_some_and(|parent| !parent.as_os_str().is_empty() && !parent.is_dir());
+    if no_parent {
+        return Ok(false); // nowhere a template (or its lock file) could be
+    }
+    let _lock = PathLock::acquire(path, LockKind::Template)?;
     match std::fs::metadata(path) {
         Ok(meta) if !meta.is_dir() => return Err(TemplateError::NotADirectory(path.to_path_buf())),
         Ok(_) => {}
