@@ -166,11 +166,13 @@ impl Processes {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(false);
-        // SAFETY: setsid is async-signal-safe; the child leads a new process group, so a
-        // timeout or a signal can reach everything it started.
+        // SAFETY: setsid, open, write and close are async-signal-safe; the child leads a
+        // new process group, so a timeout or a signal can reach everything it started, and
+        // does not inherit the agent's exemption from the OOM killer.
         unsafe {
             command.pre_exec(|| {
                 libc::setsid();
+                reset_oom_score_adj();
                 Ok(())
             });
         }
@@ -349,6 +351,23 @@ impl Processes {
     }
 }
 
+/// Sets this process's `oom_score_adj` back to 0 (the agent runs at -1000): for a child
+/// between `fork` and `exec`, so only async-signal-safe calls on static data.
+fn reset_oom_score_adj() {
+    // SAFETY: a NUL-terminated static path; the descriptor is closed before returning;
+    // open, write and close are async-signal-safe.
+    unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio_stream::StreamExt;
@@ -370,6 +389,27 @@ mod tests {
             data.extend(chunk.expect("chunk").data);
         }
         data
+    }
+
+    /// The agent runs at `oom_score_adj` -1000; what it starts for users runs at 0.
+    #[tokio::test]
+    async fn started_processes_do_not_inherit_the_oom_exemption() {
+        let own = std::fs::read_to_string("/proc/self/oom_score_adj").expect("own score");
+        crate::init::protect_from_oom();
+        let protected = std::fs::read_to_string("/proc/self/oom_score_adj").expect("score");
+        let child = async {
+            let processes = Processes::default();
+            let (id, _) = processes
+                .start(request(&["cat", "/proc/self/oom_score_adj"]))
+                .expect("start");
+            read_all(&processes, &id, Output::Stdout).await
+        }
+        .await;
+        std::fs::write("/proc/self/oom_score_adj", own.trim()).expect("restore the score");
+        if protected.trim() != crate::init::AGENT_OOM_SCORE_ADJ {
+            return; // lowering the score needs CAP_SYS_RESOURCE, which this test run lacks
+        }
+        assert_eq!(child, b"0\n");
     }
 
     #[tokio::test]
