@@ -41,9 +41,22 @@ pub fn prepare_system() {
             warn!(target, %err, "Mount failed");
         }
     }
+    protect_from_oom();
     std::env::set_var("PATH", "/bin:/sbin:/usr/bin:/usr/sbin");
     std::env::set_var("HOME", "/root");
     load_modules(Path::new(MODULES_DIR));
+}
+
+/// `oom_score_adj` of PID 1 and the agent server: the guest's OOM killer never picks
+/// them (the server inherits it across `fork`; processes it starts for users are reset to
+/// 0 before `exec`, see `process::reset_oom_score_adj`).
+pub const AGENT_OOM_SCORE_ADJ: &str = "-1000";
+
+/// Exempts this process (and the children it forks) from the guest's OOM killer.
+pub fn protect_from_oom() {
+    if let Err(err) = std::fs::write("/proc/self/oom_score_adj", AGENT_OOM_SCORE_ADJ) {
+        warn!(%err, "Cannot exempt the agent from the OOM killer");
+    }
 }
 
 fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> std::io::Result<()> {

@@ -290,9 +290,11 @@ impl Processes {
             .stderr(child_err)
             .kill_on_drop(false);
         let terminal = request.terminal;
-        // SAFETY: setsid and ioctl are async-signal-safe. The child leads a new session
-        // and process group, so a timeout or a signal can reach everything it started; a
-        // terminal process takes its terminal (already its fd 0) as controlling terminal.
+        // SAFETY: setsid, ioctl, open, write and close are async-signal-safe. The child
+        // leads a new session and process group, so a timeout or a signal can reach
+        // everything it started; a terminal process takes its terminal (already its fd 0)
+        // as controlling terminal; and it does not inherit the agent's exemption from the
+        // OOM killer.
         unsafe {
             command.pre_exec(move || {
                 if libc::setsid() < 0 {
@@ -301,6 +303,7 @@ impl Processes {
                 if terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                reset_oom_score_adj();
                 Ok(())
             });
         }
@@ -544,6 +547,23 @@ impl Processes {
             });
         self.lock()?.remove(id);
         Ok(ended)
+    }
+}
+
+/// Sets this process's `oom_score_adj` back to 0 (the agent runs at -1000): for a child
+/// between `fork` and `exec`, so only async-signal-safe calls on static data.
+fn reset_oom_score_adj() {
+    // SAFETY: a NUL-terminated static path; the descriptor is closed before returning;
+    // open, write and close are async-signal-safe.
+    unsafe {
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
     }
 }
 

@@ -84,11 +84,15 @@ fn host_left_at(text: &str) -> Option<usize> {
         .min()
 }
 
-/// The console text after byte `offset` (at most [`MAX_CONSOLE_READ`] bytes).
+/// The console text after byte `offset` (at most [`MAX_CONSOLE_READ`] bytes). The
+/// hypervisor may free the head of a flooded log (it reads as NUL bytes; offsets stay);
+/// should a log ever be shorter than the mark (truncated, replaced), all of it is new.
 fn read_after(console: &Path, offset: u64) -> String {
     let Ok(mut file) = std::fs::File::open(console) else {
         return String::new();
     };
+    let len = file.metadata().map_or(0, |meta| meta.len());
+    let offset = if len < offset { 0 } else { offset };
     if file.seek(SeekFrom::Start(offset)).is_err() {
         return String::new();
     }
@@ -124,5 +128,9 @@ mod tests {
         std::fs::write(&console, "Host disconnected\nAgent port opened\n").expect("write");
         assert_eq!(read_after(&console, mark), "Agent port opened\n");
         assert_eq!(read_after(&dir.path().join("missing"), 0), "");
+        // A log cut below the mark is read from its start.
+        let mark = std::fs::metadata(&console).expect("meta").len();
+        std::fs::write(&console, "Agent port opened\n").expect("truncate");
+        assert_eq!(read_after(&console, mark), "Agent port opened\n");
     }
 }

@@ -19,6 +19,7 @@ pub mod base;
 pub mod cache;
 pub mod config;
 pub mod handover;
+pub mod lock;
 pub mod metrics;
 pub mod pool;
 pub mod select;

@@ -13,6 +13,16 @@ use crate::metrics::MetricsAddress;
 
 /// Where the configuration is read from when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmfactory/configuration.toml";
+/// Largest configuration file read, bytes: anything bigger is not a configuration.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Most VMs a VMCache server keeps ready, and most clones in a template's warm pool.
+pub const MAX_READY_VMS: u32 = 64;
+/// Longest boot or agent timeout, seconds.
+pub const MAX_TIMEOUT_SECS: u64 = 3600;
+/// Most vCPUs a QEMU guest can be grown to.
+pub const MAX_VCPUS: u32 = 255;
+/// Hot-plug limit of guest RAM when the host's memory is unknown or larger, MiB.
+const DEFAULT_MAX_MEMORY_MIB: u32 = 2048;
 
 /// Errors of loading or validating the configuration.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +35,12 @@ pub enum SettingsError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The file is too large to be a configuration.
+    #[error("Configuration {} is larger than {} KiB: point --config at vmfactory's TOML configuration", .path.display(), MAX_CONFIG_BYTES >> 10)]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
     },
     /// The file is not valid TOML for our schema (unknown keys included).
     #[error("Invalid configuration {path}: {message}")]
@@ -122,7 +138,9 @@ impl Default for QemuSettings {
             default_maxvcpus: 4,
             default_memory: 256,
             memory_slots: 4,
-            default_maxmemory: 2048,
+            default_maxmemory: host_memory_mib().map_or(DEFAULT_MAX_MEMORY_MIB, |host| {
+                host.min(DEFAULT_MAX_MEMORY_MIB)
+            }),
             accelerator: Accelerator::Auto,
             kernel_is_pvm: false,
             tcg_tb_size: 0,
@@ -179,8 +197,32 @@ impl Default for FactorySettings {
     }
 }
 
+/// The host's memory (`MemTotal` of /proc/meminfo), MiB; `None` when unknown.
+pub fn host_memory_mib() -> Option<u32> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(u32::try_from(kib >> 10).unwrap_or(u32::MAX))
+}
+
+fn check_timeout(key: &'static str, seconds: u64) -> Result<(), SettingsError> {
+    if seconds == 0 || seconds > MAX_TIMEOUT_SECS {
+        return Err(invalid(
+            key,
+            format!("{seconds} s is out of range: give 1 to {MAX_TIMEOUT_SECS} seconds"),
+        ));
+    }
+    Ok(())
+}
+
 /// Most vCPUs the host offers.
-fn host_cpus() -> u32 {
+pub fn host_cpus() -> u32 {
     std::thread::available_parallelism()
         .map(|n| u32::try_from(n.get()).unwrap_or(u32::MAX))
         .unwrap_or(1)
@@ -208,9 +250,23 @@ impl Settings {
             None if Path::new(DEFAULT_CONFIG_PATH).is_file() => DEFAULT_CONFIG_PATH.into(),
             None => return Ok(Self::default()),
         };
-        let text = std::fs::read_to_string(&path).map_err(|source| SettingsError::Read {
+        let read_error = |source| SettingsError::Read {
             path: path.clone(),
             source,
+        };
+        let file = std::fs::File::open(&path).map_err(read_error)?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(file, MAX_CONFIG_BYTES + 1),
+            &mut bytes,
+        )
+        .map_err(read_error)?;
+        if bytes.len() as u64 > MAX_CONFIG_BYTES {
+            return Err(SettingsError::TooLarge { path });
+        }
+        let text = String::from_utf8(bytes).map_err(|_| SettingsError::Parse {
+            path: path.clone(),
+            message: "not UTF-8 text".into(),
         })?;
         Self::parse(&text, &path)
     }
@@ -259,10 +315,10 @@ impl Settings {
                 ),
             ));
         }
-        if qemu.default_maxvcpus > 255 {
+        if qemu.default_maxvcpus > MAX_VCPUS {
             return Err(invalid(
                 "hypervisor.qemu.default_maxvcpus",
-                format!("{} exceeds 255: lower it", qemu.default_maxvcpus),
+                format!("{} exceeds {MAX_VCPUS}: lower it", qemu.default_maxvcpus),
             ));
         }
         if qemu.default_maxmemory < qemu.default_memory {
@@ -332,10 +388,16 @@ impl Settings {
                 "is set but accelerator = \"tcg\": PVM kernels matter only with KVM; use accelerator = \"auto\" or \"kvm\"",
             ));
         }
-        if self.agent.dial_timeout == 0 {
+        self.validate_against_host(host_memory_mib())?;
+        check_timeout("hypervisor.qemu.boot_timeout", qemu.boot_timeout)?;
+        check_timeout("agent.dial_timeout", self.agent.dial_timeout)?;
+        if qemu.runtime_dir.as_os_str().is_empty() || qemu.runtime_dir.is_relative() {
             return Err(invalid(
-                "agent.dial_timeout",
-                "is 0: give the seconds a handed-out VM's agent may take to answer",
+                "hypervisor.qemu.runtime_dir",
+                format!(
+                    "{:?} is not an absolute path: give a directory for VM sockets and logs, e.g. \"/run/vmfactory\"",
+                    qemu.runtime_dir
+                ),
             ));
         }
         let factory = &self.factory;
@@ -344,6 +406,17 @@ impl Settings {
                 "factory.template_path",
                 "is empty but enable_template = true: give a directory for the template",
             ));
+        }
+        for (key, value) in [
+            ("factory.vm_cache_number", factory.vm_cache_number),
+            ("factory.template_warm_pool", factory.template_warm_pool),
+        ] {
+            if value > MAX_READY_VMS {
+                return Err(invalid(
+                    key,
+                    format!("{value} exceeds {MAX_READY_VMS}: lower it (each is a running VM)"),
+                ));
+            }
         }
         if factory.template_warm_pool > 0 && !factory.enable_template {
             return Err(invalid(
@@ -367,6 +440,27 @@ impl Settings {
                 "factory.vm_cache_endpoint",
                 "is empty but vm_cache_number > 0: give the server's Unix socket path",
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks the memory keys against the host's memory (`host_mib`; skipped when unknown).
+    fn validate_against_host(&self, host_mib: Option<u32>) -> Result<(), SettingsError> {
+        let qemu = &self.hypervisor.qemu;
+        let Some(host) = host_mib else {
+            return Ok(());
+        };
+        for (key, value) in [
+            ("hypervisor.qemu.default_memory", qemu.default_memory),
+            ("hypervisor.qemu.default_maxmemory", qemu.default_maxmemory),
+            ("hypervisor.qemu.tcg_tb_size", qemu.tcg_tb_size),
+        ] {
+            if value > host {
+                return Err(invalid(
+                    key,
+                    format!("{value} MiB exceeds the host's memory ({host} MiB): lower it"),
+                ));
+            }
         }
         Ok(())
     }
@@ -412,157 +506,4 @@ impl Settings {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<Settings, SettingsError> {
-        Settings::parse(text, Path::new("test.toml"))
-    }
-
-    fn message(text: &str) -> String {
-        parse(text).expect_err("invalid").to_string()
-    }
-
-    #[test]
-    fn empty_file_gives_defaults() {
-        assert_eq!(parse("").expect("empty"), Settings::default());
-    }
-
-    #[test]
-    fn a_kata_factory_section_loads_unchanged() {
-        let kata = r#"
-[factory]
-# VM templating support.
-enable_template = true
-template_path = "/run/vc/vm/template"
-# VMCache
-vm_cache_number = 3
-vm_cache_endpoint = "/var/run/kata-containers/cache.sock"
-"#;
-        let settings = parse(kata).expect("kata factory section");
-        assert!(settings.factory.enable_template);
-        assert_eq!(
-            settings.factory.template_path,
-            Path::new("/run/vc/vm/template")
-        );
-        assert_eq!(settings.factory.vm_cache_number, 3);
-        assert_eq!(
-            settings.factory.vm_cache_endpoint,
-            Path::new("/var/run/kata-containers/cache.sock")
-        );
-    }
-
-    #[test]
-    fn unknown_keys_are_named() {
-        let err = message("[factory]\nenable_templates = true\n");
-        assert!(err.contains("enable_templates"), "{err}");
-        let err = message("[hypervisor.qemu]\nmemory = 128\n");
-        assert!(err.contains("memory"), "{err}");
-    }
-
-    #[test]
-    fn every_rule_names_its_key() {
-        let cases = [
-            (
-                "[hypervisor.qemu]\ndefault_memory = 0",
-                "default_memory: is 0",
-            ),
-            (
-                "[hypervisor.qemu]\ndefault_memory = 16",
-                "16 MiB is too small",
-            ),
-            (
-                "[hypervisor.qemu]\ndefault_vcpus = 0",
-                "default_vcpus: is 0",
-            ),
-            (
-                "[hypervisor.qemu]\ndefault_vcpus = 100000\ndefault_maxvcpus = 100000",
-                "exceeds the host's",
-            ),
-            (
-                "[hypervisor.qemu]\ndefault_maxvcpus = 0",
-                "default_maxvcpus: 0 is below default_vcpus",
-            ),
-            ("[hypervisor.qemu]\ndefault_maxvcpus = 300", "exceeds 255"),
-            (
-                "[hypervisor.qemu]\ndefault_maxmemory = 128",
-                "default_maxmemory: 128 MiB is below",
-            ),
-            (
-                "[hypervisor.qemu]\nmemory_slots = 300",
-                "memory_slots: 300 exceeds 256",
-            ),
-            (
-                "[hypervisor.qemu]\nmachine_type = \"virt\"",
-                "machine_type: \"virt\" is not supported",
-            ),
-            (
-                "[hypervisor.qemu]\nkernel = \"/nonexistent/k\"\ninitrd = \"/nonexistent/i\"",
-                "kernel: /nonexistent/k does not exist",
-            ),
-            (
-                "[hypervisor.qemu]\naccelerator = \"tcg\"\nkernel_is_pvm = true",
-                "kernel_is_pvm",
-            ),
-            ("[hypervisor.qemu]\naccelerator = \"xen\"", "xen"),
-            (
-                "[factory]\ntemplate_warm_pool = 2",
-                "template_warm_pool: needs enable_template",
-            ),
-            (
-                "[factory]\nvm_cache_number = 1\nmetrics_address = \"nowhere\"",
-                "metrics_address: Invalid metrics address",
-            ),
-            (
-                "[factory]\nmetrics_address = \"127.0.0.1:9464\"",
-                "metrics_address: needs vm_cache_number",
-            ),
-            (
-                "[factory]\nenable_template = true\ntemplate_path = \"\"",
-                "template_path: is empty",
-            ),
-            (
-                "[factory]\nvm_cache_number = 2\nvm_cache_endpoint = \"\"",
-                "vm_cache_endpoint: is empty",
-            ),
-        ];
-        for (text, expected) in cases {
-            let err = message(text);
-            assert!(err.contains(expected), "{text:?} gave {err:?}");
-        }
-    }
-
-    #[test]
-    fn initrd_larger_than_memory_and_lone_kernel_are_refused() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let kernel = dir.path().join("kernel");
-        let initrd = dir.path().join("initrd");
-        std::fs::write(&kernel, b"k").expect("kernel");
-        let file = std::fs::File::create(&initrd).expect("initrd");
-        file.set_len(200 << 20).expect("size");
-        let text = format!(
-            "[hypervisor.qemu]\nkernel = {:?}\ninitrd = {:?}\ndefault_memory = 128\n",
-            kernel, initrd
-        );
-        let err = message(&text);
-        assert!(err.contains("larger than guest memory"), "{err}");
-        let text = format!("[hypervisor.qemu]\nkernel = {kernel:?}\n");
-        let err = message(&text);
-        assert!(
-            err.contains("kernel and initrd must be set together"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn vm_config_takes_sizes_and_the_image() {
-        let settings =
-            parse("[hypervisor.qemu]\ndefault_memory = 512\ntcg_tb_size = 32\n").expect("settings");
-        let config = settings.vm_config(Some(("/img/vmlinux".into(), "/img/initrd".into())));
-        assert_eq!(config.memory_mib, 512);
-        assert_eq!(config.kernel, Path::new("/img/vmlinux"));
-        assert_eq!(config.initrd.as_deref(), Some(Path::new("/img/initrd")));
-        assert_eq!(config.qemu.tb_size_mib, Some(32));
-        assert_eq!(config.agent_timeout, Duration::from_secs(30));
-    }
-}
+mod tests;

@@ -20,6 +20,7 @@ use vmfactory_protocols::cache::{GrpcStatus, GrpcVm, GrpcVmConfig, GrpcVmStatus}
 use crate::base::{FactoryBase, FactoryError, VmStatus};
 use crate::config::VmConfig;
 use crate::handover::HandOverRecord;
+use crate::lock::{LockError, LockKind, PathLock};
 use crate::vm::{Vm, VmError};
 
 mod authority;
@@ -32,6 +33,9 @@ pub enum VmCacheError {
         "A VMCache server already answers on {0}: stop it with `vmfactory factory destroy` first"
     )]
     AlreadyRunning(PathBuf),
+    /// The endpoint exists and is not a socket: it is not vmfactory's to remove.
+    #[error("vm_cache_endpoint {0} exists and is not a Unix socket: set vm_cache_endpoint to another path, or move that file away")]
+    NotASocket(PathBuf),
     /// No server answers on the endpoint.
     #[error(
         "No VMCache server answers on {path} ({reason}): start one with `vmfactory factory init`"
@@ -69,6 +73,9 @@ pub enum VmCacheError {
         /// Why.
         detail: String,
     },
+    /// Another server holds the endpoint.
+    #[error(transparent)]
+    Locked(#[from] LockError),
     /// Serving failed.
     #[error("VMCache server failed: {0}")]
     Serve(String),
@@ -76,11 +83,30 @@ pub enum VmCacheError {
 
 /// Serves `factory` (normally a [`crate::CacheFactory`]) on the Unix socket `endpoint`
 /// until `shutdown` is notified or a client calls `Quit`. Refuses to start while another
-/// server answers there; removes a stale socket; the socket is mode 0600 and removed on
-/// exit. The factory is not closed here: the caller decides what to release.
+/// server answers there, and when the path is anything but a socket; removes a stale socket; the socket is mode 0600 and removed on
+/// exit. The factory is not closed here: the caller decides what to release. Holds the
+/// endpoint's lock ([`lock_endpoint`]) while it serves.
 pub async fn serve(
     factory: Arc<dyn FactoryBase>,
     endpoint: &Path,
+    shutdown: Arc<Notify>,
+) -> Result<(), VmCacheError> {
+    let lock = lock_endpoint(endpoint)?;
+    serve_locked(factory, endpoint, &lock, shutdown).await
+}
+
+/// Takes the lock of `endpoint` (`<endpoint>.lock`), refusing at once, with the holder's
+/// pid, while another server holds it. Hold it for the server's whole life.
+pub fn lock_endpoint(endpoint: &Path) -> Result<PathLock, VmCacheError> {
+    Ok(PathLock::acquire(endpoint, LockKind::Endpoint)?)
+}
+
+/// [`serve`] with the endpoint's lock already held by the caller (taken before it
+/// started filling its cache, so a second server is refused before it boots anything).
+pub async fn serve_locked(
+    factory: Arc<dyn FactoryBase>,
+    endpoint: &Path,
+    _lock: &PathLock,
     shutdown: Arc<Notify>,
 ) -> Result<(), VmCacheError> {
     let listener = bind(endpoint).await?;
@@ -113,7 +139,11 @@ async fn bind(endpoint: &Path) -> Result<UnixListener, VmCacheError> {
     if let Some(parent) = endpoint.parent() {
         std::fs::create_dir_all(parent).map_err(io("Cannot create the directory of"))?;
     }
-    if endpoint.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(endpoint) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(VmCacheError::NotASocket(endpoint.to_path_buf()));
+        }
         if UnixStream::connect(endpoint).await.is_ok() {
             return Err(VmCacheError::AlreadyRunning(endpoint.to_path_buf()));
         }
@@ -337,5 +367,44 @@ impl FactoryBase for GrpcCacheFactory {
 
     async fn close(&self) -> Result<(), FactoryError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_refuses_a_file_and_replaces_a_stale_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("cache.sock");
+        std::fs::write(&file, b"not a socket").expect("file");
+        let err = bind(&file).await.expect_err("a regular file");
+        assert!(matches!(err, VmCacheError::NotASocket(_)), "{err}");
+        assert!(err.to_string().contains("is not a Unix socket"), "{err}");
+        assert_eq!(std::fs::read(&file).expect("kept"), b"not a socket");
+
+        let stale = dir.path().join("stale.sock");
+        drop(std::os::unix::net::UnixListener::bind(&stale).expect("socket"));
+        let listener = bind(&stale).await.expect("a stale socket is replaced");
+        let err = bind(&stale).await.expect_err("a live one is not");
+        assert!(matches!(err, VmCacheError::AlreadyRunning(_)), "{err}");
+        drop(listener);
+    }
+
+    #[tokio::test]
+    async fn a_second_server_is_refused_by_the_lock_naming_the_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = dir.path().join("cache.sock");
+        let held = lock_endpoint(&endpoint).expect("first server");
+        let err = lock_endpoint(&endpoint).expect_err("second server");
+        let message = err.to_string();
+        assert!(
+            message.contains(&format!("vmfactory process {}", std::process::id())),
+            "{message}"
+        );
+        assert!(message.contains("vmfactory factory destroy"), "{message}");
+        drop(held);
+        drop(lock_endpoint(&endpoint).expect("free once the first is gone"));
     }
 }

@@ -103,6 +103,8 @@ async fn stop_server(endpoint: &std::path::Path) -> Result<()> {
 /// Runs the VMCache server in the foreground until SIGTERM/SIGINT or `Quit`.
 async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let factory = &resolved.settings.factory;
+    // Held for the server's life; a second server is refused before it boots anything.
+    let endpoint_lock = vmcache::lock_endpoint(&factory.vm_cache_endpoint)?;
     let creating = (factory.enable_template
         && !factory.template_path.join(template::METADATA_FILE).exists())
     .then(|| {
@@ -177,7 +179,13 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
         factory.vm_cache_number
     );
     let warming = tokio::spawn(show_warm_up(server.cache(), factory.vm_cache_number));
-    let served = vmcache::serve(server.cache(), &factory.vm_cache_endpoint, shutdown).await;
+    let served = vmcache::serve_locked(
+        server.cache(),
+        &factory.vm_cache_endpoint,
+        &endpoint_lock,
+        shutdown,
+    )
+    .await;
     warming.abort();
     eprintln!("vmfactory: VMCache server stopping");
     if let Some(task) = metrics_task {

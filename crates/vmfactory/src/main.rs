@@ -155,6 +155,7 @@ impl VmArgs {
             settings.hypervisor.qemu.kernel = kernel.clone();
             settings.hypervisor.qemu.initrd = initrd.clone();
         }
+        check_request(&settings.hypervisor.qemu, self.vcpus, self.memory)?;
         let mut base = settings.vm_config(None);
         // VMs are owned by the process that makes them (and die with it), except the
         // VMCache server's, which are handed over and must outlive it.
@@ -169,6 +170,29 @@ impl VmArgs {
             request,
         })
     }
+}
+
+/// Refuses `--vcpus` / `--memory` beyond the configured hot-plug limits and the host.
+fn check_request(
+    qemu: &vmfactory_factory::settings::QemuSettings,
+    vcpus: Option<u32>,
+    memory: Option<u32>,
+) -> Result<()> {
+    let host_cpus = vmfactory_factory::settings::host_cpus();
+    if let Some(vcpus) = vcpus.filter(|&v| v > qemu.default_maxvcpus.min(host_cpus)) {
+        anyhow::bail!(
+            "--vcpus {vcpus} exceeds the limit of {} (default_maxvcpus = {}, host CPUs = {host_cpus}): ask for fewer, or raise default_maxvcpus in [hypervisor.qemu]",
+            qemu.default_maxvcpus.min(host_cpus),
+            qemu.default_maxvcpus
+        );
+    }
+    if let Some(memory) = memory.filter(|&m| m > qemu.default_maxmemory) {
+        anyhow::bail!(
+            "--memory {memory} MiB exceeds default_maxmemory ({} MiB): ask for less, or raise default_maxmemory in [hypervisor.qemu] (at most the host's memory)",
+            qemu.default_maxmemory
+        );
+    }
+    Ok(())
 }
 
 pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -238,5 +262,25 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
             .await
             .context("Guest image task failed")?,
         Command::Bench(command) => bench::run(command, config).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_beyond_the_limits_are_refused() {
+        let qemu = vmfactory_factory::settings::QemuSettings::default();
+        assert!(check_request(&qemu, Some(1), Some(qemu.default_maxmemory)).is_ok());
+        assert!(check_request(&qemu, None, None).is_ok());
+        let err = check_request(&qemu, None, Some(32 << 10)).expect_err("32 GiB");
+        assert!(
+            err.to_string()
+                .contains("--memory 32768 MiB exceeds default_maxmemory"),
+            "{err}"
+        );
+        let err = check_request(&qemu, Some(1000), None).expect_err("1000 vCPUs");
+        assert!(err.to_string().contains("--vcpus 1000 exceeds"), "{err}");
     }
 }

@@ -248,3 +248,23 @@ fn listed_argv_keeps_4_kib() {
     assert_eq!(listed[1].len(), LISTED_ARGV_BYTES - 2); // whole characters only
     assert!(listed.iter().map(String::len).sum::<usize>() <= LISTED_ARGV_BYTES);
 }
+
+#[tokio::test]
+async fn started_processes_do_not_inherit_the_oom_exemption() {
+    let own = std::fs::read_to_string("/proc/self/oom_score_adj").expect("own score");
+    crate::init::protect_from_oom();
+    let protected = std::fs::read_to_string("/proc/self/oom_score_adj").expect("score");
+    let child = async {
+        let processes = Processes::default();
+        let (id, _) = processes
+            .start(request(&["cat", "/proc/self/oom_score_adj"]))
+            .expect("start");
+        read_all(&processes, &id, Output::Stdout).await
+    }
+    .await;
+    std::fs::write("/proc/self/oom_score_adj", own.trim()).expect("restore the score");
+    if protected.trim() != crate::init::AGENT_OOM_SCORE_ADJ {
+        return; // lowering the score needs CAP_SYS_RESOURCE, which this test run lacks
+    }
+    assert_eq!(child, b"0\n");
+}

@@ -68,7 +68,7 @@ pub struct TemplateMetadata {
     pub memory_bytes: u64,
     /// The VM settings.
     pub vm: TemplateVmConfig,
-    /// Whether vmfactory mounted the tmpfs (and so unmounts it on close).
+    /// Whether vmfactory mounted the tmpfs (informative: `destroy` follows the owner marker).
     pub mounted_tmpfs: bool,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,

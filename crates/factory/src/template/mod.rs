@@ -18,20 +18,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 use vmfactory_hypervisor::qemu::new_vm_id;
 use vmfactory_hypervisor::{Backend, Hypervisor, HypervisorError, MemoryBackend};
 
 use crate::agent_port::PortWatch;
 use crate::base::{FactoryBase, FactoryError};
 use crate::config::VmConfig;
+use crate::lock::{LockError, LockKind, PathLock};
 use crate::pool::{Maker, ReadyPool};
 use crate::vm::{connect_agent, Vm, VmError};
 
 use self::metadata::{expected_metadata, sha256_file};
 pub use self::metadata::{read_metadata, FileStamp, TemplateMetadata, TemplateVmConfig};
-pub use self::tmpfs::{destroy, is_mountpoint};
-use self::tmpfs::{prepare_tmpfs, unmount};
+pub use self::tmpfs::{destroy, is_mountpoint, Ownership, OWNER_MARKER};
+use self::tmpfs::{prepare_tmpfs, remove_ours};
 
 /// Version of the template layout and metadata.
 pub const TEMPLATE_FORMAT_VERSION: u32 = 1;
@@ -71,6 +72,12 @@ pub enum TemplateError {
         /// What differs, `; `-separated.
         differences: String,
     },
+    /// `template_path` exists and is not a directory.
+    #[error("template_path {0} exists and is not a directory: set template_path to a missing or empty directory, or move that file away")]
+    NotADirectory(PathBuf),
+    /// `template_path` is a directory with files vmfactory did not put there.
+    #[error("template_path {0} is a directory holding files vmfactory did not make: set template_path to a missing or empty directory (vmfactory never deletes what it did not create), or empty it yourself")]
+    NotOurs(PathBuf),
     /// The tmpfs could not be mounted.
     #[error("Cannot mount a tmpfs at {path} ({source}): run as root (CAP_SYS_ADMIN), or set template_path to a directory on an existing tmpfs such as /dev/shm/vmfactory-template")]
     Mount {
@@ -91,6 +98,9 @@ pub enum TemplateError {
         #[source]
         source: std::io::Error,
     },
+    /// Another process creates or destroys this template.
+    #[error(transparent)]
+    Locked(#[from] LockError),
     /// The hypervisor failed.
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
@@ -125,16 +135,19 @@ impl TemplateFactory {
     /// Creates a template at `path` from `config` on `backend`: mounts a tmpfs, boots the
     /// template VM on a shared memory file there, waits for its agent, lets the agent go
     /// back to waiting for a host, saves the device state and stops the template VM.
+    /// Holds the template's lock throughout: a concurrent creation or destroy is refused.
     pub async fn new(
         config: &VmConfig,
         path: &Path,
         backend: Arc<dyn Backend>,
     ) -> Result<Self, TemplateError> {
+        let _lock = PathLock::acquire(path, LockKind::Template)?;
         if path.join(METADATA_FILE).exists() {
             return Err(TemplateError::Exists(path.to_path_buf()));
         }
         let mut metadata = expected_metadata(config, backend.as_ref(), None)?;
-        let mounted = prepare_tmpfs(path, config.memory_mib + TMPFS_HEADROOM_MIB)?;
+        let ownership = prepare_tmpfs(path, config.memory_mib + TMPFS_HEADROOM_MIB)?;
+        let mounted = ownership.mounted_tmpfs;
         match Self::create(config, backend.as_ref(), path, &mut metadata, mounted).await {
             Ok(()) => Ok(Self {
                 config: config.clone(),
@@ -144,10 +157,10 @@ impl TemplateFactory {
                 pool: None,
             }),
             Err(err) => {
-                if mounted {
-                    let _ = unmount(path);
+                // Only what prepare_tmpfs made goes: never the user's directory.
+                if let Err(cleanup) = remove_ours(path) {
+                    warn!(path = %path.display(), %cleanup, "Cannot clean up the failed template");
                 }
-                let _ = std::fs::remove_dir_all(path);
                 Err(err)
             }
         }
@@ -296,7 +309,7 @@ impl TemplateFactory {
         &self.path
     }
 
-    /// Removes the template (unmount, delete), after stopping the warm pool.
+    /// Removes the template (what vmfactory made of it), after stopping the warm pool.
     pub async fn destroy(self) -> Result<(), TemplateError> {
         if let Some(pool) = &self.pool {
             pool.close().await;

@@ -90,7 +90,10 @@ fn files(path: &Path) -> Vec<String> {
 async fn create_clone_and_close() {
     let world = World::new();
     let template = world.create().await;
-    assert_eq!(files(&world.path), [MEMORY_FILE, METADATA_FILE, STATE_FILE]);
+    assert_eq!(
+        files(&world.path),
+        [OWNER_MARKER, MEMORY_FILE, METADATA_FILE, STATE_FILE]
+    );
     assert_eq!(template.metadata().qemu_version, "mock hypervisor 1");
     assert_eq!(template.metadata().memory_bytes, 128 << 20);
     assert!(
@@ -247,5 +250,129 @@ async fn vmcache_hands_over_by_record_and_refuses_unknown_versions() {
     assert!(!endpoint.exists(), "socket removed");
     cache.close().await.expect("close");
     assert_eq!(world.alive(), 0, "nothing left running");
+    assert!(destroy(&world.path).expect("destroy"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_vmfactory_did_not_make_is_refused_and_kept() {
+    let world = World::new();
+    std::fs::create_dir(&world.path).expect("user directory");
+    let precious = world.path.join("thesis.tex");
+    std::fs::write(&precious, b"years of work").expect("user file");
+    let err = TemplateFactory::new(&world.config, &world.path, world.backend.clone())
+        .await
+        .expect_err("a non-empty directory of the user");
+    assert!(matches!(err, TemplateError::NotOurs(_)), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&world.path.display().to_string()),
+        "{message}"
+    );
+    assert!(message.contains("missing or empty directory"), "{message}");
+    assert!(!destroy(&world.path).expect("destroy"), "nothing was ours");
+    assert_eq!(
+        std::fs::read(&precious).expect("the file survives"),
+        b"years of work"
+    );
+    assert_eq!(files(&world.path), ["thesis.tex"]);
+
+    // A file is not a directory: refused by both, and kept.
+    let file = world.path.join("thesis.tex");
+    let err = TemplateFactory::new(&world.config, &file, world.backend.clone())
+        .await
+        .expect_err("a file");
+    assert!(matches!(err, TemplateError::NotADirectory(_)), "{err}");
+    assert!(matches!(
+        destroy(&file),
+        Err(TemplateError::NotADirectory(_))
+    ));
+    assert!(file.is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_user_directory_stays_and_only_our_files_go() {
+    let world = World::new();
+    std::fs::create_dir(&world.path).expect("user directory");
+    drop(world.create().await);
+    assert_eq!(
+        Ownership::read_for_tests(&world.path),
+        Some(Ownership::default()),
+        "neither the directory nor a mount is ours"
+    );
+    assert!(destroy(&world.path).expect("destroy"));
+    assert!(world.path.is_dir(), "the user's directory stays");
+    assert!(files(&world.path).is_empty(), "our files are gone");
+
+    // A directory vmfactory made goes, unless the user put something in it since.
+    std::fs::remove_dir(&world.path).expect("rmdir");
+    drop(world.create().await);
+    std::fs::write(world.path.join("notes"), b"mine").expect("user file");
+    assert!(destroy(&world.path).expect("destroy"));
+    assert_eq!(files(&world.path), ["notes"]);
+}
+
+/// With privileges to mount: a tmpfs vmfactory mounts over the user's empty directory is
+/// unmounted by `destroy`, and the directory stays.
+#[test]
+fn a_mounted_tmpfs_is_unmounted_and_the_user_directory_kept() {
+    let dir = tempfile::tempdir_in(std::env::temp_dir()).expect("tempdir");
+    let user = dir.path().join("user");
+    std::fs::create_dir(&user).expect("user directory");
+    let ownership = match tmpfs::prepare_tmpfs(&user, 16) {
+        Ok(ownership) => ownership,
+        Err(TemplateError::Mount { .. }) => return, // no CAP_SYS_ADMIN here
+        Err(TemplateError::Io { .. }) if is_mountpoint(dir.path()) => return,
+        Err(err) => panic!("prepare: {err}"),
+    };
+    if !ownership.mounted_tmpfs {
+        return; // the temp directory is on a tmpfs already
+    }
+    assert!(!ownership.created_directory);
+    assert!(is_mountpoint(&user));
+    std::fs::write(user.join(MEMORY_FILE), b"guest memory").expect("memory");
+    assert!(destroy(&user).expect("destroy"));
+    assert!(!is_mountpoint(&user), "unmounted");
+    assert!(user.is_dir(), "the user's directory stays");
+    assert!(files(&user).is_empty(), "the marker underneath is gone too");
+
+    let made = dir.path().join("made");
+    let ownership = tmpfs::prepare_tmpfs(&made, 16).expect("prepare");
+    assert!(ownership.created_directory && ownership.mounted_tmpfs);
+    assert!(destroy(&made).expect("destroy"));
+    assert!(!made.exists(), "the directory vmfactory made is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_creations_one_wins_the_other_is_refused_naming_the_pid() {
+    let world = World::new();
+    let (first, second) = tokio::join!(
+        TemplateFactory::new(&world.config, &world.path, world.backend.clone()),
+        TemplateFactory::new(&world.config, &world.path, world.backend.clone()),
+    );
+    let (won, lost) = match (first, second) {
+        (Ok(won), Err(lost)) | (Err(lost), Ok(won)) => (won, lost),
+        (first, second) => panic!("expected one winner: {first:?} / {second:?}"),
+    };
+    let pid = std::process::id();
+    assert!(
+        matches!(&lost, TemplateError::Locked(crate::lock::LockError::Busy { pid: Some(p), .. }) if *p == pid),
+        "{lost}"
+    );
+    assert!(
+        lost.to_string().contains(&format!("process {pid}")),
+        "{lost}"
+    );
+    drop(won);
+    TemplateFactory::fetch(&world.config, &world.path, world.backend.clone())
+        .await
+        .expect("the winner left a usable template");
+
+    // destroy takes the same lock: refused while a creation holds it.
+    let held =
+        crate::lock::PathLock::acquire(&world.path, crate::lock::LockKind::Template).expect("hold");
+    let err = destroy(&world.path).expect_err("destroy during a creation");
+    assert!(matches!(err, TemplateError::Locked(_)), "{err}");
+    assert!(world.path.join(METADATA_FILE).exists(), "nothing removed");
+    drop(held);
     assert!(destroy(&world.path).expect("destroy"));
 }

@@ -40,7 +40,7 @@ pub use self::config::{
     default_firmware, default_runtime_dir, new_vm_id, qemu_version, resolve_binary, QemuConfig,
     QBOOT_PATH,
 };
-pub use self::console::failure_report;
+pub use self::console::{bound_console, failure_report, ConsoleBound, CONSOLE_CAP_BYTES};
 pub use self::orphans::{reap_orphans, OWNER_FILE};
 pub use self::process::processes_under;
 
@@ -122,6 +122,8 @@ pub struct Qemu {
     owned: bool,
     /// For an adopted QEMU (not our child): a pidfd to signal it without pid reuse races.
     pidfd: Option<std::os::fd::OwnedFd>,
+    /// Keeps the guest console log bounded while this handle owns the VM.
+    console_bound: ConsoleBound,
 }
 
 impl Qemu {
@@ -254,6 +256,7 @@ impl Hypervisor for Qemu {
         // Close our QMP session so the new owner can open its own.
         *self.qmp.get_mut() = None;
         self.owned = false;
+        self.console_bound.stop();
         Ok(HypervisorHandle::Qemu(QemuHandle {
             id: self.id.clone(),
             pid: self.pid,

@@ -12,6 +12,7 @@ use tracing::{debug, info};
 use super::accel::{self, HostProbe, ResolvedAccel};
 use super::cmdline::{self, StartMode, VmPaths, STATE_FD};
 use super::config::{resolve_binary, QemuConfig};
+use super::console::ConsoleBound;
 use super::qmp::Qmp;
 use super::{Qemu, QemuHandle};
 use crate::{Hypervisor, HypervisorError, Result, VmSpec};
@@ -140,11 +141,13 @@ impl Qemu {
             };
             let _ = exit_tx.send(Some(status));
         });
+        let console_bound = ConsoleBound::start(paths.console.clone(), exit_rx.clone());
         let mut qemu = Qemu {
             id: spec.id.clone(),
             pid,
             paths,
             accel,
+            console_bound,
             exit: exit_rx,
             qmp: Mutex::new(None),
             stopped: false,
@@ -234,11 +237,13 @@ impl Qemu {
             let _ = exit_tx.send(Some("exited (adopted process)".to_string()));
         });
         super::orphans::claim(&paths.dir);
+        let console_bound = ConsoleBound::start(paths.console.clone(), exit_rx.clone());
         Ok(Self {
             id: handle.id,
             pid: handle.pid,
             paths,
             accel: handle.accel,
+            console_bound,
             exit: exit_rx,
             qmp: Mutex::new(None),
             stopped: false,
