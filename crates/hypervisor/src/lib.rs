@@ -43,6 +43,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     /// Version of the hypervisor program; templates record it and refuse another.
     fn version(&self) -> Result<String>;
+    /// The hypervisor program's file, when it has one: templates stamp it so that an
+    /// unchanged program need not be asked its version again.
+    fn program(&self) -> Option<PathBuf> {
+        None
+    }
     /// Boots `spec`; the VM runs when this returns.
     async fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Hypervisor>>;
     /// Starts `spec` from the device state saved at `state` by

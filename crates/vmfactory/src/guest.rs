@@ -169,6 +169,12 @@ fn build_image(options: &BuildOptions, force: bool) -> Result<GuestImage> {
         force,
         ..options.clone()
     };
-    let mut progress = |message: &str| eprintln!("vmfactory: {message}");
-    build(&options, &mut progress).context("Cannot build the guest image")
+    let mut shown = crate::progress::Progress::spinner("Building the guest image");
+    let mut progress = |message: &str| shown.set_message(message);
+    let built = build(&options, &mut progress);
+    match &built {
+        Ok(image) => shown.finish(&format!("Guest image ready ({})", image.kernel_release)),
+        Err(_) => shown.abandon(),
+    }
+    built.context("Cannot build the guest image")
 }

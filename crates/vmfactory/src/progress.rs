@@ -74,6 +74,15 @@ impl Progress {
         self.shown = done;
     }
 
+    /// Says what the step is doing now.
+    pub fn set_message(&mut self, message: &str) {
+        match &self.bar {
+            Some(bar) => bar.set_message(message.to_string()),
+            None => eprintln!("vmfactory: {message}"),
+        }
+        self.message = message.to_string();
+    }
+
     /// Ends the step with `message`.
     pub fn finish(self, message: &str) {
         match &self.bar {

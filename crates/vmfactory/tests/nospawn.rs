@@ -182,3 +182,59 @@ fn template_commands_with_a_built_image_spawn_only_qemu() {
     assert!(!mounted(&env.template()));
     env.assert_nothing_spawned();
 }
+
+#[test]
+fn run_through_a_vmcache_server_spawns_nothing_at_all() {
+    let socket_dir = tempfile::tempdir().expect("tempdir");
+    let socket = socket_dir.path().join("cache.sock");
+    let env = StubbedEnv::new().with_factory(&format!(
+        "vm_cache_number = 1\nvm_cache_endpoint = {socket:?}"
+    ));
+    let mut server = env
+        .command(&["factory", "init"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the server");
+    let started = std::time::Instant::now();
+    loop {
+        let status = env.vmfactory(&["factory", "status", "--json"]);
+        let cached = serde_json::from_slice::<serde_json::Value>(&status.stdout)
+            .ok()
+            .and_then(|report| report["vms"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if cached == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(180),
+            "the server never cached a VM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // For the client alone, QEMU is a recording stand-in too: `run` must start nothing.
+    let qemu_stub = env.dir.path().join("stubs-qemu");
+    std::fs::create_dir(&qemu_stub).expect("mkdir");
+    let script = qemu_stub.join("qemu-system-x86_64");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"qemu-system-x86_64 $*\" >> '{}'\nexit 1\n",
+            env.log().display()
+        ),
+    )
+    .expect("write stand-in");
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut path = vec![qemu_stub];
+    path.extend(std::env::split_paths(&env.path()));
+    let output = env
+        .command(&["run", "--", "echo", "served"])
+        .env("PATH", std::env::join_paths(path).expect("PATH"))
+        .output()
+        .expect("run");
+    assert_success(&output);
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "served\n");
+    env.assert_nothing_spawned();
+    assert_success(&env.vmfactory(&["factory", "destroy"]));
+    let _ = server.wait();
+}

@@ -388,10 +388,12 @@ fn a_second_server_is_refused_a_stale_socket_is_replaced_and_sigterm_stops_clean
     assert!(dir.path().join("cache.sock").exists());
     let mut server = Server::start_in(dir, 1);
 
+    // Refused at once by the endpoint lock, naming the running server.
     let second = server.vmfactory(&["factory", "init"]);
     assert_eq!(second.status.code(), Some(125), "{}", text(&second));
+    let pid = server.child.as_ref().map(Child::id).expect("server");
     assert!(
-        text(&second).contains("already answers"),
+        text(&second).contains(&format!("in use by vmfactory process {pid}")),
         "{}",
         text(&second)
     );

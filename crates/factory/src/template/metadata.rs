@@ -72,6 +72,10 @@ pub struct TemplateMetadata {
     pub mounted_tmpfs: bool,
     /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
+    /// Stamp of the hypervisor program when its version was taken (lets `fetch` skip
+    /// asking it again).
+    #[serde(default)]
+    pub qemu_stamp: Option<FileStamp>,
     /// Stamp of the kernel file when its digest was taken (lets `fetch` skip hashing it).
     #[serde(default)]
     pub kernel_stamp: Option<FileStamp>,
@@ -236,9 +240,24 @@ pub(super) fn expected_metadata(
         }
         None => (None, None),
     };
+    // The hypervisor's version is asked only when its program changed since it was
+    // recorded (`qemu --version` would be a process on every clone otherwise).
+    let qemu_stamp = backend
+        .program()
+        .and_then(|program| FileStamp::of(&program).ok());
+    let known_version = built.and_then(|b| {
+        let recorded = b.qemu_stamp.as_ref()?;
+        let settled = recorded.ctime_ns + 2_000_000_000 < i128::from(b.created_unix) * 1_000_000_000;
+        (Some(recorded) == qemu_stamp.as_ref() && settled).then(|| b.qemu_version.clone())
+    });
+    let qemu_version = match known_version {
+        Some(version) => version,
+        None => backend.version()?,
+    };
     Ok(TemplateMetadata {
         format_version: TEMPLATE_FORMAT_VERSION,
-        qemu_version: backend.version()?,
+        qemu_version,
+        qemu_stamp,
         kernel: config.kernel.clone(),
         kernel_sha256,
         kernel_stamp: Some(kernel_stamp),

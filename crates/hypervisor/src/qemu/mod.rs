@@ -85,6 +85,10 @@ impl Backend for QemuBackend {
         qemu_version(&self.config.binary)
     }
 
+    fn program(&self) -> Option<PathBuf> {
+        resolve_binary(&self.config.binary).ok()
+    }
+
     async fn boot(&self, spec: &VmSpec) -> Result<Box<dyn Hypervisor>> {
         Ok(Box::new(Qemu::start(&self.config, spec).await?))
     }
