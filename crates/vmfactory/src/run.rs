@@ -244,9 +244,20 @@ pub(crate) async fn exec_attached(
     } else {
         None
     };
-    let resizer = options
-        .tty
-        .then(|| tokio::spawn(follow_window_size(agent.clone(), id.clone())));
+    // Listening for SIGWINCH starts here, before any output is shown, so a resize that
+    // follows what the user sees is never missed.
+    let resizer = match options.tty.then(|| signal(SignalKind::window_change())) {
+        Some(Ok(changes)) => Some(tokio::spawn(follow_window_size(
+            agent.clone(),
+            id.clone(),
+            changes,
+        ))),
+        Some(Err(err)) => {
+            debug!(%err, "Cannot watch window size changes");
+            None
+        }
+        None => None,
+    };
     let feeder = pass_stdin.then(|| tokio::spawn(feed_stdin(agent.clone(), id.clone())));
     let forward = async {
         match signals {
@@ -274,14 +285,15 @@ pub(crate) async fn exec_attached(
 }
 
 /// Sends our terminal's size to the guest's on every SIGWINCH.
-async fn follow_window_size(agent: AgentClient, id: String) {
-    let Ok(mut changes) = signal(SignalKind::window_change()) else {
-        return;
-    };
+async fn follow_window_size(
+    agent: AgentClient,
+    id: String,
+    mut changes: tokio::signal::unix::Signal,
+) {
     while changes.recv().await.is_some() {
         if let Some((rows, cols)) = terminal::window_size() {
             if let Err(err) = agent.resize_tty(&id, rows, cols).await {
-                debug!(%err, "Cannot resize the guest terminal");
+                tracing::warn!(%err, "Cannot resize the guest terminal");
             }
         }
     }

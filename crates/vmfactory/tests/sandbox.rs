@@ -333,7 +333,7 @@ fn terminals_have_our_size_and_follow_a_resize_and_files_round_trip() {
             "--",
             "sh",
             "-c",
-            "tty; stty size; echo resize-now; sleep 3; stty size",
+            "tty; stty size; echo resize-now; sleep 5; stty size",
         ],
         "resize-now",
     );
