@@ -151,15 +151,28 @@ impl Vm {
         self.agent = AgentClient::connect_lazy(&self.hypervisor.channels().agent_socket);
     }
 
-    /// Runs the (paused) VM through one agent connection and pauses it again once the
-    /// agent has let go of it: the code a later owner's first calls run is then already
-    /// translated (TCG), so handing the VM out costs milliseconds, not a cold start. Its
+    /// Runs the (paused) VM through one agent connection (a check and one trivial
+    /// process) and pauses it again once the agent has let go of it: the code a later
+    /// owner's first calls run is then already translated (TCG), so handing the VM out
+    /// and running its first command cost milliseconds, not a cold start. Its
     /// RNG and clock are refreshed when it is handed out, as for any VM.
     pub async fn warm_up(&mut self) -> Result<(), VmError> {
         let started = Instant::now();
         self.resume().await?;
+        // Check, and run one trivial process: the first command a new owner runs then
+        // takes the already translated spawn path (tens of ms under TCG).
+        let exercise = async {
+            self.agent.check().await?;
+            self.agent
+                .exec(ExecRequest {
+                    argv: vec!["true".into()],
+                    ..ExecRequest::default()
+                })
+                .await
+                .map(drop)
+        };
         tokio::select! {
-            checked = self.agent.check() => checked?,
+            exercised = exercise => exercised?,
             err = self.hypervisor.exited() => return Err(err.into()),
             () = tokio::time::sleep(WARM_UP_TIMEOUT) => {
                 return Err(VmError::AgentTimeout {
