@@ -207,6 +207,12 @@ impl Vm {
         Ok(self.hypervisor.stop().await?)
     }
 
+    /// Throws the VM away at once (no graceful shutdown) and removes its directory.
+    pub async fn discard(mut self) -> Result<(), VmError> {
+        self.agent.disconnect();
+        Ok(Hypervisor::discard(self.hypervisor.as_mut()).await?)
+    }
+
     /// Runs a command in the guest; fails fast if the VM dies meanwhile.
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, VmError> {
         tokio::select! {

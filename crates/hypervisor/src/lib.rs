@@ -89,6 +89,11 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     async fn add_memory(&self, mib: u32) -> Result<()>;
     /// Stops the VM (gracefully, then by force) and removes its directory. Idempotent.
     async fn stop(&mut self) -> Result<()>;
+    /// Throws the VM away at once, without a graceful shutdown (a VM that served one
+    /// command): kills it and removes its directory without waiting for the process.
+    async fn discard(&mut self) -> Result<()> {
+        self.stop().await
+    }
     /// Gives the VM away: it keeps running, this handle no longer owns it, and the
     /// returned description lets [`Backend::adopt`] take it over.
     fn hand_over(self: Box<Self>) -> Result<HypervisorHandle>;

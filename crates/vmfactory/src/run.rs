@@ -132,8 +132,8 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
         stop = signals.recv() => Err(stop),
     };
     let ran_at = started.elapsed();
-    // The VM served this one command: throw it away.
-    if let Err(err) = vm.stop().await {
+    // The VM served this one command: throw it away, no graceful shutdown.
+    if let Err(err) = vm.discard().await {
         tracing::warn!(%err, "Stopping the VM failed");
     }
     let ms = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;

@@ -249,6 +249,21 @@ impl Hypervisor for Qemu {
         Ok(())
     }
 
+    async fn discard(&mut self) -> Result<()> {
+        if self.stopped {
+            return Ok(());
+        }
+        // SIGKILL ends QEMU at once (no QMP round trip, no device shutdown); wait only
+        // for the kernel to tear the process down, so nothing of it outlives the call.
+        self.kill();
+        if !self.wait_exit(Duration::from_secs(5)).await {
+            warn!(pid = self.pid, "QEMU did not die within 5 s of SIGKILL");
+        }
+        *self.qmp.get_mut() = None;
+        self.stopped = true;
+        self.remove_dir()
+    }
+
     fn hand_over(mut self: Box<Self>) -> Result<HypervisorHandle> {
         if !self.is_running() {
             return Err(HypervisorError::Exited {
