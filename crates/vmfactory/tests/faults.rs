@@ -644,13 +644,13 @@ fn soak_sixteen_clients_take_vms_without_errors_or_leaks() {
     let (rss_end, fds_end) = rss_and_fds(server_pid);
     println!(
         "soak: {} hand-outs to {CLIENTS} clients in {:.1} s ({:.1}/s), {} errors; \
-         get_vm p50 {:.0?} p99 {:.0?}; server RSS {} -> {} MiB, fds {fds_start} -> {fds_end}",
+         get_vm p50 {} ms p99 {} ms; server RSS {} -> {} MiB, fds {fds_start} -> {fds_end}",
         latencies.len(),
         elapsed.as_secs_f64(),
         latencies.len() as f64 / elapsed.as_secs_f64(),
         errors.len(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.5).as_millis(),
+        percentile(&latencies, 0.99).as_millis(),
         rss_start >> 10,
         rss_end >> 10,
     );
