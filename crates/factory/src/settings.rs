@@ -211,6 +211,62 @@ pub fn host_memory_mib() -> Option<u32> {
     Some(u32::try_from(kib >> 10).unwrap_or(u32::MAX))
 }
 
+/// Longest path a Unix socket address holds, bytes.
+const MAX_SOCKET_PATH: usize = 107;
+/// Longest socket path below the runtime directory: `/sandbox/<12 hex>/sandbox.sock`
+/// (a VM's `/vm/<16 hex>/agent.sock` is shorter).
+const RUNTIME_SOCKET_SUFFIX: usize = 34;
+/// Longest path (`PATH_MAX` less its NUL) and path component (`NAME_MAX`), bytes.
+const MAX_PATH: usize = 4095;
+const MAX_NAME: usize = 255;
+
+/// Refuses a path the system cannot use: a NUL byte, a component or the whole too long,
+/// or (with `socket_suffix`) a Unix socket at `path` + that many bytes that would not fit.
+fn check_path(
+    key: &'static str,
+    path: &Path,
+    socket_suffix: Option<usize>,
+) -> Result<(), SettingsError> {
+    let bytes = path.as_os_str().as_encoded_bytes();
+    if bytes.contains(&0) {
+        return Err(invalid(key, "contains a NUL byte: remove it"));
+    }
+    if bytes.len() > MAX_PATH {
+        return Err(invalid(
+            key,
+            format!(
+                "is {} bytes long, more than {MAX_PATH}: use a shorter path",
+                bytes.len()
+            ),
+        ));
+    }
+    if let Some(component) = path.components().find(|c| c.as_os_str().len() > MAX_NAME) {
+        let name = component.as_os_str().to_string_lossy();
+        return Err(invalid(
+            key,
+            format!(
+                "has a component of {} bytes ({}…), more than {MAX_NAME}: use shorter names",
+                name.len(),
+                name.chars().take(16).collect::<String>()
+            ),
+        ));
+    }
+    if let Some(suffix) = socket_suffix {
+        if bytes.len() + suffix > MAX_SOCKET_PATH {
+            return Err(invalid(
+                key,
+                format!(
+                    "is {} bytes long: Unix socket paths{} are limited to {MAX_SOCKET_PATH} bytes; use a path of at most {} bytes",
+                    bytes.len(),
+                    if suffix > 0 { " below it" } else { "" },
+                    MAX_SOCKET_PATH - suffix
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn check_timeout(key: &'static str, seconds: u64) -> Result<(), SettingsError> {
     if seconds == 0 || seconds > MAX_TIMEOUT_SECS {
         return Err(invalid(
@@ -290,6 +346,8 @@ impl Settings {
                 ),
             ));
         }
+        // Before the relations between keys: a value beyond the host is the real problem.
+        self.validate_against_host(host_memory_mib())?;
         if qemu.default_vcpus == 0 {
             return Err(invalid(
                 "hypervisor.qemu.default_vcpus",
@@ -388,7 +446,6 @@ impl Settings {
                 "is set but accelerator = \"tcg\": PVM kernels matter only with KVM; use accelerator = \"auto\" or \"kvm\"",
             ));
         }
-        self.validate_against_host(host_memory_mib())?;
         check_timeout("hypervisor.qemu.boot_timeout", qemu.boot_timeout)?;
         check_timeout("agent.dial_timeout", self.agent.dial_timeout)?;
         if qemu.runtime_dir.as_os_str().is_empty() || qemu.runtime_dir.is_relative() {
@@ -401,6 +458,17 @@ impl Settings {
             ));
         }
         let factory = &self.factory;
+        check_path(
+            "hypervisor.qemu.runtime_dir",
+            &qemu.runtime_dir,
+            Some(RUNTIME_SOCKET_SUFFIX),
+        )?;
+        check_path("factory.template_path", &factory.template_path, None)?;
+        check_path(
+            "factory.vm_cache_endpoint",
+            &factory.vm_cache_endpoint,
+            Some(0),
+        )?;
         if factory.enable_template && factory.template_path.as_os_str().is_empty() {
             return Err(invalid(
                 "factory.template_path",

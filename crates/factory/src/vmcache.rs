@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use hyper_util::rt::TokioIo;
@@ -24,6 +25,16 @@ use crate::lock::{LockError, LockKind, PathLock};
 use crate::vm::{Vm, VmError};
 
 mod authority;
+
+/// Interval of HTTP/2 pings on idle connections, both ways: a peer that is gone or frozen
+/// is noticed within this plus [`KEEPALIVE_TIMEOUT`].
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+/// How long a ping may go unanswered before the connection is closed.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long connecting to the server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a client call may take (a `GetBaseVM` waits while the cache refills).
+const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Errors of the VMCache server and client.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +67,15 @@ pub enum VmCacheError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The connection to the server broke during a call: it stopped, was killed, or
+    /// stopped answering.
+    #[error("The VMCache server on {path} stopped answering ({reason}): it was stopped or killed; start it again with `vmfactory factory init`")]
+    Gone {
+        /// The endpoint.
+        path: PathBuf,
+        /// What the transport said.
+        reason: String,
     },
     /// The server answered with an error.
     #[error("VMCache {rpc} failed: {}", .status.message())]
@@ -120,7 +140,10 @@ pub async fn serve_locked(
         tokio_stream::wrappers::UnixListenerStream::new(listener),
         |connection| connection.map(authority::AuthorityFilterStream::new),
     );
+    // Keepalive pings close the connections of clients that vanished or froze.
     let result = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(CacheServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown.notified())
         .await;
@@ -246,6 +269,11 @@ pub async fn connect(endpoint: &Path) -> Result<CacheServiceClient<Channel>, VmC
         async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
     });
     let channel = Endpoint::from_static("http://vmcache")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(CALL_TIMEOUT)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
         .map_err(|err| VmCacheError::NotRunning {
@@ -292,6 +320,7 @@ pub async fn quit(endpoint: &Path) -> Result<(), VmCacheError> {
 #[derive(Debug)]
 pub struct GrpcCacheFactory {
     client: CacheServiceClient<Channel>,
+    endpoint: PathBuf,
     config: VmConfig,
     backend: Arc<dyn Backend>,
 }
@@ -304,6 +333,7 @@ impl GrpcCacheFactory {
         let backend = config.backend();
         Ok(Self {
             client,
+            endpoint: endpoint.to_path_buf(),
             config,
             backend,
         })
@@ -317,6 +347,7 @@ impl GrpcCacheFactory {
         let (client, config) = Self::config_of(endpoint).await?;
         Ok(Self {
             client,
+            endpoint: endpoint.to_path_buf(),
             config,
             backend,
         })
@@ -343,6 +374,20 @@ impl GrpcCacheFactory {
     }
 }
 
+impl GrpcCacheFactory {
+    /// The error of a failed call: the server's own answer, or, when the transport broke
+    /// (the status carries a transport error as its source), [`VmCacheError::Gone`].
+    fn call_failed(&self, status: Status) -> FactoryError {
+        if std::error::Error::source(&status).is_some() {
+            return FactoryError::VmCache(Box::new(VmCacheError::Gone {
+                path: self.endpoint.clone(),
+                reason: status.message().to_string(),
+            }));
+        }
+        VmError::Remote(status.message().to_string()).into()
+    }
+}
+
 #[async_trait]
 impl FactoryBase for GrpcCacheFactory {
     fn config(&self) -> &VmConfig {
@@ -359,7 +404,7 @@ impl FactoryBase for GrpcCacheFactory {
             .clone()
             .get_base_vm(())
             .await
-            .map_err(|status| VmError::Remote(status.message().to_string()))?
+            .map_err(|status| self.call_failed(status))?
             .into_inner();
         let record = record_of(&vm)?;
         Ok(Vm::adopt(self.backend.as_ref(), record).await?)

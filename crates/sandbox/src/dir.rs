@@ -241,6 +241,16 @@ pub fn process_matches(pid: u32, needle: &str) -> bool {
     })
 }
 
+/// True when the VM process of `record` is alive and its command line names the VM's
+/// directory (as QEMU options write it: commas doubled).
+fn vm_process_matches(record: &SandboxRecord) -> bool {
+    record.vm_pid != 0
+        && std::fs::read(format!("/proc/{}/cmdline", record.vm_pid)).is_ok_and(|cmdline| {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            vmfactory_hypervisor::qemu::cmdline::cmdline_names(&cmdline, &record.vm_dir)
+        })
+}
+
 /// True when the supervisor of `record` still runs.
 pub fn supervisor_alive(record: &SandboxRecord) -> bool {
     process_matches(record.supervisor_pid, &record.id)
@@ -249,8 +259,7 @@ pub fn supervisor_alive(record: &SandboxRecord) -> bool {
 /// Kills the VM of `record` if its process is still that VM's, and removes the sandbox.
 pub fn sweep(dir: &SandboxDir, record: Option<&SandboxRecord>) -> Result<(), SandboxError> {
     if let Some(record) = record {
-        let vm_dir = record.vm_dir.to_string_lossy();
-        if !vm_dir.is_empty() && process_matches(record.vm_pid, &vm_dir) {
+        if !record.vm_dir.as_os_str().is_empty() && vm_process_matches(record) {
             warn!(
                 id = record.id,
                 pid = record.vm_pid,
@@ -264,7 +273,7 @@ pub fn sweep(dir: &SandboxDir, record: Option<&SandboxRecord>) -> Result<(), San
                 }
             }
         }
-        if !vm_dir.is_empty() {
+        if !record.vm_dir.as_os_str().is_empty() {
             let _ = std::fs::remove_dir_all(&record.vm_dir);
         }
     }

@@ -19,6 +19,7 @@ use vmfactory_factory::{
 };
 
 use crate::progress::Progress;
+use crate::run::{signal_exit, Signals};
 use crate::{Resolved, VmArgs};
 
 #[derive(Debug, Subcommand)]
@@ -131,7 +132,18 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     // Cached VMs are handed over to clients and outlive this server.
     let mut base = resolved.base.clone();
     base.qemu.die_with_parent = false;
-    let server = match CacheServerFactory::start(factory, &base, metrics.clone()).await {
+    // A signal while the template is created drops the creation, which cleans up.
+    let mut signals = Signals::install()?;
+    let started = tokio::select! {
+        started = CacheServerFactory::start(factory, &base, metrics.clone()) => started,
+        stop = signals.recv() => {
+            if let Some(progress) = creating {
+                progress.abandon();
+            }
+            return Ok(signal_exit(stop));
+        }
+    };
+    let server = match started {
         Ok(server) => {
             if let Some(progress) = creating {
                 progress.finish("Template created");
@@ -229,7 +241,17 @@ async fn init(resolved: Resolved) -> Result<ExitCode> {
         path.display()
     ));
     let started = Instant::now();
-    let template = match TemplateFactory::new(&resolved.base, path, resolved.base.backend()).await {
+    let mut signals = Signals::install()?;
+    crate::run::reap_orphans(&resolved.base.qemu.runtime_dir);
+    // On a signal the creation is dropped: its VM is killed and what it made is removed.
+    let created = tokio::select! {
+        created = TemplateFactory::new(&resolved.base, path, resolved.base.backend()) => created,
+        stop = signals.recv() => {
+            progress.abandon();
+            return Ok(signal_exit(stop));
+        }
+    };
+    let template = match created {
         Ok(template) => {
             progress.finish("Template created");
             template

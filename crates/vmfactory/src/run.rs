@@ -98,7 +98,7 @@ impl Signals {
     }
 }
 
-fn signal_exit(stop: Stop) -> ExitCode {
+pub(crate) fn signal_exit(stop: Stop) -> ExitCode {
     let Stop::Signal(number) = stop;
     eprintln!("vmfactory: interrupted");
     ExitCode::from(u8::try_from(128 + number).unwrap_or(1))
@@ -117,6 +117,7 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
     .await
     .context("Preparing the VM failed")??;
     let resolved_at = started.elapsed();
+    reap_orphans(&resolved.base.qemu.runtime_dir);
 
     // Dropping a VM that is still starting kills it and removes its directory.
     let vm = tokio::select! {
@@ -148,6 +149,15 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
     match outcome {
         Ok(outcome) => outcome,
         Err(stop) => Ok(signal_exit(stop)),
+    }
+}
+
+/// Stops the VMs under `runtime_dir` whose owner is gone (a `run` killed with SIGKILL
+/// leaves its VM directory; its QEMU died with it) and removes their directories.
+pub(crate) fn reap_orphans(runtime_dir: &std::path::Path) {
+    let reaped = vmfactory_hypervisor::qemu::reap_orphans(runtime_dir);
+    if !reaped.is_empty() {
+        debug!(count = reaped.len(), ids = ?reaped, "Reaped VMs whose owner is gone");
     }
 }
 

@@ -200,3 +200,42 @@ fn an_oversized_file_is_refused_without_reading_it_all() {
         2
     );
 }
+
+#[test]
+fn paths_the_system_cannot_use_are_refused_naming_the_key() {
+    let long = format!("/{}", "r".repeat(80));
+    let err = message(&format!("[hypervisor.qemu]\nruntime_dir = {long:?}"));
+    assert!(
+        err.contains("hypervisor.qemu.runtime_dir: is 81 bytes long"),
+        "{err}"
+    );
+    assert!(err.contains("at most 73 bytes"), "{err}");
+    let err = message(&format!(
+        "[factory]\nvm_cache_endpoint = \"/{}\"",
+        "e".repeat(120)
+    ));
+    assert!(
+        err.contains("factory.vm_cache_endpoint: is 121 bytes"),
+        "{err}"
+    );
+    let err = message(&format!(
+        "[factory]\ntemplate_path = \"/{}\"",
+        "t".repeat(300)
+    ));
+    assert!(
+        err.contains("factory.template_path: has a component of 300"),
+        "{err}"
+    );
+    let err = message("[factory]\ntemplate_path = \"/a\\u0000b\"");
+    assert!(
+        err.contains("factory.template_path: contains a NUL"),
+        "{err}"
+    );
+    let odd = "[hypervisor.qemu]\nruntime_dir = \"/tmp/a b,c\\\"d'e\"\n[factory]\ntemplate_path = \"/tmp/t, \\\"x\\\"\"";
+    assert!(parse(odd).is_ok(), "spaces, commas and quotes are fine");
+    let err = message("[hypervisor.qemu]\ndefault_memory = 99999999");
+    assert!(
+        err.contains("default_memory: 99999999 MiB exceeds the host's memory"),
+        "{err}"
+    );
+}

@@ -247,7 +247,8 @@ pub(super) fn expected_metadata(
         .and_then(|program| FileStamp::of(&program).ok());
     let known_version = built.and_then(|b| {
         let recorded = b.qemu_stamp.as_ref()?;
-        let settled = recorded.ctime_ns + 2_000_000_000 < i128::from(b.created_unix) * 1_000_000_000;
+        let settled =
+            recorded.ctime_ns + 2_000_000_000 < i128::from(b.created_unix) * 1_000_000_000;
         (Some(recorded) == qemu_stamp.as_ref() && settled).then(|| b.qemu_version.clone())
     });
     let qemu_version = match known_version {

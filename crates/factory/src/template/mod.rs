@@ -78,6 +78,16 @@ pub enum TemplateError {
     /// `template_path` is a directory with files vmfactory did not put there.
     #[error("template_path {0} is a directory holding files vmfactory did not make: set template_path to a missing or empty directory (vmfactory never deletes what it did not create), or empty it yourself")]
     NotOurs(PathBuf),
+    /// The tmpfs at `template_path` has too little room for the guest memory.
+    #[error("template_path {path} is on a tmpfs with {free_mib} MiB free, and the template needs {need_mib} MiB (guest memory + {TMPFS_HEADROOM_MIB} MiB): make that tmpfs bigger, lower default_memory, or set template_path to a missing directory so that vmfactory mounts a tmpfs of its own")]
+    NoSpace {
+        /// The template directory.
+        path: PathBuf,
+        /// Room left on its tmpfs, MiB.
+        free_mib: u64,
+        /// Room the template needs, MiB.
+        need_mib: u32,
+    },
     /// The tmpfs could not be mounted.
     #[error("Cannot mount a tmpfs at {path} ({source}): run as root (CAP_SYS_ADMIN), or set template_path to a directory on an existing tmpfs such as /dev/shm/vmfactory-template")]
     Mount {
@@ -146,24 +156,21 @@ impl TemplateFactory {
             return Err(TemplateError::Exists(path.to_path_buf()));
         }
         let mut metadata = expected_metadata(config, backend.as_ref(), None)?;
+        // Undoes what this creation made on an error, and also when this future is
+        // dropped half-way (a signal, a caller's timeout). Declared after the lock, so it
+        // runs while the lock is still held.
+        let mut unfinished = UnfinishedTemplate { path, done: false };
         let ownership = prepare_tmpfs(path, config.memory_mib + TMPFS_HEADROOM_MIB)?;
         let mounted = ownership.mounted_tmpfs;
-        match Self::create(config, backend.as_ref(), path, &mut metadata, mounted).await {
-            Ok(()) => Ok(Self {
-                config: config.clone(),
-                backend,
-                path: path.to_path_buf(),
-                metadata,
-                pool: None,
-            }),
-            Err(err) => {
-                // Only what prepare_tmpfs made goes: never the user's directory.
-                if let Err(cleanup) = remove_ours(path) {
-                    warn!(path = %path.display(), %cleanup, "Cannot clean up the failed template");
-                }
-                Err(err)
-            }
-        }
+        Self::create(config, backend.as_ref(), path, &mut metadata, mounted).await?;
+        unfinished.done = true;
+        Ok(Self {
+            config: config.clone(),
+            backend,
+            path: path.to_path_buf(),
+            metadata,
+            pool: None,
+        })
     }
 
     async fn create(
@@ -315,6 +322,28 @@ impl TemplateFactory {
             pool.close().await;
         }
         destroy(&self.path).map(drop)
+    }
+}
+
+/// A template being created; unless `done`, its drop removes what vmfactory made at
+/// `path` (per the markers: its tmpfs, its files, a directory it created), never the
+/// user's directory or files.
+struct UnfinishedTemplate<'a> {
+    path: &'a Path,
+    done: bool,
+}
+
+impl Drop for UnfinishedTemplate<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        match remove_ours(self.path) {
+            Ok(_) => debug!(path = %self.path.display(), "Removed the unfinished template"),
+            Err(err) => {
+                warn!(path = %self.path.display(), %err, "Cannot clean up the unfinished template");
+            }
+        }
     }
 }
 

@@ -102,6 +102,16 @@ pub(super) fn prepare_tmpfs(path: &Path, size_mib: u32) -> Result<Ownership, Tem
     };
     ownership.write(path)?;
     if is_on_tmpfs(path)? {
+        // The user's tmpfs: a guest touching memory beyond its room would crash QEMU
+        // (SIGBUS) half-way through the boot, so refuse now.
+        let free_mib = free_mib(path)?;
+        if free_mib < u64::from(size_mib) {
+            return Err(TemplateError::NoSpace {
+                path: path.to_path_buf(),
+                free_mib,
+                need_mib: size_mib,
+            });
+        }
         return Ok(ownership);
     }
     mount_tmpfs(path, size_mib)?;
@@ -111,6 +121,21 @@ pub(super) fn prepare_tmpfs(path: &Path, size_mib: u32) -> Result<Ownership, Tem
         return Err(err);
     }
     Ok(ownership)
+}
+
+/// Room left for an unprivileged writer on the file system of `path`, MiB.
+fn free_mib(path: &Path) -> Result<u64, TemplateError> {
+    let c_path = path_cstring(path)?;
+    // SAFETY: statvfs is plain old data; the call fills it.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(io_error("Cannot statvfs", path)(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    #[allow(clippy::unnecessary_cast)] // the fields' widths differ between libcs
+    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64) >> 20)
 }
 
 fn is_empty_dir(path: &Path) -> Result<bool, TemplateError> {
@@ -252,5 +277,29 @@ pub fn is_mountpoint(path: &Path) -> bool {
     mountinfo
         .lines()
         .filter_map(|line| line.split(' ').nth(4))
-        .any(|mount_point| mount_point == target)
+        .any(|mount_point| unescape_mountinfo(mount_point) == target)
+}
+
+/// Decodes the `\ooo` escapes mountinfo writes for space, tab, newline and backslash.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&byte) = bytes.get(i) {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .and_then(|digits| std::str::from_utf8(digits).ok())
+            .and_then(|digits| u8::from_str_radix(digits, 8).ok());
+        match (byte, octal) {
+            (b'\\', Some(decoded)) => {
+                out.push(decoded);
+                i += 4;
+            }
+            _ => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -169,6 +169,12 @@ fn escape_option(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
 }
 
+/// True when a QEMU command line (arguments joined) names `path`, as it is written in an
+/// option value (commas doubled) or as a plain argument.
+pub fn cmdline_names(cmdline: &str, path: &Path) -> bool {
+    cmdline.contains(&*path.to_string_lossy()) || cmdline.contains(&escape_option(path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,5 +321,15 @@ mod tests {
         assert!(err.to_string().contains("q35"), "{err}");
         let long = PathBuf::from(format!("/{}", "d".repeat(120)));
         assert!(VmPaths::new(&long).is_err());
+    }
+
+    #[test]
+    fn a_path_with_commas_is_found_in_the_command_line() {
+        let dir = Path::new("/run/a b,c/vm");
+        let paths = VmPaths::new(dir).expect("paths");
+        let qmp = format!("unix:{},server=on,wait=off", escape_option(&paths.qmp));
+        assert!(cmdline_names(&format!("qemu -qmp {qmp}"), &paths.qmp));
+        assert!(cmdline_names(&format!("qemu -qmp {qmp}"), dir));
+        assert!(!cmdline_names("qemu -qmp unix:/run/a b,c/other", dir));
     }
 }

@@ -209,7 +209,7 @@ impl Qemu {
         };
         let cmdline = std::fs::read(format!("/proc/{}/cmdline", handle.pid))
             .map_err(|_| gone("the process is gone"))?;
-        if !String::from_utf8_lossy(&cmdline).contains(&*paths.qmp.to_string_lossy()) {
+        if !super::cmdline::cmdline_names(&String::from_utf8_lossy(&cmdline), &paths.qmp) {
             return Err(gone("the process is not that VM's QEMU"));
         }
         let pid = i32::try_from(handle.pid).map_err(|_| gone("bad pid"))?;
@@ -303,7 +303,6 @@ fn log_accel_once(accel: ResolvedAccel, reason: &'static str) {
 /// QEMU processes on this host whose command line mentions `dir` (a runtime or VM
 /// directory): pids and command lines. Finds vmfactory's VMs without their handles.
 pub fn processes_under(dir: &Path) -> Vec<(u32, String)> {
-    let needle = dir.to_string_lossy().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -313,7 +312,8 @@ pub fn processes_under(dir: &Path) -> Vec<(u32, String)> {
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
             let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            (cmdline.contains("qemu-system") && cmdline.contains(&needle)).then_some((pid, cmdline))
+            (cmdline.contains("qemu-system") && super::cmdline::cmdline_names(&cmdline, dir))
+                .then_some((pid, cmdline))
         })
         .collect()
 }

@@ -27,15 +27,16 @@ impl Qemu {
 
     /// Pauses the VM and saves its device state to `path`.
     pub(super) async fn save_device_state(&self, path: &Path) -> Result<()> {
-        let quoted = path.to_string_lossy();
-        if quoted.contains(['\'', '\n']) {
+        let Some(text) = path.to_str() else {
             return Err(HypervisorError::InvalidConfig(format!(
-                "State path {quoted} must not contain quotes or newlines"
+                "State path {} is not UTF-8: use a UTF-8 template_path",
+                path.display()
             )));
-        }
+        };
         self.qmp("stop", None).await?;
         self.set_ignore_shared().await?;
-        let uri = format!("exec:cat > '{quoted}'");
+        // QEMU runs `exec:` URIs with `/bin/sh -c`: quote the path for the shell.
+        let uri = format!("exec:cat > {}", shell_quote(text));
         self.qmp("migrate", Some(serde_json::json!({ "uri": uri })))
             .await?;
         let started = Instant::now();
@@ -87,5 +88,28 @@ impl Qemu {
             }
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
+    }
+}
+
+/// `text` as one POSIX shell word: single-quoted, each `'` written as `'\''`.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn paths_are_quoted_for_the_shell() {
+        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
+        assert_eq!(shell_quote("/it's"), r"'/it'\''s'");
+        let quoted = shell_quote("/tmp/x\"y'z $HOME `id`\nw");
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("printf %s {quoted}"))
+            .output()
+            .expect("sh");
+        assert_eq!(output.stdout, b"/tmp/x\"y'z $HOME `id`\nw");
     }
 }

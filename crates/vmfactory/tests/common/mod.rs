@@ -70,3 +70,130 @@ pub fn qemu_pids_under(dir: &Path) -> Vec<u32> {
         .map(|(pid, _)| pid)
         .collect()
 }
+
+/// Mount points at or under `dir` (per /proc/self/mountinfo, octal escapes decoded).
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| PathBuf::from(unescape_mountinfo(field)))
+        .filter(|mount_point| mount_point.starts_with(dir))
+        .collect()
+}
+
+/// Decodes mountinfo's `\ooo` escapes (space, tab, newline, backslash).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|digits| {
+            std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(byte)) => {
+                out.push(byte);
+                i += 4;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unix sockets under `dir` (recursively, not following links).
+pub fn sockets_under(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(current) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&current) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_socket() {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// Everything a vmfactory command may leave under `dir` that it must not: QEMU processes,
+/// VM directories (under `runtime/vm`), Unix sockets and mounts. Empty when clean.
+pub fn leftovers(dir: &Path, runtime: &Path) -> Vec<String> {
+    let mut left = Vec::new();
+    for (pid, cmdline) in qemu_processes_under(dir) {
+        left.push(format!("QEMU {pid}: {cmdline}"));
+    }
+    if let Ok(entries) = std::fs::read_dir(runtime.join("vm")) {
+        for entry in entries.flatten() {
+            left.push(format!("VM directory {}", entry.path().display()));
+        }
+    }
+    for socket in sockets_under(dir) {
+        left.push(format!("socket {}", socket.display()));
+    }
+    for mount in mounts_under(dir) {
+        left.push(format!("mount {}", mount.display()));
+    }
+    left
+}
+
+/// Waits up to `limit` for `dir` to be clean (see [`leftovers`]); panics naming what is left.
+pub fn assert_clean_within(dir: &Path, runtime: &Path, limit: std::time::Duration) {
+    let started = std::time::Instant::now();
+    loop {
+        let left = leftovers(dir, runtime);
+        if left.is_empty() {
+            return;
+        }
+        assert!(started.elapsed() < limit, "left behind: {left:#?}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// True while process `pid` exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let after = stat.rfind(')').map(|end| &stat[end + 1..])?;
+            after.split_whitespace().next().map(|state| state != "Z")
+        })
+        .unwrap_or(false)
+}
+
+/// Sends `signal` to `pid`.
+pub fn send_signal(pid: u32, signal: i32) {
+    let pid = i32::try_from(pid).expect("pid");
+    // SAFETY: kill(2) on a process the test started (or its QEMU); no memory is involved.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+/// Waits up to `limit` for a QEMU under `dir` to appear; returns its pid.
+pub fn wait_for_qemu(dir: &Path, limit: std::time::Duration) -> u32 {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(pid) = qemu_pids_under(dir).first() {
+            return *pid;
+        }
+        assert!(started.elapsed() < limit, "no QEMU started under {dir:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
