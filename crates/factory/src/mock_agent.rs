@@ -242,7 +242,9 @@ pub fn hook(calls: Arc<AgentCalls>) -> GuestHook {
                 let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
-                console_line(&console, CONSOLE_HOST_LEFT[usize::from(served.is_err())]);
+                if control.is_alive() {
+                    console_line(&console, CONSOLE_HOST_LEFT[usize::from(served.is_err())]);
+                }
             }
         });
     })
