@@ -263,8 +263,10 @@ async fn make_ready(vm: &mut Vm, timeout: Duration) -> Result<(), FactoryError> 
 }
 
 async fn refresh_identity(vm: &Vm) -> Result<(), FactoryError> {
-    vm.reseed_rng().await?;
-    vm.sync_time().await?;
+    // Both calls share the agent connection; neither waits for the other.
+    let (reseeded, synced) = tokio::join!(vm.reseed_rng(), vm.sync_time());
+    reseeded?;
+    synced?;
     Ok(())
 }
 

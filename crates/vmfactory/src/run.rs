@@ -216,7 +216,8 @@ pub(crate) async fn exec_attached(
     died: impl std::future::Future<Output = anyhow::Error>,
     signals: Option<&mut Signals>,
 ) -> Result<ExitCode> {
-    let pass_stdin = options.interactive || !std::io::stdin().is_terminal();
+    let pass_stdin =
+        options.interactive || !(std::io::stdin().is_terminal() || stdin_is_dev_null());
     let terminal = options.tty.then(|| {
         let (rows, cols) = terminal::window_size().unwrap_or((24, 80));
         TtySize { rows, cols }
@@ -307,6 +308,19 @@ async fn follow_window_size(
             }
         }
     }
+}
+
+/// True when our standard input is `/dev/null`: nothing to pass on, so the guest process
+/// gets its own `/dev/null` and no input stream is opened.
+fn stdin_is_dev_null() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(ours), Ok(null)) = (
+        std::fs::metadata("/proc/self/fd/0"),
+        std::fs::metadata("/dev/null"),
+    ) else {
+        return false;
+    };
+    ours.rdev() == null.rdev() && ours.dev() == null.dev() && ours.ino() == null.ino()
 }
 
 /// The signal forwarder never ends on its own.

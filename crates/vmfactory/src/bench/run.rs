@@ -221,10 +221,9 @@ pub fn bench_run(
                 if mode.name == "direct" && round >= direct {
                     continue;
                 }
-                if mode.name == "vmcache" {
-                    // Measure a warm cache, as a user of a busy server sees it.
-                    wait_cached(&cache_toml, cache_size as usize)?;
-                }
+                // Every mode meets a full, idle cache: a warm cache for the VMCache runs,
+                // and no refill competing for the CPU during the others.
+                wait_cached(&cache_toml, cache_size as usize)?;
                 let (elapsed, phases) = run_once(&mode.config)?;
                 let known: f64 = phases.values().sum();
                 mode.samples.push(elapsed);
