@@ -247,8 +247,12 @@ pub(crate) async fn exec_attached(
         }
         Err(err) => return Err(err).context("Cannot run the command in the VM"),
     };
-    let stdout = agent.output(&id, OutputPipe::Stdout).await?;
-    let stderr = agent.output(&id, OutputPipe::Stderr).await?;
+    // Both streams are opened at once: one round trip to the guest, not two.
+    let (stdout, stderr) = tokio::join!(
+        agent.output(&id, OutputPipe::Stdout),
+        agent.output(&id, OutputPipe::Stderr)
+    );
+    let (stdout, stderr) = (stdout?, stderr?);
     // Our keys go to the guest's terminal as typed (Ctrl-C included) until we return.
     let _raw = if options.tty && pass_stdin {
         terminal::RawMode::enable()?
