@@ -404,13 +404,16 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The VM for `run`, from the factory the configuration chooses: the VMCache server's,
+/// The VM for `run`, from the factory the configuration chooses (`opened` is set to how
+/// long opening the factory took: for VMCache, connecting and its `Config` call): the VMCache server's,
 /// the template's (grown by hot-plug when the request asks for more vCPUs or memory), or
 /// a direct boot.
-pub async fn get_vm(resolved: &Resolved) -> Result<Vm> {
+pub async fn get_vm(resolved: &Resolved, opened: &mut Option<Duration>) -> Result<Vm> {
+    let started = Instant::now();
     let choice = FactoryChoice::from_settings(&resolved.settings.factory);
     let local = choice.needs_local_config().then_some(&resolved.base);
     let factory = Factory::open(&choice, local).await?;
+    *opened = Some(started.elapsed());
     if let Some(notice) = factory.notice() {
         eprintln!("vmfactory: {notice}");
     }

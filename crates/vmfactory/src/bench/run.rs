@@ -17,7 +17,13 @@ use crate::run::RUN_TIMING;
 use crate::Resolved;
 
 /// The phases `run` reports, in order.
-const PHASES: [&str; 4] = ["config_ms", "get_vm_ms", "exec_ms", "teardown_ms"];
+const PHASES: [&str; 5] = [
+    "config_ms",
+    "open_factory_ms",
+    "get_vm_ms",
+    "exec_ms",
+    "teardown_ms",
+];
 
 /// One way of getting a VM, with its configuration file.
 struct Mode {
