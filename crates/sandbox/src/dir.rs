@@ -11,6 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
+use vmfactory_hypervisor::qemu::process_cmdline;
+
 use crate::SandboxError;
 
 /// The record file in a sandbox directory.
@@ -231,22 +233,14 @@ impl SandboxDir {
 
 /// True when `pid` is alive and its command line contains `needle`.
 pub fn process_matches(pid: u32, needle: &str) -> bool {
-    if pid == 0 {
-        return false;
-    }
-    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
-        String::from_utf8_lossy(&cmdline)
-            .replace('\0', " ")
-            .contains(needle)
-    })
+    pid != 0 && process_cmdline(pid).is_some_and(|cmdline| cmdline.contains(needle))
 }
 
 /// True when the VM process of `record` is alive and its command line names the VM's
 /// directory (as QEMU options write it: commas doubled).
 fn vm_process_matches(record: &SandboxRecord) -> bool {
     record.vm_pid != 0
-        && std::fs::read(format!("/proc/{}/cmdline", record.vm_pid)).is_ok_and(|cmdline| {
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        && process_cmdline(record.vm_pid).is_some_and(|cmdline| {
             vmfactory_hypervisor::qemu::cmdline::cmdline_names(&cmdline, &record.vm_dir)
         })
 }

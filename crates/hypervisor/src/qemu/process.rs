@@ -207,9 +207,8 @@ impl Qemu {
                 handle.id, handle.pid
             ))
         };
-        let cmdline = std::fs::read(format!("/proc/{}/cmdline", handle.pid))
-            .map_err(|_| gone("the process is gone"))?;
-        if !super::cmdline::cmdline_names(&String::from_utf8_lossy(&cmdline), &paths.qmp) {
+        let cmdline = process_cmdline(handle.pid).ok_or_else(|| gone("the process is gone"))?;
+        if !super::cmdline::cmdline_names(&cmdline, &paths.qmp) {
             return Err(gone("the process is not that VM's QEMU"));
         }
         let pid = i32::try_from(handle.pid).map_err(|_| gone("bad pid"))?;
@@ -300,6 +299,13 @@ fn log_accel_once(accel: ResolvedAccel, reason: &'static str) {
     });
 }
 
+/// The command line of process `pid`, its arguments joined by spaces; `None` when no
+/// such process runs (or it has none, as a zombie).
+pub fn process_cmdline(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    (!cmdline.is_empty()).then(|| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+}
+
 /// QEMU processes on this host whose command line mentions `dir` (a runtime or VM
 /// directory): pids and command lines. Finds vmfactory's VMs without their handles.
 pub fn processes_under(dir: &Path) -> Vec<(u32, String)> {
@@ -310,8 +316,7 @@ pub fn processes_under(dir: &Path) -> Vec<(u32, String)> {
         .flatten()
         .filter_map(|entry| {
             let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
-            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let cmdline = process_cmdline(pid)?;
             (cmdline.contains("qemu-system") && super::cmdline::cmdline_names(&cmdline, dir))
                 .then_some((pid, cmdline))
         })
