@@ -6,7 +6,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{image, qemu_pids_under, BIN};
+use common::{image, qemu_pids_under, with_image, BIN};
 use sha2::{Digest, Sha256};
 
 /// A `vmfactory` command with the image preset and a private runtime directory.
@@ -25,13 +25,8 @@ impl Env {
     }
 
     fn command(&self) -> Command {
-        let image = image();
         let mut command = Command::new(BIN);
-        command
-            .env("VMFACTORY_KERNEL", &image.kernel)
-            .env("VMFACTORY_INITRD", &image.initrd)
-            .env("VMFACTORY_RUNTIME_DIR", self.runtime.path())
-            .env("RUST_LOG", "warn");
+        with_image(&mut command, self.runtime.path());
         command
     }
 

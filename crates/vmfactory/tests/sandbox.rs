@@ -7,7 +7,7 @@ use std::io::{BufRead, Write};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{image, qemu_pids_under, text, BIN};
+use common::{qemu_pids_under, text, with_image, BIN};
 use sha2::{Digest, Sha256};
 
 /// A private runtime directory for sandboxes, checked clean (and cleaned) on drop.
@@ -26,14 +26,8 @@ impl Env {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let image = image();
         let mut command = Command::new(BIN);
-        command
-            .env("VMFACTORY_KERNEL", &image.kernel)
-            .env("VMFACTORY_INITRD", &image.initrd)
-            .env("VMFACTORY_RUNTIME_DIR", self.runtime.path())
-            .env("RUST_LOG", "warn")
-            .args(args);
+        with_image(&mut command, self.runtime.path()).args(args);
         command
     }
 
@@ -303,17 +297,9 @@ child.wait()
 sys.stdout.write(seen.decode(errors="replace"))
 sys.stdout.write("\nEXIT %d\n" % child.returncode)
 "#;
-    let image = image();
-    let output = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(marker)
-        .arg(BIN)
-        .args(args)
-        .env("VMFACTORY_KERNEL", &image.kernel)
-        .env("VMFACTORY_INITRD", &image.initrd)
-        .env("VMFACTORY_RUNTIME_DIR", env.runtime.path())
-        .env("RUST_LOG", "warn")
+    let mut python = Command::new("python3");
+    python.arg("-c").arg(script).arg(marker).arg(BIN).args(args);
+    let output = with_image(&mut python, env.runtime.path())
         .output()
         .expect("python3");
     String::from_utf8_lossy(&output.stdout).into_owned()

@@ -197,3 +197,14 @@ pub fn wait_for_qemu(dir: &Path, limit: std::time::Duration) -> u32 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Sets `command` up to boot the test guest image with its VMs in `runtime`, logging
+/// only warnings.
+pub fn with_image<'a>(command: &'a mut Command, runtime: &Path) -> &'a mut Command {
+    let image = image();
+    command
+        .env("VMFACTORY_KERNEL", &image.kernel)
+        .env("VMFACTORY_INITRD", &image.initrd)
+        .env("VMFACTORY_RUNTIME_DIR", runtime)
+        .env("RUST_LOG", "warn")
+}
