@@ -100,6 +100,11 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     async fn detach_disk(&self, _id: &str) -> Result<()> {
         Err(HypervisorError::Unsupported("Disk hot-plug"))
     }
+    /// What of hot-plugged disks the hypervisor holds now: device ids and block node
+    /// names (a detached disk leaves none).
+    async fn disk_leftovers(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     /// Stops the VM (gracefully, then by force) and removes its directory. Idempotent.
     async fn stop(&mut self) -> Result<()>;
     /// Throws the VM away at once, without a graceful shutdown (a VM that served one

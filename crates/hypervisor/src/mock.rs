@@ -423,6 +423,15 @@ impl Hypervisor for MockHypervisor {
         Ok(())
     }
 
+    async fn disk_leftovers(&self) -> Result<Vec<String>> {
+        Ok(self
+            .control
+            .attached_disks()
+            .into_iter()
+            .map(|disk| disk.id)
+            .collect())
+    }
+
     async fn stop(&mut self) -> Result<()> {
         self.control.state.store(STOPPED, Ordering::SeqCst);
         self.control.forget_disks();

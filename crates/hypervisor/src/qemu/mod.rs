@@ -235,6 +235,10 @@ impl Hypervisor for Qemu {
         self.unplug_disk(id).await
     }
 
+    async fn disk_leftovers(&self) -> Result<Vec<String>> {
+        self.disk_names().await
+    }
+
     async fn stop(&mut self) -> Result<()> {
         if self.stopped {
             return Ok(());
