@@ -5,6 +5,7 @@
 //! the virtio-serial port named `agent.0` and serves the agent API (gRPC over HTTP/2) on it,
 //! one host connection after another.
 
+mod container;
 mod files;
 mod init;
 mod port;
@@ -21,6 +22,11 @@ use tracing::{error, info};
 pub use vmfactory_protocols::contract::AGENT_PORT_NAME as PORT_NAME;
 
 fn main() {
+    // Re-executed as a container's init (see `container::init`).
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(container::init::INIT_ARG) {
+        container::init::run(&args);
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(false)

@@ -234,9 +234,88 @@ fn terminal_stdio(rows: u16, cols: u16) -> Result<Stdio3, Status> {
     })
 }
 
+/// The PID namespace a process is started in.
+pub enum PidNamespace {
+    /// A new one: the process is its PID 1 (a container's init).
+    New,
+    /// The one of this `/proc/<pid>/ns/pid` descriptor (a process joining a container).
+    Join(OwnedFd),
+}
+
+/// A runs-before-exec step of a child (between `fork` and `exec`: async-signal-safe only).
+pub type PreExec = Box<dyn FnMut() -> std::io::Result<()> + Send + Sync>;
+
+/// How a process is launched beyond what its request says (containers).
+#[derive(Default)]
+pub struct Launch {
+    /// Program and arguments run instead of the request's argv (which stays the listed
+    /// one): the container init is the agent itself.
+    pub program: Option<(String, Vec<String>)>,
+    /// Start the process in another PID namespace.
+    pub pid_ns: Option<PidNamespace>,
+    /// Runs in the child after the agent's own steps, before `exec`; the request's workdir
+    /// is then the hook's business (it is not applied in the agent's mount namespace).
+    pub pre_exec: Option<PreExec>,
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launch")
+            .field("program", &self.program)
+            .field("pid_ns", &self.pid_ns.is_some())
+            .field("pre_exec", &self.pre_exec.is_some())
+            .finish()
+    }
+}
+
+/// Spawns `command` on a short-lived thread that first enters `pid_ns` (unshare or
+/// setns of `CLONE_NEWPID` applies to the calling thread's next children only, which is
+/// allowed in a multithreaded process).
+fn spawn_in(
+    command: &mut Command,
+    pid_ns: Option<PidNamespace>,
+) -> std::io::Result<tokio::process::Child> {
+    let Some(pid_ns) = pid_ns else {
+        return command.spawn();
+    };
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                // SAFETY: unshare/setns with valid flags and an open descriptor affect only
+                // this thread's future children.
+                let rc = unsafe {
+                    match &pid_ns {
+                        PidNamespace::New => libc::unshare(libc::CLONE_NEWPID),
+                        PidNamespace::Join(fd) => {
+                            use std::os::fd::AsRawFd;
+                            libc::setns(fd.as_raw_fd(), libc::CLONE_NEWPID)
+                        }
+                    }
+                };
+                if rc != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let _entered = runtime.enter();
+                command.spawn()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("spawn thread panicked")))
+    })
+}
+
 impl Processes {
     /// Starts the process `request` describes; returns its exec id and pid.
     pub fn start(&self, request: ExecProcessRequest) -> Result<(String, u32), Status> {
+        self.start_with(request, Launch::default())
+    }
+
+    /// Starts the process `request` describes, launched as `launch` says.
+    pub fn start_with(
+        &self,
+        request: ExecProcessRequest,
+        launch: Launch,
+    ) -> Result<(String, u32), Status> {
         validate(&request)?;
         let id = if request.exec_id.is_empty() {
             format!("p{}", self.next_id.fetch_add(1, Ordering::Relaxed))
@@ -276,9 +355,18 @@ impl Processes {
             }
         };
         let [child_in, child_out, child_err] = stdio.child;
-        let mut command = Command::new(&request.argv[0]);
+        let (program, args) = match &launch.program {
+            Some((program, args)) => (program.as_str(), args.as_slice()),
+            None => (request.argv[0].as_str(), &request.argv[1..]),
+        };
+        let workdir = if launch.pre_exec.is_some() {
+            "/"
+        } else {
+            workdir
+        };
+        let mut command = Command::new(program);
         command
-            .args(&request.argv[1..])
+            .args(args)
             .env_clear()
             .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
             .env("HOME", "/root")
@@ -307,7 +395,13 @@ impl Processes {
                 Ok(())
             });
         }
-        let spawned = command.spawn();
+        if let Some(hook) = launch.pre_exec {
+            // SAFETY: the launch's hook promises async-signal-safe work only.
+            unsafe {
+                command.pre_exec(hook);
+            }
+        }
+        let spawned = spawn_in(&mut command, launch.pid_ns);
         // The agent's copies of the terminal's slave go now, or reading the master would
         // never end.
         drop(command);
@@ -530,6 +624,33 @@ impl Processes {
             }
         }
         Ok(())
+    }
+
+    /// The pid of process `id` while it runs.
+    pub fn running_pid(&self, id: &str) -> Option<u32> {
+        let process = self.get(id).ok()?;
+        let running = process.exit.borrow().is_none();
+        running.then_some(process.pid)
+    }
+
+    /// Waits up to `limit` for process `id` to end (it stays in the table); true if it
+    /// has ended or is not tracked.
+    pub async fn ended_within(&self, id: &str, limit: Duration) -> bool {
+        let Ok(process) = self.get(id) else {
+            return true;
+        };
+        let mut exit = process.exit.clone();
+        let ended = tokio::time::timeout(limit, exit.wait_for(Option::is_some))
+            .await
+            .is_ok();
+        ended
+    }
+
+    /// Forgets process `id` (ended or not).
+    pub fn forget(&self, id: &str) {
+        if let Ok(mut table) = self.lock() {
+            table.remove(id);
+        }
     }
 
     /// Waits until process `id` has ended, then forgets it.

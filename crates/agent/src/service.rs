@@ -8,15 +8,16 @@ use tonic::{Request, Response, Status, Streaming};
 use vmfactory_protocols::agent::agent_service_server::AgentService;
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
-    CheckRequest, CloseStdinRequest, CopyFileRequest, ExecProcessRequest, ExecProcessResponse,
-    GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse, ListProcessesRequest,
-    ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest,
-    ReadFileResponse, ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest,
-    SetGuestDateTimeRequest, SignalProcessRequest, StatPathRequest, StatPathResponse,
-    TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
-    WriteStreamResponse,
+    CheckRequest, CloseStdinRequest, CopyFileRequest, CreateContainerRequest, ExecProcessRequest,
+    ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse,
+    ListProcessesRequest, ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
+    ReadFileRequest, ReadFileResponse, ReadStreamRequest, ReadStreamResponse,
+    RemoveContainerRequest, ReseedRandomDevRequest, SetGuestDateTimeRequest, SignalProcessRequest,
+    StartContainerRequest, StatPathRequest, StatPathResponse, TtyWinResizeRequest,
+    WaitProcessRequest, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 
+use crate::container::Containers;
 use crate::files;
 use crate::process::{Output, Processes};
 use crate::sys;
@@ -26,6 +27,7 @@ use crate::sys;
 #[derive(Debug, Clone, Default)]
 pub struct Agent {
     processes: Arc<Processes>,
+    containers: Arc<Containers>,
 }
 
 #[tonic::async_trait]
@@ -43,7 +45,18 @@ impl AgentService for Agent {
         &self,
         request: Request<ExecProcessRequest>,
     ) -> Result<Response<ExecProcessResponse>, Status> {
-        let (exec_id, pid) = self.processes.start(request.into_inner())?;
+        let request = request.into_inner();
+        let (exec_id, pid) = if request.container_id.is_empty() {
+            if !request.user.is_empty() {
+                return Err(Status::invalid_argument(
+                    "user applies only to processes in a container",
+                ));
+            }
+            self.processes.start(request)?
+        } else {
+            let launch = self.containers.join(&self.processes, &request).await?;
+            self.processes.start_with(request, launch)?
+        };
         Ok(Response::new(ExecProcessResponse { exec_id, pid }))
     }
 
@@ -184,6 +197,36 @@ impl AgentService for Agent {
         }
         sys::reseed_rng(&data)
             .map_err(|err| Status::internal(format!("Cannot reseed the RNG: {err}")))?;
+        Ok(Response::new(()))
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<CreateContainerRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.containers
+            .create(&self.processes, request.into_inner())
+            .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<StartContainerRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.containers
+            .start(&request.into_inner().container_id)
+            .await?;
+        Ok(Response::new(()))
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<RemoveContainerRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.containers
+            .remove(&self.processes, &request.into_inner().container_id)
+            .await?;
         Ok(Response::new(()))
     }
 

@@ -36,6 +36,10 @@ pub struct ProcessSpec {
     /// output and error, [`OutputPipe::Stderr`] is empty, [`AgentClient::write_stdin`]
     /// types into the terminal and [`AgentClient::close_stdin`] types end-of-file (VEOF).
     pub terminal: Option<TtySize>,
+    /// Run it in this container ("" = in the VM itself); see `agent_container`.
+    pub container_id: String,
+    /// In a container: "uid[:gid]" or a user name of the image ("" = root).
+    pub user: String,
 }
 
 /// The size of a terminal, in characters.
@@ -165,6 +169,8 @@ impl AgentClient {
             terminal: spec.terminal.is_some(),
             rows: spec.terminal.map_or(0, |size| u32::from(size.rows)),
             cols: spec.terminal.map_or(0, |size| u32::from(size.cols)),
+            container_id: spec.container_id,
+            user: spec.user,
         };
         let response = self
             .inner
@@ -302,6 +308,16 @@ impl AgentClient {
     /// Runs a command to completion and collects its output (up to [`MAX_EXEC_OUTPUT`]
     /// per stream).
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecOutput, AgentError> {
+        self.exec_in(request, String::new(), String::new()).await
+    }
+
+    /// [`AgentClient::exec`] in container `container_id` ("" = the VM) as `user`.
+    pub(crate) async fn exec_in(
+        &self,
+        request: ExecRequest,
+        container_id: String,
+        user: String,
+    ) -> Result<ExecOutput, AgentError> {
         let has_stdin = !request.stdin.is_empty();
         let id = self
             .start_process(ProcessSpec {
@@ -311,6 +327,8 @@ impl AgentClient {
                 stdin: has_stdin,
                 timeout: request.timeout,
                 terminal: None,
+                container_id,
+                user,
             })
             .await?;
         let mut stdout = self.output(&id, OutputPipe::Stdout).await?;

@@ -12,6 +12,7 @@
 //!   [`CacheServerFactory`] ([`select`]) choose the factory from [`Settings`].
 
 pub mod agent_client;
+pub mod agent_container;
 pub mod agent_files;
 pub mod agent_port;
 pub mod agent_process;
@@ -32,6 +33,7 @@ pub mod vmcache;
 mod mock_agent;
 
 pub use agent_client::{AgentClient, AgentError, GuestDetails};
+pub use agent_container::{ContainerError, ContainerSpec, ImageFs, RunningContainer};
 pub use agent_files::CopyStats;
 pub use agent_process::{
     ExecOutput, ExecRequest, OutputPipe, OutputStream, ProcessExit, ProcessInfo, ProcessSpec,

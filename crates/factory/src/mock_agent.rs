@@ -18,13 +18,13 @@ use vmfactory_hypervisor::GuestChannels;
 use vmfactory_protocols::agent::agent_service_server::{AgentService, AgentServiceServer};
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
-    CheckRequest, CloseStdinRequest, CopyFileRequest, ExecProcessRequest, ExecProcessResponse,
-    GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse, ListProcessesRequest,
-    ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest,
-    ReadFileResponse, ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest,
-    SetGuestDateTimeRequest, SignalProcessRequest, StatPathRequest, StatPathResponse,
-    TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
-    WriteStreamResponse,
+    CheckRequest, CloseStdinRequest, CopyFileRequest, CreateContainerRequest, ExecProcessRequest,
+    ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse,
+    ListProcessesRequest, ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
+    ReadFileRequest, ReadFileResponse, ReadStreamRequest, ReadStreamResponse,
+    RemoveContainerRequest, ReseedRandomDevRequest, SetGuestDateTimeRequest, SignalProcessRequest,
+    StartContainerRequest, StatPathRequest, StatPathResponse, TtyWinResizeRequest,
+    WaitProcessRequest, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use vmfactory_protocols::contract::{CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED};
 
@@ -163,6 +163,27 @@ impl AgentService for MockAgent {
     ) -> Result<Response<OnlineCpuMemResponse>, Status> {
         self.calls.onlines.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(OnlineCpuMemResponse::default()))
+    }
+
+    async fn create_container(
+        &self,
+        _request: Request<CreateContainerRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented("The mock agent has no containers"))
+    }
+
+    async fn start_container(
+        &self,
+        _request: Request<StartContainerRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented("The mock agent has no containers"))
+    }
+
+    async fn remove_container(
+        &self,
+        _request: Request<RemoveContainerRequest>,
+    ) -> Result<Response<()>, Status> {
+        Err(Status::unimplemented("The mock agent has no containers"))
     }
 
     async fn tty_win_resize(

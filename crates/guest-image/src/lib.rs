@@ -50,8 +50,16 @@ use image::{digests_match, load_cached_manifest};
 pub const FORMAT_VERSION: u32 = 1;
 /// Meta package resolved to the kernel package when none is given.
 pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
-/// Root modules included when none are given (their dependencies are added).
-pub const DEFAULT_MODULES: [&str; 2] = ["virtio_pci", "virtio_console"];
+/// Root modules included when none are given (their dependencies are added): the agent's
+/// channel, and for containers hot-plugged disks (`virtio_blk`), EROFS images and the
+/// overlay root. In Debian's cloud kernel ext4 and PCIe hot-plug (`pciehp`) are built in.
+pub const DEFAULT_MODULES: [&str; 5] = [
+    "virtio_pci",
+    "virtio_console",
+    "virtio_blk",
+    "erofs",
+    "overlay",
+];
 /// Debian package providing the static busybox userland.
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
 /// Rust target the agent is built for.
@@ -278,7 +286,7 @@ mod tests {
     #[test]
     fn default_options_use_the_virtio_modules() {
         let opts = BuildOptions::default();
-        assert_eq!(opts.modules, ["virtio_pci", "virtio_console"]);
+        assert_eq!(opts.modules, DEFAULT_MODULES);
         assert_eq!(opts.kernel_package, None);
         assert!(!opts.force);
         assert!(opts.agent_binary.as_os_str().is_empty());

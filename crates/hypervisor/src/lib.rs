@@ -2,7 +2,7 @@
 //! - [`Backend`] starts VMs: boots a [`VmSpec`], restores one from saved device state, or
 //!   adopts one another process handed over (described by a [`HypervisorHandle`]);
 //! - [`Hypervisor`] is one running VM: pause/resume, save its state, hot-plug vCPUs and
-//!   memory, stop it, or hand it over.
+//!   memory and disks, stop it, or hand it over.
 //!
 //! [`qemu`] implements both with one `qemu-system-x86_64` process per VM, driven over QMP;
 //! [`mock`] implements both in memory for unit tests of factory logic. What the guest agent
@@ -12,6 +12,7 @@
 pub mod mock;
 pub mod qemu;
 
+mod disk;
 mod error;
 mod handle;
 mod spec;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
+pub use disk::{new_serial, validate_serial, AttachedDisk, DiskSpec, MAX_SERIAL};
 pub use error::{HypervisorError, Result};
 pub use handle::{HypervisorHandle, BACKEND_NAMES};
 pub use spec::{MemoryBackend, VmSpec, MIN_MEMORY_MIB};
@@ -87,6 +89,22 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     async fn add_vcpus(&self, count: u32) -> Result<u32>;
     /// Hot-plugs `mib` MiB of memory (a multiple of [`MEMORY_BLOCK_MIB`]) as one DIMM.
     async fn add_memory(&self, mib: u32) -> Result<()>;
+    /// Hot-plugs the disk image `disk` (virtio-blk with `disk.serial`, read-only when
+    /// asked). The hypervisor keeps nothing on the host for it beyond the VM's life: a
+    /// stopped or discarded VM takes its disks with it.
+    async fn attach_disk(&self, _disk: &DiskSpec) -> Result<AttachedDisk> {
+        Err(HypervisorError::Unsupported("Disk hot-plug"))
+    }
+    /// Unplugs disk `id` (from [`Hypervisor::attach_disk`]); the guest must have released
+    /// it (unmounted) or this times out.
+    async fn detach_disk(&self, _id: &str) -> Result<()> {
+        Err(HypervisorError::Unsupported("Disk hot-plug"))
+    }
+    /// What of hot-plugged disks the hypervisor holds now: device ids and block node
+    /// names (a detached disk leaves none).
+    async fn disk_leftovers(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     /// Stops the VM (gracefully, then by force) and removes its directory. Idempotent.
     async fn stop(&mut self) -> Result<()>;
     /// Throws the VM away at once, without a graceful shutdown (a VM that served one

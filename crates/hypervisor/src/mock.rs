@@ -13,9 +13,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::qemu::cmdline::HOTPLUG_PORTS;
 use crate::{
-    Backend, GuestChannels, Hypervisor, HypervisorError, HypervisorHandle, MemoryBackend, Result,
-    VmSpec, MEMORY_BLOCK_MIB,
+    AttachedDisk, Backend, DiskSpec, GuestChannels, Hypervisor, HypervisorError, HypervisorHandle,
+    MemoryBackend, Result, VmSpec, MEMORY_BLOCK_MIB,
 };
 
 const RUNNING: u8 = 0;
@@ -32,6 +33,7 @@ pub struct MockControl {
     crashed: AtomicBool,
     added_vcpus: AtomicU32,
     added_memory_mib: AtomicU32,
+    disks: Mutex<Vec<AttachedDisk>>,
 }
 
 impl MockControl {
@@ -63,6 +65,17 @@ impl MockControl {
     /// Memory hot-plugged so far, MiB.
     pub fn added_memory_mib(&self) -> u32 {
         self.added_memory_mib.load(Ordering::SeqCst)
+    }
+
+    /// Disks attached now.
+    pub fn attached_disks(&self) -> Vec<AttachedDisk> {
+        self.disks.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    fn forget_disks(&self) {
+        if let Ok(mut disks) = self.disks.lock() {
+            disks.clear();
+        }
     }
 }
 
@@ -366,8 +379,62 @@ impl Hypervisor for MockHypervisor {
         Ok(())
     }
 
+    async fn attach_disk(&self, disk: &DiskSpec) -> Result<AttachedDisk> {
+        self.check_alive()?;
+        let serial = disk.checked_serial()?;
+        let mut disks = self
+            .control
+            .disks
+            .lock()
+            .map_err(|_| HypervisorError::InvalidConfig("mock disk table poisoned".into()))?;
+        if disks.len() >= HOTPLUG_PORTS {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "All {HOTPLUG_PORTS} disk hot-plug ports are in use: detach a disk first"
+            )));
+        }
+        if disks.iter().any(|d| d.serial == serial) {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "A disk with serial {serial} is attached already"
+            )));
+        }
+        let attached = AttachedDisk {
+            id: format!("vmfdisk-{serial}"),
+            serial,
+        };
+        disks.push(attached.clone());
+        Ok(attached)
+    }
+
+    async fn detach_disk(&self, id: &str) -> Result<()> {
+        self.check_alive()?;
+        let mut disks = self
+            .control
+            .disks
+            .lock()
+            .map_err(|_| HypervisorError::InvalidConfig("mock disk table poisoned".into()))?;
+        let before = disks.len();
+        disks.retain(|d| d.id != id);
+        if disks.len() == before {
+            return Err(HypervisorError::Qmp {
+                command: "device_del".into(),
+                message: format!("Device '{id}' not found"),
+            });
+        }
+        Ok(())
+    }
+
+    async fn disk_leftovers(&self) -> Result<Vec<String>> {
+        Ok(self
+            .control
+            .attached_disks()
+            .into_iter()
+            .map(|disk| disk.id)
+            .collect())
+    }
+
     async fn stop(&mut self) -> Result<()> {
         self.control.state.store(STOPPED, Ordering::SeqCst);
+        self.control.forget_disks();
         // A test's stand-in agent may write one last console line while the directory
         // goes: try again shortly, as it stops once it sees the VM stopped.
         let mut attempts = 0;
@@ -409,6 +476,7 @@ impl Drop for MockHypervisor {
     fn drop(&mut self) {
         if self.owned {
             self.control.state.store(STOPPED, Ordering::SeqCst);
+            self.control.forget_disks();
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
@@ -482,6 +550,32 @@ mod tests {
             .restore(&spec(dir.path(), "m3"), &state)
             .await
             .is_err());
+    }
+
+    #[tokio::test]
+    async fn disks_attach_detach_and_go_with_the_vm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("img");
+        std::fs::write(&image, b"erofs").expect("image");
+        let backend = MockBackend::new(dir.path(), None);
+        let mut vm = backend.boot(&spec(dir.path(), "d1")).await.expect("boot");
+        let control = backend.controls()[0].1.clone();
+        let disk = DiskSpec {
+            path: image.clone(),
+            read_only: true,
+            serial: String::new(),
+        };
+        let a = vm.attach_disk(&disk).await.expect("attach");
+        assert!(a.id.ends_with(&a.serial));
+        vm.detach_disk(&a.id).await.expect("detach");
+        assert!(vm.detach_disk(&a.id).await.is_err(), "detached twice");
+        for _ in 0..HOTPLUG_PORTS {
+            vm.attach_disk(&disk).await.expect("attach");
+        }
+        assert!(vm.attach_disk(&disk).await.is_err(), "ports full");
+        assert_eq!(control.attached_disks().len(), HOTPLUG_PORTS);
+        vm.stop().await.expect("stop");
+        assert!(control.attached_disks().is_empty());
     }
 
     #[tokio::test]

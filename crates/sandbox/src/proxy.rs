@@ -8,13 +8,13 @@ use tonic::{Request, Response, Status, Streaming};
 use vmfactory_protocols::agent::agent_service_client::AgentServiceClient;
 use vmfactory_protocols::agent::agent_service_server::AgentService;
 use vmfactory_protocols::agent::{
-    CheckRequest, CloseStdinRequest, CopyFileRequest, ExecProcessRequest, ExecProcessResponse,
-    GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse, ListProcessesRequest,
-    ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest,
-    ReadFileResponse, ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest,
-    SetGuestDateTimeRequest, SignalProcessRequest, StatPathRequest, StatPathResponse,
-    TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
-    WriteStreamResponse,
+    CheckRequest, CloseStdinRequest, CopyFileRequest, CreateContainerRequest, ExecProcessRequest,
+    ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse,
+    ListProcessesRequest, ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
+    ReadFileRequest, ReadFileResponse, ReadStreamRequest, ReadStreamResponse,
+    RemoveContainerRequest, ReseedRandomDevRequest, SetGuestDateTimeRequest, SignalProcessRequest,
+    StartContainerRequest, StatPathRequest, StatPathResponse, TtyWinResizeRequest,
+    WaitProcessRequest, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 
 /// Forwards every agent RPC to one agent connection.
@@ -127,6 +127,27 @@ impl AgentService for AgentProxy {
         request: Request<OnlineCpuMemRequest>,
     ) -> Result<Response<OnlineCpuMemResponse>, Status> {
         self.agent().online_cpu_mem(request.into_inner()).await
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<CreateContainerRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.agent().create_container(request.into_inner()).await
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<StartContainerRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.agent().start_container(request.into_inner()).await
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<RemoveContainerRequest>,
+    ) -> Result<Response<()>, Status> {
+        self.agent().remove_container(request.into_inner()).await
     }
 
     async fn tty_win_resize(

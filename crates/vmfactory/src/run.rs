@@ -232,6 +232,7 @@ pub(crate) async fn exec_attached(
         stdin: pass_stdin,
         timeout: options.timeout,
         terminal,
+        ..ProcessSpec::default()
     };
     let id = match agent.start_process(spec).await {
         Ok(id) => id,

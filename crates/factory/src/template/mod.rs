@@ -34,8 +34,9 @@ pub use self::metadata::{read_metadata, FileStamp, TemplateMetadata, TemplateVmC
 pub use self::tmpfs::{destroy, is_mountpoint, Ownership, OWNER_MARKER};
 use self::tmpfs::{prepare_tmpfs, remove_ours};
 
-/// Version of the template layout and metadata.
-pub const TEMPLATE_FORMAT_VERSION: u32 = 1;
+/// Version of the template layout and metadata. 2: q35 VMs have disk hot-plug ports, so
+/// a state saved by version 1 no longer loads into today's command line.
+pub const TEMPLATE_FORMAT_VERSION: u32 = 2;
 /// Metadata file inside the template directory.
 pub const METADATA_FILE: &str = "metadata.json";
 /// Guest memory file inside the template directory.

@@ -11,6 +11,10 @@ pub use vmfactory_protocols::contract::AGENT_PORT_NAME;
 pub const AGENT_PORT_ID: &str = "agent-port";
 /// File descriptor number under which a clone's QEMU inherits the template state file.
 pub const STATE_FD: i32 = 3;
+/// PCIe root ports reserved on q35 for disk hot-plug (one disk each).
+pub const HOTPLUG_PORTS: usize = 4;
+/// QEMU id prefix of those ports (`vmfhp0`, `vmfhp1`, …).
+pub const HOTPLUG_PORT_PREFIX: &str = "vmfhp";
 /// Longest path a Unix socket address can hold.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -154,6 +158,19 @@ pub fn build_args(
             "virtserialport,bus=vser0.0,chardev=agent0,id={AGENT_PORT_ID},name={AGENT_PORT_NAME}"
         ),
     ]);
+    // Disk hot-plug: empty PCIe root ports a virtio-blk disk can be plugged into later.
+    // Templates and their clones share this command line, so clones have them too.
+    if machine == "q35" {
+        for index in 0..HOTPLUG_PORTS {
+            push(&[
+                "-device",
+                &format!(
+                    "pcie-root-port,id={HOTPLUG_PORT_PREFIX}{index},bus=pcie.0,chassis={},slot={index}",
+                    index + 1
+                ),
+            ]);
+        }
+    }
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", escape_option(&paths.qmp)),
@@ -243,6 +260,25 @@ mod tests {
         assert!(values(&args, "-incoming").is_empty());
         assert!(args.iter().any(|a| a == "-no-reboot"));
         assert!(values(&args, "-bios").is_empty());
+        let ports: Vec<&str> = values(&args, "-device")
+            .into_iter()
+            .filter(|d| d.starts_with("pcie-root-port"))
+            .collect();
+        assert_eq!(ports.len(), HOTPLUG_PORTS);
+        assert_eq!(
+            ports[0],
+            "pcie-root-port,id=vmfhp0,bus=pcie.0,chassis=1,slot=0"
+        );
+    }
+
+    #[test]
+    fn pc_has_no_hotplug_ports() {
+        let mut config = config();
+        config.machine_type = "pc".into();
+        let args = args_of(&config, &spec(), ResolvedAccel::Tcg);
+        assert!(!values(&args, "-device")
+            .iter()
+            .any(|d| d.starts_with("pcie-root-port")));
     }
 
     #[test]

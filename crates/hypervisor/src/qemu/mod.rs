@@ -5,7 +5,7 @@
 //! - [`cmdline`]: the command line of one VM;
 //! - `process`: spawning, adopting and killing the process;
 //! - `state`: saving and loading device state (templates);
-//! - `hotplug`: CPU and DIMM hot-plug;
+//! - `hotplug`: CPU and DIMM hot-plug; `disk`: disk hot-plug on reserved PCIe ports;
 //! - `console`: what QEMU and the guest said last, for errors;
 //! - [`qmp`]: the QMP client; [`accel`]: KVM or TCG.
 
@@ -15,6 +15,7 @@ pub mod config;
 pub mod qmp;
 
 mod console;
+pub mod disk;
 mod hotplug;
 mod orphans;
 mod process;
@@ -33,7 +34,8 @@ use self::accel::ResolvedAccel;
 use self::cmdline::VmPaths;
 use self::qmp::Qmp;
 use crate::{
-    Backend, GuestChannels, Hypervisor, HypervisorError, HypervisorHandle, Result, VmSpec,
+    AttachedDisk, Backend, DiskSpec, GuestChannels, Hypervisor, HypervisorError, HypervisorHandle,
+    Result, VmSpec,
 };
 
 pub use self::config::{
@@ -128,6 +130,8 @@ pub struct Qemu {
     pidfd: Option<std::os::fd::OwnedFd>,
     /// Keeps the guest console log bounded while this handle owns the VM.
     console_bound: ConsoleBound,
+    /// True when the command line reserved disk hot-plug ports (q35).
+    disk_ports: bool,
 }
 
 impl Qemu {
@@ -221,6 +225,18 @@ impl Hypervisor for Qemu {
 
     async fn add_memory(&self, mib: u32) -> Result<()> {
         self.plug_memory(mib).await
+    }
+
+    async fn attach_disk(&self, disk: &DiskSpec) -> Result<AttachedDisk> {
+        self.plug_disk(disk, self.disk_ports).await
+    }
+
+    async fn detach_disk(&self, id: &str) -> Result<()> {
+        self.unplug_disk(id).await
+    }
+
+    async fn disk_leftovers(&self) -> Result<Vec<String>> {
+        self.disk_names().await
     }
 
     async fn stop(&mut self) -> Result<()> {

@@ -153,6 +153,7 @@ impl Qemu {
             stopped: false,
             owned: true,
             pidfd: None,
+            disk_ports: config.machine_type == "q35",
         };
         match qemu.connect_qmp(config.start_timeout).await {
             Ok(qmp) => {
@@ -248,6 +249,7 @@ impl Qemu {
             stopped: false,
             owned: true,
             pidfd: Some(pidfd),
+            disk_ports: cmdline.contains(&format!("id={}0,", super::cmdline::HOTPLUG_PORT_PREFIX)),
         })
     }
 

@@ -1,0 +1,283 @@
+//! A container's root disk: finding the hot-plugged disk by serial, preparing the overlay
+//! root (the image is untrusted: no path of it is followed as a symbolic link), and users
+//! from its `/etc/passwd`.
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rustix::fs::{Mode, OFlags};
+use tonic::Status;
+use vmfactory_protocols::agent::ContainerStorage;
+
+/// Longest virtio-blk serial.
+const MAX_SERIAL: usize = 20;
+/// How long a hot-plugged disk may take to appear in the guest.
+pub const DISK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest `/etc/passwd` read.
+const MAX_PASSWD: u64 = 1 << 20;
+
+/// Checks the storage of a container.
+pub fn validate(storage: &ContainerStorage) -> Result<(), Status> {
+    let serial = &storage.serial;
+    if serial.is_empty()
+        || serial.len() > MAX_SERIAL
+        || !serial
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
+    {
+        return Err(Status::invalid_argument(format!(
+            "Invalid disk serial {serial:?}: 1 to {MAX_SERIAL} letters, digits, '-' or '_'"
+        )));
+    }
+    if !matches!(storage.fstype.as_str(), "erofs" | "ext4") {
+        return Err(Status::invalid_argument(format!(
+            "Unsupported file system {:?}: use \"erofs\" or \"ext4\"",
+            storage.fstype
+        )));
+    }
+    if !storage.read_only {
+        return Err(Status::invalid_argument(
+            "The root disk must be read-only (writes go to the tmpfs upper layer)",
+        ));
+    }
+    Ok(())
+}
+
+/// `/dev/vdX` of the virtio disk whose serial is `serial`, waiting for it to appear.
+pub async fn find_disk(serial: &str) -> Result<PathBuf, Status> {
+    let started = Instant::now();
+    loop {
+        if let Some(device) = disk_with_serial(Path::new("/sys/block"), serial) {
+            let node = Path::new("/dev").join(&device);
+            if node.exists() {
+                return Ok(node);
+            }
+        }
+        if started.elapsed() > DISK_TIMEOUT {
+            return Err(Status::not_found(format!(
+                "No disk with serial {serial} appeared within {} s: attach it first",
+                DISK_TIMEOUT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The name of the `vd*` block device under `sys_block` whose serial is `serial`.
+pub fn disk_with_serial(sys_block: &Path, serial: &str) -> Option<String> {
+    let entries = std::fs::read_dir(sys_block).ok()?;
+    entries.flatten().find_map(|entry| {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("vd") {
+            return None;
+        }
+        let mut found = String::new();
+        std::fs::File::open(entry.path().join("serial"))
+            .ok()?
+            .take(64)
+            .read_to_string(&mut found)
+            .ok()?;
+        (found.trim_end() == serial).then_some(name)
+    })
+}
+
+fn image_error(what: &str, err: impl std::fmt::Display) -> Status {
+    Status::failed_precondition(format!("The container image's {what}: {err}"))
+}
+
+/// Opens directory `name` under `parent` without following a link; a link or a file in
+/// its place is replaced by an empty directory (the overlay records the change).
+fn ensure_dir(parent: &OwnedFd, name: &str) -> Result<OwnedFd, Status> {
+    let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY;
+    match rustix::fs::openat(parent, name, flags, Mode::empty()) {
+        Ok(fd) => return Ok(fd),
+        Err(rustix::io::Errno::NOENT) => {}
+        Err(_) => {
+            rustix::fs::unlinkat(parent, name, rustix::fs::AtFlags::empty())
+                .map_err(|err| image_error(&format!("/{name}"), err))?;
+        }
+    }
+    rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755))
+        .map_err(|err| image_error(&format!("/{name}"), err))?;
+    rustix::fs::openat(parent, name, flags, Mode::empty())
+        .map_err(|err| image_error(&format!("/{name}"), err))
+}
+
+/// Writes file `name` under `dir` afresh (whatever was there, link or not, goes).
+fn write_file(dir: &OwnedFd, name: &str, data: &[u8]) -> Result<(), Status> {
+    match rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()) {
+        Ok(()) | Err(rustix::io::Errno::NOENT) => {}
+        Err(err) => return Err(image_error(&format!("/etc/{name}"), err)),
+    }
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .map_err(|err| image_error(&format!("/etc/{name}"), err))?;
+    std::fs::File::from(fd)
+        .write_all(data)
+        .map_err(|err| image_error(&format!("/etc/{name}"), err))
+}
+
+/// Makes the mount points and the files the agent provides in the overlay root `root`.
+pub fn prepare_root(root: &Path, hostname: &str) -> Result<(), Status> {
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|err| image_error("root", err))?;
+    for dir in ["proc", "sys", "dev", "tmp"] {
+        ensure_dir(&root_fd, dir)?;
+    }
+    let etc = ensure_dir(&root_fd, "etc")?;
+    write_file(&etc, "hostname", format!("{hostname}\n").as_bytes())?;
+    write_file(
+        &etc,
+        "hosts",
+        format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")
+            .as_bytes(),
+    )?;
+    let resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+    let resolv = if resolv.len() > 64 << 10 {
+        Vec::new()
+    } else {
+        resolv
+    };
+    write_file(&etc, "resolv.conf", &resolv)
+}
+
+/// Resolves `user` ("", "uid", "uid:gid" or a name in the image's /etc/passwd) to ids.
+pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), Status> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    if user.len() > 256 || user.contains(['\0', '\n']) {
+        return Err(Status::invalid_argument(
+            "Invalid user: too long or with NUL/newline",
+        ));
+    }
+    let (name, group) = match user.split_once(':') {
+        Some((name, group)) => (name, Some(group)),
+        None => (user, None),
+    };
+    let gid_of = |group: &str| {
+        group.parse::<u32>().map_err(|_| {
+            Status::invalid_argument(format!("Invalid group {group:?}: give a number"))
+        })
+    };
+    if let Ok(uid) = name.parse::<u32>() {
+        let gid = match group {
+            Some(group) => gid_of(group)?,
+            None => uid,
+        };
+        return Ok((uid, gid));
+    }
+    let passwd = read_passwd(root)?;
+    let entry = passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.len() >= 4 && fields[0] == name).then(|| (fields[2], fields[3]))
+    });
+    let Some((uid, gid)) = entry else {
+        return Err(Status::not_found(format!(
+            "User {name:?} is not in the container's /etc/passwd: give a uid"
+        )));
+    };
+    let uid = uid
+        .parse()
+        .map_err(|_| image_error("/etc/passwd", format!("bad uid for {name}")))?;
+    let gid = match group {
+        Some(group) => gid_of(group)?,
+        None => gid
+            .parse()
+            .map_err(|_| image_error("/etc/passwd", format!("bad gid for {name}")))?,
+    };
+    Ok((uid, gid))
+}
+
+fn read_passwd(root: &Path) -> Result<String, Status> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let root_fd = rustix::fs::open(root, flags | OFlags::DIRECTORY, Mode::empty())
+        .map_err(|err| image_error("root", err))?;
+    let etc = rustix::fs::openat(&root_fd, "etc", flags | OFlags::DIRECTORY, Mode::empty())
+        .map_err(|err| image_error("/etc", err))?;
+    let file = rustix::fs::openat(&etc, "passwd", flags, Mode::empty())
+        .map_err(|err| image_error("/etc/passwd", err))?;
+    let mut text = String::new();
+    std::fs::File::from(file)
+        .take(MAX_PASSWD)
+        .read_to_string(&mut text)
+        .map_err(|err| image_error("/etc/passwd", err))?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_is_checked() {
+        let ok = ContainerStorage {
+            serial: "vmf0123".into(),
+            fstype: "erofs".into(),
+            read_only: true,
+        };
+        validate(&ok).expect("ok");
+        let bad = |f: fn(&mut ContainerStorage)| {
+            let mut s = ok.clone();
+            f(&mut s);
+            validate(&s).is_err()
+        };
+        assert!(bad(|s| s.serial = String::new()));
+        assert!(bad(|s| s.serial = "a/b".into()));
+        assert!(bad(|s| s.serial = "x".repeat(21)));
+        assert!(bad(|s| s.fstype = "xfs".into()));
+        assert!(bad(|s| s.read_only = false));
+    }
+
+    #[test]
+    fn disks_are_found_by_serial() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, serial) in [("vda", "one"), ("vdb", "two\n"), ("sda", "two")] {
+            std::fs::create_dir(dir.path().join(name)).expect("mkdir");
+            std::fs::write(dir.path().join(name).join("serial"), serial).expect("write");
+        }
+        assert_eq!(disk_with_serial(dir.path(), "two").as_deref(), Some("vdb"));
+        assert_eq!(disk_with_serial(dir.path(), "three"), None);
+    }
+
+    #[test]
+    fn root_is_prepared_without_following_links() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).expect("mkdir");
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("etc")).expect("mkdir");
+        std::os::unix::fs::symlink(outside.join("victim"), root.join("etc/hosts")).expect("ln");
+        std::os::unix::fs::symlink(&outside, root.join("proc")).expect("ln");
+        std::fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0::/root:/bin/sh\nweb:x:33:44::/:/bin/sh\n",
+        )
+        .expect("passwd");
+        prepare_root(&root, "box").expect("prepare");
+        assert!(!outside.join("victim").exists());
+        assert!(std::fs::symlink_metadata(root.join("proc"))
+            .expect("proc")
+            .is_dir());
+        assert!(std::fs::read_to_string(root.join("etc/hosts"))
+            .expect("hosts")
+            .contains("box"));
+        assert_eq!(resolve_user(&root, "").expect("root"), (0, 0));
+        assert_eq!(resolve_user(&root, "web").expect("web"), (33, 44));
+        assert_eq!(resolve_user(&root, "web:7").expect("web"), (33, 7));
+        assert_eq!(resolve_user(&root, "1000").expect("uid"), (1000, 1000));
+        assert_eq!(resolve_user(&root, "1000:5").expect("uid"), (1000, 5));
+        assert!(resolve_user(&root, "nobody").is_err());
+        assert!(resolve_user(&root, "1:x").is_err());
+    }
+}
