@@ -89,7 +89,7 @@ fn free_port_in(buses: &Value) -> Option<String> {
                 .get("pci_bridge")
                 .and_then(|bridge| bridge.get("devices"))
                 .and_then(Value::as_array)
-                .is_none_or(Vec::is_empty);
+                .map_or(true, Vec::is_empty);
             empty.then(|| id.to_string())
         })
         .collect();
