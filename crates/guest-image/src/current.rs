@@ -441,7 +441,10 @@ mod tests {
         assert_eq!(current(&other_modules), None);
         // Module names are compared canonically.
         let dashed = BuildOptions {
-            modules: vec!["virtio-pci".into(), "virtio-console".into()],
+            modules: crate::DEFAULT_MODULES
+                .iter()
+                .map(|m| m.replace('_', "-"))
+                .collect(),
             ..opts.clone()
         };
         assert_eq!(current(&dashed), Some(image.clone()));

@@ -112,6 +112,8 @@ impl Qemu {
     /// Attaches `spec`: the block node, then the device on the first free hot-plug port.
     pub(super) async fn plug_disk(&self, spec: &DiskSpec, q35: bool) -> Result<AttachedDisk> {
         let serial = spec.checked_serial()?;
+        // Two attaches must not pick the same free port.
+        let _attaching = self.disk_lock.lock().await;
         self.qmp("blockdev-add", Some(blockdev_add_args(spec, &serial)))
             .await?;
         let port = if q35 {

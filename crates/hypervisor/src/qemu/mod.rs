@@ -132,6 +132,8 @@ pub struct Qemu {
     console_bound: ConsoleBound,
     /// True when the command line reserved disk hot-plug ports (q35).
     disk_ports: bool,
+    /// Serializes disk attaches: choosing a free port and plugging into it is one step.
+    disk_lock: Mutex<()>,
 }
 
 impl Qemu {

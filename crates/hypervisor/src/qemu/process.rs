@@ -154,6 +154,7 @@ impl Qemu {
             owned: true,
             pidfd: None,
             disk_ports: config.machine_type == "q35",
+            disk_lock: Mutex::new(()),
         };
         match qemu.connect_qmp(config.start_timeout).await {
             Ok(qmp) => {
@@ -250,6 +251,7 @@ impl Qemu {
             owned: true,
             pidfd: Some(pidfd),
             disk_ports: cmdline.contains(&format!("id={}0,", super::cmdline::HOTPLUG_PORT_PREFIX)),
+            disk_lock: Mutex::new(()),
         })
     }
 

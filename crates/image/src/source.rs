@@ -1,0 +1,448 @@
+//! Reading image sources: OCI image layouts and `docker save` directories (a tar of
+//! either is unpacked to a directory first), with every blob checked against its digest.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use oci_spec::image::{Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, Os};
+use serde::Deserialize;
+use sha2::{Digest as _, Sha256};
+
+use crate::{ImageConfig, ImageError};
+
+/// Largest JSON document (index, manifest, config) we read.
+const MAX_JSON: u64 = 16 << 20;
+const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// The kind of a directory source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DirKind {
+    Oci,
+    Docker,
+    Rootfs,
+}
+
+pub(crate) fn dir_kind(dir: &Path) -> DirKind {
+    if dir.join("oci-layout").is_file() || dir.join("index.json").is_file() {
+        DirKind::Oci
+    } else if dir.join("manifest.json").is_file() {
+        DirKind::Docker
+    } else {
+        DirKind::Rootfs
+    }
+}
+
+/// How a layer is checked.
+#[derive(Debug, Clone)]
+pub(crate) enum Check {
+    /// sha256 of the blob as stored (OCI descriptors).
+    Blob { digest: String, size: Option<u64> },
+    /// sha256 of the uncompressed tar (docker's `rootfs.diff_ids`).
+    DiffId(String),
+}
+
+/// A layer to apply.
+#[derive(Debug, Clone)]
+pub(crate) struct Layer {
+    pub path: PathBuf,
+    pub check: Check,
+}
+
+/// An image found in a layout, before its layers are read.
+#[derive(Debug)]
+pub(crate) struct Image {
+    /// The cache key: the manifest digest (OCI) or config digest (docker).
+    pub digest: String,
+    pub config: ImageConfig,
+    pub layers: Vec<Layer>,
+}
+
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `sha256:<64 hex>` → the hex part; anything else is refused.
+pub(crate) fn sha256_of(digest: &str) -> Result<&str, ImageError> {
+    match digest.strip_prefix("sha256:") {
+        Some(hex)
+            if hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) =>
+        {
+            Ok(hex)
+        }
+        _ => Err(ImageError::BadImage(format!(
+            "unsupported digest {digest:?} (only sha256 is supported)"
+        ))),
+    }
+}
+
+fn read_limited(path: &Path, what: &str) -> Result<Vec<u8>, ImageError> {
+    let file = File::open(path).map_err(|source| ImageError::Io {
+        what: format!("open {what} {}", path.display()),
+        source,
+    })?;
+    let mut data = Vec::new();
+    file.take(MAX_JSON + 1)
+        .read_to_end(&mut data)
+        .map_err(|source| ImageError::Io {
+            what: format!("read {what} {}", path.display()),
+            source,
+        })?;
+    if data.len() as u64 > MAX_JSON {
+        return Err(ImageError::BadImage(format!(
+            "{what} {} is larger than {MAX_JSON} bytes",
+            path.display()
+        )));
+    }
+    Ok(data)
+}
+
+fn blob_path(layout: &Path, digest: &str) -> Result<PathBuf, ImageError> {
+    Ok(layout.join("blobs/sha256").join(sha256_of(digest)?))
+}
+
+/// Reads a small blob and checks its digest and size.
+fn read_blob(layout: &Path, desc: &Descriptor) -> Result<Vec<u8>, ImageError> {
+    let digest = desc.digest().to_string();
+    let data = read_limited(&blob_path(layout, &digest)?, "blob")?;
+    check_bytes(&data, &digest, Some(desc.size()))?;
+    Ok(data)
+}
+
+fn check_bytes(data: &[u8], digest: &str, size: Option<u64>) -> Result<(), ImageError> {
+    let want = sha256_of(digest)?;
+    let got = sha256_hex(data);
+    if got != want || size.is_some_and(|size| size != data.len() as u64) {
+        return Err(ImageError::DigestMismatch {
+            expected: digest.to_string(),
+            actual: format!("sha256:{got}"),
+        });
+    }
+    Ok(())
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(data: &[u8], what: &str) -> Result<T, ImageError> {
+    serde_json::from_slice(data).map_err(|err| ImageError::BadImage(format!("{what}: {err}")))
+}
+
+fn config_of(data: &[u8]) -> Result<(ImageConfig, Vec<String>), ImageError> {
+    let parsed: ImageConfiguration = parse(data, "image config")?;
+    let config = parsed
+        .config()
+        .as_ref()
+        .map(|c| ImageConfig {
+            env: c.env().clone().unwrap_or_default(),
+            entrypoint: c.entrypoint().clone().unwrap_or_default(),
+            cmd: c.cmd().clone().unwrap_or_default(),
+            working_dir: c.working_dir().clone().filter(|d| !d.is_empty()),
+            user: c.user().clone().filter(|u| !u.is_empty()),
+        })
+        .unwrap_or_default()
+        .with_default_path();
+    Ok((config, parsed.rootfs().diff_ids().clone()))
+}
+
+/// Whether a descriptor is for linux/amd64 (or says nothing about its platform).
+fn linux_amd64(desc: &Descriptor) -> bool {
+    match desc.platform() {
+        Some(p) => *p.os() == Os::Linux && *p.architecture() == Arch::Amd64,
+        None => true,
+    }
+}
+
+/// Picks the manifest of an OCI layout: the one tagged `tag`, else the only one, else the
+/// first for linux/amd64.
+pub(crate) fn oci_image(layout: &Path, tag: Option<&str>) -> Result<Image, ImageError> {
+    let index: ImageIndex = parse(
+        &read_limited(&layout.join("index.json"), "index")?,
+        "index.json",
+    )?;
+    let manifests = index.manifests();
+    let chosen = match tag {
+        Some(tag) => manifests.iter().find(|d| {
+            d.annotations()
+                .as_ref()
+                .and_then(|a| a.get(REF_NAME))
+                .is_some_and(|name| name == tag)
+        }),
+        None if manifests.len() == 1 => manifests.first(),
+        None => manifests.iter().find(|d| linux_amd64(d)),
+    };
+    let Some(mut desc) = chosen.cloned() else {
+        let names: Vec<String> = manifests
+            .iter()
+            .filter_map(|d| d.annotations().as_ref()?.get(REF_NAME).cloned())
+            .collect();
+        return Err(ImageError::NoSuchImage(match tag {
+            Some(tag) => format!(
+                "no manifest tagged {tag:?} in {} (tags: {names:?})",
+                layout.display()
+            ),
+            None => format!(
+                "no linux/amd64 manifest in {} (tags: {names:?})",
+                layout.display()
+            ),
+        }));
+    };
+    // A nested index (multi-platform image): take its linux/amd64 manifest.
+    if desc.media_type().to_string().contains("index") {
+        let nested: ImageIndex = parse(&read_blob(layout, &desc)?, "nested index")?;
+        desc = nested
+            .manifests()
+            .iter()
+            .find(|d| linux_amd64(d))
+            .cloned()
+            .ok_or_else(|| {
+                ImageError::NoSuchImage(format!("no linux/amd64 manifest in {}", layout.display()))
+            })?;
+    }
+    let manifest: ImageManifest = parse(&read_blob(layout, &desc)?, "manifest")?;
+    let (config, _) = config_of(&read_blob(layout, manifest.config())?)?;
+    let layers = manifest
+        .layers()
+        .iter()
+        .map(|d| {
+            let digest = d.digest().to_string();
+            Ok(Layer {
+                path: blob_path(layout, &digest)?,
+                check: Check::Blob {
+                    digest,
+                    size: Some(d.size()),
+                },
+            })
+        })
+        .collect::<Result<_, ImageError>>()?;
+    Ok(Image {
+        digest: desc.digest().to_string(),
+        config,
+        layers,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct DockerManifest {
+    #[serde(rename = "Config")]
+    config: String,
+    #[serde(rename = "RepoTags", default)]
+    repo_tags: Option<Vec<String>>,
+    #[serde(rename = "Layers", default)]
+    layers: Vec<String>,
+}
+
+/// A path inside a `docker save` directory, refused if it leaves it.
+fn inside(dir: &Path, rel: &str) -> Result<PathBuf, ImageError> {
+    let parts = crate::flatten::components(rel.as_bytes())?;
+    if parts.is_empty() {
+        return Err(ImageError::BadImage(format!(
+            "empty path {rel:?} in manifest.json"
+        )));
+    }
+    Ok(parts.iter().fold(dir.to_path_buf(), |p, c| {
+        p.join(std::str::from_utf8(c).unwrap_or("?"))
+    }))
+}
+
+/// Picks the image of a `docker save` directory: the one with repo tag `tag` (`name:tag`
+/// or just the tag), else the only one, else the first.
+pub(crate) fn docker_image(dir: &Path, tag: Option<&str>) -> Result<Image, ImageError> {
+    let manifests: Vec<DockerManifest> = parse(
+        &read_limited(&dir.join("manifest.json"), "manifest")?,
+        "manifest.json",
+    )?;
+    let chosen = match tag {
+        Some(tag) => manifests.iter().find(|m| {
+            m.repo_tags
+                .iter()
+                .flatten()
+                .any(|t| t == tag || t.rsplit_once(':').is_some_and(|(_, t)| t == tag))
+        }),
+        None => manifests.first(),
+    };
+    let Some(manifest) = chosen else {
+        return Err(ImageError::NoSuchImage(format!(
+            "no image{} in {}",
+            tag.map(|t| format!(" tagged {t:?}")).unwrap_or_default(),
+            dir.display()
+        )));
+    };
+    let config_data = read_limited(&inside(dir, &manifest.config)?, "config")?;
+    let digest = format!("sha256:{}", sha256_hex(&config_data));
+    // Newer docker names blobs by digest: then the name must match the content too.
+    if let Some(name) = manifest.config.strip_prefix("blobs/sha256/") {
+        check_bytes(&config_data, &format!("sha256:{name}"), None)?;
+    }
+    let (config, diff_ids) = config_of(&config_data)?;
+    if diff_ids.len() != manifest.layers.len() {
+        return Err(ImageError::BadImage(format!(
+            "manifest.json lists {} layers, the config {} diff_ids",
+            manifest.layers.len(),
+            diff_ids.len()
+        )));
+    }
+    let layers = manifest
+        .layers
+        .iter()
+        .zip(diff_ids)
+        .map(|(path, diff_id)| {
+            sha256_of(&diff_id)?;
+            Ok(Layer {
+                path: inside(dir, path)?,
+                check: Check::DiffId(diff_id),
+            })
+        })
+        .collect::<Result<_, ImageError>>()?;
+    Ok(Image {
+        digest,
+        config,
+        layers,
+    })
+}
+
+/// A reader that hashes what passes through it.
+struct Hashing<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read> Hashing<R> {
+    fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+
+    /// Reads to the end (tar readers stop at the end-of-archive blocks) and checks.
+    fn finish(mut self, digest: &str, size: Option<u64>) -> Result<(), ImageError> {
+        io::copy(&mut self, &mut io::sink()).map_err(|source| ImageError::Io {
+            what: "read layer".into(),
+            source,
+        })?;
+        let got = hex(&self.hasher.finalize());
+        if got != sha256_of(digest)? || size.is_some_and(|s| s != self.count) {
+            return Err(ImageError::DigestMismatch {
+                expected: digest.to_string(),
+                actual: format!("sha256:{got}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Opens a layer, undoes gzip or zstd compression (found by magic bytes), hands the tar
+/// stream to `apply`, and checks the digest of what was read.
+pub(crate) fn read_layer<T>(
+    layer: &Layer,
+    apply: impl FnOnce(&mut dyn Read) -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
+    let file = File::open(&layer.path).map_err(|source| ImageError::Io {
+        what: format!("open layer {}", layer.path.display()),
+        source,
+    })?;
+    let io_err = |source| ImageError::Io {
+        what: format!("read layer {}", layer.path.display()),
+        source,
+    };
+    match &layer.check {
+        Check::Blob { digest, size } => {
+            let mut blob = BufReader::with_capacity(1 << 20, Hashing::new(file));
+            let out = with_decompression(&mut blob, apply).map_err(|e| e.or_io(io_err))?;
+            let inner = blob.into_inner();
+            // What the BufReader had buffered but the decompressor did not consume was
+            // hashed already; the rest is hashed by `finish`.
+            inner.finish(digest, *size)?;
+            Ok(out)
+        }
+        Check::DiffId(diff_id) => {
+            let mut blob = BufReader::with_capacity(1 << 20, file);
+            let mut out = None;
+            with_decompression(&mut blob, |tar| {
+                let mut hashing = Hashing::new(tar);
+                out = Some(apply(&mut hashing)?);
+                hashing.finish(diff_id, None)
+            })
+            .map_err(|e| e.or_io(io_err))?;
+            out.ok_or_else(|| ImageError::BadLayer("layer not read".into()))
+        }
+    }
+}
+
+enum Either {
+    Image(ImageError),
+    Io(io::Error),
+}
+
+impl Either {
+    fn or_io(self, f: impl FnOnce(io::Error) -> ImageError) -> ImageError {
+        match self {
+            Either::Image(err) => err,
+            Either::Io(err) => f(err),
+        }
+    }
+}
+
+fn with_decompression<T>(
+    blob: &mut BufReader<impl Read>,
+    apply: impl FnOnce(&mut dyn Read) -> Result<T, ImageError>,
+) -> Result<T, Either> {
+    let head = blob.fill_buf().map_err(Either::Io)?;
+    if head.starts_with(&[0x1f, 0x8b]) {
+        let mut gz = flate2::bufread::MultiGzDecoder::new(blob);
+        let out = apply(&mut gz).map_err(Either::Image)?;
+        io::copy(&mut gz, &mut io::sink()).map_err(Either::Io)?;
+        Ok(out)
+    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        let mut zst = zstd::stream::read::Decoder::with_buffer(blob).map_err(Either::Io)?;
+        let out = apply(&mut zst).map_err(Either::Image)?;
+        io::copy(&mut zst, &mut io::sink()).map_err(Either::Io)?;
+        Ok(out)
+    } else {
+        let out = apply(blob).map_err(Either::Image)?;
+        io::copy(blob, &mut io::sink()).map_err(Either::Io)?;
+        Ok(out)
+    }
+}
+
+/// Unpacks a tar of an OCI layout or `docker save` output into `dest`: regular files and
+/// directories only, paths checked.
+pub(crate) fn unpack_outer_tar(tar_path: &Path, dest: &Path) -> Result<(), ImageError> {
+    let file = File::open(tar_path).map_err(|source| ImageError::Io {
+        what: format!("open {}", tar_path.display()),
+        source,
+    })?;
+    let bad = |err: io::Error| ImageError::BadImage(format!("{}: {err}", tar_path.display()));
+    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
+    for entry in archive.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let kind = entry.header().entry_type();
+        if !(kind.is_file() || kind.is_dir()) {
+            continue;
+        }
+        let path = entry.path_bytes().into_owned();
+        crate::flatten::components(&path)?;
+        if !entry.unpack_in(dest).map_err(bad)? {
+            return Err(ImageError::PathEscape(
+                String::from_utf8_lossy(&path).into_owned(),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,402 @@
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::fixtures::{self, Compression, LayerBuilder};
+use crate::{FsType, ImageConfig, ImageError, ImageStore};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn apply(root: &Path, layers: &[Vec<u8>]) -> Result<(), ImageError> {
+    let flattener = crate::Flattener::new(root)?;
+    for layer in layers {
+        flattener.apply(layer.as_slice())?;
+    }
+    Ok(())
+}
+
+#[test]
+fn whiteouts_delete_files_directories_and_make_directories_opaque() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let lower = LayerBuilder::new()
+        .file("a/file", b"1", 0o644)?
+        .file("a/gone", b"2", 0o644)?
+        .file("dir/sub/deep", b"3", 0o644)?
+        .file("opaque/old1", b"4", 0o644)?
+        .file("opaque/sub/old2", b"5", 0o644)?
+        .finish()?;
+    let upper = LayerBuilder::new()
+        .whiteout("a/gone")?
+        .whiteout("dir")?
+        .file("opaque/new", b"6", 0o600)?
+        .opaque("opaque")?
+        .whiteout("a/never-existed")?
+        .finish()?;
+    apply(root.path(), &[lower, upper])?;
+    let r = root.path();
+    assert_eq!(fs::read(r.join("a/file"))?, b"1");
+    assert!(!r.join("a/gone").exists());
+    assert!(!r.join("a/.wh.gone").exists());
+    assert!(!r.join("dir").exists());
+    assert_eq!(fs::read(r.join("opaque/new"))?, b"6");
+    assert_eq!(fs::metadata(r.join("opaque/new"))?.mode() & 0o7777, 0o600);
+    let mut names: Vec<_> = fs::read_dir(r.join("opaque"))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()?;
+    names.sort();
+    assert_eq!(names, vec!["new"]);
+    Ok(())
+}
+
+#[test]
+fn hard_links_symlinks_and_ownership_are_kept() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let layer = LayerBuilder::new()
+        .file_owned("bin/tool", b"binary", 0o4755, 1000, 1001)?
+        .hardlink("bin/alias", "bin/tool")?
+        .symlink("bin/link", "tool")?
+        .finish()?;
+    // A later layer replaces a file by a directory and a directory by a file.
+    let replace = LayerBuilder::new()
+        .file("bin/link/inside", b"x", 0o644)?
+        .finish()?;
+    apply(root.path(), &[layer])?;
+    let r = root.path();
+    let tool = fs::metadata(r.join("bin/tool"))?;
+    let alias = fs::metadata(r.join("bin/alias"))?;
+    assert_eq!(tool.ino(), alias.ino());
+    assert_eq!(tool.nlink(), 2);
+    assert_eq!(
+        (tool.uid(), tool.gid(), tool.mode() & 0o7777),
+        (1000, 1001, 0o4755)
+    );
+    assert_eq!(fs::read_link(r.join("bin/link"))?, Path::new("tool"));
+    // bin/link resolves to the file bin/tool: a later path through it replaces the
+    // symlink by a directory instead of writing through it.
+    apply(root.path(), &[replace])?;
+    assert!(fs::symlink_metadata(r.join("bin/link"))?.is_dir());
+    assert_eq!(fs::read(r.join("bin/tool"))?, b"binary");
+    Ok(())
+}
+
+#[test]
+fn paths_leaving_the_root_are_refused() -> TestResult {
+    let parent = tempfile::tempdir()?;
+    let root = parent.path().join("root");
+    let outside = parent.path().join("outside");
+    fs::create_dir(&root)?;
+    fs::create_dir(&outside)?;
+    let dotdot = LayerBuilder::new()
+        .raw(tar::EntryType::Regular, b"../outside/pwned", None, b"x")?
+        .finish()?;
+    assert!(matches!(
+        apply(&root, &[dotdot]),
+        Err(ImageError::PathEscape(_))
+    ));
+    let nested = LayerBuilder::new()
+        .raw(
+            tar::EntryType::Regular,
+            b"a/../../outside/pwned",
+            None,
+            b"x",
+        )?
+        .finish()?;
+    assert!(matches!(
+        apply(&root, &[nested]),
+        Err(ImageError::PathEscape(_))
+    ));
+    let hardlink = LayerBuilder::new()
+        .raw(
+            tar::EntryType::Link,
+            b"stolen",
+            Some(b"../outside/secret"),
+            b"",
+        )?
+        .finish()?;
+    fs::write(outside.join("secret"), b"secret")?;
+    assert!(matches!(
+        apply(&root, &[hardlink]),
+        Err(ImageError::PathEscape(_))
+    ));
+    // Symlinks to the outside, absolute and relative, resolve inside the root: writing
+    // through them never touches the outside (it fails where the target is missing inside).
+    let outside_abs = outside.to_str().ok_or("path")?;
+    for (link, target) in [("abs", outside_abs), ("rel", "../../../../../../outside")] {
+        let layer = LayerBuilder::new()
+            .symlink(link, target)?
+            .file(&format!("{link}/pwned"), b"x", 0o644)?
+            .finish()?;
+        let _ = apply(&root, &[layer]);
+        let stolen = LayerBuilder::new()
+            .hardlink("stolen", &format!("{link}/secret"))?
+            .finish()?;
+        assert!(apply(&root, &[stolen]).is_err());
+    }
+    assert!(
+        !outside.join("pwned").exists(),
+        "a layer wrote outside the root"
+    );
+    assert_eq!(fs::metadata(outside.join("secret"))?.nlink(), 1);
+    let inside = LayerBuilder::new()
+        .dir("outside", 0o755)?
+        .symlink("rel2", "../../../../outside")?
+        .file("rel2/pwned", b"x", 0o644)?
+        .finish()?;
+    apply(&root, &[inside])?;
+    assert!(root.join("outside/pwned").is_file());
+    assert!(
+        !outside.join("pwned").exists(),
+        "a layer wrote outside the root"
+    );
+    // Absolute paths in the tar are relative to the root.
+    let absolute = LayerBuilder::new()
+        .raw(tar::EntryType::Regular, b"/etc/absolute", None, b"x")?
+        .finish()?;
+    apply(&root, &[absolute])?;
+    assert!(root.join("etc/absolute").is_file());
+    Ok(())
+}
+
+fn layout_with(
+    layers: &[(Vec<u8>, Compression)],
+    dir: &Path,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let tars: Vec<Vec<u8>> = layers.iter().map(|(t, _)| t.clone()).collect();
+    let config = fixtures::image_config(json!({"Cmd": ["/bin/true"]}), &tars);
+    Ok(fixtures::oci_layout(dir, layers, &config, "latest")?)
+}
+
+#[test]
+fn corrupt_blobs_are_refused() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let layer = LayerBuilder::new()
+        .file("hello", b"hello", 0o644)?
+        .finish()?;
+    for compression in [Compression::None, Compression::Gzip, Compression::Zstd] {
+        let layout = tmp.path().join(format!("{compression:?}"));
+        layout_with(&[(layer.clone(), compression)], &layout)?;
+        // Flip a byte of the layer blob (the largest of the blobs): same size, other digest.
+        let blob = fs::read_dir(layout.join("blobs/sha256"))?
+            .filter_map(Result::ok)
+            .max_by_key(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+            .ok_or("no blob")?
+            .path();
+        let mut data = fs::read(&blob)?;
+        let last = data.len() - 1;
+        data[last] ^= 0x01;
+        fs::write(&blob, data)?;
+        let store = ImageStore::new(&tmp.path().join("cache"));
+        let err = store.prepare(layout.to_str().ok_or("path")?, &mut |_| {});
+        assert!(
+            matches!(err, Err(ImageError::DigestMismatch { .. })),
+            "{compression:?}: {err:?}"
+        );
+    }
+    // docker save: the layer must match the config's diff_id.
+    let docker = tmp.path().join("docker");
+    let config = fixtures::image_config(json!({}), std::slice::from_ref(&layer));
+    fixtures::docker_dir(&docker, &[b"not the layer".to_vec()], &config, "x:latest")?;
+    let store = ImageStore::new(&tmp.path().join("cache"));
+    let err = store.prepare(docker.to_str().ok_or("path")?, &mut |_| {});
+    assert!(
+        matches!(
+            err,
+            Err(ImageError::DigestMismatch { .. }) | Err(ImageError::BadLayer(_))
+        ),
+        "{err:?}"
+    );
+    assert!(store.list()?.is_empty());
+    Ok(())
+}
+
+/// Extracts an EROFS image with `fsck.erofs --extract` (no mount needed).
+fn extract_erofs(disk: &Path, into: &Path) -> TestResult {
+    let status = Command::new("fsck.erofs")
+        .arg(format!("--extract={}", into.display()))
+        .arg(disk)
+        .output()?;
+    assert!(status.status.success(), "{status:?}");
+    Ok(())
+}
+
+#[test]
+fn oci_tar_and_docker_archive_flatten_to_the_same_tree_and_hit_the_cache() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let store = ImageStore::new(tmp.path());
+    let oci = tmp.path().join("oci.tar");
+    let fixture = fixtures::write_oci_layout_tar(&oci, None)?;
+    let reference = format!("{}:latest", oci.display());
+    let mut messages = Vec::new();
+    let first = store.prepare(&reference, &mut |m| messages.push(m.to_string()))?;
+    assert!(!first.cached);
+    assert_eq!(first.digest, fixture.digest);
+    assert_eq!(first.fs_type, FsType::Erofs);
+    assert!(
+        messages.iter().any(|m| m.contains("layer 2/2")),
+        "{messages:?}"
+    );
+    assert_eq!(first.config.env, vec!["PATH=/bin", "GREETING=hello"]);
+    assert_eq!(first.config.working_dir.as_deref(), Some("/work"));
+    assert_eq!(
+        first.config.command(&[]),
+        vec!["/bin/sh", "-c", "echo $GREETING; cat added.txt"]
+    );
+
+    let started = Instant::now();
+    let second = store.prepare(&reference, &mut |m| panic!("a cache hit reported {m}"))?;
+    let hit = started.elapsed();
+    eprintln!("cache hit took {hit:?}");
+    assert!(second.cached);
+    assert_eq!(second.disk, first.disk);
+    assert!(hit.as_millis() < 500, "cache hit took {hit:?}");
+
+    let tree = tmp.path().join("tree");
+    extract_erofs(&first.disk, &tree)?;
+    for (path, content) in &fixture.files {
+        assert_eq!(fs::read(tree.join(path))?, *content, "{path}");
+    }
+    for path in &fixture.deleted {
+        assert!(
+            !tree.join(path).exists(),
+            "{path} was deleted by a whiteout"
+        );
+    }
+    assert_eq!(fs::read_link(tree.join("bin/sh"))?, Path::new("busybox"));
+    assert_eq!(
+        fs::metadata(tree.join("bin/cat"))?.len(),
+        fs::metadata(tree.join("bin/busybox"))?.len()
+    );
+
+    // The docker save variant: its own digest (the config's), the same tree and config.
+    let docker = tmp.path().join("docker.tar");
+    let docker_fixture = fixtures::write_docker_archive(&docker, None)?;
+    let from_docker = store.prepare(docker.to_str().ok_or("path")?, &mut |_| {})?;
+    assert_eq!(from_docker.digest, docker_fixture.digest);
+    assert_eq!(from_docker.config, first.config);
+    let docker_tree = tmp.path().join("docker-tree");
+    extract_erofs(&from_docker.disk, &docker_tree)?;
+    assert_eq!(
+        fs::read(docker_tree.join("work/added.txt"))?,
+        fixtures::ADDED
+    );
+    assert!(!docker_tree.join("etc/removed.txt").exists());
+
+    // ext4 of the same image goes into the same cache entry.
+    let ext4 = store
+        .clone()
+        .with_fs_type(FsType::Ext4)
+        .prepare(&reference, &mut |_| {})?;
+    assert!(!ext4.cached);
+    assert_eq!(ext4.disk.parent(), first.disk.parent());
+    let out = Command::new("debugfs")
+        .args(["-R", "cat /work/added.txt"])
+        .arg(&ext4.disk)
+        .output()?;
+    assert_eq!(out.stdout, fixtures::ADDED);
+
+    // ls and rm.
+    let listed = store.list()?;
+    assert_eq!(listed.len(), 2);
+    let entry = listed
+        .iter()
+        .find(|e| e.digest == first.digest)
+        .ok_or("not listed")?;
+    assert_eq!(entry.fs_types, vec![FsType::Erofs, FsType::Ext4]);
+    assert_eq!(
+        entry.sources,
+        vec![format!("{}:latest", fs::canonicalize(&oci)?.display())]
+    );
+    assert!(entry.size_bytes >= first.size_bytes + ext4.size_bytes);
+    assert!(matches!(
+        store.remove(""),
+        Err(ImageError::BadReference(_))
+            | Err(ImageError::NotCached(_))
+            | Err(ImageError::Ambiguous(..))
+    ));
+    let removed = store.remove(&first.digest["sha256:".len()..][..12])?;
+    assert_eq!(removed.digest, first.digest);
+    assert!(!first.disk.exists());
+    let removed = store.remove(docker.to_str().ok_or("path")?)?;
+    assert_eq!(removed.digest, docker_fixture.digest);
+    assert!(store.list()?.is_empty());
+    assert!(matches!(
+        store.remove(&first.digest),
+        Err(ImageError::NotCached(_))
+    ));
+    // No staging or unpack directories are left behind.
+    let leftovers: Vec<_> = fs::read_dir(store.root())?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    Ok(())
+}
+
+#[test]
+fn a_rootfs_directory_is_rehashed_only_when_it_changes() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let rootfs = tmp.path().join("rootfs");
+    fs::create_dir_all(rootfs.join("etc"))?;
+    fs::write(rootfs.join("etc/hostname"), b"one\n")?;
+    let store = ImageStore::new(&tmp.path().join("cache"));
+    let reference = rootfs.to_str().ok_or("path")?;
+    let first = store.prepare(reference, &mut |_| {})?;
+    assert_eq!(first.config, ImageConfig::rootfs_default());
+    let mut hashed = false;
+    let again = store.prepare(reference, &mut |m| hashed |= m.starts_with("hashing"))?;
+    assert!(again.cached && !hashed);
+    fs::write(rootfs.join("etc/hostname"), b"two\n")?;
+    let changed = store.prepare(reference, &mut |_| {})?;
+    assert!(!changed.cached);
+    assert_ne!(changed.digest, first.digest);
+    assert!(matches!(
+        store.prepare(&format!("{reference}:tag"), &mut |_| {}),
+        Err(ImageError::BadReference(_))
+    ));
+    assert!(matches!(
+        store.prepare("/nonexistent/image", &mut |_| {}),
+        Err(ImageError::BadReference(_))
+    ));
+    Ok(())
+}
+
+/// Stamping and hashing the Debian python3 rootfs, when the integrator's copy exists.
+#[test]
+fn stamp_of_a_debian_rootfs_is_fast() -> TestResult {
+    let rootfs = Path::new("/var/cache/vmfactory-test/bookworm-python3");
+    if !rootfs.join("usr/bin/python3").exists() {
+        eprintln!("skipped: no {}", rootfs.display());
+        return Ok(());
+    }
+    let started = Instant::now();
+    let stamp = crate::store::dir_stamp(rootfs)?;
+    let took = started.elapsed();
+    eprintln!("stamp of {} took {took:?}", rootfs.display());
+    assert_eq!(stamp, crate::store::dir_stamp(rootfs)?);
+    Ok(())
+}
+
+#[test]
+fn command_follows_docker_rules() {
+    let config = ImageConfig {
+        entrypoint: vec!["/entry".into()],
+        cmd: vec!["default".into()],
+        ..ImageConfig::default()
+    };
+    assert_eq!(config.command(&[]), vec!["/entry", "default"]);
+    assert_eq!(config.command(&["mine".into()]), vec!["/entry", "mine"]);
+    let no_entry = ImageConfig {
+        cmd: vec!["sh".into()],
+        ..ImageConfig::default()
+    };
+    assert_eq!(
+        no_entry.command(&["ls".into(), "-l".into()]),
+        vec!["ls", "-l"]
+    );
+    assert_eq!(no_entry.command(&[]), vec!["sh"]);
+}
