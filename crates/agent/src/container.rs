@@ -379,6 +379,31 @@ impl Containers {
         Ok(())
     }
 
+    /// The mount namespace of started container `id` (its init's), for file operations
+    /// in its root.
+    pub async fn mount_namespace(
+        &self,
+        processes: &Processes,
+        id: &str,
+    ) -> Result<OwnedFd, Status> {
+        validate_id(id)?;
+        let table = self.table.lock().await;
+        let container = table
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("No container {id:?}")))?;
+        if container.start.is_some() {
+            return Err(Status::failed_precondition(format!(
+                "Container {id} is not started: call StartContainer first"
+            )));
+        }
+        let pid = processes.running_pid(id).ok_or_else(|| {
+            Status::failed_precondition(format!("Container {id}'s init has ended: remove it"))
+        })?;
+        std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
+            .map(OwnedFd::from)
+            .map_err(|err| internal("namespace", err))
+    }
+
     /// How a process joins container `id`: its init's namespaces, its root, `workdir`
     /// and user.
     pub async fn join(

@@ -5,9 +5,11 @@
 //! checked: absolute, no NUL, no `.` or `..` component, bounded length.
 
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, Timespec, Timestamps, CWD, UTIME_OMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -106,13 +108,49 @@ fn checked_times(request: &CopyFileRequest, path: &Path) -> Result<Timestamps, S
     })
 }
 
-/// Runs blocking file system work off the async runtime.
+/// Where paths of a file operation are resolved: the VM's root, or a container's (the
+/// mount namespace of its init).
+#[derive(Debug, Clone, Default)]
+pub enum Scope {
+    /// The VM's own file systems.
+    #[default]
+    Vm,
+    /// A container's: its mount namespace.
+    Container(Arc<OwnedFd>),
+}
+
+/// Runs blocking file system work off the async runtime, with paths resolved in `scope`.
+/// A container's work runs on a thread of its own that entered the container's mount
+/// namespace (after unsharing its root and working directory from the agent's other
+/// threads, as `setns` requires) and ends with the work, so no other work sees it.
 async fn blocking<T: Send + 'static>(
+    scope: &Scope,
     work: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|err| Status::internal(format!("File operation failed: {err}")))?
+    let failed =
+        |err: &dyn std::fmt::Display| Status::internal(format!("File operation failed: {err}"));
+    match scope {
+        Scope::Vm => tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|err| failed(&err))?,
+        Scope::Container(namespace) => {
+            let namespace = namespace.clone();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name("container-files".into())
+                .spawn(move || {
+                    let result = match enter_mount_namespace(&namespace) {
+                        Ok(()) => work(),
+                        Err(err) => Err(Status::internal(format!(
+                            "Cannot enter the container's mount namespace: {err}"
+                        ))),
+                    };
+                    let _ = tx.send(result);
+                })
+                .map_err(|err| failed(&err))?;
+            rx.await.map_err(|err| failed(&err))?
+        }
+    }
 }
 
 /// Sets the permission bits and modification time of `path` (not following a final
@@ -129,14 +167,19 @@ fn set_mode_and_times(path: &Path, mode: Option<u32>, times: &Timestamps) -> Res
 /// Removes a temporary file unless it was renamed into place.
 struct TempFile {
     path: Option<PathBuf>,
+    /// Where its path is resolved when it is dropped on an arbitrary thread.
+    scope: Scope,
 }
 
 impl TempFile {
-    fn next_to(path: &Path) -> Self {
+    /// A temporary name next to `path`, which resolves in `scope` (`Scope::Vm` when the
+    /// caller's thread already is where `path` resolves).
+    fn next_to(path: &Path, scope: &Scope) -> Self {
         let parent = path.parent().unwrap_or(Path::new("/"));
         let n = NEXT_TEMP.fetch_add(1, Ordering::Relaxed);
         Self {
             path: Some(parent.join(format!(".vmfactory-copy.{}.{n}", std::process::id()))),
+            scope: scope.clone(),
         }
     }
 
@@ -160,24 +203,51 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         if let Some(path) = self.path.take() {
-            if let Err(err) = std::fs::remove_file(&path) {
-                debug!(path = %path.display(), %err, "Cannot remove a temporary file");
+            let remove = move || {
+                if let Err(err) = std::fs::remove_file(&path) {
+                    debug!(path = %path.display(), %err, "Cannot remove a temporary file");
+                }
+            };
+            match &self.scope {
+                Scope::Vm => remove(),
+                Scope::Container(namespace) => {
+                    let namespace = namespace.clone();
+                    let _ = std::thread::Builder::new()
+                        .name("container-files".into())
+                        .spawn(move || {
+                            if enter_mount_namespace(&namespace).is_ok() {
+                                remove();
+                            }
+                        });
+                }
             }
         }
     }
 }
 
+/// Gives the calling thread its own root and working directory, then moves it into the
+/// mount namespace `namespace` (whose root becomes its root). Only for threads that end
+/// with the work they were made for.
+fn enter_mount_namespace(namespace: &OwnedFd) -> rustix::io::Result<()> {
+    // SAFETY: only FS (root and working directory) is unshared; file descriptors stay
+    // shared with the agent's other threads.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS)? };
+    rustix::thread::move_into_link_name_space(
+        namespace.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Mount),
+    )
+}
+
 /// Serves one `CopyFile` stream: creates the file, directory or symbolic link its first
 /// message describes.
-pub async fn copy_file<S>(mut stream: S) -> Result<(), Status>
+pub async fn copy_file<S>(
+    first: CopyFileRequest,
+    mut stream: S,
+    scope: &Scope,
+) -> Result<(), Status>
 where
     S: Stream<Item = Result<CopyFileRequest, Status>> + Unpin + Send,
 {
-    let Some(first) = stream.next().await.transpose()? else {
-        return Err(Status::invalid_argument(
-            "CopyFile stream is empty: its first message must describe the entry",
-        ));
-    };
     let path = guest_path(&first.path)?;
     if path.file_name().is_none() {
         return Err(Status::invalid_argument(format!(
@@ -199,7 +269,7 @@ where
     }
     if first.parents {
         if let Some(parent) = path.parent().map(Path::to_path_buf) {
-            blocking(move || {
+            blocking(scope, move || {
                 std::fs::create_dir_all(&parent)
                     .map_err(|err| io_status("create the directory", &parent, &err))
             })
@@ -207,14 +277,14 @@ where
         }
     }
     match kind {
-        FileKind::File => receive_file(path, first, times, stream).await,
+        FileKind::File => receive_file(path, first, times, stream, scope).await,
         FileKind::Directory => {
             let mode = first.mode;
-            blocking(move || make_directory(&path, mode, &times)).await
+            blocking(scope, move || make_directory(&path, mode, &times)).await
         }
         FileKind::Symlink => {
             let target = first.link_target;
-            blocking(move || make_symlink(&path, &target, &times)).await
+            blocking(scope, move || make_symlink(&path, &target, &times)).await
         }
         FileKind::Unspecified | FileKind::Other => Err(Status::invalid_argument(format!(
             "Cannot copy {}: kind must be file, directory or symlink",
@@ -230,18 +300,25 @@ async fn receive_file<S>(
     first: CopyFileRequest,
     times: Timestamps,
     mut stream: S,
+    scope: &Scope,
 ) -> Result<(), Status>
 where
     S: Stream<Item = Result<CopyFileRequest, Status>> + Unpin + Send,
 {
-    let temp = TempFile::next_to(&path);
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(temp.path())
-        .await
-        .map_err(|err| io_status("create", &path, &err))?;
+    let temp = TempFile::next_to(&path, scope);
+    let opened = {
+        let (temp_path, path) = (temp.path().to_path_buf(), path.clone());
+        blocking(scope, move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&temp_path)
+                .map_err(|err| io_status("create", &path, &err))
+        })
+        .await?
+    };
+    let mut file = tokio::fs::File::from_std(opened);
     let size = first.size;
     let mut received = 0u64;
     let mut data = first.data;
@@ -275,7 +352,7 @@ where
         .map_err(|err| io_status("write", &path, &err))?;
     drop(file);
     let mode = first.mode;
-    blocking(move || {
+    blocking(&scope.clone(), move || {
         set_mode_and_times(temp.path(), Some(mode), &times)?;
         temp.persist(&path)
     })
@@ -308,7 +385,7 @@ fn make_symlink(path: &Path, target: &str, times: &Timestamps) -> Result<(), Sta
             path.display()
         )));
     }
-    let temp = TempFile::next_to(path);
+    let temp = TempFile::next_to(path, &Scope::Vm);
     std::os::unix::fs::symlink(target, temp.path())
         .map_err(|err| io_status("create the link", path, &err))?;
     set_mode_and_times(temp.path(), None, times)?;
@@ -316,9 +393,9 @@ fn make_symlink(path: &Path, target: &str, times: &Timestamps) -> Result<(), Sta
 }
 
 /// Describes `path` without following a final symbolic link.
-pub async fn stat_path(path: &str) -> Result<StatPathResponse, Status> {
+pub async fn stat_path(path: &str, scope: &Scope) -> Result<StatPathResponse, Status> {
     let path = guest_path(path)?;
-    blocking(move || stat_blocking(&path)).await
+    blocking(scope, move || stat_blocking(&path)).await
 }
 
 fn stat_blocking(path: &Path) -> Result<StatPathResponse, Status> {
@@ -393,15 +470,22 @@ fn list_directory(path: &Path) -> Result<Vec<String>, Status> {
 /// as fast as the host takes them.
 pub async fn read_file(
     path: &str,
+    scope: &Scope,
 ) -> Result<ReceiverStream<Result<ReadFileResponse, Status>>, Status> {
     let path = guest_path(path)?;
     // Non-blocking, so opening a FIFO cannot hang; it is refused below.
-    let mut file = tokio::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&path)
-        .await
-        .map_err(|err| io_status("open", &path, &err))?;
+    let opened = {
+        let path = path.clone();
+        blocking(scope, move || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path)
+                .map_err(|err| io_status("open", &path, &err))
+        })
+        .await?
+    };
+    let mut file = tokio::fs::File::from_std(opened);
     let meta = file
         .metadata()
         .await

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 use vmfactory_protocols::agent::agent_service_server::AgentService;
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
@@ -28,6 +29,17 @@ use crate::sys;
 pub struct Agent {
     processes: Arc<Processes>,
     containers: Arc<Containers>,
+}
+
+impl Agent {
+    /// Where a file request's paths resolve: the VM's root, or container `id`'s.
+    async fn file_scope(&self, id: &str) -> Result<files::Scope, Status> {
+        if id.is_empty() {
+            return Ok(files::Scope::Vm);
+        }
+        let namespace = self.containers.mount_namespace(&self.processes, id).await?;
+        Ok(files::Scope::Container(Arc::new(namespace)))
+    }
 }
 
 #[tonic::async_trait]
@@ -137,7 +149,14 @@ impl AgentService for Agent {
         &self,
         request: Request<Streaming<CopyFileRequest>>,
     ) -> Result<Response<()>, Status> {
-        files::copy_file(request.into_inner()).await?;
+        let mut stream = request.into_inner();
+        let Some(first) = stream.next().await.transpose()? else {
+            return Err(Status::invalid_argument(
+                "CopyFile stream is empty: its first message must describe the entry",
+            ));
+        };
+        let scope = self.file_scope(&first.container_id).await?;
+        files::copy_file(first, stream, &scope).await?;
         Ok(Response::new(()))
     }
 
@@ -145,7 +164,9 @@ impl AgentService for Agent {
         &self,
         request: Request<StatPathRequest>,
     ) -> Result<Response<StatPathResponse>, Status> {
-        let response = files::stat_path(&request.into_inner().path).await?;
+        let request = request.into_inner();
+        let scope = self.file_scope(&request.container_id).await?;
+        let response = files::stat_path(&request.path, &scope).await?;
         Ok(Response::new(response))
     }
 
@@ -155,7 +176,9 @@ impl AgentService for Agent {
         &self,
         request: Request<ReadFileRequest>,
     ) -> Result<Response<Self::ReadFileStream>, Status> {
-        let stream = files::read_file(&request.into_inner().path).await?;
+        let request = request.into_inner();
+        let scope = self.file_scope(&request.container_id).await?;
+        let stream = files::read_file(&request.path, &scope).await?;
         Ok(Response::new(stream))
     }
 

@@ -89,6 +89,9 @@ pub struct GuestDetails {
 pub struct AgentClient {
     pub(crate) inner: AgentServiceClient<Channel>,
     socket: Arc<SocketGuard>,
+    /// The container whose root file operations (`copy_in`, `copy_out`) work in; empty:
+    /// the VM's. See [`AgentClient::files_in`].
+    files_container: String,
 }
 
 /// A duplicate of the connected socket's fd, to shut the connection down on demand: the
@@ -131,6 +134,20 @@ fn shutdown(fd: &OwnedFd) {
 }
 
 impl AgentClient {
+    /// This connection, with file operations (`copy_in`, `copy_out`) in container
+    /// `container`'s root instead of the VM's ("" = the VM's).
+    pub fn files_in(&self, container: &str) -> Self {
+        Self {
+            files_container: container.to_string(),
+            ..self.clone()
+        }
+    }
+
+    /// The container file operations work in ("" = the VM).
+    pub(crate) fn files_container(&self) -> &str {
+        &self.files_container
+    }
+
     /// Connects to the agent socket. The HTTP/2 connection is set up at once; calls wait
     /// until the agent in the guest listens, so this can run while the guest still boots.
     pub async fn connect(socket: &Path) -> Result<Self, AgentError> {
@@ -191,7 +208,11 @@ impl AgentClient {
         let inner = AgentServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        Self { inner, socket }
+        Self {
+            inner,
+            socket,
+            files_container: String::new(),
+        }
     }
 
     /// The generated gRPC client on this connection (to forward calls, as a sandbox

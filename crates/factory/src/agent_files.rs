@@ -73,9 +73,10 @@ impl Stamp {
         }
     }
 
-    fn request(&self, path: &str, kind: FileKind) -> CopyFileRequest {
+    fn request(&self, path: &str, kind: FileKind, container: &str) -> CopyFileRequest {
         CopyFileRequest {
             path: path.to_string(),
+            container_id: container.to_string(),
             kind: kind as i32,
             mode: self.mode,
             mtime_sec: self.mtime_sec,
@@ -248,8 +249,12 @@ impl AgentClient {
                         .await?;
                 }
                 Step::Leave { guest, stamp, .. } => {
-                    self.send_whole(stamp.request(&guest, FileKind::Directory))
-                        .await?;
+                    self.send_whole(stamp.request(
+                        &guest,
+                        FileKind::Directory,
+                        self.files_container(),
+                    ))
+                    .await?;
                 }
             }
         }
@@ -283,13 +288,13 @@ impl AgentClient {
                     format!("the link target {target:?} is not UTF-8"),
                 )
             })?;
-            let mut request = stamp.request(guest, FileKind::Symlink);
+            let mut request = stamp.request(guest, FileKind::Symlink, self.files_container());
             request.link_target = target;
             self.send_whole(request).await?;
             stats.symlinks += 1;
         } else if file_type.is_dir() {
             // Writable by us until its own turn comes after its content.
-            let mut request = stamp.request(guest, FileKind::Directory);
+            let mut request = stamp.request(guest, FileKind::Directory, self.files_container());
             request.mode |= 0o700;
             self.send_whole(request).await?;
             stats.dirs += 1;
@@ -337,7 +342,7 @@ impl AgentClient {
             .await
             .map_err(local_error("read", local))?
             .len();
-        let mut first = stamp.request(guest, FileKind::File);
+        let mut first = stamp.request(guest, FileKind::File, self.files_container());
         first.size = size;
         let (tx, rx) = mpsc::channel(SEND_DEPTH);
         // Reads as fast as the agent takes the chunks; stops at `size` bytes.
@@ -401,6 +406,7 @@ impl AgentClient {
     async fn stat_guest(&self, path: &str) -> Result<StatPathResponse, AgentError> {
         let request = StatPathRequest {
             path: path.to_string(),
+            container_id: self.files_container().to_string(),
         };
         Ok(self
             .inner
@@ -523,6 +529,7 @@ impl AgentClient {
             .clone()
             .read_file(ReadFileRequest {
                 path: guest.to_string(),
+                container_id: self.files_container().to_string(),
             })
             .await
             .map_err(rpc_error("ReadFile"))?

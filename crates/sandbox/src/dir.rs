@@ -72,6 +72,27 @@ pub struct SandboxRecord {
     pub memory_mib: u32,
     /// State.
     pub state: SandboxState,
+    /// The containers in the sandbox's VM.
+    #[serde(default)]
+    pub containers: Vec<ContainerRecord>,
+}
+
+/// A container of a sandbox: what `sandbox exec --container` needs to run a process in
+/// it as its image says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    /// Its name in the sandbox (also its id in the guest).
+    pub name: String,
+    /// The image reference it was made from.
+    pub image: String,
+    /// The image's content digest.
+    pub digest: String,
+    /// The image's environment (KEY=VALUE).
+    pub env: Vec<String>,
+    /// The image's working directory ("" = /).
+    pub workdir: String,
+    /// The image's user ("" = root).
+    pub user: String,
 }
 
 /// The directory of one sandbox.
@@ -128,6 +149,7 @@ impl SandboxRecord {
             vcpus: 0,
             memory_mib: 0,
             state: SandboxState::Creating,
+            containers: Vec::new(),
         }
     }
 

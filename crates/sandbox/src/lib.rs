@@ -19,8 +19,8 @@ pub mod supervisor;
 use std::path::PathBuf;
 
 pub use client::SandboxClient;
-pub use dir::{SandboxDir, SandboxRecord, SandboxState};
-pub use supervisor::{Supervisor, SupervisorOptions};
+pub use dir::{ContainerRecord, SandboxDir, SandboxRecord, SandboxState};
+pub use supervisor::{ContainerPlan, Supervisor, SupervisorOptions};
 
 /// Errors of sandboxes.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +54,15 @@ pub enum SandboxError {
         id: String,
         /// What the supervisor said.
         message: String,
+    },
+    /// A container of the sandbox could not be made.
+    #[error("Cannot make container {name:?} in the sandbox's VM")]
+    Container {
+        /// The container's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: vmfactory_factory::ContainerError,
     },
     /// A sandbox file is unreadable.
     #[error("Sandbox record {path} is damaged: {problem}")]

@@ -15,16 +15,18 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{Mutex, Notify};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
-use vmfactory_factory::{Factory, Vm, VmRequest};
+use vmfactory_factory::{ContainerSpec, Factory, RunningContainer, Vm, VmRequest};
 use vmfactory_protocols::agent::agent_service_server::AgentServiceServer;
 use vmfactory_protocols::contract::AGENT_MAX_MESSAGE_SIZE;
 use vmfactory_protocols::sandbox::sandbox_service_server::{SandboxService, SandboxServiceServer};
 use vmfactory_protocols::sandbox::SandboxStatus;
 
-use crate::dir::{SandboxDir, SandboxRecord, SandboxState};
+use crate::dir::{ContainerRecord, SandboxDir, SandboxRecord, SandboxState};
 use crate::proxy::AgentProxy;
 use crate::SandboxError;
 
+/// How long removing one container (in the guest, then its disk) may take at stop.
+const CONTAINER_REMOVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the supervisor checks that its VM still runs.
 const VM_WATCH_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -39,6 +41,20 @@ pub struct SupervisorOptions {
     pub runtime_dir: PathBuf,
     /// The VM asked for.
     pub request: VmRequest,
+    /// Containers to make in the VM, in order.
+    pub containers: Vec<ContainerPlan>,
+}
+
+/// A container to make in a sandbox's VM: its image's disk on the host and what the
+/// sandbox's record keeps of it.
+#[derive(Debug, Clone)]
+pub struct ContainerPlan {
+    /// The image's read-only disk on the host.
+    pub disk: PathBuf,
+    /// The container (id = name; a pause init).
+    pub spec: ContainerSpec,
+    /// What the record keeps.
+    pub record: ContainerRecord,
 }
 
 /// Runs one sandbox's supervisor.
@@ -50,6 +66,7 @@ struct Shared {
     dir: SandboxDir,
     record: Mutex<SandboxRecord>,
     vm: Mutex<Option<Vm>>,
+    containers: Mutex<Vec<RunningContainer>>,
     stop: Notify,
 }
 
@@ -169,11 +186,53 @@ impl Supervisor {
             "Supervisor stopping"
         );
         if let Some(vm) = shared.vm.lock().await.take() {
+            Self::remove_containers(&vm, &shared.containers).await;
             if let Err(err) = vm.stop().await {
                 warn!(%err, "Stopping the sandbox VM failed");
             }
         }
         dir.remove()
+    }
+
+    /// Removes the containers (in the guest) and detaches their disks, newest first, so
+    /// the VM holds no image when it stops. A failure is logged: stopping the VM frees
+    /// whatever is left.
+    async fn remove_containers(vm: &Vm, containers: &Mutex<Vec<RunningContainer>>) {
+        let mut containers = containers.lock().await;
+        while let Some(container) = containers.pop() {
+            let id = container.id.clone();
+            match tokio::time::timeout(CONTAINER_REMOVE_TIMEOUT, vm.remove_container(container))
+                .await
+            {
+                Ok(Ok(())) => info!(
+                    container = id,
+                    "Removed the container and detached its disk"
+                ),
+                Ok(Err(err)) => warn!(container = id, %err, "Removing the container failed"),
+                Err(_) => warn!(container = id, "Removing the container timed out"),
+            }
+        }
+    }
+
+    /// Makes the planned containers in `vm`; on failure removes those already made.
+    async fn make_containers(
+        vm: &Vm,
+        plans: &[ContainerPlan],
+    ) -> Result<Vec<RunningContainer>, SandboxError> {
+        let made = Mutex::new(Vec::new());
+        for plan in plans {
+            match vm.run_container(&plan.disk, &plan.spec).await {
+                Ok(container) => made.lock().await.push(container),
+                Err(err) => {
+                    Self::remove_containers(vm, &made).await;
+                    return Err(SandboxError::Container {
+                        name: plan.record.name.clone(),
+                        source: err,
+                    });
+                }
+            }
+        }
+        Ok(made.into_inner())
     }
 
     /// Creates the directory, gets the VM and binds the socket.
@@ -190,8 +249,20 @@ impl Supervisor {
         record.vm_dir = vm.hypervisor().vm_dir().to_path_buf();
         record.vcpus = vm.cpu;
         record.memory_mib = vm.memory_mib;
-        record.state = SandboxState::Running;
         dir.link_vm(&record.vm_dir)?;
+        let containers = match Self::make_containers(&vm, &options.containers).await {
+            Ok(containers) => containers,
+            Err(err) => {
+                let _ = vm.stop().await;
+                return Err(err);
+            }
+        };
+        record.containers = options
+            .containers
+            .iter()
+            .map(|plan| plan.record.clone())
+            .collect();
+        record.state = SandboxState::Running;
         let socket = dir.socket();
         let _ = std::fs::remove_file(&socket);
         let io = |action: &'static str| {
@@ -210,6 +281,7 @@ impl Supervisor {
             dir: dir.clone(),
             record: Mutex::new(record),
             vm: Mutex::new(Some(vm)),
+            containers: Mutex::new(containers),
             stop: Notify::new(),
         });
         Ok((shared, listener))

@@ -2,6 +2,7 @@
 //! measure boot times.
 
 mod bench;
+mod container;
 mod factory;
 mod guest;
 mod progress;

@@ -50,9 +50,9 @@ pub struct RunArgs {
     /// Environment variable for the command, KEY=VALUE (repeatable).
     #[arg(short, long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
-    /// Working directory in the guest.
-    #[arg(short, long, default_value = "/")]
-    workdir: String,
+    /// Working directory in the guest (default: the image's WorkingDir, else /).
+    #[arg(short, long)]
+    workdir: Option<String>,
     /// Pass our standard input to the command even when it is a terminal (it always is
     /// passed when it is a pipe or a file).
     #[arg(short, long)]
@@ -61,10 +61,22 @@ pub struct RunArgs {
     /// its size sent at start and on every resize). `-it` is an interactive shell.
     #[arg(short, long)]
     tty: bool,
-    /// The command and its arguments (after `--`).
-    #[arg(required = true, last = true)]
+    /// Run the command in a container of this image: a root filesystem directory, an OCI
+    /// image layout (directory or tar) or a `docker save` archive. Its disk is built once
+    /// and cached (`vmfactory image ls`), hot-plugged read-only into the VM and mounted
+    /// under a writable overlay. Without a command, runs the image's Entrypoint + Cmd.
+    #[arg(long, value_name = "REF")]
+    image: Option<String>,
+    /// Size of the container's writable layer (a tmpfs in the guest): MiB, or e.g. 512M, 2G.
+    #[arg(long, value_parser = crate::container::parse_disk_size, requires = "image")]
+    disk_size: Option<u32>,
+    /// The command and its arguments (after `--`); optional with --image.
+    #[arg(required_unless_present = "image", last = true)]
     command: Vec<String>,
 }
+
+/// Name of the container `run --image` makes in its VM.
+const RUN_CONTAINER: &str = "run";
 
 /// Why `run` ends early.
 #[derive(Debug)]
@@ -120,17 +132,90 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
     let mut opened = None;
     reap_orphans(&resolved.base.qemu.runtime_dir);
 
+    // The image's disk is found (or built) while the VM is being got.
+    let prepare_image = {
+        let reference = args.image.clone();
+        let cache_dir = args.vm.image.cache_dir.clone();
+        async move {
+            match reference {
+                Some(reference) => tokio::task::spawn_blocking(move || {
+                    crate::container::prepare(cache_dir, &reference)
+                })
+                .await
+                .context("Preparing the image failed")?
+                .map(Some),
+                None => Ok(None),
+            }
+        }
+    };
     // Dropping a VM that is still starting kills it and removes its directory.
-    let vm = tokio::select! {
-        vm = factory::get_vm(&resolved, &mut opened) => vm?,
+    let (vm, prepared) = tokio::select! {
+        (vm, prepared) = async { tokio::join!(factory::get_vm(&resolved, &mut opened), prepare_image) } => {
+            let vm = vm?;
+            match prepared {
+                Ok(prepared) => (vm, prepared),
+                Err(err) => {
+                    let _ = vm.discard().await;
+                    return Err(err);
+                }
+            }
+        }
         stop = signals.recv() => return Ok(signal_exit(stop)),
     };
     let got_vm_at = started.elapsed();
+    let options = match &prepared {
+        Some(image) => {
+            let process = crate::container::ContainerProcess::new(
+                &image.config,
+                &args.command,
+                &args.env,
+                args.workdir.as_deref(),
+            )?;
+            let spec = crate::container::pause_container(
+                RUN_CONTAINER,
+                image,
+                args.disk_size.unwrap_or(0),
+            );
+            // The container and its disk go with the VM, which `run` discards at the end.
+            let container = tokio::select! {
+                container = vm.run_container(&image.disk, &spec) => container,
+                stop = signals.recv() => {
+                    let _ = vm.discard().await;
+                    return Ok(signal_exit(stop));
+                }
+            };
+            if let Err(err) = container {
+                let _ = vm.discard().await;
+                return Err(err).context("Cannot start the image's container in the VM");
+            }
+            ExecOptions {
+                command: process.argv,
+                env: process.env,
+                workdir: process.workdir,
+                interactive: args.interactive,
+                timeout: args.timeout.map(Duration::from_secs),
+                tty: args.tty,
+                container: RUN_CONTAINER.to_string(),
+                user: process.user,
+            }
+        }
+        None => ExecOptions {
+            command: args.command.clone(),
+            env: args.env.clone(),
+            workdir: args.workdir.clone().unwrap_or_else(|| "/".to_string()),
+            interactive: args.interactive,
+            timeout: args.timeout.map(Duration::from_secs),
+            tty: args.tty,
+            container: String::new(),
+            user: String::new(),
+        },
+    };
+    let container_at = started.elapsed();
     let host_deadline = args
         .timeout
         .map(|seconds| Duration::from_secs(seconds) + HOST_TIMEOUT_GRACE);
     let outcome = tokio::select! {
-        outcome = attach(&vm, &args, host_deadline) => Ok(outcome),
+        outcome = attach(&vm, &options, host_deadline) => Ok(outcome),
         stop = signals.recv() => Err(stop),
     };
     let ran_at = started.elapsed();
@@ -145,7 +230,8 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
         config_ms = ms(resolved_at),
         open_factory_ms = ms(opened),
         get_vm_ms = ms(got_vm_at.saturating_sub(resolved_at + opened)),
-        exec_ms = ms(ran_at - got_vm_at),
+        container_ms = ms(container_at - got_vm_at),
+        exec_ms = ms(ran_at - container_at),
         teardown_ms = ms(started.elapsed() - ran_at),
         "{RUN_TIMING}"
     );
@@ -179,22 +265,22 @@ pub(crate) struct ExecOptions {
     pub timeout: Option<Duration>,
     /// Run on a terminal in the guest.
     pub tty: bool,
+    /// Run in this container of the VM ("" = in the VM itself).
+    pub container: String,
+    /// In a container: "uid[:gid]" or a user name of its image ("" = root).
+    pub user: String,
 }
 
-async fn attach(vm: &Vm, args: &RunArgs, host_deadline: Option<Duration>) -> Result<ExitCode> {
-    let options = ExecOptions {
-        command: args.command.clone(),
-        env: args.env.clone(),
-        workdir: args.workdir.clone(),
-        interactive: args.interactive,
-        timeout: args.timeout.map(Duration::from_secs),
-        tty: args.tty,
-    };
+async fn attach(
+    vm: &Vm,
+    options: &ExecOptions,
+    host_deadline: Option<Duration>,
+) -> Result<ExitCode> {
     let died = async {
         anyhow::Error::new(vm.hypervisor().exited().await)
             .context("The VM died while running the command")
     };
-    let execution = exec_attached(vm.agent(), &options, died, None);
+    let execution = exec_attached(vm.agent(), options, died, None);
     match host_deadline {
         Some(deadline) => match tokio::time::timeout(deadline, execution).await {
             Ok(result) => result,
@@ -232,7 +318,8 @@ pub(crate) async fn exec_attached(
         stdin: pass_stdin,
         timeout: options.timeout,
         terminal,
-        ..ProcessSpec::default()
+        container_id: options.container.clone(),
+        user: options.user.clone(),
     };
     let id = match agent.start_process(spec).await {
         Ok(id) => id,

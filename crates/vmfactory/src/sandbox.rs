@@ -14,7 +14,9 @@ use serde::Serialize;
 use vmfactory_factory::{Factory, FactoryChoice, Settings};
 use vmfactory_hypervisor::qemu::accel::Accelerator;
 use vmfactory_sandbox::dir::{self, SandboxDir};
-use vmfactory_sandbox::{SandboxClient, SandboxRecord, Supervisor, SupervisorOptions};
+use vmfactory_sandbox::{
+    ContainerPlan, ContainerRecord, SandboxClient, SandboxRecord, Supervisor, SupervisorOptions,
+};
 
 use crate::run::{exec_attached, ExecOptions, Signals};
 use crate::{parse_env, VmArgs};
@@ -33,6 +35,16 @@ pub enum SandboxCommand {
         /// A name to refer to the sandbox by (letters, digits, '-', '_', '.').
         #[arg(long)]
         name: Option<String>,
+        /// A container in the sandbox, from an image: `[NAME=]REF` where REF is a root
+        /// filesystem directory, an OCI image layout (directory or tar) or a `docker save`
+        /// archive (repeatable, one container per image; the first unnamed one is
+        /// `main`). Run processes in it with `sandbox exec --container NAME`.
+        #[arg(long = "image", value_name = "[NAME=]REF")]
+        images: Vec<String>,
+        /// Size of each container's writable layer (a tmpfs in the guest): MiB, or e.g.
+        /// 512M, 2G.
+        #[arg(long, value_parser = crate::container::parse_disk_size)]
+        disk_size: Option<u32>,
         #[command(flatten)]
         vm: VmArgs,
     },
@@ -68,6 +80,9 @@ pub enum SandboxCommand {
     /// `sandbox cp SRC ID:DST` or `sandbox cp ID:SRC DST` (guest paths are absolute; into
     /// DST/<name> when DST is a directory, as `cp -a`).
     Cp {
+        /// Copy into or out of this container of the sandbox (paths in its root).
+        #[arg(short, long)]
+        container: Option<String>,
         /// Source: a local path, or ID:/guest/path.
         src: String,
         /// Destination: a local path, or ID:/guest/path.
@@ -82,6 +97,12 @@ pub enum SandboxCommand {
         /// Sandbox name.
         #[arg(long, default_value = "")]
         name: String,
+        /// Container to make: NAME=REF (repeatable).
+        #[arg(long = "container")]
+        containers: Vec<String>,
+        /// Size of each container's writable layer, MiB.
+        #[arg(long)]
+        disk_size: Option<u32>,
         #[command(flatten)]
         vm: VmArgs,
     },
@@ -99,9 +120,13 @@ pub struct ExecArgs {
     /// Environment variable for the command, KEY=VALUE (repeatable).
     #[arg(short, long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
-    /// Working directory in the guest.
-    #[arg(short, long, default_value = "/")]
-    workdir: String,
+    /// Working directory (default: /, or the image's WorkingDir in a container).
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// Run the command in this container of the sandbox (made with `create --image`),
+    /// with its image's environment, working directory and user.
+    #[arg(short, long)]
+    container: Option<String>,
     /// Kill the command after this many seconds (exit status 124... as reported by the guest).
     #[arg(long)]
     timeout: Option<u64>,
@@ -117,7 +142,12 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
     let settings = Settings::load(config.as_deref())?;
     let runtime = settings.hypervisor.qemu.runtime_dir.clone();
     match command {
-        SandboxCommand::Create { name, vm } => create(name, vm, config, &runtime).await,
+        SandboxCommand::Create {
+            name,
+            images,
+            disk_size,
+            vm,
+        } => create(name, &images, disk_size, vm, config, &runtime).await,
         SandboxCommand::Ls { json } => ls(&runtime, json),
         SandboxCommand::Rm { force, ids } => rm(&runtime, &ids, force).await,
         SandboxCommand::Pause { id } => {
@@ -129,8 +159,18 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
             Ok(ExitCode::SUCCESS)
         }
         SandboxCommand::Exec(args) => exec(&runtime, args).await,
-        SandboxCommand::Cp { src, dst } => cp(&runtime, &src, &dst).await,
-        SandboxCommand::Supervise { id, name, vm } => supervise(id, name, vm, config).await,
+        SandboxCommand::Cp {
+            container,
+            src,
+            dst,
+        } => cp(&runtime, container.as_deref(), &src, &dst).await,
+        SandboxCommand::Supervise {
+            id,
+            name,
+            containers,
+            disk_size,
+            vm,
+        } => supervise(id, name, &containers, disk_size, vm, config).await,
     }
 }
 
@@ -172,8 +212,38 @@ fn vm_args(vm: &VmArgs) -> Vec<String> {
     args
 }
 
+/// Name of the first container given without one.
+const DEFAULT_CONTAINER: &str = "main";
+
+/// Splits `--image` values into (container name, image reference): `NAME=REF` when the
+/// part before `=` is a valid container name, else REF named `main` (once).
+fn container_images(values: &[String]) -> Result<Vec<(String, String)>> {
+    let mut containers: Vec<(String, String)> = Vec::new();
+    for value in values {
+        let (name, reference) = match value.split_once('=') {
+            Some((name, reference))
+                if !reference.is_empty()
+                    && vmfactory_factory::agent_container::validate_container_id(name).is_ok() =>
+            {
+                (name.to_string(), reference.to_string())
+            }
+            _ => (DEFAULT_CONTAINER.to_string(), value.clone()),
+        };
+        if reference.is_empty() {
+            bail!("--image needs an image reference: --image [NAME=]REF");
+        }
+        if containers.iter().any(|(existing, _)| *existing == name) {
+            bail!("Two containers are named {name:?}: name each one, --image NAME=REF");
+        }
+        containers.push((name, reference));
+    }
+    Ok(containers)
+}
+
 async fn create(
     name: Option<String>,
+    images: &[String],
+    disk_size: Option<u32>,
     vm: VmArgs,
     config: Option<PathBuf>,
     runtime: &Path,
@@ -184,6 +254,15 @@ async fn create(
         if dir::list(runtime).iter().any(|(_, r)| r.name == name) {
             bail!("A sandbox named {name:?} exists: choose another name or remove it first");
         }
+    }
+    let containers = container_images(images)?;
+    // Images are built here, with progress; the supervisor finds them cached.
+    for (_, reference) in &containers {
+        let reference = reference.clone();
+        let cache_dir = vm.image.cache_dir.clone();
+        tokio::task::spawn_blocking(move || crate::container::prepare(cache_dir, &reference))
+            .await
+            .context("Preparing the image failed")??;
     }
     let id = dir::new_id();
     let sandbox = SandboxDir::new(runtime, &id);
@@ -197,6 +276,15 @@ async fn create(
     }
     command
         .args(["-v", "sandbox", "supervise", "--id", &id, "--name", &name])
+        .args(containers.iter().flat_map(|(name, reference)| {
+            ["--container".to_string(), format!("{name}={reference}")]
+        }))
+        .args(
+            disk_size
+                .map(|mib| ["--disk-size".to_string(), mib.to_string()])
+                .into_iter()
+                .flatten(),
+        )
         .args(vm_args(&vm))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -246,9 +334,33 @@ async fn create(
 async fn supervise(
     id: String,
     name: String,
+    containers: &[String],
+    disk_size: Option<u32>,
     vm: VmArgs,
     config: Option<PathBuf>,
 ) -> Result<ExitCode> {
+    let mut plans = Vec::new();
+    for (container, reference) in container_images(containers)? {
+        let cache_dir = vm.image.cache_dir.clone();
+        let image = {
+            let reference = reference.clone();
+            tokio::task::spawn_blocking(move || crate::container::prepare(cache_dir, &reference))
+                .await
+                .context("Preparing the image failed")??
+        };
+        plans.push(ContainerPlan {
+            disk: image.disk.clone(),
+            spec: crate::container::pause_container(&container, &image, disk_size.unwrap_or(0)),
+            record: ContainerRecord {
+                name: container,
+                image: reference,
+                digest: image.digest.clone(),
+                env: image.config.env.clone(),
+                workdir: image.config.working_dir.clone().unwrap_or_default(),
+                user: image.config.user.clone().unwrap_or_default(),
+            },
+        });
+    }
     let resolved = tokio::task::spawn_blocking(move || {
         let settings = Settings::load(config.as_deref())?;
         let choice = FactoryChoice::from_settings(&settings.factory);
@@ -267,6 +379,7 @@ async fn supervise(
         name,
         runtime_dir: resolved.base.qemu.runtime_dir.clone(),
         request: resolved.request,
+        containers: plans,
     };
     let ready = |result: Result<&SandboxRecord, &vmfactory_sandbox::SandboxError>| {
         use std::io::Write;
@@ -382,13 +495,53 @@ async fn rm_one(runtime: &Path, key: &str, force: bool) -> Result<()> {
 async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
     let (sandbox, record) = dir::find(runtime, &args.id)?;
     let client = SandboxClient::connect(&sandbox, &record.id).await?;
-    let options = ExecOptions {
-        command: args.command,
-        env: args.env,
-        workdir: args.workdir,
-        interactive: args.interactive,
-        timeout: args.timeout.map(Duration::from_secs),
-        tty: args.tty,
+    let options = match &args.container {
+        Some(name) => {
+            let Some(container) = record.containers.iter().find(|c| c.name == *name) else {
+                let names: Vec<&str> = record.containers.iter().map(|c| c.name.as_str()).collect();
+                bail!(
+                    "Sandbox {} has no container {name:?}{}",
+                    record.id,
+                    if names.is_empty() {
+                        " (it was created without --image)".to_string()
+                    } else {
+                        format!(": it has {}", names.join(", "))
+                    }
+                );
+            };
+            let config = vmfactory_image::ImageConfig {
+                env: container.env.clone(),
+                working_dir: Some(container.workdir.clone()),
+                user: Some(container.user.clone()),
+                ..Default::default()
+            };
+            let process = crate::container::ContainerProcess::new(
+                &config,
+                &args.command,
+                &args.env,
+                args.workdir.as_deref(),
+            )?;
+            ExecOptions {
+                command: process.argv,
+                env: process.env,
+                workdir: process.workdir,
+                interactive: args.interactive,
+                timeout: args.timeout.map(Duration::from_secs),
+                tty: args.tty,
+                container: container.name.clone(),
+                user: process.user,
+            }
+        }
+        None => ExecOptions {
+            command: args.command,
+            env: args.env,
+            workdir: args.workdir.unwrap_or_else(|| "/".to_string()),
+            interactive: args.interactive,
+            timeout: args.timeout.map(Duration::from_secs),
+            tty: args.tty,
+            container: String::new(),
+            user: String::new(),
+        },
     };
     let died = async {
         while dir::supervisor_alive(&record) {
@@ -406,7 +559,7 @@ fn sandbox_path(spec: &str) -> Option<(&str, &str)> {
     (!id.is_empty() && !id.contains('/')).then_some((id, path))
 }
 
-async fn cp(runtime: &Path, src: &str, dst: &str) -> Result<ExitCode> {
+async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Result<ExitCode> {
     let (key, guest, local, inward) = match (sandbox_path(src), sandbox_path(dst)) {
         (None, Some((id, guest))) => (id, guest, src, true),
         (Some((id, guest)), None) => (id, guest, dst, false),
@@ -421,11 +574,20 @@ async fn cp(runtime: &Path, src: &str, dst: &str) -> Result<ExitCode> {
         bail!("The path in the sandbox must be absolute, not {guest:?}");
     }
     let (sandbox, record) = dir::find(runtime, key)?;
+    if let Some(name) = container {
+        if !record.containers.iter().any(|c| c.name == name) {
+            bail!(
+                "Sandbox {} has no container {name:?} (see `vmfactory sandbox ls`)",
+                record.id
+            );
+        }
+    }
     let client = SandboxClient::connect(&sandbox, &record.id).await?;
+    let agent = client.agent().files_in(container.unwrap_or_default());
     let stats = if inward {
-        client.agent().copy_in(Path::new(local), guest).await
+        agent.copy_in(Path::new(local), guest).await
     } else {
-        client.agent().copy_out(guest, Path::new(local)).await
+        agent.copy_out(guest, Path::new(local)).await
     }
     .context("Copy failed")?;
     eprintln!(

@@ -4,6 +4,29 @@ use std::os::unix::fs::MetadataExt;
 
 use super::*;
 
+/// `CopyFile` in the VM's root, as the service calls it: first message, then the rest.
+async fn copy_file<S>(mut stream: S) -> Result<(), Status>
+where
+    S: Stream<Item = Result<CopyFileRequest, Status>> + Unpin + Send,
+{
+    let first = stream
+        .next()
+        .await
+        .transpose()?
+        .ok_or_else(|| Status::invalid_argument("empty"))?;
+    super::copy_file(first, stream, &Scope::Vm).await
+}
+
+/// `StatPath` in the VM's root.
+async fn stat_path(path: &str) -> Result<StatPathResponse, Status> {
+    super::stat_path(path, &Scope::Vm).await
+}
+
+/// `ReadFile` in the VM's root.
+async fn read_file(path: &str) -> Result<ReceiverStream<Result<ReadFileResponse, Status>>, Status> {
+    super::read_file(path, &Scope::Vm).await
+}
+
 fn entry(path: &Path, kind: FileKind) -> CopyFileRequest {
     CopyFileRequest {
         path: path.to_string_lossy().into_owned(),
