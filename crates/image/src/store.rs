@@ -540,25 +540,25 @@ fn read_record(dir: &Path) -> Option<Record> {
 
 /// Walks a tree (not following symlinks), calling `visit` with each entry's path relative
 /// to the root and its metadata, in a stable (sorted) order.
-fn walk(
+pub(crate) fn walk(
     root: &Path,
     visit: &mut dyn FnMut(&Path, &Path, &fs::Metadata) -> Result<(), ImageError>,
 ) -> Result<(), ImageError> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
-        let mut names: Vec<_> = fs::read_dir(&dir)
+        let mut children = fs::read_dir(&dir)
             .map_err(io_error(format!("list {}", dir.display())))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
+            .collect::<Result<Vec<_>, _>>()
             .map_err(io_error(format!("list {}", dir.display())))?;
-        names.sort();
-        for name in names.into_iter().rev() {
-            let rel = rel.join(name);
-            let abs = root.join(&rel);
-            let meta =
-                fs::symlink_metadata(&abs).map_err(io_error(format!("stat {}", abs.display())))?;
-            visit(&rel, &abs, &meta)?;
+        children.sort_by_key(|e| e.file_name());
+        for child in children.into_iter().rev() {
+            let rel = rel.join(child.file_name());
+            // fstatat on the listed directory, not following symlinks.
+            let meta = child
+                .metadata()
+                .map_err(io_error(format!("stat {}", child.path().display())))?;
+            visit(&rel, &child.path(), &meta)?;
             if meta.is_dir() {
                 stack.push(rel);
             }
@@ -579,22 +579,27 @@ pub(crate) fn dir_stamp(root: &Path) -> Result<String, ImageError> {
         top.ctime(),
         top.ctime_nsec()
     ));
+    // Collected, then hashed once: cheaper than many small updates.
+    let mut record = Vec::with_capacity(1 << 20);
     walk(root, &mut |rel, _, meta| {
-        hasher.update(rel.as_os_str().as_bytes());
-        hasher.update(format!(
-            "\0{}:{}:{}:{}:{}:{}.{}:{}.{}\n",
+        record.extend_from_slice(rel.as_os_str().as_bytes());
+        for n in [
             meta.ino(),
             meta.size(),
-            meta.mode(),
-            meta.uid(),
-            meta.gid(),
-            meta.mtime(),
-            meta.mtime_nsec(),
-            meta.ctime(),
-            meta.ctime_nsec()
-        ));
+            u64::from(meta.mode()),
+            u64::from(meta.uid()),
+            u64::from(meta.gid()),
+            meta.mtime() as u64,
+            meta.mtime_nsec() as u64,
+            meta.ctime() as u64,
+            meta.ctime_nsec() as u64,
+        ] {
+            record.extend_from_slice(&n.to_le_bytes());
+        }
+        record.push(0);
         Ok(())
     })?;
+    hasher.update(&record);
     Ok(source::hex(&hasher.finalize()))
 }
 

@@ -5,6 +5,7 @@ mod bench;
 mod container;
 mod factory;
 mod guest;
+mod image;
 mod progress;
 mod run;
 mod sandbox;
@@ -57,6 +58,9 @@ enum Command {
     /// Long-lived VMs (sandboxes): create, list, exec into, pause, resume, remove.
     #[command(subcommand)]
     Sandbox(sandbox::SandboxCommand),
+    /// Container images as read-only guest disks: build (flatten and cache), ls, rm.
+    #[command(subcommand)]
+    Image(image::ImageCommand),
     /// Show the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -262,6 +266,9 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
         Command::Guest(command) => tokio::task::spawn_blocking(move || guest::run(command))
             .await
             .context("Guest image task failed")?,
+        Command::Image(command) => tokio::task::spawn_blocking(move || image::run(command))
+            .await
+            .context("Image task failed")?,
         Command::Bench(command) => bench::run(command, config).await,
     }
 }
