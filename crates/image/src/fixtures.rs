@@ -350,3 +350,43 @@ pub fn write_docker_archive(out: &Path, busybox: Option<&Path>) -> io::Result<Fi
     tar_dir(dir.path(), out)?;
     Ok(fixture(digest))
 }
+
+/// Extracts the static busybox of the `busybox-static` .deb that the guest image build
+/// downloads (`<cache_dir>/downloads/busybox-static_*.deb`) to `out`, for fixtures whose
+/// programs must run in the guest. `None` when there is no such .deb.
+pub fn static_busybox(cache_dir: &Path, out: &Path) -> io::Result<Option<std::path::PathBuf>> {
+    let Ok(listing) = fs::read_dir(cache_dir.join("downloads")) else {
+        return Ok(None);
+    };
+    let Some(deb) = listing.filter_map(Result::ok).map(|e| e.path()).find(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("busybox-static_") && n.ends_with(".deb"))
+    }) else {
+        return Ok(None);
+    };
+    let output = std::process::Command::new("dpkg-deb")
+        .arg("--fsys-tarfile")
+        .arg(&deb)
+        .output()?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "dpkg-deb --fsys-tarfile {} failed",
+            deb.display()
+        )));
+    }
+    let mut archive = tar::Archive::new(output.stdout.as_slice());
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        if entry.path()?.as_ref() == Path::new("./bin/busybox") {
+            let mut file = fs::File::create(out)?;
+            io::copy(&mut entry, &mut file)?;
+            fs::set_permissions(
+                out,
+                <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755),
+            )?;
+            return Ok(Some(out.to_path_buf()));
+        }
+    }
+    Ok(None)
+}

@@ -400,3 +400,54 @@ fn command_follows_docker_rules() {
     );
     assert_eq!(no_entry.command(&[]), vec!["sh"]);
 }
+
+#[test]
+fn concurrent_prepares_build_once() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let oci = tmp.path().join("oci.tar");
+    fixtures::write_oci_layout_tar(&oci, None)?;
+    let reference = oci.to_str().ok_or("path")?.to_string();
+    let store = ImageStore::new(&tmp.path().join("cache"));
+    let results: Vec<_> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..3)
+            .map(|_| scope.spawn(|| store.prepare(&reference, &mut |_| {})))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| "panicked"))
+            .collect()
+    });
+    let mut built = 0;
+    for result in results {
+        if !result??.cached {
+            built += 1;
+        }
+    }
+    assert_eq!(built, 1);
+    assert_eq!(store.list()?.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn the_fixture_can_carry_the_guest_busybox() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let cache = std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/vmfactory"));
+    let Some(busybox) = cache
+        .map(|c| fixtures::static_busybox(&c, &tmp.path().join("busybox")))
+        .transpose()?
+        .flatten()
+    else {
+        eprintln!("skipped: no busybox-static .deb downloaded");
+        return Ok(());
+    };
+    let out = Command::new(&busybox).arg("echo").arg("hi").output()?;
+    assert_eq!(out.stdout, b"hi\n");
+    let oci = tmp.path().join("oci.tar");
+    fixtures::write_oci_layout_tar(&oci, Some(&busybox))?;
+    let image = ImageStore::new(&tmp.path().join("cache"))
+        .prepare(oci.to_str().ok_or("path")?, &mut |_| {})?;
+    let tree = tmp.path().join("tree");
+    extract_erofs(&image.disk, &tree)?;
+    assert_eq!(fs::read(tree.join("bin/busybox"))?, fs::read(&busybox)?);
+    Ok(())
+}
