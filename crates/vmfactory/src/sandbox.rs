@@ -417,19 +417,21 @@ fn ls(runtime: &Path, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<12}  {:<16}  {:>8}  {:>5}  {:>7}  {:>8}  STATE",
-        "ID", "NAME", "PID", "VCPUS", "MEMORY", "AGE"
+        "{:<12}  {:<16}  {:>8}  {:>5}  {:>7}  {:>8}  {:<8}  CONTAINERS",
+        "ID", "NAME", "PID", "VCPUS", "MEMORY", "AGE", "STATE"
     );
     for (_, record) in &live {
+        let containers: Vec<&str> = record.containers.iter().map(|c| c.name.as_str()).collect();
         println!(
-            "{:<12}  {:<16}  {:>8}  {:>5}  {:>5}Mi  {:>7}s  {}",
+            "{:<12}  {:<16}  {:>8}  {:>5}  {:>5}Mi  {:>7}s  {:<8}  {}",
             record.id,
             record.name,
             record.vm_pid,
             record.vcpus,
             record.memory_mib,
             record.age_seconds(),
-            record.state.as_str()
+            record.state.as_str(),
+            containers.join(",")
         );
     }
     Ok(ExitCode::SUCCESS)
