@@ -6,6 +6,7 @@
 //! one host connection after another.
 
 mod files;
+mod handout;
 mod init;
 mod port;
 mod process;

@@ -9,15 +9,16 @@ use vmfactory_protocols::agent::agent_service_server::AgentService;
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
     CheckRequest, CloseStdinRequest, CopyFileRequest, ExecProcessRequest, ExecProcessResponse,
-    GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse, ListProcessesRequest,
-    ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest,
-    ReadFileResponse, ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest,
-    SetGuestDateTimeRequest, SignalProcessRequest, StatPathRequest, StatPathResponse,
-    TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
-    WriteStreamResponse,
+    GuestDetailsRequest, GuestDetailsResponse, HandOutRequest, HandOutResponse,
+    HealthCheckResponse, ListProcessesRequest, ListProcessesResponse, OnlineCpuMemRequest,
+    OnlineCpuMemResponse, ReadFileRequest, ReadFileResponse, ReadStreamRequest, ReadStreamResponse,
+    ReseedRandomDevRequest, SetGuestDateTimeRequest, SignalProcessRequest, StatPathRequest,
+    StatPathResponse, TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse,
+    WriteStreamRequest, WriteStreamResponse,
 };
 
 use crate::files;
+use crate::handout;
 use crate::process::{Output, Processes};
 use crate::sys;
 
@@ -197,6 +198,16 @@ impl AgentService for Agent {
             .map_err(|err| Status::internal(err.to_string()))?;
         Ok(Response::new(response))
     }
+
+    // ---- Hand-out ----
+    async fn hand_out(
+        &self,
+        request: Request<HandOutRequest>,
+    ) -> Result<Response<HandOutResponse>, Status> {
+        let checked = handout::check(request.into_inner())?;
+        Ok(Response::new(handout::apply(&checked)?))
+    }
+    // ---- end of hand-out ----
 }
 
 #[cfg(test)]

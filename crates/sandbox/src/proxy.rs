@@ -9,12 +9,12 @@ use vmfactory_protocols::agent::agent_service_client::AgentServiceClient;
 use vmfactory_protocols::agent::agent_service_server::AgentService;
 use vmfactory_protocols::agent::{
     CheckRequest, CloseStdinRequest, CopyFileRequest, ExecProcessRequest, ExecProcessResponse,
-    GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse, ListProcessesRequest,
-    ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest,
-    ReadFileResponse, ReadStreamRequest, ReadStreamResponse, ReseedRandomDevRequest,
-    SetGuestDateTimeRequest, SignalProcessRequest, StatPathRequest, StatPathResponse,
-    TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
-    WriteStreamResponse,
+    GuestDetailsRequest, GuestDetailsResponse, HandOutRequest, HandOutResponse,
+    HealthCheckResponse, ListProcessesRequest, ListProcessesResponse, OnlineCpuMemRequest,
+    OnlineCpuMemResponse, ReadFileRequest, ReadFileResponse, ReadStreamRequest, ReadStreamResponse,
+    ReseedRandomDevRequest, SetGuestDateTimeRequest, SignalProcessRequest, StatPathRequest,
+    StatPathResponse, TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse,
+    WriteStreamRequest, WriteStreamResponse,
 };
 
 /// Forwards every agent RPC to one agent connection.
@@ -120,6 +120,13 @@ impl AgentService for AgentProxy {
         request: Request<ReseedRandomDevRequest>,
     ) -> Result<Response<()>, Status> {
         self.agent().reseed_random_dev(request.into_inner()).await
+    }
+
+    async fn hand_out(
+        &self,
+        request: Request<HandOutRequest>,
+    ) -> Result<Response<HandOutResponse>, Status> {
+        self.agent().hand_out(request.into_inner()).await
     }
 
     async fn online_cpu_mem(
