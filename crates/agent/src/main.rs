@@ -7,6 +7,7 @@
 
 mod container;
 mod files;
+mod handout;
 mod init;
 mod port;
 mod process;

@@ -10,16 +10,18 @@ use vmfactory_protocols::agent::agent_service_server::AgentService;
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
     CheckRequest, CloseStdinRequest, CopyFileRequest, CreateContainerRequest, ExecProcessRequest,
-    ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse,
-    ListProcessesRequest, ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
-    ReadFileRequest, ReadFileResponse, ReadStreamRequest, ReadStreamResponse,
-    RemoveContainerRequest, ReseedRandomDevRequest, SetGuestDateTimeRequest, SignalProcessRequest,
-    StartContainerRequest, StatPathRequest, StatPathResponse, TtyWinResizeRequest,
-    WaitProcessRequest, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
+    ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse, HandOutRequest,
+    HandOutResponse, HealthCheckResponse, ListProcessesRequest, ListProcessesResponse,
+    OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest, ReadFileResponse,
+    ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest, ReseedRandomDevRequest,
+    SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest, StatPathRequest,
+    StatPathResponse, TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse,
+    WriteStreamRequest, WriteStreamResponse,
 };
 
 use crate::container::Containers;
 use crate::files;
+use crate::handout;
 use crate::process::{Output, Processes};
 use crate::sys;
 
@@ -263,6 +265,16 @@ impl AgentService for Agent {
             .map_err(|err| Status::internal(err.to_string()))?;
         Ok(Response::new(response))
     }
+
+    // ---- Hand-out ----
+    async fn hand_out(
+        &self,
+        request: Request<HandOutRequest>,
+    ) -> Result<Response<HandOutResponse>, Status> {
+        let checked = handout::check(request.into_inner())?;
+        Ok(Response::new(handout::apply(&checked)?))
+    }
+    // ---- end of hand-out ----
 }
 
 #[cfg(test)]

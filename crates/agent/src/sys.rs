@@ -107,6 +107,28 @@ pub fn set_clock(sec: i64, usec: i64) -> Result<(), SysError> {
     Ok(())
 }
 
+/// Sets `CLOCK_REALTIME` to `sec` seconds and `nsec` nanoseconds.
+pub fn set_clock_ns(sec: i64, nsec: u32) -> Result<(), SysError> {
+    let ts = libc::timespec {
+        tv_sec: sec as libc::time_t,
+        tv_nsec: nsec as libc::c_long,
+    };
+    // SAFETY: valid pointer to a timespec.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        return Err(SysError(std::io::Error::last_os_error().to_string()));
+    }
+    Ok(())
+}
+
+/// Sets the hostname (of the agent's UTS namespace, the guest's).
+pub fn set_hostname(name: &str) -> Result<(), SysError> {
+    // SAFETY: a valid buffer of the given length; the kernel copies it.
+    if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } != 0 {
+        return Err(SysError(std::io::Error::last_os_error().to_string()));
+    }
+    Ok(())
+}
+
 /// Credits `data` to the kernel's entropy pool and forces a CRNG reseed.
 pub fn reseed_rng(data: &[u8]) -> Result<(), SysError> {
     let path = Path::new("/dev/random");

@@ -11,7 +11,7 @@ use tonic::transport::{Channel, Endpoint};
 use vmfactory_protocols::agent::agent_service_client::AgentServiceClient;
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
-    CheckRequest, GuestDetailsRequest, OnlineCpuMemRequest, ReseedRandomDevRequest,
+    CheckRequest, GuestDetailsRequest, HandOutRequest, OnlineCpuMemRequest, ReseedRandomDevRequest,
     SetGuestDateTimeRequest,
 };
 
@@ -64,6 +64,13 @@ pub enum AgentError {
         /// Why, and what to do.
         reason: String,
     },
+}
+
+impl AgentError {
+    /// Whether the agent does not know the RPC (an agent older than this host).
+    pub fn is_unimplemented(&self) -> bool {
+        matches!(self, Self::Rpc { status, .. } if status.code() == tonic::Code::Unimplemented)
+    }
 }
 
 pub(crate) fn rpc_error(rpc: &'static str) -> impl FnOnce(tonic::Status) -> AgentError {
@@ -285,6 +292,37 @@ impl AgentClient {
             .map_err(rpc_error("ReseedRandomDev"))?;
         Ok(())
     }
+
+    // ---- Hand-out ----
+    /// Gives the guest its identity in one round trip: adds `entropy` and reseeds the
+    /// CRNG, sets the clock to `time`, and sets `hostname` (empty: left as it is).
+    /// Returns how long the guest took to apply it. An agent without `HandOut` (older
+    /// than this host) answers `Unimplemented`: see [`AgentError::is_unimplemented`].
+    pub async fn hand_out(
+        &self,
+        entropy: Vec<u8>,
+        time: SystemTime,
+        hostname: String,
+    ) -> Result<std::time::Duration, AgentError> {
+        let since_epoch = time
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| AgentError::Clock)?;
+        let request = HandOutRequest {
+            entropy,
+            clock_sec: i64::try_from(since_epoch.as_secs()).map_err(|_| AgentError::Clock)?,
+            clock_nsec: since_epoch.subsec_nanos(),
+            hostname,
+        };
+        let response = self
+            .inner
+            .clone()
+            .hand_out(request)
+            .await
+            .map_err(rpc_error("HandOut"))?
+            .into_inner();
+        Ok(std::time::Duration::from_micros(response.guest_micros))
+    }
+    // ---- end of hand-out ----
 
     /// Onlines hot-plugged CPUs (waiting for `cpus` online) and memory.
     pub async fn online_cpu_mem(&self, cpus: u32, cpu_only: bool) -> Result<(), AgentError> {

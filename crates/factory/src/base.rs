@@ -231,21 +231,23 @@ impl Factory {
     }
 }
 
-/// Resumes a base VM, checks its agent (reconnecting while a previous owner's connection
-/// may still be in the guest), and refreshes its identity.
+/// Resumes a base VM and refreshes its identity. The `HandOut` RPC is the first agent
+/// call, so it also checks the agent: one round trip after `cont`. A failed or silent
+/// attempt (a previous owner's connection may still be in the guest) reconnects and
+/// tries again; the hand-out may be applied twice, which is harmless.
 async fn make_ready(vm: &mut Vm, timeout: Duration) -> Result<(), FactoryError> {
     vm.resume().await?;
     let started = std::time::Instant::now();
     loop {
         let attempt = tokio::select! {
-            checked = vm.agent().check() => Some(checked.map_err(VmError::from)),
+            handed = vm.refresh_identity() => Some(handed),
             err = vm.hypervisor().exited() => return Err(VmError::from(err).into()),
             () = tokio::time::sleep(CHECK_ATTEMPT_TIMEOUT) => None,
         };
         match attempt {
             Some(Ok(())) => break,
-            Some(Err(err)) => debug!(%err, "Agent check failed; reconnecting"),
-            None => debug!("Agent check timed out; reconnecting"),
+            Some(Err(err)) => debug!(%err, "Hand-out failed; reconnecting"),
+            None => debug!("Hand-out timed out; reconnecting"),
         }
         if started.elapsed() > timeout {
             return Err(VmError::AgentTimeout {
@@ -257,17 +259,13 @@ async fn make_ready(vm: &mut Vm, timeout: Duration) -> Result<(), FactoryError> 
         vm.reconnect_agent();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    refresh_identity(vm).await?;
     debug!(id = vm.id(), "VM ready for use");
     Ok(())
 }
 
 async fn refresh_identity(vm: &Vm) -> Result<(), FactoryError> {
-    // Both calls share the agent connection; neither waits for the other.
-    let (reseeded, synced) = tokio::join!(vm.reseed_rng(), vm.sync_time());
-    reseeded?;
-    synced?;
-    Ok(())
+    // One round trip: entropy, clock and hostname (`HandOut`).
+    Ok(vm.refresh_identity().await?)
 }
 
 async fn grow(vm: &mut Vm, request: &VmRequest) -> Result<(), FactoryError> {

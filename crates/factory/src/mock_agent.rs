@@ -19,12 +19,13 @@ use vmfactory_protocols::agent::agent_service_server::{AgentService, AgentServic
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
     CheckRequest, CloseStdinRequest, CopyFileRequest, CreateContainerRequest, ExecProcessRequest,
-    ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse,
-    ListProcessesRequest, ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
-    ReadFileRequest, ReadFileResponse, ReadStreamRequest, ReadStreamResponse,
-    RemoveContainerRequest, ReseedRandomDevRequest, SetGuestDateTimeRequest, SignalProcessRequest,
-    StartContainerRequest, StatPathRequest, StatPathResponse, TtyWinResizeRequest,
-    WaitProcessRequest, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
+    ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse, HandOutRequest,
+    HandOutResponse, HealthCheckResponse, ListProcessesRequest, ListProcessesResponse,
+    OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest, ReadFileResponse,
+    ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest, ReseedRandomDevRequest,
+    SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest, StatPathRequest,
+    StatPathResponse, TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse,
+    WriteStreamRequest, WriteStreamResponse,
 };
 use vmfactory_protocols::contract::{CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED};
 
@@ -35,6 +36,10 @@ pub struct AgentCalls {
     pub reseeds: AtomicU32,
     /// `SetGuestDateTime` calls.
     pub clock_sets: AtomicU32,
+    /// `HandOut` calls.
+    pub hand_outs: AtomicU32,
+    /// The hostname the last `HandOut` set.
+    pub hostname: std::sync::Mutex<String>,
     /// `OnlineCPUMem` calls.
     pub onlines: AtomicU32,
     /// `ExecProcess` calls.
@@ -155,6 +160,18 @@ impl AgentService for MockAgent {
     ) -> Result<Response<()>, Status> {
         self.calls.reseeds.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(()))
+    }
+
+    async fn hand_out(
+        &self,
+        request: Request<HandOutRequest>,
+    ) -> Result<Response<HandOutResponse>, Status> {
+        let request = request.into_inner();
+        self.calls.hand_outs.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut hostname) = self.calls.hostname.lock() {
+            *hostname = request.hostname;
+        }
+        Ok(Response::new(HandOutResponse::default()))
     }
 
     async fn online_cpu_mem(

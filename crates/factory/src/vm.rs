@@ -228,6 +228,42 @@ impl Vm {
         Ok(self.agent.reseed(entropy).await?)
     }
 
+    /// The hostname a VM gets at hand-out: `vm-<id>`, or none (left as it is) when the
+    /// id does not make a valid hostname.
+    pub fn hostname(&self) -> Option<String> {
+        let name = format!("vm-{}", self.id());
+        vmfactory_protocols::contract::check_hostname(&name)
+            .is_ok()
+            .then_some(name)
+    }
+
+    /// Gives the VM its own identity in one agent round trip (`HandOut`): fresh host
+    /// entropy ([`RESEED_BYTES`]) with a CRNG reseed, the host's clock, and
+    /// [`Vm::hostname`]. An agent without `HandOut` gets the separate `ReseedRandomDev`
+    /// and `SetGuestDateTime` calls instead.
+    pub async fn refresh_identity(&self) -> Result<(), VmError> {
+        let mut entropy = vec![0u8; RESEED_BYTES];
+        rand::rngs::OsRng.fill_bytes(&mut entropy);
+        let hostname = self.hostname().unwrap_or_default();
+        match self
+            .agent
+            .hand_out(entropy, SystemTime::now(), hostname)
+            .await
+        {
+            Ok(guest) => {
+                debug!(id = self.id(), ?guest, "Handed out");
+                Ok(())
+            }
+            Err(err) if err.is_unimplemented() => {
+                debug!(id = self.id(), "The agent has no HandOut; separate calls");
+                let (reseeded, synced) = tokio::join!(self.reseed_rng(), self.sync_time());
+                reseeded?;
+                synced
+            }
+            Err(err) => Err(err.into()),
+        }
+    }
+
     /// Sets the guest clock to the host's.
     pub async fn sync_time(&self) -> Result<(), VmError> {
         Ok(self.agent.set_time(SystemTime::now()).await?)

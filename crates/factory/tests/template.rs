@@ -81,6 +81,8 @@ async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
     let mut random = HashSet::new();
     for clone in &clones {
         assert_eq!(sh(clone, "echo alive").await, "alive");
+        // The hand-out (one HandOut RPC) named each clone after its VM.
+        assert_eq!(sh(clone, "hostname").await, format!("vm-{}", clone.id()));
         let bytes = sh(
             clone,
             "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
@@ -130,6 +132,84 @@ async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
     assert!(template::destroy(&path).expect("destroy"));
     assert!(!path.exists(), "template directory remains");
     assert!(!mounted(&path), "template tmpfs still mounted");
+}
+
+/// One `HandOut` round trip sets the clock, the hostname and reseeds the RNG of a clone
+/// that has had nothing else (its clock and hostname are the template's until then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_hand_out_rpc_sets_clock_hostname_and_entropy() {
+    use vmfactory_factory::FactoryBase;
+
+    let runtime = runtime_dir();
+    let path = runtime.path().join("template");
+    let _guard = TemplateGuard(path.clone());
+    let config = config(runtime.path());
+    let factory = TemplateFactory::new(&config, &path, config.backend())
+        .await
+        .expect("create");
+    let mut clones = Vec::new();
+    for _ in 0..2 {
+        let vm = factory.get_base_vm().await.expect("clone");
+        vm.resume().await.expect("resume");
+        vm.agent().check().await.expect("check");
+        clones.push(vm);
+    }
+    let before = sh(&clones[0], "hostname").await;
+    // A clock an hour ahead of the host's cannot come from anywhere but the hand-out.
+    let ahead = SystemTime::now() + Duration::from_secs(3600);
+    for (n, clone) in clones.iter().enumerate() {
+        let guest = clone
+            .agent()
+            .hand_out(vec![n as u8 + 1; 512], ahead, format!("handed-{n}"))
+            .await
+            .expect("hand out");
+        assert!(guest < Duration::from_secs(5), "guest took {guest:?}");
+    }
+    for (n, clone) in clones.iter().enumerate() {
+        assert_eq!(
+            sh(clone, "hostname").await,
+            format!("handed-{n}"),
+            "was {before}"
+        );
+        let guest: i64 = sh(clone, "date +%s").await.parse().expect("time");
+        let expected = host_now() + 3600;
+        assert!(
+            (guest - expected).abs() <= 2,
+            "guest clock {guest}, expected about {expected}"
+        );
+    }
+    let bytes: HashSet<String> = random_bytes(&clones).await;
+    assert_eq!(
+        bytes.len(),
+        2,
+        "clones gave the same random bytes after hand-out"
+    );
+
+    // A bad request is refused and changes nothing.
+    let err = clones[0]
+        .agent()
+        .hand_out(vec![1; 16], SystemTime::now(), "bad name!".into())
+        .await
+        .expect_err("bad hostname");
+    assert!(err.to_string().contains("hostname"), "{err}");
+    assert_eq!(sh(&clones[0], "hostname").await, "handed-0");
+    stop_all(clones).await;
+    drop(factory);
+    assert!(template::destroy(&path).expect("destroy"));
+}
+
+async fn random_bytes(clones: &[Vm]) -> HashSet<String> {
+    let mut set = HashSet::new();
+    for clone in clones {
+        set.insert(
+            sh(
+                clone,
+                "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+            )
+            .await,
+        );
+    }
+    set
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,3 +33,37 @@ pub const FILE_CHUNK_SIZE: usize = 64 << 10;
 
 /// Most names `StatPath` lists for one directory.
 pub const MAX_DIR_ENTRIES: usize = 100_000;
+
+// ---- Hand-out ----
+
+/// Most entropy bytes one `HandOut` carries.
+pub const MAX_HANDOUT_ENTROPY: usize = 4096;
+
+/// Longest hostname `HandOut` sets (Linux's `HOST_NAME_MAX`).
+pub const MAX_HOSTNAME_BYTES: usize = 64;
+
+/// Checks a hostname for `HandOut`: 1 to [`MAX_HOSTNAME_BYTES`] bytes of ASCII letters,
+/// digits, `-` and `.`, not starting or ending with `-` or `.`. Says what is wrong.
+pub fn check_hostname(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_HOSTNAME_BYTES {
+        return Err(format!(
+            "a hostname must hold 1 to {MAX_HOSTNAME_BYTES} bytes, got {}",
+            name.len()
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '.'))
+    {
+        return Err(format!(
+            "a hostname may hold only ASCII letters, digits, '-' and '.', not {bad:?}"
+        ));
+    }
+    let edge = |c: char| c == '-' || c == '.';
+    if name.starts_with(edge) || name.ends_with(edge) {
+        return Err("a hostname may not start or end with '-' or '.'".into());
+    }
+    Ok(())
+}
+
+// ---- end of hand-out ----

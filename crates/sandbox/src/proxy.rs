@@ -9,12 +9,13 @@ use vmfactory_protocols::agent::agent_service_client::AgentServiceClient;
 use vmfactory_protocols::agent::agent_service_server::AgentService;
 use vmfactory_protocols::agent::{
     CheckRequest, CloseStdinRequest, CopyFileRequest, CreateContainerRequest, ExecProcessRequest,
-    ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse, HealthCheckResponse,
-    ListProcessesRequest, ListProcessesResponse, OnlineCpuMemRequest, OnlineCpuMemResponse,
-    ReadFileRequest, ReadFileResponse, ReadStreamRequest, ReadStreamResponse,
-    RemoveContainerRequest, ReseedRandomDevRequest, SetGuestDateTimeRequest, SignalProcessRequest,
-    StartContainerRequest, StatPathRequest, StatPathResponse, TtyWinResizeRequest,
-    WaitProcessRequest, WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
+    ExecProcessResponse, GuestDetailsRequest, GuestDetailsResponse, HandOutRequest,
+    HandOutResponse, HealthCheckResponse, ListProcessesRequest, ListProcessesResponse,
+    OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest, ReadFileResponse,
+    ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest, ReseedRandomDevRequest,
+    SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest, StatPathRequest,
+    StatPathResponse, TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse,
+    WriteStreamRequest, WriteStreamResponse,
 };
 
 /// Forwards every agent RPC to one agent connection.
@@ -120,6 +121,13 @@ impl AgentService for AgentProxy {
         request: Request<ReseedRandomDevRequest>,
     ) -> Result<Response<()>, Status> {
         self.agent().reseed_random_dev(request.into_inner()).await
+    }
+
+    async fn hand_out(
+        &self,
+        request: Request<HandOutRequest>,
+    ) -> Result<Response<HandOutResponse>, Status> {
+        self.agent().hand_out(request.into_inner()).await
     }
 
     async fn online_cpu_mem(

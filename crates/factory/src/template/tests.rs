@@ -110,11 +110,26 @@ async fn create_clone_and_close() {
     let first = factory.get_vm(&VmRequest::default()).await.expect("clone");
     assert!(first.hypervisor().is_running());
     assert_eq!((first.cpu, first.memory_mib), (1, 128));
-    assert_eq!(world.calls.reseeds.load(Ordering::SeqCst), 1, "reseeded");
+    // One HandOut round trip gives the clone its identity; no separate calls.
+    assert_eq!(
+        world.calls.hand_outs.load(Ordering::SeqCst),
+        1,
+        "handed out"
+    );
+    assert_eq!(
+        world.calls.reseeds.load(Ordering::SeqCst),
+        0,
+        "no ReseedRandomDev"
+    );
     assert_eq!(
         world.calls.clock_sets.load(Ordering::SeqCst),
-        1,
-        "clock set"
+        0,
+        "no SetGuestDateTime"
+    );
+    assert_eq!(
+        world.calls.hostname.lock().expect("hostname").as_str(),
+        format!("vm-{}", first.id()),
+        "hostname"
     );
 
     // A bigger request grows the clone by hot-plug; the agent onlines it.

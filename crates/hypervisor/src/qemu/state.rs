@@ -66,6 +66,42 @@ impl Qemu {
         }
     }
 
+    /// Loads the device state at `path` the way Kata does (see
+    /// [`Qemu::start_incoming_kata_method`]).
+    pub(super) async fn load_device_state_kata_method(&self, path: &Path) -> Result<()> {
+        let Some(text) = path.to_str() else {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "State path {} is not UTF-8: use a UTF-8 template_path",
+                path.display()
+            )));
+        };
+        self.set_ignore_shared().await?;
+        let uri = format!("exec:cat {}", shell_quote(text));
+        self.qmp("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+            .await?;
+        let started = Instant::now();
+        loop {
+            let info = self.qmp("query-migrate", None).await?;
+            match info.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    return Err(HypervisorError::Qmp {
+                        command: "migrate-incoming".into(),
+                        message: "Loading the device state failed".into(),
+                    })
+                }
+                _ => {}
+            }
+            if started.elapsed() > STATE_TIMEOUT {
+                return Err(HypervisorError::Timeout {
+                    what: "loading the device state".into(),
+                    seconds: STATE_TIMEOUT.as_secs_f64(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Loads the device state inherited as fd [`STATE_FD`] (see [`Qemu::start_incoming`]);
     /// the VM stays paused afterwards.
     pub(super) async fn load_device_state(&self) -> Result<()> {
