@@ -142,6 +142,10 @@ pub fn build_args(
         "-serial",
         "chardev:console0",
     ]);
+    // VM generation ID: every QEMU process gets a random GUID (`guid=auto`); after a
+    // clone loads a template's state QEMU writes its own GUID into guest memory and
+    // notifies the guest, whose vmgenid driver reseeds the kernel's CRNG.
+    push(&["-device", "vmgenid,guid=auto"]);
     push(&["-device", "virtio-serial-pci,id=vser0"]);
     push(&[
         "-chardev",
@@ -239,6 +243,7 @@ mod tests {
             .contains(&"socket,id=agent0,path=/run/vmf/vm/abc/agent.sock,server=on,wait=off"));
         assert!(values(&args, "-device")
             .contains(&"virtserialport,bus=vser0.0,chardev=agent0,id=agent-port,name=agent.0"));
+        assert!(values(&args, "-device").contains(&"vmgenid,guid=auto"));
         assert!(args.iter().any(|a| a == "-nodefaults"));
         assert!(values(&args, "-incoming").is_empty());
         assert!(args.iter().any(|a| a == "-no-reboot"));
