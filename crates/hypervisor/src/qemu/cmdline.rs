@@ -62,6 +62,14 @@ pub enum StartMode {
     Incoming,
 }
 
+/// True when `firmware` is qboot, which hangs with a `vmgenid` device.
+pub fn is_qboot(firmware: Option<&Path>) -> bool {
+    firmware
+        .and_then(|f| f.file_name())
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.contains("qboot"))
+}
+
 /// Builds QEMU's arguments (without the binary) for `spec`.
 pub fn build_args(
     config: &QemuConfig,
@@ -144,8 +152,12 @@ pub fn build_args(
     ]);
     // VM generation ID: every QEMU process gets a random GUID (`guid=auto`); after a
     // clone loads a template's state QEMU writes its own GUID into guest memory and
-    // notifies the guest, whose vmgenid driver reseeds the kernel's CRNG.
-    push(&["-device", "vmgenid,guid=auto"]);
+    // notifies the guest, whose vmgenid driver reseeds the kernel's CRNG. qboot cannot
+    // run the ACPI linker-loader commands of the device: with it the VM hangs before the
+    // kernel prints anything (QEMU 7.2, checked), so qboot VMs go without.
+    if !is_qboot(config.firmware.as_deref()) {
+        push(&["-device", "vmgenid,guid=auto"]);
+    }
     push(&["-device", "virtio-serial-pci,id=vser0"]);
     push(&[
         "-chardev",
@@ -280,6 +292,7 @@ mod tests {
         let mut config = config();
         config.firmware = Some("/usr/share/qemu/qboot.rom".into());
         let args = args_of(&config, &spec(), ResolvedAccel::Tcg);
+        assert!(!values(&args, "-device").contains(&"vmgenid,guid=auto"));
         assert_eq!(values(&args, "-bios"), ["/usr/share/qemu/qboot.rom"]);
     }
 
