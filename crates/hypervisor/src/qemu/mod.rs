@@ -216,7 +216,16 @@ impl Hypervisor for Qemu {
     }
 
     async fn vm_generation_id(&self) -> Result<Option<String>> {
-        let reply = self.qmp("query-vm-generation-id", None).await?;
+        let reply = match self.qmp("query-vm-generation-id", None).await {
+            Ok(reply) => reply,
+            // A VM without the device (booted with qboot) has no generation ID.
+            Err(HypervisorError::Qmp { message, .. })
+                if message.contains("VM Generation ID device not found") =>
+            {
+                return Ok(None)
+            }
+            Err(err) => return Err(err),
+        };
         let guid = reply
             .get("guid")
             .and_then(serde_json::Value::as_str)
