@@ -1,5 +1,5 @@
-//! The configuration file (TOML): `[hypervisor.qemu]`, `[agent]` and Kata's `[factory]`
-//! keys, with validation whose messages name the key and the fix.
+//! The configuration file (TOML): `[hypervisor.qemu]`, `[agent]`, `[guest]` and Kata's
+//! `[factory]` keys, with validation whose messages name the key and the fix.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vmfactory_hypervisor::qemu::accel::Accelerator;
 use vmfactory_hypervisor::qemu::{default_firmware, default_runtime_dir, QemuConfig};
+
+use vmfactory_guest_image::KernelSource;
 
 use crate::config::VmConfig;
 use crate::metrics::MetricsAddress;
@@ -77,6 +79,17 @@ pub struct Settings {
     pub agent: AgentSettings,
     /// Factory settings (Kata's keys plus ours).
     pub factory: FactorySettings,
+    /// The guest image.
+    pub guest: GuestSettings,
+}
+
+/// `[guest]`: the guest image vmfactory builds when `hypervisor.qemu.kernel` is empty.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuestSettings {
+    /// `"vmfactory"` (default: our kernel, built from Debian's kernel source) or
+    /// `"debian"` (Debian's cloud kernel with its virtio modules).
+    pub kernel: KernelSource,
 }
 
 /// `[hypervisor]`

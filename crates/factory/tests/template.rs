@@ -10,6 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::{config, runtime_dir, sh};
 use vmfactory_factory::template::{self, METADATA_FILE, STATE_FILE};
 use vmfactory_factory::{Factory, TemplateError, TemplateFactory, Vm, VmRequest};
+use vmfactory_guest_image::KernelSource;
 
 /// Destroys the template when dropped, so a failing test leaves no mount behind.
 struct TemplateGuard(std::path::PathBuf);
@@ -381,4 +382,59 @@ async fn get_vm_grows_a_clone_or_boots_directly_beyond_its_limits() {
     );
     vm.stop().await.expect("stop");
     assert!(template::destroy(&path).expect("destroy"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_clone_gets_its_own_vm_generation_id_and_reseeds() {
+    let runtime = runtime_dir();
+    let path = runtime.path().join("template");
+    let _guard = TemplateGuard(path.clone());
+    let mut config = config(runtime.path());
+    // QEMU's default firmware (SeaBIOS): qboot VMs have no vmgenid device.
+    config.qemu.firmware = None;
+
+    let created = TemplateFactory::new(&config, &path, config.backend())
+        .await
+        .expect("create");
+    let template_id = created
+        .metadata()
+        .vm_generation_id
+        .clone()
+        .expect("the template recorded its VM generation ID");
+    let factory = Factory::new(Arc::new(created));
+    let mut clones = Vec::new();
+    for _ in 0..2 {
+        clones.push(factory.get_vm(&VmRequest::default()).await.expect("clone"));
+    }
+    let mut ids = HashSet::from([template_id.clone()]);
+    let mut random = HashSet::new();
+    for clone in &clones {
+        let id = clone
+            .hypervisor()
+            .vm_generation_id()
+            .await
+            .expect("query-vm-generation-id")
+            .expect("a VM generation ID");
+        assert_eq!(id.len(), 36, "{id}");
+        assert!(
+            ids.insert(id.clone()),
+            "{id} repeats (template {template_id})"
+        );
+        // Debian's cloud kernel has no VMGenID driver; ours must reseed.
+        if common::image().kernel_source == KernelSource::Vmfactory {
+            let dmesg = sh(clone, "dmesg").await;
+            assert!(
+                dmesg.contains("crng reseeded due to virtual machine fork"),
+                "no vmgenid reseed in the clone's kernel log:\n{dmesg}"
+            );
+        }
+        let bytes = sh(
+            clone,
+            "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'",
+        )
+        .await;
+        assert_eq!(bytes.len(), 64, "{bytes}");
+        assert!(random.insert(bytes.clone()), "clones read the same {bytes}");
+    }
+    stop_all(clones).await;
 }

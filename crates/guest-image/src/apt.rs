@@ -207,7 +207,9 @@ fn matching_debs(dir: &Path, package: &str) -> Result<Vec<PathBuf>, GuestImageEr
         })?;
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with(&prefix) && name.ends_with("amd64.deb") {
+        // Architecture-independent packages (the kernel source) end in `_all.deb`.
+        if name.starts_with(&prefix) && (name.ends_with("_amd64.deb") || name.ends_with("_all.deb"))
+        {
             found.push(entry.path());
         }
     }

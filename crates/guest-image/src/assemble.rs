@@ -12,6 +12,7 @@ use crate::digest::{hex, sha256_file, write_synced};
 use crate::error::{io_error, GuestImageError};
 use crate::image::{install, rebased, GuestImage, ImageInputs, Manifest, MANIFEST_FILE};
 use crate::initramfs::{self, InitramfsContents, ModuleFile};
+use crate::kernel::{BuiltKernel, KernelSource};
 use crate::{modules, vmlinux, FORMAT_VERSION};
 
 /// Everything [`assemble`] needs, once the packages are unpacked.
@@ -25,6 +26,9 @@ pub(crate) struct Assembly<'a> {
     pub(crate) busybox: &'a PackageVersion,
     pub(crate) inputs: &'a ImageInputs,
     pub(crate) force: bool,
+    /// vmfactory's kernel, built from source: used instead of `kernel_root`'s, and no
+    /// modules go into the initramfs (its drivers are built in).
+    pub(crate) built_kernel: Option<&'a BuiltKernel>,
 }
 
 /// Writes the image from unpacked packages into a staging directory and moves it into
@@ -33,7 +37,10 @@ pub(crate) fn assemble(
     spec: &Assembly<'_>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<GuestImage, GuestImageError> {
-    let (release, vmlinuz_source) = find_kernel(spec.kernel_root, &spec.kernel.name)?;
+    let (release, vmlinuz_source) = match spec.built_kernel {
+        Some(built) => (built.release.clone(), built.bzimage.clone()),
+        None => find_kernel(spec.kernel_root, &spec.kernel.name)?,
+    };
     let staging = tempfile::Builder::new()
         .prefix(".build-")
         .tempdir_in(spec.images_dir)
@@ -41,8 +48,14 @@ pub(crate) fn assemble(
 
     let bzimage_bytes = fs::read(&vmlinuz_source).map_err(io_error(&vmlinuz_source))?;
     write_synced(&staging.path().join("vmlinuz"), &bzimage_bytes)?;
-    progress("Extracting the uncompressed vmlinux from the bzImage");
-    let vmlinux_bytes = match vmlinux::extract_vmlinux(&bzimage_bytes) {
+    let extracted = match spec.built_kernel {
+        Some(built) => Ok(fs::read(&built.vmlinux).map_err(io_error(&built.vmlinux))?),
+        None => {
+            progress("Extracting the uncompressed vmlinux from the bzImage");
+            vmlinux::extract_vmlinux(&bzimage_bytes)
+        }
+    };
+    let vmlinux_bytes = match extracted {
         Ok(bytes) => {
             write_synced(&staging.path().join("vmlinux"), &bytes)?;
             Some(bytes)
@@ -53,23 +66,11 @@ pub(crate) fn assemble(
         }
     };
 
-    progress("Resolving kernel module dependencies");
-    let modules_root = find_modules_root(spec.kernel_root, &release).ok_or_else(|| {
-        GuestImageError::KernelLayout {
-            package: spec.kernel.name.clone(),
-            what: format!("lib/modules/{release}/kernel directory"),
-        }
-    })?;
-    let index = modules::ModuleIndex::scan(&modules_root)?;
-    tracing::debug!(count = index.len(), "indexed kernel modules");
-    let resolved = modules::resolve(&index, &spec.inputs.modules)?;
-    let module_files: Vec<ModuleFile> = resolved
-        .into_iter()
-        .map(|module| ModuleFile {
-            name: module.name,
-            source: module.path,
-        })
-        .collect();
+    let module_files = if spec.built_kernel.is_some() {
+        Vec::new()
+    } else {
+        package_modules(spec, &release, progress)?
+    };
 
     let busybox = find_busybox(spec.busybox_root, &spec.busybox.name)?;
     let applets = list_applets(&busybox, &spec.busybox.name)?;
@@ -98,6 +99,11 @@ pub(crate) fn assemble(
             kernel_package: spec.kernel.name.clone(),
             kernel_version: spec.kernel.version.clone(),
             key: spec.key.to_owned(),
+            kernel_source: if spec.built_kernel.is_some() {
+                KernelSource::Vmfactory
+            } else {
+                KernelSource::Debian
+            },
         },
         &dir,
     );
@@ -122,6 +128,32 @@ pub(crate) fn assemble(
     write_synced(&manifest_path, &json)?;
 
     install(staging, &dir, spec.key, spec.force)
+}
+
+/// The modules of Debian's kernel package to include: the root modules and their
+/// dependencies, in load order.
+fn package_modules(
+    spec: &Assembly<'_>,
+    release: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<ModuleFile>, GuestImageError> {
+    progress("Resolving kernel module dependencies");
+    let modules_root = find_modules_root(spec.kernel_root, release).ok_or_else(|| {
+        GuestImageError::KernelLayout {
+            package: spec.kernel.name.clone(),
+            what: format!("lib/modules/{release}/kernel directory"),
+        }
+    })?;
+    let index = modules::ModuleIndex::scan(&modules_root)?;
+    tracing::debug!(count = index.len(), "indexed kernel modules");
+    let resolved = modules::resolve(&index, &spec.inputs.modules)?;
+    Ok(resolved
+        .into_iter()
+        .map(|module| ModuleFile {
+            name: module.name,
+            source: module.path,
+        })
+        .collect())
 }
 
 /// Finds `boot/vmlinuz-<release>` in the unpacked kernel package; the release is the
@@ -301,6 +333,7 @@ mod tests {
             busybox: &busybox,
             inputs: &inputs,
             force: false,
+            built_kernel: None,
         };
         let mut messages = Vec::new();
         let image =
@@ -398,6 +431,7 @@ mod tests {
                     ..inputs
                 },
                 force: false,
+                built_kernel: None,
             },
             &mut |_: &str| {},
         );
@@ -422,6 +456,7 @@ mod tests {
                     ..self::inputs()
                 },
                 force: false,
+                built_kernel: None,
             },
             &mut |_: &str| {},
         )

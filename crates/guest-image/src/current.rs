@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{io_error, GuestImageError};
 use crate::image::{read_manifest, rebased, GuestImage, Manifest, MANIFEST_FILE};
-use crate::{modules, BuildOptions, DEFAULT_KERNEL_PACKAGE, FORMAT_VERSION};
+use crate::kernel::KernelSource;
+use crate::{BuildOptions, DEFAULT_KERNEL_PACKAGE, FORMAT_VERSION};
 
 /// Name of the current-image manifest in the cache root.
 pub const CURRENT_FILE: &str = "current.json";
@@ -68,6 +69,9 @@ struct AgentFile {
 /// The current image for one set of build options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct CurrentEntry {
+    /// vmfactory's kernel or Debian's (entries from before the choice: Debian's).
+    #[serde(default = "KernelSource::legacy")]
+    kernel: KernelSource,
     /// Kernel meta package as requested (before apt resolved it).
     kernel_package: String,
     /// Root modules, canonicalised.
@@ -91,6 +95,7 @@ struct CurrentImages {
 
 /// The options part of an entry: what the caller asked for.
 struct Wanted<'a> {
+    kernel: KernelSource,
     kernel_package: &'a str,
     modules: Vec<String>,
 }
@@ -98,20 +103,19 @@ struct Wanted<'a> {
 impl<'a> Wanted<'a> {
     fn of(options: &'a BuildOptions) -> Self {
         Self {
+            kernel: options.kernel,
             kernel_package: options
                 .kernel_package
                 .as_deref()
                 .unwrap_or(DEFAULT_KERNEL_PACKAGE),
-            modules: options
-                .modules
-                .iter()
-                .map(|m| modules::canonical_name(m))
-                .collect(),
+            modules: options.root_modules(),
         }
     }
 
     fn matches(&self, entry: &CurrentEntry) -> bool {
-        entry.kernel_package == self.kernel_package && entry.modules == self.modules
+        entry.kernel == self.kernel
+            && entry.kernel_package == self.kernel_package
+            && entry.modules == self.modules
     }
 }
 
@@ -239,6 +243,7 @@ pub(crate) fn record_current(
     });
     let wanted = Wanted::of(options);
     let entry = CurrentEntry {
+        kernel: wanted.kernel,
         kernel_package: wanted.kernel_package.to_owned(),
         modules: wanted.modules.clone(),
         agent_sha256: agent_sha256.to_owned(),
@@ -341,6 +346,7 @@ mod tests {
                 kernel_package: "linux-image-6.1.0-99-cloud-amd64".into(),
                 kernel_version: "6.1.999-1".into(),
                 key: key.into(),
+                kernel_source: KernelSource::Debian,
             },
             &dir,
         );
@@ -368,6 +374,7 @@ mod tests {
             cache_dir: cache.to_owned(),
             agent_binary: agent.to_owned(),
             agent_sha256: digest.map(str::to_owned),
+            kernel: KernelSource::Debian,
             ..BuildOptions::default()
         }
     }
@@ -448,6 +455,12 @@ mod tests {
             ..opts.clone()
         };
         assert_eq!(current(&dashed), Some(image.clone()));
+        // vmfactory's kernel is another image, even with the same agent.
+        let ours = BuildOptions {
+            kernel: KernelSource::Vmfactory,
+            ..opts.clone()
+        };
+        assert_eq!(current(&ours), None);
 
         // An agent override without a digest is recognised by its stamp.
         let by_path = options(cache.path(), &agent, None);

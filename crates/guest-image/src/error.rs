@@ -18,6 +18,26 @@ pub enum GuestImageError {
         /// The missing program.
         tool: String,
     },
+    /// Tools or headers a kernel build needs are missing.
+    #[error("Building the guest kernel needs {missing}: run `apt-get install bc bison flex libelf-dev libssl-dev make gcc xz-utils` (as root), or use Debian's kernel ([guest] kernel = \"debian\" or --guest-kernel debian)")]
+    KernelBuildTools {
+        /// The missing programs and packages.
+        missing: String,
+    },
+    /// A step of the kernel build failed.
+    #[error("The guest kernel build failed at {step}: {detail}")]
+    KernelBuild {
+        /// The step, e.g. `make vmlinux bzImage`.
+        step: String,
+        /// The tail of its output.
+        detail: String,
+    },
+    /// The resulting kernel config lacks options we asked for.
+    #[error("The guest kernel config lacks options vmfactory.config asks for: {options}; their dependencies are not met in this kernel version: fix crates/guest-image/kernel/vmfactory.config")]
+    KernelConfig {
+        /// The options, with wanted and actual values.
+        options: String,
+    },
     /// A tool exists but could not be started.
     #[error("Could not run {tool}; check that it is executable")]
     ToolFailed {

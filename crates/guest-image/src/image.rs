@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 
 use crate::digest::{hex, sha256_file};
 use crate::error::{io_error, GuestImageError};
+use crate::kernel::KernelSource;
 use crate::FORMAT_VERSION;
 
 /// A built guest image.
@@ -33,6 +34,9 @@ pub struct GuestImage {
     pub kernel_version: String,
     /// Hex SHA-256 of the inputs.
     pub key: String,
+    /// Which kernel this is: vmfactory's own or Debian's cloud kernel.
+    #[serde(default = "KernelSource::legacy")]
+    pub kernel_source: KernelSource,
 }
 
 /// The digests that determine an image's key.
@@ -46,6 +50,10 @@ pub struct ImageInputs {
     pub agent_sha256: String,
     /// Root modules, canonicalised (`_` for `-`), in the order given.
     pub modules: Vec<String>,
+    /// Key of vmfactory's kernel build (source, config fragment, compiler); `None` for
+    /// Debian's kernel, whose `.deb` digest says it all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_build: Option<String>,
 }
 
 impl ImageInputs {
@@ -58,6 +66,10 @@ impl ImageInputs {
         hasher.update(format!("busybox-deb={}\0", self.busybox_deb_sha256).as_bytes());
         hasher.update(format!("agent={}\0", self.agent_sha256).as_bytes());
         hasher.update(format!("modules={}\0", self.modules.join(",")).as_bytes());
+        // Only vmfactory's kernel adds this, so Debian images keep their keys.
+        if let Some(build) = &self.kernel_build {
+            hasher.update(format!("kernel-build={build}\0").as_bytes());
+        }
         hex(&hasher.finalize())
     }
 }
@@ -264,6 +276,7 @@ pub(crate) mod tests {
             busybox_deb_sha256: "bb".repeat(32),
             agent_sha256: "cc".repeat(32),
             modules: vec!["virtio_pci".into(), "virtio_console".into()],
+            kernel_build: None,
         }
     }
 
@@ -289,6 +302,10 @@ pub(crate) mod tests {
             },
             ImageInputs {
                 modules: vec!["virtio_pci".into()],
+                ..base.clone()
+            },
+            ImageInputs {
+                kernel_build: Some("dd".repeat(32)),
                 ..base.clone()
             },
             ImageInputs {

@@ -1,7 +1,8 @@
-//! Builds the guest image of vmfactory's micro-VMs: Debian's cloud kernel (as a bzImage
-//! and, when it can be extracted, an uncompressed PVH-bootable `vmlinux`) plus an
-//! uncompressed newc initramfs holding the agent as `/init`, the virtio modules it loads,
-//! and a static busybox. Images live in a cache directory under a key derived from every
+//! Builds the guest image of vmfactory's micro-VMs: a kernel (by default vmfactory's own,
+//! compiled from Debian's kernel source with `kernel/vmfactory.config`, every driver built
+//! in; or Debian's cloud kernel with its virtio modules), as a bzImage and an uncompressed
+//! PVH-bootable `vmlinux`, plus an uncompressed newc initramfs holding the agent as
+//! `/init`, the modules it loads (Debian's kernel only), and a static busybox. Images live in a cache directory under a key derived from every
 //! input, so a build only does work when an input changed. [`build`] asks apt for the
 //! newest packages and records its result in the cache's `current.json`, with stamps of
 //! the image's files; [`current`] finds that image again without running anything, and
@@ -18,6 +19,7 @@ mod digest;
 mod elf;
 mod error;
 mod image;
+mod kernel;
 mod modules;
 mod vmlinux;
 
@@ -36,6 +38,10 @@ pub use elf::ElfError;
 pub use error::GuestImageError;
 pub use image::{
     default_cache_dir, read_manifest, GuestImage, ImageInputs, Manifest, MANIFEST_FILE,
+};
+pub use kernel::{
+    kernel_key, missing_options, requested_options, BuiltKernel, KernelSource,
+    KERNEL_BUILD_PACKAGES, KERNEL_CONFIG_FRAGMENT,
 };
 pub use modules::ModuleError;
 pub use vmlinux::VmlinuxError;
@@ -76,9 +82,13 @@ pub struct BuildOptions {
     /// compile time); `None`: [`build`] hashes the file and [`current`] recognises it by
     /// its stamp.
     pub agent_sha256: Option<String>,
-    /// Meta package to resolve; `None` means [`DEFAULT_KERNEL_PACKAGE`].
+    /// Which kernel to boot: vmfactory's (built from source, the default) or Debian's.
+    pub kernel: KernelSource,
+    /// Meta package to resolve; `None` means [`DEFAULT_KERNEL_PACKAGE`]. For
+    /// vmfactory's kernel it names the version whose source is built.
     pub kernel_package: Option<String>,
-    /// Root modules to include; their dependency closure is added.
+    /// Root modules to include with Debian's kernel; their dependency closure is added.
+    /// vmfactory's kernel has every driver built in and takes none.
     pub modules: Vec<String>,
     /// Rebuild even if a cached image exists.
     pub force: bool,
@@ -90,9 +100,24 @@ impl Default for BuildOptions {
             cache_dir: default_cache_dir(),
             agent_binary: PathBuf::new(),
             agent_sha256: None,
+            kernel: KernelSource::default(),
             kernel_package: None,
             modules: DEFAULT_MODULES.iter().map(|m| (*m).to_owned()).collect(),
             force: false,
+        }
+    }
+}
+
+impl BuildOptions {
+    /// The root modules of the image, canonicalised: none for vmfactory's kernel.
+    pub fn root_modules(&self) -> Vec<String> {
+        match self.kernel {
+            KernelSource::Vmfactory => Vec::new(),
+            KernelSource::Debian => self
+                .modules
+                .iter()
+                .map(|m| modules::canonical_name(m))
+                .collect(),
         }
     }
 }
@@ -121,6 +146,10 @@ fn resolve_packages(
     let kernel_name = apt::resolve_kernel_package(&apt_cache, meta)?;
     let kernel = apt::candidate_version(&apt_cache, &kernel_name)?;
     let busybox = apt::candidate_version(&apt_cache, BUSYBOX_PACKAGE)?;
+    let kernel = match opts.kernel {
+        KernelSource::Debian => kernel,
+        KernelSource::Vmfactory => source_package(&apt_cache, &kernel)?,
+    };
     tracing::info!(
         kernel = %kernel.name,
         kernel_version = %kernel.version,
@@ -128,6 +157,25 @@ fn resolve_packages(
         "resolved guest packages"
     );
     Ok((kernel, busybox))
+}
+
+/// Debian's kernel source package of the same version as the binary `kernel` package
+/// (`linux-source-6.1` for `6.1.192-2`).
+fn source_package(
+    apt_cache: &apt::AptCache,
+    kernel: &PackageVersion,
+) -> Result<PackageVersion, GuestImageError> {
+    let series: Vec<&str> = kernel.version.split(['.', '-']).take(2).collect();
+    let name = format!("linux-source-{}", series.join("."));
+    let source = apt::candidate_version(apt_cache, &name)?;
+    if source.version != kernel.version {
+        tracing::warn!(
+            source = %source.version,
+            kernel = %kernel.version,
+            "apt offers another version of the kernel source than of the cloud kernel; building the source's"
+        );
+    }
+    Ok(source)
 }
 
 /// Builds the guest image (or returns the cached one) as `opts` describes, reporting
@@ -150,20 +198,33 @@ pub fn build(
     }
     let kernel_deb = apt::ensure_downloaded(&downloads, &kernel, progress)?;
     let busybox_deb = apt::ensure_downloaded(&downloads, &busybox, progress)?;
+    let kernel_deb_sha256 = sha256_file_remembered(&kernel_deb)?;
+
+    let built_kernel = match opts.kernel {
+        KernelSource::Debian => None,
+        KernelSource::Vmfactory => Some(kernel::ensure_kernel(
+            &kernel::KernelBuild {
+                cache_dir: &opts.cache_dir,
+                source_deb: &kernel_deb,
+                source_deb_sha256: &kernel_deb_sha256,
+                source_package: &kernel.name,
+                source_version: &kernel.version,
+                force: opts.force,
+            },
+            progress,
+        )?),
+    };
 
     let agent_sha256 = match &opts.agent_sha256 {
         Some(digest) => digest.clone(),
         None => sha256_file(&opts.agent_binary)?,
     };
     let inputs = ImageInputs {
-        kernel_deb_sha256: sha256_file_remembered(&kernel_deb)?,
+        kernel_deb_sha256,
         busybox_deb_sha256: sha256_file_remembered(&busybox_deb)?,
         agent_sha256: agent_sha256.clone(),
-        modules: opts
-            .modules
-            .iter()
-            .map(|m| modules::canonical_name(m))
-            .collect(),
+        modules: opts.root_modules(),
+        kernel_build: built_kernel.as_ref().map(|built| built.key.clone()),
     };
     let key = inputs.key();
     let dir = images.join(&key);
@@ -186,8 +247,10 @@ pub fn build(
         .map_err(io_error(&opts.cache_dir))?;
     let kernel_root = unpacked.path().join("kernel");
     let busybox_root = unpacked.path().join("busybox");
-    progress(&format!("Unpacking {} {}", kernel.name, kernel.version));
-    apt::unpack(&kernel_deb, &kernel_root)?;
+    if built_kernel.is_none() {
+        progress(&format!("Unpacking {} {}", kernel.name, kernel.version));
+        apt::unpack(&kernel_deb, &kernel_root)?;
+    }
     progress(&format!("Unpacking {} {}", busybox.name, busybox.version));
     apt::unpack(&busybox_deb, &busybox_root)?;
 
@@ -202,6 +265,7 @@ pub fn build(
             busybox: &busybox,
             inputs: &inputs,
             force: opts.force,
+            built_kernel: built_kernel.as_ref(),
         },
         progress,
     )?;

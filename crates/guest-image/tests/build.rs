@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use vmfactory_guest_image::cpio::{read_entries, S_IFCHR, S_IFLNK, S_IFMT, S_IFREG};
-use vmfactory_guest_image::{build, read_manifest, BuildOptions};
+use vmfactory_guest_image::{build, read_manifest, BuildOptions, KernelSource};
 
 fn on_path(tool: &str) -> bool {
     std::env::var_os("PATH")
@@ -57,6 +57,9 @@ fn builds_the_real_image_and_reuses_it() {
     let opts = BuildOptions {
         cache_dir: cache.path().to_owned(),
         agent_binary: agent.clone(),
+        // Debian's kernel: this test checks the package path (modules, extraction) in a
+        // fresh cache; vmfactory's kernel is exercised by every VM test.
+        kernel: KernelSource::Debian,
         ..BuildOptions::default()
     };
 

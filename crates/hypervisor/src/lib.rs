@@ -85,6 +85,12 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// Pauses the VM and saves its device state to `path`. Guest RAM in a shared memory
     /// file is not copied: a restore maps the same file.
     async fn save_state(&self, path: &Path) -> Result<()>;
+    /// The VM generation ID (a GUID, lower case) the guest sees now, if the VM has a
+    /// generation ID device. Each QEMU process has its own: a clone differs from its
+    /// template and from its siblings.
+    async fn vm_generation_id(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
     /// Hot-plugs `count` vCPUs into free CPU slots; returns how many were added.
     async fn add_vcpus(&self, count: u32) -> Result<u32>;
     /// Hot-plugs `mib` MiB of memory (a multiple of [`MEMORY_BLOCK_MIB`]) as one DIMM.

@@ -3,15 +3,16 @@
 //! take the current image from the cache's `current.json` (a few `stat` calls, nothing
 //! spawned); only a missing or stale image, and `vmfactory guest build`, ask apt.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
+use vmfactory_factory::settings::Settings;
 use vmfactory_guest_image::{
     build, check, current, default_cache_dir, embedded_agent_path, install_embedded_agent,
-    BuildOptions, GuestImage, UpdateCheck, UpdateStatus,
+    BuildOptions, GuestImage, KernelSource, UpdateCheck, UpdateStatus,
 };
 
 /// The static guest agent, built by `build.rs` with the workspace's `agent` profile.
@@ -35,14 +36,21 @@ pub struct ImageArgs {
     /// vmfactory.
     #[arg(long, env = "VMFACTORY_AGENT")]
     pub agent: Option<PathBuf>,
+    /// Guest kernel: vmfactory (built from Debian's kernel source with vmfactory's
+    /// config, every driver built in) or debian (Debian's cloud kernel and its virtio
+    /// modules). Default: [guest] kernel of the configuration, else vmfactory.
+    #[arg(long, env = "VMFACTORY_GUEST_KERNEL", value_name = "vmfactory|debian")]
+    pub guest_kernel: Option<KernelSource>,
 }
 
 /// `vmfactory guest …`
 #[derive(Debug, Subcommand)]
 pub enum GuestCommand {
-    /// Build the guest image: ask apt for Debian's newest cloud kernel and busybox,
-    /// download them and pack them with the agent. Does nothing when the cached image is
-    /// up to date; prints its paths.
+    /// Build the guest image: ask apt for Debian's newest kernel and busybox, download
+    /// them, compile vmfactory's kernel from the kernel source (once per source version,
+    /// config and compiler; needs bc bison flex libelf-dev libssl-dev make gcc), and pack
+    /// it with the agent. Does nothing when the cached image is up to date; prints its
+    /// paths.
     Build(BuildArgs),
 }
 
@@ -65,9 +73,10 @@ pub struct BuildArgs {
 }
 
 /// Runs a `vmfactory guest` command (blocking: it may run apt and build an image).
-pub fn run(command: GuestCommand) -> Result<ExitCode> {
+pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
     let GuestCommand::Build(args) = command;
-    let options = build_options(&args.image)?;
+    let configured = Settings::load(config)?.guest.kernel;
+    let options = build_options(&args.image, configured)?;
     if args.check {
         let report = check(&options).context("Cannot check for a newer guest kernel")?;
         print_check(&report, args.json)?;
@@ -84,6 +93,7 @@ pub fn run(command: GuestCommand) -> Result<ExitCode> {
         println!("kernel: {}", image.kernel.display());
         println!("initrd: {}", image.initrd.display());
         println!("kernel release: {}", image.kernel_release);
+        println!("kernel source: {}", image.kernel_source);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -120,8 +130,8 @@ fn print_check(report: &UpdateCheck, json: bool) -> Result<()> {
 
 /// Returns the current guest image, building it (with apt) only when there is none or
 /// it changed on disk; `force` rebuilds it.
-pub fn ensure_image(args: &ImageArgs, force: bool) -> Result<GuestImage> {
-    let options = build_options(args)?;
+pub fn ensure_image(args: &ImageArgs, configured: KernelSource, force: bool) -> Result<GuestImage> {
+    let options = build_options(args, configured)?;
     if !force {
         if let Some(image) = current(&options) {
             tracing::debug!(dir = %image.dir.display(), "using the current guest image");
@@ -131,8 +141,9 @@ pub fn ensure_image(args: &ImageArgs, force: bool) -> Result<GuestImage> {
     build_image(&options, force)
 }
 
-/// The build options for `args`: the embedded agent (by its digest) unless `--agent`.
-fn build_options(args: &ImageArgs) -> Result<BuildOptions> {
+/// The build options for `args`: the embedded agent (by its digest) unless `--agent`,
+/// the kernel of `--guest-kernel`, else `configured` (the configuration's).
+fn build_options(args: &ImageArgs, configured: KernelSource) -> Result<BuildOptions> {
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     let (agent_binary, agent_sha256) = match &args.agent {
         Some(agent) => {
@@ -154,6 +165,7 @@ fn build_options(args: &ImageArgs) -> Result<BuildOptions> {
         cache_dir,
         agent_binary,
         agent_sha256,
+        kernel: args.guest_kernel.unwrap_or(configured),
         ..BuildOptions::default()
     })
 }
@@ -173,7 +185,10 @@ fn build_image(options: &BuildOptions, force: bool) -> Result<GuestImage> {
     let mut progress = |message: &str| shown.set_message(message);
     let built = build(&options, &mut progress);
     match &built {
-        Ok(image) => shown.finish(&format!("Guest image ready ({})", image.kernel_release)),
+        Ok(image) => shown.finish(&format!(
+            "Guest image ready ({} kernel {})",
+            image.kernel_source, image.kernel_release
+        )),
         Err(_) => shown.abandon(),
     }
     built.context("Cannot build the guest image")

@@ -151,7 +151,7 @@ impl VmArgs {
         let image = match (&self.kernel, &self.initrd) {
             (Some(kernel), initrd) => Some((kernel.clone(), initrd.clone().unwrap_or_default())),
             (None, _) if local && settings.uses_guest_image() => {
-                let image = guest::ensure_image(&self.image, false)?;
+                let image = guest::ensure_image(&self.image, settings.guest.kernel, false)?;
                 Some((image.kernel, self.initrd.clone().unwrap_or(image.initrd)))
             }
             (None, _) => None,
@@ -263,9 +263,11 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Guest(command) => tokio::task::spawn_blocking(move || guest::run(command))
-            .await
-            .context("Guest image task failed")?,
+        Command::Guest(command) => {
+            tokio::task::spawn_blocking(move || guest::run(command, config.as_deref()))
+                .await
+                .context("Guest image task failed")?
+        }
         Command::Image(command) => tokio::task::spawn_blocking(move || image::run(command))
             .await
             .context("Image task failed")?,

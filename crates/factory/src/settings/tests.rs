@@ -239,3 +239,17 @@ fn paths_the_system_cannot_use_are_refused_naming_the_key() {
         "{err}"
     );
 }
+
+#[test]
+fn the_guest_kernel_is_ours_unless_debian_is_asked_for() {
+    assert_eq!(
+        parse("").expect("empty").guest.kernel,
+        KernelSource::Vmfactory
+    );
+    let settings = parse("[guest]\nkernel = \"debian\"\n").expect("debian");
+    assert_eq!(settings.guest.kernel, KernelSource::Debian);
+    let err = message("[guest]\nkernel = \"linux\"\n");
+    assert!(err.contains("vmfactory") && err.contains("debian"), "{err}");
+    let err = message("[guest]\nkernels = \"debian\"\n");
+    assert!(err.contains("kernels"), "{err}");
+}

@@ -82,6 +82,10 @@ pub struct TemplateMetadata {
     /// Stamp of the initrd file when its digest was taken.
     #[serde(default)]
     pub initrd_stamp: Option<FileStamp>,
+    /// The VM generation ID of the template VM when it was saved (informative: each
+    /// clone's QEMU replaces it with its own, which makes the guest reseed its CRNG).
+    #[serde(default)]
+    pub vm_generation_id: Option<String>,
 }
 
 /// What the file system says about a file's contents: any write changes its ctime, which
@@ -270,6 +274,7 @@ pub(super) fn expected_metadata(
         vm: TemplateVmConfig::of(config),
         mounted_tmpfs: false,
         created_unix: 0,
+        vm_generation_id: None,
     })
 }
 

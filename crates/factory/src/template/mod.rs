@@ -34,9 +34,10 @@ pub use self::metadata::{read_metadata, FileStamp, TemplateMetadata, TemplateVmC
 pub use self::tmpfs::{destroy, is_mountpoint, Ownership, OWNER_MARKER};
 use self::tmpfs::{prepare_tmpfs, remove_ours};
 
-/// Version of the template layout and metadata. 2: q35 VMs have disk hot-plug ports, so
-/// a state saved by version 1 no longer loads into today's command line.
-pub const TEMPLATE_FORMAT_VERSION: u32 = 2;
+/// Version of the template layout and metadata. 2: VMs have a `vmgenid` device; 3: q35
+/// VMs also have disk hot-plug ports. A state saved by an older version no longer loads
+/// into today's command line.
+pub const TEMPLATE_FORMAT_VERSION: u32 = 3;
 /// Metadata file inside the template directory.
 pub const METADATA_FILE: &str = "metadata.json";
 /// Guest memory file inside the template directory.
@@ -195,12 +196,13 @@ impl TemplateFactory {
             let watch = PortWatch::mark(vm.as_ref());
             agent.disconnect();
             watch.wait_reopened(vm.as_ref(), REOPEN_TIMEOUT).await?;
+            let generation_id = vm.vm_generation_id().await?;
             vm.save_state(&path.join(STATE_FILE)).await?;
-            Ok::<(), TemplateError>(())
+            Ok::<_, TemplateError>(generation_id)
         }
         .await;
         let stopped = vm.stop().await;
-        saved?;
+        metadata.vm_generation_id = saved?;
         stopped?;
         let state = path.join(STATE_FILE);
         metadata.state_sha256 = sha256_file(&state)?;

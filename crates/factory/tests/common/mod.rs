@@ -13,8 +13,14 @@ pub fn image() -> &'static GuestImage {
     IMAGE.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let agent = build_agent(&root, &root.join("target/agent")).expect("build the agent");
+        // VMFACTORY_GUEST_KERNEL=debian runs these tests on Debian's cloud kernel.
+        let kernel = std::env::var("VMFACTORY_GUEST_KERNEL")
+            .ok()
+            .map(|name| name.parse().expect("VMFACTORY_GUEST_KERNEL"))
+            .unwrap_or_default();
         let options = BuildOptions {
             agent_binary: agent,
+            kernel,
             ..BuildOptions::default()
         };
         build(&options, &mut |message| eprintln!("{message}")).expect("build the guest image")

@@ -66,6 +66,14 @@ pub enum StartMode {
     Incoming,
 }
 
+/// True when `firmware` is qboot, which hangs with a `vmgenid` device.
+pub fn is_qboot(firmware: Option<&Path>) -> bool {
+    firmware
+        .and_then(|f| f.file_name())
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.contains("qboot"))
+}
+
 /// Builds QEMU's arguments (without the binary) for `spec`.
 pub fn build_args(
     config: &QemuConfig,
@@ -146,6 +154,14 @@ pub fn build_args(
         "-serial",
         "chardev:console0",
     ]);
+    // VM generation ID: every QEMU process gets a random GUID (`guid=auto`); after a
+    // clone loads a template's state QEMU writes its own GUID into guest memory and
+    // notifies the guest, whose vmgenid driver reseeds the kernel's CRNG. qboot cannot
+    // run the ACPI linker-loader commands of the device: with it the VM hangs before the
+    // kernel prints anything (QEMU 7.2, checked), so qboot VMs go without.
+    if !is_qboot(config.firmware.as_deref()) {
+        push(&["-device", "vmgenid,guid=auto"]);
+    }
     push(&["-device", "virtio-serial-pci,id=vser0"]);
     push(&[
         "-chardev",
@@ -256,6 +272,7 @@ mod tests {
             .contains(&"socket,id=agent0,path=/run/vmf/vm/abc/agent.sock,server=on,wait=off"));
         assert!(values(&args, "-device")
             .contains(&"virtserialport,bus=vser0.0,chardev=agent0,id=agent-port,name=agent.0"));
+        assert!(values(&args, "-device").contains(&"vmgenid,guid=auto"));
         assert!(args.iter().any(|a| a == "-nodefaults"));
         assert!(values(&args, "-incoming").is_empty());
         assert!(args.iter().any(|a| a == "-no-reboot"));
@@ -311,6 +328,7 @@ mod tests {
         let mut config = config();
         config.firmware = Some("/usr/share/qemu/qboot.rom".into());
         let args = args_of(&config, &spec(), ResolvedAccel::Tcg);
+        assert!(!values(&args, "-device").contains(&"vmgenid,guid=auto"));
         assert_eq!(values(&args, "-bios"), ["/usr/share/qemu/qboot.rom"]);
     }
 

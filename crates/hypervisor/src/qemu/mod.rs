@@ -221,6 +221,30 @@ impl Hypervisor for Qemu {
         self.save_device_state(path).await
     }
 
+    async fn vm_generation_id(&self) -> Result<Option<String>> {
+        let reply = match self.qmp("query-vm-generation-id", None).await {
+            Ok(reply) => reply,
+            // A VM without the device (booted with qboot) has no generation ID.
+            Err(HypervisorError::Qmp { message, .. })
+                if message.contains("VM Generation ID device not found") =>
+            {
+                return Ok(None)
+            }
+            Err(err) => return Err(err),
+        };
+        let guid = reply
+            .get("guid")
+            .and_then(serde_json::Value::as_str)
+            .filter(|guid| {
+                guid.len() == 36 && guid.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+            })
+            .ok_or_else(|| HypervisorError::Qmp {
+                command: "query-vm-generation-id".into(),
+                message: format!("unexpected reply {reply}"),
+            })?;
+        Ok(Some(guid.to_ascii_lowercase()))
+    }
+
     async fn add_vcpus(&self, count: u32) -> Result<u32> {
         self.plug_vcpus(count).await
     }

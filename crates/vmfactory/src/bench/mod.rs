@@ -19,10 +19,14 @@ mod sandbox;
 pub enum BenchCommand {
     /// Direct boot to first agent answer. When the guest image has both an uncompressed
     /// PVH vmlinux and a bzImage, both are measured, interleaved, and compared.
+    /// `--versus debian` also boots the other guest kernel's image, interleaved.
     Boot {
         /// Boots per kernel.
         #[arg(short, default_value_t = 5)]
         n: usize,
+        /// Also boot the image of this guest kernel (vmfactory or debian), interleaved.
+        #[arg(long, value_name = "vmfactory|debian")]
+        versus: Option<vmfactory_guest_image::KernelSource>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -179,6 +183,9 @@ struct BootReport {
     results: Vec<KernelResult>,
     /// Median of the bzImage series divided by the median of the vmlinux series.
     bzimage_over_vmlinux: Option<f64>,
+    /// With `--versus`: median of the other kernel's series divided by the default's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    versus_over_default: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -190,7 +197,12 @@ struct KernelResult {
 
 pub async fn run(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitCode> {
     match command {
-        BenchCommand::Boot { n, json, vm } => bench_boot(n, json, vm, config).await,
+        BenchCommand::Boot {
+            n,
+            versus,
+            json,
+            vm,
+        } => bench_boot(n, versus, json, vm, config).await,
         BenchCommand::Clone {
             n,
             pool,
@@ -252,6 +264,7 @@ async fn boot_once(config: &VmConfig) -> Result<Duration> {
 
 async fn bench_boot(
     n: usize,
+    versus: Option<vmfactory_guest_image::KernelSource>,
     json: bool,
     args: VmArgs,
     config_file: Option<PathBuf>,
@@ -260,19 +273,32 @@ async fn bench_boot(
         bail!("-n must be at least 1");
     }
     let config = resolve(args.clone(), config_file).await?.direct_config();
-    let mut kernels = vec![config.kernel.clone()];
+    let mut kernels = vec![(config.kernel.clone(), config.initrd.clone())];
     // Compare against the bzImage of the same image when booting its vmlinux.
-    if args.kernel.is_none() && config.kernel.file_name().is_some_and(|f| f == "vmlinux") {
+    if args.kernel.is_none()
+        && versus.is_none()
+        && config.kernel.file_name().is_some_and(|f| f == "vmlinux")
+    {
         let bzimage = config.kernel.with_file_name("vmlinuz");
         if bzimage.is_file() {
-            kernels.push(bzimage);
+            kernels.push((bzimage, config.initrd.clone()));
         }
+    }
+    if let Some(other) = versus {
+        let image_args = args.image.clone();
+        let image = tokio::task::spawn_blocking(move || {
+            crate::guest::ensure_image(&image_args, other, false)
+        })
+        .await
+        .context("Preparing the other guest image failed")??;
+        kernels.push((image.kernel, Some(image.initrd)));
     }
     let mut samples = vec![Vec::new(); kernels.len()];
     for round in 0..n {
-        for (index, kernel) in kernels.iter().enumerate() {
+        for (index, (kernel, initrd)) in kernels.iter().enumerate() {
             let config = VmConfig {
                 kernel: kernel.clone(),
+                initrd: initrd.clone(),
                 ..config.clone()
             };
             let elapsed = boot_once(&config).await?;
@@ -290,16 +316,23 @@ async fn bench_boot(
     let results: Vec<KernelResult> = kernels
         .iter()
         .zip(&samples)
-        .filter_map(|(kernel, samples)| {
+        .filter_map(|((kernel, _), samples)| {
             Some(KernelResult {
                 kernel: kernel.display().to_string(),
                 stats: Stats::from_samples(samples)?,
             })
         })
         .collect();
-    let ratio = match results.as_slice() {
-        [vmlinux, bzimage] => Some(round(bzimage.stats.median_ms / vmlinux.stats.median_ms)),
-        _ => None,
+    let (ratio, versus_ratio) = match (results.as_slice(), versus) {
+        ([vmlinux, bzimage], None) => (
+            Some(round(bzimage.stats.median_ms / vmlinux.stats.median_ms)),
+            None,
+        ),
+        ([default, other], Some(_)) => (
+            None,
+            Some(round(other.stats.median_ms / default.stats.median_ms)),
+        ),
+        _ => (None, None),
     };
     let accel = vmfactory_hypervisor::qemu::accel::choose(
         config.qemu.accelerator,
@@ -316,6 +349,7 @@ async fn bench_boot(
         kernel: config.kernel.display().to_string(),
         results,
         bzimage_over_vmlinux: ratio,
+        versus_over_default: versus_ratio,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -325,6 +359,9 @@ async fn bench_boot(
                 "{}: median {:.1} ms, p99 {:.1} ms (n={})",
                 result.kernel, result.stats.median_ms, result.stats.p99_ms, result.stats.n
             );
+        }
+        if let Some(ratio) = versus_ratio {
+            println!("other kernel / default kernel median: {ratio:.2}x");
         }
         if let Some(ratio) = ratio {
             println!("bzImage / vmlinux median: {ratio:.2}x");

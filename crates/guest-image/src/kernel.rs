@@ -1,0 +1,567 @@
+//! vmfactory's own guest kernel: built from Debian's `linux-source-<series>` package with
+//! `make tinyconfig` plus our fragment (`kernel/vmfactory.config`), checked option by
+//! option, and cached under `kernels/<key>/` by source digest, fragment and compiler.
+//! Concurrent builds of one key wait on a lock instead of building twice.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::digest::hex;
+use crate::error::{io_error, GuestImageError};
+
+/// Our config fragment, applied on top of `make tinyconfig`.
+pub const KERNEL_CONFIG_FRAGMENT: &str = include_str!("../kernel/vmfactory.config");
+
+/// Version of the kernel build recipe; bump it when the same inputs give another kernel.
+const KERNEL_BUILD_VERSION: u32 = 1;
+
+/// `LOCALVERSION` of our kernel: its release is e.g. `6.1.192-vmfactory`.
+const LOCAL_VERSION: &str = "-vmfactory";
+
+/// Host packages a kernel build needs, for the install hint.
+pub const KERNEL_BUILD_PACKAGES: &str = "bc bison flex libelf-dev libssl-dev make gcc xz-utils";
+
+/// Which kernel the guest image boots.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum KernelSource {
+    /// vmfactory's kernel, built from Debian's kernel source with our config (default).
+    #[default]
+    Vmfactory,
+    /// Debian's cloud kernel package with its virtio modules.
+    Debian,
+}
+
+impl KernelSource {
+    /// The name used in configuration files and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vmfactory => "vmfactory",
+            Self::Debian => "debian",
+        }
+    }
+
+    /// The value of records written before there was a choice: Debian's kernel.
+    pub(crate) fn legacy() -> Self {
+        Self::Debian
+    }
+}
+
+impl std::fmt::Display for KernelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for KernelSource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vmfactory" => Ok(Self::Vmfactory),
+            "debian" => Ok(Self::Debian),
+            other => Err(format!(
+                "unknown guest kernel {other:?}: use \"vmfactory\" (built from source) or \"debian\" (Debian's cloud kernel)"
+            )),
+        }
+    }
+}
+
+/// The options the fragment asks for, by name (`CONFIG_…`), with their wanted value
+/// (`y`, `n`, a number or string).
+pub fn requested_options(fragment: &str) -> BTreeMap<String, String> {
+    let mut options = BTreeMap::new();
+    for line in fragment.lines() {
+        let line = line.trim();
+        if let Some((name, value)) = parse_config_line(line) {
+            options.insert(name.to_owned(), value.to_owned());
+        }
+    }
+    options
+}
+
+/// One `.config` line as (name, value): `CONFIG_X=v`, or `# CONFIG_X is not set` as `n`.
+fn parse_config_line(line: &str) -> Option<(&str, &str)> {
+    if let Some(rest) = line.strip_prefix("# ") {
+        let name = rest.strip_suffix(" is not set")?;
+        return name.starts_with("CONFIG_").then_some((name, "n"));
+    }
+    let (name, value) = line.split_once('=')?;
+    name.starts_with("CONFIG_").then_some((name, value))
+}
+
+/// The options of `fragment` whose value in the resulting `config` differs, as
+/// `CONFIG_X (wanted y, got n)`. An option missing from `config` counts as `n`.
+pub fn missing_options(fragment: &str, config: &str) -> Vec<String> {
+    let mut have = BTreeMap::new();
+    for line in config.lines() {
+        if let Some((name, value)) = parse_config_line(line.trim()) {
+            have.insert(name, value);
+        }
+    }
+    requested_options(fragment)
+        .into_iter()
+        .filter_map(|(name, wanted)| {
+            let got = have.get(name.as_str()).copied().unwrap_or("n");
+            (got != wanted).then(|| format!("{name} (wanted {wanted}, got {got})"))
+        })
+        .collect()
+}
+
+/// A kernel built (or found) in the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltKernel {
+    /// `kernels/<key>/`.
+    pub dir: PathBuf,
+    /// The uncompressed ELF kernel with the PVH entry.
+    pub vmlinux: PathBuf,
+    /// The bzImage.
+    pub bzimage: PathBuf,
+    /// The resulting `.config`.
+    pub config: PathBuf,
+    /// `make kernelrelease`, e.g. `6.1.192-vmfactory`.
+    pub release: String,
+    /// The build key (directory name).
+    pub key: String,
+}
+
+/// What `kernels/<key>/build.json` records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BuildRecord {
+    release: String,
+    key: String,
+    source_package: String,
+    source_version: String,
+    compiler: String,
+    seconds: u64,
+}
+
+/// The key of a kernel build: recipe version, source `.deb` digest, fragment, compiler.
+pub fn kernel_key(source_deb_sha256: &str, fragment: &str, compiler: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"vmfactory-kernel\0");
+    hasher.update(format!("recipe={KERNEL_BUILD_VERSION}\0").as_bytes());
+    hasher.update(format!("source={source_deb_sha256}\0").as_bytes());
+    hasher.update(format!("fragment={}\0", hex(&Sha256::digest(fragment))).as_bytes());
+    hasher.update(format!("compiler={compiler}\0").as_bytes());
+    hex(&hasher.finalize())
+}
+
+/// Checks the host tools a kernel build needs; the error names the `apt-get install`.
+pub(crate) fn check_build_tools() -> Result<(), GuestImageError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut missing: Vec<&str> = ["bc", "bison", "flex", "make", "gcc", "xz", "tar"]
+        .into_iter()
+        .filter(|tool| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .collect();
+    for (header, package) in [
+        ("/usr/include/gelf.h", "libelf-dev"),
+        ("/usr/include/openssl/ssl.h", "libssl-dev"),
+    ] {
+        if !Path::new(header).is_file() {
+            missing.push(package);
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(GuestImageError::KernelBuildTools {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// First line of `gcc --version` (part of the key: another compiler, another kernel).
+pub(crate) fn compiler_version() -> Result<String, GuestImageError> {
+    let output = Command::new("gcc")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| GuestImageError::ToolFailed {
+            tool: "gcc".into(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Ok(text.lines().next().unwrap_or("unknown").trim().to_owned())
+}
+
+/// Reads the kernel cached under `dir`, if complete.
+fn load_built(dir: &Path, key: &str) -> Option<BuiltKernel> {
+    let record: BuildRecord =
+        serde_json::from_slice(&fs::read(dir.join("build.json")).ok()?).ok()?;
+    let kernel = BuiltKernel {
+        dir: dir.to_owned(),
+        vmlinux: dir.join("vmlinux"),
+        bzimage: dir.join("bzImage"),
+        config: dir.join("config"),
+        release: record.release,
+        key: key.to_owned(),
+    };
+    (record.key == key
+        && kernel.vmlinux.is_file()
+        && kernel.bzimage.is_file()
+        && kernel.config.is_file())
+    .then_some(kernel)
+}
+
+/// Holds an exclusive `flock` on a file until dropped.
+struct BuildLock {
+    _file: fs::File,
+}
+
+fn lock_exclusive(path: &Path) -> Result<BuildLock, GuestImageError> {
+    let file = fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(io_error(path))?;
+    loop {
+        // SAFETY: flock takes a file descriptor that `file` owns and keeps open for the
+        // duration of the call; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc == 0 {
+            return Ok(BuildLock { _file: file });
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(io_error(path)(err));
+        }
+    }
+}
+
+/// What to build: the source `.deb` and its identity.
+pub(crate) struct KernelBuild<'a> {
+    pub(crate) cache_dir: &'a Path,
+    pub(crate) source_deb: &'a Path,
+    pub(crate) source_deb_sha256: &'a str,
+    pub(crate) source_package: &'a str,
+    pub(crate) source_version: &'a str,
+    pub(crate) force: bool,
+}
+
+/// Finds the kernel of these inputs in the cache or builds it (waiting for a concurrent
+/// build of the same key instead of building twice).
+pub(crate) fn ensure_kernel(
+    spec: &KernelBuild<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuiltKernel, GuestImageError> {
+    let compiler = compiler_version()?;
+    let key = kernel_key(spec.source_deb_sha256, KERNEL_CONFIG_FRAGMENT, &compiler);
+    let kernels = spec.cache_dir.join("kernels");
+    fs::create_dir_all(&kernels).map_err(io_error(&kernels))?;
+    let dir = kernels.join(&key);
+    if !spec.force {
+        if let Some(kernel) = load_built(&dir, &key) {
+            return Ok(kernel);
+        }
+    }
+    check_build_tools()?;
+    progress("Waiting for another build of the same kernel");
+    let _lock = lock_exclusive(&kernels.join(format!(".{key}.lock")))?;
+    if !spec.force {
+        if let Some(kernel) = load_built(&dir, &key) {
+            tracing::info!(dir = %dir.display(), "another process built the kernel meanwhile");
+            return Ok(kernel);
+        }
+    }
+    crate::image::sweep_stale_staging(&kernels);
+    let started = std::time::Instant::now();
+    let staging = tempfile::Builder::new()
+        .prefix(".build-")
+        .tempdir_in(&kernels)
+        .map_err(io_error(&kernels))?;
+    let tree = unpack_source(spec, staging.path(), progress)?;
+    configure(&tree, progress)?;
+    compile(&tree, progress)?;
+    let release = make_output(&tree, &["-s", "kernelrelease"], "make kernelrelease")?;
+    let out = staging.path().join("out");
+    fs::create_dir(&out).map_err(io_error(&out))?;
+    for (from, to) in [
+        ("vmlinux", "vmlinux"),
+        ("arch/x86/boot/bzImage", "bzImage"),
+        (".config", "config"),
+    ] {
+        let source = tree.join(from);
+        fs::rename(&source, out.join(to)).map_err(io_error(&source))?;
+    }
+    let record = BuildRecord {
+        release: release.trim().to_owned(),
+        key: key.clone(),
+        source_package: spec.source_package.to_owned(),
+        source_version: spec.source_version.to_owned(),
+        compiler,
+        seconds: started.elapsed().as_secs(),
+    };
+    let json = serde_json::to_vec_pretty(&record).map_err(|source| GuestImageError::Manifest {
+        path: dir.join("build.json"),
+        source,
+    })?;
+    crate::digest::write_synced(&out.join("build.json"), &json)?;
+    if dir.exists() {
+        let aside = staging.path().join("old");
+        fs::rename(&dir, &aside).map_err(io_error(&dir))?;
+    }
+    fs::rename(&out, &dir).map_err(io_error(&dir))?;
+    progress("Removing the kernel source tree");
+    drop(staging);
+    tracing::info!(dir = %dir.display(), seconds = record.seconds, "built the guest kernel");
+    load_built(&dir, &key).ok_or_else(|| GuestImageError::KernelBuild {
+        step: "install".into(),
+        detail: format!("{} is incomplete after the build", dir.display()),
+    })
+}
+
+/// Unpacks the source `.deb`, then its `linux-source-*.tar.xz`; returns the tree.
+fn unpack_source(
+    spec: &KernelBuild<'_>,
+    staging: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, GuestImageError> {
+    progress(&format!(
+        "Unpacking {} {}",
+        spec.source_package, spec.source_version
+    ));
+    let deb_root = staging.join("deb");
+    crate::apt::unpack(spec.source_deb, &deb_root)?;
+    let src = deb_root.join("usr/src");
+    let tarball = fs::read_dir(&src)
+        .map_err(io_error(&src))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("linux-source-") && n.ends_with(".tar.xz"))
+        })
+        .ok_or_else(|| GuestImageError::KernelBuild {
+            step: "unpack".into(),
+            detail: format!(
+                "{} holds no usr/src/linux-source-*.tar.xz",
+                spec.source_deb.display()
+            ),
+        })?;
+    progress("Extracting the kernel source tree");
+    let tree_root = staging.join("src");
+    fs::create_dir(&tree_root).map_err(io_error(&tree_root))?;
+    run_step(
+        Command::new("tar")
+            .arg("-xJf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&tree_root),
+        "extract the source",
+    )?;
+    fs::remove_dir_all(&deb_root).map_err(io_error(&deb_root))?;
+    let tree = fs::read_dir(&tree_root)
+        .map_err(io_error(&tree_root))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("Makefile").is_file())
+        .ok_or_else(|| GuestImageError::KernelBuild {
+            step: "unpack".into(),
+            detail: format!("{} holds no kernel tree", tarball.display()),
+        })?;
+    Ok(tree)
+}
+
+/// `make tinyconfig`, merge our fragment, `make olddefconfig`, then checks every option.
+fn configure(tree: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), GuestImageError> {
+    progress("Configuring the kernel (tinyconfig + vmfactory.config)");
+    run_step(make(tree).arg("tinyconfig"), "make tinyconfig")?;
+    let fragment = tree.join("vmfactory.config");
+    fs::write(&fragment, KERNEL_CONFIG_FRAGMENT).map_err(io_error(&fragment))?;
+    run_step(
+        Command::new("scripts/kconfig/merge_config.sh")
+            .current_dir(tree)
+            .args(["-m", ".config", "vmfactory.config"]),
+        "merge the config fragment",
+    )?;
+    run_step(make(tree).arg("olddefconfig"), "make olddefconfig")?;
+    let config_path = tree.join(".config");
+    let config = fs::read_to_string(&config_path).map_err(io_error(&config_path))?;
+    let missing = missing_options(KERNEL_CONFIG_FRAGMENT, &config);
+    if !missing.is_empty() {
+        return Err(GuestImageError::KernelConfig {
+            options: missing.join(", "),
+        });
+    }
+    Ok(())
+}
+
+/// `make` in `tree` with our local version.
+fn make(tree: &Path) -> Command {
+    let mut command = Command::new("make");
+    command
+        .current_dir(tree)
+        .env("LC_ALL", "C")
+        .arg(format!("LOCALVERSION={LOCAL_VERSION}"))
+        .stdin(Stdio::null());
+    command
+}
+
+/// Runs a build step, keeping the tail of its output for the error.
+fn run_step(command: &mut Command, step: &str) -> Result<(), GuestImageError> {
+    let output = command
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| GuestImageError::ToolFailed {
+            tool: format!("{:?}", command.get_program()),
+            source,
+        })?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(GuestImageError::KernelBuild {
+        step: step.into(),
+        detail: tail(&output.stderr, &output.stdout),
+    })
+}
+
+fn make_output(tree: &Path, args: &[&str], step: &str) -> Result<String, GuestImageError> {
+    let output = make(tree)
+        .args(args)
+        .output()
+        .map_err(|source| GuestImageError::ToolFailed {
+            tool: "make".into(),
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(GuestImageError::KernelBuild {
+            step: step.into(),
+            detail: tail(&output.stderr, &output.stdout),
+        });
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// The last lines of a failed step's output.
+fn tail(stderr: &[u8], stdout: &[u8]) -> String {
+    let text = if stderr.iter().any(|b| !b.is_ascii_whitespace()) {
+        String::from_utf8_lossy(stderr)
+    } else {
+        String::from_utf8_lossy(stdout)
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(12)..].join("\n")
+}
+
+/// `make -j<cores> vmlinux bzImage`, reporting the number of compiled objects.
+fn compile(tree: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), GuestImageError> {
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    progress(&format!("Compiling the kernel with {jobs} jobs"));
+    let log_path = tree.join("vmfactory-build.log");
+    let log = fs::File::create(&log_path).map_err(io_error(&log_path))?;
+    let mut child = make(tree)
+        .arg(format!("-j{jobs}"))
+        .args(["vmlinux", "bzImage"])
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|source| GuestImageError::ToolFailed {
+            tool: "make".into(),
+            source,
+        })?;
+    let mut compiled = 0u64;
+    let mut recent: Vec<String> = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let trimmed = line.trim_start();
+            if trimmed.starts_with("CC ") || trimmed.starts_with("AS ") {
+                compiled += 1;
+                if compiled % 10 == 0 {
+                    progress(&format!("Compiling the kernel: {compiled} objects"));
+                }
+            } else if trimmed.starts_with("LD ") && trimmed.ends_with("vmlinux") {
+                progress("Linking vmlinux");
+            }
+            recent.push(line);
+            if recent.len() > 12 {
+                recent.remove(0);
+            }
+        }
+    }
+    let status = child.wait().map_err(|source| GuestImageError::ToolFailed {
+        tool: "make".into(),
+        source,
+    })?;
+    if status.success() {
+        tracing::info!(objects = compiled, "compiled the kernel");
+        return Ok(());
+    }
+    let mut errors = String::new();
+    if let Ok(mut file) = fs::File::open(&log_path) {
+        let _ = file.read_to_string(&mut errors);
+    }
+    Err(GuestImageError::KernelBuild {
+        step: "make vmlinux bzImage".into(),
+        detail: tail(errors.as_bytes(), recent.join("\n").as_bytes()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fragment_asks_for_what_vmfactory_needs() {
+        let options = requested_options(KERNEL_CONFIG_FRAGMENT);
+        for name in [
+            "CONFIG_PVH",
+            "CONFIG_VIRTIO_PCI",
+            "CONFIG_VIRTIO_CONSOLE",
+            "CONFIG_VIRTIO_BLK",
+            "CONFIG_OVERLAY_FS",
+            "CONFIG_EROFS_FS",
+            "CONFIG_9P_FS",
+            "CONFIG_VIRTIO_VSOCKETS",
+            "CONFIG_VMGENID",
+            "CONFIG_ACPI_HOTPLUG_CPU",
+            "CONFIG_ACPI_HOTPLUG_MEMORY",
+            "CONFIG_HOTPLUG_PCI_PCIE",
+            "CONFIG_IKCONFIG_PROC",
+        ] {
+            assert_eq!(options.get(name).map(String::as_str), Some("y"), "{name}");
+        }
+        assert_eq!(options.get("CONFIG_MODULES").map(String::as_str), Some("n"));
+    }
+
+    #[test]
+    fn missing_options_are_named() {
+        let fragment = "CONFIG_A=y\n# comment\nCONFIG_B=y\nCONFIG_C=n\nCONFIG_D=64\n";
+        let config = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_D=1\n";
+        assert_eq!(
+            missing_options(fragment, config),
+            ["CONFIG_B (wanted y, got n)", "CONFIG_D (wanted 64, got 1)"]
+        );
+        assert!(missing_options(fragment, "CONFIG_A=y\nCONFIG_B=y\nCONFIG_D=64\n").is_empty());
+    }
+
+    #[test]
+    fn key_changes_with_each_input() {
+        let base = kernel_key("aa", "CONFIG_A=y\n", "gcc 12");
+        assert_ne!(base, kernel_key("ab", "CONFIG_A=y\n", "gcc 12"));
+        assert_ne!(base, kernel_key("aa", "CONFIG_A=n\n", "gcc 12"));
+        assert_ne!(base, kernel_key("aa", "CONFIG_A=y\n", "gcc 13"));
+        assert_eq!(base, kernel_key("aa", "CONFIG_A=y\n", "gcc 12"));
+    }
+
+    #[test]
+    fn kernel_source_parses() {
+        assert_eq!("debian".parse(), Ok(KernelSource::Debian));
+        assert_eq!("vmfactory".parse(), Ok(KernelSource::Vmfactory));
+        assert!("linux".parse::<KernelSource>().is_err());
+        assert_eq!(KernelSource::default(), KernelSource::Vmfactory);
+    }
+}
