@@ -114,7 +114,8 @@ pub struct QemuSettings {
     pub machine_type: String,
     /// Extra kernel parameters.
     pub kernel_params: String,
-    /// Firmware image; empty: qboot when installed, else QEMU's default.
+    /// Firmware image; empty: QEMU's default (SeaBIOS), which the `vmgenid` device needs
+    /// (qboot boots no VM with it).
     pub firmware: PathBuf,
     /// vCPUs per VM.
     pub default_vcpus: u32,
