@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
+pub mod rootfs;
+
 /// The vmfactory binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_vmfactory");
 
