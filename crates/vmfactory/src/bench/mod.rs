@@ -88,6 +88,13 @@ pub enum BenchCommand {
         /// VMs the temporary VMCache server keeps ready.
         #[arg(long, default_value_t = 2)]
         cache: u32,
+        /// Run `true` in a container of this image (`run --image REF -- true`).
+        #[arg(long, value_name = "REF")]
+        image: Option<String>,
+        /// With --image: remove the image from the cache before every run, so each run
+        /// pays for building its disk (first use).
+        #[arg(long, requires = "image")]
+        first_use: bool,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -222,13 +229,21 @@ pub async fn run(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitC
             n,
             direct,
             cache,
+            image,
+            first_use,
             json,
             vm,
         } => {
             let resolved = resolve(vm, config).await?;
-            tokio::task::spawn_blocking(move || run::bench_run(n, direct, cache, json, resolved))
-                .await
-                .context("The benchmark task failed")?
+            let image = run::ImageRuns {
+                reference: image,
+                first_use,
+            };
+            tokio::task::spawn_blocking(move || {
+                run::bench_run(n, direct, cache, &image, json, resolved)
+            })
+            .await
+            .context("The benchmark task failed")?
         }
         BenchCommand::Sandbox {
             n,

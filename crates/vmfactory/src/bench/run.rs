@@ -1,6 +1,8 @@
 //! `bench run`: what a user waits for. Times whole `vmfactory run -- true` processes,
 //! spawn to exit, through a VMCache server, a template and a direct boot, interleaved in
-//! one run, and splits each into its phases from the `-v` timing line of `run`.
+//! one run, and splits each into its phases from the `-v` timing line of `run`. With
+//! `--image REF` each run is `run --image REF -- true` (a container of the image), and with
+//! `--first-use` the image is removed from the cache before every run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,10 +19,11 @@ use crate::run::RUN_TIMING;
 use crate::Resolved;
 
 /// The phases `run` reports, in order.
-const PHASES: [&str; 5] = [
+const PHASES: [&str; 6] = [
     "config_ms",
     "open_factory_ms",
     "get_vm_ms",
+    "container_ms",
     "exec_ms",
     "teardown_ms",
 ];
@@ -101,10 +104,47 @@ pub(super) fn wait_cached(config: &Path, count: usize) -> Result<()> {
     Ok(())
 }
 
-/// One `vmfactory -v run -- true`: wall time and the phases it logged.
-fn run_once(config: &Path) -> Result<(Duration, BTreeMap<&'static str, f64>)> {
+/// Whether the runs use a container image, and whether each pays for building it.
+#[derive(Debug, Clone, Default)]
+pub struct ImageRuns {
+    /// `run --image REF`.
+    pub reference: Option<String>,
+    /// Remove the image from the cache before every run.
+    pub first_use: bool,
+}
+
+impl ImageRuns {
+    /// The `vmfactory` arguments of one run.
+    fn args(&self) -> Vec<&str> {
+        let mut args = vec!["-v", "run"];
+        if let Some(reference) = &self.reference {
+            args.extend(["--image", reference.as_str()]);
+        }
+        args.extend(["--", "true"]);
+        args
+    }
+
+    /// The command line the report names.
+    fn command(&self) -> String {
+        let mut command = format!("vmfactory {}", self.args()[1..].join(" "));
+        if self.first_use {
+            command.push_str(" (image removed from the cache before each run)");
+        }
+        command
+    }
+}
+
+/// One `vmfactory -v run [--image REF] -- true`: wall time and the phases it logged.
+fn run_once(config: &Path, image: &ImageRuns) -> Result<(Duration, BTreeMap<&'static str, f64>)> {
+    if let (Some(reference), true) = (&image.reference, image.first_use) {
+        // Not timed: the image's disk is removed so the run builds it again.
+        let _ = vmfactory(config, &["image", "rm", reference])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
     let started = Instant::now();
-    let output = vmfactory(config, &["-v", "run", "--", "true"])
+    let output = vmfactory(config, &image.args())
         .stdout(Stdio::null())
         .output()
         .context("Cannot start vmfactory run")?;
@@ -139,7 +179,7 @@ struct ModeReport {
 #[derive(Debug, Serialize)]
 struct RunReport {
     what: &'static str,
-    command: &'static str,
+    command: String,
     modes: BTreeMap<&'static str, ModeReport>,
     /// direct median / VMCache median.
     direct_over_vmcache: f64,
@@ -161,6 +201,7 @@ pub fn bench_run(
     n: usize,
     direct: usize,
     cache_size: u32,
+    image: &ImageRuns,
     json: bool,
     resolved: Resolved,
 ) -> Result<ExitCode> {
@@ -230,7 +271,7 @@ pub fn bench_run(
                 // Every mode meets a full, idle cache: a warm cache for the VMCache runs,
                 // and no refill competing for the CPU during the others.
                 wait_cached(&cache_toml, cache_size as usize)?;
-                let (elapsed, phases) = run_once(&mode.config)?;
+                let (elapsed, phases) = run_once(&mode.config, image)?;
                 let known: f64 = phases.values().sum();
                 mode.samples.push(elapsed);
                 for (phase, ms) in phases {
@@ -287,7 +328,7 @@ pub fn bench_run(
     let median_of = |name: &str| reports.get(name).map_or(f64::NAN, |r| r.stats.median_ms);
     let report = RunReport {
         what: "run",
-        command: "vmfactory run -- true",
+        command: image.command(),
         direct_over_vmcache: round(median_of("direct") / median_of("vmcache")),
         direct_over_template: round(median_of("direct") / median_of("template")),
         modes: reports,
