@@ -27,18 +27,32 @@ impl Qemu {
 
     /// Pauses the VM and saves its device state to `path`.
     pub(super) async fn save_device_state(&self, path: &Path) -> Result<()> {
-        let Some(text) = path.to_str() else {
-            return Err(HypervisorError::InvalidConfig(format!(
-                "State path {} is not UTF-8: use a UTF-8 template_path",
-                path.display()
-            )));
-        };
+        let text = utf8_state_path(path)?;
         self.qmp("stop", None).await?;
         self.set_ignore_shared().await?;
         // QEMU runs `exec:` URIs with `/bin/sh -c`: quote the path for the shell.
         let uri = format!("exec:cat > {}", shell_quote(text));
         self.qmp("migrate", Some(serde_json::json!({ "uri": uri })))
             .await?;
+        self.wait_for_migration(
+            "migrate",
+            "saving the device state",
+            "Saving the device state failed",
+            Duration::from_millis(1),
+        )
+        .await
+    }
+
+    /// Polls `query-migrate` every `poll` until the migration `command` started
+    /// completed; fails when it failed or was cancelled (`failure`, with QEMU's reason),
+    /// or after [`STATE_TIMEOUT`] (`what` names the work).
+    async fn wait_for_migration(
+        &self,
+        command: &str,
+        what: &str,
+        failure: &str,
+        poll: Duration,
+    ) -> Result<()> {
         let started = Instant::now();
         loop {
             let info = self.qmp("query-migrate", None).await?;
@@ -50,56 +64,38 @@ impl Qemu {
                         .and_then(Value::as_str)
                         .unwrap_or("no reason given");
                     return Err(HypervisorError::Qmp {
-                        command: "migrate".into(),
-                        message: format!("Saving the device state failed: {reason}"),
+                        command: command.into(),
+                        message: format!("{failure}: {reason}"),
                     });
                 }
                 _ => {}
             }
             if started.elapsed() > STATE_TIMEOUT {
                 return Err(HypervisorError::Timeout {
-                    what: "saving the device state".into(),
+                    what: what.into(),
                     seconds: STATE_TIMEOUT.as_secs_f64(),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            tokio::time::sleep(poll).await;
         }
     }
 
     /// Loads the device state at `path` the way Kata does (see
     /// [`Qemu::start_incoming_kata_method`]).
     pub(super) async fn load_device_state_kata_method(&self, path: &Path) -> Result<()> {
-        let Some(text) = path.to_str() else {
-            return Err(HypervisorError::InvalidConfig(format!(
-                "State path {} is not UTF-8: use a UTF-8 template_path",
-                path.display()
-            )));
-        };
+        let text = utf8_state_path(path)?;
         self.set_ignore_shared().await?;
         let uri = format!("exec:cat {}", shell_quote(text));
         self.qmp("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
             .await?;
-        let started = Instant::now();
-        loop {
-            let info = self.qmp("query-migrate", None).await?;
-            match info.get("status").and_then(Value::as_str) {
-                Some("completed") => return Ok(()),
-                Some("failed") | Some("cancelled") => {
-                    return Err(HypervisorError::Qmp {
-                        command: "migrate-incoming".into(),
-                        message: "Loading the device state failed".into(),
-                    })
-                }
-                _ => {}
-            }
-            if started.elapsed() > STATE_TIMEOUT {
-                return Err(HypervisorError::Timeout {
-                    what: "loading the device state".into(),
-                    seconds: STATE_TIMEOUT.as_secs_f64(),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        // Kata's `waitMigration` polls every 100 ms.
+        self.wait_for_migration(
+            "migrate-incoming",
+            "loading the device state",
+            "Loading the device state failed",
+            Duration::from_millis(100),
+        )
+        .await
     }
 
     /// Loads the device state inherited as fd [`STATE_FD`] (see [`Qemu::start_incoming`]);
@@ -125,6 +121,16 @@ impl Qemu {
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
     }
+}
+
+/// `path` as text for an `exec:` URI (QEMU takes URIs as UTF-8 strings).
+fn utf8_state_path(path: &Path) -> Result<&str> {
+    path.to_str().ok_or_else(|| {
+        HypervisorError::InvalidConfig(format!(
+            "State path {} is not UTF-8: use a UTF-8 template_path",
+            path.display()
+        ))
+    })
 }
 
 /// `text` as one POSIX shell word: single-quoted, each `'` written as `'\''`.
