@@ -379,13 +379,12 @@ impl Containers {
         Ok(())
     }
 
-    /// The mount namespace of started container `id` (its init's), for file operations
-    /// in its root.
-    pub async fn mount_namespace(
+    /// The pid of started container `id`'s running init, and the container's directory.
+    async fn started_init(
         &self,
         processes: &Processes,
         id: &str,
-    ) -> Result<OwnedFd, Status> {
+    ) -> Result<(u32, PathBuf), Status> {
         validate_id(id)?;
         let table = self.table.lock().await;
         let container = table
@@ -399,6 +398,17 @@ impl Containers {
         let pid = processes.running_pid(id).ok_or_else(|| {
             Status::failed_precondition(format!("Container {id}'s init has ended: remove it"))
         })?;
+        Ok((pid, container.dir.clone()))
+    }
+
+    /// The mount namespace of started container `id` (its init's), for file operations
+    /// in its root.
+    pub async fn mount_namespace(
+        &self,
+        processes: &Processes,
+        id: &str,
+    ) -> Result<OwnedFd, Status> {
+        let (pid, _) = self.started_init(processes, id).await?;
         std::fs::File::open(format!("/proc/{pid}/ns/mnt"))
             .map(OwnedFd::from)
             .map_err(|err| internal("namespace", err))
@@ -412,20 +422,8 @@ impl Containers {
         request: &ExecProcessRequest,
     ) -> Result<Launch, Status> {
         let id = &request.container_id;
-        validate_id(id)?;
-        let table = self.table.lock().await;
-        let container = table
-            .get(id)
-            .ok_or_else(|| Status::not_found(format!("No container {id:?}")))?;
-        if container.start.is_some() {
-            return Err(Status::failed_precondition(format!(
-                "Container {id} is not started: call StartContainer first"
-            )));
-        }
-        let pid = processes.running_pid(id).ok_or_else(|| {
-            Status::failed_precondition(format!("Container {id}'s init has ended: remove it"))
-        })?;
-        let (uid, gid) = storage::resolve_user(&container.dir.join("rootfs"), &request.user)?;
+        let (pid, dir) = self.started_init(processes, id).await?;
+        let (uid, gid) = storage::resolve_user(&dir.join("rootfs"), &request.user)?;
         let open = |ns: &str| -> Result<OwnedFd, Status> {
             std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
                 .map(OwnedFd::from)
