@@ -260,7 +260,7 @@ impl AgentService for Agent {
         request: Request<OnlineCpuMemRequest>,
     ) -> Result<Response<OnlineCpuMemResponse>, Status> {
         let request = request.into_inner();
-        let response = sys::online_cpu_mem(request.nb_cpus, request.cpu_only)
+        let response = sys::online_cpu_mem(request.nb_cpus, request.cpu_only, request.memory_mib)
             .await
             .map_err(|err| Status::internal(err.to_string()))?;
         Ok(Response::new(response))

@@ -164,11 +164,13 @@ pub fn reseed_rng(data: &[u8]) -> Result<(), SysError> {
     Ok(())
 }
 
-/// Onlines every offline CPU (and memory block unless `cpu_only`). When `nb_cpus` is
-/// non-zero, waits until that many CPUs are online, as hot-plugged CPUs appear late.
+/// Onlines every offline CPU (and memory block unless `cpu_only`). Waits until `nb_cpus`
+/// CPUs are online and online memory blocks cover `memory_mib` (0: no wait), as the
+/// guest's ACPI handler adds hot-plugged CPUs and memory after QEMU has answered.
 pub async fn online_cpu_mem(
     nb_cpus: u32,
     cpu_only: bool,
+    memory_mib: u32,
 ) -> Result<OnlineCpuMemResponse, SysError> {
     let started = Instant::now();
     let mut response = OnlineCpuMemResponse::default();
@@ -190,16 +192,50 @@ pub async fn online_cpu_mem(
             )?;
         }
         let online = count_cpu_list(&read("/sys/devices/system/cpu/online")?).unwrap_or(0);
-        if online >= nb_cpus {
+        let memory = if cpu_only || memory_mib == 0 {
+            u64::MAX
+        } else {
+            online_memory_mib(Path::new("/sys/devices/system/memory"))?
+        };
+        if online >= nb_cpus && memory >= u64::from(memory_mib) {
             return Ok(response);
         }
         if started.elapsed() > ONLINE_WAIT {
-            return Err(SysError(format!(
-                "Only {online} of {nb_cpus} CPUs came online within {ONLINE_WAIT:?}"
-            )));
+            return Err(SysError(if online < nb_cpus {
+                format!("Only {online} of {nb_cpus} CPUs came online within {ONLINE_WAIT:?}")
+            } else {
+                format!(
+                    "Only {memory} of {memory_mib} MiB of memory came online within {ONLINE_WAIT:?}"
+                )
+            }));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// MiB of memory in online memory blocks under `dir` (`/sys/devices/system/memory`).
+fn online_memory_mib(dir: &Path) -> Result<u64, SysError> {
+    let path = dir.join("block_size_bytes");
+    let block_size =
+        std::fs::read_to_string(&path).map_err(|err| io_error("Cannot read", &path, err))?;
+    let block_size = u64::from_str_radix(block_size.trim(), 16)
+        .map_err(|_| SysError(format!("Unparsable memory block size {block_size:?}")))?;
+    let entries = std::fs::read_dir(dir).map_err(|err| io_error("Cannot list", dir, err))?;
+    let online = entries
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .and_then(|name| name.strip_prefix("memory"))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|entry| {
+            std::fs::read_to_string(entry.path().join("state"))
+                .is_ok_and(|state| state.trim() == "online")
+        })
+        .count();
+    Ok((online as u64).saturating_mul(block_size) >> 20)
 }
 
 /// Writes `on` to `<dir>/<prefix>N/<file>` wherever it reads `off`; returns how many.
@@ -224,8 +260,13 @@ fn online_all(dir: &Path, prefix: &str, file: &str, off: &str, on: &str) -> Resu
             continue; // cpu0 has no "online" file
         };
         if state.trim() == off {
-            std::fs::write(&path, on).map_err(|err| io_error("Cannot online", &path, err))?;
-            count += 1;
+            match std::fs::write(&path, on) {
+                Ok(()) => count += 1,
+                // The kernel onlines hot-plugged memory itself (`memhp_default_state`):
+                // a write racing it fails, and the item is online all the same.
+                Err(_) if std::fs::read_to_string(&path).is_ok_and(|now| now.trim() != off) => {}
+                Err(err) => return Err(io_error("Cannot online", &path, err)),
+            }
         }
     }
     Ok(count)
@@ -266,6 +307,28 @@ mod tests {
         assert_eq!(count, 1);
         let state = std::fs::read_to_string(dir.join("cpu1/online")).expect("read");
         assert_eq!(state, "1");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn counts_online_memory_blocks() {
+        let dir = std::env::temp_dir().join(format!("vmf-memory-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("block_size_bytes"), "8000000\n").expect("write");
+        for (name, state) in [
+            ("memory0", "online\n"),
+            ("memory1", "online\n"),
+            ("memory32", "offline\n"),
+            ("memoryx", "online\n"),
+        ] {
+            std::fs::create_dir_all(dir.join(name)).expect("mkdir");
+            std::fs::write(dir.join(name).join("state"), state).expect("write");
+        }
+        assert_eq!(online_memory_mib(&dir).expect("count"), 256);
+        std::fs::write(dir.join("memory32/state"), "online\n").expect("write");
+        assert_eq!(online_memory_mib(&dir).expect("count"), 384);
+        std::fs::write(dir.join("block_size_bytes"), "zz").expect("write");
+        assert!(online_memory_mib(&dir).is_err());
         std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

@@ -324,14 +324,20 @@ impl AgentClient {
     }
     // ---- end of hand-out ----
 
-    /// Onlines hot-plugged CPUs (waiting for `cpus` online) and memory.
-    pub async fn online_cpu_mem(&self, cpus: u32, cpu_only: bool) -> Result<(), AgentError> {
+    /// Onlines hot-plugged CPUs and memory, waiting until `cpus` CPUs are online and,
+    /// unless `memory_mib` is `None`, until online memory covers `memory_mib`.
+    pub async fn online_cpu_mem(
+        &self,
+        cpus: u32,
+        memory_mib: Option<u32>,
+    ) -> Result<(), AgentError> {
         self.inner
             .clone()
             .online_cpu_mem(OnlineCpuMemRequest {
                 wait: true,
                 nb_cpus: cpus,
-                cpu_only,
+                cpu_only: memory_mib.is_none(),
+                memory_mib: memory_mib.unwrap_or(0),
             })
             .await
             .map_err(rpc_error("OnlineCPUMem"))?;

@@ -295,7 +295,7 @@ async fn grow(vm: &mut Vm, request: &VmRequest) -> Result<(), FactoryError> {
         vm.memory_mib += memory;
     }
     vm.agent()
-        .online_cpu_mem(vm.cpu, memory == 0)
+        .online_cpu_mem(vm.cpu, (memory > 0).then_some(vm.memory_mib))
         .await
         .map_err(VmError::from)?;
     debug!(

@@ -352,7 +352,8 @@ async fn get_vm_grows_a_clone_or_boots_directly_beyond_its_limits() {
         std::fs::read(format!("/proc/{}/cmdline", vm.pid().expect("pid"))).expect("cmdline");
     assert!(
         String::from_utf8_lossy(&cmdline).contains("-incoming"),
-        "a size-only difference must be served by a clone"
+        "a size-only difference must be served by a clone (fallback: {:?})",
+        factory.last_fallback()
     );
     let details = vm.details().await.expect("details");
     assert_eq!(details.online_cpus, 2, "{details:?}");
