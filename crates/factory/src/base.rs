@@ -13,10 +13,6 @@ use crate::template::TemplateError;
 use crate::vm::{Vm, VmError};
 use crate::vmcache::VmCacheError;
 
-/// One attempt of that check; a connection that gets no answer is replaced, since the
-/// guest may still have been serving a previous owner's connection when it was paused.
-const CHECK_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// Errors of factories.
 #[derive(Debug, thiserror::Error)]
 pub enum FactoryError {
@@ -191,7 +187,7 @@ impl Factory {
         let mut vm = self.base.get_base_vm().await?;
         let timeout = self.base.config().agent_timeout;
         let ready = async {
-            make_ready(&mut vm, timeout).await?;
+            vm.make_ready(timeout).await?;
             grow(&mut vm, request).await
         };
         match ready.await {
@@ -229,38 +225,6 @@ impl Factory {
     pub async fn close(&self) -> Result<(), FactoryError> {
         self.base.close().await
     }
-}
-
-/// Resumes a base VM and refreshes its identity. The `HandOut` RPC is the first agent
-/// call, so it also checks the agent: one round trip after `cont`. A failed or silent
-/// attempt (a previous owner's connection may still be in the guest) reconnects and
-/// tries again; the hand-out may be applied twice, which is harmless.
-async fn make_ready(vm: &mut Vm, timeout: Duration) -> Result<(), FactoryError> {
-    vm.resume().await?;
-    let started = std::time::Instant::now();
-    loop {
-        let attempt = tokio::select! {
-            handed = vm.refresh_identity() => Some(handed),
-            err = vm.hypervisor().exited() => return Err(VmError::from(err).into()),
-            () = tokio::time::sleep(CHECK_ATTEMPT_TIMEOUT) => None,
-        };
-        match attempt {
-            Some(Ok(())) => break,
-            Some(Err(err)) => debug!(%err, "Hand-out failed; reconnecting"),
-            None => debug!("Hand-out timed out; reconnecting"),
-        }
-        if started.elapsed() > timeout {
-            return Err(VmError::AgentTimeout {
-                seconds: timeout.as_secs_f64(),
-                report: vm.hypervisor().failure_report(),
-            }
-            .into());
-        }
-        vm.reconnect_agent();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    debug!(id = vm.id(), "VM ready for use");
-    Ok(())
 }
 
 async fn refresh_identity(vm: &Vm) -> Result<(), FactoryError> {

@@ -46,5 +46,5 @@ pub use handover::{HandOverError, HandOverRecord};
 pub use select::{CacheServerFactory, FactoryChoice};
 pub use settings::{Settings, SettingsError};
 pub use template::{TemplateError, TemplateFactory, TemplateMetadata};
-pub use vm::{Vm, VmError};
+pub use vm::{ReadyTimes, Vm, VmError};
 pub use vmcache::{GrpcCacheFactory, VmCacheError};

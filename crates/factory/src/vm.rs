@@ -19,6 +19,21 @@ use crate::pool::Poolable;
 pub const RESEED_BYTES: usize = 512;
 /// How long a warm-up may wait for the agent.
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(30);
+/// One hand-out attempt of [`Vm::make_ready`]; a connection that gets no answer is
+/// replaced, since the guest may still have been serving a previous owner's connection
+/// when it was paused.
+const HAND_OUT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Where [`Vm::make_ready`] spent its time, from its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadyTimes {
+    /// QEMU answered `cont`.
+    pub resumed: Duration,
+    /// The guest answered the hand-out: the VM is ready.
+    pub answered: Duration,
+    /// Of that, the guest's own work on the hand-out.
+    pub guest: Duration,
+}
 
 /// Errors of VM operations.
 #[derive(Debug, thiserror::Error)]
@@ -151,7 +166,7 @@ impl Vm {
         self.agent = AgentClient::connect_lazy(&self.hypervisor.channels().agent_socket);
     }
 
-    /// Runs the (paused) VM through one agent connection (a check and one trivial
+    /// Runs the (paused) VM through one agent connection (a hand-out and one trivial
     /// process) and pauses it again once the agent has let go of it: the code a later
     /// owner's first calls run is then already translated (TCG), so handing the VM out
     /// and running its first command cost milliseconds, not a cold start. Its
@@ -159,20 +174,22 @@ impl Vm {
     pub async fn warm_up(&mut self) -> Result<(), VmError> {
         let started = Instant::now();
         self.resume().await?;
-        // Check, and run one trivial process: the first command a new owner runs then
-        // takes the already translated spawn path (tens of ms under TCG).
+        // A hand-out (what a new owner's first call is) and one trivial process: the
+        // guest code of both is then already translated, so handing out (its CRNG reseed,
+        // clock and hostname calls, cold: 15-35 ms under TCG) and the first command take
+        // the warm path. The real hand-out later overwrites all the hand-out set.
         let exercise = async {
-            self.agent.check().await?;
+            self.hand_out().await?;
             self.agent
                 .exec(ExecRequest {
                     argv: vec!["true".into()],
                     ..ExecRequest::default()
                 })
                 .await
-                .map(drop)
+                .map_err(VmError::from)
         };
         tokio::select! {
-            exercised = exercise => exercised?,
+            exercised = exercise => drop(exercised?),
             err = self.hypervisor.exited() => return Err(err.into()),
             () = tokio::time::sleep(WARM_UP_TIMEOUT) => {
                 return Err(VmError::AgentTimeout {
@@ -190,6 +207,72 @@ impl Vm {
         self.pause().await?;
         debug!(id = self.id(), elapsed = ?started.elapsed(), "VM warmed up");
         Ok(())
+    }
+
+    /// Resumes a paused base VM and hands it out (`HandOut`: entropy, clock, hostname),
+    /// which is also the check that its agent answers. `cont` and the hand-out go out
+    /// together: the request waits in the agent socket and the guest reads it as soon as
+    /// it runs, so the hand-out costs no round trip after QEMU's answer. A failed or
+    /// silent attempt (a previous owner's connection may still be in the guest) reconnects
+    /// and tries again until `timeout`; applying the hand-out twice is harmless.
+    pub async fn make_ready(&mut self, timeout: Duration) -> Result<ReadyTimes, VmError> {
+        let started = Instant::now();
+        let mut resumed = None;
+        let mut attempt = {
+            let resume = self.resume();
+            let first = self.hand_out_attempt();
+            tokio::pin!(resume, first);
+            let mut answer = None;
+            while resumed.is_none() || answer.is_none() {
+                tokio::select! {
+                    done = &mut resume, if resumed.is_none() => {
+                        done?;
+                        resumed = Some(started.elapsed());
+                    }
+                    handed = &mut first, if answer.is_none() => answer = Some(handed),
+                }
+            }
+            answer.and_then(|handed| handed)
+        };
+        loop {
+            match attempt {
+                Some(Ok(guest)) => {
+                    let times = ReadyTimes {
+                        resumed: resumed.unwrap_or_default(),
+                        answered: started.elapsed(),
+                        guest,
+                    };
+                    debug!(id = self.id(), ?times, "VM ready for use");
+                    return Ok(times);
+                }
+                Some(Err(err)) => {
+                    if let VmError::Hypervisor(_) = err {
+                        return Err(err);
+                    }
+                    debug!(%err, "Hand-out failed; reconnecting");
+                }
+                None => debug!("Hand-out timed out; reconnecting"),
+            }
+            if started.elapsed() > timeout {
+                return Err(VmError::AgentTimeout {
+                    seconds: timeout.as_secs_f64(),
+                    report: self.hypervisor.failure_report(),
+                });
+            }
+            self.reconnect_agent();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            attempt = self.hand_out_attempt().await;
+        }
+    }
+
+    /// One hand-out: `None` when the guest did not answer within
+    /// [`HAND_OUT_ATTEMPT_TIMEOUT`]; a hypervisor error when the VM died.
+    async fn hand_out_attempt(&self) -> Option<Result<Duration, VmError>> {
+        tokio::select! {
+            handed = self.hand_out() => Some(handed),
+            err = self.hypervisor.exited() => Some(Err(err.into())),
+            () = tokio::time::sleep(HAND_OUT_ATTEMPT_TIMEOUT) => None,
+        }
     }
 
     /// Pauses the vCPUs.
@@ -242,6 +325,12 @@ impl Vm {
     /// [`Vm::hostname`]. An agent without `HandOut` gets the separate `ReseedRandomDev`
     /// and `SetGuestDateTime` calls instead.
     pub async fn refresh_identity(&self) -> Result<(), VmError> {
+        self.hand_out().await.map(drop)
+    }
+
+    /// [`Vm::refresh_identity`], returning the guest's own time on it (zero when the
+    /// agent has no `HandOut` and separate calls were made).
+    async fn hand_out(&self) -> Result<Duration, VmError> {
         let mut entropy = vec![0u8; RESEED_BYTES];
         rand::rngs::OsRng.fill_bytes(&mut entropy);
         let hostname = self.hostname().unwrap_or_default();
@@ -252,13 +341,13 @@ impl Vm {
         {
             Ok(guest) => {
                 debug!(id = self.id(), ?guest, "Handed out");
-                Ok(())
+                Ok(guest)
             }
             Err(err) if err.is_unimplemented() => {
                 debug!(id = self.id(), "The agent has no HandOut; separate calls");
                 let (reseeded, synced) = tokio::join!(self.reseed_rng(), self.sync_time());
                 reseeded?;
-                synced
+                synced.map(|()| Duration::ZERO)
             }
             Err(err) => Err(err.into()),
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use vmfactory_factory::template;
-use vmfactory_factory::{FactoryBase, TemplateFactory, Vm, VmConfig, VmRequest};
+use vmfactory_factory::{FactoryBase, ReadyTimes, TemplateFactory, Vm, VmConfig, VmRequest};
 use vmfactory_hypervisor::qemu::{new_vm_id, Qemu};
 use vmfactory_hypervisor::MemoryBackend;
 
@@ -44,25 +44,79 @@ impl Drop for ScratchTemplate {
     }
 }
 
-/// Takes a base VM, resumes it and times the first agent answer, which is the hand-out
-/// (`HandOut`: entropy, clock, hostname), as in `Factory::get_vm`; so the first answer
-/// is also the VM being ready. Returns both times and the VM.
-async fn take_timed(factory: &dyn FactoryBase) -> Result<(Duration, Duration, Vm)> {
+/// One hand-out, timed: the base VM taken (a clone loaded, or `GetBaseVM` answered and
+/// the VM adopted), then [`Vm::make_ready`] as `Factory::get_vm` runs it (`cont` and the
+/// `HandOut` sent together); the first agent answer is the VM being ready.
+struct Taken {
+    vm: Vm,
+    /// get_base_vm returned.
+    taken: Duration,
+    /// make_ready's own phases, from its start.
+    ready: ReadyTimes,
+}
+
+impl Taken {
+    /// From the get_base_vm call to the VM ready.
+    fn answered(&self) -> Duration {
+        self.taken + self.ready.answered
+    }
+}
+
+async fn take_timed(factory: &dyn FactoryBase) -> Result<Taken> {
     let started = Instant::now();
-    let vm = factory.get_base_vm().await?;
-    let loaded = started.elapsed();
-    vm.resume().await?;
-    let resumed = started.elapsed();
-    vm.refresh_identity().await?;
-    let answered = started.elapsed();
-    tracing::debug!(?loaded, ?resumed, ?answered, "Take phases");
-    Ok((answered, answered, vm))
+    let mut vm = factory.get_base_vm().await?;
+    let taken = started.elapsed();
+    let ready = vm.make_ready(factory.config().agent_timeout).await?;
+    Ok(Taken { vm, taken, ready })
+}
+
+/// Where hand-outs spent their time, as medians in ms from the get_base_vm call.
+#[derive(Debug, Serialize)]
+struct PhaseMedians {
+    /// The base VM in hand (clone: QEMU started and state loaded; VMCache: GetBaseVM
+    /// answered and the VM adopted).
+    taken_ms: f64,
+    /// QEMU answered `cont`.
+    resumed_ms: f64,
+    /// The guest answered the hand-out.
+    answered_ms: f64,
+    /// Of that, the guest agent's own work on the hand-out.
+    guest_handler_ms: f64,
+}
+
+#[derive(Default)]
+struct PhaseSamples {
+    taken: Vec<Duration>,
+    resumed: Vec<Duration>,
+    answered: Vec<Duration>,
+    guest: Vec<Duration>,
+}
+
+impl PhaseSamples {
+    fn push(&mut self, taken: &Taken) {
+        self.taken.push(taken.taken);
+        self.resumed.push(taken.taken + taken.ready.resumed);
+        self.answered.push(taken.answered());
+        self.guest.push(taken.ready.guest);
+    }
+
+    fn medians(&self) -> Option<PhaseMedians> {
+        let median = |samples: &[Duration]| Stats::from_samples(samples).map(|s| s.median_ms);
+        Some(PhaseMedians {
+            taken_ms: median(&self.taken)?,
+            resumed_ms: median(&self.resumed)?,
+            answered_ms: median(&self.answered)?,
+            guest_handler_ms: median(&self.guest)?,
+        })
+    }
 }
 
 /// Clone → resume → first agent answer.
-async fn clone_once(template: &TemplateFactory) -> Result<Duration> {
-    let (answered, _, vm) = take_timed(template).await?;
-    vm.stop().await?;
+async fn clone_once(template: &TemplateFactory, phases: &mut PhaseSamples) -> Result<Duration> {
+    let taken = take_timed(template).await?;
+    phases.push(&taken);
+    let answered = taken.answered();
+    taken.vm.stop().await?;
     Ok(answered)
 }
 
@@ -115,8 +169,12 @@ struct CloneReport {
     memory_mib: u32,
     /// Clone to first agent answer, no warm pool.
     clone: Stats,
+    /// Where a clone's time went (medians).
+    clone_phases: PhaseMedians,
     /// The same with a warm pool of `pool_size` QEMUs.
     clone_warm_pool: Stats,
+    /// Where a warm-pool clone's time went (medians).
+    clone_warm_pool_phases: PhaseMedians,
     pool_size: usize,
     /// Direct boot to first agent answer, measured in the same run.
     direct: Stats,
@@ -150,12 +208,13 @@ pub async fn bench_clone(
         .with_warm_pool(pool);
     let (mut clones, mut warm, mut directs, mut katas) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut clone_phases, mut warm_phases) = (PhaseSamples::default(), PhaseSamples::default());
     for round in 0..n {
         wait_for_pool(&pooled, pool).await?;
-        warm.push(clone_once(&pooled).await?);
+        warm.push(clone_once(&pooled, &mut warm_phases).await?);
         // The pool refills in the background: let it finish before timing anything else.
         wait_for_pool(&pooled, pool).await?;
-        clones.push(clone_once(&plain).await?);
+        clones.push(clone_once(&plain, &mut clone_phases).await?);
         katas.push(kata_clone_once(&resolved.base, &scratch.path).await?);
         if round < direct {
             directs.push(direct_once(&direct_config).await?);
@@ -178,12 +237,22 @@ pub async fn bench_clone(
     drop(pooled);
     drop(plain);
     drop(scratch);
-    let (Some(clone), Some(clone_warm_pool), Some(direct), Some(kata_method)) = (
+    let (
+        Some(clone),
+        Some(clone_warm_pool),
+        Some(direct),
+        Some(kata_method),
+        Some(clone_phases),
+        Some(clone_warm_pool_phases),
+    ) = (
         Stats::from_samples(&clones),
         Stats::from_samples(&warm),
         Stats::from_samples(&directs),
         Stats::from_samples(&katas),
-    ) else {
+        clone_phases.medians(),
+        warm_phases.medians(),
+    )
+    else {
         bail!("No samples");
     };
     let report = CloneReport {
@@ -196,7 +265,9 @@ pub async fn bench_clone(
         kata_over_warm_pool: round(kata_method.median_ms / clone_warm_pool.median_ms),
         kata_method,
         clone,
+        clone_phases,
         clone_warm_pool,
+        clone_warm_pool_phases,
         pool_size: pool,
         direct,
     };
@@ -217,6 +288,15 @@ pub async fn bench_clone(
             report.kata_over_clone,
             report.kata_over_warm_pool
         );
+        for (what, phases) in [
+            ("clone", &report.clone_phases),
+            ("warm pool clone", &report.clone_warm_pool_phases),
+        ] {
+            println!(
+                "{what} phases (medians): taken {:.1} ms, resumed {:.1} ms, answered {:.1} ms, guest handler {:.1} ms",
+                phases.taken_ms, phases.resumed_ms, phases.answered_ms, phases.guest_handler_ms
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -231,13 +311,15 @@ struct GetvmReport {
     first_answer: Stats,
     /// get_vm call to a VM ready for use (handed out: reseeded, clock and hostname set).
     ready: Stats,
+    /// Where a hand-out's time went (medians).
+    phases: PhaseMedians,
     /// VMs (cloned and warmed) the cache made per second: VMs taken in a round divided
     /// by the time from the round's requests until the cache was full again.
     refill_per_second: f64,
 }
 
 /// One get_vm over gRPC: first agent answer and ready times; the VM is returned to stop.
-async fn getvm_once(endpoint: PathBuf) -> Result<(Duration, Duration, Vm)> {
+async fn getvm_once(endpoint: PathBuf) -> Result<Taken> {
     let remote = vmfactory_factory::GrpcCacheFactory::connect(&endpoint).await?;
     take_timed(&remote).await
 }
@@ -280,7 +362,8 @@ pub async fn bench_getvm(
     });
     let result = async {
         wait_full(&cache, cache_size).await?;
-        let (mut answers, mut readies, mut refills) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut answers, mut refills) = (Vec::new(), Vec::new());
+        let mut phases = PhaseSamples::default();
         let rounds = n.div_ceil(clients);
         for round in 0..rounds {
             let batch = clients.min(n - round * clients);
@@ -290,10 +373,10 @@ pub async fn bench_getvm(
                 .collect();
             let mut vms = Vec::new();
             for task in tasks {
-                let (answered, ready, vm) = task.await??;
-                answers.push(answered);
-                readies.push(ready);
-                vms.push(vm);
+                let taken = task.await??;
+                answers.push(taken.answered());
+                phases.push(&taken);
+                vms.push(taken.vm);
             }
             for vm in vms {
                 vm.stop().await?;
@@ -311,17 +394,19 @@ pub async fn bench_getvm(
                 );
             }
         }
-        Ok::<_, anyhow::Error>((answers, readies, refills))
+        Ok::<_, anyhow::Error>((answers, phases, refills))
     }
     .await;
     shutdown.notify_one();
     let _ = server.await;
     cache.close().await?;
     drop(scratch);
-    let (answers, readies, refills) = result?;
-    let (Some(first_answer), Some(ready)) =
-        (Stats::from_samples(&answers), Stats::from_samples(&readies))
-    else {
+    let (answers, phases, refills) = result?;
+    let (Some(first_answer), Some(ready), Some(phases)) = (
+        Stats::from_samples(&answers),
+        Stats::from_samples(&answers),
+        phases.medians(),
+    ) else {
         bail!("No samples");
     };
     let refilled: usize = refills.iter().map(|(count, _)| count).sum();
@@ -333,17 +418,21 @@ pub async fn bench_getvm(
         pool_size: pool,
         first_answer,
         ready,
+        phases,
         refill_per_second: round(refilled as f64 / refill_time.max(1e-3)),
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "get_vm with {} client(s): first answer median {:.1} ms, p99 {:.1} ms; ready median {:.1} ms; refill {:.2} VMs/s",
+            "get_vm with {} client(s): ready median {:.1} ms, p99 {:.1} ms (taken {:.1}, resumed {:.1}, answered {:.1}, guest handler {:.1}); refill {:.2} VMs/s",
             clients,
-            report.first_answer.median_ms,
-            report.first_answer.p99_ms,
             report.ready.median_ms,
+            report.ready.p99_ms,
+            report.phases.taken_ms,
+            report.phases.resumed_ms,
+            report.phases.answered_ms,
+            report.phases.guest_handler_ms,
             report.refill_per_second
         );
     }
