@@ -1,0 +1,86 @@
+//! The benchmarks run on real VMs and report what they claim to: every series has its
+//! samples, the hand-out phases are consistent, and nothing is left behind. No speed is
+//! asserted (speed is measured by `bench`, never by tests).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{assert_clean_within, text, with_image, BIN};
+use serde_json::Value;
+
+fn bench(dir: &std::path::Path, args: &[&str]) -> Value {
+    let runtime = dir.join("run");
+    let mut command = Command::new(BIN);
+    with_image(&mut command, &runtime);
+    let output = command
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run vmfactory bench");
+    assert!(output.status.success(), "bench {args:?}: {}", text(&output));
+    let report: Value = serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|err| panic!("bench {args:?} printed no JSON ({err}): {}", text(&output)));
+    assert_clean_within(dir, &runtime, Duration::from_secs(10));
+    report
+}
+
+fn ms(report: &Value, pointer: &str) -> f64 {
+    report
+        .pointer(pointer)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{pointer} missing from {report:#}"))
+}
+
+/// `taken ≤ answered`, the guest's handler inside the answer, all positive.
+fn assert_phases(report: &Value, phases: &str) {
+    let taken = ms(report, &format!("{phases}/taken_ms"));
+    let resumed = ms(report, &format!("{phases}/resumed_ms"));
+    let answered = ms(report, &format!("{phases}/answered_ms"));
+    let guest = ms(report, &format!("{phases}/guest_handler_ms"));
+    assert!(
+        taken > 0.0 && resumed >= taken && answered >= taken,
+        "{phases}: {report:#}"
+    );
+    assert!(guest > 0.0 && guest < answered, "{phases}: {report:#}");
+}
+
+#[test]
+fn getvm_and_clone_benchmarks_report_every_series_and_leave_nothing() {
+    let dir = tempfile::Builder::new()
+        .prefix("vmf-bench-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+
+    let getvm = bench(
+        dir.path(),
+        &["getvm", "-n", "2", "--cache", "1", "--pool", "1"],
+    );
+    assert_eq!(getvm["what"], "getvm");
+    assert_eq!(getvm["ready"]["n"], 2, "{getvm:#}");
+    assert_phases(&getvm, "/phases");
+    assert_eq!(
+        ms(&getvm, "/ready/median_ms"),
+        ms(&getvm, "/phases/answered_ms"),
+        "the ready time is the hand-out's answer"
+    );
+
+    let clone = bench(
+        dir.path(),
+        &["clone", "-n", "1", "--direct", "1", "--pool", "1"],
+    );
+    assert_eq!(clone["what"], "clone");
+    for series in ["clone", "clone_warm_pool", "kata_method", "direct"] {
+        assert_eq!(clone[series]["n"], 1, "{series}: {clone:#}");
+    }
+    assert_phases(&clone, "/clone_phases");
+    assert_phases(&clone, "/clone_warm_pool_phases");
+    let ratio = ms(&clone, "/kata_over_clone");
+    let expected = ms(&clone, "/kata_method/median_ms") / ms(&clone, "/clone/median_ms");
+    assert!(
+        (ratio - expected).abs() < 0.01 + expected * 0.01,
+        "{clone:#}"
+    );
+}
