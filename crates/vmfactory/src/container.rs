@@ -118,6 +118,21 @@ pub struct ContainerProcess {
 }
 
 impl ContainerProcess {
+    /// A process of the VM itself, not of an image: `command` and `env` as given, in
+    /// `workdir` else `/`, as root.
+    pub fn in_vm(
+        command: Vec<String>,
+        env: Vec<(String, String)>,
+        workdir: Option<String>,
+    ) -> Self {
+        Self {
+            argv: command,
+            env,
+            workdir: workdir.unwrap_or_else(|| "/".to_string()),
+            user: String::new(),
+        }
+    }
+
     pub fn new(
         config: &ImageConfig,
         command: &[String],

@@ -163,7 +163,7 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
         stop = signals.recv() => return Ok(signal_exit(stop)),
     };
     let got_vm_at = started.elapsed();
-    let options = match &prepared {
+    let (process, container) = match &prepared {
         Some(image) => {
             let process = crate::container::ContainerProcess::new(
                 &image.config,
@@ -188,28 +188,18 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
                 let _ = vm.discard().await;
                 return Err(err).context("Cannot start the image's container in the VM");
             }
-            ExecOptions {
-                command: process.argv,
-                env: process.env,
-                workdir: process.workdir,
-                interactive: args.interactive,
-                timeout: args.timeout.map(Duration::from_secs),
-                tty: args.tty,
-                container: RUN_CONTAINER.to_string(),
-                user: process.user,
-            }
+            (process, RUN_CONTAINER.to_string())
         }
-        None => ExecOptions {
-            command: args.command.clone(),
-            env: args.env.clone(),
-            workdir: args.workdir.clone().unwrap_or_else(|| "/".to_string()),
-            interactive: args.interactive,
-            timeout: args.timeout.map(Duration::from_secs),
-            tty: args.tty,
-            container: String::new(),
-            user: String::new(),
-        },
+        None => (
+            crate::container::ContainerProcess::in_vm(
+                args.command.clone(),
+                args.env.clone(),
+                args.workdir.clone(),
+            ),
+            String::new(),
+        ),
     };
+    let options = ExecOptions::new(process, container, args.interactive, args.timeout, args.tty);
     let container_at = started.elapsed();
     let host_deadline = args
         .timeout
@@ -269,6 +259,29 @@ pub(crate) struct ExecOptions {
     pub container: String,
     /// In a container: "uid[:gid]" or a user name of its image ("" = root).
     pub user: String,
+}
+
+impl ExecOptions {
+    /// `process` run in `container` ("" = in the VM itself), with our stdin passed
+    /// (`interactive`), on a guest terminal (`tty`) and a guest-side timeout in seconds.
+    pub fn new(
+        process: crate::container::ContainerProcess,
+        container: String,
+        interactive: bool,
+        timeout_secs: Option<u64>,
+        tty: bool,
+    ) -> Self {
+        Self {
+            command: process.argv,
+            env: process.env,
+            workdir: process.workdir,
+            interactive,
+            timeout: timeout_secs.map(Duration::from_secs),
+            tty,
+            container,
+            user: process.user,
+        }
+    }
 }
 
 async fn attach(

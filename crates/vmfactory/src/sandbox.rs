@@ -497,7 +497,7 @@ async fn rm_one(runtime: &Path, key: &str, force: bool) -> Result<()> {
 async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
     let (sandbox, record) = dir::find(runtime, &args.id)?;
     let client = SandboxClient::connect(&sandbox, &record.id).await?;
-    let options = match &args.container {
+    let (process, container) = match &args.container {
         Some(name) => {
             let Some(container) = record.containers.iter().find(|c| c.name == *name) else {
                 let names: Vec<&str> = record.containers.iter().map(|c| c.name.as_str()).collect();
@@ -523,28 +523,14 @@ async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
                 &args.env,
                 args.workdir.as_deref(),
             )?;
-            ExecOptions {
-                command: process.argv,
-                env: process.env,
-                workdir: process.workdir,
-                interactive: args.interactive,
-                timeout: args.timeout.map(Duration::from_secs),
-                tty: args.tty,
-                container: container.name.clone(),
-                user: process.user,
-            }
+            (process, container.name.clone())
         }
-        None => ExecOptions {
-            command: args.command,
-            env: args.env,
-            workdir: args.workdir.unwrap_or_else(|| "/".to_string()),
-            interactive: args.interactive,
-            timeout: args.timeout.map(Duration::from_secs),
-            tty: args.tty,
-            container: String::new(),
-            user: String::new(),
-        },
+        None => (
+            crate::container::ContainerProcess::in_vm(args.command, args.env, args.workdir),
+            String::new(),
+        ),
     };
+    let options = ExecOptions::new(process, container, args.interactive, args.timeout, args.tty);
     let died = async {
         while dir::supervisor_alive(&record) {
             tokio::time::sleep(Duration::from_millis(500)).await;
