@@ -223,19 +223,22 @@ fn online_memory_mib(dir: &Path) -> Result<u64, SysError> {
     let entries = std::fs::read_dir(dir).map_err(|err| io_error("Cannot list", dir, err))?;
     let online = entries
         .flatten()
-        .filter(|entry| {
-            entry
-                .file_name()
-                .to_str()
-                .and_then(|name| name.strip_prefix("memory"))
-                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        })
+        .filter(|entry| is_numbered(entry, "memory"))
         .filter(|entry| {
             std::fs::read_to_string(entry.path().join("state"))
                 .is_ok_and(|state| state.trim() == "online")
         })
         .count();
     Ok((online as u64).saturating_mul(block_size) >> 20)
+}
+
+/// True for a sysfs item `<prefix>N` (N decimal), such as `cpu3` or `memory32`.
+fn is_numbered(entry: &std::fs::DirEntry, prefix: &str) -> bool {
+    entry
+        .file_name()
+        .to_str()
+        .and_then(|name| name.strip_prefix(prefix))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Writes `on` to `<dir>/<prefix>N/<file>` wherever it reads `off`; returns how many.
@@ -247,12 +250,7 @@ fn online_all(dir: &Path, prefix: &str, file: &str, off: &str, on: &str) -> Resu
     };
     let mut count = 0;
     for entry in entries.flatten() {
-        let name = entry.file_name();
-        let is_item = name
-            .to_str()
-            .and_then(|n| n.strip_prefix(prefix))
-            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
-        if !is_item {
+        if !is_numbered(&entry, prefix) {
             continue;
         }
         let path = entry.path().join(file);
