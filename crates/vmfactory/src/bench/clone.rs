@@ -111,13 +111,12 @@ impl PhaseSamples {
     }
 }
 
-/// Clone → resume → first agent answer.
-async fn clone_once(template: &TemplateFactory, phases: &mut PhaseSamples) -> Result<Duration> {
+/// Clone → resume → first agent answer, recorded in `phases`.
+async fn clone_once(template: &TemplateFactory, phases: &mut PhaseSamples) -> Result<()> {
     let taken = take_timed(template).await?;
     phases.push(&taken);
-    let answered = taken.answered();
     taken.vm.stop().await?;
-    Ok(answered)
+    Ok(())
 }
 
 /// Kata's clone sequence on the same template, for the baseline: fresh QEMU with
@@ -206,15 +205,15 @@ pub async fn bench_clone(
     let pooled = TemplateFactory::fetch(&resolved.base, &scratch.path, resolved.base.backend())
         .await?
         .with_warm_pool(pool);
-    let (mut clones, mut warm, mut directs, mut katas) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut directs, mut katas) = (Vec::new(), Vec::new());
+    // Clone and warm-pool clone times are their phases' `answered` samples.
     let (mut clone_phases, mut warm_phases) = (PhaseSamples::default(), PhaseSamples::default());
     for round in 0..n {
         wait_for_pool(&pooled, pool).await?;
-        warm.push(clone_once(&pooled, &mut warm_phases).await?);
+        clone_once(&pooled, &mut warm_phases).await?;
         // The pool refills in the background: let it finish before timing anything else.
         wait_for_pool(&pooled, pool).await?;
-        clones.push(clone_once(&plain, &mut clone_phases).await?);
+        clone_once(&plain, &mut clone_phases).await?;
         katas.push(kata_clone_once(&resolved.base, &scratch.path).await?);
         if round < direct {
             directs.push(direct_once(&direct_config).await?);
@@ -223,8 +222,8 @@ pub async fn bench_clone(
             eprintln!(
                 "round {}/{n}: clone {:.1} ms, warm pool {:.1} ms, Kata method {:.1} ms{}",
                 round + 1,
-                ms(clones[round]),
-                ms(warm[round]),
+                ms(clone_phases.answered[round]),
+                ms(warm_phases.answered[round]),
                 ms(katas[round]),
                 directs
                     .get(round)
@@ -245,8 +244,8 @@ pub async fn bench_clone(
         Some(clone_phases),
         Some(clone_warm_pool_phases),
     ) = (
-        Stats::from_samples(&clones),
-        Stats::from_samples(&warm),
+        Stats::from_samples(&clone_phases.answered),
+        Stats::from_samples(&warm_phases.answered),
         Stats::from_samples(&directs),
         Stats::from_samples(&katas),
         clone_phases.medians(),
@@ -362,7 +361,7 @@ pub async fn bench_getvm(
     });
     let result = async {
         wait_full(&cache, cache_size).await?;
-        let (mut answers, mut refills) = (Vec::new(), Vec::new());
+        let mut refills = Vec::new();
         let mut phases = PhaseSamples::default();
         let rounds = n.div_ceil(clients);
         for round in 0..rounds {
@@ -374,7 +373,6 @@ pub async fn bench_getvm(
             let mut vms = Vec::new();
             for task in tasks {
                 let taken = task.await??;
-                answers.push(taken.answered());
                 phases.push(&taken);
                 vms.push(taken.vm);
             }
@@ -394,15 +392,16 @@ pub async fn bench_getvm(
                 );
             }
         }
-        Ok::<_, anyhow::Error>((answers, phases, refills))
+        Ok::<_, anyhow::Error>((phases, refills))
     }
     .await;
     shutdown.notify_one();
     let _ = server.await;
     cache.close().await?;
     drop(scratch);
-    let (answers, phases, refills) = result?;
-    let (Some(ready), Some(phases)) = (Stats::from_samples(&answers), phases.medians()) else {
+    let (phases, refills) = result?;
+    let (Some(ready), Some(phases)) = (Stats::from_samples(&phases.answered), phases.medians())
+    else {
         bail!("No samples");
     };
     let refilled: usize = refills.iter().map(|(count, _)| count).sum();
