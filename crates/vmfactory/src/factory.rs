@@ -77,15 +77,26 @@ pub async fn run(command: FactoryCommand, config: Option<PathBuf>) -> Result<Exi
     }
 }
 
-/// Asks the VMCache server to quit and waits until its socket is gone.
+/// Asks the VMCache server to quit and waits until its socket is gone and its process
+/// has exited: it removes the socket first and holds the template's lock (and stops its
+/// VMs) until it exits, so the template can be destroyed only then.
 async fn stop_server(endpoint: &std::path::Path) -> Result<()> {
+    let pid = vmcache::status(endpoint)
+        .await
+        .ok()
+        .map(|(pid, _)| pid)
+        .filter(|pid| *pid != 0);
+    let running = || {
+        endpoint.exists()
+            || pid.is_some_and(|pid| vmfactory_hypervisor::qemu::process_cmdline(pid).is_some())
+    };
     match vmcache::quit(endpoint).await {
         Ok(()) => {
             let started = Instant::now();
-            while endpoint.exists() && started.elapsed() < Duration::from_secs(60) {
+            while running() && started.elapsed() < Duration::from_secs(60) {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if endpoint.exists() {
+            if running() {
                 bail!(
                     "The VMCache server on {} did not stop within 60 s",
                     endpoint.display()
