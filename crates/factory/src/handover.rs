@@ -52,6 +52,12 @@ pub struct HandOverRecord {
     pub cpu_delta: u32,
     /// What the backend needs to adopt it (tagged with the backend's name).
     pub hypervisor: HypervisorHandle,
+    /// True when the giver resumed the VM just before handing it over (a VMCache server
+    /// does, on its live QMP session, so the guest already runs when the new owner's
+    /// first agent call arrives and the owner needs no QMP session to start it); false,
+    /// or absent in older records, when the VM is paused.
+    #[serde(default)]
+    pub running: bool,
 }
 
 impl HandOverRecord {
@@ -121,6 +127,7 @@ mod tests {
             memory_mib: 512,
             cpu_delta: 1,
             hypervisor,
+            running: true,
         }
     }
 
@@ -176,5 +183,22 @@ mod tests {
             ));
         }
         assert!(HandOverRecord::from_json(&vec![b' '; 100_000]).is_err());
+    }
+
+    #[test]
+    fn a_record_without_running_is_of_a_paused_vm() {
+        let mut value: serde_json::Value = serde_json::from_slice(
+            &record(HypervisorHandle::Mock(MockHandle {
+                id: "vm1".into(),
+                dir: PathBuf::from("/tmp/vm1"),
+            }))
+            .to_json(),
+        )
+        .expect("json");
+        assert_eq!(value["running"], true);
+        value.as_object_mut().expect("object").remove("running");
+        let read = HandOverRecord::from_json(&serde_json::to_vec(&value).expect("bytes"))
+            .expect("an older record without the field is read");
+        assert!(!read.running);
     }
 }

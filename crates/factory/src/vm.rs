@@ -71,6 +71,9 @@ pub struct Vm {
     pub memory_mib: u32,
     /// vCPUs hot-plugged beyond the factory's default.
     pub cpu_delta: u32,
+    /// Adopted from a giver that resumed it ([`HandOverRecord::running`]): the next
+    /// [`Vm::make_ready`] need not send `cont`.
+    running_on_adoption: bool,
 }
 
 impl Vm {
@@ -91,6 +94,7 @@ impl Vm {
                     cpu: config.vcpus,
                     memory_mib: config.memory_mib,
                     cpu_delta: 0,
+                    running_on_adoption: false,
                 })
             }
             Err(err) => {
@@ -110,6 +114,7 @@ impl Vm {
             cpu,
             memory_mib,
             cpu_delta: 0,
+            running_on_adoption: false,
         }
     }
 
@@ -118,6 +123,7 @@ impl Vm {
         let hypervisor = backend.adopt(record.hypervisor).await?;
         let mut vm = Self::from_hypervisor(hypervisor, record.cpu, record.memory_mib);
         vm.cpu_delta = record.cpu_delta;
+        vm.running_on_adoption = record.running;
         Ok(vm)
     }
 
@@ -125,6 +131,23 @@ impl Vm {
     /// the hypervisor's control session and returns the record to adopt it with; the VM
     /// keeps running.
     pub fn hand_over(self) -> Result<HandOverRecord, VmError> {
+        self.hand_over_as(false)
+    }
+
+    /// Resumes the (paused) VM on our own QMP session and gives it away running
+    /// ([`HandOverRecord::running`]): the new owner's first call, the hand-out, then
+    /// finds the guest already running and needs no QMP session of its own to start it
+    /// (a QMP connection costs QEMU's greeting and `qmp_capabilities`, milliseconds
+    /// under TCG, before `cont` could even be sent). The VMCache server's `GetBaseVM`.
+    pub async fn resume_and_hand_over(self) -> Result<HandOverRecord, VmError> {
+        if let Err(err) = self.resume().await {
+            let _ = self.discard().await;
+            return Err(err);
+        }
+        self.hand_over_as(true)
+    }
+
+    fn hand_over_as(self, running: bool) -> Result<HandOverRecord, VmError> {
         self.agent.disconnect();
         let id = self.id().to_string();
         let (cpu, memory_mib, cpu_delta) = (self.cpu, self.memory_mib, self.cpu_delta);
@@ -136,6 +159,7 @@ impl Vm {
             memory_mib,
             cpu_delta,
             hypervisor,
+            running,
         })
     }
 
@@ -214,11 +238,18 @@ impl Vm {
     /// together: the request waits in the agent socket and the guest reads it as soon as
     /// it runs, so the hand-out costs no round trip after QEMU's answer. A failed or
     /// silent attempt (a previous owner's connection may still be in the guest) reconnects
-    /// and tries again until `timeout`; applying the hand-out twice is harmless.
+    /// and tries again until `timeout`; applying the hand-out twice is harmless. A VM
+    /// adopted running (its VMCache server resumed it) gets the hand-out alone, and a
+    /// `cont` only should that fail.
     pub async fn make_ready(&mut self, timeout: Duration) -> Result<ReadyTimes, VmError> {
         let started = Instant::now();
         let mut resumed = None;
-        let mut attempt = {
+        // A VM its giver resumed needs no `cont` (and no QMP session): the hand-out alone.
+        let skipped_resume = std::mem::take(&mut self.running_on_adoption);
+        let mut attempt = if skipped_resume {
+            resumed = Some(Duration::ZERO);
+            self.hand_out_attempt().await
+        } else {
             let resume = self.resume();
             let first = self.hand_out_attempt();
             tokio::pin!(resume, first);
@@ -234,6 +265,7 @@ impl Vm {
             }
             answer.and_then(|handed| handed)
         };
+        let mut resume_before_retry = skipped_resume;
         loop {
             match attempt {
                 Some(Ok(guest)) => {
@@ -258,6 +290,11 @@ impl Vm {
                     seconds: timeout.as_secs_f64(),
                     report: self.hypervisor.failure_report(),
                 });
+            }
+            if std::mem::take(&mut resume_before_retry) {
+                // The record said running; make sure it is (`cont` on a running VM is a
+                // no-op).
+                self.resume().await?;
             }
             self.reconnect_agent();
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -202,9 +202,12 @@ impl CacheService for CacheServer {
             .get_base_vm()
             .await
             .map_err(|err| Status::unavailable(err.to_string()))?;
+        // Resumed here, on the server's live QMP session, so the guest already runs when
+        // the client's hand-out arrives; the client sends no `cont` of its own.
         let record = vm
-            .hand_over()
-            .map_err(|err| Status::internal(err.to_string()))?;
+            .resume_and_hand_over()
+            .await
+            .map_err(|err| Status::unavailable(err.to_string()))?;
         info!(id = record.id, "VM handed over");
         Ok(Response::new(grpc_vm(&record)))
     }

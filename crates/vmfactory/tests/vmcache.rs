@@ -321,6 +321,13 @@ fn a_foreign_client_calls_all_four_rpcs(client: impl FnOnce(&Path, &Path) -> Com
     let record = &report["vm"]["hypervisor"];
     assert_eq!(record["format_version"], 1, "{report}");
     assert_eq!(record["hypervisor"]["backend"], "qemu", "{report}");
+    // The server resumed the VM before handing it over, and says so.
+    assert_eq!(record["running"], true, "{report}");
+    let vm_dir = record["hypervisor"]["dir"].as_str().expect("VM directory");
+    assert_eq!(
+        qmp_run_state(&Path::new(vm_dir).join("qmp.sock")),
+        "running"
+    );
     // Quit was called: the server exits on its own.
     if let Some(mut child) = server.child.take() {
         assert!(child.wait().expect("wait").success());
@@ -342,6 +349,33 @@ fn a_foreign_client_calls_all_four_rpcs(client: impl FnOnce(&Path, &Path) -> Com
     }
     assert!(!server.socket().exists());
     assert!(!mounted(&server.dir.path().join("template")));
+}
+
+/// The run state (`query-status`) of the QEMU whose QMP socket is `socket`.
+fn qmp_run_state(socket: &Path) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(socket).expect("QMP socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    let mut lines = BufReader::new(stream).lines();
+    let mut answer = |command: &str| -> serde_json::Value {
+        writeln!(writer, "{{\"execute\":\"{command}\"}}").expect("QMP write");
+        loop {
+            let line = lines.next().expect("QMP answer").expect("QMP read");
+            let message: serde_json::Value = serde_json::from_str(&line).expect("QMP JSON");
+            if let Some(value) = message.get("return") {
+                return value.clone();
+            }
+            assert!(message.get("error").is_none(), "{command}: {message}");
+        }
+    };
+    answer("qmp_capabilities");
+    answer("query-status")["status"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
