@@ -78,6 +78,8 @@ struct Shared<T> {
     filled: Notify,
     closed: AtomicBool,
     observer: Option<Arc<dyn PoolObserver>>,
+    /// How long a taken item's place stays empty while other items are still ready.
+    refill_grace: Duration,
 }
 
 impl<T> Shared<T> {
@@ -103,15 +105,19 @@ impl<T: Poolable> ReadyPool<T> {
     /// Starts filling a pool of `size` items made by `maker` (`name` appears in logs).
     /// Must be called within a tokio runtime.
     pub fn start(name: &'static str, size: usize, maker: Maker<T>) -> Self {
-        Self::start_observed(name, size, maker, None)
+        Self::start_observed(name, size, maker, None, Duration::ZERO)
     }
 
-    /// Like [`ReadyPool::start`], telling `observer` what happens.
+    /// Like [`ReadyPool::start`], telling `observer` what happens. A taken item is
+    /// replaced `refill_grace` later when other items are still ready (at once when none
+    /// is): making one is CPU-heavy (a QEMU starting, a guest warming up), and on a small
+    /// host it would compete with the taker's first moments with its item.
     pub fn start_observed(
         name: &'static str,
         size: usize,
         maker: Maker<T>,
         observer: Option<Arc<dyn PoolObserver>>,
+        refill_grace: Duration,
     ) -> Self {
         let shared = Arc::new(Shared {
             name,
@@ -121,6 +127,7 @@ impl<T: Poolable> ReadyPool<T> {
             filled: Notify::new(),
             closed: AtomicBool::new(false),
             observer,
+            refill_grace,
         });
         let mut tasks: Vec<JoinHandle<()>> = (0..size)
             .map(|_| tokio::spawn(refill(shared.clone())))
@@ -175,9 +182,10 @@ impl<T: Poolable> ReadyPool<T> {
 
     /// Frees the taken item's place; returns it if it is alive, else discards it.
     async fn accept(&self, item: T) -> Option<T> {
-        self.shared.free.add_permits(1);
+        let alive = item.is_alive();
+        self.free_place(alive).await;
         self.shared.report_ready().await;
-        if item.is_alive() {
+        if alive {
             return Some(item);
         }
         warn!(
@@ -187,6 +195,21 @@ impl<T: Poolable> ReadyPool<T> {
         );
         item.discard().await;
         None
+    }
+
+    /// Frees a taken item's place: at once when the item was dead, the pool has no grace
+    /// or nothing else is ready (a taker may be waiting), else after the grace.
+    async fn free_place(&self, alive: bool) {
+        let grace = self.shared.refill_grace;
+        if !alive || grace.is_zero() || self.shared.ready.lock().await.is_empty() {
+            self.shared.free.add_permits(1);
+            return;
+        }
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            shared.free.add_permits(1);
+        });
     }
 
     /// Stops the refill (waiting for makes in flight, whose items are discarded) and
@@ -305,6 +328,14 @@ mod tests {
     }
 
     fn pool(size: usize, fail_first: usize) -> (ReadyPool<Item>, Arc<Counters>) {
+        pool_with_grace(size, fail_first, Duration::ZERO)
+    }
+
+    fn pool_with_grace(
+        size: usize,
+        fail_first: usize,
+        grace: Duration,
+    ) -> (ReadyPool<Item>, Arc<Counters>) {
         let counters = Arc::new(Counters {
             made: AtomicUsize::new(0),
             discarded: Arc::default(),
@@ -328,7 +359,10 @@ mod tests {
                 })
             })
         });
-        (ReadyPool::start("test", size, maker), counters)
+        (
+            ReadyPool::start_observed("test", size, maker, None, grace),
+            counters,
+        )
     }
 
     async fn wait_ready(pool: &ReadyPool<Item>, count: usize) {
@@ -361,5 +395,45 @@ mod tests {
         // The dead one and every ready one at close were discarded; taken ones were not.
         assert!(counters.discarded.load(Ordering::SeqCst) >= 2);
         assert!(item.is_alive());
+    }
+
+    async fn wait_made(counters: &Counters, count: usize) {
+        for _ in 0..500 {
+            if counters.made.load(Ordering::SeqCst) >= count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the maker never reached {count} items");
+    }
+
+    #[tokio::test]
+    async fn a_refill_waits_out_its_grace_unless_nothing_is_left_ready() {
+        let grace = Duration::from_secs(2);
+        let (pool, counters) = pool_with_grace(2, 0, grace);
+        wait_ready(&pool, 2).await;
+        let started = std::time::Instant::now();
+        // One is still ready: the place stays empty for the grace.
+        let first = pool.take().await.expect("take");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            counters.made.load(Ordering::SeqCst),
+            2,
+            "refilled within the grace"
+        );
+        // Nothing is left ready: this place is refilled at once.
+        let second = pool.take().await.expect("take");
+        wait_made(&counters, 3).await;
+        assert!(
+            started.elapsed() < grace,
+            "the empty pool waited for the grace"
+        );
+        assert_eq!(counters.made.load(Ordering::SeqCst), 3);
+        // The first place is refilled once its grace is over.
+        wait_ready(&pool, 2).await;
+        assert!(started.elapsed() >= grace);
+        assert_eq!(counters.made.load(Ordering::SeqCst), 4);
+        drop((first, second));
+        pool.close().await;
     }
 }
