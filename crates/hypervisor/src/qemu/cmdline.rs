@@ -15,6 +15,11 @@ pub const STATE_FD: i32 = 3;
 pub const HOTPLUG_PORTS: usize = 4;
 /// QEMU id prefix of those ports (`vmfhp0`, `vmfhp1`, …).
 pub const HOTPLUG_PORT_PREFIX: &str = "vmfhp";
+/// Kernel parameters every TCG guest gets besides its own. `noapictimer`: TCG offers no
+/// TSC-deadline timer, so the kernel would calibrate the local APIC timer against the
+/// HPET for 100 ms of every boot; without it the HPET drives the ticks (broadcast to every
+/// vCPU). Measured here: a direct boot to the agent 1524 → 1394 ms (median of 8, wall).
+pub const TCG_KERNEL_PARAMS: &str = "noapictimer";
 /// Longest path a Unix socket address can hold.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -138,7 +143,11 @@ pub fn build_args(
     if let (Some(initrd), StartMode::Boot) = (&spec.initrd, mode) {
         push(&["-initrd", &escape_option(initrd)]);
     }
-    push(&["-append", &spec.kernel_params]);
+    let append = match accel {
+        ResolvedAccel::Kvm => spec.kernel_params.clone(),
+        ResolvedAccel::Tcg => format!("{} {TCG_KERNEL_PARAMS}", spec.kernel_params),
+    };
+    push(&["-append", append.trim_start()]);
     push(&[
         "-nodefaults",
         "-no-user-config",
@@ -263,7 +272,10 @@ mod tests {
         );
         assert_eq!(values(&args, "-kernel"), ["/k/vmlinux"]);
         assert_eq!(values(&args, "-initrd"), ["/k/initrd.img"]);
-        assert_eq!(values(&args, "-append"), ["console=ttyS0 quiet"]);
+        assert_eq!(
+            values(&args, "-append"),
+            ["console=ttyS0 quiet noapictimer"]
+        );
         assert_eq!(
             values(&args, "-qmp"),
             ["unix:/run/vmf/vm/abc/qmp.sock,server=on,wait=off"]
@@ -341,6 +353,9 @@ mod tests {
         assert_eq!(values(&kvm, "-cpu"), ["host"]);
         let tcg = args_of(&config, &spec(), ResolvedAccel::Tcg);
         assert_eq!(values(&tcg, "-accel"), ["tcg,tb-size=32"]);
+        // The APIC timer is only turned off where it would be calibrated (TCG).
+        assert_eq!(values(&kvm, "-append"), ["console=ttyS0 quiet"]);
+        assert!(values(&tcg, "-append")[0].ends_with(" noapictimer"));
     }
 
     #[test]
