@@ -94,6 +94,10 @@ impl Qemu {
                 source,
             })
             .map_err(cleanup_dir)?;
+        // The owner is recorded before QEMU exists: were we killed between the spawn and a
+        // later claim, the VM would have no owner file, count as "being started" and never
+        // be reaped.
+        super::orphans::claim(&dir);
         debug!(binary = %binary.display(), ?args, "Starting QEMU");
         let mut command = tokio::process::Command::new(&binary);
         if let Some(state) = &state {
@@ -149,7 +153,6 @@ impl Qemu {
         // The child holds its own copy of the state fd now.
         drop(state);
         let pid = child.id().unwrap_or(0);
-        super::orphans::claim(&dir);
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
             let status = match child.wait().await {
