@@ -131,6 +131,15 @@ mod tests {
         }
     }
 
+    /// A mock VM's record as a JSON value, to be altered.
+    fn mock_record_json() -> serde_json::Value {
+        let record = record(HypervisorHandle::Mock(MockHandle {
+            id: "vm1".into(),
+            dir: PathBuf::from("/tmp/vm1"),
+        }));
+        serde_json::from_slice(&record.to_json()).expect("json")
+    }
+
     #[test]
     fn round_trips_every_backend() {
         for hypervisor in [
@@ -156,14 +165,7 @@ mod tests {
 
     #[test]
     fn unknown_version_or_backend_is_refused_by_name() {
-        let mut value: serde_json::Value = serde_json::from_slice(
-            &record(HypervisorHandle::Mock(MockHandle {
-                id: "vm1".into(),
-                dir: PathBuf::from("/tmp/vm1"),
-            }))
-            .to_json(),
-        )
-        .expect("json");
+        let mut value = mock_record_json();
         value["format_version"] = 7.into();
         let err = HandOverRecord::from_json(value.to_string().as_bytes()).expect_err("v7");
         let message = err.to_string();
@@ -187,14 +189,7 @@ mod tests {
 
     #[test]
     fn a_record_without_running_is_of_a_paused_vm() {
-        let mut value: serde_json::Value = serde_json::from_slice(
-            &record(HypervisorHandle::Mock(MockHandle {
-                id: "vm1".into(),
-                dir: PathBuf::from("/tmp/vm1"),
-            }))
-            .to_json(),
-        )
-        .expect("json");
+        let mut value = mock_record_json();
         assert_eq!(value["running"], true);
         value.as_object_mut().expect("object").remove("running");
         let read = HandOverRecord::from_json(&serde_json::to_vec(&value).expect("bytes"))
