@@ -1,6 +1,7 @@
 //! vmfactory's own guest kernel: built from Debian's `linux-source-<series>` package with
-//! `make tinyconfig` plus our fragment (`kernel/vmfactory.config`), checked option by
-//! option, and cached under `kernels/<key>/` by source digest, fragment and compiler.
+//! our patches (`kernel/patches/`) applied, `make tinyconfig` plus our fragment
+//! (`kernel/vmfactory.config`), checked option by option, and cached under
+//! `kernels/<key>/` by source digest, patches, fragment and compiler.
 //! Concurrent builds of one key wait on a lock instead of building twice.
 
 use std::collections::BTreeMap;
@@ -18,6 +19,14 @@ use crate::error::{io_error, GuestImageError};
 
 /// Our config fragment, applied on top of `make tinyconfig`.
 pub const KERNEL_CONFIG_FRAGMENT: &str = include_str!("../kernel/vmfactory.config");
+
+/// Our patches to Debian's kernel source, applied in this order before configuring; each
+/// changes one file (the patch file's header says what and why). A patch that does not
+/// apply fails the build.
+pub const KERNEL_PATCHES: &[(&str, &str)] = &[(
+    "0001-x86-mm-free-init-memory-without-poisoning.patch",
+    include_str!("../kernel/patches/0001-x86-mm-free-init-memory-without-poisoning.patch"),
+)];
 
 /// Version of the kernel build recipe; bump it when the same inputs give another kernel.
 const KERNEL_BUILD_VERSION: u32 = 1;
@@ -142,15 +151,27 @@ struct BuildRecord {
     source_package: String,
     source_version: String,
     compiler: String,
+    /// Our patches applied to the source, by file name.
+    #[serde(default)]
+    patches: Vec<String>,
     seconds: u64,
 }
 
-/// The key of a kernel build: recipe version, source `.deb` digest, fragment, compiler.
-pub fn kernel_key(source_deb_sha256: &str, fragment: &str, compiler: &str) -> String {
+/// The key of a kernel build: recipe version, source `.deb` digest, patches, fragment,
+/// compiler.
+pub fn kernel_key(
+    source_deb_sha256: &str,
+    patches: &[(&str, &str)],
+    fragment: &str,
+    compiler: &str,
+) -> String {
     let mut hasher = Sha256::new();
     hasher.update(b"vmfactory-kernel\0");
     hasher.update(format!("recipe={KERNEL_BUILD_VERSION}\0").as_bytes());
     hasher.update(format!("source={source_deb_sha256}\0").as_bytes());
+    for (name, text) in patches {
+        hasher.update(format!("patch={name}:{}\0", hex(&Sha256::digest(text))).as_bytes());
+    }
     hasher.update(format!("fragment={}\0", hex(&Sha256::digest(fragment))).as_bytes());
     hasher.update(format!("compiler={compiler}\0").as_bytes());
     hex(&hasher.finalize())
@@ -256,7 +277,12 @@ pub(crate) fn ensure_kernel(
     progress: &mut dyn FnMut(&str),
 ) -> Result<BuiltKernel, GuestImageError> {
     let compiler = compiler_version()?;
-    let key = kernel_key(spec.source_deb_sha256, KERNEL_CONFIG_FRAGMENT, &compiler);
+    let key = kernel_key(
+        spec.source_deb_sha256,
+        KERNEL_PATCHES,
+        KERNEL_CONFIG_FRAGMENT,
+        &compiler,
+    );
     let kernels = spec.cache_dir.join("kernels");
     fs::create_dir_all(&kernels).map_err(io_error(&kernels))?;
     let dir = kernels.join(&key);
@@ -281,6 +307,11 @@ pub(crate) fn ensure_kernel(
         .tempdir_in(&kernels)
         .map_err(io_error(&kernels))?;
     let tree = unpack_source(spec, staging.path(), progress)?;
+    progress(&format!(
+        "Applying {} vmfactory patches",
+        KERNEL_PATCHES.len()
+    ));
+    apply_patches(&tree, KERNEL_PATCHES)?;
     configure(&tree, progress)?;
     compile(&tree, progress)?;
     let release = make_output(&tree, &["-s", "kernelrelease"], "make kernelrelease")?;
@@ -300,6 +331,10 @@ pub(crate) fn ensure_kernel(
         source_package: spec.source_package.to_owned(),
         source_version: spec.source_version.to_owned(),
         compiler,
+        patches: KERNEL_PATCHES
+            .iter()
+            .map(|(name, _)| (*name).to_owned())
+            .collect(),
         seconds: started.elapsed().as_secs(),
     };
     let json = serde_json::to_vec_pretty(&record).map_err(|source| GuestImageError::Manifest {
@@ -372,6 +407,36 @@ fn unpack_source(
             detail: format!("{} holds no kernel tree", tarball.display()),
         })?;
     Ok(tree)
+}
+
+/// Applies `patches` (name, unified diff of one file) to the source `tree`, in order.
+fn apply_patches(tree: &Path, patches: &[(&str, &str)]) -> Result<(), GuestImageError> {
+    for (name, text) in patches {
+        let failed = |detail: String| GuestImageError::KernelBuild {
+            step: format!("apply {name}"),
+            detail,
+        };
+        let patch = diffy::Patch::from_str(text).map_err(|err| failed(err.to_string()))?;
+        let target = patch
+            .modified()
+            .and_then(|path| path.strip_prefix("b/"))
+            .map(Path::new)
+            .filter(|path| {
+                path.components()
+                    .all(|c| matches!(c, std::path::Component::Normal(_)))
+            })
+            .ok_or_else(|| failed("the patch names no file b/<path> inside the tree".into()))?;
+        let path = tree.join(target);
+        let original = fs::read_to_string(&path).map_err(io_error(&path))?;
+        let patched = diffy::apply(&original, &patch).map_err(|err| {
+            failed(format!(
+                "{err} to {}: this kernel source differs from the one the patch was written for",
+                target.display()
+            ))
+        })?;
+        fs::write(&path, patched).map_err(io_error(&path))?;
+    }
+    Ok(())
 }
 
 /// `make tinyconfig`, merge our fragment, `make olddefconfig`, then checks every option.
@@ -550,11 +615,64 @@ mod tests {
 
     #[test]
     fn key_changes_with_each_input() {
-        let base = kernel_key("aa", "CONFIG_A=y\n", "gcc 12");
-        assert_ne!(base, kernel_key("ab", "CONFIG_A=y\n", "gcc 12"));
-        assert_ne!(base, kernel_key("aa", "CONFIG_A=n\n", "gcc 12"));
-        assert_ne!(base, kernel_key("aa", "CONFIG_A=y\n", "gcc 13"));
-        assert_eq!(base, kernel_key("aa", "CONFIG_A=y\n", "gcc 12"));
+        let patches = [("p", "x")];
+        let base = kernel_key("aa", &patches, "CONFIG_A=y\n", "gcc 12");
+        assert_ne!(base, kernel_key("ab", &patches, "CONFIG_A=y\n", "gcc 12"));
+        assert_ne!(
+            base,
+            kernel_key("aa", &[("p", "y")], "CONFIG_A=y\n", "gcc 12")
+        );
+        assert_ne!(base, kernel_key("aa", &[], "CONFIG_A=y\n", "gcc 12"));
+        assert_ne!(base, kernel_key("aa", &patches, "CONFIG_A=n\n", "gcc 12"));
+        assert_ne!(base, kernel_key("aa", &patches, "CONFIG_A=y\n", "gcc 13"));
+        assert_eq!(base, kernel_key("aa", &patches, "CONFIG_A=y\n", "gcc 12"));
+    }
+
+    /// The lines around the change of our first patch, as in Debian's 6.1 source, moved
+    /// down by a few lines (a later source may shift them).
+    fn free_init_pages_source(offset: usize) -> String {
+        let mut text = "/* filler */\n".repeat(930 + offset);
+        text.push_str(concat!(
+            "\t\t * writeable and non-executable first.\n",
+            "\t\t */\n",
+            "\t\tset_memory_nx(begin, (end - begin) >> PAGE_SHIFT);\n",
+            "\t\tset_memory_rw(begin, (end - begin) >> PAGE_SHIFT);\n",
+            "\n",
+            "\t\tfree_reserved_area((void *)begin, (void *)end,\n",
+            "\t\t\t\t   POISON_FREE_INITMEM, what);\n",
+            "\t}\n",
+            "}\n",
+            "\n",
+        ));
+        text
+    }
+
+    #[test]
+    fn our_patches_apply_to_the_source_they_were_written_for_and_refuse_another() {
+        let tree = tempfile::tempdir().expect("tempdir");
+        let dir = tree.path().join("arch/x86/mm");
+        fs::create_dir_all(&dir).expect("source dir");
+        let file = dir.join("init.c");
+        fs::write(&file, free_init_pages_source(5)).expect("source");
+        apply_patches(tree.path(), KERNEL_PATCHES).expect("the patches apply");
+        let patched = fs::read_to_string(&file).expect("patched source");
+        assert!(patched.contains("free_reserved_area((void *)begin, (void *)end, -1, what);"));
+        assert!(!patched.contains("POISON_FREE_INITMEM"));
+
+        // Applied twice, or to a source that changed there: a build error naming the patch.
+        let message = apply_patches(tree.path(), KERNEL_PATCHES)
+            .expect_err("applied twice")
+            .to_string();
+        assert!(message.contains(KERNEL_PATCHES[0].0), "{message}");
+        assert!(message.contains("arch/x86/mm/init.c"), "{message}");
+    }
+
+    #[test]
+    fn a_patch_may_not_reach_outside_the_tree() {
+        let tree = tempfile::tempdir().expect("tempdir");
+        let patch = "--- a/../x\n+++ b/../x\n@@ -1 +1 @@\n-a\n+b\n";
+        let err = apply_patches(tree.path(), &[("evil.patch", patch)]).expect_err("refused");
+        assert!(err.to_string().contains("names no file"), "{err}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub use image::{
 };
 pub use kernel::{
     kernel_key, missing_options, requested_options, BuiltKernel, KernelSource,
-    KERNEL_BUILD_PACKAGES, KERNEL_CONFIG_FRAGMENT,
+    KERNEL_BUILD_PACKAGES, KERNEL_CONFIG_FRAGMENT, KERNEL_PATCHES,
 };
 pub use modules::ModuleError;
 pub use vmlinux::VmlinuxError;
