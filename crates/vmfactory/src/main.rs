@@ -95,7 +95,8 @@ struct VmArgs {
     /// Guest kernel; default: the one of the built guest image.
     #[arg(long, env = "VMFACTORY_KERNEL")]
     kernel: Option<PathBuf>,
-    /// Guest initramfs; default: the one of the built guest image.
+    /// Guest initramfs; default: the configured one, else the one of the built guest image
+    /// (also with --kernel: the agent in it is the guest's /init).
     #[arg(long, env = "VMFACTORY_INITRD")]
     initrd: Option<PathBuf>,
     /// Extra kernel parameters.
@@ -149,7 +150,18 @@ impl VmArgs {
             qemu.boot_timeout = timeout;
         }
         let image = match (&self.kernel, &self.initrd) {
-            (Some(kernel), initrd) => Some((kernel.clone(), initrd.clone().unwrap_or_default())),
+            (Some(kernel), Some(initrd)) => Some((kernel.clone(), initrd.clone())),
+            // Another kernel with the initramfs of the configuration, else of the guest
+            // image (the agent is /init): without one the kernel has no root to mount.
+            (Some(kernel), None) => {
+                let configured = &settings.hypervisor.qemu.initrd;
+                let initrd = if !configured.as_os_str().is_empty() {
+                    configured.clone()
+                } else {
+                    guest::ensure_image(&self.image, settings.guest.kernel, false)?.initrd
+                };
+                Some((kernel.clone(), initrd))
+            }
             (None, _) if local && settings.uses_guest_image() => {
                 let image = guest::ensure_image(&self.image, settings.guest.kernel, false)?;
                 Some((image.kernel, self.initrd.clone().unwrap_or(image.initrd)))

@@ -248,6 +248,22 @@ fn a_missing_command_exits_127() {
 }
 
 #[test]
+fn a_kernel_given_alone_boots_with_the_guest_images_initramfs() {
+    let env = Env::new();
+    let kernel = image().kernel.to_string_lossy().into_owned();
+    let output = env
+        .command()
+        .env_remove("VMFACTORY_KERNEL")
+        .env_remove("VMFACTORY_INITRD")
+        .args(["run", "--kernel", &kernel, "--", "echo", "booted"])
+        .output()
+        .expect("spawn vmfactory");
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stdout(&output), "booted\n");
+    env.assert_nothing_left();
+}
+
+#[test]
 fn missing_kernel_is_a_clear_error() {
     let env = Env::new();
     let output = env.run(&["--kernel", "/nonexistent/vmlinux", "--", "true"]);
