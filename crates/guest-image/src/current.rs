@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{io_error, GuestImageError};
 use crate::image::{read_manifest, rebased, GuestImage, Manifest, MANIFEST_FILE};
-use crate::kernel::KernelSource;
+use crate::kernel::{kernel_recipe_digest, KernelSource};
 use crate::{BuildOptions, DEFAULT_KERNEL_PACKAGE, FORMAT_VERSION};
 
 /// Name of the current-image manifest in the cache root.
@@ -76,6 +76,10 @@ struct CurrentEntry {
     kernel_package: String,
     /// Root modules, canonicalised.
     modules: Vec<String>,
+    /// [`kernel_recipe_digest`] of the vmfactory that built a vmfactory-kernel image
+    /// (empty for Debian's kernel, and in entries written before it was recorded).
+    #[serde(default)]
+    kernel_recipe: String,
     /// SHA-256 of the agent.
     agent_sha256: String,
     /// The agent file the image was built from, with its stamp.
@@ -98,6 +102,7 @@ struct Wanted<'a> {
     kernel: KernelSource,
     kernel_package: &'a str,
     modules: Vec<String>,
+    kernel_recipe: String,
 }
 
 impl<'a> Wanted<'a> {
@@ -109,6 +114,10 @@ impl<'a> Wanted<'a> {
                 .as_deref()
                 .unwrap_or(DEFAULT_KERNEL_PACKAGE),
             modules: options.root_modules(),
+            kernel_recipe: match options.kernel {
+                KernelSource::Vmfactory => kernel_recipe_digest(),
+                KernelSource::Debian => String::new(),
+            },
         }
     }
 
@@ -116,6 +125,7 @@ impl<'a> Wanted<'a> {
         entry.kernel == self.kernel
             && entry.kernel_package == self.kernel_package
             && entry.modules == self.modules
+            && entry.kernel_recipe == self.kernel_recipe
     }
 }
 
@@ -246,6 +256,7 @@ pub(crate) fn record_current(
         kernel: wanted.kernel,
         kernel_package: wanted.kernel_package.to_owned(),
         modules: wanted.modules.clone(),
+        kernel_recipe: wanted.kernel_recipe.clone(),
         agent_sha256: agent_sha256.to_owned(),
         agent,
         key: manifest.image.key.clone(),
@@ -487,6 +498,30 @@ mod tests {
             .expect("record");
         assert_eq!(current(&opts).map(|i| i.key), Some("k2".to_owned()));
         assert_eq!(read_current(cache.path()).images.len(), 1);
+    }
+
+    #[test]
+    fn a_vmfactory_kernel_of_another_recipe_is_not_current() {
+        let cache = tempfile::tempdir().expect("tempdir");
+        let digest = "cc".repeat(32);
+        let ours = BuildOptions {
+            kernel: KernelSource::Vmfactory,
+            ..options(cache.path(), Path::new("/agent"), Some(&digest))
+        };
+        let manifest = fake_image(cache.path(), "k");
+        record_current(&ours, &digest, &manifest, &cache.path().join("images/k")).expect("record");
+        assert_eq!(current(&ours), Some(manifest.image.clone()));
+        let recorded = read_current(cache.path());
+        assert_eq!(recorded.images[0].kernel_recipe, kernel_recipe_digest());
+
+        // The entry a vmfactory with other patches or another fragment wrote (or one from
+        // before the recipe was recorded): this vmfactory builds its own kernel instead.
+        for other in ["0".repeat(64), String::new()] {
+            let mut changed = recorded.clone();
+            changed.images[0].kernel_recipe = other;
+            write_current(cache.path(), &changed).expect("write");
+            assert_eq!(current(&ours), None);
+        }
     }
 
     #[test]

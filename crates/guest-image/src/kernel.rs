@@ -157,6 +157,14 @@ struct BuildRecord {
     seconds: u64,
 }
 
+/// Digest of what this vmfactory binary contributes to its kernel: the recipe version, our
+/// patches and the fragment (not the source `.deb` or the compiler, which take apt and
+/// `gcc` to know). The current-image lookup compares it, so an upgraded vmfactory whose
+/// kernel recipe changed builds the new kernel instead of booting the old one.
+pub fn kernel_recipe_digest() -> String {
+    kernel_key("", KERNEL_PATCHES, KERNEL_CONFIG_FRAGMENT, "")
+}
+
 /// The key of a kernel build: recipe version, source `.deb` digest, patches, fragment,
 /// compiler.
 pub fn kernel_key(
