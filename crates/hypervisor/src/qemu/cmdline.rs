@@ -24,8 +24,8 @@ pub const TCG_KERNEL_PARAMS: &str = "noapictimer";
 /// and `pc`): the SATA controller, SMBus, the PS/2 controller and VMware's I/O port. Fewer
 /// devices for SeaBIOS and the kernel to probe (SeaBIOS's AHCI and keyboard set-up, the
 /// kernel's PCI scan), and less emulated hardware exposed to the guest. Disks are
-/// virtio-blk; a guest `reboot` (`reboot=k` finds no keyboard controller) falls back to a
-/// triple fault, which `-no-reboot` turns into QEMU's exit as before.
+/// virtio-blk; a guest reboots by a triple fault (`reboot=t` in the factory's kernel
+/// parameters), which `-no-reboot` turns into QEMU's exit.
 pub const UNUSED_DEVICES_OFF: &str = "sata=off,smbus=off,i8042=off,vmport=off";
 /// Longest path a Unix socket address can hold.
 const MAX_SOCKET_PATH: usize = 107;
