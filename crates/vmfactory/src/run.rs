@@ -18,6 +18,7 @@ use vmfactory_factory::{
     AgentClient, AgentError, FactoryChoice, OutputPipe, OutputStream, ProcessSpec, Settings,
     TtySize, Vm,
 };
+use vmfactory_hypervisor::HypervisorError;
 
 use crate::{factory, parse_env, terminal, VmArgs};
 
@@ -33,6 +34,9 @@ const EXIT_NOT_FOUND: u8 = 127;
 const EXIT_BROKEN_PIPE: u8 = 141;
 /// How long the host waits beyond `--timeout` for the guest to report the kill.
 const HOST_TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+/// How long a failed command waits for its VM's end to be noticed, so that the error names
+/// the VM's end instead of the broken connection that announced it.
+const DEATH_GRACE: Duration = Duration::from_secs(1);
 /// How long output may keep flowing after the command exited (a background process it
 /// left behind may hold the pipes open).
 const OUTPUT_GRACE: Duration = Duration::from_millis(500);
@@ -289,12 +293,9 @@ async fn attach(
     options: &ExecOptions,
     host_deadline: Option<Duration>,
 ) -> Result<ExitCode> {
-    let died = async {
-        anyhow::Error::new(vm.hypervisor().exited().await)
-            .context("The VM died while running the command")
-    };
+    let died = async { vm_stopped(vm.hypervisor().exited().await) };
     let execution = exec_attached(vm.agent(), options, died, None);
-    match host_deadline {
+    let result = match host_deadline {
         Some(deadline) => match tokio::time::timeout(deadline, execution).await {
             Ok(result) => result,
             Err(_) => {
@@ -305,7 +306,25 @@ async fn attach(
             }
         },
         None => execution.await,
+    };
+    // The agent's connection failing is how a VM's end usually shows first: when the VM
+    // is gone, say that instead of naming the broken connection.
+    match result {
+        Err(err) if err.downcast_ref::<HypervisorError>().is_none() => {
+            match tokio::time::timeout(DEATH_GRACE, vm.hypervisor().exited()).await {
+                Ok(death) => Err(vm_stopped(death)),
+                Err(_) => Err(err),
+            }
+        }
+        other => other,
     }
+}
+
+/// The error of a VM that ended while a command ran in it.
+fn vm_stopped(exit: HypervisorError) -> anyhow::Error {
+    anyhow::Error::new(exit).context(
+        "The VM stopped while running the command (the guest rebooted, shut down or panicked, or QEMU was killed)",
+    )
 }
 
 /// Starts a process through `agent`, streams its output to ours and our input to it, and

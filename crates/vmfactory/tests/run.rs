@@ -264,6 +264,21 @@ fn a_kernel_given_alone_boots_with_the_guest_images_initramfs() {
 }
 
 #[test]
+fn a_guest_reboot_ends_the_run_with_a_clear_error_and_leaves_nothing() {
+    let env = Env::new();
+    let output = env.run(&["--", "/bin/busybox", "reboot", "-f"]);
+    assert_eq!(output.status.code(), Some(125), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("The VM stopped while running the command"),
+        "{message}"
+    );
+    assert!(message.contains("reboot: Restarting system"), "{message}");
+    assert!(!message.contains("panicked at"), "{message}");
+    env.assert_nothing_left();
+}
+
+#[test]
 fn missing_kernel_is_a_clear_error() {
     let env = Env::new();
     let output = env.run(&["--kernel", "/nonexistent/vmlinux", "--", "true"]);
