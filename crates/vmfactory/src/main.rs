@@ -157,8 +157,12 @@ impl VmArgs {
                 let configured = &settings.hypervisor.qemu.initrd;
                 let initrd = if !configured.as_os_str().is_empty() {
                     configured.clone()
-                } else {
+                } else if local && kernel.exists() {
                     guest::ensure_image(&self.image, settings.guest.kernel, false)?.initrd
+                } else {
+                    // A kernel that is not there is refused by name before anything is
+                    // booted; a VMCache server's VMs come with their own.
+                    PathBuf::new()
                 };
                 Some((kernel.clone(), initrd))
             }
