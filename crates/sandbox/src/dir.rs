@@ -267,6 +267,12 @@ fn vm_process_matches(record: &SandboxRecord) -> bool {
         })
 }
 
+/// True when the VM of `record` still runs, as far as can be told: a record without a VM
+/// process counts as running.
+pub fn vm_alive(record: &SandboxRecord) -> bool {
+    record.vm_pid == 0 || vm_process_matches(record)
+}
+
 /// True when the supervisor of `record` still runs.
 pub fn supervisor_alive(record: &SandboxRecord) -> bool {
     process_matches(record.supervisor_pid, &record.id)

@@ -293,9 +293,9 @@ async fn attach(
     options: &ExecOptions,
     host_deadline: Option<Duration>,
 ) -> Result<ExitCode> {
-    let died = async { vm_stopped(vm.hypervisor().exited().await) };
+    let died = || async { vm_stopped(vm.hypervisor().exited().await) };
     let execution = exec_attached(vm.agent(), options, died, None);
-    let result = match host_deadline {
+    match host_deadline {
         Some(deadline) => match tokio::time::timeout(deadline, execution).await {
             Ok(result) => result,
             Err(_) => {
@@ -306,17 +306,6 @@ async fn attach(
             }
         },
         None => execution.await,
-    };
-    // The agent's connection failing is how a VM's end usually shows first: when the VM
-    // is gone, say that instead of naming the broken connection.
-    match result {
-        Err(err) if err.downcast_ref::<HypervisorError>().is_none() => {
-            match tokio::time::timeout(DEATH_GRACE, vm.hypervisor().exited()).await {
-                Ok(death) => Err(vm_stopped(death)),
-                Err(_) => Err(err),
-            }
-        }
-        other => other,
     }
 }
 
@@ -328,10 +317,32 @@ fn vm_stopped(exit: HypervisorError) -> anyhow::Error {
 }
 
 /// Starts a process through `agent`, streams its output to ours and our input to it, and
-/// waits for its end; returns our exit code. Fails early when `died` resolves (the VM or
-/// the connection to it is gone). With `signals`, SIGINT/SIGTERM/SIGHUP are forwarded to
+/// waits for its end; returns our exit code. Fails early when the future `died` makes
+/// resolves (the VM or the connection to it is gone). The agent's connection failing is
+/// how a VM's end usually shows first (a guest reboot, shutdown or panic): after any
+/// failure a fresh `died` gets [`DEATH_GRACE`] to resolve, and then its error is the one
+/// returned, naming the VM's end instead of the broken connection. With `signals`, SIGINT/SIGTERM/SIGHUP are forwarded to
 /// the process instead of ending us.
-pub(crate) async fn exec_attached(
+pub(crate) async fn exec_attached<D>(
+    agent: &AgentClient,
+    options: &ExecOptions,
+    died: impl Fn() -> D,
+    signals: Option<&mut Signals>,
+) -> Result<ExitCode>
+where
+    D: std::future::Future<Output = anyhow::Error>,
+{
+    match exec_until_died(agent, options, died(), signals).await {
+        Err(err) => match tokio::time::timeout(DEATH_GRACE, died()).await {
+            Ok(death) => Err(death),
+            Err(_) => Err(err),
+        },
+        ok => ok,
+    }
+}
+
+/// [`exec_attached`] with one `died` future.
+async fn exec_until_died(
     agent: &AgentClient,
     options: &ExecOptions,
     died: impl std::future::Future<Output = anyhow::Error>,

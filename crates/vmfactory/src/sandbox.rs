@@ -531,11 +531,20 @@ async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
         ),
     };
     let options = ExecOptions::new(process, container, args.interactive, args.timeout, args.tty);
-    let died = async {
-        while dir::supervisor_alive(&record) {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+    let died = || async {
+        loop {
+            // The VM first: its supervisor ends soon after it.
+            if !dir::vm_alive(&record) {
+                return anyhow::anyhow!(
+                    "The VM of sandbox {} stopped while running the command (the guest rebooted, shut down or panicked, or QEMU was killed); its supervisor removes the sandbox",
+                    record.id
+                );
+            }
+            if !dir::supervisor_alive(&record) {
+                return anyhow::anyhow!("The supervisor of sandbox {} is gone", record.id);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        anyhow::anyhow!("The supervisor of sandbox {} is gone", record.id)
     };
     let mut signals = Signals::install()?;
     exec_attached(client.agent(), &options, died, Some(&mut signals)).await

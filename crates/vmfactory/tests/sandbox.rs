@@ -159,6 +159,32 @@ fn a_sandbox_keeps_state_between_execs_and_rm_leaves_nothing() {
 }
 
 #[test]
+fn a_guest_reboot_ends_the_exec_clearly_and_the_sandbox_goes_away() {
+    let env = Env::new();
+    let id = env.create("reboots");
+    let output = env.sandbox(&["exec", &id, "--", "/bin/busybox", "reboot", "-f"]);
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    let message = text(&output);
+    assert!(
+        message.contains(&format!(
+            "The VM of sandbox {id} stopped while running the command"
+        )),
+        "{message}"
+    );
+    // Its supervisor notices, removes the sandbox and exits.
+    let started = Instant::now();
+    while !env.listed().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the sandbox of a dead VM is still listed: {:?}",
+            env.listed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    env.assert_nothing_left();
+}
+
+#[test]
 fn exec_streams_passes_stdin_and_forwards_signals() {
     let env = Env::new();
     let id = env.create("io");
