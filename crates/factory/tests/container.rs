@@ -387,3 +387,47 @@ async fn containers_in_a_template_clone() {
     let _ = template::destroy(&path);
     assert!(common::qemu_pids_under(runtime.path()).is_empty());
 }
+
+/// On the `pc` machine a container's disk is hot-plugged on the root bus (ACPI), not into
+/// a PCIe root port: attach, use, remove and detach in a clone of a `pc` template.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containers_in_a_pc_machine_clone() {
+    let runtime = runtime_dir();
+    let work = tempfile::tempdir().expect("tempdir");
+    let image = build_image(work.path());
+    let path = runtime.path().join("template");
+    let mut config = config(runtime.path());
+    config.qemu.machine_type = "pc".into();
+    let created = TemplateFactory::new(&config, &path, config.backend())
+        .await
+        .expect("pc template");
+    let factory = Factory::new(Arc::new(created));
+    let vm = factory.get_vm(&VmRequest::default()).await.expect("clone");
+
+    let a = vm
+        .run_container(&image, &pause("pc-a", "pc-box"))
+        .await
+        .expect("container in a pc clone");
+    assert_eq!(
+        csh(&vm, "pc-a", "cat /etc/os-release").await,
+        OS_RELEASE.trim()
+    );
+    assert_eq!(csh(&vm, "pc-a", "hostname").await, "pc-box");
+    vm.remove_container(a).await.expect("remove");
+    assert_no_leftovers(&vm).await;
+    // A second disk after the first was detached: the slot was freed.
+    let b = vm
+        .run_container(&image, &pause("pc-b", ""))
+        .await
+        .expect("a second container");
+    assert_eq!(
+        csh(&vm, "pc-b", "cat /etc/os-release").await,
+        OS_RELEASE.trim()
+    );
+    vm.remove_container(b).await.expect("remove b");
+    assert_no_leftovers(&vm).await;
+    vm.stop().await.expect("stop");
+    factory.close().await.expect("close");
+    let _ = template::destroy(&path);
+    assert!(common::qemu_pids_under(runtime.path()).is_empty());
+}

@@ -385,6 +385,52 @@ async fn get_vm_grows_a_clone_or_boots_directly_beyond_its_limits() {
     assert!(template::destroy(&path).expect("destroy"));
 }
 
+/// The `pc` machine (i440FX) is the other supported type: its clones load the template's
+/// state and grow by CPU and memory hot-plug like q35's (it has no disk hot-plug ports).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pc_machine_template_clones_and_grows() {
+    let runtime = runtime_dir();
+    let path = runtime.path().join("template");
+    let _guard = TemplateGuard(path.clone());
+    let mut config = config(runtime.path());
+    config.qemu.machine_type = "pc".into();
+    config.memory_slots = 4;
+    config.max_memory_mib = 2048;
+    config.max_vcpus = 4;
+    let factory = Factory::new(Arc::new(
+        TemplateFactory::new(&config, &path, config.backend())
+            .await
+            .expect("create a pc template"),
+    ));
+    let vm = factory
+        .get_vm(&VmRequest {
+            vcpus: Some(2),
+            memory_mib: Some(512),
+        })
+        .await
+        .expect("grown pc clone");
+    let cmdline = String::from_utf8_lossy(
+        &std::fs::read(format!("/proc/{}/cmdline", vm.pid().expect("pid"))).expect("cmdline"),
+    )
+    .into_owned();
+    assert!(
+        cmdline.contains("-incoming"),
+        "a size-only difference must be served by a clone (fallback: {:?})",
+        factory.last_fallback()
+    );
+    assert!(cmdline.contains("pc,memory-backend=mem0"), "{cmdline}");
+    let details = vm.details().await.expect("details");
+    assert_eq!(details.online_cpus, 2, "{details:?}");
+    assert!(
+        details.mem_total_kib > 400 << 10,
+        "MemTotal {} KiB did not grow",
+        details.mem_total_kib
+    );
+    assert_eq!(sh(&vm, "nproc").await, "2");
+    vm.stop().await.expect("stop");
+    assert!(template::destroy(&path).expect("destroy"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_clone_gets_its_own_vm_generation_id_and_reseeds() {
     let runtime = runtime_dir();
