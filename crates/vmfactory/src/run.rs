@@ -317,12 +317,12 @@ fn vm_stopped(exit: HypervisorError) -> anyhow::Error {
 }
 
 /// Starts a process through `agent`, streams its output to ours and our input to it, and
-/// waits for its end; returns our exit code. Fails early when the future `died` makes
+/// waits for its end; returns our exit code. Fails early when the future made by `died`
 /// resolves (the VM or the connection to it is gone). The agent's connection failing is
 /// how a VM's end usually shows first (a guest reboot, shutdown or panic): after any
-/// failure a fresh `died` gets [`DEATH_GRACE`] to resolve, and then its error is the one
-/// returned, naming the VM's end instead of the broken connection. With `signals`, SIGINT/SIGTERM/SIGHUP are forwarded to
-/// the process instead of ending us.
+/// failure a fresh `died` future gets [`DEATH_GRACE`] to resolve, and then its error is
+/// the one returned, naming the VM's end instead of the broken connection. With
+/// `signals`, SIGINT/SIGTERM/SIGHUP are forwarded to the process instead of ending us.
 pub(crate) async fn exec_attached<D>(
     agent: &AgentClient,
     options: &ExecOptions,
