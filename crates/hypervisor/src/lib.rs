@@ -29,6 +29,19 @@ pub use spec::{MemoryBackend, VmSpec, MIN_MEMORY_MIB};
 /// Linux onlines memory in blocks of 128 MiB: hot-plugged DIMMs are sized in multiples.
 pub const MEMORY_BLOCK_MIB: u32 = 128;
 
+/// What a translating accelerator (QEMU's TCG) has made of the guest's code so far. A
+/// count of guest work that does not depend on how busy the host is: under TCG, running
+/// a guest path for the first time costs about its translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TranslationStats {
+    /// Translated blocks in the cache (all translated so far when `flushes` is 0).
+    pub blocks: u64,
+    /// Host code made for them, bytes.
+    pub code_bytes: u64,
+    /// Times the translation cache was full and emptied.
+    pub flushes: u64,
+}
+
 /// Where a VM's guest-facing channels end on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestChannels {
@@ -89,6 +102,11 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// generation ID device. Each QEMU process has its own: a clone differs from its
     /// template and from its siblings.
     async fn vm_generation_id(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
+    /// How much guest code the hypervisor has translated so far (TCG), if it translates
+    /// and can tell; `None` under KVM.
+    async fn translation_stats(&self) -> Result<Option<TranslationStats>> {
         Ok(None)
     }
     /// Hot-plugs `count` vCPUs into free CPU slots; returns how many were added.

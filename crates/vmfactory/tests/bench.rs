@@ -47,6 +47,33 @@ fn assert_phases(report: &Value, phases: &str) {
     assert!(guest > 0.0 && guest < answered, "{phases}: {report:#}");
 }
 
+fn blocks(report: &Value, pointer: &str) -> u64 {
+    report
+        .pointer(pointer)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{pointer} missing from {report:#}"))
+}
+
+#[test]
+fn the_boot_benchmark_reports_times_and_translation_per_kernel() {
+    let dir = tempfile::Builder::new()
+        .prefix("vmf-bench-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let boot = bench(dir.path(), &["boot", "-n", "1"]);
+    assert_eq!(boot["what"], "boot");
+    assert_eq!(boot["accelerator"], "tcg", "{boot:#}");
+    let results = boot["results"].as_array().expect("results");
+    assert!(!results.is_empty(), "{boot:#}");
+    for (index, result) in results.iter().enumerate() {
+        assert_eq!(result["n"], 1, "{boot:#}");
+        assert!(ms(result, "/median_ms") > 0.0, "{boot:#}");
+        // Firmware, kernel start-up and the agent: tens of thousands of blocks under TCG.
+        let blocks = blocks(&boot, &format!("/results/{index}/translated_blocks"));
+        assert!(blocks > 10_000, "{boot:#}");
+    }
+}
+
 #[test]
 fn getvm_and_clone_benchmarks_report_every_series_and_leave_nothing() {
     let dir = tempfile::Builder::new()
@@ -61,6 +88,10 @@ fn getvm_and_clone_benchmarks_report_every_series_and_leave_nothing() {
     assert_eq!(getvm["what"], "getvm");
     assert_eq!(getvm["ready"]["n"], 2, "{getvm:#}");
     assert_phases(&getvm, "/phases");
+    assert!(
+        getvm.pointer("/phases/translated_blocks").is_none(),
+        "a cached VM was warmed up before the hand-out: its count would not be the hand-out's"
+    );
     assert_eq!(
         ms(&getvm, "/ready/median_ms"),
         ms(&getvm, "/phases/answered_ms"),
@@ -77,6 +108,11 @@ fn getvm_and_clone_benchmarks_report_every_series_and_leave_nothing() {
     }
     assert_phases(&clone, "/clone_phases");
     assert_phases(&clone, "/clone_warm_pool_phases");
+    // Tests run under TCG: a clone's hand-out translates thousands of guest blocks.
+    for phases in ["/clone_phases", "/clone_warm_pool_phases"] {
+        let blocks = blocks(&clone, &format!("{phases}/translated_blocks"));
+        assert!(blocks > 1_000, "{phases}: {clone:#}");
+    }
     let ratio = ms(&clone, "/kata_over_clone");
     let expected = ms(&clone, "/kata_method/median_ms") / ms(&clone, "/clone/median_ms");
     assert!(

@@ -7,6 +7,7 @@
 //! - `state`: saving and loading device state (templates);
 //! - `hotplug`: CPU and DIMM hot-plug; `disk`: disk hot-plug on reserved PCIe ports;
 //! - `console`: what QEMU and the guest said last, for errors;
+//! - [`jit`]: TCG's translation statistics;
 //! - [`qmp`]: the QMP client; [`accel`]: KVM or TCG.
 
 pub mod accel;
@@ -17,6 +18,7 @@ pub mod qmp;
 mod console;
 pub mod disk;
 mod hotplug;
+pub mod jit;
 mod orphans;
 mod process;
 mod state;
@@ -243,6 +245,10 @@ impl Hypervisor for Qemu {
                 message: format!("unexpected reply {reply}"),
             })?;
         Ok(Some(guid.to_ascii_lowercase()))
+    }
+
+    async fn translation_stats(&self) -> Result<Option<crate::TranslationStats>> {
+        self.query_jit().await
     }
 
     async fn add_vcpus(&self, count: u32) -> Result<u32> {

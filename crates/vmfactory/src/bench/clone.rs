@@ -9,9 +9,9 @@ use serde::Serialize;
 use vmfactory_factory::template;
 use vmfactory_factory::{FactoryBase, ReadyTimes, TemplateFactory, Vm, VmConfig, VmRequest};
 use vmfactory_hypervisor::qemu::{new_vm_id, Qemu};
-use vmfactory_hypervisor::MemoryBackend;
+use vmfactory_hypervisor::{MemoryBackend, TranslationStats};
 
-use super::{round, Stats};
+use super::{round, Stats, Translated};
 use crate::Resolved;
 
 /// A temporary template that is removed however the benchmark ends.
@@ -53,6 +53,8 @@ struct Taken {
     taken: Duration,
     /// make_ready's own phases, from its start.
     ready: ReadyTimes,
+    /// For a VM started for this hand-out (a clone), what TCG translated by its answer.
+    translated: Option<TranslationStats>,
 }
 
 impl Taken {
@@ -62,12 +64,27 @@ impl Taken {
     }
 }
 
-async fn take_timed(factory: &dyn FactoryBase) -> Result<Taken> {
+/// With `count_translation`, also reads what TCG translated by the answer: right for a
+/// QEMU that ran nothing before the hand-out (a clone), not for a VM warmed up in a cache.
+async fn take_timed(factory: &dyn FactoryBase, count_translation: bool) -> Result<Taken> {
     let started = Instant::now();
     let mut vm = factory.get_base_vm().await?;
     let taken = started.elapsed();
     let ready = vm.make_ready(factory.config().agent_timeout).await?;
-    Ok(Taken { vm, taken, ready })
+    let translated = if count_translation {
+        vm.hypervisor()
+            .translation_stats()
+            .await
+            .context("Reading TCG's translation statistics failed")?
+    } else {
+        None
+    };
+    Ok(Taken {
+        vm,
+        taken,
+        ready,
+        translated,
+    })
 }
 
 /// Where hand-outs spent their time, as medians in ms from the get_base_vm call.
@@ -82,6 +99,11 @@ struct PhaseMedians {
     answered_ms: f64,
     /// Of that, the guest agent's own work on the hand-out.
     guest_handler_ms: f64,
+    /// Under TCG, for clones: guest code blocks translated from the resume to the answer
+    /// (a count of the guest's work on the way that host noise does not change; each
+    /// first-time block costs QEMU about 10 µs here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    translated_blocks: Option<u64>,
 }
 
 #[derive(Default)]
@@ -90,6 +112,7 @@ struct PhaseSamples {
     resumed: Vec<Duration>,
     answered: Vec<Duration>,
     guest: Vec<Duration>,
+    translated: Translated,
 }
 
 impl PhaseSamples {
@@ -98,6 +121,7 @@ impl PhaseSamples {
         self.resumed.push(taken.taken + taken.ready.resumed);
         self.answered.push(taken.answered());
         self.guest.push(taken.ready.guest);
+        self.translated.push(taken.translated);
     }
 
     fn medians(&self) -> Option<PhaseMedians> {
@@ -107,13 +131,14 @@ impl PhaseSamples {
             resumed_ms: median(&self.resumed)?,
             answered_ms: median(&self.answered)?,
             guest_handler_ms: median(&self.guest)?,
+            translated_blocks: self.translated.median_blocks(),
         })
     }
 }
 
 /// Clone → resume → first agent answer, recorded in `phases`.
 async fn clone_once(template: &TemplateFactory, phases: &mut PhaseSamples) -> Result<()> {
-    let taken = take_timed(template).await?;
+    let taken = take_timed(template, true).await?;
     phases.push(&taken);
     taken.vm.stop().await?;
     Ok(())
@@ -292,8 +317,15 @@ pub async fn bench_clone(
             ("warm pool clone", &report.clone_warm_pool_phases),
         ] {
             println!(
-                "{what} phases (medians): taken {:.1} ms, resumed {:.1} ms, answered {:.1} ms, guest handler {:.1} ms",
-                phases.taken_ms, phases.resumed_ms, phases.answered_ms, phases.guest_handler_ms
+                "{what} phases (medians): taken {:.1} ms, resumed {:.1} ms, answered {:.1} ms, guest handler {:.1} ms{}",
+                phases.taken_ms,
+                phases.resumed_ms,
+                phases.answered_ms,
+                phases.guest_handler_ms,
+                phases
+                    .translated_blocks
+                    .map(|blocks| format!(", {blocks} blocks translated"))
+                    .unwrap_or_default()
             );
         }
     }
@@ -320,7 +352,7 @@ struct GetvmReport {
 /// One get_vm over gRPC: first agent answer and ready times; the VM is returned to stop.
 async fn getvm_once(endpoint: PathBuf) -> Result<Taken> {
     let remote = vmfactory_factory::GrpcCacheFactory::connect(&endpoint).await?;
-    take_timed(&remote).await
+    take_timed(&remote, false).await
 }
 
 async fn wait_full(cache: &vmfactory_factory::CacheFactory, size: usize) -> Result<Duration> {

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use serde::Serialize;
 use vmfactory_factory::{Vm, VmConfig};
+use vmfactory_hypervisor::TranslationStats;
 
 use crate::{Resolved, VmArgs};
 
@@ -200,6 +201,30 @@ struct KernelResult {
     kernel: String,
     #[serde(flatten)]
     stats: Stats,
+    /// Under TCG: guest code blocks translated by the time the agent answered (median).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    translated_blocks: Option<u64>,
+}
+
+/// Translation counts of the VMs of one series (TCG): its median, when every VM had one.
+#[derive(Debug, Default)]
+pub(crate) struct Translated(Vec<Option<TranslationStats>>);
+
+impl Translated {
+    pub(crate) fn push(&mut self, stats: Option<TranslationStats>) {
+        self.0.push(stats);
+    }
+
+    /// Median translated blocks; `None` without samples or when one is missing (KVM).
+    pub(crate) fn median_blocks(&self) -> Option<u64> {
+        let mut blocks: Vec<u64> = self
+            .0
+            .iter()
+            .map(|stats| stats.map(|stats| stats.blocks))
+            .collect::<Option<_>>()?;
+        blocks.sort_unstable();
+        blocks.get(blocks.len().checked_sub(1)? / 2).copied()
+    }
 }
 
 pub async fn run(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitCode> {
@@ -267,14 +292,19 @@ async fn resolve(vm: VmArgs, config: Option<PathBuf>) -> Result<Resolved> {
         .context("Preparing the VM failed")?
 }
 
-async fn boot_once(config: &VmConfig) -> Result<Duration> {
+/// One direct boot to the agent's answer, and what TCG translated on the way.
+async fn boot_once(config: &VmConfig) -> Result<(Duration, Option<TranslationStats>)> {
     let started = Instant::now();
     let vm = Vm::boot(config.backend().as_ref(), config)
         .await
         .context("Boot failed")?;
     let elapsed = started.elapsed();
+    let translated = vm.hypervisor().translation_stats().await;
     vm.stop().await.context("Stopping the VM failed")?;
-    Ok(elapsed)
+    Ok((
+        elapsed,
+        translated.context("Reading TCG's translation statistics failed")?,
+    ))
 }
 
 async fn bench_boot(
@@ -309,6 +339,7 @@ async fn bench_boot(
         kernels.push((image.kernel, Some(image.initrd)));
     }
     let mut samples = vec![Vec::new(); kernels.len()];
+    let mut translated: Vec<Translated> = kernels.iter().map(|_| Translated::default()).collect();
     for round in 0..n {
         for (index, (kernel, initrd)) in kernels.iter().enumerate() {
             let config = VmConfig {
@@ -316,7 +347,8 @@ async fn bench_boot(
                 initrd: initrd.clone(),
                 ..config.clone()
             };
-            let elapsed = boot_once(&config).await?;
+            let (elapsed, stats) = boot_once(&config).await?;
+            translated[index].push(stats);
             if !json {
                 eprintln!(
                     "boot {}/{n} {}: {:.1} ms",
@@ -330,11 +362,12 @@ async fn bench_boot(
     }
     let results: Vec<KernelResult> = kernels
         .iter()
-        .zip(&samples)
-        .filter_map(|((kernel, _), samples)| {
+        .zip(samples.iter().zip(&translated))
+        .filter_map(|((kernel, _), (samples, translated))| {
             Some(KernelResult {
                 kernel: kernel.display().to_string(),
                 stats: Stats::from_samples(samples)?,
+                translated_blocks: translated.median_blocks(),
             })
         })
         .collect();
@@ -371,8 +404,15 @@ async fn bench_boot(
     } else {
         for result in &report.results {
             println!(
-                "{}: median {:.1} ms, p99 {:.1} ms (n={})",
-                result.kernel, result.stats.median_ms, result.stats.p99_ms, result.stats.n
+                "{}: median {:.1} ms, p99 {:.1} ms (n={}){}",
+                result.kernel,
+                result.stats.median_ms,
+                result.stats.p99_ms,
+                result.stats.n,
+                result
+                    .translated_blocks
+                    .map(|blocks| format!(", {blocks} blocks translated (median)"))
+                    .unwrap_or_default()
             );
         }
         if let Some(ratio) = versus_ratio {
@@ -400,5 +440,24 @@ mod tests {
         let even: Vec<Duration> = [1, 2, 3, 4].map(Duration::from_millis).to_vec();
         assert_eq!(Stats::from_samples(&even).expect("stats").median_ms, 2.5);
         assert!(Stats::from_samples(&[]).is_none());
+    }
+
+    #[test]
+    fn translated_blocks_median_needs_every_sample() {
+        let stats = |blocks| {
+            Some(TranslationStats {
+                blocks,
+                code_bytes: 0,
+                flushes: 0,
+            })
+        };
+        let mut series = Translated::default();
+        assert_eq!(series.median_blocks(), None);
+        for blocks in [30, 10, 20, 40] {
+            series.push(stats(blocks));
+        }
+        assert_eq!(series.median_blocks(), Some(20));
+        series.push(None);
+        assert_eq!(series.median_blocks(), None, "a VM under KVM has no count");
     }
 }
