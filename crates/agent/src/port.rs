@@ -14,7 +14,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use vmfactory_protocols::agent::agent_service_server::AgentServiceServer;
 
 use vmfactory_protocols::contract::{
@@ -39,7 +39,7 @@ pub async fn serve_port(name: &str) {
     loop {
         let port = open_port(&device).await;
         wait_for_host(&port, sigio.as_mut()).await;
-        info!("Host connected");
+        debug!("Host connected");
         let io = match PortIo::new(port) {
             Ok(io) => io,
             Err(err) => {
