@@ -5,7 +5,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-use common::{image, mounted, qemu_processes_under, text, BIN};
+use common::{image, lock_files, mounted, qemu_processes_under, text, BIN};
 
 struct Env {
     dir: tempfile::TempDir,
@@ -139,6 +139,8 @@ fn template_lifecycle_through_the_cli() {
     assert!(text(&destroy).contains("destroyed"), "{}", text(&destroy));
     assert!(!env.template().exists(), "template directory remains");
     assert!(!mounted(&env.template()), "template tmpfs still mounted");
+    let locks = lock_files(env.dir.path());
+    assert!(locks.is_empty(), "lock files left: {locks:?}");
     let leftovers: Vec<_> = std::fs::read_dir(env.dir.path().join("run/vm"))
         .map(|entries| entries.flatten().map(|e| e.path()).collect())
         .unwrap_or_default();

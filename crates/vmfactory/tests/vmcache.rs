@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{image, mounted, qemu_pids_under, text, BIN};
+use common::{image, lock_files, mounted, qemu_pids_under, text, BIN};
 use vmfactory_factory::{ExecRequest, Factory, GrpcCacheFactory};
 
 /// A VMCache server in its own directory, stopped (and checked clean) on drop.
@@ -150,6 +150,8 @@ impl Server {
         );
         let qemus = qemu_pids_under(self.dir.path());
         assert!(qemus.is_empty(), "QEMUs left: {qemus:?}");
+        let locks = lock_files(self.dir.path());
+        assert!(locks.is_empty(), "lock files left: {locks:?}");
     }
 }
 

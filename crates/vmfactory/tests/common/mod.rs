@@ -155,6 +155,20 @@ pub fn leftovers(dir: &Path, runtime: &Path) -> Vec<String> {
     left
 }
 
+/// Lock files (`*.lock`) directly in `dir`: a template's and a VMCache endpoint's lie
+/// beside what they guard, and their holders remove them when they let go.
+pub fn lock_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|path| path.extension().is_some_and(|ext| ext == "lock"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Waits up to `limit` for `dir` to be clean (see [`leftovers`]); panics naming what is left.
 pub fn assert_clean_within(dir: &Path, runtime: &Path, limit: std::time::Duration) {
     let started = std::time::Instant::now();
