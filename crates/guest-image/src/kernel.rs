@@ -23,10 +23,16 @@ pub const KERNEL_CONFIG_FRAGMENT: &str = include_str!("../kernel/vmfactory.confi
 /// Our patches to Debian's kernel source, applied in this order before configuring; each
 /// changes one file (the patch file's header says what and why). A patch that does not
 /// apply fails the build.
-pub const KERNEL_PATCHES: &[(&str, &str)] = &[(
-    "0001-x86-mm-free-init-memory-without-poisoning.patch",
-    include_str!("../kernel/patches/0001-x86-mm-free-init-memory-without-poisoning.patch"),
-)];
+pub const KERNEL_PATCHES: &[(&str, &str)] = &[
+    (
+        "0001-x86-mm-free-init-memory-without-poisoning.patch",
+        include_str!("../kernel/patches/0001-x86-mm-free-init-memory-without-poisoning.patch"),
+    ),
+    (
+        "0002-x86-apic-lapic-timer-hz-parameter.patch",
+        include_str!("../kernel/patches/0002-x86-apic-lapic-timer-hz-parameter.patch"),
+    ),
+];
 
 /// Version of the kernel build recipe; bump it when the same inputs give another kernel.
 const KERNEL_BUILD_VERSION: u32 = 1;
@@ -655,6 +661,24 @@ mod tests {
         text
     }
 
+    /// The lines around the change of our second patch, as in Debian's 6.1 source, moved
+    /// up by a few lines.
+    fn lapic_params_source(offset: usize) -> String {
+        let mut text = "/* filler */\n".repeat(2936 - offset);
+        text.push_str(concat!(
+            "\tlocal_apic_timer_c2_ok = 1;\n",
+            "\treturn 0;\n",
+            "}\n",
+            "early_param(\"lapic_timer_c2_ok\", parse_lapic_timer_c2_ok);\n",
+            "\n",
+            "static int __init parse_disable_apic_timer(char *arg)\n",
+            "{\n",
+            "\tdisable_apic_timer = 1;\n",
+            "\treturn 0;\n",
+        ));
+        text
+    }
+
     #[test]
     fn our_patches_apply_to_the_source_they_were_written_for_and_refuse_another() {
         let tree = tempfile::tempdir().expect("tempdir");
@@ -662,10 +686,17 @@ mod tests {
         fs::create_dir_all(&dir).expect("source dir");
         let file = dir.join("init.c");
         fs::write(&file, free_init_pages_source(5)).expect("source");
+        let apic_dir = tree.path().join("arch/x86/kernel/apic");
+        fs::create_dir_all(&apic_dir).expect("source dir");
+        let apic = apic_dir.join("apic.c");
+        fs::write(&apic, lapic_params_source(7)).expect("source");
         apply_patches(tree.path(), KERNEL_PATCHES).expect("the patches apply");
         let patched = fs::read_to_string(&file).expect("patched source");
         assert!(patched.contains("free_reserved_area((void *)begin, (void *)end, -1, what);"));
         assert!(!patched.contains("POISON_FREE_INITMEM"));
+        let patched = fs::read_to_string(&apic).expect("patched source");
+        assert!(patched.contains("early_param(\"lapic_timer_hz\", parse_lapic_timer_hz);"));
+        assert!(patched.contains("lapic_timer_period = hz / HZ;"));
 
         // Applied twice, or to a source that changed there: a build error naming the patch.
         let message = apply_patches(tree.path(), KERNEL_PATCHES)

@@ -35,9 +35,11 @@ pub use self::tmpfs::{destroy, is_mountpoint, Ownership, OWNER_MARKER};
 use self::tmpfs::{prepare_tmpfs, remove_ours};
 
 /// Version of the template layout and metadata. 2: VMs have a `vmgenid` device; 3: q35
-/// VMs also have disk hot-plug ports; 4: no SATA, SMBus, PS/2 or vmport devices. A state
-/// saved by an older version no longer loads into today's command line.
-pub const TEMPLATE_FORMAT_VERSION: u32 = 4;
+/// VMs also have disk hot-plug ports; 4: no SATA, SMBus, PS/2 or vmport devices; 5: TCG
+/// guests keep the local APIC timer (`lapic_timer_hz`, not `noapictimer`), so clones are
+/// tickless when idle. A state saved by an older version no longer loads into today's
+/// command line, or (5) would keep an old template's ticking guest.
+pub const TEMPLATE_FORMAT_VERSION: u32 = 5;
 /// Metadata file inside the template directory.
 pub const METADATA_FILE: &str = "metadata.json";
 /// Guest memory file inside the template directory.
