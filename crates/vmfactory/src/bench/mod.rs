@@ -20,7 +20,9 @@ mod sandbox;
 pub enum BenchCommand {
     /// Direct boot to first agent answer. When the guest image has both an uncompressed
     /// PVH vmlinux and a bzImage, both are measured, interleaved, and compared.
-    /// `--versus debian` also boots the other guest kernel's image, interleaved.
+    /// `--versus debian` also boots the other guest kernel's image, interleaved. Under
+    /// TCG it also reports the guest code blocks QEMU translated by the answer: a count
+    /// of the boot's work that, unlike its time, does not move with the host's load.
     Boot {
         /// Boots per kernel.
         #[arg(short, default_value_t = 5)]
@@ -36,7 +38,8 @@ pub enum BenchCommand {
     },
     /// Template clone to first agent answer, without and with the warm pool, and direct
     /// boot measured in the same run (interleaved), with their ratios. Creates a
-    /// temporary template and removes it afterwards.
+    /// temporary template and removes it afterwards. Under TCG each clone series also
+    /// reports the guest code blocks translated from the resume to the answer.
     Clone {
         /// Clones per series.
         #[arg(short, default_value_t = 10)]
