@@ -13,14 +13,11 @@ const MAX_TEXT: usize = 16 * 1024;
 impl Qemu {
     /// `x-query-jit`, parsed; `None` when the VM runs under KVM (nothing is translated).
     pub(super) async fn query_jit(&self) -> Result<Option<TranslationStats>> {
-        let reply = match self.qmp("x-query-jit", None).await {
-            Ok(reply) => reply,
-            Err(HypervisorError::Qmp { message, .. })
-                if message.contains("only available with accel=tcg") =>
-            {
-                return Ok(None)
-            }
-            Err(err) => return Err(err),
+        let Some(reply) = self
+            .qmp_if_present("x-query-jit", "only available with accel=tcg")
+            .await?
+        else {
+            return Ok(None);
         };
         reply
             .get("human-readable-text")

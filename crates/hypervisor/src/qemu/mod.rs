@@ -163,6 +163,20 @@ impl Qemu {
         }
         result
     }
+
+    /// A QMP query of something this VM may lack: `None` when QEMU's error contains
+    /// `absent` (its message for "not here"), any other error as it is.
+    pub(crate) async fn qmp_if_present(
+        &self,
+        command: &str,
+        absent: &str,
+    ) -> Result<Option<Value>> {
+        match self.qmp(command, None).await {
+            Ok(reply) => Ok(Some(reply)),
+            Err(HypervisorError::Qmp { message, .. }) if message.contains(absent) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
 }
 
 #[async_trait]
@@ -224,15 +238,15 @@ impl Hypervisor for Qemu {
     }
 
     async fn vm_generation_id(&self) -> Result<Option<String>> {
-        let reply = match self.qmp("query-vm-generation-id", None).await {
-            Ok(reply) => reply,
-            // A VM without the device (booted with qboot) has no generation ID.
-            Err(HypervisorError::Qmp { message, .. })
-                if message.contains("VM Generation ID device not found") =>
-            {
-                return Ok(None)
-            }
-            Err(err) => return Err(err),
+        // A VM without the device (booted with qboot) has no generation ID.
+        let Some(reply) = self
+            .qmp_if_present(
+                "query-vm-generation-id",
+                "VM Generation ID device not found",
+            )
+            .await?
+        else {
+            return Ok(None);
         };
         let guid = reply
             .get("guid")
