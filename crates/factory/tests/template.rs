@@ -481,18 +481,18 @@ async fn idle_timer_interrupts_per_second(vm: &Vm) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_clone_is_tickless() {
-    use vmfactory_factory::FactoryBase;
-
     let runtime = runtime_dir();
     let path = runtime.path().join("template");
     let _guard = TemplateGuard(path.clone());
     let config = config(runtime.path());
-    let factory = TemplateFactory::new(&config, &path, config.backend())
+    let template = TemplateFactory::new(&config, &path, config.backend())
         .await
         .expect("create");
-    let vm = factory.get_base_vm().await.expect("clone");
-    vm.resume().await.expect("resume");
-    vm.agent().check().await.expect("check");
+    let factory = Factory::new(Arc::new(template));
+    let vm = factory
+        .get_vm(&VmRequest::default())
+        .await
+        .expect("a handed-out clone");
     // The kernel keeps the local APIC timer as its one-shot clock event (TCG guests get
     // `lapic_timer_hz`), so an idle guest is woken only by what it waits for. A periodic
     // tick (`noapictimer`) was 250 interrupts a second, each costing the host CPU.
