@@ -608,12 +608,18 @@ mod tests {
             "CONFIG_VMGENID",
             "CONFIG_ACPI_HOTPLUG_CPU",
             "CONFIG_ACPI_HOTPLUG_MEMORY",
-            "CONFIG_HOTPLUG_PCI_PCIE",
+            "CONFIG_HOTPLUG_PCI_ACPI",
             "CONFIG_IKCONFIG_PROC",
         ] {
             assert_eq!(options.get(name).map(String::as_str), Some("y"), "{name}");
         }
-        assert_eq!(options.get("CONFIG_MODULES").map(String::as_str), Some("n"));
+        for name in [
+            "CONFIG_MODULES",
+            "CONFIG_PCIEPORTBUS",
+            "CONFIG_X86_PM_TIMER",
+        ] {
+            assert_eq!(options.get(name).map(String::as_str), Some("n"), "{name}");
+        }
     }
 
     #[test]
