@@ -46,6 +46,7 @@ fn main() {
 
 /// Runs the agent server; never returns.
 fn serve_forever() -> ! {
+    keep_freed_heap();
     loop {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -63,5 +64,31 @@ fn serve_forever() -> ! {
             "vmfactory agent starting"
         );
         runtime.block_on(port::serve_port(PORT_NAME));
+    }
+}
+
+/// Heap memory the server keeps after freeing it, instead of giving it back to the kernel.
+const HEAP_TRIM_THRESHOLD: libc::c_int = 4 << 20;
+/// Allocations at least this big get their own mapping (and give it back when freed).
+const HEAP_MMAP_THRESHOLD: libc::c_int = 1 << 20;
+/// Extra room the heap takes whenever it grows.
+const HEAP_TOP_PAD: libc::c_int = 1 << 20;
+
+/// Tells glibc's malloc to keep up to [`HEAP_TRIM_THRESHOLD`] of freed heap, and to grow
+/// the heap [`HEAP_TOP_PAD`] at a time. By default it shrinks the heap whenever 128 KiB
+/// at its top are free, and grows it by what it needs, so every RPC that allocates a
+/// little more than the one before grows the heap (`brk`) and shrinks it after (`brk`,
+/// unmapping). In a template's clone all of that is guest code its QEMU translates for
+/// the first time, on the hand-out's path: a clone's hand-out translated 6% fewer blocks
+/// with the heap kept (and SIGIO off while a host is connected, `port.rs`).
+/// The cost: up to [`HEAP_TRIM_THRESHOLD`] of freed memory stays with the agent (the
+/// padding is address space until used).
+fn keep_freed_heap() {
+    // SAFETY: mallopt only changes malloc's tunables; it is called before any other
+    // thread of this process exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD);
+        libc::mallopt(libc::M_TOP_PAD, HEAP_TOP_PAD);
     }
 }

@@ -40,6 +40,7 @@ pub async fn serve_port(name: &str) {
         let port = open_port(&device).await;
         wait_for_host(&port, sigio.as_mut()).await;
         debug!("Host connected");
+        disable_sigio(&port);
         let io = match PortIo::new(port) {
             Ok(io) => io,
             Err(err) => {
@@ -125,6 +126,20 @@ fn enable_sigio(fd: &OwnedFd) {
         libc::fcntl(fd.as_raw_fd(), libc::F_SETOWN, libc::getpid());
         let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
         libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_ASYNC);
+    }
+}
+
+/// Stops SIGIO on the port once the host is there: the kernel would otherwise signal every
+/// message that arrives (virtio-console's `in_intr`), and each signal costs the guest a
+/// delivery, the runtime's handler and its wake-up, all for nothing while a connection
+/// is served. The port is reopened (and SIGIO enabled again) for the next host.
+fn disable_sigio(fd: &OwnedFd) {
+    // SAFETY: fcntl on a valid open fd with integer arguments.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_ASYNC);
+        }
     }
 }
 

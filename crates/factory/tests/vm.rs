@@ -39,6 +39,20 @@ async fn details_clock_rng_and_bad_requests() {
     );
     assert_eq!(details.agent_version, env!("CARGO_PKG_VERSION"));
 
+    // While a host is connected, the agent's port does not raise SIGIO for every message
+    // (O_ASYNC is only set while it waits for a host). Our shell's parent is the agent.
+    let flags = sh(
+        &vm,
+        r#"for fd in /proc/$PPID/fd/*; do case $(readlink $fd) in /dev/vport*) sed -n 's/^flags:[[:space:]]*//p' /proc/$PPID/fdinfo/${fd##*/};; esac; done"#,
+    )
+    .await;
+    let flags: Vec<u32> = flags
+        .lines()
+        .map(|line| u32::from_str_radix(line.trim(), 8).expect("octal fd flags"))
+        .collect();
+    assert_eq!(flags.len(), 1, "the agent's port descriptors: {flags:?}");
+    assert_eq!(flags[0] & 0o20000, 0, "O_ASYNC is set: {:o}", flags[0]);
+
     // Put the guest clock 20 years back, then sync it with the host.
     sh(&vm, "date -s @1000000000 >/dev/null").await;
     let before: u64 = sh(&vm, "date +%s").await.parse().expect("seconds");
