@@ -37,7 +37,15 @@ pub fn guest_details() -> Result<GuestDetailsResponse, SysError> {
         mem_total_kib: mem_total_kib(&meminfo)
             .ok_or_else(|| SysError("No MemTotal in /proc/meminfo".into()))?,
         agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        clocksource: clocksource(),
     })
+}
+
+/// The kernel's current clocksource; empty when sysfs does not say.
+fn clocksource() -> String {
+    std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        .map(|name| name.trim().chars().take(64).collect())
+        .unwrap_or_default()
 }
 
 fn read(path: &str) -> Result<String, SysError> {

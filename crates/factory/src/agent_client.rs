@@ -88,6 +88,8 @@ pub struct GuestDetails {
     pub mem_total_kib: u64,
     /// Version of the agent binary.
     pub agent_version: String,
+    /// The guest kernel's clocksource (empty if the agent did not say).
+    pub clocksource: String,
 }
 
 /// A connection to one guest agent. Cloning shares the connection; it is closed when the
@@ -263,6 +265,7 @@ impl AgentClient {
             online_cpus: response.online_cpus,
             mem_total_kib: response.mem_total_kib,
             agent_version: response.agent_version,
+            clocksource: response.clocksource,
         })
     }
 

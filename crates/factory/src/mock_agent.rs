@@ -143,6 +143,7 @@ impl AgentService for MockAgent {
             online_cpus: 1,
             mem_total_kib: 1,
             agent_version: "mock".into(),
+            clocksource: "mock".into(),
         }))
     }
 

@@ -49,6 +49,16 @@ async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
         .await
         .expect("create");
     assert!(path.join(STATE_FILE).is_file());
+    // Saved once the kernel had refined its TSC (TCG: `tsc-early` becomes `tsc` a second
+    // after boot), so no clone switches clocksource on its hand-out path.
+    let saved_clock = template::read_metadata(&path)
+        .expect("metadata")
+        .clocksource
+        .expect("the template records its clocksource");
+    assert!(
+        !saved_clock.is_empty() && saved_clock != "tsc-early",
+        "template saved on clocksource {saved_clock:?}"
+    );
     let err = TemplateFactory::new(&config, &path, config.backend())
         .await
         .expect_err("second create over an existing template");
@@ -72,6 +82,8 @@ async fn clones_share_the_template_but_not_files_randomness_or_stale_time() {
         clones.push(factory.get_vm(&VmRequest::default()).await.expect("clone"));
     }
 
+    let clock = clones[0].details().await.expect("details").clocksource;
+    assert_eq!(clock, saved_clock, "a clone's clocksource");
     let first_guest_time: i64 = sh(&clones[0], "date +%s").await.parse().expect("time");
     let host = host_now();
     assert!(

@@ -38,6 +38,11 @@ async fn details_clock_rng_and_bad_requests() {
         details.mem_total_kib
     );
     assert_eq!(details.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(
+        ["tsc-early", "tsc", "kvm-clock"].contains(&details.clocksource.as_str()),
+        "clocksource {:?}",
+        details.clocksource
+    );
 
     // While a host is connected, the agent's port does not raise SIGIO for every message
     // (O_ASYNC is only set while it waits for a host). Our shell's parent is the agent.

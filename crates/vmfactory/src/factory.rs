@@ -395,13 +395,18 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
                 meta.qemu_version
             );
             println!(
-                "VM: {} vCPUs (max {}), {} MiB (max {} MiB, {} slots), machine {}",
+                "VM: {} vCPUs (max {}), {} MiB (max {} MiB, {} slots), machine {}{}",
                 meta.vm.vcpus,
                 meta.vm.max_vcpus,
                 meta.vm.memory_mib,
                 meta.vm.max_memory_mib,
                 meta.vm.memory_slots,
-                meta.vm.machine_type
+                meta.vm.machine_type,
+                meta.clocksource
+                    .as_deref()
+                    .filter(|name| !name.is_empty())
+                    .map(|name| format!(", guest clocksource {name}"))
+                    .unwrap_or_default()
             );
             match &report.problem {
                 None => println!(

@@ -86,6 +86,10 @@ pub struct TemplateMetadata {
     /// clone's QEMU replaces it with its own, which makes the guest reseed its CRNG).
     #[serde(default)]
     pub vm_generation_id: Option<String>,
+    /// The template kernel's clocksource when it was saved, which its clones keep
+    /// (informative; see [`super::wait_for_refined_clock`]).
+    #[serde(default)]
+    pub clocksource: Option<String>,
 }
 
 /// What the file system says about a file's contents: any write changes its ctime, which
@@ -275,6 +279,7 @@ pub(super) fn expected_metadata(
         mounted_tmpfs: false,
         created_unix: 0,
         vm_generation_id: None,
+        clocksource: None,
     })
 }
 

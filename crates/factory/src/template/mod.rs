@@ -22,6 +22,7 @@ use tracing::{debug, info, warn};
 use vmfactory_hypervisor::qemu::new_vm_id;
 use vmfactory_hypervisor::{Backend, Hypervisor, HypervisorError, MemoryBackend};
 
+use crate::agent_client::AgentClient;
 use crate::agent_port::PortWatch;
 use crate::base::{FactoryBase, FactoryError};
 use crate::config::VmConfig;
@@ -37,9 +38,16 @@ use self::tmpfs::{prepare_tmpfs, remove_ours};
 /// Version of the template layout and metadata. 2: VMs have a `vmgenid` device; 3: q35
 /// VMs also have disk hot-plug ports; 4: no SATA, SMBus, PS/2 or vmport devices; 5: TCG
 /// guests keep the local APIC timer (`lapic_timer_hz`, not `noapictimer`), so clones are
-/// tickless when idle. A state saved by an older version no longer loads into today's
-/// command line, or (5) would keep an old template's ticking guest.
-pub const TEMPLATE_FORMAT_VERSION: u32 = 5;
+/// tickless when idle; 6: saved after the guest kernel refined its TSC frequency (see
+/// [`wait_for_refined_clock`]). A state saved by an older version no longer loads into
+/// today's command line, or (5, 6) would keep an old template's ticking guest or make
+/// every clone refine its clock on its hand-out path.
+pub const TEMPLATE_FORMAT_VERSION: u32 = 6;
+/// The clocksource a TCG guest kernel runs on until it has refined the TSC's frequency.
+const UNREFINED_CLOCKSOURCE: &str = "tsc-early";
+/// How long a new template waits for its kernel to refine the TSC before it is saved
+/// anyway (the refinement is due a second after the kernel found the TSC).
+const CLOCK_REFINE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Metadata file inside the template directory.
 pub const METADATA_FILE: &str = "metadata.json";
 /// Guest memory file inside the template directory.
@@ -193,6 +201,7 @@ impl TemplateFactory {
         let mut vm = backend.boot(&spec).await?;
         let saved = async {
             let agent = connect_agent(vm.as_ref(), config.boot_timeout).await?;
+            let clocksource = wait_for_refined_clock(&agent).await?;
             // The agent sees the host leave, closes its port and opens it again to wait for
             // the next host: saved from then on, every clone resumes with it waiting.
             let watch = PortWatch::mark(vm.as_ref());
@@ -200,11 +209,13 @@ impl TemplateFactory {
             watch.wait_reopened(vm.as_ref(), REOPEN_TIMEOUT).await?;
             let generation_id = vm.vm_generation_id().await?;
             vm.save_state(&path.join(STATE_FILE)).await?;
-            Ok::<_, TemplateError>(generation_id)
+            Ok::<_, TemplateError>((generation_id, clocksource))
         }
         .await;
         let stopped = vm.stop().await;
-        metadata.vm_generation_id = saved?;
+        let (generation_id, clocksource) = saved?;
+        metadata.vm_generation_id = generation_id;
+        metadata.clocksource = Some(clocksource);
         stopped?;
         let state = path.join(STATE_FILE);
         metadata.state_sha256 = sha256_file(&state)?;
@@ -402,5 +413,37 @@ impl FactoryBase for TemplateFactory {
             pool.close().await;
         }
         Ok(())
+    }
+}
+
+/// Waits until the template's kernel has left its early TSC clocksource, at most
+/// [`CLOCK_REFINE_TIMEOUT`]; returns the clocksource it saves the template with.
+///
+/// Under TCG the kernel starts on `tsc-early` with the frequency the PIT (or the HPET)
+/// gave it, and a second later refines the frequency against the HPET and switches to
+/// `tsc` (a `stop_machine`, and a console message). The agent answers before that, so a
+/// template saved at once hands the pending work to every clone, which does it a few
+/// hundred ms after its resume, while its user's first commands run, as guest code its
+/// QEMU translates anew. Saved after it, clones share the refined frequency and do none
+/// of it.
+/// Under KVM (`kvm-clock`) and with an agent that does not say (empty), there is nothing
+/// to wait for.
+async fn wait_for_refined_clock(agent: &AgentClient) -> Result<String, TemplateError> {
+    let started = Instant::now();
+    loop {
+        let clocksource = agent.details().await.map_err(VmError::from)?.clocksource;
+        if clocksource != UNREFINED_CLOCKSOURCE {
+            debug!(clocksource, waited = ?started.elapsed(), "Template clock settled");
+            return Ok(clocksource);
+        }
+        if started.elapsed() >= CLOCK_REFINE_TIMEOUT {
+            warn!(
+                clocksource,
+                "The template kernel has not refined its TSC after {CLOCK_REFINE_TIMEOUT:?}; \
+                 saving it anyway (each clone will try the refinement itself)"
+            );
+            return Ok(clocksource);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
