@@ -17,7 +17,7 @@ mod sys;
 
 use std::time::Duration;
 
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Name of the virtio-serial port the host connects to.
 pub use vmfactory_protocols::contract::AGENT_PORT_NAME as PORT_NAME;
@@ -47,6 +47,9 @@ fn main() {
 /// Runs the agent server; never returns.
 fn serve_forever() -> ! {
     keep_freed_heap();
+    if let Err(err) = sys::random_device() {
+        warn!(%err, "Cannot open the random device; reseeds will try again");
+    }
     loop {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()

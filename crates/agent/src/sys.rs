@@ -1,8 +1,9 @@
 //! Guest system operations: details, clock, RNG, CPU and memory onlining.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use vmfactory_protocols::agent::{GuestDetailsResponse, OnlineCpuMemResponse};
@@ -137,13 +138,27 @@ pub fn set_hostname(name: &str) -> Result<(), SysError> {
     Ok(())
 }
 
-/// Credits `data` to the kernel's entropy pool and forces a CRNG reseed.
-pub fn reseed_rng(data: &[u8]) -> Result<(), SysError> {
+/// `/dev/random`, opened once for every reseed.
+static RANDOM_DEVICE: OnceLock<File> = OnceLock::new();
+
+/// Opens `/dev/random` for [`reseed_rng`], once. The server does it when it starts, so a
+/// template's clones inherit the open descriptor and their hand-out does not look the
+/// device up, open and close it (guest code a clone's QEMU would translate anew).
+pub fn random_device() -> Result<&'static File, SysError> {
+    if let Some(file) = RANDOM_DEVICE.get() {
+        return Ok(file);
+    }
     let path = Path::new("/dev/random");
     let file = OpenOptions::new()
         .write(true)
         .open(path)
         .map_err(|err| io_error("Cannot open", path, err))?;
+    Ok(RANDOM_DEVICE.get_or_init(|| file))
+}
+
+/// Credits `data` to the kernel's entropy pool and forces a CRNG reseed.
+pub fn reseed_rng(data: &[u8]) -> Result<(), SysError> {
+    let file = random_device()?;
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, built as
     // u32 words so the kernel's array is aligned.
     let len = u32::try_from(data.len()).map_err(|_| SysError("Too much data".into()))?;
