@@ -83,7 +83,7 @@ const HEAP_TOP_PAD: libc::c_int = 1 << 20;
 /// little more than the one before grows the heap (`brk`) and shrinks it after (`brk`,
 /// unmapping). In a template's clone all of that is guest code its QEMU translates for
 /// the first time, on the hand-out's path: a clone's hand-out translated 6% fewer blocks
-/// with the heap kept (and SIGIO off while a host is connected, `port.rs`).
+/// with the heap kept (and no SIGIO for every message, `port.rs`).
 /// The cost: up to [`HEAP_TRIM_THRESHOLD`] of freed memory stays with the agent (the
 /// padding is address space until used).
 fn keep_freed_heap() {

@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tracing::{debug, info, warn};
 use vmfactory_protocols::agent::agent_service_server::AgentServiceServer;
 
@@ -24,23 +23,19 @@ use vmfactory_protocols::contract::{
 
 use crate::service::Agent;
 
+/// How often a port waiting for its host is checked even without a wake-up (a safety
+/// net: the host's connection wakes the waiter).
+const HOST_POLL: Duration = Duration::from_secs(1);
+
 /// Serves the agent API on the port named `name`, forever.
 pub async fn serve_port(name: &str) {
-    let mut sigio = match signal(SignalKind::io()) {
-        Ok(sigio) => Some(sigio),
-        Err(err) => {
-            warn!(%err, "Cannot watch SIGIO; polling for host connections instead");
-            None
-        }
-    };
     let device = find_port(name).await;
     info!(device = ?device, "Found the agent port");
     let agent = Agent::default();
     loop {
         let port = open_port(&device).await;
-        wait_for_host(&port, sigio.as_mut()).await;
+        wait_for_host(&port).await;
         debug!("Host connected");
-        disable_sigio(&port);
         let io = match PortIo::new(port) {
             Ok(io) => io,
             Err(err) => {
@@ -106,7 +101,6 @@ async fn open_port(path: &CStr) -> OwnedFd {
         if fd >= 0 {
             // SAFETY: fd was just returned by open and is owned by nobody else.
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-            enable_sigio(&fd);
             info!("{}", CONSOLE_PORT_OPENED);
             return fd;
         }
@@ -116,30 +110,6 @@ async fn open_port(path: &CStr) -> OwnedFd {
             logged = true;
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
-/// Asks the kernel to send us SIGIO when the host connects or disconnects.
-fn enable_sigio(fd: &OwnedFd) {
-    // SAFETY: fcntl on a valid open fd with integer arguments.
-    unsafe {
-        libc::fcntl(fd.as_raw_fd(), libc::F_SETOWN, libc::getpid());
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_ASYNC);
-    }
-}
-
-/// Stops SIGIO on the port once the host is there: the kernel would otherwise signal every
-/// message that arrives (virtio-console's `in_intr`), and each signal costs the guest a
-/// delivery, the runtime's handler and its wake-up, all for nothing while a connection
-/// is served. The port is reopened (and SIGIO enabled again) for the next host.
-fn disable_sigio(fd: &OwnedFd) {
-    // SAFETY: fcntl on a valid open fd with integer arguments.
-    unsafe {
-        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_ASYNC);
-        }
     }
 }
 
@@ -155,14 +125,86 @@ fn host_connected(fd: &OwnedFd) -> bool {
     rc >= 0 && pollfd.revents & libc::POLLHUP == 0
 }
 
-/// Waits until the host connects: woken by SIGIO, with a slow poll as a safety net.
-async fn wait_for_host(fd: &OwnedFd, mut sigio: Option<&mut tokio::signal::unix::Signal>) {
-    while !host_connected(fd) {
-        match sigio.as_deref_mut() {
-            Some(sigio) => {
-                let _ = tokio::time::timeout(Duration::from_millis(200), sigio.recv()).await;
-            }
+/// Waits until the host connects.
+///
+/// While no host is connected the port polls as hung up, so there is no readiness to
+/// wait for, and the runtime keeps a hang-up as final. But the host's connection wakes
+/// the port's wait queue (virtio-console's `PORT_OPEN`), and an edge-triggered epoll set
+/// of the port's own (`PortEdges`) turns that wake-up into its readability, which the
+/// runtime waits for. The set is made before the first check, so no connection is
+/// missed; a slow poll is the safety net. This replaced SIGIO (`O_ASYNC`), whose
+/// delivery, handler and self-pipe were guest code that each template clone ran, and its
+/// QEMU translated, on every hand-out.
+async fn wait_for_host(port: &OwnedFd) {
+    let edges = match PortEdges::new(port) {
+        Ok(edges) => Some(edges),
+        Err(err) => {
+            warn!(%err, "Cannot watch the port for its host; polling instead");
+            None
+        }
+    };
+    while !host_connected(port) {
+        match &edges {
+            Some(edges) => match tokio::time::timeout(HOST_POLL, edges.fd.readable()).await {
+                Ok(Ok(mut guard)) => {
+                    edges.drain();
+                    guard.clear_ready();
+                }
+                Ok(Err(err)) => {
+                    debug!(%err, "Waiting on the port's epoll set failed");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err(_elapsed) => {}
+            },
             None => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+}
+
+/// An epoll set holding only the port, edge-triggered: it becomes readable whenever the
+/// port's wait queue is woken.
+struct PortEdges {
+    fd: AsyncFd<OwnedFd>,
+}
+
+impl PortEdges {
+    fn new(port: &OwnedFd) -> io::Result<Self> {
+        // SAFETY: epoll_create1 with a valid flag; the result is checked.
+        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw was just returned by epoll_create1 and is owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+        let mut event = libc::epoll_event {
+            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32,
+            u64: 0,
+        };
+        // SAFETY: both descriptors are open; event is a valid epoll_event.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                port.as_raw_fd(),
+                &mut event,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the epoll descriptor is valid, open, and owned by the AsyncFd for its
+        // lifetime.
+        let fd = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Self { fd })
+    }
+
+    /// Takes the set's pending events, so the next wake-up makes it readable again.
+    fn drain(&self) {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
+        // SAFETY: a valid epoll descriptor and a buffer of 4 events; no wait.
+        unsafe {
+            libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), 4, 0);
         }
     }
 }
