@@ -223,6 +223,9 @@ pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
+/// How long a benchmark's tasks get to drop their VMs when the process ends.
+const TASK_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
@@ -237,6 +240,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_VMFACTORY_ERROR);
         }
     };
+    // A benchmark keeps VMs in tasks of its own (warm pools, caches): shutting the runtime
+    // down drops those tasks, and their VMs with them, before the process ends, also when
+    // a signal ended the benchmark half-way.
+    let drop_tasks = matches!(cli.command, Command::Bench(_));
     let code = match runtime.block_on(dispatch(cli.command, cli.config)) {
         Ok(code) => code,
         Err(err) => {
@@ -244,8 +251,12 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_VMFACTORY_ERROR)
         }
     };
-    // Do not wait for a blocking read of our stdin that the guest command never needed.
-    runtime.shutdown_background();
+    if drop_tasks {
+        runtime.shutdown_timeout(TASK_SHUTDOWN);
+    } else {
+        // Do not wait for a blocking read of our stdin that the guest command never needed.
+        runtime.shutdown_background();
+    }
     code
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{assert_clean_within, text, with_image, BIN};
+use common::{assert_clean_within, qemu_processes_under, send_signal, text, with_image, BIN};
 use serde_json::Value;
 
 fn bench(dir: &std::path::Path, args: &[&str]) -> Value {
@@ -119,4 +119,55 @@ fn getvm_and_clone_benchmarks_report_every_series_and_leave_nothing() {
         (ratio - expected).abs() < 0.01 + expected * 0.01,
         "{clone:#}"
     );
+}
+
+#[test]
+fn an_interrupted_benchmark_removes_its_template_and_vms() {
+    let dir = tempfile::Builder::new()
+        .prefix("vmf-bench-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let runtime = dir.path().join("run");
+    let mut command = Command::new(BIN);
+    with_image(&mut command, &runtime);
+    let child = command
+        .args(["bench", "clone", "-n", "50", "--direct", "1", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vmfactory bench clone");
+
+    // Interrupt it while it clones its template.
+    let started = std::time::Instant::now();
+    while !qemu_processes_under(dir.path())
+        .iter()
+        .any(|(_, cmdline)| cmdline.contains("bench-template-") && cmdline.contains("-incoming"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "no clone of the benchmark's template started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    send_signal(child.id(), libc::SIGTERM);
+    let output = child.wait_with_output().expect("wait for bench");
+    assert_eq!(
+        output.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        text(&output)
+    );
+    assert_clean_within(dir.path(), &runtime, Duration::from_secs(10));
+    let templates: Vec<_> = std::fs::read_dir(&runtime)
+        .expect("runtime dir")
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("bench-template-")
+        })
+        .map(|entry| entry.path())
+        .collect();
+    assert!(templates.is_empty(), "templates left: {templates:?}");
 }

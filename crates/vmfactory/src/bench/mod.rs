@@ -10,6 +10,7 @@ use serde::Serialize;
 use vmfactory_factory::{Vm, VmConfig};
 use vmfactory_hypervisor::TranslationStats;
 
+use crate::run::{signal_exit, Signals};
 use crate::{Resolved, VmArgs};
 
 mod clone;
@@ -230,7 +231,23 @@ impl Translated {
     }
 }
 
+/// Runs a benchmark.
+///
+/// SIGINT, SIGTERM or SIGHUP ends a benchmark that runs in this process (all but `bench
+/// run`, whose `vmfactory` processes get the terminal's SIGINT themselves) by dropping it,
+/// so the VMs and templates it set up go as they would at its end.
 pub async fn run(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitCode> {
+    if matches!(command, BenchCommand::Run { .. }) {
+        return run_command(command, config).await;
+    }
+    let mut signals = Signals::install()?;
+    tokio::select! {
+        result = run_command(command, config) => result,
+        stop = signals.recv() => Ok(signal_exit(stop)),
+    }
+}
+
+async fn run_command(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitCode> {
     match command {
         BenchCommand::Boot {
             n,
