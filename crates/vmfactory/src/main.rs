@@ -223,8 +223,9 @@ pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     }
 }
 
-/// How long a benchmark's tasks get to drop their VMs when the process ends.
-const TASK_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a benchmark's tasks and threads get to remove what they set up when the
+/// process ends (`bench run` finishes its current run, then stops a VMCache server).
+const TASK_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -171,3 +171,55 @@ fn an_interrupted_benchmark_removes_its_template_and_vms() {
         .collect();
     assert!(templates.is_empty(), "templates left: {templates:?}");
 }
+
+#[test]
+fn an_interrupted_run_benchmark_stops_its_server_and_removes_its_factories() {
+    let dir = tempfile::Builder::new()
+        .prefix("vmf-bench-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let runtime = dir.path().join("run");
+    let mut command = Command::new(BIN);
+    with_image(&mut command, &runtime);
+    let child = command
+        .args([
+            "bench", "run", "-n", "50", "--direct", "1", "--cache", "1", "--json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start vmfactory bench run");
+
+    // Interrupt it once it runs VMs from its VMCache server and template.
+    let started = std::time::Instant::now();
+    while !qemu_processes_under(dir.path())
+        .iter()
+        .any(|(_, cmdline)| cmdline.contains("cache-template") && cmdline.contains("-incoming"))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the benchmark's VMCache server made no VM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    send_signal(child.id(), libc::SIGTERM);
+    let output = child.wait_with_output().expect("wait for bench");
+    assert_eq!(
+        output.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        text(&output)
+    );
+    assert_clean_within(dir.path(), &runtime, Duration::from_secs(10));
+    let scratch: Vec<_> = std::fs::read_dir(&runtime)
+        .expect("runtime dir")
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .is_some_and(|name| name.to_string_lossy().starts_with("bench-"))
+        })
+        .collect();
+    assert!(scratch.is_empty(), "left: {scratch:?}");
+}

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -231,19 +232,23 @@ impl Translated {
     }
 }
 
+/// Set when a signal ends the benchmark: `bench run`'s loop, which runs on a blocking
+/// thread that dropping its future does not stop, checks it between runs.
+pub(crate) static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 /// Runs a benchmark.
 ///
-/// SIGINT, SIGTERM or SIGHUP ends a benchmark that runs in this process (all but `bench
-/// run`, whose `vmfactory` processes get the terminal's SIGINT themselves) by dropping it,
-/// so the VMs and templates it set up go as they would at its end.
+/// SIGINT, SIGTERM or SIGHUP ends a benchmark by dropping it (and, for `bench run`, by
+/// [`INTERRUPTED`]), so the VMs, templates, servers and sandboxes it set up go as they
+/// would at its end; `main` waits for its tasks and threads to finish that.
 pub async fn run(command: BenchCommand, config: Option<PathBuf>) -> Result<ExitCode> {
-    if matches!(command, BenchCommand::Run { .. }) {
-        return run_command(command, config).await;
-    }
     let mut signals = Signals::install()?;
     tokio::select! {
         result = run_command(command, config) => result,
-        stop = signals.recv() => Ok(signal_exit(stop)),
+        stop = signals.recv() => {
+            INTERRUPTED.store(true, Ordering::SeqCst);
+            Ok(signal_exit(stop))
+        }
     }
 }
 

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -14,7 +15,7 @@ use serde::Serialize;
 use vmfactory_factory::Settings;
 use vmfactory_hypervisor::qemu::new_vm_id;
 
-use super::{round, Stats};
+use super::{round, Stats, INTERRUPTED};
 use crate::run::RUN_TIMING;
 use crate::Resolved;
 
@@ -36,15 +37,25 @@ struct Mode {
     phases: BTreeMap<&'static str, Vec<f64>>,
 }
 
-/// Scratch directory with the configurations; the factories it set up are destroyed and
-/// the directory removed however the benchmark ends.
+/// Scratch directory with the configurations; the sandboxes and factories it set up are
+/// removed and destroyed, and the directory removed, however the benchmark ends.
 pub(super) struct Scratch {
     pub(super) dir: PathBuf,
     pub(super) configs: Vec<PathBuf>,
+    /// Sandboxes under this runtime directory are removed first (with `configs[0]`).
+    pub(super) sandboxes: Option<PathBuf>,
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if let (Some(runtime), Some(config)) = (&self.sandboxes, self.configs.first()) {
+            for (_, record) in vmfactory_sandbox::dir::list(runtime) {
+                let _ = vmfactory(config, &["sandbox", "rm", "-f", &record.id])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
         for config in &self.configs {
             let _ = vmfactory(config, &["factory", "destroy"])
                 .stdout(Stdio::null())
@@ -96,6 +107,9 @@ fn cached(config: &Path) -> usize {
 pub(super) fn wait_cached(config: &Path, count: usize) -> Result<()> {
     let started = Instant::now();
     while cached(config) < count {
+        if INTERRUPTED.load(Ordering::SeqCst) {
+            bail!("Interrupted");
+        }
         if started.elapsed() > Duration::from_secs(300) {
             bail!("The VMCache server did not fill within 300 s");
         }
@@ -220,6 +234,7 @@ pub fn bench_run(
     let mut scratch = Scratch {
         dir: dir.clone(),
         configs: Vec::new(),
+        sandboxes: None,
     };
     let (direct_toml, template_toml, cache_toml) = (
         dir.join("direct.toml"),
@@ -267,6 +282,9 @@ pub fn bench_run(
             for mode in &mut modes {
                 if mode.name == "direct" && round >= direct {
                     continue;
+                }
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    bail!("Interrupted");
                 }
                 // Every mode meets a full, idle cache: a warm cache for the VMCache runs,
                 // and no refill competing for the CPU during the others.

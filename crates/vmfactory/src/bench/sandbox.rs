@@ -83,16 +83,17 @@ pub async fn bench_sandbox(
         f.vm_cache_number = cache_size;
         f.vm_cache_endpoint = scratch_dir.join("cache.sock");
     })?;
+    let runtime = scratch_dir.join("run");
     let scratch = Scratch {
         dir: scratch_dir.clone(),
         configs: vec![cache_toml.clone()],
+        sandboxes: Some(runtime.clone()),
     };
     let mut server = vmfactory(&cache_toml, &["factory", "init"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .context("Cannot start the VMCache server")?;
-    let runtime = scratch_dir.join("run");
     let measured = measure(n, copy_mib, cache_size, &cache_toml, &runtime, json).await;
     for (_, record) in dir::list(&runtime) {
         let _ = vmfactory(&cache_toml, &["sandbox", "rm", "-f", &record.id])
@@ -103,6 +104,7 @@ pub async fn bench_sandbox(
         .stdout(Stdio::null())
         .status();
     let _ = server.wait();
+    // Also what does all of the above when a signal drops this benchmark half-way.
     drop(scratch);
     let report = measured?;
     if json {
