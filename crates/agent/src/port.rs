@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
+use rustix::buffer::spare_capacity;
+use rustix::event::{epoll, Timespec};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tracing::{debug, info, warn};
@@ -169,29 +171,13 @@ struct PortEdges {
 
 impl PortEdges {
     fn new(port: &OwnedFd) -> io::Result<Self> {
-        // SAFETY: epoll_create1 with a valid flag; the result is checked.
-        let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: raw was just returned by epoll_create1 and is owned by nobody else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
-        let mut event = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLET) as u32,
-            u64: 0,
-        };
-        // SAFETY: both descriptors are open; event is a valid epoll_event.
-        let rc = unsafe {
-            libc::epoll_ctl(
-                epoll.as_raw_fd(),
-                libc::EPOLL_CTL_ADD,
-                port.as_raw_fd(),
-                &mut event,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        epoll::add(
+            &epoll,
+            port,
+            epoll::EventData::new_u64(0),
+            epoll::EventFlags::IN | epoll::EventFlags::OUT | epoll::EventFlags::ET,
+        )?;
         // SAFETY: the epoll descriptor is valid, open, and owned by the AsyncFd for its
         // lifetime.
         let fd = unsafe { AsyncFd::register_with_interest(epoll, Interest::READABLE) }
@@ -201,11 +187,12 @@ impl PortEdges {
 
     /// Takes the set's pending events, so the next wake-up makes it readable again.
     fn drain(&self) {
-        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 4];
-        // SAFETY: a valid epoll descriptor and a buffer of 4 events; no wait.
-        unsafe {
-            libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), 4, 0);
-        }
+        let mut events = Vec::with_capacity(4);
+        let _ = epoll::wait(
+            self.fd.get_ref(),
+            spare_capacity(&mut events),
+            Some(&Timespec::default()),
+        );
     }
 }
 
