@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{assert_clean_within, qemu_processes_under, send_signal, text, with_image, BIN};
+use common::{assert_clean_within, send_signal, text, wait_for_qemu_where, with_image, BIN};
 use serde_json::Value;
 
 fn bench(dir: &std::path::Path, args: &[&str]) -> Value {
@@ -121,8 +121,12 @@ fn getvm_and_clone_benchmarks_report_every_series_and_leave_nothing() {
     );
 }
 
-#[test]
-fn an_interrupted_benchmark_removes_its_template_and_vms() {
+/// Starts `vmfactory bench ARGS --json`, waits until a clone whose command line names
+/// `clone_of` runs (then `settle` more), sends SIGTERM, and checks that the benchmark
+/// ends with 128 + SIGTERM and leaves nothing: no QEMU, VM directory, socket or mount
+/// under the test's directory, and none of its `bench-*` scratch directories or
+/// templates in the runtime directory.
+fn interrupt_bench(args: &[&str], clone_of: &str, settle: Duration) {
     let dir = tempfile::Builder::new()
         .prefix("vmf-bench-")
         .tempdir_in("/tmp")
@@ -131,84 +135,24 @@ fn an_interrupted_benchmark_removes_its_template_and_vms() {
     let mut command = Command::new(BIN);
     with_image(&mut command, &runtime);
     let child = command
-        .args(["bench", "clone", "-n", "50", "--direct", "1", "--json"])
+        .arg("bench")
+        .args(args)
+        .arg("--json")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .expect("start vmfactory bench clone");
+        .expect("start vmfactory bench");
 
-    // Interrupt it while it clones its template.
-    let started = std::time::Instant::now();
-    while !qemu_processes_under(dir.path())
-        .iter()
-        .any(|(_, cmdline)| cmdline.contains("bench-template-") && cmdline.contains("-incoming"))
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "no clone of the benchmark's template started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_qemu_where(dir.path(), Duration::from_secs(180), |cmdline| {
+        cmdline.contains(clone_of) && cmdline.contains("-incoming")
+    });
+    std::thread::sleep(settle);
     send_signal(child.id(), libc::SIGTERM);
     let output = child.wait_with_output().expect("wait for bench");
     assert_eq!(
         output.status.code(),
         Some(128 + libc::SIGTERM),
-        "{}",
-        text(&output)
-    );
-    assert_clean_within(dir.path(), &runtime, Duration::from_secs(10));
-    let templates: Vec<_> = std::fs::read_dir(&runtime)
-        .expect("runtime dir")
-        .flatten()
-        .filter(|entry| {
-            entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with("bench-template-")
-        })
-        .map(|entry| entry.path())
-        .collect();
-    assert!(templates.is_empty(), "templates left: {templates:?}");
-}
-
-#[test]
-fn an_interrupted_run_benchmark_stops_its_server_and_removes_its_factories() {
-    let dir = tempfile::Builder::new()
-        .prefix("vmf-bench-")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let runtime = dir.path().join("run");
-    let mut command = Command::new(BIN);
-    with_image(&mut command, &runtime);
-    let child = command
-        .args([
-            "bench", "run", "-n", "50", "--direct", "1", "--cache", "1", "--json",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start vmfactory bench run");
-
-    // Interrupt it once it runs VMs from its VMCache server and template.
-    let started = std::time::Instant::now();
-    while !qemu_processes_under(dir.path())
-        .iter()
-        .any(|(_, cmdline)| cmdline.contains("cache-template") && cmdline.contains("-incoming"))
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(180),
-            "the benchmark's VMCache server made no VM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    std::thread::sleep(Duration::from_secs(2));
-    send_signal(child.id(), libc::SIGTERM);
-    let output = child.wait_with_output().expect("wait for bench");
-    assert_eq!(
-        output.status.code(),
-        Some(128 + libc::SIGTERM),
-        "{}",
+        "bench {args:?}: {}",
         text(&output)
     );
     assert_clean_within(dir.path(), &runtime, Duration::from_secs(10));
@@ -221,5 +165,25 @@ fn an_interrupted_run_benchmark_stops_its_server_and_removes_its_factories() {
                 .is_some_and(|name| name.to_string_lossy().starts_with("bench-"))
         })
         .collect();
-    assert!(scratch.is_empty(), "left: {scratch:?}");
+    assert!(scratch.is_empty(), "bench {args:?} left: {scratch:?}");
+}
+
+#[test]
+fn an_interrupted_benchmark_removes_its_template_and_vms() {
+    // Interrupted while it clones its template.
+    interrupt_bench(
+        &["clone", "-n", "50", "--direct", "1"],
+        "bench-template-",
+        Duration::ZERO,
+    );
+}
+
+#[test]
+fn an_interrupted_run_benchmark_stops_its_server_and_removes_its_factories() {
+    // Interrupted once it runs VMs from its VMCache server and template.
+    interrupt_bench(
+        &["run", "-n", "50", "--direct", "1", "--cache", "1"],
+        "cache-template",
+        Duration::from_secs(2),
+    );
 }

@@ -204,12 +204,28 @@ pub fn send_signal(pid: u32, signal: i32) {
 
 /// Waits up to `limit` for a QEMU under `dir` to appear; returns its pid.
 pub fn wait_for_qemu(dir: &Path, limit: std::time::Duration) -> u32 {
+    wait_for_qemu_where(dir, limit, |_| true)
+}
+
+/// Waits up to `limit` for a QEMU under `dir` whose command line `matches`; returns its
+/// pid.
+pub fn wait_for_qemu_where(
+    dir: &Path,
+    limit: std::time::Duration,
+    matches: impl Fn(&str) -> bool,
+) -> u32 {
     let started = std::time::Instant::now();
     loop {
-        if let Some(pid) = qemu_pids_under(dir).first() {
-            return *pid;
+        let found = qemu_processes_under(dir)
+            .into_iter()
+            .find(|(_, cmdline)| matches(cmdline));
+        if let Some((pid, _)) = found {
+            return pid;
         }
-        assert!(started.elapsed() < limit, "no QEMU started under {dir:?}");
+        assert!(
+            started.elapsed() < limit,
+            "no such QEMU started under {dir:?}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
