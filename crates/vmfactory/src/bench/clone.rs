@@ -524,8 +524,19 @@ struct DensityReport {
     tb_size_mib: Option<u32>,
     clones: DensitySide,
     direct: DensitySide,
-    /// direct / clone, per VM host memory.
-    host_memory_ratio: f64,
+    /// direct / clone, median PSS per VM.
+    pss_ratio: f64,
+    /// direct / clone, host memory per VM; null when the clones' share is below what
+    /// `MemAvailable` can tell apart from the rest of the host's activity.
+    host_memory_ratio: Option<f64>,
+}
+
+/// Below this drop of `MemAvailable` per VM (MiB), the host's own churn dominates.
+const HOST_MEMORY_NOISE_MIB: f64 = 1.0;
+
+/// `direct / clone`, or None when `clone` is below `floor` (a ratio of noise).
+fn ratio(direct: f64, clone: f64, floor: f64) -> Option<f64> {
+    (clone >= floor && floor > 0.0).then(|| round(direct / clone))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -610,8 +621,16 @@ pub async fn bench_density(
         what: "density",
         memory_mib: resolved.base.memory_mib,
         tb_size_mib: tb,
-        host_memory_ratio: round(
-            direct_side.host_used_per_vm_mib / clone_side.host_used_per_vm_mib.max(0.01),
+        pss_ratio: ratio(
+            direct_side.pss_total_mib,
+            clone_side.pss_total_mib,
+            f64::MIN_POSITIVE,
+        )
+        .unwrap_or(0.0),
+        host_memory_ratio: ratio(
+            direct_side.host_used_per_vm_mib,
+            clone_side.host_used_per_vm_mib,
+            HOST_MEMORY_NOISE_MIB,
         ),
         clones: clone_side,
         direct: direct_side,
@@ -625,6 +644,14 @@ pub async fn bench_density(
                 side.count, side.pss_total_mib, side.pss_guest_ram_mib, side.host_used_per_vm_mib
             );
         }
+        let host = match report.host_memory_ratio {
+            Some(ratio) => format!("{ratio:.1}x"),
+            None => "not measurable (the clones' host memory is within the host's noise)".into(),
+        };
+        println!(
+            "direct / clone: PSS {:.1}x, host memory {host}",
+            report.pss_ratio
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -632,6 +659,16 @@ pub async fn bench_density(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratios_of_noise_are_not_reported() {
+        assert_eq!(ratio(80.0, 20.0, HOST_MEMORY_NOISE_MIB), Some(4.0));
+        // MemAvailable rose while the clones ran: no ratio, not 8000x.
+        assert_eq!(ratio(80.0, 0.0, HOST_MEMORY_NOISE_MIB), None);
+        assert_eq!(ratio(80.0, 0.5, HOST_MEMORY_NOISE_MIB), None);
+        assert_eq!(ratio(93.7, 30.6, f64::MIN_POSITIVE), Some(3.06));
+        assert_eq!(ratio(93.7, 0.0, f64::MIN_POSITIVE), None);
+    }
 
     #[test]
     fn median_of_odd_and_even() {
