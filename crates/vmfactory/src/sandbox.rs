@@ -53,14 +53,21 @@ pub enum SandboxCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Print only the ids, one per line (for scripts: `sandbox rm $(sandbox ls -q)`).
+        #[arg(short, long, conflicts_with = "json")]
+        quiet: bool,
     },
-    /// Stop and remove sandboxes (by id, id prefix or name).
+    /// Stop and remove sandboxes (by id, id prefix or name, or all of them), all at once;
+    /// prints each removed sandbox's id.
     Rm {
         /// Kill a supervisor that does not answer, and its VM.
         #[arg(short, long)]
         force: bool,
+        /// Remove every sandbox of this runtime directory.
+        #[arg(short, long, conflicts_with = "ids")]
+        all: bool,
         /// Sandboxes.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "all")]
         ids: Vec<String>,
     },
     /// Stop a sandbox's vCPUs.
@@ -148,8 +155,8 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
             disk_size,
             vm,
         } => create(name, &images, disk_size, vm, config, &runtime).await,
-        SandboxCommand::Ls { json } => ls(&runtime, json),
-        SandboxCommand::Rm { force, ids } => rm(&runtime, &ids, force).await,
+        SandboxCommand::Ls { json, quiet } => ls(&runtime, json, quiet),
+        SandboxCommand::Rm { force, all, ids } => rm(&runtime, all, &ids, force).await,
         SandboxCommand::Pause { id } => {
             connect(&runtime, &id).await?.pause().await?;
             Ok(ExitCode::SUCCESS)
@@ -403,8 +410,14 @@ struct Listed<'a> {
     age_seconds: u64,
 }
 
-fn ls(runtime: &Path, json: bool) -> Result<ExitCode> {
+fn ls(runtime: &Path, json: bool, quiet: bool) -> Result<ExitCode> {
     let live = dir::list(runtime);
+    if quiet {
+        for (_, record) in &live {
+            println!("{}", record.id);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if json {
         let listed: Vec<Listed<'_>> = live
             .iter()
@@ -437,12 +450,39 @@ fn ls(runtime: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn rm(runtime: &Path, keys: &[String], force: bool) -> Result<ExitCode> {
+async fn rm(runtime: &Path, all: bool, keys: &[String], force: bool) -> Result<ExitCode> {
     let mut failed = false;
+    let mut chosen: Vec<(SandboxDir, SandboxRecord)> = Vec::new();
+    if all {
+        chosen = dir::list(runtime);
+    }
     for key in keys {
-        if let Err(err) = rm_one(runtime, key, force).await {
-            eprintln!("vmfactory: {err:#}");
-            failed = true;
+        match dir::find(runtime, key) {
+            // Named twice (by id and by name, say): removed once.
+            Ok(found) if chosen.iter().any(|(_, r)| r.id == found.1.id) => {}
+            Ok(found) => chosen.push(found),
+            Err(err) => {
+                eprintln!("vmfactory: {err}");
+                failed = true;
+            }
+        }
+    }
+    // Each removal mostly waits for its supervisor to stop its VM: all at once.
+    let mut removals = tokio::task::JoinSet::new();
+    for (sandbox, record) in chosen {
+        removals.spawn(rm_one(sandbox, record, force));
+    }
+    while let Some(done) = removals.join_next().await {
+        match done {
+            Ok(Ok(id)) => println!("{id}"),
+            Ok(Err(err)) => {
+                eprintln!("vmfactory: {err:#}");
+                failed = true;
+            }
+            Err(err) => {
+                eprintln!("vmfactory: a removal failed: {err}");
+                failed = true;
+            }
         }
     }
     Ok(if failed {
@@ -452,8 +492,8 @@ async fn rm(runtime: &Path, keys: &[String], force: bool) -> Result<ExitCode> {
     })
 }
 
-async fn rm_one(runtime: &Path, key: &str, force: bool) -> Result<()> {
-    let (sandbox, record) = dir::find(runtime, key)?;
+/// Stops one sandbox and waits until its directory is gone; returns its id.
+async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Result<String> {
     let stopped = async {
         SandboxClient::connect(&sandbox, &record.id)
             .await?
@@ -490,8 +530,7 @@ async fn rm_one(runtime: &Path, key: &str, force: bool) -> Result<()> {
         }
         dir::sweep(&sandbox, Some(&record))?;
     }
-    println!("{}", record.id);
-    Ok(())
+    Ok(record.id)
 }
 
 async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {

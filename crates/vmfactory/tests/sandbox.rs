@@ -249,6 +249,51 @@ fn exec_streams_passes_stdin_and_forwards_signals() {
     env.assert_nothing_left();
 }
 
+#[test]
+fn ls_quiet_lists_ids_and_rm_all_removes_every_sandbox() {
+    let env = Env::new();
+    let mut created = vec![env.create("first"), env.create("second")];
+    created.sort();
+
+    let output = env.sandbox(&["ls", "-q"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let mut listed: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, created);
+
+    // --all with ids, and neither: usage errors, nothing removed.
+    let output = env.sandbox(&["rm", "--all", &created[0]]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    let output = env.sandbox(&["rm"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert_eq!(env.listed().len(), 2);
+
+    let output = env.sandbox(&["rm", "--all"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let mut removed: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    removed.sort();
+    assert_eq!(removed, created);
+    assert!(env.listed().is_empty());
+    env.assert_nothing_left();
+
+    // Nothing to remove is not an error.
+    let output = env.sandbox(&["rm", "--all"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(output.stdout.is_empty(), "{}", text(&output));
+    let output = env.sandbox(&["ls", "-q"]);
+    assert!(
+        output.status.success() && output.stdout.is_empty(),
+        "{}",
+        text(&output)
+    );
+}
+
 fn spawn_create(env: &Env, name: &str) -> Child {
     env.command(&["sandbox", "create", "--name", name])
         .stdout(Stdio::piped())
