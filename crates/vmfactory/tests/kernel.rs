@@ -61,6 +61,8 @@ grep -q vsock /proc/net/protocols 2>/dev/null || true
 [ -e /sys/devices/system/cpu/probe ] || [ -d /sys/devices/system/cpu/cpu0 ] && echo cpus=yes
 grep -c . /sys/devices/system/cpu/possible >/dev/null && echo possible=$(cat /sys/devices/system/cpu/possible)
 echo hotplug-slots=$(ls /sys/bus/pci/slots 2>/dev/null | wc -l)
+echo tcg=$(grep -c "QEMU TCG" /proc/cpuinfo || true)
+echo rep-string-flags=$(grep -cw -e erms -e fsrm /proc/cpuinfo || true)
 "#;
     let output = run_in_guest(dir.path(), script);
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -86,6 +88,14 @@ echo hotplug-slots=$(ls /sys/bus/pci/slots 2>/dev/null | wc -l)
         assert!(
             text.lines().any(|l| l.trim() == line),
             "no {line:?} in\n{text}"
+        );
+    }
+    // Under TCG the CPU has no ERMS/FSRM, so the guest's copies are not byte-at-a-time
+    // `rep movsb` (cmdline::TCG_CPU). Under KVM the guest has the host's CPU.
+    if !text.lines().any(|l| l.trim() == "tcg=0") {
+        assert!(
+            text.lines().any(|l| l.trim() == "rep-string-flags=0"),
+            "{text}"
         );
     }
 }

@@ -39,10 +39,12 @@ use self::tmpfs::{prepare_tmpfs, remove_ours};
 /// VMs also have disk hot-plug ports; 4: no SATA, SMBus, PS/2 or vmport devices; 5: TCG
 /// guests keep the local APIC timer (`lapic_timer_hz`, not `noapictimer`), so clones are
 /// tickless when idle; 6: saved after the guest kernel refined its TSC frequency (see
-/// [`wait_for_refined_clock`]). A state saved by an older version no longer loads into
-/// today's command line, or (5, 6) would keep an old template's ticking guest or make
-/// every clone refine its clock on its hand-out path.
-pub const TEMPLATE_FORMAT_VERSION: u32 = 6;
+/// [`wait_for_refined_clock`]); 7: TCG guests' CPU has no ERMS/FSRM
+/// ([`vmfactory_hypervisor::qemu::cmdline::TCG_CPU`]), so the guest kernel picked its
+/// `rep movsq` copies. A state saved by an older version no longer loads into today's
+/// command line, or (5, 6, 7) would keep an old template's ticking guest, make every clone
+/// refine its clock on its hand-out path, or keep the byte-at-a-time copies.
+pub const TEMPLATE_FORMAT_VERSION: u32 = 7;
 /// The clocksource a TCG guest kernel runs on until it has refined the TSC's frequency.
 const UNREFINED_CLOCKSOURCE: &str = "tsc-early";
 /// How long a new template waits for its kernel to refine the TSC before it is saved
