@@ -27,8 +27,12 @@ use crate::agent_client::{rpc_error, AgentClient, AgentError};
 
 /// Messages buffered between a local file and its `CopyFile` stream.
 const SEND_DEPTH: usize = 4;
-/// Permission bits that are copied.
+/// Permission bits that are copied into the guest.
 const MODE_BITS: u32 = 0o7777;
+/// Permission bits that are copied out of the guest: not setuid or setgid. The copy
+/// belongs to the user running vmfactory (often root), so a guest's setuid file would
+/// become a setuid program of that user on the host.
+const MODE_BITS_OUT: u32 = 0o1777;
 
 /// Temporary names of files being received are unique within this process.
 static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
@@ -67,7 +71,7 @@ impl Stamp {
 
     fn of_guest(stat: &StatPathResponse) -> Self {
         Self {
-            mode: stat.mode & MODE_BITS,
+            mode: stat.mode & MODE_BITS_OUT,
             mtime_sec: stat.mtime_sec,
             mtime_nsec: stat.mtime_nsec.min(999_999_999),
         }
@@ -580,6 +584,21 @@ fn make_local_dir(path: &Path, mode: u32) -> Result<(), AgentError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_files_lose_setuid_and_setgid_on_the_host() {
+        let stamp = |mode| {
+            Stamp::of_guest(&StatPathResponse {
+                mode,
+                ..StatPathResponse::default()
+            })
+            .mode
+        };
+        assert_eq!(stamp(0o104755), 0o755);
+        assert_eq!(stamp(0o2750), 0o750);
+        assert_eq!(stamp(0o41777), 0o1777);
+        assert_eq!(stamp(0o640), 0o640);
+    }
 
     #[test]
     fn guest_paths_join_and_name() {

@@ -431,6 +431,11 @@ fn terminals_have_our_size_and_follow_a_resize_and_files_round_trip() {
         ),
         "640\nleaf"
     );
+    // A setuid file of the guest is not a setuid file of the host user.
+    env.exec(
+        &id,
+        "cp /bin/busybox /root/tree/suid; chmod 4755 /root/tree/suid",
+    );
     let back = local.path().join("back");
     std::fs::create_dir(&back).expect("mkdir");
     for src in ["/root/payload.bin", "/root/tree"] {
@@ -443,6 +448,11 @@ fn terminals_have_our_size_and_follow_a_resize_and_files_round_trip() {
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
         0o640
+    );
+    let suid = std::fs::metadata(back.join("tree/suid")).expect("suid meta");
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&suid.permissions()) & 0o7777,
+        0o755
     );
     assert_eq!(
         std::fs::read_to_string(back.join("tree/a/b/leaf.txt")).expect("leaf"),
