@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info};
 
 use crate::pool::PoolObserver;
@@ -39,6 +40,9 @@ pub enum MetricsError {
         #[source]
         source: std::io::Error,
     },
+    /// The Unix socket path holds something else.
+    #[error("Cannot serve metrics on {0}: it exists and is not a Unix socket; remove it or choose another metrics_address")]
+    NotASocket(PathBuf),
 }
 
 /// Where metrics are served.
@@ -178,7 +182,13 @@ impl PoolObserver for FactoryMetrics {
     }
 }
 
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 32;
+/// Pause after a failed `accept` (out of descriptors, say) before the next one.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Serves `metrics` on `address` until `shutdown` is notified; removes its Unix socket.
+/// A path that holds something other than a socket is refused, not replaced.
 pub async fn serve(
     metrics: Arc<FactoryMetrics>,
     address: &MetricsAddress,
@@ -194,32 +204,67 @@ pub async fn serve(
             let listener = tokio::net::TcpListener::bind(socket)
                 .await
                 .map_err(listen_error)?;
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => answer(stream, metrics.clone()),
-                        Err(err) => debug!(%err, "Metrics accept failed"),
-                    },
-                    () = shutdown.notified() => return Ok(()),
-                }
-            }
+            accept_until(
+                || async { listener.accept().await.map(|(stream, _)| stream) },
+                metrics,
+                shutdown,
+            )
+            .await;
+            Ok(())
         }
         MetricsAddress::Unix(path) => {
-            if path.exists() && tokio::net::UnixStream::connect(path).await.is_err() {
-                let _ = std::fs::remove_file(path);
+            if let Ok(meta) = std::fs::symlink_metadata(path) {
+                if !meta.file_type().is_socket() {
+                    return Err(MetricsError::NotASocket(path.clone()));
+                }
+                if tokio::net::UnixStream::connect(path).await.is_err() {
+                    let _ = std::fs::remove_file(path);
+                }
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
-            let served = loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => answer(stream, metrics.clone()),
-                        Err(err) => debug!(%err, "Metrics accept failed"),
-                    },
-                    () = shutdown.notified() => break Ok(()),
+            let bound = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()));
+            accept_until(
+                || async { listener.accept().await.map(|(stream, _)| stream) },
+                metrics,
+                shutdown,
+            )
+            .await;
+            // Removed only while the path still names the socket bound here.
+            let still_ours = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()));
+            if matches!((&bound, &still_ours), (Ok(a), Ok(b)) if a == b) {
+                let _ = std::fs::remove_file(path);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Accepts connections from `accept` and answers each, at most [`MAX_CONNECTIONS`] at
+/// once, until `shutdown` is notified.
+async fn accept_until<S, F, Fut>(accept: F, metrics: Arc<FactoryMetrics>, shutdown: Arc<Notify>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<S>>,
+{
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            () = shutdown.notified() => return,
+        };
+        tokio::select! {
+            accepted = accept() => match accepted {
+                Ok(stream) => answer(stream, metrics.clone(), slot),
+                Err(err) => {
+                    debug!(%err, "Metrics accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
-            };
-            let _ = std::fs::remove_file(path);
-            served
+            },
+            () = shutdown.notified() => return,
         }
     }
 }
@@ -228,8 +273,10 @@ pub async fn serve(
 fn answer(
     stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
     metrics: Arc<FactoryMetrics>,
+    slot: OwnedSemaphorePermit,
 ) {
     tokio::spawn(async move {
+        let _slot = slot;
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let metrics = metrics.clone();
             async move {
@@ -325,5 +372,98 @@ mod tests {
         shutdown.notify_one();
         server.await.expect("join").expect("serve");
         assert!(!path.exists(), "socket removed");
+    }
+
+    #[tokio::test]
+    async fn a_file_at_the_socket_path_is_refused_not_removed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("important.db");
+        std::fs::write(&file, b"data").expect("write");
+        let err = serve(
+            Arc::new(FactoryMetrics::default()),
+            &MetricsAddress::Unix(file.clone()),
+            Arc::new(Notify::new()),
+        )
+        .await
+        .expect_err("not a socket");
+        assert!(matches!(err, MetricsError::NotASocket(_)), "{err}");
+        assert_eq!(std::fs::read(&file).expect("kept"), b"data");
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_and_accept_errors_do_not_spin() {
+        // Accepts that fail: the loop sleeps between them instead of spinning.
+        let calls = Arc::new(AtomicU64::new(0));
+        let shutdown = Arc::new(Notify::new());
+        let looping = tokio::spawn({
+            let (calls, shutdown) = (calls.clone(), shutdown.clone());
+            async move {
+                accept_until(
+                    || {
+                        calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        async { Err::<tokio::net::UnixStream, _>(std::io::Error::other("EMFILE")) }
+                    },
+                    Arc::new(FactoryMetrics::default()),
+                    shutdown,
+                )
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(550)).await;
+        shutdown.notify_one();
+        looping.await.expect("join");
+        let calls = calls.load(std::sync::atomic::Ordering::Relaxed);
+        assert!((2..=10).contains(&calls), "{calls} accepts in 550 ms");
+
+        // Idle connections hold at most MAX_CONNECTIONS slots; the next one waits.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("metrics.sock");
+        let address = MetricsAddress::Unix(path.clone());
+        let shutdown = Arc::new(Notify::new());
+        let server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { serve(Arc::new(FactoryMetrics::default()), &address, shutdown).await }
+        });
+        for _ in 0..100 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(
+                tokio::net::UnixStream::connect(&path)
+                    .await
+                    .expect("connect"),
+            );
+        }
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let ask = |path: PathBuf| async move {
+            let mut stream = tokio::net::UnixStream::connect(&path)
+                .await
+                .expect("connect");
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let mut response = String::new();
+            stream.read_to_string(&mut response).await.expect("read");
+            response
+        };
+        let waiting = tokio::spawn(ask(path.clone()));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "answered beyond the connection limit"
+        );
+        drop(idle);
+        let response = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("answered once slots are free")
+            .expect("join");
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        shutdown.notify_one();
+        server.await.expect("join").expect("serve");
     }
 }
