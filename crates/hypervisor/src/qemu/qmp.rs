@@ -1,9 +1,10 @@
 //! A minimal QMP (QEMU Machine Protocol) client over a Unix socket.
 
+use std::collections::VecDeque;
 use std::path::Path;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tracing::debug;
@@ -12,13 +13,16 @@ use crate::{HypervisorError, Result};
 
 /// Longest QMP line we accept from QEMU.
 const MAX_LINE: usize = 16 << 20;
+/// Events kept for `take_events`/`wait_event`; beyond this the oldest are dropped. A guest
+/// can make QEMU emit some events (ACPI `_OST` reports) as often as it likes.
+const MAX_EVENTS: usize = 256;
 
 /// An open QMP session, past capability negotiation.
 #[derive(Debug)]
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
-    events: Vec<Value>,
+    events: VecDeque<Value>,
 }
 
 fn qmp_error(command: &str, message: impl Into<String>) -> HypervisorError {
@@ -38,7 +42,7 @@ impl Qmp {
         let mut qmp = Qmp {
             reader: BufReader::new(read),
             writer: write,
-            events: Vec::new(),
+            events: VecDeque::new(),
         };
         let greeting = qmp.read_message("greeting").await?;
         if greeting.get("QMP").is_none() {
@@ -53,8 +57,9 @@ impl Qmp {
 
     async fn read_message(&mut self, command: &str) -> Result<Value> {
         let mut line = String::new();
-        let n = self
-            .reader
+        // At most MAX_LINE + 1 bytes are read into memory, however long the line.
+        let n = (&mut self.reader)
+            .take(MAX_LINE as u64 + 1)
             .read_line(&mut line)
             .await
             .map_err(|err| qmp_error(command, format!("Read failed: {err}")))?;
@@ -94,16 +99,23 @@ impl Qmp {
             }
             if message.get("event").is_some() {
                 debug!(event = %message, "QMP event");
-                self.events.push(message);
+                self.keep_event(message);
                 continue;
             }
             return Err(qmp_error(command, format!("Unexpected message {message}")));
         }
     }
 
-    /// Events received so far (and clears them).
+    /// Events received so far, at most the last [`MAX_EVENTS`] (and clears them).
     pub fn take_events(&mut self) -> Vec<Value> {
-        std::mem::take(&mut self.events)
+        std::mem::take(&mut self.events).into()
+    }
+
+    fn keep_event(&mut self, event: Value) {
+        if self.events.len() >= MAX_EVENTS {
+            self.events.pop_front();
+        }
+        self.events.push_back(event);
     }
 
     /// Waits for an event named `name` whose `data` satisfies `matches`, looking first at
@@ -118,8 +130,13 @@ impl Qmp {
             event.get("event").and_then(Value::as_str) == Some(name)
                 && matches(event.get("data").unwrap_or(&Value::Null))
         };
-        if let Some(index) = self.events.iter().position(is_match) {
-            return Ok(self.events.remove(index));
+        if let Some(event) = self
+            .events
+            .iter()
+            .position(is_match)
+            .and_then(|index| self.events.remove(index))
+        {
+            return Ok(event);
         }
         loop {
             let message = self.read_message(name).await?;
@@ -128,7 +145,7 @@ impl Qmp {
                 return Ok(message);
             }
             if message.get("event").is_some() {
-                self.events.push(message);
+                self.keep_event(message);
             }
         }
     }
@@ -174,6 +191,51 @@ mod tests {
         assert_eq!(qmp.take_events().len(), 1);
         let err = qmp.execute("nonsense", None).await.expect_err("error");
         assert!(err.to_string().contains("has not been found"), "{err}");
+        server.await.expect("server");
+    }
+
+    /// A QEMU flooded with events by its guest, then sending a line longer than MAX_LINE.
+    #[tokio::test]
+    async fn events_are_capped_and_long_lines_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.expect("accept");
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            write
+                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+                .await
+                .expect("greet");
+            lines.next_line().await.expect("read").expect("caps");
+            write.write_all(b"{\"return\": {}}\n").await.expect("ret");
+            lines.next_line().await.expect("read").expect("stop");
+            let mut flood = String::new();
+            for n in 0..(MAX_EVENTS * 4) {
+                flood.push_str(&format!(
+                    "{{\"event\": \"ACPI_DEVICE_OST\", \"data\": {{\"n\": {n}}}}}\n"
+                ));
+            }
+            flood.push_str("{\"return\": {}}\n");
+            write.write_all(flood.as_bytes()).await.expect("flood");
+            lines.next_line().await.expect("read").expect("cont");
+            let long = vec![b' '; MAX_LINE + 10];
+            // The client stops reading once it has refused the line.
+            let _ = write.write_all(&long).await;
+        });
+        let mut qmp = Qmp::connect(&path).await.expect("connect");
+        qmp.execute("stop", None).await.expect("stop");
+        let events = qmp.take_events();
+        assert_eq!(events.len(), MAX_EVENTS);
+        assert_eq!(
+            events.last().expect("last")["data"]["n"],
+            MAX_EVENTS * 4 - 1,
+            "the newest events are kept"
+        );
+        let err = qmp.execute("cont", None).await.expect_err("too long");
+        assert!(err.to_string().contains("too long"), "{err}");
+        drop(qmp);
         server.await.expect("server");
     }
 }
