@@ -19,14 +19,14 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 use tracing::debug;
 use vmfactory_protocols::agent::{CopyFileRequest, FileKind, ReadFileResponse, StatPathResponse};
-use vmfactory_protocols::contract::{FILE_CHUNK_SIZE, MAX_DIR_ENTRIES};
+use vmfactory_protocols::contract::{
+    FILE_CHUNK_SIZE, MAX_DIR_ENTRIES, MAX_DIR_ENTRY_BYTES as MAX_ENTRY_BYTES,
+};
 
 use crate::process::STREAM_DEPTH;
 
 /// Longest path accepted (Linux's PATH_MAX).
 const MAX_PATH: usize = 4096;
-/// Most bytes of names one `StatPath` answer lists.
-const MAX_ENTRY_BYTES: usize = 16 << 20;
 /// Permission bits a copied entry may carry.
 const MODE_BITS: u32 = 0o7777;
 

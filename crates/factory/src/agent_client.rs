@@ -16,7 +16,8 @@ use vmfactory_protocols::agent::{
 };
 
 use vmfactory_protocols::contract::{
-    AGENT_CONNECTION_WINDOW, AGENT_MAX_MESSAGE_SIZE as MAX_MESSAGE_SIZE, AGENT_STREAM_WINDOW,
+    AGENT_CONNECTION_WINDOW, AGENT_MAX_MESSAGE_SIZE as MAX_MESSAGE_SIZE, AGENT_MAX_RESPONSE_SIZE,
+    AGENT_STREAM_WINDOW,
 };
 
 /// Errors talking to the guest agent.
@@ -215,7 +216,7 @@ impl AgentClient {
 
     fn with_channel(channel: Channel, socket: Arc<SocketGuard>) -> Self {
         let inner = AgentServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_decoding_message_size(AGENT_MAX_RESPONSE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
         Self {
             inner,

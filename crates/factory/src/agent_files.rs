@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use vmfactory_protocols::agent::{
     CopyFileRequest, FileKind, ReadFileRequest, StatPathRequest, StatPathResponse,
 };
-use vmfactory_protocols::contract::FILE_CHUNK_SIZE;
+use vmfactory_protocols::contract::{FILE_CHUNK_SIZE, MAX_DIR_ENTRIES};
 
 use crate::agent_client::{rpc_error, AgentClient, AgentError};
 
@@ -137,6 +137,17 @@ fn checked_entry<'a>(
         ));
     }
     Ok(name)
+}
+
+/// Refuses a guest directory listing longer than an honest agent sends.
+fn checked_entry_count(dir: &str, count: usize) -> Result<(), AgentError> {
+    if count > MAX_DIR_ENTRIES {
+        return Err(copy_error(
+            dir,
+            format!("the guest listed {count} entries, more than the {MAX_DIR_ENTRIES} its agent may list; the guest may be compromised"),
+        ));
+    }
+    Ok(())
 }
 
 /// A UTF-8 name of a local path (the agent API carries paths as strings).
@@ -499,6 +510,7 @@ impl AgentClient {
                     guest: guest.to_string(),
                     stamp,
                 });
+                checked_entry_count(guest, stat.entries.len())?;
                 let mut previous: Option<&str> = None;
                 let mut children = Vec::with_capacity(stat.entries.len());
                 for name in &stat.entries {
@@ -617,6 +629,9 @@ mod tests {
             assert!(err.to_string().contains("Cannot copy /d"), "{err}");
         }
         assert!(checked_entry("/d", "x", Some("x")).is_err(), "duplicate");
+        assert!(checked_entry_count("/d", MAX_DIR_ENTRIES).is_ok());
+        let err = checked_entry_count("/d", MAX_DIR_ENTRIES + 1).expect_err("too many");
+        assert!(err.to_string().contains("more than"), "{err}");
     }
 
     #[test]

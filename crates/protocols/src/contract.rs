@@ -16,6 +16,11 @@ pub const CONSOLE_HOST_LEFT: [&str; 2] = ["Host disconnected", "Host connection 
 /// Largest gRPC message either end of the agent connection accepts.
 pub const AGENT_MAX_MESSAGE_SIZE: usize = 256 << 20;
 
+/// Largest message the host decodes from the guest agent. The guest is not trusted, and a
+/// message is decoded whole into memory; this is above the largest answer an honest agent
+/// gives (a `StatPath` listing of [`MAX_DIR_ENTRY_BYTES`] of names).
+pub const AGENT_MAX_RESPONSE_SIZE: usize = 32 << 20;
+
 /// HTTP/2 stream flow-control window of the agent connection.
 pub const AGENT_STREAM_WINDOW: u32 = 8 << 20;
 
@@ -33,6 +38,12 @@ pub const FILE_CHUNK_SIZE: usize = 64 << 10;
 
 /// Most names `StatPath` lists for one directory.
 pub const MAX_DIR_ENTRIES: usize = 100_000;
+
+/// Most bytes of names one `StatPath` answer lists.
+pub const MAX_DIR_ENTRY_BYTES: usize = 16 << 20;
+
+// A full listing (each name with its protobuf tag and length) fits in one answer.
+const _: () = assert!(MAX_DIR_ENTRY_BYTES + MAX_DIR_ENTRIES * 8 + 4096 < AGENT_MAX_RESPONSE_SIZE);
 
 // ---- Hand-out ----
 
