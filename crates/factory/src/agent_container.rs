@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use tracing::warn;
 use vmfactory_hypervisor::{AttachedDisk, DiskSpec};
 use vmfactory_protocols::agent::{
     ContainerStorage, CreateContainerRequest, EnvVar, ExecProcessRequest, RemoveContainerRequest,
@@ -28,7 +29,7 @@ pub enum ContainerError {
     #[error(transparent)]
     Vm(#[from] VmError),
     /// The container was created but could not be started or removed, and cleaning up
-    /// failed too.
+    /// (or detaching its disk) failed too.
     #[error("{what} failed ({cause}); cleaning up failed too: {cleanup}")]
     Cleanup {
         /// What failed first.
@@ -268,14 +269,36 @@ impl Vm {
         Ok(running)
     }
 
-    /// Removes `container` in the guest, then detaches its disk.
+    /// Removes `container` in the guest, then detaches its disk: always, also when the
+    /// removal failed (the disk and its hot-plug port would stay taken for the VM's life)
+    /// or the guest no longer knows the container (an earlier try removed it, or its
+    /// agent restarted).
     pub async fn remove_container(
         &self,
         container: RunningContainer,
     ) -> Result<(), ContainerError> {
-        self.agent().remove_container(&container.id).await?;
-        self.detach_disk(&container.disk).await?;
-        Ok(())
+        let removed = match self.agent().remove_container(&container.id).await {
+            Err(ContainerError::Vm(VmError::Agent(AgentError::Rpc { status, .. })))
+                if status.code() == tonic::Code::NotFound =>
+            {
+                warn!(id = %container.id, "The guest no longer knows the container; detaching its disk");
+                Ok(())
+            }
+            removed => removed,
+        };
+        let detached = self
+            .detach_disk(&container.disk)
+            .await
+            .map_err(ContainerError::from);
+        match (removed, detached) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(err), Ok(())) | (Ok(()), Err(err)) => Err(err),
+            (Err(err), Err(cleanup)) => Err(ContainerError::Cleanup {
+                what: "RemoveContainer",
+                cause: Box::new(err),
+                cleanup: Box::new(cleanup),
+            }),
+        }
     }
 }
 

@@ -324,6 +324,20 @@ async fn containers_in_a_direct_vm() {
         String::from_utf8_lossy(&out),
         "init:1:ctr-c\nNAME=\"vmfactory test image\"\n"
     );
+    // Removed in the guest already (an earlier try, or a restarted agent): removing it
+    // still detaches its disk.
+    agent
+        .remove_container("ctr-c")
+        .await
+        .expect("remove c in the guest");
+    assert!(
+        !vm.hypervisor()
+            .disk_leftovers()
+            .await
+            .expect("query")
+            .is_empty(),
+        "the disk is still attached before the host's removal"
+    );
     vm.remove_container(c).await.expect("remove c");
     assert_no_leftovers(&vm).await;
 
