@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
-use tracing::debug;
+use tracing::{debug, warn};
 use vmfactory_protocols::agent::{
     ExecProcessRequest, ProcessInfo, ReadStreamResponse, WaitProcessResponse, WriteStreamRequest,
 };
@@ -75,6 +75,8 @@ type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 struct Process {
     pid: u32,
+    /// Start order, for evicting the oldest ended processes first.
+    seq: u64,
     /// The first [`LISTED_ARGV_BYTES`] of its argv.
     argv: Vec<String>,
     stdin: tokio::sync::Mutex<Option<Writer>>,
@@ -96,10 +98,39 @@ impl std::fmt::Debug for Process {
 }
 
 /// The processes of this agent, shared by every host connection.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Processes {
     table: Mutex<HashMap<String, Arc<Process>>>,
     next_id: AtomicU64,
+    next_seq: AtomicU64,
+    /// Most processes tracked ([`MAX_PROCESSES`]).
+    capacity: usize,
+}
+
+impl Default for Processes {
+    fn default() -> Self {
+        Self::with_capacity(MAX_PROCESSES)
+    }
+}
+
+/// Ended processes forgotten at once when the table is full.
+const EVICT_BATCH: usize = 64;
+
+/// Forgets up to [`EVICT_BATCH`] ended processes of `table`, oldest first. A host that
+/// never waited for them (a client that went away) would otherwise fill the table for
+/// good.
+fn evict_ended(table: &mut HashMap<String, Arc<Process>>) -> usize {
+    let mut ended: Vec<(u64, String)> = table
+        .iter()
+        .filter(|(_, process)| process.exit.borrow().is_some())
+        .map(|(id, process)| (process.seq, id.clone()))
+        .collect();
+    ended.sort_unstable();
+    ended.truncate(EVICT_BATCH);
+    for (_, id) in &ended {
+        table.remove(id);
+    }
+    ended.len()
 }
 
 fn validate(request: &ExecProcessRequest) -> Result<(), Status> {
@@ -305,6 +336,16 @@ fn spawn_in(
 }
 
 impl Processes {
+    /// A table that tracks at most `capacity` processes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            table: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            next_seq: AtomicU64::new(0),
+            capacity,
+        }
+    }
+
     /// Starts the process `request` describes; returns its exec id and pid.
     pub fn start(&self, request: ExecProcessRequest) -> Result<(String, u32), Status> {
         self.start_with(request, Launch::default())
@@ -323,13 +364,20 @@ impl Processes {
             request.exec_id.clone()
         };
         {
-            let table = self.lock()?;
+            let mut table = self.lock()?;
             if table.contains_key(&id) {
                 return Err(Status::already_exists(format!("Process {id} exists")));
             }
-            if table.len() >= MAX_PROCESSES {
+            if table.len() >= self.capacity {
+                let evicted = evict_ended(&mut table);
+                if evicted > 0 {
+                    warn!(evicted, "The process table was full: forgot the oldest ended processes nobody waited for");
+                }
+            }
+            if table.len() >= self.capacity {
                 return Err(Status::resource_exhausted(format!(
-                    "{MAX_PROCESSES} processes are tracked: wait for some first"
+                    "{} processes are running: wait for some first",
+                    self.capacity
                 )));
             }
         }
@@ -426,6 +474,7 @@ impl Processes {
         let stderr = child.stderr.take().map(|pipe| Box::new(pipe) as Reader);
         let process = Arc::new(Process {
             pid,
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
             argv: listed_argv(&request.argv),
             stdin: tokio::sync::Mutex::new(stdin),
             stdout: Mutex::new(stdout),

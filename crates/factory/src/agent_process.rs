@@ -331,23 +331,33 @@ impl AgentClient {
                 user,
             })
             .await?;
-        let mut stdout = self.output(&id, OutputPipe::Stdout).await?;
-        let mut stderr = self.output(&id, OutputPipe::Stderr).await?;
-        let feed = async {
-            if has_stdin {
-                let chunks: Vec<Vec<u8>> =
-                    request.stdin.chunks(64 << 10).map(<[u8]>::to_vec).collect();
-                self.write_stdin(&id, tokio_stream::iter(chunks)).await?;
-                self.close_stdin(&id).await?;
+        let collected = async {
+            let mut stdout = self.output(&id, OutputPipe::Stdout).await?;
+            let mut stderr = self.output(&id, OutputPipe::Stderr).await?;
+            let feed = async {
+                if has_stdin {
+                    let chunks: Vec<Vec<u8>> =
+                        request.stdin.chunks(64 << 10).map(<[u8]>::to_vec).collect();
+                    self.write_stdin(&id, tokio_stream::iter(chunks)).await?;
+                    self.close_stdin(&id).await?;
+                }
+                Ok::<(), AgentError>(())
+            };
+            let (fed, out, err) = tokio::join!(feed, collect(&mut stdout), collect(&mut stderr));
+            // A command that does not read its input may exit before taking it all.
+            if let Err(err) = fed {
+                tracing::debug!(%err, "Standard input not fully written");
             }
-            Ok::<(), AgentError>(())
-        };
-        let (fed, out, err) = tokio::join!(feed, collect(&mut stdout), collect(&mut stderr));
-        // A command that does not read its input may exit before taking it all.
-        if let Err(err) = fed {
-            tracing::debug!(%err, "Standard input not fully written");
+            Ok::<_, AgentError>((out?, err?))
         }
-        let ((stdout, out_cut), (stderr, err_cut)) = (out?, err?);
+        .await;
+        let ((stdout, out_cut), (stderr, err_cut)) = match collected {
+            Ok(collected) => collected,
+            Err(err) => {
+                self.abandon(&id).await;
+                return Err(err);
+            }
+        };
         let exit = self.wait_process(&id).await?;
         Ok(ExecOutput {
             exit_code: exit.exit_code,
@@ -359,6 +369,24 @@ impl AgentClient {
         })
     }
 }
+
+impl AgentClient {
+    /// Kills process `id` and waits for it (best effort, bounded), so the agent forgets
+    /// it: an exec whose output could not be read must not keep its place in the agent's
+    /// process table (1024 places).
+    async fn abandon(&self, id: &str) {
+        let _ = self.signal_process(id, libc::SIGKILL).await;
+        if tokio::time::timeout(ABANDON_WAIT, self.wait_process(id))
+            .await
+            .is_err()
+        {
+            tracing::debug!(id, "An abandoned process was not reaped in time");
+        }
+    }
+}
+
+/// How long [`AgentClient::abandon`] waits for a killed process.
+const ABANDON_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Reads `stream` to its end, keeping up to [`MAX_EXEC_OUTPUT`] bytes.
 async fn collect(stream: &mut OutputStream) -> Result<(Vec<u8>, bool), AgentError> {

@@ -268,3 +268,38 @@ async fn started_processes_do_not_inherit_the_oom_exemption() {
     }
     assert_eq!(child, b"0\n");
 }
+
+#[tokio::test]
+async fn a_full_table_forgets_the_oldest_ended_processes_not_running_ones() {
+    let processes = Processes::with_capacity(3);
+    let (first, _) = processes.start(request(&["true"])).expect("first");
+    let (second, _) = processes.start(request(&["true"])).expect("second");
+    let (running, _) = processes.start(request(&["sleep", "30"])).expect("running");
+    // Both `true`s ended, and nobody waited for them.
+    for id in [&first, &second] {
+        assert!(processes.ended_within(id, Duration::from_secs(10)).await);
+    }
+    let (fourth, _) = processes
+        .start(request(&["sleep", "30"]))
+        .expect("room made");
+    assert_eq!(
+        processes.wait(&first).await.expect_err("evicted").code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(
+        processes.wait(&second).await.expect_err("evicted").code(),
+        tonic::Code::NotFound
+    );
+    // Only running processes left, and the table is full: refused, nothing evicted.
+    let (third, _) = processes
+        .start(request(&["sleep", "30"]))
+        .expect("a third place");
+    let err = processes
+        .start(request(&["true"]))
+        .expect_err("all places taken by running processes");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    for id in [&running, &fourth, &third] {
+        processes.signal(id, 9).expect("kill");
+        processes.wait(id).await.expect("wait");
+    }
+}
