@@ -122,7 +122,7 @@ impl Flattener {
 
     /// Applies one layer (an uncompressed tar stream).
     pub fn apply<R: Read>(&self, layer: R) -> Result<LayerStats, ImageError> {
-        let mut archive = tar::Archive::new(layer);
+        let mut archive = tar::Archive::new(crate::targuard::TarGuard::new(layer));
         let mut stats = LayerStats::default();
         // Paths this layer wrote: an opaque marker hides only what lower layers had.
         let mut written: HashSet<Vec<u8>> = HashSet::new();

@@ -10,6 +10,7 @@ mod flatten;
 mod mkfs;
 mod source;
 mod store;
+mod targuard;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fixtures;

@@ -429,7 +429,10 @@ pub(crate) fn unpack_outer_tar(tar_path: &Path, dest: &Path) -> Result<(), Image
         source,
     })?;
     let bad = |err: io::Error| ImageError::BadImage(format!("{}: {err}", tar_path.display()));
-    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 20, file));
+    let mut archive = tar::Archive::new(crate::targuard::TarGuard::new(BufReader::with_capacity(
+        1 << 20,
+        file,
+    )));
     for entry in archive.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
         let kind = entry.header().entry_type();
