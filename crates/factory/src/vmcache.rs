@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use hyper_util::rt::TokioIo;
@@ -126,14 +126,33 @@ pub fn lock_endpoint(endpoint: &Path) -> Result<PathLock, VmCacheError> {
 pub async fn serve_locked(
     factory: Arc<dyn FactoryBase>,
     endpoint: &Path,
+    lock: &PathLock,
+    shutdown: Arc<Notify>,
+) -> Result<(), VmCacheError> {
+    serve_locked_with_grace(factory, endpoint, lock, shutdown, HANDOVER_GRACE).await
+}
+
+/// How long a client has to take over ([`Vm::adopt`]) a VM it was handed before the
+/// server stops the VM: a client that died or dropped the answer would otherwise leave
+/// a running QEMU nobody owns for the server's whole life.
+pub const HANDOVER_GRACE: Duration = Duration::from_secs(30);
+
+/// [`serve_locked`] with the time clients get to adopt their VMs.
+pub async fn serve_locked_with_grace(
+    factory: Arc<dyn FactoryBase>,
+    endpoint: &Path,
     _lock: &PathLock,
     shutdown: Arc<Notify>,
+    grace: Duration,
 ) -> Result<(), VmCacheError> {
     let listener = bind(endpoint).await?;
     info!(endpoint = %endpoint.display(), pid = std::process::id(), "VMCache server listening");
+    let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let reclaimer = tokio::spawn(reclaim_unadopted(factory.clone(), handed.clone(), grace));
     let service = CacheServer {
         factory,
         shutdown: shutdown.clone(),
+        handed,
     };
     // Each connection goes through the `:authority` fix-up that gRPC C-core clients need.
     let incoming = tokio_stream::StreamExt::map(
@@ -147,6 +166,7 @@ pub async fn serve_locked(
         .add_service(CacheServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown.notified())
         .await;
+    reclaimer.abort();
     let _ = std::fs::remove_file(endpoint);
     result.map_err(|err| VmCacheError::Serve(err.to_string()))
 }
@@ -179,10 +199,51 @@ async fn bind(endpoint: &Path) -> Result<UnixListener, VmCacheError> {
     Ok(listener)
 }
 
+/// VMs handed over, with when: checked by [`reclaim_unadopted`].
+type Handed = Arc<std::sync::Mutex<Vec<(HandOverRecord, Instant)>>>;
+
 #[derive(Debug)]
 struct CacheServer {
     factory: Arc<dyn FactoryBase>,
     shutdown: Arc<Notify>,
+    handed: Handed,
+}
+
+/// Stops every VM handed over at least `grace` ago that no client has adopted.
+async fn reclaim_unadopted(factory: Arc<dyn FactoryBase>, handed: Handed, grace: Duration) {
+    let mut ticks =
+        tokio::time::interval((grace / 4).clamp(Duration::from_millis(50), Duration::from_secs(5)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let due: Vec<HandOverRecord> = match handed.lock() {
+            Ok(mut handed) => {
+                let (due, waiting) = handed.drain(..).partition(|(_, at)| at.elapsed() >= grace);
+                *handed = waiting;
+                due.into_iter().map(|(record, _)| record).collect()
+            }
+            Err(_) => return,
+        };
+        for record in due {
+            if !factory.backend().unadopted(&record.hypervisor) {
+                continue;
+            }
+            let id = record.id.clone();
+            warn!(
+                id,
+                grace_s = grace.as_secs_f64(),
+                "No client took over this handed-out VM in time: stopping it"
+            );
+            match Vm::adopt(factory.backend().as_ref(), record).await {
+                Ok(vm) => {
+                    if let Err(err) = vm.discard().await {
+                        warn!(id, %err, "Cannot stop an unadopted VM");
+                    }
+                }
+                Err(err) => warn!(id, %err, "Cannot take back an unadopted VM"),
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -209,7 +270,11 @@ impl CacheService for CacheServer {
             .await
             .map_err(|err| Status::unavailable(err.to_string()))?;
         info!(id = record.id, "VM handed over");
-        Ok(Response::new(grpc_vm(&record)))
+        let message = grpc_vm(&record);
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.push((record, Instant::now()));
+        }
+        Ok(Response::new(message))
     }
 
     async fn status(&self, _request: Request<()>) -> Result<Response<GrpcStatus>, Status> {

@@ -229,6 +229,11 @@ impl Backend for MockBackend {
         Ok(Box::new(self.start(spec, true)?))
     }
 
+    fn unadopted(&self, handle: &HypervisorHandle) -> bool {
+        matches!(handle, HypervisorHandle::Mock(handle)
+            if handed_over().lock().is_ok_and(|vms| vms.contains_key(&handle.id)))
+    }
+
     async fn adopt(&self, handle: HypervisorHandle) -> Result<Box<dyn Hypervisor>> {
         let HypervisorHandle::Mock(handle) = handle else {
             return Err(HypervisorError::ForeignHandle {

@@ -262,6 +262,47 @@ fn a_handed_out_vm_outlives_the_server() {
 }
 
 #[test]
+fn a_handed_out_vm_nobody_adopts_is_stopped_after_the_grace() {
+    let mut server = Server::start(1);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    // A client that takes a VM and goes away without adopting it.
+    let record = runtime.block_on(async {
+        let message = vmfactory_factory::vmcache::connect(&server.socket())
+            .await
+            .expect("connect")
+            .get_base_vm(())
+            .await
+            .expect("GetBaseVM")
+            .into_inner();
+        vmfactory_factory::vmcache::record_of(&message).expect("record")
+    });
+    let vmfactory_hypervisor::HypervisorHandle::Qemu(handle) = &record.hypervisor else {
+        panic!("not a QEMU: {record:?}");
+    };
+    let taken = Instant::now();
+    assert!(Path::new(&format!("/proc/{}", handle.pid)).exists());
+    let limit = vmfactory_factory::vmcache::HANDOVER_GRACE + Duration::from_secs(30);
+    while Path::new(&format!("/proc/{}", handle.pid)).exists() || handle.dir.exists() {
+        assert!(
+            taken.elapsed() < limit,
+            "the unadopted VM {} still runs",
+            record.id
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        taken.elapsed() >= vmfactory_factory::vmcache::HANDOVER_GRACE - Duration::from_secs(1),
+        "stopped before the grace: {:?}",
+        taken.elapsed()
+    );
+    // The server goes on serving.
+    server.wait_for_cached(1, &[u64::from(handle.pid)]);
+    let output = server.vmfactory(&["run", "--", "echo", "after-reclaim"]);
+    assert!(output.status.success(), "{}", text(&output));
+    server.destroy();
+}
+
+#[test]
 fn run_without_a_server_says_to_start_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("config.toml");

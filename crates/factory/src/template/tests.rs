@@ -391,3 +391,73 @@ async fn concurrent_creations_one_wins_the_other_is_refused_naming_the_pid() {
     drop(held);
     assert!(destroy(&world.path).expect("destroy"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
+    let world = World::new();
+    let template = world.create().await;
+    let cache = Arc::new(CacheFactory::with_warm_up(Arc::new(template), 2, true));
+    let endpoint = world.path.with_extension("sock");
+    let shutdown = Arc::new(tokio::sync::Notify::new());
+    let grace = Duration::from_millis(300);
+    let server = tokio::spawn({
+        let (cache, endpoint, shutdown) = (cache.clone(), endpoint.clone(), shutdown.clone());
+        async move {
+            let lock = vmcache::lock_endpoint(&endpoint)?;
+            vmcache::serve_locked_with_grace(cache, &endpoint, &lock, shutdown, grace).await
+        }
+    });
+    for _ in 0..500 {
+        if cache.ready_count().await == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cache.ready_count().await, 2, "the cache never filled");
+
+    // One VM taken and adopted, one taken by a client that never adopts it (it died).
+    let client = GrpcCacheFactory::connect_with_backend(&endpoint, world.backend.clone())
+        .await
+        .expect("connect");
+    let adopted = client.get_base_vm().await.expect("adopted");
+    let abandoned = vmcache::connect(&endpoint)
+        .await
+        .expect("raw client")
+        .get_base_vm(())
+        .await
+        .expect("GetBaseVM")
+        .into_inner();
+    let abandoned = vmcache::record_of(&abandoned).expect("record");
+    assert!(world.backend.unadopted(&abandoned.hypervisor));
+    let control = |id: &str| {
+        world
+            .mock
+            .controls()
+            .into_iter()
+            .find(|(vm, _)| vm == id)
+            .map(|(_, control)| control)
+            .expect("control")
+    };
+    let (abandoned_control, adopted_control) = (control(&abandoned.id), control(adopted.id()));
+
+    let started = std::time::Instant::now();
+    while !abandoned_control.is_stopped() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the unadopted VM still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() >= grace / 2,
+        "stopped before its grace: {:?}",
+        started.elapsed()
+    );
+    assert!(!world.backend.unadopted(&abandoned.hypervisor));
+    assert!(adopted_control.is_alive(), "the adopted VM is left alone");
+    adopted.stop().await.expect("stop");
+
+    shutdown.notify_one();
+    server.await.expect("join").expect("serve");
+    cache.close().await.expect("close");
+}

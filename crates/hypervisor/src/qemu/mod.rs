@@ -103,6 +103,11 @@ impl Backend for QemuBackend {
         ))
     }
 
+    fn unadopted(&self, handle: &HypervisorHandle) -> bool {
+        // Whoever adopts a QEMU records itself in its owner file.
+        matches!(handle, HypervisorHandle::Qemu(handle) if orphans::owned_by_this_process(&handle.dir))
+    }
+
     async fn adopt(&self, handle: HypervisorHandle) -> Result<Box<dyn Hypervisor>> {
         match handle {
             HypervisorHandle::Qemu(handle) => Ok(Box::new(Qemu::adopt(handle).await?)),

@@ -33,6 +33,17 @@ pub fn claim(vm_dir: &Path) {
     }
 }
 
+/// True when the owner file in `vm_dir` names this process.
+pub fn owned_by_this_process(vm_dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(vm_dir.join(OWNER_FILE)) else {
+        return false;
+    };
+    let pid = std::process::id();
+    let mut fields = text.split_whitespace();
+    fields.next().and_then(|p| p.parse::<u32>().ok()) == Some(pid)
+        && fields.next().and_then(|s| s.parse::<u64>().ok()) == Some(start_time(pid).unwrap_or(0))
+}
+
 /// True when the owner recorded in `vm_dir` still runs (or nothing readable is recorded:
 /// a VM being started right now).
 fn owner_alive(vm_dir: &Path) -> bool {
@@ -92,6 +103,8 @@ mod tests {
             std::fs::create_dir_all(dir).expect("mkdir");
         }
         claim(&mine);
+        assert!(owned_by_this_process(&mine));
+        assert!(!owned_by_this_process(&starting), "no owner file");
         // A pid no process has, and our own pid with a start time that is not ours
         // (a reused pid).
         std::fs::write(orphan.join(OWNER_FILE), "4294967294 1\n").expect("write");
