@@ -23,6 +23,9 @@ use crate::{parse_env, VmArgs};
 
 /// What the supervisor prints on its stdout once the sandbox answers.
 const READY_LINE: &str = "ready";
+/// What the supervisor prints on its stdout, before the reason, when the sandbox could
+/// not be made (its directory, log included, is gone then).
+const FAILED_PREFIX: &str = "failed: ";
 /// How long `rm` waits for a supervisor to remove its sandbox.
 const RM_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -181,6 +184,20 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
     }
 }
 
+/// Refuses to reach into a paused sandbox: its agent cannot answer until it is resumed,
+/// so the call would wait (and run later) instead of failing.
+fn require_running(record: &SandboxRecord) -> Result<()> {
+    if record.state == vmfactory_sandbox::SandboxState::Paused {
+        let who = if record.name.is_empty() {
+            &record.id
+        } else {
+            &record.name
+        };
+        bail!("Sandbox {who} is paused: resume it first with `vmfactory sandbox resume {who}`");
+    }
+    Ok(())
+}
+
 async fn connect(runtime: &Path, key: &str) -> Result<SandboxClient> {
     let (dir, record) = dir::find(runtime, key)?;
     Ok(SandboxClient::connect(&dir, &record.id).await?)
@@ -326,6 +343,11 @@ async fn create(
             return Ok(ExitCode::from(130));
         }
     };
+    if let Some(reason) = line.trim().strip_prefix(FAILED_PREFIX) {
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        let _ = sandbox.remove();
+        bail!("The sandbox could not be created: {reason}");
+    }
     if line.trim() != READY_LINE {
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         let log = std::fs::read_to_string(sandbox.log()).unwrap_or_default();
@@ -396,7 +418,19 @@ async fn supervise(
                 let _ = writeln!(stdout, "{READY_LINE}");
                 let _ = stdout.flush();
             }
-            Err(err) => tracing::error!(%err, "The sandbox could not be created"),
+            Err(err) => {
+                tracing::error!(%err, "The sandbox could not be created");
+                // The reason, with its causes, on one line for `create`.
+                let mut reason = err.to_string();
+                let mut cause = std::error::Error::source(err);
+                while let Some(inner) = cause {
+                    reason = format!("{reason}: {inner}");
+                    cause = inner.source();
+                }
+                let mut stdout = std::io::stdout();
+                let _ = writeln!(stdout, "{FAILED_PREFIX}{}", reason.replace('\n', " "));
+                let _ = stdout.flush();
+            }
         }
     };
     Supervisor::run(options, factory, ready).await?;
@@ -535,6 +569,7 @@ async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Resu
 
 async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
     let (sandbox, record) = dir::find(runtime, &args.id)?;
+    require_running(&record)?;
     let client = SandboxClient::connect(&sandbox, &record.id).await?;
     let (process, container) = match &args.container {
         Some(name) => {
@@ -610,6 +645,7 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         bail!("The path in the sandbox must be absolute, not {guest:?}");
     }
     let (sandbox, record) = dir::find(runtime, key)?;
+    require_running(&record)?;
     if let Some(name) = container {
         if !record.containers.iter().any(|c| c.name == name) {
             bail!(

@@ -145,9 +145,31 @@ fn a_sandbox_keeps_state_between_execs_and_rm_leaves_nothing() {
     let output = env.sandbox(&["pause", &id]);
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(env.listed()[0]["state"], "paused");
+    // A paused sandbox's agent cannot answer: exec and cp are refused at once, and the
+    // command does not run later.
+    let started = Instant::now();
+    let output = env.sandbox(&["exec", &id, "--", "sh", "-c", "echo ran > /root/late"]);
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    assert!(text(&output).contains("is paused"), "{}", text(&output));
+    let output = env.sandbox(&["cp", "/etc/hostname", &format!("{id}:/root/")]);
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    assert!(
+        text(&output).contains("sandbox resume state"),
+        "{}",
+        text(&output)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     let output = env.sandbox(&["resume", &id]);
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(env.exec(&id, "echo awake"), "awake\n");
+    assert_eq!(
+        env.exec(&id, "ls /root/late 2>&1 || echo none"),
+        "ls: /root/late: No such file or directory\nnone\n"
+    );
 
     let output = env.sandbox(&["rm", &id]);
     assert!(output.status.success(), "{}", text(&output));
@@ -252,6 +274,11 @@ fn exec_streams_passes_stdin_and_forwards_signals() {
 #[test]
 fn ls_quiet_lists_ids_and_rm_all_removes_every_sandbox() {
     let env = Env::new();
+    // A VM that cannot start: create says why, and leaves nothing.
+    let output = env.sandbox(&["create", "--memory", "10"]);
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    assert!(text(&output).contains("too small"), "{}", text(&output));
+    env.assert_nothing_left();
     let mut created = vec![env.create("first"), env.create("second")];
     created.sort();
 
