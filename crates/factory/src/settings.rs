@@ -483,6 +483,26 @@ impl Settings {
             &factory.vm_cache_endpoint,
             Some(0),
         )?;
+        // Relative paths would name another place from every working directory.
+        for (key, path, example) in [
+            (
+                "factory.template_path",
+                &factory.template_path,
+                "/run/vmfactory/template",
+            ),
+            (
+                "factory.vm_cache_endpoint",
+                &factory.vm_cache_endpoint,
+                "/run/vmfactory/cache.sock",
+            ),
+        ] {
+            if path.is_relative() && !path.as_os_str().is_empty() {
+                return Err(invalid(
+                    key,
+                    format!("{path:?} is not an absolute path: give one, e.g. \"{example}\""),
+                ));
+            }
+        }
         if factory.enable_template && factory.template_path.as_os_str().is_empty() {
             return Err(invalid(
                 "factory.template_path",

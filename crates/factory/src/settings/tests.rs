@@ -231,6 +231,16 @@ fn paths_the_system_cannot_use_are_refused_naming_the_key() {
         err.contains("factory.template_path: contains a NUL"),
         "{err}"
     );
+    let err = message("[factory]\nenable_template = true\ntemplate_path = \"relative\"");
+    assert!(
+        err.contains("factory.template_path: \"relative\" is not an absolute path"),
+        "{err}"
+    );
+    let err = message("[factory]\nvm_cache_endpoint = \"cache.sock\"");
+    assert!(
+        err.contains("factory.vm_cache_endpoint: \"cache.sock\" is not an absolute"),
+        "{err}"
+    );
     let odd = "[hypervisor.qemu]\nruntime_dir = \"/tmp/a b,c\\\"d'e\"\n[factory]\ntemplate_path = \"/tmp/t, \\\"x\\\"\"";
     assert!(parse(odd).is_ok(), "spaces, commas and quotes are fine");
     let err = message("[hypervisor.qemu]\ndefault_memory = 99999999");
