@@ -76,6 +76,11 @@ pub fn choose(
 ) -> Result<(ResolvedAccel, &'static str)> {
     match requested {
         Accelerator::Tcg => Ok((ResolvedAccel::Tcg, "TCG was configured")),
+        Accelerator::Kvm if probe.kvm_usable && probe.kvm_pvm && !kernel_is_pvm => {
+            Err(HypervisorError::InvalidConfig(
+                "accelerator = \"kvm\" but /dev/kvm is kvm_pvm, which runs only PVM guest kernels (QEMU aborts with this one): use \"auto\" or \"tcg\", or set kernel_is_pvm = true with a PVM guest kernel".into(),
+            ))
+        }
         Accelerator::Kvm if probe.kvm_usable => Ok((ResolvedAccel::Kvm, "KVM was configured")),
         Accelerator::Kvm => Err(HypervisorError::InvalidConfig(
             "accelerator = \"kvm\" but /dev/kvm cannot be opened read-write: use \"auto\" or \"tcg\", or fix /dev/kvm's permissions".into(),
@@ -126,7 +131,12 @@ mod tests {
     #[test]
     fn explicit_choices_are_honoured() {
         assert_eq!(pick(Accelerator::Tcg, KVM, false), ResolvedAccel::Tcg);
-        assert_eq!(pick(Accelerator::Kvm, PVM, false), ResolvedAccel::Kvm);
+        assert_eq!(pick(Accelerator::Kvm, KVM, false), ResolvedAccel::Kvm);
+        assert_eq!(pick(Accelerator::Kvm, PVM, true), ResolvedAccel::Kvm);
+        // Our kernel on kvm_pvm: QEMU would abort; refused, saying what to do.
+        let err = choose(Accelerator::Kvm, PVM, false).expect_err("not a PVM kernel");
+        assert!(err.to_string().contains("kvm_pvm"), "{err}");
+        assert!(err.to_string().contains("tcg"), "{err}");
         let err = choose(Accelerator::Kvm, NONE, false).expect_err("no kvm");
         assert!(err.to_string().contains("/dev/kvm"));
     }
