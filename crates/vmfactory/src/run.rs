@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::signal::unix::{signal, SignalKind};
@@ -62,7 +62,8 @@ pub struct RunArgs {
     #[arg(short, long)]
     interactive: bool,
     /// Give the command a terminal (a pseudo-terminal in the guest; ours in raw mode,
-    /// its size sent at start and on every resize). `-it` is an interactive shell.
+    /// its size sent at start and on every resize). `-it` is an interactive shell. Our
+    /// input must be a terminal (or /dev/null): to pipe input, leave out -t.
     #[arg(short, long)]
     tty: bool,
     /// Run the command in a container of this image: a root filesystem directory, an OCI
@@ -122,6 +123,7 @@ pub(crate) fn signal_exit(stop: Stop) -> ExitCode {
 
 /// Runs `vmfactory run`.
 pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
+    check_terminal_input(args.tty)?;
     let started = Instant::now();
     let mut signals = Signals::install()?;
     let vm_args = args.vm.clone();
@@ -450,6 +452,18 @@ async fn follow_window_size(
 
 /// True when our standard input is `/dev/null`: nothing to pass on, so the guest process
 /// gets its own `/dev/null` and no input stream is opened.
+/// Refuses `-t` when our input is passed to the command but is not a terminal (a pipe or
+/// a file), as Docker does: the guest terminal would take the input as typed keys, and
+/// its end (typed as Ctrl-D) may be lost if it arrives before the command reads, which
+/// leaves the command waiting forever.
+pub fn check_terminal_input(tty: bool) -> Result<()> {
+    let stdin = std::io::stdin();
+    if tty && !stdin.is_terminal() && !stdin_is_dev_null() {
+        bail!("The input is not a terminal: -t needs one (drop -t to pipe input into the command)");
+    }
+    Ok(())
+}
+
 fn stdin_is_dev_null() -> bool {
     use std::os::unix::fs::MetadataExt;
     let (Ok(ours), Ok(null)) = (

@@ -124,7 +124,8 @@ pub struct ExecArgs {
     /// Pass our standard input even when it is a terminal (EOF closes it).
     #[arg(short, long)]
     interactive: bool,
-    /// Give the command a terminal (ours in raw mode, its size followed).
+    /// Give the command a terminal (ours in raw mode, its size followed). Our input must
+    /// be a terminal (or /dev/null): to pipe input, leave out -t.
     #[arg(short, long)]
     tty: bool,
     /// Environment variable for the command, KEY=VALUE (repeatable).
@@ -568,6 +569,7 @@ async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Resu
 }
 
 async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
+    crate::run::check_terminal_input(args.tty)?;
     let (sandbox, record) = dir::find(runtime, &args.id)?;
     require_running(&record)?;
     let client = SandboxClient::connect(&sandbox, &record.id).await?;

@@ -226,6 +226,21 @@ fn stdin_is_passed_to_the_command() {
     let output = run_with_input(input, &["--", "sha256sum"]);
     assert!(output.status.success(), "stderr: {}", stderr(&output));
     assert_eq!(stdout(&output).split_whitespace().next(), Some(&*expected));
+
+    // Piped input and -t: refused before any VM starts (the guest terminal could lose
+    // the input's end and wait forever).
+    let output = run_with_input(b"echo hi\n".to_vec(), &["-it", "--", "sh"]);
+    assert_eq!(
+        output.status.code(),
+        Some(125),
+        "stderr: {}",
+        stderr(&output)
+    );
+    assert!(
+        stderr(&output).contains("not a terminal"),
+        "{}",
+        stderr(&output)
+    );
     env.assert_nothing_left();
 }
 
