@@ -112,6 +112,9 @@ pub fn new_id() -> String {
     format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
 
+/// Length of a sandbox id ([`new_id`]).
+const ID_LEN: usize = 12;
+
 /// Checks a user-given sandbox name.
 pub fn validate_name(name: &str) -> Result<(), SandboxError> {
     let bad = |why| SandboxError::Name {
@@ -126,6 +129,11 @@ pub fn validate_name(name: &str) -> Result<(), SandboxError> {
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
         return Err(bad("use letters, digits, '-', '_' and '.'"));
+    }
+    if name.len() == ID_LEN && name.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
+        return Err(bad(
+            "it looks like a sandbox id, which a command could then mean as well: use another name",
+        ));
     }
     Ok(())
 }
@@ -363,7 +371,7 @@ mod tests {
     #[test]
     fn names_are_checked() {
         assert!(validate_name("web-1.test_a").is_ok());
-        for bad in ["", "a b", "x/y", &"n".repeat(65)] {
+        for bad in ["", "a b", "x/y", &"n".repeat(65), "9bceac5b7714"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }

@@ -25,7 +25,9 @@ use crate::{Resolved, VmArgs};
 #[derive(Debug, Subcommand)]
 pub enum FactoryCommand {
     /// Create the template (enable_template = true in [factory]): boot a template VM, save
-    /// its state and memory on a tmpfs at template_path, and stop it.
+    /// its state and memory on a tmpfs at template_path, and stop it. With
+    /// vm_cache_number > 0 it then runs the VMCache server in the foreground, serving
+    /// that many ready VMs on vm_cache_endpoint, until `factory destroy` or a signal.
     Init {
         #[command(flatten)]
         vm: VmArgs,

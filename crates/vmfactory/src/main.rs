@@ -52,7 +52,8 @@ enum Command {
     /// Measure vmfactory's speed; prints medians and p99 (JSON with --json).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
-    /// Manage the VM factory: the template (enable_template) of the [factory] section.
+    /// Manage the VM factory of the [factory] section: the template (enable_template) and
+    /// the VMCache server (vm_cache_number > 0).
     #[command(subcommand)]
     Factory(factory::FactoryCommand),
     /// Long-lived VMs (sandboxes): create, list, exec into, pause, resume, remove.
@@ -102,8 +103,8 @@ struct VmArgs {
     /// Extra kernel parameters.
     #[arg(long)]
     kernel_params: Option<String>,
-    /// Seconds a boot may take before giving up.
-    #[arg(long)]
+    /// Seconds a boot may take before giving up (1 to 3600).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=vmfactory_factory::settings::MAX_TIMEOUT_SECS))]
     boot_timeout: Option<u64>,
     #[command(flatten)]
     image: guest::ImageArgs,
@@ -202,9 +203,14 @@ fn check_request(
     let host_cpus = vmfactory_factory::settings::host_cpus();
     if let Some(vcpus) = vcpus.filter(|&v| v > qemu.default_maxvcpus.min(host_cpus)) {
         anyhow::bail!(
-            "--vcpus {vcpus} exceeds the limit of {} (default_maxvcpus = {}, host CPUs = {host_cpus}): ask for fewer, or raise default_maxvcpus in [hypervisor.qemu]",
+            "--vcpus {vcpus} exceeds the limit of {} (default_maxvcpus = {}, host CPUs = {host_cpus}): {}",
             qemu.default_maxvcpus.min(host_cpus),
-            qemu.default_maxvcpus
+            qemu.default_maxvcpus,
+            if host_cpus < qemu.default_maxvcpus {
+                "ask for fewer: a VM gets at most one vCPU per host CPU"
+            } else {
+                "ask for fewer, or raise default_maxvcpus in [hypervisor.qemu]"
+            }
         );
     }
     if let Some(memory) = memory.filter(|&m| m > qemu.default_maxmemory) {

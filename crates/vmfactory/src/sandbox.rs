@@ -75,12 +75,12 @@ pub enum SandboxCommand {
     },
     /// Stop a sandbox's vCPUs.
     Pause {
-        /// The sandbox.
+        /// The sandbox (id, id prefix or name).
         id: String,
     },
     /// Continue a paused sandbox's vCPUs.
     Resume {
-        /// The sandbox.
+        /// The sandbox (id, id prefix or name).
         id: String,
     },
     /// Run a command in a sandbox: output streamed, stdin passed with -i (or when it is
@@ -138,7 +138,7 @@ pub struct ExecArgs {
     /// with its image's environment, working directory and user.
     #[arg(short, long)]
     container: Option<String>,
-    /// Kill the command after this many seconds (exit status 124... as reported by the guest).
+    /// Kill the command after this many seconds (exit status 124).
     #[arg(long)]
     timeout: Option<u64>,
     /// The sandbox (id, id prefix or name).
@@ -658,12 +658,24 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
     }
     let client = SandboxClient::connect(&sandbox, &record.id).await?;
     let agent = client.agent().files_in(container.unwrap_or_default());
-    let stats = if inward {
-        agent.copy_in(Path::new(local), guest).await
-    } else {
-        agent.copy_out(guest, Path::new(local)).await
-    }
-    .context("Copy failed")?;
+    let mut signals = Signals::install()?;
+    let copy = async {
+        if inward {
+            agent.copy_in(Path::new(local), guest).await
+        } else {
+            agent.copy_out(guest, Path::new(local)).await
+        }
+    };
+    // Interrupted, the copy is dropped: the file being received (a temporary name on
+    // either side) is removed; what was complete stays.
+    let stats = tokio::select! {
+        stats = copy => stats.context("Copy failed")?,
+        stop = signals.recv() => {
+            let crate::run::Stop::Signal(number) = stop;
+            eprintln!("vmfactory: interrupted; the copy stopped (the file in progress was removed)");
+            return Ok(ExitCode::from(128 + u8::try_from(number).unwrap_or(0)));
+        }
+    };
     eprintln!(
         "vmfactory: copied {} file(s), {} director(ies), {} link(s), {} bytes{}",
         stats.files,
