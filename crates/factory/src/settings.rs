@@ -298,6 +298,22 @@ pub fn host_cpus() -> u32 {
         .unwrap_or(1)
 }
 
+/// 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |last| last.chars().count())
+        + 1;
+    (line, column)
+}
+
 impl Settings {
     /// Parses TOML text (from `path`, for messages) and validates it.
     pub fn parse(text: &str, path: &Path) -> Result<Self, SettingsError> {
@@ -306,7 +322,10 @@ impl Settings {
             message: err.message().to_string()
                 + &err
                     .span()
-                    .map(|span| format!(" (at byte {})", span.start))
+                    .map(|span| {
+                        let (line, column) = line_and_column(text, span.start);
+                        format!(" (line {line}, column {column})")
+                    })
                     .unwrap_or_default(),
         })?;
         settings.validate()?;

@@ -676,14 +676,18 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
             return Ok(ExitCode::from(128 + u8::try_from(number).unwrap_or(0)));
         }
     };
+    let count = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     eprintln!(
-        "vmfactory: copied {} file(s), {} director(ies), {} link(s), {} bytes{}",
-        stats.files,
-        stats.dirs,
-        stats.symlinks,
-        stats.bytes,
+        "vmfactory: copied {}, {}, {}, {}{}",
+        count(stats.files, "file", "files"),
+        count(stats.dirs, "directory", "directories"),
+        count(stats.symlinks, "link", "links"),
+        count(stats.bytes, "byte", "bytes"),
         if stats.skipped > 0 {
-            format!(" ({} special file(s) skipped)", stats.skipped)
+            format!(
+                " ({} skipped)",
+                count(stats.skipped, "special file", "special files")
+            )
         } else {
             String::new()
         }

@@ -263,3 +263,17 @@ fn the_guest_kernel_is_ours_unless_debian_is_asked_for() {
     let err = message("[guest]\nkernels = \"debian\"\n");
     assert!(err.contains("kernels"), "{err}");
 }
+
+#[test]
+fn syntax_errors_name_the_line_and_column() {
+    let err = message("[factory]\nenable_template = true\nvm_cache_number = \"three\"\n");
+    assert!(err.contains("(line 3, column 19)"), "{err}");
+    assert_eq!(line_and_column("ab\ncdé\nx", 7), (2, 4));
+    assert_eq!(
+        line_and_column("ab\ncdé\nx", 6),
+        (2, 3),
+        "inside a character"
+    );
+    assert_eq!(line_and_column("ab\ncdé\nx", 8), (3, 1));
+    assert_eq!(line_and_column("", 5), (1, 1));
+}
