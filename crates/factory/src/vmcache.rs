@@ -225,22 +225,12 @@ async fn reclaim_unadopted(factory: Arc<dyn FactoryBase>, handed: Handed, grace:
             Err(_) => return,
         };
         for record in due {
-            if !factory.backend().unadopted(&record.hypervisor) {
-                continue;
-            }
-            let id = record.id.clone();
-            warn!(
-                id,
-                grace_s = grace.as_secs_f64(),
-                "No client took over this handed-out VM in time: stopping it"
-            );
-            match Vm::adopt(factory.backend().as_ref(), record).await {
-                Ok(vm) => {
-                    if let Err(err) = vm.discard().await {
-                        warn!(id, %err, "Cannot stop an unadopted VM");
-                    }
-                }
-                Err(err) => warn!(id, %err, "Cannot take back an unadopted VM"),
+            if factory.backend().reclaim(&record.hypervisor).await {
+                warn!(
+                    id = record.id,
+                    grace_s = grace.as_secs_f64(),
+                    "No client took over this handed-out VM in time: stopped it"
+                );
             }
         }
     }

@@ -72,10 +72,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Takes over a running VM another handle gave away with [`Hypervisor::hand_over`],
     /// possibly in another process.
     async fn adopt(&self, handle: HypervisorHandle) -> Result<Box<dyn Hypervisor>>;
-    /// True while nobody has taken over (adopted) the VM this process handed over as
-    /// `handle`. A VMCache server stops such a VM after a grace, so a client that went
-    /// away before adopting its VM leaves nothing running. Default: unknown, false.
-    fn unadopted(&self, _handle: &HypervisorHandle) -> bool {
+    /// Takes back and stops the VM this process handed over as `handle`, if nobody has
+    /// adopted it; true if it did. Taking back and adopting exclude each other (whoever
+    /// takes the hand-over mark first wins), so a VM is never stopped under its adopter.
+    /// A VMCache server calls it after a grace, so a client that went away before
+    /// adopting its VM leaves nothing running. Default: never.
+    async fn reclaim(&self, _handle: &HypervisorHandle) -> bool {
         false
     }
 }

@@ -229,9 +229,21 @@ impl Backend for MockBackend {
         Ok(Box::new(self.start(spec, true)?))
     }
 
-    fn unadopted(&self, handle: &HypervisorHandle) -> bool {
-        matches!(handle, HypervisorHandle::Mock(handle)
-            if handed_over().lock().is_ok_and(|vms| vms.contains_key(&handle.id)))
+    async fn reclaim(&self, handle: &HypervisorHandle) -> bool {
+        let HypervisorHandle::Mock(handle) = handle else {
+            return false;
+        };
+        let taken = handed_over()
+            .lock()
+            .ok()
+            .and_then(|mut vms| vms.remove(&handle.id));
+        match taken {
+            Some(mut vm) => {
+                let _ = vm.stop().await;
+                true
+            }
+            None => false,
+        }
     }
 
     async fn adopt(&self, handle: HypervisorHandle) -> Result<Box<dyn Hypervisor>> {

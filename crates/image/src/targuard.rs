@@ -126,26 +126,35 @@ impl<R: Read> TarGuard<R> {
         }
         let header = tar::Header::from_byte_slice(&self.block);
         let kind = header.entry_type();
-        let extension = kind.is_gnu_longname()
+        // As `tar` 0.4's `next_entry`: a GNU or ustar header of a long name, long link or
+        // PAX extension is read whole into memory and describes the next entry; any other
+        // header is an entry, which uses up pending PAX extensions. Their `size` replaces
+        // the header's unless the header's type is an extension's (`next_entry_raw`).
+        let extension_type = kind.is_gnu_longname()
             || kind.is_gnu_longlink()
             || kind.is_pax_local_extensions()
             || kind.is_pax_global_extensions();
+        let recognized = header.as_gnu().is_some() || header.as_ustar().is_some();
+        let buffered = recognized
+            && (kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions());
         let mut size = header
             .entry_size()
             .map_err(|err| invalid(format!("a tar header's size is unreadable: {err}")))?;
-        if extension {
-            if size > MAX_EXTENSION_BYTES {
-                return Err(invalid(format!(
-                    "a tar extension entry (long name, long link or PAX) of {size} bytes, \
-                     more than {MAX_EXTENSION_BYTES}"
-                )));
-            }
-        } else if let Some(pax_size) = self.pax_size.take() {
-            // As `tar` does: the PAX size overrides the header's.
+        if buffered && size > MAX_EXTENSION_BYTES {
+            return Err(invalid(format!(
+                "a tar extension entry (long name, long link or PAX) of {size} bytes, \
+                 more than {MAX_EXTENSION_BYTES}"
+            )));
+        }
+        let pending = if buffered {
+            self.pax_size
+        } else {
+            self.pax_size.take()
+        };
+        if let Some(pax_size) = pending.filter(|_| !extension_type) {
             size = pax_size;
         }
-        let recognized = header.as_gnu().is_some() || header.as_ustar().is_some();
-        let pax = recognized && kind.is_pax_local_extensions();
+        let pax = buffered && kind.is_pax_local_extensions();
         if kind.is_gnu_sparse() && header.as_gnu().is_some_and(|gnu| gnu.is_extended()) {
             self.state = State::SparseExtension { data: size };
         } else {
@@ -385,5 +394,33 @@ mod tests {
             read_through(&bytes).expect("read"),
             [("sparse".to_string(), 5 * 1024), ("next".to_string(), 2)]
         );
+    }
+
+    #[test]
+    fn pending_pax_is_used_up_by_any_entry_as_tar_does() {
+        // PAX size 60 GB, then a global header (an entry for `tar`, which uses up the PAX
+        // data without applying it), then an empty file, then a long name claiming 8 GiB:
+        // the guard must not apply the size to the file, or the long name would pass as
+        // that file's data and `tar` would read it whole.
+        let mut builder = tar::Builder::new(Vec::new());
+        builder
+            .append_pax_extensions([("size", b"60000000000".as_slice())])
+            .expect("pax");
+        let mut bytes = builder.get_ref().clone();
+        let mut global = tar::Header::new_ustar();
+        global.set_entry_type(tar::EntryType::XGlobalHeader);
+        global.set_path("global").expect("path");
+        global.set_size(0);
+        global.set_cksum();
+        bytes.extend_from_slice(global.as_bytes());
+        let mut file = tar::Header::new_ustar();
+        file.set_path("empty").expect("path");
+        file.set_size(0);
+        file.set_cksum();
+        bytes.extend_from_slice(file.as_bytes());
+        bytes.extend(long_name_entry(8 << 30));
+        bytes.extend(vec![b'a'; 3 << 20]);
+        let err = read_through(&bytes).expect_err("refused");
+        assert!(err.to_string().contains("more than 1048576"), "{err}");
     }
 }

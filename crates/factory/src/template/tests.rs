@@ -420,6 +420,7 @@ async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
         .await
         .expect("connect");
     let adopted = client.get_base_vm().await.expect("adopted");
+    let asked = std::time::Instant::now();
     let abandoned = vmcache::connect(&endpoint)
         .await
         .expect("raw client")
@@ -428,7 +429,6 @@ async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
         .expect("GetBaseVM")
         .into_inner();
     let abandoned = vmcache::record_of(&abandoned).expect("record");
-    assert!(world.backend.unadopted(&abandoned.hypervisor));
     let control = |id: &str| {
         world
             .mock
@@ -440,20 +440,26 @@ async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
     };
     let (abandoned_control, adopted_control) = (control(&abandoned.id), control(adopted.id()));
 
-    let started = std::time::Instant::now();
     while !abandoned_control.is_stopped() {
         assert!(
-            started.elapsed() < Duration::from_secs(10),
+            asked.elapsed() < Duration::from_secs(10),
             "the unadopted VM still runs"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Handed out after `asked`, stopped no sooner than the grace after that.
     assert!(
-        started.elapsed() >= grace / 2,
+        asked.elapsed() >= grace,
         "stopped before its grace: {:?}",
-        started.elapsed()
+        asked.elapsed()
     );
-    assert!(!world.backend.unadopted(&abandoned.hypervisor));
+    // Taken back once: neither a second reclaim nor a late adopter gets it.
+    assert!(!world.backend.reclaim(&abandoned.hypervisor).await);
+    assert!(world
+        .backend
+        .adopt(abandoned.hypervisor.clone())
+        .await
+        .is_err());
     assert!(adopted_control.is_alive(), "the adopted VM is left alone");
     adopted.stop().await.expect("stop");
 

@@ -103,9 +103,15 @@ impl Backend for QemuBackend {
         ))
     }
 
-    fn unadopted(&self, handle: &HypervisorHandle) -> bool {
-        // Whoever adopts a QEMU records itself in its owner file.
-        matches!(handle, HypervisorHandle::Qemu(handle) if orphans::owned_by_this_process(&handle.dir))
+    async fn reclaim(&self, handle: &HypervisorHandle) -> bool {
+        let HypervisorHandle::Qemu(handle) = handle else {
+            return false;
+        };
+        if !orphans::take_hand_over_mark(&handle.dir) {
+            return false; // adopted, or gone
+        }
+        orphans::reap_dir(&handle.dir);
+        true
     }
 
     async fn adopt(&self, handle: HypervisorHandle) -> Result<Box<dyn Hypervisor>> {
@@ -339,6 +345,8 @@ impl Hypervisor for Qemu {
                 report: failure_report(&self.paths),
             });
         }
+        // The adopter takes this mark, or the giver takes it back: whoever is first.
+        orphans::set_hand_over_mark(&self.paths.dir)?;
         // Close our QMP session so the new owner can open its own.
         *self.qmp.get_mut() = None;
         self.owned = false;

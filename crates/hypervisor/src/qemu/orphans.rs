@@ -33,15 +33,23 @@ pub fn claim(vm_dir: &Path) {
     }
 }
 
-/// True when the owner file in `vm_dir` names this process.
-pub fn owned_by_this_process(vm_dir: &Path) -> bool {
-    let Ok(text) = std::fs::read_to_string(vm_dir.join(OWNER_FILE)) else {
-        return false;
-    };
-    let pid = std::process::id();
-    let mut fields = text.split_whitespace();
-    fields.next().and_then(|p| p.parse::<u32>().ok()) == Some(pid)
-        && fields.next().and_then(|s| s.parse::<u64>().ok()) == Some(start_time(pid).unwrap_or(0))
+/// The mark a handed-over VM carries until it is adopted or taken back.
+pub const HAND_OVER_MARK: &str = "handed-over";
+
+/// Marks the VM in `vm_dir` as handed over.
+pub fn set_hand_over_mark(vm_dir: &Path) -> crate::Result<()> {
+    std::fs::write(vm_dir.join(HAND_OVER_MARK), b"").map_err(|err| {
+        crate::HypervisorError::InvalidConfig(format!(
+            "Cannot mark {} as handed over: {err}",
+            vm_dir.display()
+        ))
+    })
+}
+
+/// Takes the hand-over mark of the VM in `vm_dir`: true for the one caller that removed
+/// it (an adopter, or the giver taking the VM back).
+pub fn take_hand_over_mark(vm_dir: &Path) -> bool {
+    std::fs::remove_file(vm_dir.join(HAND_OVER_MARK)).is_ok()
 }
 
 /// True when the owner recorded in `vm_dir` still runs (or nothing readable is recorded:
@@ -60,6 +68,20 @@ fn owner_alive(vm_dir: &Path) -> bool {
     start_time(pid).is_some_and(|now| now == started || started == 0)
 }
 
+/// Kills the QEMU of the VM directory `dir` and removes the directory.
+pub fn reap_dir(dir: &Path) {
+    for (pid, _) in super::processes_under(dir) {
+        if let Ok(pid) = i32::try_from(pid) {
+            // SAFETY: kill on a QEMU whose command line names this VM directory, which
+            // nobody else owns.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Kills the VMs under `runtime_dir/vm` whose owner is gone and removes their
 /// directories; returns the ids reaped.
 pub fn reap_orphans(runtime_dir: &Path) -> Vec<String> {
@@ -72,16 +94,7 @@ pub fn reap_orphans(runtime_dir: &Path) -> Vec<String> {
         if !dir.is_dir() || owner_alive(&dir) {
             continue;
         }
-        for (pid, _) in super::processes_under(&dir) {
-            if let Ok(pid) = i32::try_from(pid) {
-                // SAFETY: kill on a QEMU whose command line names this VM directory,
-                // whose owner is gone.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&dir);
+        reap_dir(&dir);
         let id = entry.file_name().to_string_lossy().into_owned();
         info!(id, "Reaped a VM whose owner is gone");
         reaped.push(id);
@@ -103,8 +116,9 @@ mod tests {
             std::fs::create_dir_all(dir).expect("mkdir");
         }
         claim(&mine);
-        assert!(owned_by_this_process(&mine));
-        assert!(!owned_by_this_process(&starting), "no owner file");
+        set_hand_over_mark(&mine).expect("mark");
+        assert!(take_hand_over_mark(&mine), "the first taker wins");
+        assert!(!take_hand_over_mark(&mine), "only once");
         // A pid no process has, and our own pid with a start time that is not ours
         // (a reused pid).
         std::fs::write(orphan.join(OWNER_FILE), "4294967294 1\n").expect("write");

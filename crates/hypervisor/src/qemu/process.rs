@@ -252,6 +252,11 @@ impl Qemu {
             tokio::io::unix::AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE)
         }
         .map_err(|err| gone(&std::io::Error::from(err).to_string()))?;
+        if !super::orphans::take_hand_over_mark(&paths.dir) {
+            return Err(gone(
+                "it was not handed over, or another process took it first (its giver stops a VM nobody adopts in time)",
+            ));
+        }
         tokio::spawn(async move {
             // A pidfd becomes readable when the process exits.
             let _ = exit_fd.readable().await;

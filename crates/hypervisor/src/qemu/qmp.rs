@@ -111,9 +111,23 @@ impl Qmp {
         std::mem::take(&mut self.events).into()
     }
 
+    /// Keeps `event`; beyond [`MAX_EVENTS`] the oldest event of the same name goes (else
+    /// the oldest), so a flood of one event cannot push out the one a caller waits for.
     fn keep_event(&mut self, event: Value) {
         if self.events.len() >= MAX_EVENTS {
-            self.events.pop_front();
+            let name = event.get("event");
+            match self
+                .events
+                .iter()
+                .position(|kept| kept.get("event") == name)
+            {
+                Some(index) => {
+                    self.events.remove(index);
+                }
+                None => {
+                    self.events.pop_front();
+                }
+            }
         }
         self.events.push_back(event);
     }
@@ -211,7 +225,8 @@ mod tests {
             lines.next_line().await.expect("read").expect("caps");
             write.write_all(b"{\"return\": {}}\n").await.expect("ret");
             lines.next_line().await.expect("read").expect("stop");
-            let mut flood = String::new();
+            let mut flood =
+                String::from("{\"event\": \"DEVICE_DELETED\", \"data\": {\"device\": \"d0\"}}\n");
             for n in 0..(MAX_EVENTS * 4) {
                 flood.push_str(&format!(
                     "{{\"event\": \"ACPI_DEVICE_OST\", \"data\": {{\"n\": {n}}}}}\n"
@@ -232,6 +247,10 @@ mod tests {
             events.last().expect("last")["data"]["n"],
             MAX_EVENTS * 4 - 1,
             "the newest events are kept"
+        );
+        assert_eq!(
+            events[0]["event"], "DEVICE_DELETED",
+            "a flood of another event does not push it out"
         );
         let err = qmp.execute("cont", None).await.expect_err("too long");
         assert!(err.to_string().contains("too long"), "{err}");
