@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -407,11 +408,10 @@ impl Processes {
             Some((program, args)) => (program.as_str(), args.as_slice()),
             None => (request.argv[0].as_str(), &request.argv[1..]),
         };
-        let workdir = if launch.pre_exec.is_some() {
-            "/"
-        } else {
-            workdir
-        };
+        // Without a hook the working directory is entered here, in the VM's mount
+        // namespace, so a failed start can be told apart from a missing directory.
+        let workdir_here = launch.pre_exec.is_none();
+        let workdir = if workdir_here { workdir } else { "/" };
         let mut command = Command::new(program);
         command
             .args(args)
@@ -454,6 +454,11 @@ impl Processes {
         // never end.
         drop(command);
         let mut child = spawned.map_err(|err| {
+            if workdir_here && !Path::new(workdir).is_dir() {
+                return Status::failed_precondition(format!(
+                    "The working directory {workdir:?} does not exist in the VM (or is not a directory): create it or choose another"
+                ));
+            }
             let message = format!("Cannot start {:?} in {workdir:?}: {err}", request.argv[0]);
             match err.kind() {
                 std::io::ErrorKind::NotFound => Status::not_found(message),

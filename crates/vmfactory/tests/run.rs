@@ -259,6 +259,19 @@ fn a_missing_command_exits_127() {
         "{}",
         stderr(&output)
     );
+    // A missing working directory is not a missing command.
+    let output = env.run(&["-w", "/no/such/dir", "--", "pwd"]);
+    assert_eq!(
+        output.status.code(),
+        Some(125),
+        "stderr: {}",
+        stderr(&output)
+    );
+    assert!(
+        stderr(&output).contains("working directory \"/no/such/dir\" does not exist"),
+        "{}",
+        stderr(&output)
+    );
     env.assert_nothing_left();
 }
 

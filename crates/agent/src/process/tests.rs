@@ -99,6 +99,12 @@ async fn timeouts_signals_and_bad_requests() {
         .expect_err("missing program");
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("/nonexistent/program"));
+    // A missing working directory is not a missing program (127 on the host).
+    let mut elsewhere = request(&["true"]);
+    elsewhere.workdir = "/nonexistent/dir".into();
+    let err = processes.start(elsewhere).expect_err("missing workdir");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("working directory"), "{err:?}");
     let mut named = request(&["true"]);
     named.exec_id = "mine".into();
     processes.start(named.clone()).expect("named");
