@@ -187,8 +187,21 @@ impl Containers {
             )));
         }
         let dir = Path::new(CONTAINERS_DIR).join(&id);
+        // The pid of the init this create started, if it got that far: only that process
+        // is ours to kill on failure (another client may have started a process with
+        // this exec id meanwhile).
+        let mut started = None;
         let created = self
-            .create_in(processes, &dir, &storage, upper_mib, &hostname, spec, argv)
+            .create_in(
+                processes,
+                &dir,
+                &storage,
+                upper_mib,
+                &hostname,
+                spec,
+                argv,
+                &mut started,
+            )
             .await;
         match created {
             Ok(start) => {
@@ -203,11 +216,13 @@ impl Containers {
                 Ok(())
             }
             Err(err) => {
-                if let Some(pid) = processes.running_pid(&id) {
-                    kill(pid);
-                    processes.ended_within(&id, KILL_TIMEOUT).await;
+                if let Some(pid) = started {
+                    if processes.running_pid(&id) == Some(pid) {
+                        kill(pid);
+                        processes.ended_within(&id, KILL_TIMEOUT).await;
+                    }
+                    processes.forget(&id);
                 }
-                processes.forget(&id);
                 teardown(&dir);
                 Err(err)
             }
@@ -224,6 +239,7 @@ impl Containers {
         hostname: &str,
         spec: ExecProcessRequest,
         argv: Vec<String>,
+        started: &mut Option<u32>,
     ) -> Result<OwnedFd, Status> {
         if dir.exists() {
             // Left by a container whose removal failed half-way.
@@ -306,7 +322,8 @@ impl Containers {
                 Ok(())
             })),
         };
-        processes.start_with(spec, launch)?;
+        let (_, pid) = processes.start_with(spec, launch)?;
+        *started = Some(pid);
         drop(status_write);
         drop(start_read);
         let mut status = tokio::net::unix::pipe::Receiver::from_owned_fd(status_read)
