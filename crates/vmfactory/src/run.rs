@@ -72,7 +72,8 @@ pub struct RunArgs {
     /// under a writable overlay. Without a command, runs the image's Entrypoint + Cmd.
     #[arg(long, value_name = "REF")]
     image: Option<String>,
-    /// Size of the container's writable layer (a tmpfs in the guest): MiB, or e.g. 512M, 2G.
+    /// Size of the container's writable layer (a tmpfs in the guest: what is written
+    /// there takes guest memory): MiB, or e.g. 512M, 2G.
     #[arg(long, value_parser = crate::container::parse_disk_size, requires = "image")]
     disk_size: Option<u32>,
     /// The command and its arguments (after `--`); optional with --image.

@@ -44,9 +44,9 @@ pub enum SandboxCommand {
         /// `main`). Run processes in it with `sandbox exec --container NAME`.
         #[arg(long = "image", value_name = "[NAME=]REF")]
         images: Vec<String>,
-        /// Size of each container's writable layer (a tmpfs in the guest): MiB, or e.g.
-        /// 512M, 2G.
-        #[arg(long, value_parser = crate::container::parse_disk_size)]
+        /// Size of each container's writable layer (a tmpfs in the guest: what is written
+        /// there takes guest memory): MiB, or e.g. 512M, 2G. Needs --image.
+        #[arg(long, value_parser = crate::container::parse_disk_size, requires = "images")]
         disk_size: Option<u32>,
         #[command(flatten)]
         vm: VmArgs,
