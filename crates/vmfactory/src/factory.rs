@@ -249,6 +249,10 @@ async fn init(resolved: Resolved) -> Result<ExitCode> {
         );
     }
     let path = &factory.template_path;
+    // Said before anything starts (creation checks again, under the template's lock).
+    if path.join(template::METADATA_FILE).exists() {
+        return Err(TemplateError::Exists(path.clone()).into());
+    }
     let progress = Progress::spinner(&format!(
         "Creating the template at {} (boots one VM)",
         path.display()

@@ -112,6 +112,11 @@ fn template_lifecycle_through_the_cli() {
         "{}",
         text(&again)
     );
+    assert!(
+        !text(&again).contains("Creating the template"),
+        "it said it was creating one: {}",
+        text(&again)
+    );
 
     let status = env.vmfactory(&["factory", "status", "--json"]);
     assert!(status.status.success(), "{}", text(&status));
