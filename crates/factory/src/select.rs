@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tracing::warn;
+use tracing::debug;
 
 use crate::base::{DirectFactory, Factory, FactoryBase, FactoryError};
 use crate::cache::CacheFactory;
@@ -71,7 +71,8 @@ impl Factory {
                 Ok(template) => return Ok(Self::new(Arc::new(template))),
                 Err(err) => {
                     let notice = format!("The template is not usable ({err}); booting directly");
-                    warn!(%err, "Template not usable; booting directly");
+                    // The caller shows the notice; a warning here would say it twice.
+                    debug!(%err, "Template not usable; booting directly");
                     let direct = DirectFactory::new(config.clone(), backend);
                     return Ok(Self::degraded(Arc::new(direct), notice));
                 }
