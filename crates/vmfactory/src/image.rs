@@ -175,10 +175,20 @@ fn ls(args: LsArgs) -> Result<ExitCode> {
             fs.join(","),
             human(*size_bytes),
             time(*last_used),
-            sources.join(" ")
+            shown_sources(sources)
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The table's SOURCES cell: the last source recorded, and how many more `--json` lists
+/// (an image built from many temporary copies would otherwise fill a screen line).
+fn shown_sources(sources: &[String]) -> String {
+    match sources {
+        [] => String::new(),
+        [only] => only.clone(),
+        [.., last] => format!("{last} (+{} more: --json)", sources.len() - 1),
+    }
 }
 
 fn human(bytes: u64) -> String {
@@ -220,5 +230,16 @@ mod tests {
         assert_eq!(time(0), "1970-01-01 00:00:00");
         assert_eq!(time(1_700_000_000), "2023-11-14 22:13:20");
         assert_eq!(time(951_782_400), "2000-02-29 00:00:00");
+    }
+
+    #[test]
+    fn many_sources_show_as_the_last_and_a_count() {
+        let sources: Vec<String> = (0..25).map(|i| format!("/tmp/{i}/img.tar")).collect();
+        assert_eq!(
+            shown_sources(&sources),
+            "/tmp/24/img.tar (+24 more: --json)"
+        );
+        assert_eq!(shown_sources(&sources[..1]), "/tmp/0/img.tar");
+        assert_eq!(shown_sources(&[]), "");
     }
 }
