@@ -321,6 +321,51 @@ fn ls_quiet_lists_ids_and_rm_all_removes_every_sandbox() {
     );
 }
 
+#[test]
+fn an_interrupted_copy_out_removes_its_partial_file() {
+    let env = Env::new();
+    let output = env.sandbox(&["create", "--name", "big", "--memory", "768"]);
+    assert!(output.status.success(), "{}", text(&output));
+    env.exec("big", "head -c 250000000 /dev/zero > /root/big");
+    let local = tempfile::tempdir().expect("tempdir");
+    let target = local.path().join("big.bin");
+    let copy = env
+        .command(&["sandbox", "cp", "big:/root/big", &target.to_string_lossy()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cp");
+    // SIGINT once the file being received exists.
+    let started = Instant::now();
+    let partial = loop {
+        let found = std::fs::read_dir(local.path())
+            .expect("read dir")
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p != &target);
+        if let Some(found) = found {
+            break found;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no partial file appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // SAFETY: signalling the copy this test started.
+    unsafe {
+        libc::kill(copy.id() as i32, libc::SIGINT);
+    }
+    let output = copy.wait_with_output().expect("wait");
+    assert_eq!(output.status.code(), Some(130), "{}", text(&output));
+    assert!(text(&output).contains("interrupted"), "{}", text(&output));
+    assert!(!partial.exists(), "{} left behind", partial.display());
+    assert!(!target.exists(), "an incomplete copy was put in place");
+    let output = env.sandbox(&["rm", "big"]);
+    assert!(output.status.success(), "{}", text(&output));
+    env.assert_nothing_left();
+}
+
 fn spawn_create(env: &Env, name: &str) -> Child {
     env.command(&["sandbox", "create", "--name", name])
         .stdout(Stdio::piped())
