@@ -233,10 +233,7 @@ impl Backend for MockBackend {
         let HypervisorHandle::Mock(handle) = handle else {
             return false;
         };
-        let taken = handed_over()
-            .lock()
-            .ok()
-            .and_then(|mut vms| vms.remove(&handle.id));
+        let taken = take_handed_over(&handle.id);
         match taken {
             Some(mut vm) => {
                 let _ = vm.stop().await;
@@ -253,10 +250,7 @@ impl Backend for MockBackend {
                 expected: self.name(),
             });
         };
-        let taken = handed_over()
-            .lock()
-            .ok()
-            .and_then(|mut vms| vms.remove(&handle.id));
+        let taken = take_handed_over(&handle.id);
         match taken {
             Some(mut vm) => {
                 vm.owned = true;
@@ -268,6 +262,11 @@ impl Backend for MockBackend {
             ))),
         }
     }
+}
+
+/// Takes mock VM `id` out of the hand-over registry: for the one caller that finds it.
+fn take_handed_over(id: &str) -> Option<MockHypervisor> {
+    handed_over().lock().ok().and_then(|mut vms| vms.remove(id))
 }
 
 /// A VM that exists only in memory (and its directory).

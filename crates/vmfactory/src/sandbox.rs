@@ -422,12 +422,10 @@ async fn supervise(
             Err(err) => {
                 tracing::error!(%err, "The sandbox could not be created");
                 // The reason, with its causes, on one line for `create`.
-                let mut reason = err.to_string();
-                let mut cause = std::error::Error::source(err);
-                while let Some(inner) = cause {
-                    reason = format!("{reason}: {inner}");
-                    cause = inner.source();
-                }
+                let reason = anyhow::Chain::new(err)
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(": ");
                 let mut stdout = std::io::stdout();
                 let _ = writeln!(stdout, "{FAILED_PREFIX}{}", reason.replace('\n', " "));
                 let _ = stdout.flush();
