@@ -326,6 +326,44 @@ mod tests {
         assert!("localhost".parse::<MetricsAddress>().is_err());
     }
 
+    /// `serve` on the Unix socket `path`, once the socket exists: its shutdown and task.
+    async fn serving(
+        metrics: Arc<FactoryMetrics>,
+        path: &std::path::Path,
+    ) -> (
+        Arc<Notify>,
+        tokio::task::JoinHandle<Result<(), MetricsError>>,
+    ) {
+        let address = MetricsAddress::Unix(path.to_path_buf());
+        let shutdown = Arc::new(Notify::new());
+        let server = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { serve(metrics, &address, shutdown).await }
+        });
+        for _ in 0..100 {
+            if path.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (shutdown, server)
+    }
+
+    /// The whole HTTP answer to `GET /metrics` on the Unix socket `path`.
+    async fn get_metrics(path: PathBuf) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::UnixStream::connect(&path)
+            .await
+            .expect("connect");
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("read");
+        response
+    }
+
     #[tokio::test]
     async fn serves_counts_over_a_unix_socket() {
         let metrics = Arc::new(FactoryMetrics::default());
@@ -341,29 +379,9 @@ mod tests {
         assert!(text.contains("vmfactory_template_age_seconds 6"), "{text}");
 
         let dir = tempfile::tempdir().expect("tempdir");
-        let address = MetricsAddress::Unix(dir.path().join("metrics.sock"));
-        let shutdown = Arc::new(Notify::new());
-        let server = tokio::spawn({
-            let (metrics, address, shutdown) = (metrics.clone(), address.clone(), shutdown.clone());
-            async move { serve(metrics, &address, shutdown).await }
-        });
         let path = dir.path().join("metrics.sock");
-        for _ in 0..100 {
-            if path.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::UnixStream::connect(&path)
-            .await
-            .expect("connect");
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .expect("write");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.expect("read");
+        let (shutdown, server) = serving(metrics.clone(), &path).await;
+        let response = get_metrics(path.clone()).await;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         assert!(
             response.contains("vmfactory_handouts_total 1"),
@@ -418,18 +436,7 @@ mod tests {
         // Idle connections hold at most MAX_CONNECTIONS slots; the next one waits.
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("metrics.sock");
-        let address = MetricsAddress::Unix(path.clone());
-        let shutdown = Arc::new(Notify::new());
-        let server = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move { serve(Arc::new(FactoryMetrics::default()), &address, shutdown).await }
-        });
-        for _ in 0..100 {
-            if path.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (shutdown, server) = serving(Arc::new(FactoryMetrics::default()), &path).await;
         let mut idle = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
             idle.push(
@@ -438,20 +445,7 @@ mod tests {
                     .expect("connect"),
             );
         }
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let ask = |path: PathBuf| async move {
-            let mut stream = tokio::net::UnixStream::connect(&path)
-                .await
-                .expect("connect");
-            stream
-                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await
-                .expect("write");
-            let mut response = String::new();
-            stream.read_to_string(&mut response).await.expect("read");
-            response
-        };
-        let waiting = tokio::spawn(ask(path.clone()));
+        let waiting = tokio::spawn(get_metrics(path.clone()));
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             !waiting.is_finished(),

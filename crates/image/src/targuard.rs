@@ -285,6 +285,16 @@ mod tests {
         }
     }
 
+    /// An entry "next" holding "ok" with `header`'s format, then the end of the archive.
+    fn closing_entry(mut header: tar::Header) -> Vec<u8> {
+        let mut builder = tar::Builder::new(Vec::new());
+        header.set_size(2);
+        header.set_path("next").expect("path");
+        header.set_cksum();
+        builder.append(&header, b"ok".as_slice()).expect("append");
+        builder.into_inner().expect("inner")
+    }
+
     /// A GNU long-name entry claiming `size` bytes, followed by `data` of that length.
     fn long_name_entry(size: u64) -> Vec<u8> {
         let mut header = tar::Header::new_gnu();
@@ -346,13 +356,7 @@ mod tests {
         bytes.extend_from_slice(header.as_bytes());
         bytes.extend_from_slice(&data);
         bytes.extend(vec![0u8; 1536 - 1500]);
-        let mut after = tar::Builder::new(Vec::new());
-        let mut next = tar::Header::new_ustar();
-        next.set_size(2);
-        next.set_path("next").expect("path");
-        next.set_cksum();
-        after.append(&next, b"ok".as_slice()).expect("append");
-        bytes.extend(after.into_inner().expect("inner"));
+        bytes.extend(closing_entry(tar::Header::new_ustar()));
         assert_eq!(
             read_through(&bytes).expect("read"),
             [("sized".to_string(), 1500), ("next".to_string(), 2)]
@@ -383,13 +387,7 @@ mod tests {
         let mut bytes = header.as_bytes().to_vec();
         bytes.extend_from_slice(extension.as_bytes());
         bytes.extend(vec![b's'; 5 * 512]);
-        let mut after = tar::Builder::new(Vec::new());
-        let mut next = tar::Header::new_gnu();
-        next.set_size(2);
-        next.set_path("next").expect("path");
-        next.set_cksum();
-        after.append(&next, b"ok".as_slice()).expect("append");
-        bytes.extend(after.into_inner().expect("inner"));
+        bytes.extend(closing_entry(tar::Header::new_gnu()));
         assert_eq!(
             read_through(&bytes).expect("read"),
             [("sparse".to_string(), 5 * 1024), ("next".to_string(), 2)]

@@ -200,16 +200,27 @@ async fn fetch_refuses_mismatch_and_damage() {
     assert!(matches!(err, TemplateError::Missing(_)), "{err}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vmcache_hands_over_by_record_and_refuses_unknown_versions() {
-    let world = World::new();
+/// A VMCache server (clients get `grace` to adopt) on a cache of two clones of a new
+/// template of `world`, once the cache is full.
+async fn serve_two_cached(
+    world: &World,
+    grace: Duration,
+) -> (
+    Arc<CacheFactory>,
+    PathBuf,
+    Arc<tokio::sync::Notify>,
+    tokio::task::JoinHandle<Result<(), vmcache::VmCacheError>>,
+) {
     let template = world.create().await;
     let cache = Arc::new(CacheFactory::with_warm_up(Arc::new(template), 2, true));
     let endpoint = world.path.with_extension("sock");
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let server = tokio::spawn({
         let (cache, endpoint, shutdown) = (cache.clone(), endpoint.clone(), shutdown.clone());
-        async move { vmcache::serve(cache, &endpoint, shutdown).await }
+        async move {
+            let lock = vmcache::lock_endpoint(&endpoint)?;
+            vmcache::serve_locked_with_grace(cache, &endpoint, &lock, shutdown, grace).await
+        }
     });
     for _ in 0..500 {
         if cache.ready_count().await == 2 {
@@ -218,6 +229,14 @@ async fn vmcache_hands_over_by_record_and_refuses_unknown_versions() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(cache.ready_count().await, 2, "the cache never filled");
+    (cache, endpoint, shutdown, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmcache_hands_over_by_record_and_refuses_unknown_versions() {
+    let world = World::new();
+    let (cache, endpoint, shutdown, server) =
+        serve_two_cached(&world, vmcache::HANDOVER_GRACE).await;
 
     let client = GrpcCacheFactory::connect_with_backend(&endpoint, world.backend.clone())
         .await
@@ -395,25 +414,8 @@ async fn concurrent_creations_one_wins_the_other_is_refused_naming_the_pid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
     let world = World::new();
-    let template = world.create().await;
-    let cache = Arc::new(CacheFactory::with_warm_up(Arc::new(template), 2, true));
-    let endpoint = world.path.with_extension("sock");
-    let shutdown = Arc::new(tokio::sync::Notify::new());
     let grace = Duration::from_millis(300);
-    let server = tokio::spawn({
-        let (cache, endpoint, shutdown) = (cache.clone(), endpoint.clone(), shutdown.clone());
-        async move {
-            let lock = vmcache::lock_endpoint(&endpoint)?;
-            vmcache::serve_locked_with_grace(cache, &endpoint, &lock, shutdown, grace).await
-        }
-    });
-    for _ in 0..500 {
-        if cache.ready_count().await == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(cache.ready_count().await, 2, "the cache never filled");
+    let (cache, endpoint, shutdown, server) = serve_two_cached(&world, grace).await;
 
     // One VM taken and adopted, one taken by a client that never adopts it (it died).
     let client = GrpcCacheFactory::connect_with_backend(&endpoint, world.backend.clone())

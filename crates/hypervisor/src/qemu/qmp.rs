@@ -170,6 +170,24 @@ mod tests {
     use super::*;
     use tokio::net::UnixListener;
 
+    /// The fake QEMU's side of a session on `listener`, past the greeting and
+    /// `qmp_capabilities`.
+    async fn negotiated(
+        listener: UnixListener,
+    ) -> (tokio::io::Lines<BufReader<OwnedReadHalf>>, OwnedWriteHalf) {
+        let (stream, _) = listener.accept().await.expect("accept");
+        let (read, mut write) = stream.into_split();
+        let mut lines = BufReader::new(read).lines();
+        write
+            .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .expect("greet");
+        let caps = lines.next_line().await.expect("read").expect("line");
+        assert!(caps.contains("qmp_capabilities"));
+        write.write_all(b"{\"return\": {}}\n").await.expect("ret");
+        (lines, write)
+    }
+
     /// A fake QEMU that greets, accepts capabilities, emits an event, then answers.
     #[tokio::test]
     async fn negotiates_and_executes_skipping_events() {
@@ -177,16 +195,7 @@ mod tests {
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).expect("bind");
         let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.expect("accept");
-            let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
-            write
-                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .await
-                .expect("greet");
-            let caps = lines.next_line().await.expect("read").expect("line");
-            assert!(caps.contains("qmp_capabilities"));
-            write.write_all(b"{\"return\": {}}\n").await.expect("ret");
+            let (mut lines, mut write) = negotiated(listener).await;
             let stop = lines.next_line().await.expect("read").expect("line");
             assert!(stop.contains("\"stop\""));
             write
@@ -215,15 +224,7 @@ mod tests {
         let path = dir.path().join("qmp.sock");
         let listener = UnixListener::bind(&path).expect("bind");
         let server = tokio::spawn(async move {
-            let (stream, _) = listener.accept().await.expect("accept");
-            let (read, mut write) = stream.into_split();
-            let mut lines = BufReader::new(read).lines();
-            write
-                .write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
-                .await
-                .expect("greet");
-            lines.next_line().await.expect("read").expect("caps");
-            write.write_all(b"{\"return\": {}}\n").await.expect("ret");
+            let (mut lines, mut write) = negotiated(listener).await;
             lines.next_line().await.expect("read").expect("stop");
             let mut flood =
                 String::from("{\"event\": \"DEVICE_DELETED\", \"data\": {\"device\": \"d0\"}}\n");
