@@ -21,7 +21,8 @@ pub const HOTPLUG_PORT_PREFIX: &str = "vmfhp";
 /// clock instead: QEMU's emulated local APIC counts at 1 GHz. The timer stays the
 /// one-shot clock event, so an idle guest is tickless (with `noapictimer`, used before,
 /// the HPET ticked 250 times a second: an idle VM's QEMU used 8.4% of a core, now none).
-/// A kernel without the patch ignores the parameter and calibrates.
+/// A kernel without the patch ignores the parameter and calibrates. A boot (not a clone)
+/// also gets `tsc_early_khz`, the host's TSC rate ([`super::tsc`]).
 pub const TCG_KERNEL_PARAMS: &str = "lapic_timer_hz=1000000000";
 /// Machine devices no vmfactory guest uses, left out (`-machine` properties of both `q35`
 /// and `pc`): the SATA controller, SMBus, the PS/2 controller and VMware's I/O port. Fewer
@@ -170,7 +171,14 @@ pub fn build_args(
     }
     let append = match accel {
         ResolvedAccel::Kvm => spec.kernel_params.clone(),
-        ResolvedAccel::Tcg => format!("{} {TCG_KERNEL_PARAMS}", spec.kernel_params),
+        ResolvedAccel::Tcg => {
+            let mut append = format!("{} {TCG_KERNEL_PARAMS}", spec.kernel_params);
+            // Only a boot calibrates the TSC; a clone's kernel did so long ago.
+            if let (StartMode::Boot, Some(khz)) = (mode, super::tsc::host_tsc_khz()) {
+                append.push_str(&format!(" tsc_early_khz={khz}"));
+            }
+            append
+        }
     };
     push(&["-append", append.trim_start()]);
     push(&[
@@ -300,9 +308,12 @@ mod tests {
         );
         assert_eq!(values(&args, "-kernel"), ["/k/vmlinux"]);
         assert_eq!(values(&args, "-initrd"), ["/k/initrd.img"]);
+        let khz = super::super::tsc::host_tsc_khz().expect("this host's TSC rate");
         assert_eq!(
             values(&args, "-append"),
-            ["console=ttyS0 quiet lapic_timer_hz=1000000000"]
+            [format!(
+                "console=ttyS0 quiet lapic_timer_hz=1000000000 tsc_early_khz={khz}"
+            )]
         );
         assert_eq!(
             values(&args, "-qmp"),
@@ -355,6 +366,11 @@ mod tests {
             values(&args, "-initrd").is_empty(),
             "a clone needs no initrd"
         );
+        assert_eq!(
+            values(&args, "-append"),
+            ["console=ttyS0 quiet lapic_timer_hz=1000000000"],
+            "a clone calibrates no TSC"
+        );
         let boot = args_of(&config(), &spec(), ResolvedAccel::Tcg);
         assert_eq!(
             boot.len() + 3 - 2,
@@ -383,7 +399,7 @@ mod tests {
         assert_eq!(values(&tcg, "-accel"), ["tcg,tb-size=32"]);
         // The APIC timer's clock is only given where it would be calibrated (TCG).
         assert_eq!(values(&kvm, "-append"), ["console=ttyS0 quiet"]);
-        assert!(values(&tcg, "-append")[0].ends_with(" lapic_timer_hz=1000000000"));
+        assert!(values(&tcg, "-append")[0].contains(" lapic_timer_hz=1000000000"));
     }
 
     #[test]

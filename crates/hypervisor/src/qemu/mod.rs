@@ -22,6 +22,7 @@ pub mod jit;
 mod orphans;
 mod process;
 mod state;
+mod tsc;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
