@@ -321,6 +321,8 @@ impl Containers {
                 }
                 Ok(())
             })),
+            // The init enters the workdir itself and reports a missing one.
+            workdir_root: None,
         };
         let (_, pid) = processes.start_with(spec, launch)?;
         *started = Some(pid);
@@ -476,6 +478,7 @@ impl Containers {
                 }
                 Ok(())
             })),
+            workdir_root: Some(PathBuf::from(format!("/proc/{pid}/root"))),
         })
     }
 }

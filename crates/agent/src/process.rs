@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -288,6 +288,10 @@ pub struct Launch {
     /// Runs in the child after the agent's own steps, before `exec`; the request's workdir
     /// is then the hook's business (it is not applied in the agent's mount namespace).
     pub pre_exec: Option<PreExec>,
+    /// With a hook: the root the hook resolves the request's workdir in, as the agent
+    /// sees it (a container's `/proc/PID/root`). A failed start then looks there to tell
+    /// a missing working directory from a missing program.
+    pub workdir_root: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Launch {
@@ -296,6 +300,7 @@ impl std::fmt::Debug for Launch {
             .field("program", &self.program)
             .field("pid_ns", &self.pid_ns.is_some())
             .field("pre_exec", &self.pre_exec.is_some())
+            .field("workdir_root", &self.workdir_root)
             .finish()
     }
 }
@@ -409,8 +414,15 @@ impl Processes {
             None => (request.argv[0].as_str(), &request.argv[1..]),
         };
         // Without a hook the working directory is entered here, in the VM's mount
-        // namespace, so a failed start can be told apart from a missing directory.
+        // namespace; with one, the hook enters it. Either way a failed start looks for it
+        // where it was entered, to tell a missing directory from a missing program.
         let workdir_here = launch.pre_exec.is_none();
+        let (workdir_root, scope) = if workdir_here {
+            (Some(PathBuf::from("/")), "the VM")
+        } else {
+            (launch.workdir_root.clone(), "the container")
+        };
+        let requested_workdir = workdir;
         let workdir = if workdir_here { workdir } else { "/" };
         let mut command = Command::new(program);
         command
@@ -454,12 +466,20 @@ impl Processes {
         // never end.
         drop(command);
         let mut child = spawned.map_err(|err| {
-            if workdir_here && !Path::new(workdir).is_dir() {
+            let missing = |root: &Path| {
+                !root
+                    .join(requested_workdir.trim_start_matches('/'))
+                    .is_dir()
+            };
+            if workdir_root.as_deref().is_some_and(missing) {
                 return Status::failed_precondition(format!(
-                    "The working directory {workdir:?} does not exist in the VM (or is not a directory): create it or choose another"
+                    "The working directory {requested_workdir:?} does not exist in {scope} (or is not a directory): create it or choose another"
                 ));
             }
-            let message = format!("Cannot start {:?} in {workdir:?}: {err}", request.argv[0]);
+            let message = format!(
+                "Cannot start {:?} in {requested_workdir:?}: {err}",
+                request.argv[0]
+            );
             match err.kind() {
                 std::io::ErrorKind::NotFound => Status::not_found(message),
                 std::io::ErrorKind::PermissionDenied => Status::permission_denied(message),

@@ -310,6 +310,20 @@ fn oci_and_docker_archives_run_their_cmd_with_env_workdir_and_whiteouts() {
         ]);
         assert!(output.status.success(), "{reference}: {}", text(&output));
         assert_eq!(stdout(&output), "kept\n/work\nhello\n");
+        if archive == &oci {
+            // A missing working directory in the container is not a missing command
+            // (125, naming it); a missing command still exits 127.
+            let output = run(&["--image", &reference, "-w", "/no/such/dir", "--", "pwd"]);
+            assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+            assert!(
+                text(&output)
+                    .contains("working directory \"/no/such/dir\" does not exist in the container"),
+                "{}",
+                text(&output)
+            );
+            let output = run(&["--image", &reference, "--", "no-such-command"]);
+            assert_eq!(output.status.code(), Some(127), "{}", text(&output));
+        }
         let left = leftovers(runtime.path(), runtime.path());
         assert!(left.is_empty(), "left behind: {left:?}");
     }
