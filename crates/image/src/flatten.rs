@@ -32,6 +32,8 @@ pub struct LayerStats {
 #[derive(Debug)]
 pub struct Flattener {
     root: OwnedFd,
+    /// Keeps the store's free-space reserve while files are written.
+    space: crate::space::SpaceGuard,
 }
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -78,13 +80,21 @@ fn resolve_flags() -> ResolveFlags {
 impl Flattener {
     /// Applies layers to `root` (an existing, normally empty directory).
     pub fn new(root: &Path) -> Result<Self, ImageError> {
+        let root_path = root;
         let root = rustix::fs::open(
             root,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
         .map_err(|err| io_err("open", root.as_os_str().as_bytes(), err))?;
-        Ok(Self { root })
+        let space = crate::space::SpaceGuard::new(root_path);
+        Ok(Self { root, space })
+    }
+
+    /// Refuses to go on when a disk of the tree's size would leave less than the free
+    /// space the store keeps on the tree's filesystem (`space.rs`).
+    pub fn check_space_for_disk(&self) -> Result<(), ImageError> {
+        self.space.before_disk(&self.root, self.space.written())
     }
 
     /// Opens the directory `parts` inside the root (symlinks resolved inside the root),
@@ -193,6 +203,7 @@ impl Flattener {
                     set_owner_mode(dir.as_fd(), uid, gid, mode, &path)?;
                 }
                 t if t.is_file() || t == tar::EntryType::Continuous => {
+                    self.space.before_file(&parent, entry.size())?;
                     let fd = rustix::fs::openat(
                         &parent,
                         name,

@@ -9,6 +9,7 @@
 mod flatten;
 mod mkfs;
 mod source;
+mod space;
 mod store;
 mod targuard;
 
@@ -142,12 +143,31 @@ pub enum ImageError {
     NotCached(String),
     #[error("{0:?} matches several cached images ({1}); give more of the digest")]
     Ambiguous(String, String),
+    #[error(
+        "not enough free space in {} to {what}: it needs about {} MiB, {} MiB are available, and vmfactory leaves {} MiB free (5% of the filesystem, at most 1 GiB); remove cached images (`vmfactory image rm`) or free space there",
+        .dir.display(),
+        mib(*.needed),
+        mib(*.available),
+        mib(*.reserve)
+    )]
+    NoSpace {
+        dir: PathBuf,
+        what: String,
+        needed: u64,
+        available: u64,
+        reserve: u64,
+    },
     #[error("cannot {what}: {source}")]
     Io {
         what: String,
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Bytes in MiB, rounded up.
+fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(1 << 20)
 }
 
 pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {

@@ -340,6 +340,14 @@ impl ImageStore {
         }))
     }
 
+    /// A free-space error names the store, not its staging directory.
+    fn named_store(&self, mut err: ImageError) -> ImageError {
+        if let ImageError::NoSpace { dir, .. } = &mut err {
+            dir.clone_from(&self.root);
+        }
+        err
+    }
+
     fn make(
         &self,
         digest: &str,
@@ -380,9 +388,13 @@ impl ImageStore {
                 let count = image.layers.len();
                 for (i, layer) in image.layers.iter().enumerate() {
                     progress(&format!("applying layer {}/{count}", i + 1));
-                    let stats = source::read_layer(layer, |tar| flattener.apply(tar))?;
+                    let stats = source::read_layer(layer, |tar| flattener.apply(tar))
+                        .map_err(|err| self.named_store(err))?;
                     tracing::debug!(layer = i + 1, ?stats, "applied layer");
                 }
+                flattener
+                    .check_space_for_disk()
+                    .map_err(|err| self.named_store(err))?;
                 progress(&format!("building {} image", self.fs_type));
                 mkfs::build(self.fs_type, &rootfs, &staged_disk)?;
                 fs::remove_dir_all(&rootfs)

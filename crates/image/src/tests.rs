@@ -451,3 +451,68 @@ fn the_fixture_can_carry_the_guest_busybox() -> TestResult {
     assert_eq!(fs::read(tree.join("bin/busybox"))?, fs::read(&busybox)?);
     Ok(())
 }
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted when dropped.
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn mount(size: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()?;
+        if !status.success() {
+            return Err(format!("mount tmpfs on {}: {status}", dir.path().display()).into());
+        }
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn flattening_stops_before_it_eats_into_the_free_space_reserve() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let small = SmallFs::mount("16m")?;
+    let store_root = small.0.path().join("images");
+    let store = ImageStore::new(&store_root);
+    // 20 MiB of files do not fit at all; 9 MiB do, but their disk would not.
+    for (size, what) in [
+        (20 << 20, "write the image's files"),
+        (9 << 20, "build the image's disk"),
+    ] {
+        let layer = LayerBuilder::new()
+            .file("small", b"x", 0o644)?
+            .file("big", &vec![7u8; size], 0o644)?
+            .finish()?;
+        let layout = tmp.path().join(format!("layout-{size}"));
+        layout_with(&[(layer, Compression::Gzip)], &layout)?;
+        let err = store
+            .prepare(layout.to_str().ok_or("path")?, &mut |_| {})
+            .expect_err("no room");
+        assert!(matches!(err, ImageError::NoSpace { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains(what), "{text}");
+        assert!(
+            text.contains(&format!("space in {}/", store_root.display())),
+            "{text}"
+        );
+        assert!(store.list()?.is_empty());
+        // The store's own directory (`rootfs` under the cache directory) holds no
+        // staging directory any more.
+        let images = store_root.join("rootfs");
+        assert!(images.is_dir());
+        let staging: Vec<_> = fs::read_dir(&images)?
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .filter(|name| name.to_string_lossy().starts_with(".staging-"))
+            .collect();
+        assert!(staging.is_empty(), "left behind: {staging:?}");
+    }
+    Ok(())
+}
