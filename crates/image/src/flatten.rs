@@ -94,7 +94,7 @@ impl Flattener {
     /// Refuses to go on when a disk of the tree's size would leave less than the free
     /// space the store keeps on the tree's filesystem (`space.rs`).
     pub fn check_space_for_disk(&self) -> Result<(), ImageError> {
-        self.space.before_disk(&self.root, self.space.written())
+        self.space.before_disk()
     }
 
     /// Opens the directory `parts` inside the root (symlinks resolved inside the root),

@@ -56,6 +56,17 @@ fn usage(fd: impl AsFd, dir: &Path) -> Result<(u64, u64), ImageError> {
     ))
 }
 
+/// Refuses to build a disk of about `size` bytes in `dir` when that would leave less than
+/// the reserve.
+pub(crate) fn ensure_room_for_disk(dir: &Path, size: u64) -> Result<(), ImageError> {
+    let handle = std::fs::File::open(dir).map_err(|source| ImageError::Io {
+        what: format!("open {}", dir.display()),
+        source,
+    })?;
+    let (available, total) = usage(&handle, dir)?;
+    check(dir, "build the image's disk", size, available, total)
+}
+
 /// Checks the writes into one directory tree against the reserve.
 #[derive(Debug)]
 pub(crate) struct SpaceGuard {
@@ -100,10 +111,9 @@ impl SpaceGuard {
         self.written.get()
     }
 
-    /// Before a disk of about `size` bytes is built in the directory `fd`.
-    pub(crate) fn before_disk(&self, fd: impl AsFd, size: u64) -> Result<(), ImageError> {
-        let (available, total) = usage(fd, &self.dir)?;
-        check(&self.dir, "build the image's disk", size, available, total)
+    /// Before a disk of the written files' size is built.
+    pub(crate) fn before_disk(&self) -> Result<(), ImageError> {
+        ensure_room_for_disk(&self.dir, self.written())
     }
 }
 

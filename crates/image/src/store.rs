@@ -86,8 +86,8 @@ struct Stamped {
 enum Content<'a> {
     /// Layers to flatten into a fresh tree.
     Layers(&'a Image),
-    /// An existing tree (a root filesystem directory).
-    Tree(&'a Path),
+    /// An existing tree (a root filesystem directory) and the bytes of its files.
+    Tree(&'a Path, u64),
 }
 
 fn now() -> u64 {
@@ -204,7 +204,7 @@ impl ImageStore {
                             path.display()
                         )));
                     }
-                    let stamp = dir_stamp(&path)?;
+                    let (stamp, file_bytes) = dir_stamp(&path)?;
                     let digest = match self.stamped(&source_name, &stamp)? {
                         Some(digest) => digest,
                         None => {
@@ -218,7 +218,7 @@ impl ImageStore {
                     self.make(
                         &digest,
                         &config,
-                        Content::Tree(&path),
+                        Content::Tree(&path, file_bytes),
                         &source_name,
                         progress,
                     )
@@ -372,7 +372,9 @@ impl ImageStore {
         let disk_name = self.fs_type.file_name();
         let staged_disk = staging.path().join(disk_name);
         match content {
-            Content::Tree(tree) => {
+            Content::Tree(tree, file_bytes) => {
+                crate::space::ensure_room_for_disk(staging.path(), file_bytes)
+                    .map_err(|err| self.named_store(err))?;
                 progress(&format!(
                     "building {} image of {}",
                     self.fs_type,
@@ -580,8 +582,9 @@ pub(crate) fn walk(
 }
 
 /// The stamp of a tree: path, inode, size, mode, owner, mtime and ctime of every entry.
-/// Any change to the tree changes it; computing it only stats.
-pub(crate) fn dir_stamp(root: &Path) -> Result<String, ImageError> {
+/// Any change to the tree changes it; computing it only stats. Also the bytes of the
+/// tree's regular files (about the size of a disk built from it).
+pub(crate) fn dir_stamp(root: &Path) -> Result<(String, u64), ImageError> {
     let mut hasher = Sha256::new();
     let top = fs::symlink_metadata(root).map_err(io_error(format!("stat {}", root.display())))?;
     hasher.update(format!(
@@ -593,7 +596,11 @@ pub(crate) fn dir_stamp(root: &Path) -> Result<String, ImageError> {
     ));
     // Collected, then hashed once: cheaper than many small updates.
     let mut record = Vec::with_capacity(1 << 20);
+    let mut file_bytes: u64 = 0;
     walk(root, &mut |rel, _, meta| {
+        if meta.is_file() {
+            file_bytes = file_bytes.saturating_add(meta.size());
+        }
         record.extend_from_slice(rel.as_os_str().as_bytes());
         for n in [
             meta.ino(),
@@ -612,7 +619,7 @@ pub(crate) fn dir_stamp(root: &Path) -> Result<String, ImageError> {
         Ok(())
     })?;
     hasher.update(&record);
-    Ok(source::hex(&hasher.finalize()))
+    Ok((source::hex(&hasher.finalize()), file_bytes))
 }
 
 /// The content digest of a tree: paths, types, modes, owners, file contents, symlink

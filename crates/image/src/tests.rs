@@ -374,10 +374,10 @@ fn stamp_of_a_debian_rootfs_is_fast() -> TestResult {
         return Ok(());
     }
     let started = Instant::now();
-    let stamp = crate::store::dir_stamp(rootfs)?;
+    let (stamp, _) = crate::store::dir_stamp(rootfs)?;
     let took = started.elapsed();
     eprintln!("stamp of {} took {took:?}", rootfs.display());
-    assert_eq!(stamp, crate::store::dir_stamp(rootfs)?);
+    assert_eq!(stamp, crate::store::dir_stamp(rootfs)?.0);
     Ok(())
 }
 
@@ -514,5 +514,23 @@ fn flattening_stops_before_it_eats_into_the_free_space_reserve() -> TestResult {
             .collect();
         assert!(staging.is_empty(), "left behind: {staging:?}");
     }
+    // A root filesystem directory (its disk is built straight from it): refused too.
+    let rootfs = tmp.path().join("rootfs");
+    fs::create_dir_all(rootfs.join("etc"))?;
+    fs::write(rootfs.join("etc/big"), vec![7u8; 20 << 20])?;
+    let err = store
+        .prepare(rootfs.to_str().ok_or("path")?, &mut |_| {})
+        .expect_err("no room");
+    assert!(matches!(err, ImageError::NoSpace { .. }), "{err:?}");
+    assert!(err.to_string().contains("build the image's disk"), "{err}");
+    assert!(store.list()?.is_empty());
+    // An image that fits is built on the same filesystem.
+    let layer = LayerBuilder::new()
+        .file("etc/small", &vec![7u8; 1 << 20], 0o644)?
+        .finish()?;
+    let layout = tmp.path().join("layout-fits");
+    layout_with(&[(layer, Compression::Gzip)], &layout)?;
+    store.prepare(layout.to_str().ok_or("path")?, &mut |_| {})?;
+    assert_eq!(store.list()?.len(), 1);
     Ok(())
 }
