@@ -91,12 +91,6 @@ impl Flattener {
         Ok(Self { root, space })
     }
 
-    /// Refuses to go on when a disk of the tree's size would leave less than the free
-    /// space the store keeps on the tree's filesystem (`space.rs`).
-    pub fn check_space_for_disk(&self) -> Result<(), ImageError> {
-        self.space.before_disk()
-    }
-
     /// Opens the directory `parts` inside the root (symlinks resolved inside the root),
     /// creating missing directories (mode 0755, root-owned) on the way.
     fn open_dir(&self, parts: &[&[u8]]) -> Result<OwnedFd, ImageError> {

@@ -73,8 +73,6 @@ pub(crate) struct SpaceGuard {
     dir: PathBuf,
     /// Bytes of small files written since the last check.
     unchecked: std::cell::Cell<u64>,
-    /// Bytes of file data written so far.
-    written: std::cell::Cell<u64>,
 }
 
 impl SpaceGuard {
@@ -82,14 +80,12 @@ impl SpaceGuard {
         Self {
             dir: dir.to_path_buf(),
             unchecked: std::cell::Cell::new(0),
-            written: std::cell::Cell::new(0),
         }
     }
 
     /// Before a file of `size` bytes is written through `fd` (any descriptor on the
     /// filesystem): a file of 1 MiB or more is checked alone, smaller ones together.
     pub(crate) fn before_file(&self, fd: impl AsFd, size: u64) -> Result<(), ImageError> {
-        self.written.set(self.written.get().saturating_add(size));
         let pending = self.unchecked.get().saturating_add(size);
         if size < (1 << 20) && pending < SMALL_FILES_CHECKED_EVERY {
             self.unchecked.set(pending);
@@ -104,16 +100,6 @@ impl SpaceGuard {
             available,
             total,
         )
-    }
-
-    /// Bytes of file data written so far: about the size of the disk built from them.
-    pub(crate) fn written(&self) -> u64 {
-        self.written.get()
-    }
-
-    /// Before a disk of the written files' size is built.
-    pub(crate) fn before_disk(&self) -> Result<(), ImageError> {
-        ensure_room_for_disk(&self.dir, self.written())
     }
 }
 
@@ -169,7 +155,6 @@ mod tests {
             0,
             "a large file checks everything pending"
         );
-        assert_eq!(guard.written(), 40960 + 2 * MIB);
         // A file larger than the filesystem can hold is refused before it is written.
         let err = guard
             .before_file(&fd, u64::MAX / 2)

@@ -394,8 +394,16 @@ impl ImageStore {
                         .map_err(|err| self.named_store(err))?;
                     tracing::debug!(layer = i + 1, ?stats, "applied layer");
                 }
-                flattener
-                    .check_space_for_disk()
+                // The tree as flattened: later layers may have deleted much of what
+                // earlier ones wrote.
+                let mut file_bytes: u64 = 0;
+                walk(&rootfs, &mut |_, _, meta| {
+                    if meta.is_file() {
+                        file_bytes = file_bytes.saturating_add(meta.size());
+                    }
+                    Ok(())
+                })?;
+                crate::space::ensure_room_for_disk(staging.path(), file_bytes)
                     .map_err(|err| self.named_store(err))?;
                 progress(&format!("building {} image", self.fs_type));
                 mkfs::build(self.fs_type, &rootfs, &staged_disk)?;
