@@ -32,6 +32,10 @@ pub const KERNEL_PATCHES: &[(&str, &str)] = &[
         "0002-x86-apic-lapic-timer-hz-parameter.patch",
         include_str!("../kernel/patches/0002-x86-apic-lapic-timer-hz-parameter.patch"),
     ),
+    (
+        "0003-x86-tsc-early-khz-skips-cpu-calibration.patch",
+        include_str!("../kernel/patches/0003-x86-tsc-early-khz-skips-cpu-calibration.patch"),
+    ),
 ];
 
 /// Version of the kernel build recipe; bump it when the same inputs give another kernel.
@@ -685,6 +689,28 @@ mod tests {
         text
     }
 
+    /// The lines around the change of our third patch, as in Debian's 6.1 source, moved
+    /// down by a few lines.
+    fn tsc_frequencies_source(offset: usize) -> String {
+        let mut text = "/* filler */\n".repeat(1436 + offset);
+        text.push_str(concat!(
+            "\n",
+            "static bool __init determine_cpu_tsc_frequencies(bool early)\n",
+            "{\n",
+            "\t/* Make sure that cpu and tsc are not already calibrated */\n",
+            "\tWARN_ON(cpu_khz || tsc_khz);\n",
+            "\n",
+            "\tif (early) {\n",
+            "\t\tcpu_khz = x86_platform.calibrate_cpu();\n",
+            "\t\tif (tsc_early_khz)\n",
+            "\t\t\ttsc_khz = tsc_early_khz;\n",
+            "\t\telse\n",
+            "\t\t\ttsc_khz = x86_platform.calibrate_tsc();\n",
+            "\t} else {\n",
+        ));
+        text
+    }
+
     #[test]
     fn our_patches_apply_to_the_source_they_were_written_for_and_refuse_another() {
         let tree = tempfile::tempdir().expect("tempdir");
@@ -696,6 +722,8 @@ mod tests {
         fs::create_dir_all(&apic_dir).expect("source dir");
         let apic = apic_dir.join("apic.c");
         fs::write(&apic, lapic_params_source(7)).expect("source");
+        let tsc = tree.path().join("arch/x86/kernel/tsc.c");
+        fs::write(&tsc, tsc_frequencies_source(3)).expect("source");
         apply_patches(tree.path(), KERNEL_PATCHES).expect("the patches apply");
         let patched = fs::read_to_string(&file).expect("patched source");
         assert!(patched.contains("free_reserved_area((void *)begin, (void *)end, -1, what);"));
@@ -703,6 +731,9 @@ mod tests {
         let patched = fs::read_to_string(&apic).expect("patched source");
         assert!(patched.contains("early_param(\"lapic_timer_hz\", parse_lapic_timer_hz);"));
         assert!(patched.contains("lapic_timer_period = hz / HZ;"));
+        let patched = fs::read_to_string(&tsc).expect("patched source");
+        assert!(patched.contains("\tif (early && tsc_early_khz) {\n"));
+        assert!(patched.contains("\t\tcpu_khz = tsc_early_khz;\n"));
 
         // Applied twice, or to a source that changed there: a build error naming the patch.
         let message = apply_patches(tree.path(), KERNEL_PATCHES)

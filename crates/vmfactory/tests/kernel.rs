@@ -65,6 +65,7 @@ echo tcg=$(grep -c "QEMU TCG" /proc/cpuinfo || true)
 echo rep-string-flags=$(grep -cw -e erms -e fsrm /proc/cpuinfo || true)
 echo tsc-early-khz=$(tr ' ' '\n' < /proc/cmdline | grep -c '^tsc_early_khz=[1-9]' || true)
 echo tsc-late-calibration=$(dmesg | grep -c 'HPET reference calibration' || true)
+echo tsc-quick-calibration=$(dmesg | grep -c 'Fast TSC calibration' || true)
 "#;
     let output = run_in_guest(dir.path(), script);
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -95,12 +96,14 @@ echo tsc-late-calibration=$(dmesg | grep -c 'HPET reference calibration' || true
     // Under TCG the CPU has no ERMS/FSRM, so the guest's copies are not byte-at-a-time
     // `rep movsb` (cmdline::TCG_CPU). Under KVM the guest has the host's CPU.
     // A booting TCG guest is told the TSC's rate (cmdline's `tsc_early_khz`), so its
-    // kernel never runs the 70 ms PIT/HPET calibration with interrupts off.
+    // kernel runs neither the 70 ms PIT/HPET calibration nor (our patch 0003) the quick
+    // PIT one, both with interrupts off.
     if !text.lines().any(|l| l.trim() == "tcg=0") {
         for line in [
             "rep-string-flags=0",
             "tsc-early-khz=1",
             "tsc-late-calibration=0",
+            "tsc-quick-calibration=0",
         ] {
             assert!(
                 text.lines().any(|l| l.trim() == line),
