@@ -478,7 +478,14 @@ impl Containers {
                 }
                 Ok(())
             })),
-            workdir_root: Some(PathBuf::from(format!("/proc/{pid}/root"))),
+            workdir_root: rustix::fs::open(
+                format!("/proc/{pid}/root"),
+                rustix::fs::OFlags::PATH
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+            .ok(),
         })
     }
 }

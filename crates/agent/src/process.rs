@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -277,6 +276,25 @@ pub enum PidNamespace {
 /// A runs-before-exec step of a child (between `fork` and `exec`: async-signal-safe only).
 pub type PreExec = Box<dyn FnMut() -> std::io::Result<()> + Send + Sync>;
 
+/// True when `path` is certainly not a directory: in the agent's own tree, or in the
+/// tree `root` (an `O_PATH` descriptor), resolved inside it. Other errors say nothing.
+fn directory_missing(root: Option<&OwnedFd>, path: &str) -> bool {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let opened = match root {
+        None => rustix::fs::open(path, flags, Mode::empty()),
+        Some(root) => {
+            let inside = path.trim_start_matches('/');
+            let inside = if inside.is_empty() { "." } else { inside };
+            rustix::fs::openat2(root, inside, flags, Mode::empty(), ResolveFlags::IN_ROOT)
+        }
+    };
+    matches!(
+        opened,
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR)
+    )
+}
+
 /// How a process is launched beyond what its request says (containers).
 #[derive(Default)]
 pub struct Launch {
@@ -288,10 +306,12 @@ pub struct Launch {
     /// Runs in the child after the agent's own steps, before `exec`; the request's workdir
     /// is then the hook's business (it is not applied in the agent's mount namespace).
     pub pre_exec: Option<PreExec>,
-    /// With a hook: the root the hook resolves the request's workdir in, as the agent
-    /// sees it (a container's `/proc/PID/root`). A failed start then looks there to tell
-    /// a missing working directory from a missing program.
-    pub workdir_root: Option<PathBuf>,
+    /// With a hook: the root the hook resolves the request's workdir in, opened (`O_PATH`)
+    /// before the start: a container init's `/proc/PID/root`, pinned so that it stays that
+    /// tree. A failed start then looks there (`RESOLVE_IN_ROOT`, so the container's
+    /// absolute symlinks stay in it) to tell a missing working directory from a missing
+    /// program.
+    pub workdir_root: Option<OwnedFd>,
 }
 
 impl std::fmt::Debug for Launch {
@@ -300,7 +320,7 @@ impl std::fmt::Debug for Launch {
             .field("program", &self.program)
             .field("pid_ns", &self.pid_ns.is_some())
             .field("pre_exec", &self.pre_exec.is_some())
-            .field("workdir_root", &self.workdir_root)
+            .field("workdir_root", &self.workdir_root.is_some())
             .finish()
     }
 }
@@ -361,7 +381,7 @@ impl Processes {
     pub fn start_with(
         &self,
         request: ExecProcessRequest,
-        launch: Launch,
+        mut launch: Launch,
     ) -> Result<(String, u32), Status> {
         validate(&request)?;
         let id = if request.exec_id.is_empty() {
@@ -417,10 +437,11 @@ impl Processes {
         // namespace; with one, the hook enters it. Either way a failed start looks for it
         // where it was entered, to tell a missing directory from a missing program.
         let workdir_here = launch.pre_exec.is_none();
-        let (workdir_root, scope) = if workdir_here {
-            (Some(PathBuf::from("/")), "the VM")
+        let workdir_root = launch.workdir_root.take();
+        let scope = if workdir_here {
+            "the VM"
         } else {
-            (launch.workdir_root.clone(), "the container")
+            "the container"
         };
         let requested_workdir = workdir;
         let workdir = if workdir_here { workdir } else { "/" };
@@ -466,12 +487,15 @@ impl Processes {
         // never end.
         drop(command);
         let mut child = spawned.map_err(|err| {
-            let missing = |root: &Path| {
-                !root
-                    .join(requested_workdir.trim_start_matches('/'))
-                    .is_dir()
+            let missing = if workdir_here {
+                directory_missing(None, requested_workdir)
+            } else {
+                // No pinned root (the init was gone): nothing to say about the directory.
+                workdir_root
+                    .as_ref()
+                    .is_some_and(|root| directory_missing(Some(root), requested_workdir))
             };
-            if workdir_root.as_deref().is_some_and(missing) {
+            if missing {
                 return Status::failed_precondition(format!(
                     "The working directory {requested_workdir:?} does not exist in {scope} (or is not a directory): create it or choose another"
                 ));

@@ -87,7 +87,7 @@ impl Flattener {
             Mode::empty(),
         )
         .map_err(|err| io_err("open", root.as_os_str().as_bytes(), err))?;
-        let space = crate::space::SpaceGuard::new(root_path);
+        let space = crate::space::SpaceGuard::new(root_path, &root)?;
         Ok(Self { root, space })
     }
 
@@ -181,6 +181,12 @@ impl Flattener {
             if !(kind.is_dir() && existing_is_dir) && existing.is_some() {
                 remove_at(parent.as_fd(), name, &path)?;
             }
+            let data = if kind.is_file() || kind == tar::EntryType::Continuous {
+                entry.size()
+            } else {
+                0
+            };
+            self.space.before_entry(&parent, data)?;
             match kind {
                 t if t.is_dir() => {
                     if !existing_is_dir {
@@ -197,7 +203,6 @@ impl Flattener {
                     set_owner_mode(dir.as_fd(), uid, gid, mode, &path)?;
                 }
                 t if t.is_file() || t == tar::EntryType::Continuous => {
-                    self.space.before_file(&parent, entry.size())?;
                     let fd = rustix::fs::openat(
                         &parent,
                         name,

@@ -157,6 +157,15 @@ pub enum ImageError {
         available: u64,
         reserve: u64,
     },
+    #[error(
+        "not enough free inodes in {} to write the image's files: {free} are free, and vmfactory leaves {reserve} (5% of the filesystem's); remove cached images (`vmfactory image rm`) or free some there",
+        .dir.display()
+    )]
+    NoInodes {
+        dir: PathBuf,
+        free: u64,
+        reserve: u64,
+    },
     #[error("cannot {what}: {source}")]
     Io {
         what: String,

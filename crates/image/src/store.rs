@@ -342,7 +342,7 @@ impl ImageStore {
 
     /// A free-space error names the store, not its staging directory.
     fn named_store(&self, mut err: ImageError) -> ImageError {
-        if let ImageError::NoSpace { dir, .. } = &mut err {
+        if let ImageError::NoSpace { dir, .. } | ImageError::NoInodes { dir, .. } = &mut err {
             dir.clone_from(&self.root);
         }
         err
@@ -396,14 +396,12 @@ impl ImageStore {
                 }
                 // The tree as flattened: later layers may have deleted much of what
                 // earlier ones wrote.
-                let mut file_bytes: u64 = 0;
+                let mut file_bytes = FileBytes::default();
                 walk(&rootfs, &mut |_, _, meta| {
-                    if meta.is_file() {
-                        file_bytes = file_bytes.saturating_add(meta.size());
-                    }
+                    file_bytes.add(meta);
                     Ok(())
                 })?;
-                crate::space::ensure_room_for_disk(staging.path(), file_bytes)
+                crate::space::ensure_room_for_disk(staging.path(), file_bytes.total)
                     .map_err(|err| self.named_store(err))?;
                 progress(&format!("building {} image", self.fs_type));
                 mkfs::build(self.fs_type, &rootfs, &staged_disk)?;
@@ -604,11 +602,9 @@ pub(crate) fn dir_stamp(root: &Path) -> Result<(String, u64), ImageError> {
     ));
     // Collected, then hashed once: cheaper than many small updates.
     let mut record = Vec::with_capacity(1 << 20);
-    let mut file_bytes: u64 = 0;
+    let mut file_bytes = FileBytes::default();
     walk(root, &mut |rel, _, meta| {
-        if meta.is_file() {
-            file_bytes = file_bytes.saturating_add(meta.size());
-        }
+        file_bytes.add(meta);
         record.extend_from_slice(rel.as_os_str().as_bytes());
         for n in [
             meta.ino(),
@@ -627,7 +623,23 @@ pub(crate) fn dir_stamp(root: &Path) -> Result<(String, u64), ImageError> {
         Ok(())
     })?;
     hasher.update(&record);
-    Ok((source::hex(&hasher.finalize()), file_bytes))
+    Ok((source::hex(&hasher.finalize()), file_bytes.total))
+}
+
+/// The bytes of a tree's regular files, each hard-linked file once.
+#[derive(Debug, Default)]
+struct FileBytes {
+    total: u64,
+    linked: std::collections::HashSet<(u64, u64)>,
+}
+
+impl FileBytes {
+    fn add(&mut self, meta: &fs::Metadata) {
+        if !meta.is_file() || (meta.nlink() > 1 && !self.linked.insert((meta.dev(), meta.ino()))) {
+            return;
+        }
+        self.total = self.total.saturating_add(meta.size());
+    }
 }
 
 /// The content digest of a tree: paths, types, modes, owners, file contents, symlink

@@ -456,10 +456,10 @@ fn the_fixture_can_carry_the_guest_busybox() -> TestResult {
 struct SmallFs(tempfile::TempDir);
 
 impl SmallFs {
-    fn mount(size: &str) -> Result<Self, Box<dyn std::error::Error>> {
+    fn mount(options: &str) -> Result<Self, Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(dir.path())
             .status()?;
         if !status.success() {
@@ -478,7 +478,7 @@ impl Drop for SmallFs {
 #[test]
 fn flattening_stops_before_it_eats_into_the_free_space_reserve() -> TestResult {
     let tmp = tempfile::tempdir()?;
-    let small = SmallFs::mount("16m")?;
+    let small = SmallFs::mount("size=16m")?;
     let store_root = small.0.path().join("images");
     let store = ImageStore::new(&store_root);
     // 20 MiB of files do not fit at all; 9 MiB do, but their disk would not.
@@ -532,5 +532,37 @@ fn flattening_stops_before_it_eats_into_the_free_space_reserve() -> TestResult {
     layout_with(&[(layer, Compression::Gzip)], &layout)?;
     store.prepare(layout.to_str().ok_or("path")?, &mut |_| {})?;
     assert_eq!(store.list()?.len(), 1);
+    Ok(())
+}
+
+#[test]
+fn many_empty_files_stop_at_the_inode_reserve() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let small = SmallFs::mount("size=16m,nr_inodes=400")?;
+    let store_root = small.0.path().join("images");
+    let store = ImageStore::new(&store_root);
+    // 500 empty files: no bytes to speak of, but more inodes than the filesystem has.
+    let mut layer = LayerBuilder::new();
+    for i in 0..500 {
+        layer = layer.file(&format!("many/f{i}"), b"", 0o644)?;
+    }
+    let layout = tmp.path().join("layout-many");
+    layout_with(&[(layer.finish()?, Compression::Gzip)], &layout)?;
+    let err = store
+        .prepare(layout.to_str().ok_or("path")?, &mut |_| {})
+        .expect_err("no inodes");
+    assert!(matches!(err, ImageError::NoInodes { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(&format!("inodes in {}/", store_root.display())),
+        "{err}"
+    );
+    assert!(store.list()?.is_empty());
+    let staging: Vec<_> = fs::read_dir(store_root.join("rootfs"))?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .filter(|name| name.to_string_lossy().starts_with(".staging-"))
+        .collect();
+    assert!(staging.is_empty(), "left behind: {staging:?}");
     Ok(())
 }
