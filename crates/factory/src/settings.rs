@@ -190,7 +190,8 @@ pub struct FactorySettings {
     pub vm_cache_number: u32,
     /// Unix socket of the VMCache server.
     pub vm_cache_endpoint: PathBuf,
-    /// QEMU processes kept waiting for the template state (0: none).
+    /// Template clones kept restored and paused ahead of demand (0: none); each has run
+    /// once for 50 ms, so its QEMU has translated the guest's resume.
     pub template_warm_pool: u32,
     /// Where the VMCache server serves Prometheus metrics: `127.0.0.1:PORT` or a Unix
     /// socket path; empty: nowhere.

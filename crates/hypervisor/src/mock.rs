@@ -33,6 +33,7 @@ pub struct MockControl {
     crashed: AtomicBool,
     added_vcpus: AtomicU32,
     added_memory_mib: AtomicU32,
+    resumes: AtomicU32,
     disks: Mutex<Vec<AttachedDisk>>,
 }
 
@@ -55,6 +56,11 @@ impl MockControl {
     /// True while neither crashed nor stopped.
     pub fn is_alive(&self) -> bool {
         !self.crashed.load(Ordering::SeqCst) && !self.is_stopped()
+    }
+
+    /// Times the VM was resumed (`cont`) so far.
+    pub fn resumes(&self) -> u32 {
+        self.resumes.load(Ordering::SeqCst)
     }
 
     /// vCPUs hot-plugged so far.
@@ -350,6 +356,7 @@ impl Hypervisor for MockHypervisor {
 
     async fn resume(&self) -> Result<()> {
         self.check_alive()?;
+        self.control.resumes.fetch_add(1, Ordering::SeqCst);
         self.control.state.store(RUNNING, Ordering::SeqCst);
         Ok(())
     }

@@ -469,3 +469,37 @@ async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
     server.await.expect("join").expect("serve");
     cache.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pool_clones_ran_once_and_wait_paused() {
+    let world = World::new();
+    let template = world.create().await.with_warm_pool(2);
+    let started = std::time::Instant::now();
+    while template.warm_pool_ready().await < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the pool fills"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let clones: Vec<_> = world
+        .mock
+        .controls()
+        .into_iter()
+        .filter(|(_, control)| control.is_alive())
+        .collect();
+    assert_eq!(
+        clones.len(),
+        2,
+        "two pooled clones, the template VM stopped"
+    );
+    for (id, control) in &clones {
+        assert_eq!(
+            control.resumes(),
+            1,
+            "{id}: resumed once, for its first run"
+        );
+        assert!(control.is_paused(), "{id}: waits paused");
+    }
+    template.destroy().await.expect("destroy");
+}
