@@ -475,6 +475,20 @@ impl Drop for SmallFs {
     }
 }
 
+/// The store's own directory (`rootfs` under the cache directory `store_root`) exists and
+/// holds no staging directory.
+fn assert_no_staging_left(store_root: &Path) -> TestResult {
+    let images = store_root.join("rootfs");
+    assert!(images.is_dir());
+    let staging: Vec<_> = fs::read_dir(&images)?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .filter(|name| name.to_string_lossy().starts_with(".staging-"))
+        .collect();
+    assert!(staging.is_empty(), "left behind: {staging:?}");
+    Ok(())
+}
+
 #[test]
 fn flattening_stops_before_it_eats_into_the_free_space_reserve() -> TestResult {
     let tmp = tempfile::tempdir()?;
@@ -503,16 +517,7 @@ fn flattening_stops_before_it_eats_into_the_free_space_reserve() -> TestResult {
             "{text}"
         );
         assert!(store.list()?.is_empty());
-        // The store's own directory (`rootfs` under the cache directory) holds no
-        // staging directory any more.
-        let images = store_root.join("rootfs");
-        assert!(images.is_dir());
-        let staging: Vec<_> = fs::read_dir(&images)?
-            .filter_map(Result::ok)
-            .map(|e| e.file_name())
-            .filter(|name| name.to_string_lossy().starts_with(".staging-"))
-            .collect();
-        assert!(staging.is_empty(), "left behind: {staging:?}");
+        assert_no_staging_left(&store_root)?;
     }
     // A root filesystem directory (its disk is built straight from it): refused too.
     let rootfs = tmp.path().join("rootfs");
@@ -558,11 +563,6 @@ fn many_empty_files_stop_at_the_inode_reserve() -> TestResult {
         "{err}"
     );
     assert!(store.list()?.is_empty());
-    let staging: Vec<_> = fs::read_dir(store_root.join("rootfs"))?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name())
-        .filter(|name| name.to_string_lossy().starts_with(".staging-"))
-        .collect();
-    assert!(staging.is_empty(), "left behind: {staging:?}");
+    assert_no_staging_left(&store_root)?;
     Ok(())
 }

@@ -27,6 +27,11 @@ fn run_in_guest(runtime: &std::path::Path, script: &str) -> Output {
         .expect("spawn vmfactory")
 }
 
+/// True when a line of the script's output is `line` (surrounding blanks aside).
+fn has_line(text: &str, line: &str) -> bool {
+    text.lines().any(|l| l.trim() == line)
+}
+
 #[test]
 fn the_guest_kernel_has_every_option_we_ask_for() {
     let dir = runtime();
@@ -88,27 +93,21 @@ echo tsc-quick-calibration=$(dmesg | grep -c 'Fast TSC calibration' || true)
         "cpus=yes",
         "possible=0-3",
     ] {
-        assert!(
-            text.lines().any(|l| l.trim() == line),
-            "no {line:?} in\n{text}"
-        );
+        assert!(has_line(&text, line), "no {line:?} in\n{text}");
     }
     // Under TCG the CPU has no ERMS/FSRM, so the guest's copies are not byte-at-a-time
     // `rep movsb` (cmdline::TCG_CPU). Under KVM the guest has the host's CPU.
     // A booting TCG guest is told the TSC's rate (cmdline's `tsc_early_khz`), so its
     // kernel runs neither the 70 ms PIT/HPET calibration nor (our patch 0003) the quick
     // PIT one, both with interrupts off.
-    if !text.lines().any(|l| l.trim() == "tcg=0") {
+    if !has_line(&text, "tcg=0") {
         for line in [
             "rep-string-flags=0",
             "tsc-early-khz=1",
             "tsc-late-calibration=0",
             "tsc-quick-calibration=0",
         ] {
-            assert!(
-                text.lines().any(|l| l.trim() == line),
-                "no {line:?} in\n{text}"
-            );
+            assert!(has_line(&text, line), "no {line:?} in\n{text}");
         }
     }
 }
