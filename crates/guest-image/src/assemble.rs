@@ -55,7 +55,7 @@ pub(crate) fn assemble(
             vmlinux::extract_vmlinux(&bzimage_bytes)
         }
     };
-    let vmlinux_bytes = match extracted {
+    let vmlinux_bytes = match extracted.and_then(|bytes| vmlinux::without_sections(&bytes)) {
         Ok(bytes) => {
             write_synced(&staging.path().join("vmlinux"), &bytes)?;
             Some(bytes)

@@ -107,6 +107,13 @@ impl<'a> Elf<'a> {
         })
     }
 
+    /// Offset just past the program header table.
+    pub(crate) fn program_header_table_end(&self) -> Option<u64> {
+        u64::from(self.phnum)
+            .checked_mul(u64::from(self.phentsize))?
+            .checked_add(self.phoff)
+    }
+
     /// Returns all program headers.
     pub(crate) fn program_headers(&self) -> Result<Vec<ProgramHeader>, ElfError> {
         let mut headers = Vec::with_capacity(usize::from(self.phnum));

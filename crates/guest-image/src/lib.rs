@@ -53,7 +53,9 @@ use image::sweep_stale_staging;
 use image::{digests_match, load_cached_manifest};
 
 /// Version of the image layout; bump it whenever the output for the same inputs changes.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: `vmlinux` without its section headers and symbol table
+/// (`vmlinux::without_sections`).
+pub const FORMAT_VERSION: u32 = 2;
 /// Meta package resolved to the kernel package when none is given.
 pub const DEFAULT_KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
 /// Root modules included when none are given (their dependencies are added): the agent's

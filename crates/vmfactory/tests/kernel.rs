@@ -42,6 +42,16 @@ fn the_guest_kernel_has_every_option_we_ask_for() {
     let missing = vmfactory_guest_image::missing_options(KERNEL_CONFIG_FRAGMENT, &config);
     assert!(missing.is_empty(), "the guest kernel lacks {missing:?}");
     assert!(requested_options(KERNEL_CONFIG_FRAGMENT).len() > 100);
+    // The image's vmlinux, which that VM booted, has no section header table: QEMU would
+    // copy the symbol table it names into every VM's heap.
+    let kernel = std::fs::read(&image().kernel).expect("read the image's kernel");
+    assert!(
+        kernel.starts_with(b"\x7fELF"),
+        "{}",
+        image().kernel.display()
+    );
+    assert_eq!(kernel.get(40..48), Some(&[0u8; 8][..]), "e_shoff");
+    assert_eq!(kernel.get(60..62), Some(&[0u8; 2][..]), "e_shnum");
     assert!(
         image().release.ends_with("-vmfactory"),
         "{}",

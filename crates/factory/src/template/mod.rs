@@ -57,10 +57,13 @@ pub const WARM_POOL_FIRST_RUN: Duration = Duration::from_millis(50);
 /// tickless when idle; 6: saved after the guest kernel refined its TSC frequency (see
 /// [`wait_for_refined_clock`]); 7: TCG guests' CPU has no ERMS/FSRM
 /// ([`vmfactory_hypervisor::qemu::cmdline::TCG_CPU`]), so the guest kernel picked its
-/// `rep movsq` copies. A state saved by an older version no longer loads into today's
-/// command line, or (5, 6, 7) would keep an old template's ticking guest, make every clone
-/// refine its clock on its hand-out path, or keep the byte-at-a-time copies.
-pub const TEMPLATE_FORMAT_VERSION: u32 = 7;
+/// `rep movsq` copies; 8: the agent's virtio-serial device has 2 ports, not 31, and TCG
+/// VMs have no `kvmvapic` ([`vmfactory_hypervisor::qemu::cmdline::AGENT_SERIAL_MAX_PORTS`],
+/// [`vmfactory_hypervisor::qemu::cmdline::TCG_NO_VAPIC`]). A state saved by an older
+/// version no longer loads into today's command line, or (5, 6, 7) would keep an old
+/// template's ticking guest, make every clone refine its clock on its hand-out path, or
+/// keep the byte-at-a-time copies.
+pub const TEMPLATE_FORMAT_VERSION: u32 = 8;
 /// The clocksource a TCG guest kernel runs on until it has refined the TSC's frequency.
 const UNREFINED_CLOCKSOURCE: &str = "tsc-early";
 /// How long a new template waits for its kernel to refine the TSC before it is saved

@@ -31,6 +31,15 @@ pub const TCG_KERNEL_PARAMS: &str = "lapic_timer_hz=1000000000";
 /// virtio-blk; a guest reboots by a triple fault (`reboot=t` in the factory's kernel
 /// parameters), which `-no-reboot` turns into QEMU's exit.
 pub const UNUSED_DEVICES_OFF: &str = "sata=off,smbus=off,i8042=off,vmport=off";
+/// Ports of the agent's virtio-serial device: port 0, which QEMU keeps for a console, and
+/// the agent's port 1. QEMU's default is 31 ports, each with two virtqueues that QEMU
+/// allocates (about 14 KiB of heap each) and the guest driver sets up at boot; vmfactory
+/// uses one.
+pub const AGENT_SERIAL_MAX_PORTS: u32 = 2;
+/// TCG guests go without QEMU's `kvmvapic` (`apic.vapic=off`): an option ROM SeaBIOS runs
+/// at every boot (about 3 ms under TCG) and a TPR-patching helper for 32-bit Windows XP
+/// guests, which a Linux guest does not use.
+pub const TCG_NO_VAPIC: &str = "apic.vapic=off";
 /// Longest path a Unix socket address can hold.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -132,6 +141,7 @@ pub fn build_args(
                 None => "tcg".to_string(),
             };
             push(&["-accel", &tcg, "-cpu", TCG_CPU]);
+            push(&["-global", TCG_NO_VAPIC]);
         }
     }
     push(&[
@@ -163,24 +173,28 @@ pub fn build_args(
     if let Some(firmware) = &config.firmware {
         push(&["-bios", &firmware.to_string_lossy()]);
     }
-    push(&["-kernel", &escape_option(&spec.kernel)]);
-    // A clone resumes a guest that unpacked its initramfs long ago: QEMU need not read
-    // the initrd into its own memory (fw_cfg data, not part of the migrated RAM).
-    if let (Some(initrd), StartMode::Boot) = (&spec.initrd, mode) {
-        push(&["-initrd", &escape_option(initrd)]);
-    }
-    let append = match accel {
-        ResolvedAccel::Kvm => spec.kernel_params.clone(),
-        ResolvedAccel::Tcg => {
-            let mut append = format!("{} {TCG_KERNEL_PARAMS}", spec.kernel_params);
-            // Only a boot calibrates the TSC; a clone's kernel did so long ago.
-            if let (StartMode::Boot, Some(khz)) = (mode, super::tsc::host_tsc_khz()) {
-                append.push_str(&format!(" tsc_early_khz={khz}"));
-            }
-            append
+    // Only a boot gets the kernel, its initramfs and its command line. A clone resumes a
+    // guest that booted long ago: the kernel's ELF segments, the initrd and the command
+    // line are fw_cfg data and start-up ROMs, not migrated RAM, and QEMU would read them
+    // for nothing (loading `-kernel` alone took about 6 ms of a clone's QEMU start here,
+    // and kept the kernel's symbol table, 1.4 MiB, in its heap).
+    if mode == StartMode::Boot {
+        push(&["-kernel", &escape_option(&spec.kernel)]);
+        if let Some(initrd) = &spec.initrd {
+            push(&["-initrd", &escape_option(initrd)]);
         }
-    };
-    push(&["-append", append.trim_start()]);
+        let append = match accel {
+            ResolvedAccel::Kvm => spec.kernel_params.clone(),
+            ResolvedAccel::Tcg => {
+                let mut append = format!("{} {TCG_KERNEL_PARAMS}", spec.kernel_params);
+                if let Some(khz) = super::tsc::host_tsc_khz() {
+                    append.push_str(&format!(" tsc_early_khz={khz}"));
+                }
+                append
+            }
+        };
+        push(&["-append", append.trim_start()]);
+    }
     push(&[
         "-nodefaults",
         "-no-user-config",
@@ -204,7 +218,10 @@ pub fn build_args(
     if !is_qboot(config.firmware.as_deref()) {
         push(&["-device", "vmgenid,guid=auto"]);
     }
-    push(&["-device", "virtio-serial-pci,id=vser0"]);
+    push(&[
+        "-device",
+        &format!("virtio-serial-pci,id=vser0,max_ports={AGENT_SERIAL_MAX_PORTS}"),
+    ]);
     push(&[
         "-chardev",
         &format!(
@@ -324,6 +341,8 @@ mod tests {
         assert!(values(&args, "-device")
             .contains(&"virtserialport,bus=vser0.0,chardev=agent0,id=agent-port,name=agent.0"));
         assert!(values(&args, "-device").contains(&"vmgenid,guid=auto"));
+        assert!(values(&args, "-device").contains(&"virtio-serial-pci,id=vser0,max_ports=2"));
+        assert_eq!(values(&args, "-global"), ["apic.vapic=off"]);
         assert!(args.iter().any(|a| a == "-nodefaults"));
         assert!(values(&args, "-incoming").is_empty());
         assert!(args.iter().any(|a| a == "-no-reboot"));
@@ -362,21 +381,32 @@ mod tests {
         .expect("args");
         assert_eq!(values(&args, "-incoming"), ["defer"]);
         assert!(args.iter().any(|a| a == "-S"));
-        assert!(
-            values(&args, "-initrd").is_empty(),
-            "a clone needs no initrd"
-        );
-        assert_eq!(
-            values(&args, "-append"),
-            ["console=ttyS0 quiet lapic_timer_hz=1000000000"],
-            "a clone calibrates no TSC"
-        );
+        for flag in ["-kernel", "-initrd", "-append"] {
+            assert!(
+                values(&args, flag).is_empty(),
+                "a clone resumes a booted guest: no {flag}"
+            );
+        }
         let boot = args_of(&config(), &spec(), ResolvedAccel::Tcg);
         assert_eq!(
-            boot.len() + 3 - 2,
+            boot.len() + 3 - 6,
             args.len(),
-            "-incoming defer -S, no -initrd"
+            "-incoming defer -S; no -kernel, -initrd or -append"
         );
+        // Everything else is the boot's command line: the devices a state loads into.
+        let rest: Vec<&String> = args.iter().take_while(|a| *a != "-incoming").collect();
+        let boot_rest: Vec<&String> = boot
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                let flag = |at: usize| boot.get(at).map(String::as_str);
+                !["-kernel", "-initrd", "-append"]
+                    .iter()
+                    .any(|f| flag(*i) == Some(f) || (*i > 0 && flag(*i - 1) == Some(f)))
+            })
+            .map(|(_, a)| a)
+            .collect();
+        assert_eq!(rest, boot_rest);
     }
 
     #[test]
@@ -399,6 +429,10 @@ mod tests {
         assert_eq!(values(&tcg, "-accel"), ["tcg,tb-size=32"]);
         // The APIC timer's clock is only given where it would be calibrated (TCG).
         assert_eq!(values(&kvm, "-append"), ["console=ttyS0 quiet"]);
+        assert!(
+            values(&kvm, "-global").is_empty(),
+            "KVM keeps its APIC as it is"
+        );
         assert!(values(&tcg, "-append")[0].contains(" lapic_timer_hz=1000000000"));
     }
 
