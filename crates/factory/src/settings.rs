@@ -190,8 +190,9 @@ pub struct FactorySettings {
     pub vm_cache_number: u32,
     /// Unix socket of the VMCache server.
     pub vm_cache_endpoint: PathBuf,
-    /// Template clones kept restored and paused ahead of demand (0: none); each has run
-    /// once for 50 ms, so its QEMU has translated the guest's resume.
+    /// Template clones kept restored and paused ahead of demand (0: none); each is warmed
+    /// up first (handed out once and run `true`, as the VMCache server's VMs are), so its
+    /// QEMU has translated the guest's resume, the agent's connection and a first command.
     pub template_warm_pool: u32,
     /// Where the VMCache server serves Prometheus metrics: `127.0.0.1:PORT` or a Unix
     /// socket path; empty: nowhere.

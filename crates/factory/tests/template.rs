@@ -304,15 +304,15 @@ async fn warm_pool_clones_work_and_a_dead_pool_process_is_never_used() {
         .await
         .expect("create")
         .with_warm_pool(2);
-    // Wait until the pool is full, then kill one pooled QEMU behind its back.
+    // Wait until the pool is full (its clones warmed up), then kill one pooled QEMU
+    // behind its back.
     let vm_dir = runtime.path().join("vm");
     let mut waited = 0;
-    while std::fs::read_dir(&vm_dir).map_or(0, |d| d.count()) < 2 {
+    while factory.warm_pool_ready().await < 2 {
         assert!(waited < 600, "warm pool never filled");
         tokio::time::sleep(Duration::from_millis(100)).await;
         waited += 1;
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let victim = common::qemu_pids_under(&vm_dir)[0];
     // SAFETY: killing a QEMU process this test started.
     unsafe {
@@ -328,16 +328,50 @@ async fn warm_pool_clones_work_and_a_dead_pool_process_is_never_used() {
             .await
             .expect("clone from the pool");
         assert_ne!(vm.pid(), Some(victim), "a dead pool process was handed out");
-        assert_eq!(sh(&vm, "echo pooled").await, "pooled");
         clones.push(vm);
     }
+    // The first clone came from the pool warmed up: under TCG its QEMU had translated a
+    // hand-out and a first process (`true`) before its own hand-out, far more code than
+    // a clone restored on demand has by its hand-out.
+    let plain = Factory::new(Arc::new(
+        TemplateFactory::fetch(&config, &path, config.backend())
+            .await
+            .expect("fetch"),
+    ));
+    let fresh = plain
+        .get_vm(&VmRequest::default())
+        .await
+        .expect("a clone restored on demand");
+    if let (Some(warmed), Some(cold)) = (
+        translated_blocks(&clones[0]).await,
+        translated_blocks(&fresh).await,
+    ) {
+        assert!(
+            warmed > cold + 5_000,
+            "the pooled clone translated {warmed} blocks by its hand-out, a fresh one {cold}"
+        );
+    }
+    for vm in clones.iter().chain([&fresh]) {
+        assert_eq!(sh(vm, "echo pooled").await, "pooled");
+    }
+    clones.push(fresh);
     stop_all(clones).await;
+    plain.close().await.expect("close");
     factory.close().await.expect("close");
     assert!(
         common::qemu_pids_under(&vm_dir).is_empty(),
         "pool QEMUs left after close"
     );
     assert!(template::destroy(&path).expect("destroy"));
+}
+
+/// Blocks `vm`'s QEMU has translated so far (`None` under KVM).
+async fn translated_blocks(vm: &Vm) -> Option<u64> {
+    vm.hypervisor()
+        .translation_stats()
+        .await
+        .expect("x-query-jit")
+        .map(|stats| stats.blocks)
 }
 
 /// The command line of `vm`'s QEMU.

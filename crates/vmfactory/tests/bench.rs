@@ -108,11 +108,16 @@ fn getvm_and_clone_benchmarks_report_every_series_and_leave_nothing() {
     }
     assert_phases(&clone, "/clone_phases");
     assert_phases(&clone, "/clone_warm_pool_phases");
-    // Tests run under TCG: a clone's hand-out translates thousands of guest blocks.
-    for phases in ["/clone_phases", "/clone_warm_pool_phases"] {
-        let blocks = blocks(&clone, &format!("{phases}/translated_blocks"));
-        assert!(blocks > 1_000, "{phases}: {clone:#}");
-    }
+    // Tests run under TCG: a clone's hand-out translates thousands of guest blocks. A
+    // warm-pool clone was warmed up before it waited, so its count is not reported.
+    let blocks = blocks(&clone, "/clone_phases/translated_blocks");
+    assert!(blocks > 1_000, "{clone:#}");
+    assert!(
+        clone
+            .pointer("/clone_warm_pool_phases/translated_blocks")
+            .is_none(),
+        "{clone:#}"
+    );
     let ratio = ms(&clone, "/kata_over_clone");
     let expected = ms(&clone, "/kata_method/median_ms") / ms(&clone, "/clone/median_ms");
     assert!(

@@ -25,6 +25,7 @@ use vmfactory_hypervisor::{Backend, Hypervisor, HypervisorError, MemoryBackend};
 use crate::agent_client::AgentClient;
 use crate::agent_port::PortWatch;
 use crate::base::{FactoryBase, FactoryError};
+use crate::cache::REFILL_GRACE;
 use crate::config::VmConfig;
 use crate::lock::{LockError, LockKind, PathLock};
 use crate::pool::{Maker, ReadyPool};
@@ -34,22 +35,6 @@ use self::metadata::{expected_metadata, sha256_file};
 pub use self::metadata::{read_metadata, FileStamp, TemplateMetadata, TemplateVmConfig};
 pub use self::tmpfs::{destroy, is_mountpoint, Ownership, OWNER_MARKER};
 use self::tmpfs::{prepare_tmpfs, remove_ours};
-
-/// How long a warm-pool clone runs after its state is loaded, before it waits paused.
-///
-/// A clone's QEMU starts with no translated code, and under TCG a hand-out costs about
-/// as much as the guest code it runs for the first time (`docs/architecture.md`, "The
-/// hand-out sequence"). Part of that is the guest kernel's own resume: timers catching
-/// up, the scheduler, the VMGenID notify through the ACPI interpreter and the CRNG
-/// reseed it triggers. Run once here, with no host connected to the agent, it is done
-/// and translated before the clone is taken. Measured with `bench clone` (5 interleaved
-/// rounds of 6 or 8 hand-outs each), the warm-pool hand-out took 61-102 ms (median of
-/// the rounds 82) against 97-134 ms (113) without it; QEMU translated the same number of
-/// blocks by the answer either way, some of them now before the hand-out. The clone has
-/// then run, but it has done nothing a hand-out does not redo: the VMGenID of its own
-/// QEMU reseeded its CRNG, and the hand-out reseeds it again and sets the clock and the
-/// hostname.
-pub const WARM_POOL_FIRST_RUN: Duration = Duration::from_millis(50);
 
 /// Version of the template layout and metadata. 2: VMs have a `vmgenid` device; 3: q35
 /// VMs also have disk hot-plug ports; 4: no SATA, SMBus, PS/2 or vmport devices; 5: TCG
@@ -171,7 +156,7 @@ pub struct TemplateFactory {
     backend: Arc<dyn Backend>,
     path: PathBuf,
     metadata: TemplateMetadata,
-    pool: Option<ReadyPool<Box<dyn Hypervisor>>>,
+    pool: Option<ReadyPool<Vm>>,
 }
 
 impl TemplateFactory {
@@ -316,32 +301,48 @@ impl TemplateFactory {
     }
 
     /// Keeps `size` clones restored ahead of demand, so a clone skips start-up and state
-    /// load. Each runs once for [`WARM_POOL_FIRST_RUN`] and then waits paused. Must be
+    /// load. Each is warmed up ([`Vm::warm_up`]: resumed, handed out once and run `true`,
+    /// then paused again), as the VMCache server's VMs are, before it waits in the pool:
+    ///
+    /// - a clone's QEMU starts with no translated code, and under TCG a hand-out costs
+    ///   about as much as the guest code it runs for the first time (`docs/architecture.md`,
+    ///   "The hand-out sequence"): the guest kernel's resume (timers, the scheduler, the
+    ///   VMGenID notify through the ACPI interpreter, the CRNG reseed), the agent's
+    ///   connection, HTTP/2 and gRPC, and the hand-out's own work. Warmed, a hand-out and
+    ///   the first command take the translated path;
+    /// - a clone whose agent does not answer is found here, not by the caller of
+    ///   `get_vm`;
+    /// - the clone has done nothing its real hand-out does not redo: that reseeds its CRNG
+    ///   again (its own QEMU's VMGenID reseeded it at the resume), sets the clock and the
+    ///   hostname, on a new agent connection.
+    ///
+    /// A taken clone's replacement waits [`REFILL_GRACE`] while others are ready. Must be
     /// called within a tokio runtime.
     pub fn with_warm_pool(mut self, size: usize) -> Self {
         if size > 0 {
             let (config, path, backend) =
                 (self.config.clone(), self.path.clone(), self.backend.clone());
-            let maker: Maker<Box<dyn Hypervisor>> = Arc::new(move || {
+            let maker: Maker<Vm> = Arc::new(move || {
                 let (config, path, backend) = (config.clone(), path.clone(), backend.clone());
                 Box::pin(async move {
                     let clone = restore_clone(&config, &path, backend.as_ref())
                         .await
                         .map_err(|err| FactoryError::Vm(err.into()))?;
-                    // Its QEMU translates the guest's resume now, not during a hand-out.
-                    clone
-                        .resume()
-                        .await
-                        .map_err(|err| FactoryError::Vm(err.into()))?;
-                    tokio::time::sleep(WARM_POOL_FIRST_RUN).await;
-                    clone
-                        .pause()
-                        .await
-                        .map_err(|err| FactoryError::Vm(err.into()))?;
-                    Ok(clone)
+                    let mut vm = Vm::from_hypervisor(clone, config.vcpus, config.memory_mib);
+                    if let Err(err) = vm.warm_up().await {
+                        let _ = vm.stop().await;
+                        return Err(err.into());
+                    }
+                    Ok(vm)
                 })
             });
-            self.pool = Some(ReadyPool::start("warm pool", size, maker));
+            self.pool = Some(ReadyPool::start_observed(
+                "warm pool",
+                size,
+                maker,
+                None,
+                REFILL_GRACE,
+            ));
         }
         self
     }
@@ -426,12 +427,13 @@ impl FactoryBase for TemplateFactory {
             Some(pool) => pool.try_take().await,
             None => None,
         };
-        let clone = match pooled {
-            Some(clone) => clone,
-            None => restore_clone(&self.config, &self.path, self.backend.as_ref())
-                .await
-                .map_err(VmError::from)?,
-        };
+        if let Some(vm) = pooled {
+            debug!(id = vm.id(), elapsed = ?started.elapsed(), "Warm clone taken");
+            return Ok(vm);
+        }
+        let clone = restore_clone(&self.config, &self.path, self.backend.as_ref())
+            .await
+            .map_err(VmError::from)?;
         debug!(id = clone.id(), elapsed = ?started.elapsed(), "Clone restored");
         Ok(Vm::from_hypervisor(
             clone,

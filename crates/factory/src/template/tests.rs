@@ -106,7 +106,9 @@ async fn create_clone_and_close() {
         .expect_err("second create");
     assert!(matches!(err, TemplateError::Exists(_)), "{err}");
 
-    let factory = Factory::new(Arc::new(template.with_warm_pool(2)));
+    // No warm pool here: its clones' warm-up hand-outs would add to the counts below
+    // (`warm_pool_clones_are_warmed_up_and_wait_paused`).
+    let factory = Factory::new(Arc::new(template));
     let first = factory.get_vm(&VmRequest::default()).await.expect("clone");
     assert!(first.hypervisor().is_running());
     assert_eq!((first.cpu, first.memory_mib), (1, 128));
@@ -471,17 +473,20 @@ async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn warm_pool_clones_ran_once_and_wait_paused() {
+async fn warm_pool_clones_are_warmed_up_and_wait_paused() {
     let world = World::new();
-    let template = world.create().await.with_warm_pool(2);
-    let started = std::time::Instant::now();
-    while template.warm_pool_ready().await < 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the pool fills"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let template = Arc::new(world.create().await.with_warm_pool(2));
+    let wait_full = || async {
+        let started = std::time::Instant::now();
+        while template.warm_pool_ready().await < 2 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the pool fills"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    wait_full().await;
     let clones: Vec<_> = world
         .mock
         .controls()
@@ -494,12 +499,28 @@ async fn warm_pool_clones_ran_once_and_wait_paused() {
         "two pooled clones, the template VM stopped"
     );
     for (id, control) in &clones {
-        assert_eq!(
-            control.resumes(),
-            1,
-            "{id}: resumed once, for its first run"
-        );
+        assert_eq!(control.resumes(), 1, "{id}: resumed once, to warm up");
         assert!(control.is_paused(), "{id}: waits paused");
     }
-    template.destroy().await.expect("destroy");
+    // Each was handed out once and ran one process while it warmed up.
+    assert_eq!(world.calls.hand_outs.load(Ordering::SeqCst), 2);
+
+    let factory = Factory::new(template.clone());
+    let vm = factory.get_vm(&VmRequest::default()).await.expect("clone");
+    let (_, control) = clones
+        .iter()
+        .find(|(id, _)| id.as_str() == vm.id())
+        .expect("the clone came from the pool");
+    assert_eq!(control.resumes(), 2, "resumed again for its hand-out");
+    assert!(!control.is_paused());
+    assert!(
+        world.calls.hand_outs.load(Ordering::SeqCst) >= 3,
+        "handed out again on the way to its caller"
+    );
+    vm.stop().await.expect("stop");
+    // The pool makes a warmed replacement.
+    wait_full().await;
+    factory.close().await.expect("close");
+    assert_eq!(world.alive(), 0);
+    assert!(destroy(&world.path).expect("destroy"));
 }

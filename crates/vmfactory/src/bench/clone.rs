@@ -136,9 +136,15 @@ impl PhaseSamples {
     }
 }
 
-/// Clone → resume → first agent answer, recorded in `phases`.
-async fn clone_once(template: &TemplateFactory, phases: &mut PhaseSamples) -> Result<()> {
-    let taken = take_timed(template, true).await?;
+/// Clone → resume → first agent answer, recorded in `phases`. `count_translation` for a
+/// clone restored on demand, not for one from the warm pool (warmed up before it waits:
+/// its count would not be the hand-out's).
+async fn clone_once(
+    template: &TemplateFactory,
+    phases: &mut PhaseSamples,
+    count_translation: bool,
+) -> Result<()> {
+    let taken = take_timed(template, count_translation).await?;
     phases.push(&taken);
     taken.vm.stop().await?;
     Ok(())
@@ -235,10 +241,10 @@ pub async fn bench_clone(
     let (mut clone_phases, mut warm_phases) = (PhaseSamples::default(), PhaseSamples::default());
     for round in 0..n {
         wait_for_pool(&pooled, pool).await?;
-        clone_once(&pooled, &mut warm_phases).await?;
+        clone_once(&pooled, &mut warm_phases, false).await?;
         // The pool refills in the background: let it finish before timing anything else.
         wait_for_pool(&pooled, pool).await?;
-        clone_once(&plain, &mut clone_phases).await?;
+        clone_once(&plain, &mut clone_phases, true).await?;
         katas.push(kata_clone_once(&resolved.base, &scratch.path).await?);
         if round < direct {
             directs.push(direct_once(&direct_config).await?);

@@ -40,8 +40,10 @@ pub enum BenchCommand {
     },
     /// Template clone to first agent answer, without and with the warm pool, and direct
     /// boot measured in the same run (interleaved), with their ratios. Creates a
-    /// temporary template and removes it afterwards. Under TCG each clone series also
-    /// reports the guest code blocks translated from the resume to the answer.
+    /// temporary template and removes it afterwards. Warm-pool clones are warmed up
+    /// (handed out once, `true` run) before they wait, as VMCache's VMs are. Under TCG
+    /// the on-demand clone series also reports the guest code blocks translated from the
+    /// resume to the answer.
     Clone {
         /// Clones per series.
         #[arg(short, default_value_t = 10)]
