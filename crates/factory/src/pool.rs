@@ -1,6 +1,6 @@
 //! [`ReadyPool`]: `size` things made ahead of demand and refilled in the background. The
-//! template factory's warm pool (QEMUs with the template state loaded) and the cache
-//! factory (whole VMs, warmed up) are both one. A dead item is discarded and replaced,
+//! template factory's warm pool (clones, warmed up) and the cache factory (whole VMs,
+//! warmed up) are both one. A dead item is discarded and replaced,
 //! never handed out; a failing maker backs off; `close` stops the refill and every item.
 
 use std::collections::VecDeque;
@@ -76,6 +76,8 @@ struct Shared<T> {
     free: Semaphore,
     /// Signalled when an item becomes ready or the pool closes.
     filled: Notify,
+    /// Signalled (to every waiter) when the pool closes: makes in flight are abandoned.
+    closing: Notify,
     closed: AtomicBool,
     observer: Option<Arc<dyn PoolObserver>>,
     /// How long a taken item's place stays empty while other items are still ready.
@@ -125,6 +127,7 @@ impl<T: Poolable> ReadyPool<T> {
             ready: Mutex::new(VecDeque::new()),
             free: Semaphore::new(size),
             filled: Notify::new(),
+            closing: Notify::new(),
             closed: AtomicBool::new(false),
             observer,
             refill_grace,
@@ -212,12 +215,14 @@ impl<T: Poolable> ReadyPool<T> {
         });
     }
 
-    /// Stops the refill (waiting for makes in flight, whose items are discarded) and
-    /// discards every ready item.
+    /// Stops the refill and discards every ready item. Makes in flight are abandoned: their
+    /// futures are dropped, which stops what they had made so far (a dropped QEMU handle
+    /// kills its VM), so a close never waits for a slow or hung guest's warm-up.
     pub async fn close(&self) {
         self.shared.closed.store(true, Ordering::SeqCst);
         self.shared.free.close();
         self.shared.filled.notify_waiters();
+        self.shared.closing.notify_waiters();
         let tasks = self
             .tasks
             .lock()
@@ -240,10 +245,18 @@ async fn refill<T: Poolable>(shared: Arc<Shared<T>>) {
         let Ok(permit) = shared.free.acquire().await else {
             return; // closed
         };
+        // Registered before the check, so a close in between still wakes it.
+        let closing = shared.closing.notified();
+        tokio::pin!(closing);
+        closing.as_mut().enable();
         if shared.is_closed() {
             return;
         }
-        match (shared.maker)().await {
+        let made = tokio::select! {
+            made = (shared.maker)() => made,
+            () = &mut closing => return, // the make's future is dropped here
+        };
+        match made {
             Ok(item) => {
                 failures = 0;
                 if shared.is_closed() {
@@ -271,8 +284,17 @@ async fn refill<T: Poolable>(shared: Arc<Shared<T>>) {
 
 /// Discards ready items whose VM died, freeing their place for a new one.
 async fn watch<T: Poolable>(shared: Arc<Shared<T>>) {
-    while !shared.is_closed() {
-        tokio::time::sleep(WATCH_INTERVAL).await;
+    loop {
+        let closing = shared.closing.notified();
+        tokio::pin!(closing);
+        closing.as_mut().enable();
+        if shared.is_closed() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(WATCH_INTERVAL) => {}
+            () = &mut closing => return,
+        }
         let dead: Vec<T> = {
             let mut ready = shared.ready.lock().await;
             let (alive, dead): (VecDeque<T>, VecDeque<T>) =
@@ -395,6 +417,48 @@ mod tests {
         // The dead one and every ready one at close were discarded; taken ones were not.
         assert!(counters.discarded.load(Ordering::SeqCst) >= 2);
         assert!(item.is_alive());
+    }
+
+    /// Counts its drops: stands for what a make in flight holds (a QEMU handle).
+    struct DropCounter(Arc<AtomicUsize>);
+
+    impl Drop for DropCounter {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test]
+    async fn close_abandons_a_make_that_never_ends() {
+        let (started, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s, d) = (started.clone(), dropped.clone());
+        let maker: Maker<Item> = Arc::new(move || {
+            let (s, d) = (s.clone(), d.clone());
+            Box::pin(async move {
+                let _held = DropCounter(d);
+                s.fetch_add(1, Ordering::SeqCst);
+                // A guest whose warm-up hangs.
+                std::future::pending::<()>().await;
+                unreachable!("a pending future never completes")
+            })
+        });
+        let pool = ReadyPool::start("test", 2, maker);
+        for _ in 0..500 {
+            if started.load(Ordering::SeqCst) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(started.load(Ordering::SeqCst), 2, "both makes started");
+        tokio::time::timeout(Duration::from_secs(5), pool.close())
+            .await
+            .expect("close does not wait for the hung makes");
+        assert_eq!(
+            dropped.load(Ordering::SeqCst),
+            2,
+            "what the makes held was dropped"
+        );
+        assert!(matches!(pool.take().await, Err(FactoryError::Closed)));
     }
 
     async fn wait_made(counters: &Counters, count: usize) {

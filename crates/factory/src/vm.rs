@@ -74,6 +74,9 @@ pub struct Vm {
     /// Adopted from a giver that resumed it ([`HandOverRecord::running`]): the next
     /// [`Vm::make_ready`] need not send `cont`.
     running_on_adoption: bool,
+    /// Warmed up ([`Vm::warm_up`]) and not made ready since: a second warm-up would redo
+    /// translated work for nothing.
+    warmed: bool,
 }
 
 impl Vm {
@@ -95,6 +98,7 @@ impl Vm {
                     memory_mib: config.memory_mib,
                     cpu_delta: 0,
                     running_on_adoption: false,
+                    warmed: false,
                 })
             }
             Err(err) => {
@@ -115,6 +119,7 @@ impl Vm {
             memory_mib,
             cpu_delta: 0,
             running_on_adoption: false,
+            warmed: false,
         }
     }
 
@@ -229,8 +234,14 @@ impl Vm {
             .await?;
         self.agent = AgentClient::connect_lazy(&self.hypervisor.channels().agent_socket);
         self.pause().await?;
+        self.warmed = true;
         debug!(id = self.id(), elapsed = ?started.elapsed(), "VM warmed up");
         Ok(())
+    }
+
+    /// True when the VM was warmed up ([`Vm::warm_up`]) and not made ready since.
+    pub fn is_warmed(&self) -> bool {
+        self.warmed
     }
 
     /// Resumes a paused base VM and hands it out (`HandOut`: entropy, clock, hostname),
@@ -243,6 +254,7 @@ impl Vm {
     /// `cont` only should that fail.
     pub async fn make_ready(&mut self, timeout: Duration) -> Result<ReadyTimes, VmError> {
         let started = Instant::now();
+        self.warmed = false;
         let mut resumed = None;
         // A VM its giver resumed needs no `cont` (and no QMP session): the hand-out alone.
         let skipped_resume = std::mem::take(&mut self.running_on_adoption);
@@ -412,21 +424,6 @@ impl Poolable for Vm {
     }
 
     async fn discard(self) {
-        let _ = self.stop().await;
-    }
-}
-
-#[async_trait]
-impl Poolable for Box<dyn Hypervisor> {
-    fn pool_id(&self) -> String {
-        self.id().to_string()
-    }
-
-    fn is_alive(&self) -> bool {
-        self.is_running()
-    }
-
-    async fn discard(mut self) {
         let _ = self.stop().await;
     }
 }

@@ -330,6 +330,13 @@ async fn warm_pool_clones_work_and_a_dead_pool_process_is_never_used() {
         assert_ne!(vm.pid(), Some(victim), "a dead pool process was handed out");
         clones.push(vm);
     }
+    for vm in &clones {
+        assert!(
+            qemu_cmdline(vm).contains("-incoming"),
+            "a clone, not a boot"
+        );
+    }
+    assert_eq!(factory.last_fallback(), None, "no direct boot");
     // The first clone came from the pool warmed up: under TCG its QEMU had translated a
     // hand-out and a first process (`true`) before its own hand-out, far more code than
     // a clone restored on demand has by its hand-out.

@@ -362,6 +362,70 @@ mod tests {
         ));
     }
 
+    /// An ELF laid out as a linked kernel is: header, program headers, the segments (here
+    /// in reverse file order of their headers), then the symbols and the section header
+    /// table.
+    fn kernel_layout(segments: &[(u32, &[u8])], symbols: &[u8]) -> Vec<u8> {
+        let mut out = vec![0u8; 64];
+        out[..4].copy_from_slice(b"\x7fELF");
+        out[4] = 2;
+        out[5] = 1;
+        out[6] = 1;
+        out[18..20].copy_from_slice(&elf::EM_X86_64.to_le_bytes());
+        let phoff = 64u64;
+        let data_start = phoff + 56 * segments.len() as u64;
+        out.resize(data_start as usize, 0);
+        let mut offsets = vec![0u64; segments.len()];
+        for (index, (_, data)) in segments.iter().enumerate().rev() {
+            offsets[index] = out.len() as u64;
+            out.extend_from_slice(data);
+        }
+        for (index, ((p_type, data), offset)) in segments.iter().zip(&offsets).enumerate() {
+            let at = (phoff as usize) + 56 * index;
+            out[at..at + 4].copy_from_slice(&p_type.to_le_bytes());
+            out[at + 8..at + 16].copy_from_slice(&offset.to_le_bytes());
+            out[at + 32..at + 40].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        }
+        out.extend_from_slice(symbols);
+        let shoff = out.len() as u64;
+        out.extend_from_slice(&[0u8; 128]); // the null section and one more
+        out[32..40].copy_from_slice(&phoff.to_le_bytes());
+        out[40..48].copy_from_slice(&shoff.to_le_bytes());
+        out[54..56].copy_from_slice(&56u16.to_le_bytes());
+        out[56..58].copy_from_slice(&(segments.len() as u16).to_le_bytes());
+        out[58..60].copy_from_slice(&64u16.to_le_bytes());
+        out[60..62].copy_from_slice(&2u16.to_le_bytes());
+        out[62..64].copy_from_slice(&1u16.to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn without_sections_cuts_a_kernel_after_its_last_segment() {
+        let notes = note(
+            "Xen",
+            XEN_ELFNOTE_PHYS32_ENTRY,
+            &0x0100_0000u32.to_le_bytes(),
+        );
+        let code = pseudo_random(7_000);
+        let symbols = pseudo_random(4_000);
+        let vmlinux = kernel_layout(&[(PT_NOTE, &notes), (1, &code)], &symbols);
+        let stripped = without_sections(&vmlinux).expect("strip");
+        // The note segment comes last in the file: everything up to its end stays, byte
+        // for byte but for the section header fields; the symbols and the table go.
+        let end = vmlinux.len() - symbols.len() - 128;
+        assert_eq!(stripped.len(), end);
+        assert_eq!(stripped[64..], vmlinux[64..end]);
+        assert_eq!(stripped[..40], vmlinux[..40]);
+        assert_eq!(stripped[48..60], vmlinux[48..60]);
+        assert_eq!(&stripped[40..48], &[0u8; 8]);
+        assert_eq!(&stripped[60..64], &[0u8; 4]);
+        let elf = Elf::parse(&stripped).expect("parse");
+        assert!(elf.section_headers().expect("sections").is_empty());
+        let headers = elf.program_headers().expect("headers");
+        assert_eq!(elf.segment_data(&headers[1]).expect("code"), &code[..]);
+        validate_pvh_elf(&stripped).expect("still PVH-bootable");
+    }
+
     #[test]
     fn rejects_elf_without_pvh_note() {
         let notes = note("GNU", 3, b"buildid!");

@@ -473,6 +473,36 @@ async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_on_a_warm_pool_warms_each_clone_once() {
+    let world = World::new();
+    let template = Arc::new(world.create().await.with_warm_pool(1));
+    let cache = CacheFactory::with_warm_up(template.clone(), 2, true);
+    let started = std::time::Instant::now();
+    while cache.ready_count().await < 2 || template.warm_pool_ready().await < 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the cache and the pool fill"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let alive: Vec<_> = world
+        .mock
+        .controls()
+        .into_iter()
+        .filter(|(_, control)| control.is_alive())
+        .collect();
+    assert_eq!(alive.len(), 3, "two cached clones and one pooled");
+    for (id, control) in &alive {
+        assert_eq!(control.resumes(), 1, "{id}: warmed up once");
+        assert!(control.is_paused(), "{id}: waits paused");
+    }
+    assert_eq!(world.calls.hand_outs.load(Ordering::SeqCst), 3);
+    cache.close().await.expect("close");
+    assert_eq!(world.alive(), 0);
+    assert!(destroy(&world.path).expect("destroy"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_pool_clones_are_warmed_up_and_wait_paused() {
     let world = World::new();
     let template = Arc::new(world.create().await.with_warm_pool(2));

@@ -89,6 +89,10 @@ pub enum StartMode {
     /// Wait paused for a device state to load (`-incoming defer -S`); the state file is
     /// inherited as fd [`STATE_FD`].
     Incoming,
+    /// As [`StartMode::Incoming`], with the whole command line of a boot (`-kernel`,
+    /// `-initrd`, `-append`) as Kata's template factory starts its clones: the
+    /// benchmark's Kata-method baseline.
+    IncomingKata,
 }
 
 /// True when `firmware` is qboot, which hangs with a `vmgenid` device.
@@ -178,7 +182,7 @@ pub fn build_args(
     // line are fw_cfg data and start-up ROMs, not migrated RAM, and QEMU would read them
     // for nothing (loading `-kernel` alone took about 6 ms of a clone's QEMU start here,
     // and kept the kernel's symbol table, 1.4 MiB, in its heap).
-    if mode == StartMode::Boot {
+    if mode != StartMode::Incoming {
         push(&["-kernel", &escape_option(&spec.kernel)]);
         if let Some(initrd) = &spec.initrd {
             push(&["-initrd", &escape_option(initrd)]);
@@ -187,7 +191,8 @@ pub fn build_args(
             ResolvedAccel::Kvm => spec.kernel_params.clone(),
             ResolvedAccel::Tcg => {
                 let mut append = format!("{} {TCG_KERNEL_PARAMS}", spec.kernel_params);
-                if let Some(khz) = super::tsc::host_tsc_khz() {
+                // Only a boot calibrates the TSC.
+                if let (StartMode::Boot, Some(khz)) = (mode, super::tsc::host_tsc_khz()) {
                     append.push_str(&format!(" tsc_early_khz={khz}"));
                 }
                 append
@@ -234,7 +239,8 @@ pub fn build_args(
         ),
     ]);
     // Disk hot-plug: empty PCIe root ports a virtio-blk disk can be plugged into later.
-    // Templates and their clones share this command line, so clones have them too.
+    // Templates and their clones share the devices (a clone's command line only leaves
+    // out the kernel, its initramfs and parameters), so clones have them too.
     if machine == "q35" {
         for index in 0..HOTPLUG_PORTS {
             push(&[
@@ -250,7 +256,7 @@ pub fn build_args(
         "-qmp",
         &format!("unix:{},server=on,wait=off", escape_option(&paths.qmp)),
     ]);
-    if mode == StartMode::Incoming {
+    if matches!(mode, StartMode::Incoming | StartMode::IncomingKata) {
         push(&["-incoming", "defer", "-S"]);
     }
     Ok(args)
@@ -407,6 +413,24 @@ mod tests {
             .map(|(_, a)| a)
             .collect();
         assert_eq!(rest, boot_rest);
+
+        // Kata's clones keep the whole command line (the benchmark's baseline).
+        let kata = build_args(
+            &config(),
+            &spec(),
+            ResolvedAccel::Tcg,
+            &paths,
+            StartMode::IncomingKata,
+        )
+        .expect("args");
+        assert_eq!(values(&kata, "-kernel"), ["/k/vmlinux"]);
+        assert_eq!(values(&kata, "-initrd"), ["/k/initrd.img"]);
+        assert_eq!(
+            values(&kata, "-append"),
+            ["console=ttyS0 quiet lapic_timer_hz=1000000000"],
+            "a clone calibrates no TSC"
+        );
+        assert_eq!(values(&kata, "-incoming"), ["defer"]);
     }
 
     #[test]

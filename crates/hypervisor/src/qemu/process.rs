@@ -40,15 +40,16 @@ impl Qemu {
     }
 
     /// Kata's clone sequence, kept as a benchmark baseline (`bench clone`): spawns QEMU
-    /// with `-incoming defer -S`, then QMP `migrate-incoming exec:cat STATE` and polls
-    /// `query-migrate` every 100 ms until it completed, as Kata's `bootFromTemplate` and
-    /// `waitMigration` do. The VM stays paused.
+    /// with the VM's whole command line (kernel, initrd and kernel parameters, which our
+    /// own clones leave out) and `-incoming defer -S`, then QMP `migrate-incoming exec:cat
+    /// STATE` and polls `query-migrate` every 100 ms until it completed, as Kata's
+    /// `bootFromTemplate` and `waitMigration` do. The VM stays paused.
     pub async fn start_incoming_kata_method(
         config: &QemuConfig,
         spec: &VmSpec,
         state: &Path,
     ) -> Result<Self> {
-        let mut qemu = Self::spawn(config, spec, StartMode::Incoming, None).await?;
+        let mut qemu = Self::spawn(config, spec, StartMode::IncomingKata, None).await?;
         if let Err(err) = qemu.load_device_state_kata_method(state).await {
             let _ = qemu.stop().await;
             return Err(err);

@@ -187,7 +187,7 @@ async fn wait_for_pool(template: &TemplateFactory, size: usize) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Let the freshly started QEMUs finish initializing before timing.
+    // Let the host settle after the pool's warm-ups before timing.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
 }
