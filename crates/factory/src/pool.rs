@@ -82,6 +82,9 @@ struct Shared<T> {
     observer: Option<Arc<dyn PoolObserver>>,
     /// How long a taken item's place stays empty while other items are still ready.
     refill_grace: Duration,
+    /// The grace applies even when nothing else is ready: nobody ever waits on this pool
+    /// (it is only taken from with [`ReadyPool::try_take`]).
+    grace_when_empty: AtomicBool,
 }
 
 impl<T> Shared<T> {
@@ -131,6 +134,7 @@ impl<T: Poolable> ReadyPool<T> {
             closed: AtomicBool::new(false),
             observer,
             refill_grace,
+            grace_when_empty: AtomicBool::new(false),
         });
         let mut tasks: Vec<JoinHandle<()>> = (0..size)
             .map(|_| tokio::spawn(refill(shared.clone())))
@@ -140,6 +144,15 @@ impl<T: Poolable> ReadyPool<T> {
             shared,
             tasks: std::sync::Mutex::new(tasks),
         }
+    }
+
+    /// For a pool nobody waits on (taken from with [`ReadyPool::try_take`] only, a taker
+    /// finding it empty makes its own item): a taken item's replacement always waits out
+    /// the refill grace, also when nothing else is ready, so it never competes with the
+    /// taker's first moments.
+    pub fn grace_even_when_empty(self) -> Self {
+        self.shared.grace_when_empty.store(true, Ordering::SeqCst);
+        self
     }
 
     /// Items ready right now.
@@ -204,7 +217,9 @@ impl<T: Poolable> ReadyPool<T> {
     /// or nothing else is ready (a taker may be waiting), else after the grace.
     async fn free_place(&self, alive: bool) {
         let grace = self.shared.refill_grace;
-        if !alive || grace.is_zero() || self.shared.ready.lock().await.is_empty() {
+        let others_ready = !self.shared.ready.lock().await.is_empty();
+        let wait = others_ready || self.shared.grace_when_empty.load(Ordering::SeqCst);
+        if !alive || grace.is_zero() || !wait {
             self.shared.free.add_permits(1);
             return;
         }
@@ -498,6 +513,28 @@ mod tests {
         assert!(started.elapsed() >= grace);
         assert_eq!(counters.made.load(Ordering::SeqCst), 4);
         drop((first, second));
+        pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_pool_nobody_waits_on_keeps_the_grace_when_empty() {
+        let grace = Duration::from_millis(600);
+        let (pool, counters) = pool_with_grace(1, 0, grace);
+        let pool = pool.grace_even_when_empty();
+        wait_ready(&pool, 1).await;
+        let started = std::time::Instant::now();
+        let taken = pool.try_take().await.expect("take");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            counters.made.load(Ordering::SeqCst),
+            1,
+            "refilled within the grace although the pool was empty"
+        );
+        assert!(pool.try_take().await.is_none(), "try_take does not wait");
+        wait_ready(&pool, 1).await;
+        assert!(started.elapsed() >= grace);
+        assert_eq!(counters.made.load(Ordering::SeqCst), 2);
+        drop(taken);
         pool.close().await;
     }
 }

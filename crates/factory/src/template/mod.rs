@@ -316,8 +316,10 @@ impl TemplateFactory {
     ///   again (its own QEMU's VMGenID reseeded it at the resume), sets the clock and the
     ///   hostname, on a new agent connection.
     ///
-    /// A taken clone's replacement waits [`REFILL_GRACE`] while others are ready. Must be
-    /// called within a tokio runtime.
+    /// A taken clone's replacement waits [`REFILL_GRACE`], also when the pool is then
+    /// empty: `get_vm` never waits for the pool (it restores a clone itself when the pool
+    /// is empty), and a warm-up started at once would compete with the taken clone's
+    /// hand-out. Must be called within a tokio runtime.
     pub fn with_warm_pool(mut self, size: usize) -> Self {
         if size > 0 {
             let (config, path, backend) =
@@ -336,13 +338,10 @@ impl TemplateFactory {
                     Ok(vm)
                 })
             });
-            self.pool = Some(ReadyPool::start_observed(
-                "warm pool",
-                size,
-                maker,
-                None,
-                REFILL_GRACE,
-            ));
+            self.pool = Some(
+                ReadyPool::start_observed("warm pool", size, maker, None, REFILL_GRACE)
+                    .grace_even_when_empty(),
+            );
         }
         self
     }
