@@ -478,14 +478,7 @@ impl Containers {
                 }
                 Ok(())
             })),
-            workdir_root: rustix::fs::open(
-                format!("/proc/{pid}/root"),
-                rustix::fs::OFlags::PATH
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            )
-            .ok(),
+            workdir_root: crate::process::pin_root(pid),
         })
     }
 }

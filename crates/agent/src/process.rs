@@ -276,17 +276,39 @@ pub enum PidNamespace {
 /// A runs-before-exec step of a child (between `fork` and `exec`: async-signal-safe only).
 pub type PreExec = Box<dyn FnMut() -> std::io::Result<()> + Send + Sync>;
 
+/// How a directory is opened to look it up or to pin it: `O_PATH`, no access to its
+/// contents needed.
+const DIR_LOOKUP: rustix::fs::OFlags = rustix::fs::OFlags::PATH
+    .union(rustix::fs::OFlags::DIRECTORY)
+    .union(rustix::fs::OFlags::CLOEXEC);
+
+/// The root directory of process `pid` (`/proc/PID/root`), pinned: a [`Launch`]'s
+/// `workdir_root`. `None` when the process is gone.
+pub fn pin_root(pid: u32) -> Option<OwnedFd> {
+    rustix::fs::open(
+        format!("/proc/{pid}/root"),
+        DIR_LOOKUP,
+        rustix::fs::Mode::empty(),
+    )
+    .ok()
+}
+
 /// True when `path` is certainly not a directory: in the agent's own tree, or in the
 /// tree `root` (an `O_PATH` descriptor), resolved inside it. Other errors say nothing.
 fn directory_missing(root: Option<&OwnedFd>, path: &str) -> bool {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    use rustix::fs::{Mode, ResolveFlags};
     let opened = match root {
-        None => rustix::fs::open(path, flags, Mode::empty()),
+        None => rustix::fs::open(path, DIR_LOOKUP, Mode::empty()),
         Some(root) => {
             let inside = path.trim_start_matches('/');
             let inside = if inside.is_empty() { "." } else { inside };
-            rustix::fs::openat2(root, inside, flags, Mode::empty(), ResolveFlags::IN_ROOT)
+            rustix::fs::openat2(
+                root,
+                inside,
+                DIR_LOOKUP,
+                Mode::empty(),
+                ResolveFlags::IN_ROOT,
+            )
         }
     };
     matches!(

@@ -92,6 +92,22 @@ impl<T> Shared<T> {
         self.closed.load(Ordering::SeqCst)
     }
 
+    /// `work`'s output, or `None` (and `work` dropped) once the pool is closed, also when it
+    /// already was.
+    async fn until_closed<F: Future>(&self, work: F) -> Option<F::Output> {
+        // Registered before the check, so a close in between still wakes us.
+        let closing = self.closing.notified();
+        tokio::pin!(closing);
+        closing.as_mut().enable();
+        if self.is_closed() {
+            return None;
+        }
+        tokio::select! {
+            output = work => Some(output),
+            () = &mut closing => None,
+        }
+    }
+
     fn observe(&self, event: impl FnOnce(&dyn PoolObserver)) {
         if let Some(observer) = &self.observer {
             event(observer.as_ref());
@@ -260,16 +276,9 @@ async fn refill<T: Poolable>(shared: Arc<Shared<T>>) {
         let Ok(permit) = shared.free.acquire().await else {
             return; // closed
         };
-        // Registered before the check, so a close in between still wakes it.
-        let closing = shared.closing.notified();
-        tokio::pin!(closing);
-        closing.as_mut().enable();
-        if shared.is_closed() {
+        // On a close the make's future is dropped.
+        let Some(made) = shared.until_closed((shared.maker)()).await else {
             return;
-        }
-        let made = tokio::select! {
-            made = (shared.maker)() => made,
-            () = &mut closing => return, // the make's future is dropped here
         };
         match made {
             Ok(item) => {
@@ -300,15 +309,12 @@ async fn refill<T: Poolable>(shared: Arc<Shared<T>>) {
 /// Discards ready items whose VM died, freeing their place for a new one.
 async fn watch<T: Poolable>(shared: Arc<Shared<T>>) {
     loop {
-        let closing = shared.closing.notified();
-        tokio::pin!(closing);
-        closing.as_mut().enable();
-        if shared.is_closed() {
+        if shared
+            .until_closed(tokio::time::sleep(WATCH_INTERVAL))
+            .await
+            .is_none()
+        {
             return;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(WATCH_INTERVAL) => {}
-            () = &mut closing => return,
         }
         let dead: Vec<T> = {
             let mut ready = shared.ready.lock().await;

@@ -242,9 +242,9 @@ pub(crate) fn parse_notes(mut data: &[u8]) -> Result<Vec<Note<'_>>, ElfError> {
 pub(crate) mod tests {
     use super::*;
 
-    /// Builds a minimal ELF64 x86-64 file with the given program headers
-    /// `(type, contents)` and sections `(name, contents)`.
-    pub(crate) fn build_elf(segments: &[(u32, &[u8])], sections: &[(&str, &[u8])]) -> Vec<u8> {
+    /// The 64-byte header of an ELF64 little-endian x86-64 executable, its table offsets
+    /// and counts left 0.
+    pub(crate) fn elf_header() -> Vec<u8> {
         let mut out = vec![0u8; 64];
         out[..4].copy_from_slice(b"\x7fELF");
         out[4] = 2;
@@ -252,6 +252,13 @@ pub(crate) mod tests {
         out[6] = 1;
         out[16..18].copy_from_slice(&2u16.to_le_bytes());
         out[18..20].copy_from_slice(&EM_X86_64.to_le_bytes());
+        out
+    }
+
+    /// Builds a minimal ELF64 x86-64 file with the given program headers
+    /// `(type, contents)` and sections `(name, contents)`.
+    pub(crate) fn build_elf(segments: &[(u32, &[u8])], sections: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = elf_header();
         // Payloads first, remembering their offsets.
         let mut seg_offsets = Vec::new();
         for (_, data) in segments {

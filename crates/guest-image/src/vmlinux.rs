@@ -194,7 +194,7 @@ pub(crate) fn validate_pvh_elf(vmlinux: &[u8]) -> Result<(), VmlinuxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::elf::tests::{build_elf, note};
+    use crate::elf::tests::{build_elf, elf_header, note};
 
     /// Wraps `data` in the LZ4 legacy framing, in blocks of `block` bytes.
     fn legacy_frame(data: &[u8], block: usize) -> Vec<u8> {
@@ -205,6 +205,15 @@ mod tests {
             out.extend_from_slice(&compressed);
         }
         out
+    }
+
+    /// The Xen note with the kernel's 32-bit PVH entry point.
+    fn pvh_note() -> Vec<u8> {
+        note(
+            "Xen",
+            XEN_ELFNOTE_PHYS32_ENTRY,
+            &0x0100_0000u32.to_le_bytes(),
+        )
     }
 
     fn pseudo_random(len: usize) -> Vec<u8> {
@@ -278,11 +287,7 @@ mod tests {
 
     #[test]
     fn extracts_pvh_elf_from_fake_bzimage() {
-        let notes = note(
-            "Xen",
-            XEN_ELFNOTE_PHYS32_ENTRY,
-            &0x0100_0000u32.to_le_bytes(),
-        );
+        let notes = pvh_note();
         let vmlinux = build_elf(&[(PT_NOTE, &notes)], &[(".text", &pseudo_random(50_000))]);
         let mut payload = legacy_frame(&vmlinux, LZ4_LEGACY_BLOCK);
         payload.extend_from_slice(&(vmlinux.len() as u32).to_le_bytes());
@@ -307,11 +312,7 @@ mod tests {
 
     #[test]
     fn without_sections_keeps_the_segments_and_drops_the_symbols() {
-        let notes = note(
-            "Xen",
-            XEN_ELFNOTE_PHYS32_ENTRY,
-            &0x0100_0000u32.to_le_bytes(),
-        );
+        let notes = pvh_note();
         let code = pseudo_random(5_000);
         let vmlinux = build_elf(
             &[(PT_NOTE, &notes), (1, &code)],
@@ -366,12 +367,7 @@ mod tests {
     /// in reverse file order of their headers), then the symbols and the section header
     /// table.
     fn kernel_layout(segments: &[(u32, &[u8])], symbols: &[u8]) -> Vec<u8> {
-        let mut out = vec![0u8; 64];
-        out[..4].copy_from_slice(b"\x7fELF");
-        out[4] = 2;
-        out[5] = 1;
-        out[6] = 1;
-        out[18..20].copy_from_slice(&elf::EM_X86_64.to_le_bytes());
+        let mut out = elf_header();
         let phoff = 64u64;
         let data_start = phoff + 56 * segments.len() as u64;
         out.resize(data_start as usize, 0);
@@ -401,11 +397,7 @@ mod tests {
 
     #[test]
     fn without_sections_cuts_a_kernel_after_its_last_segment() {
-        let notes = note(
-            "Xen",
-            XEN_ELFNOTE_PHYS32_ENTRY,
-            &0x0100_0000u32.to_le_bytes(),
-        );
+        let notes = pvh_note();
         let code = pseudo_random(7_000);
         let symbols = pseudo_random(4_000);
         let vmlinux = kernel_layout(&[(PT_NOTE, &notes), (1, &code)], &symbols);

@@ -328,11 +328,7 @@ fn oci_tar_and_docker_archive_flatten_to_the_same_tree_and_hit_the_cache() -> Te
         Err(ImageError::NotCached(_))
     ));
     // No staging or unpack directories are left behind.
-    let leftovers: Vec<_> = fs::read_dir(store.root())?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name())
-        .filter(|n| n.to_string_lossy().starts_with('.'))
-        .collect();
+    let leftovers = names_starting_with(store.root(), ".")?;
     assert!(leftovers.is_empty(), "{leftovers:?}");
     Ok(())
 }
@@ -480,13 +476,18 @@ impl Drop for SmallFs {
 fn assert_no_staging_left(store_root: &Path) -> TestResult {
     let images = store_root.join("rootfs");
     assert!(images.is_dir());
-    let staging: Vec<_> = fs::read_dir(&images)?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name())
-        .filter(|name| name.to_string_lossy().starts_with(".staging-"))
-        .collect();
+    let staging = names_starting_with(&images, ".staging-")?;
     assert!(staging.is_empty(), "left behind: {staging:?}");
     Ok(())
+}
+
+/// Names of the entries of `dir` that start with `prefix`.
+fn names_starting_with(dir: &Path, prefix: &str) -> std::io::Result<Vec<std::ffi::OsString>> {
+    Ok(fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .filter(|name| name.to_string_lossy().starts_with(prefix))
+        .collect())
 }
 
 #[test]

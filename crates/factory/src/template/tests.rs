@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmfactory_hypervisor::mock::MockBackend;
+use vmfactory_hypervisor::mock::{MockBackend, MockControl};
 use vmfactory_hypervisor::Backend;
 use vmfactory_protocols::cache::GrpcVm;
 
@@ -68,12 +68,17 @@ impl World {
             .expect("create the template")
     }
 
-    fn alive(&self) -> usize {
+    /// The mock VMs still alive, by id.
+    fn alive_controls(&self) -> Vec<(String, Arc<MockControl>)> {
         self.mock
             .controls()
-            .iter()
+            .into_iter()
             .filter(|(_, control)| control.is_alive())
-            .count()
+            .collect()
+    }
+
+    fn alive(&self) -> usize {
+        self.alive_controls().len()
     }
 }
 
@@ -485,12 +490,7 @@ async fn a_cache_on_a_warm_pool_warms_each_clone_once() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let alive: Vec<_> = world
-        .mock
-        .controls()
-        .into_iter()
-        .filter(|(_, control)| control.is_alive())
-        .collect();
+    let alive = world.alive_controls();
     assert_eq!(alive.len(), 3, "two cached clones and one pooled");
     for (id, control) in &alive {
         assert_eq!(control.resumes(), 1, "{id}: warmed up once");
@@ -517,12 +517,7 @@ async fn warm_pool_clones_are_warmed_up_and_wait_paused() {
         }
     };
     wait_full().await;
-    let clones: Vec<_> = world
-        .mock
-        .controls()
-        .into_iter()
-        .filter(|(_, control)| control.is_alive())
-        .collect();
+    let clones = world.alive_controls();
     assert_eq!(
         clones.len(),
         2,
