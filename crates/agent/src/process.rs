@@ -4,9 +4,8 @@
 //! flooding process blocks on its pipe instead of filling guest memory.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -235,23 +234,77 @@ fn kill_group(pgid: u32, signal: i32) {
     }
 }
 
+/// A started process: cloned without copying the agent, or forked by `Command` (a
+/// container's, whose hooks run between fork and exec).
+enum Child {
+    Cloned(spawn::Spawned),
+    Forked(tokio::process::Child),
+}
+
+impl Child {
+    fn id(&self) -> u32 {
+        match self {
+            Child::Cloned(child) => child.id(),
+            Child::Forked(child) => child.id().unwrap_or(0),
+        }
+    }
+
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Child::Cloned(child) => child.wait().await,
+            Child::Forked(child) => child.wait().await,
+        }
+    }
+}
+
 /// The standard streams of a child, and the agent's ends of them.
 struct Stdio3 {
-    child: [Stdio; 3],
+    /// The child's fds 0, 1 and 2 (close-on-exec here; the child's copies are not).
+    child: [OwnedFd; 3],
     tty: Option<OwnedFd>,
-    pty_reader: Option<Reader>,
-    pty_writer: Option<Writer>,
+    stdin: Option<Writer>,
+    stdout: Option<Reader>,
+    stderr: Option<Reader>,
+}
+
+/// Pipes for a process without a terminal: its standard input one only if asked for
+/// (else `/dev/null`).
+fn pipe_stdio(stdin: bool) -> std::io::Result<Stdio3> {
+    use rustix::pipe::{pipe_with, PipeFlags};
+    let (child_in, writer) = if stdin {
+        let (read, write) = pipe_with(PipeFlags::CLOEXEC)?;
+        (
+            read,
+            Some(Box::new(pipe::Sender::from_owned_fd(write)?) as Writer),
+        )
+    } else {
+        let null = rustix::fs::open(
+            "/dev/null",
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        (null, None)
+    };
+    let (out_read, out_write) = pipe_with(PipeFlags::CLOEXEC)?;
+    let (err_read, err_write) = pipe_with(PipeFlags::CLOEXEC)?;
+    Ok(Stdio3 {
+        child: [child_in, out_write, err_write],
+        tty: None,
+        stdin: writer,
+        stdout: Some(Box::new(pipe::Receiver::from_owned_fd(out_read)?)),
+        stderr: Some(Box::new(pipe::Receiver::from_owned_fd(err_read)?)),
+    })
 }
 
 /// Opens a pseudo-terminal of the requested size for a terminal process.
 fn terminal_stdio(rows: u16, cols: u16) -> Result<Stdio3, Status> {
     let internal = |err: &dyn std::fmt::Display| Status::internal(err.to_string());
     let pair = pty::open(rows, cols).map_err(|err| internal(&err))?;
-    let slave = |fd: &OwnedFd| fd.try_clone().map(Stdio::from);
+    let slave = |fd: &OwnedFd| fd.try_clone();
     let child = [
         slave(&pair.slave).map_err(|err| internal(&err))?,
         slave(&pair.slave).map_err(|err| internal(&err))?,
-        Stdio::from(pair.slave),
+        pair.slave,
     ];
     let reader = pty::nonblocking_dup(&pair.master).map_err(|err| internal(&err))?;
     let writer = pty::nonblocking_dup(&pair.master).map_err(|err| internal(&err))?;
@@ -260,8 +313,9 @@ fn terminal_stdio(rows: u16, cols: u16) -> Result<Stdio3, Status> {
     Ok(Stdio3 {
         child,
         tty: Some(pair.master),
-        pty_reader: Some(Box::new(reader)),
-        pty_writer: Some(Box::new(writer)),
+        stdin: Some(Box::new(writer)),
+        stdout: Some(Box::new(reader)),
+        stderr: None,
     })
 }
 
@@ -438,19 +492,15 @@ impl Processes {
             let (rows, cols) = tty_size(request.rows, request.cols)?;
             terminal_stdio(rows, cols)?
         } else {
-            let stdin = if request.stdin {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            };
-            Stdio3 {
-                child: [stdin, Stdio::piped(), Stdio::piped()],
-                tty: None,
-                pty_reader: None,
-                pty_writer: None,
-            }
+            pipe_stdio(request.stdin).map_err(|err| Status::internal(err.to_string()))?
         };
-        let [child_in, child_out, child_err] = stdio.child;
+        let Stdio3 {
+            child: child_fds,
+            tty,
+            stdin,
+            stdout,
+            stderr,
+        } = stdio;
         let (program, args) = match &launch.program {
             Some((program, args)) => (program.as_str(), args.as_slice()),
             None => (request.argv[0].as_str(), &request.argv[1..]),
@@ -467,47 +517,67 @@ impl Processes {
         };
         let requested_workdir = workdir;
         let workdir = if workdir_here { workdir } else { "/" };
-        let mut command = Command::new(program);
-        command
-            .args(args)
-            .env_clear()
-            .env("PATH", "/bin:/sbin:/usr/bin:/usr/sbin")
-            .env("HOME", "/root")
-            .envs(request.terminal.then_some(("TERM", "xterm")))
-            .envs(request.env.iter().map(|v| (&v.key, &v.value)))
-            .current_dir(workdir)
-            .stdin(child_in)
-            .stdout(child_out)
-            .stderr(child_err)
-            .kill_on_drop(false);
+        let env = [("PATH", "/bin:/sbin:/usr/bin:/usr/sbin"), ("HOME", "/root")]
+            .into_iter()
+            .chain(request.terminal.then_some(("TERM", "xterm")))
+            .chain(
+                request
+                    .env
+                    .iter()
+                    .map(|v| (v.key.as_str(), v.value.as_str())),
+            );
         let terminal = request.terminal;
-        // SAFETY: setsid, ioctl, open, write and close are async-signal-safe. The child
-        // leads a new session and process group, so a timeout or a signal can reach
-        // everything it started; a terminal process takes its terminal (already its fd 0)
-        // as controlling terminal; and it does not inherit the agent's exemption from the
-        // OOM killer.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                reset_oom_score_adj();
-                Ok(())
-            });
-        }
-        if let Some(hook) = launch.pre_exec {
-            // SAFETY: the launch's hook promises async-signal-safe work only.
+        let spawned = if launch.pre_exec.is_none() && launch.pid_ns.is_none() {
+            // A VM's process: cloned without copying the agent (see `spawn`).
+            let spawned = spawn::Plan::new(program, args, env, workdir, terminal)
+                .and_then(|plan| {
+                    let [stdin, stdout, stderr] = &child_fds;
+                    plan.spawn([stdin.as_fd(), stdout.as_fd(), stderr.as_fd()])
+                })
+                .map(Child::Cloned);
+            // The agent's copies of the child's ends go now, or reading a pipe or the
+            // terminal's master would never end.
+            drop(child_fds);
+            spawned
+        } else {
+            let [child_in, child_out, child_err] = child_fds;
+            let mut command = Command::new(program);
+            command
+                .args(args)
+                .env_clear()
+                .envs(env)
+                .current_dir(workdir)
+                .stdin(child_in)
+                .stdout(child_out)
+                .stderr(child_err)
+                .kill_on_drop(false);
+            // SAFETY: setsid, ioctl, open, write and close are async-signal-safe. The
+            // child leads a new session and process group, so a timeout or a signal can
+            // reach everything it started; a terminal process takes its terminal
+            // (already its fd 0) as controlling terminal; and it does not inherit the
+            // agent's exemption from the OOM killer.
             unsafe {
-                command.pre_exec(hook);
+                command.pre_exec(move || {
+                    if libc::setsid() < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    reset_oom_score_adj();
+                    Ok(())
+                });
             }
-        }
-        let spawned = spawn_in(&mut command, launch.pid_ns);
-        // The agent's copies of the terminal's slave go now, or reading the master would
-        // never end.
-        drop(command);
+            if let Some(hook) = launch.pre_exec {
+                // SAFETY: the launch's hook promises async-signal-safe work only.
+                unsafe {
+                    command.pre_exec(hook);
+                }
+            }
+            // The command, holding the agent's copies of the child's ends, goes at the
+            // end of this block.
+            spawn_in(&mut command, launch.pid_ns).map(Child::Forked)
+        };
         let mut child = spawned.map_err(|err| {
             let missing = if workdir_here {
                 directory_missing(None, requested_workdir)
@@ -532,17 +602,8 @@ impl Processes {
                 _ => Status::failed_precondition(message),
             }
         })?;
-        let pid = child.id().unwrap_or(0);
+        let pid = child.id();
         let (exit_tx, exit_rx) = watch::channel(None);
-        let stdin: Option<Writer> = match stdio.pty_writer {
-            Some(writer) => Some(writer),
-            None => child.stdin.take().map(|pipe| Box::new(pipe) as Writer),
-        };
-        let stdout: Option<Reader> = match stdio.pty_reader {
-            Some(reader) => Some(reader),
-            None => child.stdout.take().map(|pipe| Box::new(pipe) as Reader),
-        };
-        let stderr = child.stderr.take().map(|pipe| Box::new(pipe) as Reader);
         let process = Arc::new(Process {
             pid,
             seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
@@ -550,7 +611,7 @@ impl Processes {
             stdin: tokio::sync::Mutex::new(stdin),
             stdout: Mutex::new(stdout),
             stderr: Mutex::new(stderr),
-            tty: stdio.tty,
+            tty,
             exit: exit_rx,
         });
         let limit = (request.timeout_ms > 0).then(|| Duration::from_millis(request.timeout_ms));
@@ -807,6 +868,8 @@ fn reset_oom_score_adj() {
         }
     }
 }
+
+mod spawn;
 
 #[cfg(test)]
 mod tests;
