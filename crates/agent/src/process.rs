@@ -19,13 +19,17 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::Status;
 use tracing::{debug, warn};
 use vmfactory_protocols::agent::{
-    ExecProcessRequest, ProcessInfo, ReadStreamResponse, WaitProcessResponse, WriteStreamRequest,
+    ExecProcessRequest, ExecProcessResponse, ProcessInfo, ReadStreamResponse, RunProcessResponse,
+    WaitProcessResponse, WriteStreamRequest,
 };
 
 use crate::pty;
 
 /// Most processes the agent tracks at once (running, or ended and not yet waited for).
 const MAX_PROCESSES: usize = 1024;
+/// How long `RunProcess` waits after a process's end for its output to close (something
+/// it started in the background may keep it open).
+const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 /// Bytes read from a pipe per streamed chunk.
 const CHUNK: usize = 64 << 10;
 /// Chunks buffered per stream between the pipe and the connection.
@@ -700,6 +704,79 @@ impl Processes {
                     return;
                 }
             }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    /// Everything about process `started` as one stream (`RunProcess`): `started`, its
+    /// output chunks as read from both pipes, then its exit once it has ended and both
+    /// pipes are closed, or [`OUTPUT_GRACE`] after its end; then it is forgotten. When
+    /// the reader goes away first, the process's group is killed (nobody could read its
+    /// output or learn its end) and it is forgotten all the same.
+    pub fn follow(
+        self: &Arc<Self>,
+        started: ExecProcessResponse,
+    ) -> Result<ReceiverStream<Result<RunProcessResponse, Status>>, Status> {
+        use vmfactory_protocols::agent::run_process_response::Event;
+        let id = started.exec_id.clone();
+        let pid = started.pid;
+        let opened = self
+            .read(&id, Output::Stdout)
+            .and_then(|out| Ok((out, self.read(&id, Output::Stderr)?)))
+            .and_then(|outputs| Ok((outputs, self.get(&id)?.exit.clone())));
+        let ((stdout, stderr), mut exit) = match opened {
+            Ok(opened) => opened,
+            Err(status) => {
+                kill_group(pid, libc::SIGKILL);
+                let processes = Arc::clone(self);
+                tokio::spawn(async move { processes.wait(&id).await });
+                return Err(status);
+            }
+        };
+        let event = |event| Ok(RunProcessResponse { event: Some(event) });
+        let (tx, rx) = mpsc::channel(STREAM_DEPTH);
+        // The channel is empty: there is room for the first message.
+        let _ = tx.try_send(event(Event::Started(started)));
+        let outputs = stdout
+            .map(|chunk| chunk.map(|c| Event::Stdout(c.data)))
+            .merge(stderr.map(|chunk| chunk.map(|c| Event::Stderr(c.data))));
+        let processes = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::pin!(outputs);
+            let mut grace = None;
+            let reader_gone = loop {
+                let until_grace_ends = async {
+                    match grace {
+                        Some(deadline) => tokio::time::sleep_until(deadline).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    chunk = outputs.next() => match chunk {
+                        Some(Ok(chunk)) => {
+                            // Waits while the reader is slow.
+                            if tx.send(event(chunk)).await.is_err() {
+                                break true;
+                            }
+                        }
+                        Some(Err(_)) | None => break false,
+                    },
+                    () = async { drop(exit.wait_for(Option::is_some).await) }, if grace.is_none() => {
+                        grace = Some(tokio::time::Instant::now() + OUTPUT_GRACE);
+                    }
+                    () = until_grace_ends => break false,
+                    () = tx.closed() => break true,
+                }
+            };
+            if reader_gone {
+                kill_group(pid, libc::SIGKILL);
+            }
+            let ended = processes.wait(&id).await;
+            let _ = tx
+                .send(ended.map(|exit| RunProcessResponse {
+                    event: Some(Event::Exit(exit.into())),
+                }))
+                .await;
         });
         Ok(ReceiverStream::new(rx))
     }

@@ -14,9 +14,9 @@ use vmfactory_protocols::agent::{
     HandOutResponse, HealthCheckResponse, ListProcessesRequest, ListProcessesResponse,
     OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest, ReadFileResponse,
     ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest, ReseedRandomDevRequest,
-    SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest, StatPathRequest,
-    StatPathResponse, TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse,
-    WriteStreamRequest, WriteStreamResponse,
+    RunProcessResponse, SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest,
+    StatPathRequest, StatPathResponse, TtyWinResizeRequest, WaitProcessRequest,
+    WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 
 use crate::container::Containers;
@@ -127,6 +127,16 @@ impl AgentService for Agent {
     ) -> Result<Response<WaitProcessResponse>, Status> {
         let exit = self.processes.wait(&request.into_inner().exec_id).await?;
         Ok(Response::new(exit.into()))
+    }
+
+    type RunProcessStream = ReceiverStream<Result<RunProcessResponse, Status>>;
+
+    async fn run_process(
+        &self,
+        request: Request<ExecProcessRequest>,
+    ) -> Result<Response<Self::RunProcessStream>, Status> {
+        let started = self.exec_process(request).await?.into_inner();
+        Ok(Response::new(self.processes.follow(started)?))
     }
 
     async fn tty_win_resize(

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use tokio_stream::{Stream, StreamExt};
 use tonic::Streaming;
+use vmfactory_protocols::agent::run_process_response::Event;
 use vmfactory_protocols::agent::{
     CloseStdinRequest, EnvVar, ExecProcessRequest, ListProcessesRequest, ReadStreamRequest,
-    ReadStreamResponse, SignalProcessRequest, TtyWinResizeRequest, WaitProcessRequest,
-    WriteStreamRequest,
+    ReadStreamResponse, RunProcessResponse, SignalProcessRequest, TtyWinResizeRequest,
+    WaitProcessRequest, WaitProcessResponse, WriteStreamRequest,
 };
 
 use crate::agent_client::{rpc_error, AgentClient, AgentError};
@@ -117,6 +118,73 @@ impl OutputStream {
     }
 }
 
+/// What a process followed with [`AgentClient::run_process`] does, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessEvent {
+    /// A chunk of its standard output (its terminal's output, for a terminal process).
+    Stdout(Vec<u8>),
+    /// A chunk of its standard error.
+    Stderr(Vec<u8>),
+    /// How it ended: the last event.
+    Exit(ProcessExit),
+}
+
+/// A process started with [`AgentClient::run_process`], followed as it runs.
+#[derive(Debug)]
+pub struct RunningProcess {
+    /// Its exec id (for input, signals and its terminal's size).
+    pub exec_id: String,
+    /// Its pid in the guest.
+    pub pid: u32,
+    events: Streaming<RunProcessResponse>,
+    ended: bool,
+}
+
+impl RunningProcess {
+    /// The next event; `None` after [`ProcessEvent::Exit`]. A stream that ends before the
+    /// exit is an error.
+    pub async fn next_event(&mut self) -> Result<Option<ProcessEvent>, AgentError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let message = self
+            .events
+            .message()
+            .await
+            .map_err(rpc_error("RunProcess"))?;
+        let event = match message.and_then(|m| m.event) {
+            Some(Event::Stdout(data)) => ProcessEvent::Stdout(data),
+            Some(Event::Stderr(data)) => ProcessEvent::Stderr(data),
+            Some(Event::Exit(exit)) => {
+                self.ended = true;
+                ProcessEvent::Exit(exit.into())
+            }
+            Some(Event::Started(_)) | None => return Err(no_exit()),
+        };
+        Ok(Some(event))
+    }
+}
+
+/// A `RunProcess` stream that broke off before the process's exit.
+fn no_exit() -> AgentError {
+    AgentError::Rpc {
+        rpc: "RunProcess",
+        status: tonic::Status::internal(
+            "The agent's process stream ended without the process's exit",
+        ),
+    }
+}
+
+impl From<WaitProcessResponse> for ProcessExit {
+    fn from(response: WaitProcessResponse) -> Self {
+        ProcessExit {
+            exit_code: (response.signal == 0).then_some(response.status),
+            signal: (response.signal != 0).then_some(response.signal),
+            timed_out: response.timed_out,
+        }
+    }
+}
+
 /// A command run to completion with [`AgentClient::exec`].
 #[derive(Debug, Clone, Default)]
 pub struct ExecRequest {
@@ -153,25 +221,7 @@ impl AgentClient {
     /// Starts a process; returns its exec id. Its output waits in the guest's pipes until
     /// [`AgentClient::output`] streams it.
     pub async fn start_process(&self, spec: ProcessSpec) -> Result<String, AgentError> {
-        let request = ExecProcessRequest {
-            argv: spec.argv,
-            env: spec
-                .env
-                .into_iter()
-                .map(|(key, value)| EnvVar { key, value })
-                .collect(),
-            workdir: spec.workdir,
-            timeout_ms: spec
-                .timeout
-                .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-            exec_id: String::new(),
-            stdin: spec.stdin,
-            terminal: spec.terminal.is_some(),
-            rows: spec.terminal.map_or(0, |size| u32::from(size.rows)),
-            cols: spec.terminal.map_or(0, |size| u32::from(size.cols)),
-            container_id: spec.container_id,
-            user: spec.user,
-        };
+        let request = exec_request(spec);
         let response = self
             .inner
             .clone()
@@ -298,11 +348,40 @@ impl AgentClient {
             .await
             .map_err(rpc_error("WaitProcess"))?
             .into_inner();
-        Ok(ProcessExit {
-            exit_code: (response.signal == 0).then_some(response.status),
-            signal: (response.signal != 0).then_some(response.signal),
-            timed_out: response.timed_out,
-        })
+        Ok(response.into())
+    }
+
+    /// Starts a process and follows it in one call (`RunProcess`): one round trip to the
+    /// guest instead of four calls, two of them after the start. Its input, signals and
+    /// terminal size go through [`AgentClient::write_stdin`] and the others with
+    /// [`RunningProcess::exec_id`]; dropping the [`RunningProcess`] before its exit kills
+    /// it. `None` when the agent (or the supervisor in front of it) predates
+    /// `RunProcess`: then [`AgentClient::start_process`], [`AgentClient::output`] and
+    /// [`AgentClient::wait_process`] do the same.
+    pub async fn run_process(
+        &self,
+        spec: ProcessSpec,
+    ) -> Result<Option<RunningProcess>, AgentError> {
+        let mut events = match self.inner.clone().run_process(exec_request(spec)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unimplemented => return Ok(None),
+            Err(status) => return Err(rpc_error("RunProcess")(status)),
+        };
+        let first = events.message().await.map_err(rpc_error("RunProcess"))?;
+        match first.and_then(|m| m.event) {
+            Some(Event::Started(started)) => Ok(Some(RunningProcess {
+                exec_id: started.exec_id,
+                pid: started.pid,
+                events,
+                ended: false,
+            })),
+            _ => Err(AgentError::Rpc {
+                rpc: "RunProcess",
+                status: tonic::Status::internal(
+                    "The agent's process stream did not begin with the process's start",
+                ),
+            }),
+        }
     }
 
     /// Runs a command to completion and collects its output (up to [`MAX_EXEC_OUTPUT`]
@@ -318,32 +397,83 @@ impl AgentClient {
         container_id: String,
         user: String,
     ) -> Result<ExecOutput, AgentError> {
-        let has_stdin = !request.stdin.is_empty();
-        let id = self
-            .start_process(ProcessSpec {
-                argv: request.argv,
-                env: request.env,
-                workdir: request.workdir,
-                stdin: has_stdin,
-                timeout: request.timeout,
-                terminal: None,
-                container_id,
-                user,
-            })
-            .await?;
+        let spec = ProcessSpec {
+            argv: request.argv,
+            env: request.env,
+            workdir: request.workdir,
+            stdin: !request.stdin.is_empty(),
+            timeout: request.timeout,
+            terminal: None,
+            container_id,
+            user,
+        };
+        let Some(mut running) = self.run_process(spec.clone()).await? else {
+            return self.exec_in_steps(spec, request.stdin).await;
+        };
+        let id = running.exec_id.clone();
+        let follow = async {
+            let (mut stdout, mut stderr) = (Kept::default(), Kept::default());
+            loop {
+                match running.next_event().await? {
+                    Some(ProcessEvent::Stdout(chunk)) => stdout.keep(&chunk),
+                    Some(ProcessEvent::Stderr(chunk)) => stderr.keep(&chunk),
+                    Some(ProcessEvent::Exit(exit)) => {
+                        return Ok::<_, AgentError>((stdout, stderr, exit))
+                    }
+                    // Not before the exit, which returned above.
+                    None => return Err(no_exit()),
+                }
+            }
+        };
+        let (fed, followed) = tokio::join!(self.feed(&id, &request.stdin), follow);
+        // A command that does not read its input may exit before taking it all.
+        if let Err(err) = fed {
+            tracing::debug!(%err, "Standard input not fully written");
+        }
+        let (stdout, stderr, exit) = match followed {
+            Ok(followed) => followed,
+            Err(err) => {
+                drop(running);
+                self.abandon(&id).await;
+                return Err(err);
+            }
+        };
+        Ok(ExecOutput {
+            exit_code: exit.exit_code,
+            signal: exit.signal,
+            truncated: stdout.truncated || stderr.truncated,
+            stdout: stdout.data,
+            stderr: stderr.data,
+            timed_out: exit.timed_out,
+        })
+    }
+
+    /// Writes `stdin` (if any) to process `id` and closes its input.
+    async fn feed(&self, id: &str, stdin: &[u8]) -> Result<(), AgentError> {
+        if !stdin.is_empty() {
+            let chunks: Vec<Vec<u8>> = stdin.chunks(64 << 10).map(<[u8]>::to_vec).collect();
+            self.write_stdin(id, tokio_stream::iter(chunks)).await?;
+            self.close_stdin(id).await?;
+        }
+        Ok(())
+    }
+
+    /// [`AgentClient::exec_in`] for an agent without `RunProcess`: start, read both
+    /// outputs, wait.
+    async fn exec_in_steps(
+        &self,
+        spec: ProcessSpec,
+        stdin: Vec<u8>,
+    ) -> Result<ExecOutput, AgentError> {
+        let id = self.start_process(spec).await?;
         let collected = async {
             let mut stdout = self.output(&id, OutputPipe::Stdout).await?;
             let mut stderr = self.output(&id, OutputPipe::Stderr).await?;
-            let feed = async {
-                if has_stdin {
-                    let chunks: Vec<Vec<u8>> =
-                        request.stdin.chunks(64 << 10).map(<[u8]>::to_vec).collect();
-                    self.write_stdin(&id, tokio_stream::iter(chunks)).await?;
-                    self.close_stdin(&id).await?;
-                }
-                Ok::<(), AgentError>(())
-            };
-            let (fed, out, err) = tokio::join!(feed, collect(&mut stdout), collect(&mut stderr));
+            let (fed, out, err) = tokio::join!(
+                self.feed(&id, &stdin),
+                collect(&mut stdout),
+                collect(&mut stderr)
+            );
             // A command that does not read its input may exit before taking it all.
             if let Err(err) = fed {
                 tracing::debug!(%err, "Standard input not fully written");
@@ -351,7 +481,7 @@ impl AgentClient {
             Ok::<_, AgentError>((out?, err?))
         }
         .await;
-        let ((stdout, out_cut), (stderr, err_cut)) = match collected {
+        let (stdout, stderr) = match collected {
             Ok(collected) => collected,
             Err(err) => {
                 self.abandon(&id).await;
@@ -362,10 +492,10 @@ impl AgentClient {
         Ok(ExecOutput {
             exit_code: exit.exit_code,
             signal: exit.signal,
-            stdout,
-            stderr,
+            truncated: stdout.truncated || stderr.truncated,
+            stdout: stdout.data,
+            stderr: stderr.data,
             timed_out: exit.timed_out,
-            truncated: out_cut || err_cut,
         })
     }
 }
@@ -385,16 +515,52 @@ impl AgentClient {
     }
 }
 
+/// The agent's request for `spec`.
+fn exec_request(spec: ProcessSpec) -> ExecProcessRequest {
+    ExecProcessRequest {
+        argv: spec.argv,
+        env: spec
+            .env
+            .into_iter()
+            .map(|(key, value)| EnvVar { key, value })
+            .collect(),
+        workdir: spec.workdir,
+        timeout_ms: spec
+            .timeout
+            .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        exec_id: String::new(),
+        stdin: spec.stdin,
+        terminal: spec.terminal.is_some(),
+        rows: spec.terminal.map_or(0, |size| u32::from(size.rows)),
+        cols: spec.terminal.map_or(0, |size| u32::from(size.cols)),
+        container_id: spec.container_id,
+        user: spec.user,
+    }
+}
+
 /// How long [`AgentClient::abandon`] waits for a killed process.
 const ABANDON_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Reads `stream` to its end, keeping up to [`MAX_EXEC_OUTPUT`] bytes.
-async fn collect(stream: &mut OutputStream) -> Result<(Vec<u8>, bool), AgentError> {
-    let (mut data, mut truncated) = (Vec::new(), false);
-    while let Some(chunk) = stream.next_chunk().await? {
-        let room = MAX_EXEC_OUTPUT.saturating_sub(data.len());
-        truncated |= chunk.len() > room;
-        data.extend_from_slice(&chunk[..chunk.len().min(room)]);
+/// Output kept by [`AgentClient::exec`]: up to [`MAX_EXEC_OUTPUT`] bytes.
+#[derive(Debug, Default)]
+struct Kept {
+    data: Vec<u8>,
+    truncated: bool,
+}
+
+impl Kept {
+    fn keep(&mut self, chunk: &[u8]) {
+        let room = MAX_EXEC_OUTPUT.saturating_sub(self.data.len());
+        self.truncated |= chunk.len() > room;
+        self.data.extend_from_slice(&chunk[..chunk.len().min(room)]);
     }
-    Ok((data, truncated))
+}
+
+/// Reads `stream` to its end, keeping up to [`MAX_EXEC_OUTPUT`] bytes.
+async fn collect(stream: &mut OutputStream) -> Result<Kept, AgentError> {
+    let mut kept = Kept::default();
+    while let Some(chunk) = stream.next_chunk().await? {
+        kept.keep(&chunk);
+    }
+    Ok(kept)
 }

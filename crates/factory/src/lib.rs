@@ -36,8 +36,8 @@ pub use agent_client::{AgentClient, AgentError, GuestDetails};
 pub use agent_container::{ContainerError, ContainerSpec, ImageFs, RunningContainer};
 pub use agent_files::CopyStats;
 pub use agent_process::{
-    ExecOutput, ExecRequest, OutputPipe, OutputStream, ProcessExit, ProcessInfo, ProcessSpec,
-    TtySize,
+    ExecOutput, ExecRequest, OutputPipe, OutputStream, ProcessEvent, ProcessExit, ProcessInfo,
+    ProcessSpec, RunningProcess, TtySize,
 };
 pub use base::{DirectFactory, Factory, FactoryBase, FactoryError, VmStatus};
 pub use cache::CacheFactory;

@@ -23,9 +23,9 @@ use vmfactory_protocols::agent::{
     HandOutResponse, HealthCheckResponse, ListProcessesRequest, ListProcessesResponse,
     OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest, ReadFileResponse,
     ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest, ReseedRandomDevRequest,
-    SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest, StatPathRequest,
-    StatPathResponse, TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse,
-    WriteStreamRequest, WriteStreamResponse,
+    RunProcessResponse, SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest,
+    StatPathRequest, StatPathResponse, TtyWinResizeRequest, WaitProcessRequest,
+    WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 use vmfactory_protocols::contract::{CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED};
 
@@ -132,6 +132,18 @@ impl AgentService for MockAgent {
         _request: Request<WaitProcessRequest>,
     ) -> Result<Response<WaitProcessResponse>, Status> {
         Ok(Response::new(WaitProcessResponse::default()))
+    }
+
+    type RunProcessStream =
+        tokio_stream::Iter<std::vec::IntoIter<Result<RunProcessResponse, Status>>>;
+
+    /// Not served: the mock is an agent from before `RunProcess`, so the hosts' fallback
+    /// to `ExecProcess`, `ReadStdout`, `ReadStderr` and `WaitProcess` is what runs.
+    async fn run_process(
+        &self,
+        _request: Request<ExecProcessRequest>,
+    ) -> Result<Response<Self::RunProcessStream>, Status> {
+        Err(Status::unimplemented("RunProcess"))
     }
 
     async fn guest_details(

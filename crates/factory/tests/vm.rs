@@ -11,7 +11,8 @@ use common::{config, image, runtime_dir, sh};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use vmfactory_factory::{
-    ExecRequest, OutputPipe, OutputStream, ProcessSpec, TtySize, Vm, VmConfig, VmError,
+    ExecRequest, OutputPipe, OutputStream, ProcessEvent, ProcessSpec, TtySize, Vm, VmConfig,
+    VmError,
 };
 
 fn pid_alive(pid: u32) -> bool {
@@ -368,5 +369,95 @@ async fn files_terminals_and_concurrent_processes() {
             Some(0)
         );
     }
+
+    // RunProcess: started, then output and the exit on one stream; input and signals by
+    // its exec id; a process whose follower goes away is killed and forgotten.
+    let mut running = agent
+        .run_process(ProcessSpec {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "read x; echo out-$x; echo err-$x >&2; exit 7".into(),
+            ],
+            stdin: true,
+            ..ProcessSpec::default()
+        })
+        .await
+        .expect("run")
+        .expect("this agent serves RunProcess");
+    assert!(running.pid > 0);
+    agent
+        .write_stdin(&running.exec_id, tokio_stream::iter(vec![b"in\n".to_vec()]))
+        .await
+        .expect("stdin");
+    let (mut out, mut err, mut exit) = (Vec::new(), Vec::new(), None);
+    while let Some(event) = running.next_event().await.expect("event") {
+        assert!(exit.is_none(), "nothing after the exit: {event:?}");
+        match event {
+            ProcessEvent::Stdout(chunk) => out.extend(chunk),
+            ProcessEvent::Stderr(chunk) => err.extend(chunk),
+            ProcessEvent::Exit(end) => exit = Some(end),
+        }
+    }
+    assert_eq!(
+        (out.as_slice(), err.as_slice()),
+        (&b"out-in\n"[..], &b"err-in\n"[..])
+    );
+    assert_eq!(exit.expect("exit").exit_code, Some(7));
+    assert!(
+        agent.wait_process(&running.exec_id).await.is_err(),
+        "forgotten"
+    );
+    let mut running = agent
+        .run_process(ProcessSpec {
+            argv: vec!["sleep".into(), "60".into()],
+            ..ProcessSpec::default()
+        })
+        .await
+        .expect("run")
+        .expect("RunProcess");
+    agent
+        .signal_process(&running.exec_id, 15)
+        .await
+        .expect("signal");
+    let mut signalled = None;
+    while let Some(event) = running.next_event().await.expect("event") {
+        if let ProcessEvent::Exit(end) = event {
+            signalled = end.signal;
+        }
+    }
+    assert_eq!(signalled, Some(15));
+    let abandoned = agent
+        .run_process(ProcessSpec {
+            argv: vec!["sleep".into(), "60".into()],
+            ..ProcessSpec::default()
+        })
+        .await
+        .expect("run")
+        .expect("RunProcess");
+    let abandoned_id = abandoned.exec_id.clone();
+    drop(abandoned);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while agent
+        .list_processes()
+        .await
+        .expect("list")
+        .iter()
+        .any(|p| p.exec_id == abandoned_id)
+    {
+        assert!(std::time::Instant::now() < deadline, "still tracked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let missing = agent
+        .run_process(ProcessSpec {
+            argv: vec!["no-such-program".into()],
+            ..ProcessSpec::default()
+        })
+        .await
+        .expect_err("missing program");
+    assert!(
+        matches!(&missing, vmfactory_factory::AgentError::Rpc { status, .. } if status.code() == tonic::Code::NotFound),
+        "{missing:?}"
+    );
     vm.stop().await.expect("stop");
 }

@@ -13,9 +13,9 @@ use vmfactory_protocols::agent::{
     HandOutResponse, HealthCheckResponse, ListProcessesRequest, ListProcessesResponse,
     OnlineCpuMemRequest, OnlineCpuMemResponse, ReadFileRequest, ReadFileResponse,
     ReadStreamRequest, ReadStreamResponse, RemoveContainerRequest, ReseedRandomDevRequest,
-    SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest, StatPathRequest,
-    StatPathResponse, TtyWinResizeRequest, WaitProcessRequest, WaitProcessResponse,
-    WriteStreamRequest, WriteStreamResponse,
+    RunProcessResponse, SetGuestDateTimeRequest, SignalProcessRequest, StartContainerRequest,
+    StatPathRequest, StatPathResponse, TtyWinResizeRequest, WaitProcessRequest,
+    WaitProcessResponse, WriteStreamRequest, WriteStreamResponse,
 };
 
 /// Forwards every agent RPC to one agent connection.
@@ -100,6 +100,15 @@ impl AgentService for AgentProxy {
         request: Request<WaitProcessRequest>,
     ) -> Result<Response<WaitProcessResponse>, Status> {
         self.agent().wait_process(request.into_inner()).await
+    }
+
+    type RunProcessStream = Streaming<RunProcessResponse>;
+
+    async fn run_process(
+        &self,
+        request: Request<ExecProcessRequest>,
+    ) -> Result<Response<Self::RunProcessStream>, Status> {
+        self.agent().run_process(request.into_inner()).await
     }
 
     async fn guest_details(

@@ -15,8 +15,8 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 use vmfactory_factory::{
-    AgentClient, AgentError, FactoryChoice, OutputPipe, OutputStream, ProcessSpec, Settings,
-    TtySize, Vm,
+    AgentClient, AgentError, FactoryChoice, OutputPipe, OutputStream, ProcessEvent, ProcessExit,
+    ProcessSpec, RunningProcess, Settings, TtySize, Vm,
 };
 use vmfactory_hypervisor::HypervisorError;
 
@@ -367,8 +367,15 @@ async fn exec_until_died(
         container_id: options.container.clone(),
         user: options.user.clone(),
     };
-    let id = match agent.start_process(spec).await {
-        Ok(id) => id,
+    // One call that starts the process and streams its output and end; an agent from
+    // before it gets the four calls it replaced (started here: `Err(exec id)`).
+    let started = match agent.run_process(spec.clone()).await {
+        Ok(Some(running)) => Ok(Ok(running)),
+        Ok(None) => agent.start_process(spec).await.map(Err),
+        Err(err) => Err(err),
+    };
+    let started = match started {
+        Ok(started) => started,
         Err(AgentError::Rpc { status, .. })
             if matches!(
                 status.code(),
@@ -384,12 +391,20 @@ async fn exec_until_died(
         }
         Err(err) => return Err(err).context("Cannot run the command in the VM"),
     };
-    // Both streams are opened at once: one round trip to the guest, not two.
-    let (stdout, stderr) = tokio::join!(
-        agent.output(&id, OutputPipe::Stdout),
-        agent.output(&id, OutputPipe::Stderr)
-    );
-    let (stdout, stderr) = (stdout?, stderr?);
+    let (id, following) = match started {
+        Ok(running) => (
+            running.exec_id.clone(),
+            Following::Events(Box::new(running)),
+        ),
+        Err(id) => {
+            // Both streams are opened at once: one round trip to the guest, not two.
+            let (stdout, stderr) = tokio::join!(
+                agent.output(&id, OutputPipe::Stdout),
+                agent.output(&id, OutputPipe::Stderr)
+            );
+            (id, Following::Outputs(Box::new((stdout?, stderr?))))
+        }
+    };
     // Our keys go to the guest's terminal as typed (Ctrl-C included) until we return.
     let _raw = if options.tty && pass_stdin {
         terminal::RawMode::enable()?
@@ -423,7 +438,7 @@ async fn exec_until_died(
         }
     };
     let result = tokio::select! {
-        result = follow(agent, &id, stdout, stderr) => result,
+        result = follow(agent, &id, following) => result,
         err = died => Err(err),
         () = forward => unreachable_forward(),
     };
@@ -481,13 +496,79 @@ fn unreachable_forward() -> Result<ExitCode> {
     Err(anyhow::anyhow!("Signal forwarding ended"))
 }
 
-/// Copies both outputs to ours while waiting for the command's end; returns our exit code.
-async fn follow(
+/// How a started process is followed.
+enum Following {
+    /// Through `RunProcess`'s one stream.
+    Events(Box<RunningProcess>),
+    /// Its two output streams, opened with `ReadStdout` and `ReadStderr` (an agent
+    /// without `RunProcess`).
+    Outputs(Box<(OutputStream, OutputStream)>),
+}
+
+/// Copies the command's output to ours until its end; returns our exit code.
+async fn follow(agent: &AgentClient, id: &str, following: Following) -> Result<ExitCode> {
+    let exit = match following {
+        Following::Events(running) => match copy_events(*running).await? {
+            Ok(exit) => exit,
+            Err(code) => return Ok(code),
+        },
+        Following::Outputs(outputs) => {
+            let (stdout, stderr) = *outputs;
+            match follow_outputs(agent, id, stdout, stderr).await? {
+                Ok(exit) => exit,
+                Err(code) => return Ok(code),
+            }
+        }
+    };
+    if exit.timed_out {
+        eprintln!("vmfactory: the command timed out and was killed");
+        return Ok(ExitCode::from(EXIT_TIMEOUT));
+    }
+    Ok(ExitCode::from(exit.shell_status()))
+}
+
+/// Writes the events' output chunks to ours as they come; the process's end, or the
+/// exit code to return at once (our output was closed: the process is killed as its
+/// stream is dropped).
+async fn copy_events(mut running: RunningProcess) -> Result<Result<ProcessExit, ExitCode>> {
+    let (mut stdout, mut stderr) = (tokio::io::stdout(), tokio::io::stderr());
+    loop {
+        let event = running
+            .next_event()
+            .await
+            .context("Cannot follow the command")?;
+        let written = match event {
+            Some(ProcessEvent::Stdout(chunk)) => write_flushed(&mut stdout, &chunk).await,
+            Some(ProcessEvent::Stderr(chunk)) => write_flushed(&mut stderr, &chunk).await,
+            Some(ProcessEvent::Exit(exit)) => return Ok(Ok(exit)),
+            None => bail!("The command's output ended without its exit"),
+        };
+        match written {
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+                return Ok(Err(ExitCode::from(EXIT_BROKEN_PIPE)))
+            }
+            Err(err) => return Err(err).context("Cannot copy the command's output"),
+            Ok(()) => {}
+        }
+    }
+}
+
+async fn write_flushed(
+    sink: &mut (impl tokio::io::AsyncWrite + Unpin),
+    chunk: &[u8],
+) -> std::io::Result<()> {
+    sink.write_all(chunk).await?;
+    sink.flush().await
+}
+
+/// Copies both outputs to ours while waiting for the command's end (an agent without
+/// `RunProcess`); the end, or the exit code to return at once.
+async fn follow_outputs(
     agent: &AgentClient,
     id: &str,
     stdout: OutputStream,
     stderr: OutputStream,
-) -> Result<ExitCode> {
+) -> Result<Result<ProcessExit, ExitCode>> {
     let copies = async {
         let (out, err) = tokio::join!(
             copy(stdout, tokio::io::stdout()),
@@ -515,16 +596,12 @@ async fn follow(
     };
     match copied {
         Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
-            return Ok(ExitCode::from(EXIT_BROKEN_PIPE))
+            return Ok(Err(ExitCode::from(EXIT_BROKEN_PIPE)))
         }
         Err(err) => return Err(err).context("Cannot copy the command's output"),
         Ok(()) => {}
     }
-    if exit.timed_out {
-        eprintln!("vmfactory: the command timed out and was killed");
-        return Ok(ExitCode::from(EXIT_TIMEOUT));
-    }
-    Ok(ExitCode::from(exit.shell_status()))
+    Ok(Ok(exit))
 }
 
 /// Writes every chunk of `stream` to `sink` as it arrives.

@@ -309,3 +309,100 @@ async fn a_full_table_forgets_the_oldest_ended_processes_not_running_ones() {
         processes.wait(id).await.expect("wait");
     }
 }
+
+/// Collects a `RunProcess` stream: the events' kinds in order, both outputs, the exit.
+async fn run_events(
+    mut stream: ReceiverStream<Result<RunProcessResponse, Status>>,
+) -> (
+    Vec<&'static str>,
+    Vec<u8>,
+    Vec<u8>,
+    Option<WaitProcessResponse>,
+) {
+    use vmfactory_protocols::agent::run_process_response::Event;
+    let (mut kinds, mut out, mut err, mut exit) = (Vec::new(), Vec::new(), Vec::new(), None);
+    while let Some(message) = stream.next().await {
+        match message.expect("event").event.expect("an event") {
+            Event::Started(_) => kinds.push("started"),
+            Event::Stdout(data) => {
+                kinds.push("stdout");
+                out.extend(data);
+            }
+            Event::Stderr(data) => {
+                kinds.push("stderr");
+                err.extend(data);
+            }
+            Event::Exit(end) => {
+                kinds.push("exit");
+                exit = Some(end);
+            }
+        }
+    }
+    (kinds, out, err, exit)
+}
+
+#[tokio::test]
+async fn a_followed_process_streams_started_output_and_exit_then_is_forgotten() {
+    let processes = Arc::new(Processes::default());
+    let (exec_id, pid) = processes
+        .start(request(&["sh", "-c", "echo out; echo err >&2; exit 3"]))
+        .expect("start");
+    let started = ExecProcessResponse {
+        exec_id: exec_id.clone(),
+        pid,
+    };
+    let (kinds, out, err, exit) = run_events(processes.follow(started).expect("follow")).await;
+    assert_eq!(kinds.first(), Some(&"started"));
+    assert_eq!(kinds.last(), Some(&"exit"));
+    assert_eq!(
+        (out.as_slice(), err.as_slice()),
+        (&b"out\n"[..], &b"err\n"[..])
+    );
+    assert_eq!(exit.expect("exit").status, 3);
+    assert_eq!(
+        processes
+            .wait(&exec_id)
+            .await
+            .expect_err("forgotten")
+            .code(),
+        tonic::Code::NotFound
+    );
+
+    // Something left running in the background keeps the output open: the exit comes
+    // after the grace, not when the background process ends.
+    let (exec_id, pid) = processes
+        .start(request(&["sh", "-c", "sleep 30 & echo hi"]))
+        .expect("start");
+    let began = std::time::Instant::now();
+    let started = ExecProcessResponse { exec_id, pid };
+    let (kinds, out, _, exit) = run_events(processes.follow(started).expect("follow")).await;
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    assert_eq!(out, b"hi\n");
+    assert_eq!(kinds.last(), Some(&"exit"));
+    assert_eq!(exit.expect("exit").status, 0);
+    kill_group(pid, libc::SIGKILL);
+}
+
+#[tokio::test]
+async fn a_followed_process_whose_reader_goes_away_is_killed_and_forgotten() {
+    let processes = Arc::new(Processes::default());
+    let (exec_id, pid) = processes.start(request(&["sleep", "30"])).expect("start");
+    let started = ExecProcessResponse {
+        exec_id: exec_id.clone(),
+        pid,
+    };
+    let mut stream = processes.follow(started).expect("follow");
+    stream.next().await.expect("started").expect("ok");
+    drop(stream);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while processes.get(&exec_id).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "still tracked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Reaped: no such process any more.
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+}
