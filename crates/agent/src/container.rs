@@ -20,7 +20,7 @@ mod sys;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
 use tokio::sync::Mutex;
@@ -48,6 +48,17 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One container.
+/// Where a container's creation spent its time (logged with "Container created").
+#[derive(Debug, Default)]
+struct Phases {
+    /// Waiting for its disk to appear (the guest's hot-plug of it).
+    disk: Duration,
+    /// Mounting its disk, the writable layer and the overlay; preparing the root.
+    mounts: Duration,
+    /// Starting its init, which enters its namespaces and root and reports ready.
+    init: Duration,
+}
+
 #[derive(Debug)]
 struct Container {
     dir: PathBuf,
@@ -191,6 +202,7 @@ impl Containers {
         // is ours to kill on failure (another client may have started a process with
         // this exec id meanwhile).
         let mut started = None;
+        let mut phases = Phases::default();
         let created = self
             .create_in(
                 processes,
@@ -201,11 +213,19 @@ impl Containers {
                 spec,
                 argv,
                 &mut started,
+                &mut phases,
             )
             .await;
         match created {
             Ok(start) => {
-                info!(%id, "Container created");
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                info!(
+                    %id,
+                    disk_ms = ms(phases.disk),
+                    mounts_ms = ms(phases.mounts),
+                    init_ms = ms(phases.init),
+                    "Container created"
+                );
                 table.insert(
                     id,
                     Container {
@@ -240,7 +260,9 @@ impl Containers {
         spec: ExecProcessRequest,
         argv: Vec<String>,
         started: &mut Option<u32>,
+        phases: &mut Phases,
     ) -> Result<OwnedFd, Status> {
+        let began = Instant::now();
         if dir.exists() {
             // Left by a container whose removal failed half-way.
             teardown(dir);
@@ -255,6 +277,7 @@ impl Containers {
             std::fs::create_dir_all(path).map_err(|err| internal("mkdir", err))?;
         }
         let device = storage::find_disk(&storage.serial).await?;
+        phases.disk = began.elapsed();
         sys::mount(
             &device.to_string_lossy(),
             &lower,
@@ -295,6 +318,7 @@ impl Containers {
         .map_err(|err| internal("overlay", err))?;
         storage::prepare_root(&rootfs, hostname)?;
         let (uid, gid) = storage::resolve_user(&rootfs, &spec.user)?;
+        phases.mounts = began.elapsed() - phases.disk;
         let (status_read, status_write) = pipe()?;
         let (start_read, start_write) = pipe()?;
         let init = init::InitArgs {
@@ -336,6 +360,7 @@ impl Containers {
             (&mut status).take(4096).read_to_end(&mut report),
         )
         .await;
+        phases.init = began.elapsed() - phases.disk - phases.mounts;
         match read {
             Ok(Ok(_)) if report == b"OK" => Ok(start_write),
             Ok(Ok(_)) if report.is_empty() => Err(Status::internal(

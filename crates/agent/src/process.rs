@@ -27,9 +27,11 @@ use crate::pty;
 
 /// Most processes the agent tracks at once (running, or ended and not yet waited for).
 const MAX_PROCESSES: usize = 1024;
-/// How long `RunProcess` waits after a process's end for its output to close (something
-/// it started in the background may keep it open).
+/// How long `RunProcess` follows output that stays open after a process's end
+/// (something it started in the background holds it) once that output is idle.
 const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+/// How long `RunProcess` follows such output at most after the end.
+const OUTPUT_CAP: Duration = Duration::from_secs(10);
 /// Bytes read from a pipe per streamed chunk.
 const CHUNK: usize = 64 << 10;
 /// Chunks buffered per stream between the pipe and the connection.
@@ -710,9 +712,11 @@ impl Processes {
 
     /// Everything about process `started` as one stream (`RunProcess`): `started`, its
     /// output chunks as read from both pipes, then its exit once it has ended and both
-    /// pipes are closed, or [`OUTPUT_GRACE`] after its end; then it is forgotten. When
-    /// the reader goes away first, the process's group is killed (nobody could read its
-    /// output or learn its end) and it is forgotten all the same.
+    /// pipes are closed; then it is forgotten. Output still open after the end (something
+    /// it started in the background) is followed until it has been idle for
+    /// [`OUTPUT_GRACE`], at most [`OUTPUT_CAP`] after the end. When the reader goes away
+    /// first, the process's group is killed (nobody could read its output or learn its
+    /// end) and it is forgotten all the same.
     pub fn follow(
         self: &Arc<Self>,
         started: ExecProcessResponse,
@@ -721,10 +725,10 @@ impl Processes {
         let id = started.exec_id.clone();
         let pid = started.pid;
         let opened = self
-            .read(&id, Output::Stdout)
-            .and_then(|out| Ok((out, self.read(&id, Output::Stderr)?)))
-            .and_then(|outputs| Ok((outputs, self.get(&id)?.exit.clone())));
-        let ((stdout, stderr), mut exit) = match opened {
+            .get(&id)
+            .and_then(|process| Ok((process, self.read(&id, Output::Stdout)?)))
+            .and_then(|(process, out)| Ok((process, out, self.read(&id, Output::Stderr)?)));
+        let (process, stdout, stderr) = match opened {
             Ok(opened) => opened,
             Err(status) => {
                 kill_group(pid, libc::SIGKILL);
@@ -743,40 +747,63 @@ impl Processes {
         let processes = Arc::clone(self);
         tokio::spawn(async move {
             tokio::pin!(outputs);
-            let mut grace = None;
+            let mut exit = process.exit.clone();
+            // After the end: when the output has been idle too long, and when following
+            // it must stop anyway.
+            let mut after_end: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
             let reader_gone = loop {
                 let until_grace_ends = async {
-                    match grace {
-                        Some(deadline) => tokio::time::sleep_until(deadline).await,
+                    match after_end {
+                        Some((idle, cap)) => tokio::time::sleep_until(idle.min(cap)).await,
                         None => std::future::pending().await,
                     }
                 };
                 tokio::select! {
+                    // Output first: what is ready is sent before any grace is looked at.
+                    biased;
                     chunk = outputs.next() => match chunk {
                         Some(Ok(chunk)) => {
                             // Waits while the reader is slow.
                             if tx.send(event(chunk)).await.is_err() {
                                 break true;
                             }
+                            if let Some((idle, _)) = &mut after_end {
+                                *idle = tokio::time::Instant::now() + OUTPUT_GRACE;
+                            }
                         }
                         Some(Err(_)) | None => break false,
                     },
-                    () = async { drop(exit.wait_for(Option::is_some).await) }, if grace.is_none() => {
-                        grace = Some(tokio::time::Instant::now() + OUTPUT_GRACE);
+                    () = async { drop(exit.wait_for(Option::is_some).await) }, if after_end.is_none() => {
+                        let now = tokio::time::Instant::now();
+                        after_end = Some((now + OUTPUT_GRACE, now + OUTPUT_CAP));
                     }
                     () = until_grace_ends => break false,
                     () = tx.closed() => break true,
                 }
             };
-            if reader_gone {
+            // Both pipes closed (or given up on): the end, unless the reader goes first.
+            let ended = if reader_gone {
+                None
+            } else {
+                tokio::select! {
+                    ended = exit.wait_for(Option::is_some) => ended.ok().and_then(|e| *e),
+                    () = tx.closed() => None,
+                }
+            };
+            if ended.is_none() && exit.borrow().is_none() {
+                // Still running with nobody to follow it.
                 kill_group(pid, libc::SIGKILL);
             }
-            let ended = processes.wait(&id).await;
-            let _ = tx
-                .send(ended.map(|exit| RunProcessResponse {
-                    event: Some(Event::Exit(exit.into())),
-                }))
-                .await;
+            let ended = match ended {
+                Some(ended) => Some(ended),
+                None => exit.wait_for(Option::is_some).await.ok().and_then(|e| *e),
+            };
+            processes.forget_this(&id, &process);
+            let message = match ended {
+                Some(ended) => event(Event::Exit(ended.into())),
+                None => Err(Status::internal("Lost the process's exit status")),
+            };
+            let _ = tx.send(message).await;
         });
         Ok(ReceiverStream::new(rx))
     }
@@ -904,6 +931,16 @@ impl Processes {
         ended
     }
 
+    /// Forgets `id` if it is still `process` (another client may have reused the id
+    /// once `process` was waited for).
+    fn forget_this(&self, id: &str, process: &Arc<Process>) {
+        if let Ok(mut table) = self.lock() {
+            if table.get(id).is_some_and(|held| Arc::ptr_eq(held, process)) {
+                table.remove(id);
+            }
+        }
+    }
+
     /// Forgets process `id` (ended or not).
     pub fn forget(&self, id: &str) {
         if let Ok(mut table) = self.lock() {
@@ -930,18 +967,21 @@ impl Processes {
 }
 
 /// Sets this process's `oom_score_adj` back to 0 (the agent runs at -1000): for a child
-/// between `fork` and `exec`, so only async-signal-safe calls on static data.
+/// between its creation and `exec`, so only raw system calls on static data (no libc
+/// wrapper that looks at the thread it shares with a `CLONE_VM` parent).
 fn reset_oom_score_adj() {
-    // SAFETY: a NUL-terminated static path; the descriptor is closed before returning;
-    // open, write and close are async-signal-safe.
+    // SAFETY: a NUL-terminated static path and buffer; the descriptor is closed before
+    // returning.
     unsafe {
-        let fd = libc::open(
+        let fd = libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
             c"/proc/self/oom_score_adj".as_ptr(),
             libc::O_WRONLY | libc::O_CLOEXEC,
         );
         if fd >= 0 {
-            let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
+            let _ = libc::syscall(libc::SYS_write, fd, b"0".as_ptr(), 1usize);
+            let _ = libc::syscall(libc::SYS_close, fd);
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tracing::warn;
+use tracing::{debug, warn};
 use vmfactory_hypervisor::{AttachedDisk, DiskSpec};
 use vmfactory_protocols::agent::{
     ContainerStorage, CreateContainerRequest, EnvVar, ExecProcessRequest, RemoveContainerRequest,
@@ -239,8 +239,11 @@ impl Vm {
         spec: &ContainerSpec,
     ) -> Result<RunningContainer, ContainerError> {
         validate_container_id(&spec.id)?;
+        let began = std::time::Instant::now();
         let disk = self.attach_disk(image, true).await?;
+        let attached = began.elapsed();
         let created = self.agent().create_container(spec, &disk.serial).await;
+        let created_at = began.elapsed();
         if let Err(err) = created {
             return Err(match self.detach_disk(&disk).await {
                 Ok(()) => err,
@@ -266,6 +269,13 @@ impl Vm {
                 },
             });
         }
+        debug!(
+            id = %spec.id,
+            attach_ms = attached.as_secs_f64() * 1e3,
+            create_ms = (created_at - attached).as_secs_f64() * 1e3,
+            start_ms = (began.elapsed() - created_at).as_secs_f64() * 1e3,
+            "Container running"
+        );
         Ok(running)
     }
 

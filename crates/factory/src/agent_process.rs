@@ -411,7 +411,8 @@ impl AgentClient {
             return self.exec_in_steps(spec, request.stdin).await;
         };
         let id = running.exec_id.clone();
-        let follow = async {
+        // Owns the stream: once this ends, with an error too, the stream is gone.
+        let follow = async move {
             let (mut stdout, mut stderr) = (Kept::default(), Kept::default());
             loop {
                 match running.next_event().await? {
@@ -425,7 +426,23 @@ impl AgentClient {
                 }
             }
         };
-        let (fed, followed) = tokio::join!(self.feed(&id, &request.stdin), follow);
+        let feed = self.feed(&id, &request.stdin);
+        tokio::pin!(follow, feed);
+        let mut fed = None;
+        let followed = loop {
+            tokio::select! {
+                followed = &mut follow => break followed,
+                result = &mut feed, if fed.is_none() => fed = Some(result),
+            }
+        };
+        // After the end, input still being written (something the command left behind
+        // holds its input without reading) gets a moment, then is dropped.
+        let fed = match fed {
+            Some(fed) => fed,
+            None => tokio::time::timeout(FEED_AFTER_EXIT, feed)
+                .await
+                .unwrap_or(Ok(())),
+        };
         // A command that does not read its input may exit before taking it all.
         if let Err(err) = fed {
             tracing::debug!(%err, "Standard input not fully written");
@@ -433,7 +450,6 @@ impl AgentClient {
         let (stdout, stderr, exit) = match followed {
             Ok(followed) => followed,
             Err(err) => {
-                drop(running);
                 self.abandon(&id).await;
                 return Err(err);
             }
@@ -537,6 +553,9 @@ fn exec_request(spec: ProcessSpec) -> ExecProcessRequest {
         user: spec.user,
     }
 }
+
+/// How long [`AgentClient::exec`] goes on writing input after the command's end.
+const FEED_AFTER_EXIT: Duration = Duration::from_millis(500);
 
 /// How long [`AgentClient::abandon`] waits for a killed process.
 const ABANDON_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

@@ -459,5 +459,22 @@ async fn files_terminals_and_concurrent_processes() {
         matches!(&missing, vmfactory_factory::AgentError::Rpc { status, .. } if status.code() == tonic::Code::NotFound),
         "{missing:?}"
     );
+    // exec() returns soon after the command's end even when something it left behind
+    // holds its input and output without reading.
+    let began = std::time::Instant::now();
+    let left_behind = vm
+        .exec(ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "sleep 60 & exit 5".into()],
+            stdin: vec![b'x'; 1 << 20],
+            ..ExecRequest::default()
+        })
+        .await
+        .expect("exec");
+    assert_eq!(left_behind.exit_code, Some(5));
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        began.elapsed()
+    );
     vm.stop().await.expect("stop");
 }

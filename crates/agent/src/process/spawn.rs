@@ -30,8 +30,13 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 /// Bytes of the child's stack. Its deepest call is a libc wrapper under `child_main`
-/// (no recursion, no large locals): a few hundred bytes are used.
-const CHILD_STACK: usize = 16 << 10;
+/// (no recursion, no large locals): a few hundred bytes are used. Below it lies a guard
+/// page, as under glibc's `posix_spawn`.
+const CHILD_STACK: usize = 32 << 10;
+const GUARD: usize = 4 << 10;
+
+/// The shell that runs a file without a `#!` line.
+const SHELL: &std::ffi::CStr = c"/bin/sh";
 
 /// Highest signal number whose disposition the child resets.
 const LAST_SIGNAL: c_int = 64;
@@ -113,6 +118,12 @@ impl Plan {
         };
         let argv = pointers(&self.argv);
         let env = pointers(&self.env);
+        // execvp's fallback for a file without a `#!` line: `/bin/sh FILE ARGS...`, FILE
+        // filled in by the child (slot 1) for the candidate that was not an executable.
+        let mut script_argv: Vec<*const c_char> = [SHELL.as_ptr(), std::ptr::null()]
+            .into_iter()
+            .chain(argv.iter().skip(1).copied())
+            .collect();
         let shared = Shared {
             candidates: &self.candidates,
             argv: argv.as_ptr(),
@@ -120,13 +131,11 @@ impl Plan {
             workdir: &self.workdir,
             stdio: fds,
             terminal: self.terminal,
+            script_argv: script_argv.as_mut_ptr(),
             errno: AtomicI32::new(0),
         };
-        let mut stack = vec![0u8; CHILD_STACK];
-        // SAFETY: the pointer stays inside `stack` (one past its end is allowed); the stack
-        // grows down from it, 16-byte aligned as the x86-64 ABI wants.
-        let top = unsafe { stack.as_mut_ptr().add(CHILD_STACK) };
-        let top = top.wrapping_sub(top as usize % 16);
+        let stack = Stack::new()?;
+        let top = stack.top();
         let mut pidfd: c_int = -1;
         // SAFETY: every pointer passed lives until `clone` returns, which with CLONE_VFORK
         // is after the child's successful execve or its exit: the child is done with
@@ -152,7 +161,13 @@ impl Plan {
             }
             pid
         };
-        drop((stack, low));
+        drop((stack, low, script_argv));
+        if pidfd < 0 {
+            // A kernel without CLONE_PIDFD (before 5.2) would start the child anyway.
+            return Err(io::Error::other(
+                "clone gave no pidfd: the guest kernel is older than 5.2",
+            ));
+        }
         // SAFETY: CLONE_PIDFD stored a new descriptor of the child here, owned by nobody else.
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
         let errno = shared.errno.load(Ordering::Acquire);
@@ -175,6 +190,50 @@ impl Plan {
                     rustix::process::waitid(WaitId::PidFd(pidfd.as_fd()), WaitIdOptions::EXITED);
                 Err(err)
             }
+        }
+    }
+}
+
+/// The child's stack: an anonymous mapping with a guard page below it.
+struct Stack {
+    base: *mut c_void,
+}
+
+impl Stack {
+    fn new() -> io::Result<Self> {
+        // SAFETY: a new private anonymous mapping; the guard is its own first page.
+        unsafe {
+            let base = libc::mmap(
+                std::ptr::null_mut(),
+                GUARD + CHILD_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            );
+            if base == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let stack = Self { base };
+            if libc::mprotect(base, GUARD, libc::PROT_NONE) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(stack)
+        }
+    }
+
+    /// The stack's top: it grows down from here (16-byte aligned, as the x86-64 ABI
+    /// wants; page-aligned in fact).
+    fn top(&self) -> *mut c_void {
+        self.base.wrapping_byte_add(GUARD + CHILD_STACK)
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, used by nobody once the clone returned.
+        unsafe {
+            libc::munmap(self.base, GUARD + CHILD_STACK);
         }
     }
 }
@@ -224,6 +283,8 @@ struct Shared<'a> {
     workdir: &'a CString,
     stdio: [RawFd; 3],
     terminal: bool,
+    /// `/bin/sh`, (slot for the file), the arguments after argv[0], NULL.
+    script_argv: *mut *const c_char,
     /// Set by the child when it gives up; read by the parent after the clone returns.
     errno: AtomicI32,
 }
@@ -294,6 +355,13 @@ unsafe fn child_steps(shared: &Shared<'_>) -> c_int {
         for path in shared.candidates {
             libc::execve(path.as_ptr(), shared.argv, shared.env);
             last = errno();
+            if last == libc::ENOEXEC {
+                // Not an executable format: a script without `#!`, run by the shell as
+                // glibc's execvp does.
+                *shared.script_argv.add(1) = path.as_ptr();
+                libc::execve(SHELL.as_ptr(), shared.script_argv.cast_const(), shared.env);
+                return errno();
+            }
             match last {
                 libc::EACCES => denied = true,
                 libc::ENOENT | libc::ENOTDIR | libc::ESTALE | libc::ENODEV | libc::ETIMEDOUT => {}
@@ -442,6 +510,39 @@ mod tests {
             Plan::new("tr\0ue", &[], [], "/", false).is_err(),
             "NUL refused"
         );
+        // A file without `#!` is run by the shell, as execvp does.
+        let script = dir.path().join("script");
+        std::fs::write(&script, "echo script-ran \"$1\" >&2; exit 4\n").expect("write");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let (read, write) =
+            rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).expect("pipe");
+        let plan = Plan::new(
+            &script.display().to_string(),
+            &args(&["an arg"]),
+            [PATH],
+            "/",
+            false,
+        )
+        .expect("plan");
+        // Another test's child may hold the just-written file open between its fork and
+        // exec (ETXTBSY): try again.
+        let mut tries = 0;
+        let child = loop {
+            match plan.spawn([a.as_fd(), b.as_fd(), write.as_fd()]) {
+                Err(err) if err.raw_os_error() == Some(libc::ETXTBSY) && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                spawned => break spawned.expect("script"),
+            }
+        };
+        drop(write);
+        let mut said = String::new();
+        std::fs::File::from(read)
+            .read_to_string(&mut said)
+            .expect("read");
+        assert_eq!(said, "script-ran an arg\n");
+        assert_eq!(child.wait().await.expect("wait").code(), Some(4));
         // The failed children were reaped: no zombie child of this process is left that
         // never became another program: named as this thread, which cloned it (other
         // tests' children exec).

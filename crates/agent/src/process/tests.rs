@@ -406,3 +406,30 @@ async fn a_followed_process_whose_reader_goes_away_is_killed_and_forgotten() {
     // Reaped: no such process any more.
     assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
 }
+
+#[tokio::test]
+async fn a_slow_follower_gets_all_the_output_written_before_the_end() {
+    use vmfactory_protocols::agent::run_process_response::Event;
+    let processes = Arc::new(Processes::default());
+    let (exec_id, pid) = processes
+        .start(request(&["sh", "-c", "head -c 1048576 /dev/zero"]))
+        .expect("start");
+    let mut stream = processes
+        .follow(ExecProcessResponse { exec_id, pid })
+        .expect("follow");
+    // Up to a pipe, two channels and the chunk in hand wait here after the end: read
+    // them more slowly than the grace.
+    let (mut bytes, mut exit) = (0, None);
+    while let Some(message) = stream.next().await {
+        match message.expect("event").event.expect("an event") {
+            Event::Stdout(data) => {
+                bytes += data.len();
+                tokio::time::sleep(Duration::from_millis(150)).await;
+            }
+            Event::Exit(end) => exit = Some(end.status),
+            Event::Started(_) | Event::Stderr(_) => {}
+        }
+    }
+    assert_eq!(bytes, 1 << 20);
+    assert_eq!(exit, Some(0));
+}
