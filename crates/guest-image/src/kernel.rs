@@ -190,7 +190,14 @@ pub fn kernel_key(
     for (name, text) in patches {
         hasher.update(format!("patch={name}:{}\0", hex(&Sha256::digest(text))).as_bytes());
     }
-    hasher.update(format!("fragment={}\0", hex(&Sha256::digest(fragment))).as_bytes());
+    // Only the option lines count: a comment edited does not rebuild the kernel.
+    let options: String = fragment
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .flat_map(|line| [line, "\n"])
+        .collect();
+    hasher.update(format!("fragment={}\0", hex(&Sha256::digest(options))).as_bytes());
     hasher.update(format!("compiler={compiler}\0").as_bytes());
     hex(&hasher.finalize())
 }
@@ -650,6 +657,16 @@ mod tests {
         assert_ne!(base, kernel_key("aa", &patches, "CONFIG_A=n\n", "gcc 12"));
         assert_ne!(base, kernel_key("aa", &patches, "CONFIG_A=y\n", "gcc 13"));
         assert_eq!(base, kernel_key("aa", &patches, "CONFIG_A=y\n", "gcc 12"));
+        // Comments and blank lines are not the kernel's.
+        assert_eq!(
+            base,
+            kernel_key(
+                "aa",
+                &patches,
+                "# why\n\n  CONFIG_A=y  \n# more\n",
+                "gcc 12"
+            )
+        );
     }
 
     /// The lines around the change of our first patch, as in Debian's 6.1 source, moved

@@ -15,6 +15,13 @@ use vmfactory_protocols::agent::ContainerStorage;
 const MAX_SERIAL: usize = 20;
 /// How long a hot-plugged disk may take to appear in the guest.
 pub const DISK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a disk being waited for is looked for without a wake-up.
+const DISK_POLL: Duration = Duration::from_millis(50);
+/// How soon a disk is looked for again after a device event (doubling up to
+/// [`DISK_POLL`] while it is not found).
+const DISK_RECHECK: Duration = Duration::from_millis(2);
+/// Bytes read of one device event (the kernel's are at most 2 KiB of text).
+const UEVENT_BYTES: usize = 8 << 10;
 /// Largest `/etc/passwd` read.
 const MAX_PASSWD: u64 = 1 << 20;
 
@@ -48,6 +55,11 @@ pub fn validate(storage: &ContainerStorage) -> Result<(), Status> {
 /// `/dev/vdX` of the virtio disk whose serial is `serial`, waiting for it to appear.
 pub async fn find_disk(serial: &str) -> Result<PathBuf, Status> {
     let started = Instant::now();
+    // Listened to before the first look, so a disk added in between still wakes the wait.
+    let events = uevents();
+    // After a wake, look again soon, then less and less often, should an event come
+    // before the disk can be read (its node is made before the kernel has scanned it).
+    let mut pause = DISK_POLL;
     loop {
         if let Some(device) = disk_with_serial(Path::new("/sys/block"), serial) {
             let node = Path::new("/dev").join(&device);
@@ -61,8 +73,39 @@ pub async fn find_disk(serial: &str) -> Result<PathBuf, Status> {
                 DISK_TIMEOUT.as_secs()
             )));
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        match &events {
+            Some(events) => match tokio::time::timeout(pause, events.readable()).await {
+                Ok(Ok(mut ready)) => {
+                    let mut message = vec![0u8; UEVENT_BYTES];
+                    while rustix::io::read(events.get_ref(), &mut message).is_ok_and(|n| n > 0) {}
+                    ready.clear_ready();
+                    pause = DISK_RECHECK;
+                }
+                _ => pause = (pause * 2).min(DISK_POLL),
+            },
+            None => tokio::time::sleep(DISK_POLL).await,
+        }
     }
+}
+
+/// The kernel's device events (a `NETLINK_KOBJECT_UEVENT` socket): a hot-plugged disk
+/// is announced once the kernel has added and scanned it, so it is found then rather
+/// than at the next look; `None` when the socket cannot be set up (then looking every
+/// [`DISK_POLL`]).
+fn uevents() -> Option<tokio::io::unix::AsyncFd<OwnedFd>> {
+    use rustix::net::{netlink, AddressFamily, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::NETLINK,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        Some(netlink::KOBJECT_UEVENT),
+    )
+    .ok()?;
+    // Group 1: the kernel's own events.
+    rustix::net::bind(&fd, &netlink::SocketAddrNetlink::new(0, 1)).ok()?;
+    // SAFETY: the OwnedFd keeps its descriptor open as long as the AsyncFd owns it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .ok()
 }
 
 /// The name of the `vd*` block device under `sys_block` whose serial is `serial`.
