@@ -47,7 +47,6 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a killed container's init may take to go.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One container.
 /// Where a container's creation spent its time (logged with "Container created").
 #[derive(Debug, Default)]
 struct Phases {
@@ -59,6 +58,7 @@ struct Phases {
     init: Duration,
 }
 
+/// One container.
 #[derive(Debug)]
 struct Container {
     dir: PathBuf,

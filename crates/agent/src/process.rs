@@ -687,7 +687,13 @@ impl Processes {
         tokio::spawn(async move {
             loop {
                 let mut chunk = vec![0u8; CHUNK];
-                let n = match pipe.read(&mut chunk).await {
+                // A reader that went away ends this at once, also while the pipe is
+                // silent (something in the background holds it open).
+                let read = tokio::select! {
+                    read = pipe.read(&mut chunk) => read,
+                    () = tx.closed() => return,
+                };
+                let n = match read {
                     Ok(0) => return,
                     // A terminal's master reads EIO once the last slave is closed: the end.
                     Err(err) => {
@@ -767,8 +773,14 @@ impl Processes {
                             if tx.send(event(chunk)).await.is_err() {
                                 break true;
                             }
-                            if let Some((idle, _)) = &mut after_end {
-                                *idle = tokio::time::Instant::now() + OUTPUT_GRACE;
+                            if let Some((idle, cap)) = &mut after_end {
+                                let now = tokio::time::Instant::now();
+                                // Output that never stops is ready at every turn: the
+                                // cap is looked at here too.
+                                if now >= *cap {
+                                    break false;
+                                }
+                                *idle = now + OUTPUT_GRACE;
                             }
                         }
                         Some(Err(_)) | None => break false,

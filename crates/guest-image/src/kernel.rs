@@ -190,11 +190,12 @@ pub fn kernel_key(
     for (name, text) in patches {
         hasher.update(format!("patch={name}:{}\0", hex(&Sha256::digest(text))).as_bytes());
     }
-    // Only the option lines count: a comment edited does not rebuild the kernel.
+    // Only the option lines count (`# CONFIG_X is not set` is one): a comment edited does
+    // not rebuild the kernel.
     let options: String = fragment
         .lines()
         .map(str::trim)
-        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter(|line| parse_config_line(line).is_some())
         .flat_map(|line| [line, "\n"])
         .collect();
     hasher.update(format!("fragment={}\0", hex(&Sha256::digest(options))).as_bytes());
@@ -657,6 +658,16 @@ mod tests {
         assert_ne!(base, kernel_key("aa", &patches, "CONFIG_A=n\n", "gcc 12"));
         assert_ne!(base, kernel_key("aa", &patches, "CONFIG_A=y\n", "gcc 13"));
         assert_eq!(base, kernel_key("aa", &patches, "CONFIG_A=y\n", "gcc 12"));
+        // `# CONFIG_X is not set` is an option line.
+        assert_ne!(
+            base,
+            kernel_key(
+                "aa",
+                &patches,
+                "CONFIG_A=y\n# CONFIG_B is not set\n",
+                "gcc 12"
+            )
+        );
         // Comments and blank lines are not the kernel's.
         assert_eq!(
             base,

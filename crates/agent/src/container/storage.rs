@@ -60,6 +60,7 @@ pub async fn find_disk(serial: &str) -> Result<PathBuf, Status> {
     // After a wake, look again soon, then less and less often, should an event come
     // before the disk can be read (its node is made before the kernel has scanned it).
     let mut pause = DISK_POLL;
+    let mut message = vec![0u8; UEVENT_BYTES];
     loop {
         if let Some(device) = disk_with_serial(Path::new("/sys/block"), serial) {
             let node = Path::new("/dev").join(&device);
@@ -76,7 +77,6 @@ pub async fn find_disk(serial: &str) -> Result<PathBuf, Status> {
         match &events {
             Some(events) => match tokio::time::timeout(pause, events.readable()).await {
                 Ok(Ok(mut ready)) => {
-                    let mut message = vec![0u8; UEVENT_BYTES];
                     while rustix::io::read(events.get_ref(), &mut message).is_ok_and(|n| n > 0) {}
                     ready.clear_ready();
                     pause = DISK_RECHECK;

@@ -163,7 +163,12 @@ impl Plan {
         };
         drop((stack, low, script_argv));
         if pidfd < 0 {
-            // A kernel without CLONE_PIDFD (before 5.2) would start the child anyway.
+            // A kernel without CLONE_PIDFD (before 5.2) started the child anyway: end it.
+            // SAFETY: our own child, not yet reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
             return Err(io::Error::other(
                 "clone gave no pidfd: the guest kernel is older than 5.2",
             ));
@@ -360,7 +365,7 @@ unsafe fn child_steps(shared: &Shared<'_>) -> c_int {
                 // glibc's execvp does.
                 *shared.script_argv.add(1) = path.as_ptr();
                 libc::execve(SHELL.as_ptr(), shared.script_argv.cast_const(), shared.env);
-                return errno();
+                last = errno();
             }
             match last {
                 libc::EACCES => denied = true,

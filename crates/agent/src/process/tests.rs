@@ -433,3 +433,33 @@ async fn a_slow_follower_gets_all_the_output_written_before_the_end() {
     assert_eq!(bytes, 1 << 20);
     assert_eq!(exit, Some(0));
 }
+
+#[tokio::test]
+async fn output_that_never_stops_after_the_end_is_followed_for_a_bounded_time() {
+    use vmfactory_protocols::agent::run_process_response::Event;
+    let processes = Arc::new(Processes::default());
+    let (exec_id, pid) = processes
+        .start(request(&["sh", "-c", "yes & exit 0"]))
+        .expect("start");
+    let mut stream = processes
+        .follow(ExecProcessResponse { exec_id, pid })
+        .expect("follow");
+    let began = std::time::Instant::now();
+    let follow = async {
+        let mut exit = None;
+        while let Some(message) = stream.next().await {
+            if let Event::Exit(end) = message.expect("event").event.expect("an event") {
+                exit = Some(end.status);
+            }
+            // Slower than `yes`: output is waiting at every turn.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        exit
+    };
+    let exit = tokio::time::timeout(Duration::from_secs(60), follow).await;
+    kill_group(pid, libc::SIGKILL);
+    let exit = exit.expect("the stream ended");
+    assert_eq!(exit, Some(0));
+    let took = began.elapsed();
+    assert!(took < OUTPUT_CAP + Duration::from_secs(10), "{took:?}");
+}
