@@ -49,7 +49,7 @@ pub fn prepare_system() {
 
 /// `oom_score_adj` of PID 1 and the agent server: the guest's OOM killer never picks
 /// them (the server inherits it across `fork`; processes it starts for users are reset to
-/// 0 before `exec`, see `process::reset_oom_score_adj`).
+/// 0 before `exec`, see `process::lead_own_session`).
 pub const AGENT_OOM_SCORE_ADJ: &str = "-1000";
 
 /// Exempts this process (and the children it forks) from the guest's OOM killer.

@@ -557,22 +557,9 @@ impl Processes {
                 .stdout(child_out)
                 .stderr(child_err)
                 .kill_on_drop(false);
-            // SAFETY: setsid, ioctl, open, write and close are async-signal-safe. The
-            // child leads a new session and process group, so a timeout or a signal can
-            // reach everything it started; a terminal process takes its terminal
-            // (already its fd 0) as controlling terminal; and it does not inherit the
-            // agent's exemption from the OOM killer.
+            // SAFETY: `lead_own_session` makes async-signal-safe system calls only.
             unsafe {
-                command.pre_exec(move || {
-                    if libc::setsid() < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    if terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    reset_oom_score_adj();
-                    Ok(())
-                });
+                command.pre_exec(move || lead_own_session(terminal));
             }
             if let Some(hook) = launch.pre_exec {
                 // SAFETY: the launch's hook promises async-signal-safe work only.
@@ -978,13 +965,22 @@ impl Processes {
     }
 }
 
-/// Sets this process's `oom_score_adj` back to 0 (the agent runs at -1000): for a child
-/// between its creation and `exec`, so only raw system calls on static data (no libc
-/// wrapper that looks at the thread it shares with a `CLONE_VM` parent).
-fn reset_oom_score_adj() {
-    // SAFETY: a NUL-terminated static path and buffer; the descriptor is closed before
-    // returning.
+/// A new child's own steps before `exec`, however it was made: it leads a new session
+/// and process group, so a timeout or a signal reaches everything it starts; a terminal
+/// process takes its terminal (already its fd 0) as controlling terminal; and its
+/// `oom_score_adj` goes back to 0 (the agent runs at -1000). Only raw system calls on
+/// static data: no libc wrapper that looks at the thread a `CLONE_VM` child shares with
+/// its parent, nothing that allocates.
+fn lead_own_session(terminal: bool) -> std::io::Result<()> {
+    // SAFETY: plain system calls with constant arguments, a NUL-terminated static path
+    // and a static buffer; the descriptor is closed before returning.
     unsafe {
+        if libc::syscall(libc::SYS_setsid) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if terminal && libc::syscall(libc::SYS_ioctl, 0, libc::TIOCSCTTY, 0) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         let fd = libc::syscall(
             libc::SYS_openat,
             libc::AT_FDCWD,
@@ -996,6 +992,7 @@ fn reset_oom_score_adj() {
             let _ = libc::syscall(libc::SYS_close, fd);
         }
     }
+    Ok(())
 }
 
 mod spawn;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use tracing::{debug, warn};
 use vmfactory_hypervisor::{AttachedDisk, DiskSpec};
 use vmfactory_protocols::agent::{
-    ContainerStorage, CreateContainerRequest, EnvVar, ExecProcessRequest, RemoveContainerRequest,
+    ContainerStorage, CreateContainerRequest, ExecProcessRequest, RemoveContainerRequest,
     StartContainerRequest,
 };
 
@@ -99,28 +99,12 @@ pub fn validate_container_id(id: &str) -> Result<(), ContainerError> {
     Ok(())
 }
 
+/// The request of a container's init: `spec` without a container id (the init makes
+/// the container).
 fn process_request(spec: &ProcessSpec) -> ExecProcessRequest {
     ExecProcessRequest {
-        argv: spec.argv.clone(),
-        env: spec
-            .env
-            .iter()
-            .map(|(key, value)| EnvVar {
-                key: key.clone(),
-                value: value.clone(),
-            })
-            .collect(),
-        workdir: spec.workdir.clone(),
-        timeout_ms: spec
-            .timeout
-            .map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
-        exec_id: String::new(),
-        stdin: spec.stdin,
-        terminal: spec.terminal.is_some(),
-        rows: spec.terminal.map_or(0, |size| u32::from(size.rows)),
-        cols: spec.terminal.map_or(0, |size| u32::from(size.cols)),
         container_id: String::new(),
-        user: spec.user.clone(),
+        ..crate::agent_process::exec_request(spec.clone())
     }
 }
 

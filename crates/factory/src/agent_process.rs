@@ -428,50 +428,41 @@ impl AgentClient {
         };
         let feed = self.feed(&id, &request.stdin);
         tokio::pin!(follow, feed);
-        let mut fed = None;
+        let mut fed = false;
         let followed = loop {
             tokio::select! {
                 followed = &mut follow => break followed,
-                result = &mut feed, if fed.is_none() => fed = Some(result),
+                () = &mut feed, if !fed => fed = true,
             }
         };
         // After the end, input still being written (something the command left behind
         // holds its input without reading) gets a moment, then is dropped.
-        let fed = match fed {
-            Some(fed) => fed,
-            None => tokio::time::timeout(FEED_AFTER_EXIT, feed)
-                .await
-                .unwrap_or(Ok(())),
+        if !fed {
+            let _ = tokio::time::timeout(FEED_AFTER_EXIT, feed).await;
+        }
+        match followed {
+            Ok((stdout, stderr, exit)) => Ok(exec_output(stdout, stderr, exit)),
+            Err(err) => {
+                self.abandon(&id).await;
+                Err(err)
+            }
+        }
+    }
+
+    /// Writes `stdin` (if any) to process `id` and closes its input. A command that does
+    /// not read its input may exit before taking it all: that is only logged.
+    async fn feed(&self, id: &str, stdin: &[u8]) {
+        if stdin.is_empty() {
+            return;
+        }
+        let chunks: Vec<Vec<u8>> = stdin.chunks(64 << 10).map(<[u8]>::to_vec).collect();
+        let fed = match self.write_stdin(id, tokio_stream::iter(chunks)).await {
+            Ok(_) => self.close_stdin(id).await,
+            Err(err) => Err(err),
         };
-        // A command that does not read its input may exit before taking it all.
         if let Err(err) = fed {
             tracing::debug!(%err, "Standard input not fully written");
         }
-        let (stdout, stderr, exit) = match followed {
-            Ok(followed) => followed,
-            Err(err) => {
-                self.abandon(&id).await;
-                return Err(err);
-            }
-        };
-        Ok(ExecOutput {
-            exit_code: exit.exit_code,
-            signal: exit.signal,
-            truncated: stdout.truncated || stderr.truncated,
-            stdout: stdout.data,
-            stderr: stderr.data,
-            timed_out: exit.timed_out,
-        })
-    }
-
-    /// Writes `stdin` (if any) to process `id` and closes its input.
-    async fn feed(&self, id: &str, stdin: &[u8]) -> Result<(), AgentError> {
-        if !stdin.is_empty() {
-            let chunks: Vec<Vec<u8>> = stdin.chunks(64 << 10).map(<[u8]>::to_vec).collect();
-            self.write_stdin(id, tokio_stream::iter(chunks)).await?;
-            self.close_stdin(id).await?;
-        }
-        Ok(())
     }
 
     /// [`AgentClient::exec_in`] for an agent without `RunProcess`: start, read both
@@ -485,15 +476,11 @@ impl AgentClient {
         let collected = async {
             let mut stdout = self.output(&id, OutputPipe::Stdout).await?;
             let mut stderr = self.output(&id, OutputPipe::Stderr).await?;
-            let (fed, out, err) = tokio::join!(
+            let ((), out, err) = tokio::join!(
                 self.feed(&id, &stdin),
                 collect(&mut stdout),
                 collect(&mut stderr)
             );
-            // A command that does not read its input may exit before taking it all.
-            if let Err(err) = fed {
-                tracing::debug!(%err, "Standard input not fully written");
-            }
             Ok::<_, AgentError>((out?, err?))
         }
         .await;
@@ -505,14 +492,7 @@ impl AgentClient {
             }
         };
         let exit = self.wait_process(&id).await?;
-        Ok(ExecOutput {
-            exit_code: exit.exit_code,
-            signal: exit.signal,
-            truncated: stdout.truncated || stderr.truncated,
-            stdout: stdout.data,
-            stderr: stderr.data,
-            timed_out: exit.timed_out,
-        })
+        Ok(exec_output(stdout, stderr, exit))
     }
 }
 
@@ -531,8 +511,20 @@ impl AgentClient {
     }
 }
 
+/// What [`AgentClient::exec`] returns for a command that ended as `exit`.
+fn exec_output(stdout: Kept, stderr: Kept, exit: ProcessExit) -> ExecOutput {
+    ExecOutput {
+        exit_code: exit.exit_code,
+        signal: exit.signal,
+        truncated: stdout.truncated || stderr.truncated,
+        stdout: stdout.data,
+        stderr: stderr.data,
+        timed_out: exit.timed_out,
+    }
+}
+
 /// The agent's request for `spec`.
-fn exec_request(spec: ProcessSpec) -> ExecProcessRequest {
+pub(crate) fn exec_request(spec: ProcessSpec) -> ExecProcessRequest {
     ExecProcessRequest {
         argv: spec.argv,
         env: spec

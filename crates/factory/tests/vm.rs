@@ -408,14 +408,17 @@ async fn files_terminals_and_concurrent_processes() {
         agent.wait_process(&running.exec_id).await.is_err(),
         "forgotten"
     );
-    let mut running = agent
-        .run_process(ProcessSpec {
-            argv: vec!["sleep".into(), "60".into()],
-            ..ProcessSpec::default()
-        })
-        .await
-        .expect("run")
-        .expect("RunProcess");
+    let sleeper = || async {
+        agent
+            .run_process(ProcessSpec {
+                argv: vec!["sleep".into(), "60".into()],
+                ..ProcessSpec::default()
+            })
+            .await
+            .expect("run")
+            .expect("RunProcess")
+    };
+    let mut running = sleeper().await;
     agent
         .signal_process(&running.exec_id, 15)
         .await
@@ -427,14 +430,7 @@ async fn files_terminals_and_concurrent_processes() {
         }
     }
     assert_eq!(signalled, Some(15));
-    let abandoned = agent
-        .run_process(ProcessSpec {
-            argv: vec!["sleep".into(), "60".into()],
-            ..ProcessSpec::default()
-        })
-        .await
-        .expect("run")
-        .expect("RunProcess");
+    let abandoned = sleeper().await;
     let abandoned_id = abandoned.exec_id.clone();
     drop(abandoned);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -507,18 +507,16 @@ enum Following {
 
 /// Copies the command's output to ours until its end; returns our exit code.
 async fn follow(agent: &AgentClient, id: &str, following: Following) -> Result<ExitCode> {
-    let exit = match following {
-        Following::Events(running) => match copy_events(*running).await? {
-            Ok(exit) => exit,
-            Err(code) => return Ok(code),
-        },
+    let ended = match following {
+        Following::Events(running) => copy_events(*running).await?,
         Following::Outputs(outputs) => {
             let (stdout, stderr) = *outputs;
-            match follow_outputs(agent, id, stdout, stderr).await? {
-                Ok(exit) => exit,
-                Err(code) => return Ok(code),
-            }
+            follow_outputs(agent, id, stdout, stderr).await?
         }
+    };
+    let exit = match ended {
+        Ok(exit) => exit,
+        Err(code) => return Ok(code),
     };
     if exit.timed_out {
         eprintln!("vmfactory: the command timed out and was killed");
@@ -543,16 +541,22 @@ async fn copy_events(mut running: RunningProcess) -> Result<Result<ProcessExit, 
             Some(ProcessEvent::Exit(exit)) => return Ok(Ok(exit)),
             None => bail!("The command's output ended without its exit"),
         };
-        match written {
-            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
-                return Ok(Err(ExitCode::from(EXIT_BROKEN_PIPE)))
-            }
-            Err(err) => return Err(err).context("Cannot copy the command's output"),
-            Ok(()) => {}
+        if let Err(err) = written {
+            return output_failed(err).map(Err);
         }
     }
 }
 
+/// Our exit code when copying the command's output to ours failed: a closed output (a
+/// reader such as `head` that went away) is [`EXIT_BROKEN_PIPE`], anything else an error.
+fn output_failed(err: std::io::Error) -> Result<ExitCode> {
+    if err.kind() == std::io::ErrorKind::BrokenPipe {
+        return Ok(ExitCode::from(EXIT_BROKEN_PIPE));
+    }
+    Err(err).context("Cannot copy the command's output")
+}
+
+/// Writes `chunk` to `sink` and flushes it, so output shows as it comes.
 async fn write_flushed(
     sink: &mut (impl tokio::io::AsyncWrite + Unpin),
     chunk: &[u8],
@@ -594,12 +598,8 @@ async fn follow_outputs(
                 Ok(())
             }),
     };
-    match copied {
-        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
-            return Ok(Err(ExitCode::from(EXIT_BROKEN_PIPE)))
-        }
-        Err(err) => return Err(err).context("Cannot copy the command's output"),
-        Ok(()) => {}
+    if let Err(err) = copied {
+        return output_failed(err).map(Err);
     }
     Ok(Ok(exit))
 }
@@ -611,10 +611,7 @@ async fn copy(
 ) -> std::io::Result<()> {
     loop {
         match stream.next_chunk().await {
-            Ok(Some(chunk)) => {
-                sink.write_all(&chunk).await?;
-                sink.flush().await?;
-            }
+            Ok(Some(chunk)) => write_flushed(&mut sink, &chunk).await?,
             Ok(None) => return Ok(()),
             Err(err) => {
                 debug!(%err, "Output stream ended with an error");

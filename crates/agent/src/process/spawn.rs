@@ -320,15 +320,9 @@ unsafe fn child_steps(shared: &Shared<'_>) -> c_int {
                 return errno();
             }
         }
-        // A new session and process group, so that a timeout or a signal reaches everything
-        // the process starts; a terminal process takes its terminal as controlling terminal.
-        if libc::setsid() < 0 {
-            return errno();
+        if let Err(err) = super::lead_own_session(shared.terminal) {
+            return err.raw_os_error().unwrap_or(libc::EIO);
         }
-        if shared.terminal && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
-            return errno();
-        }
-        super::reset_oom_score_adj();
         if libc::chdir(shared.workdir.as_ptr()) < 0 {
             return errno();
         }

@@ -341,17 +341,29 @@ async fn run_events(
     (kinds, out, err, exit)
 }
 
-#[tokio::test]
-async fn a_followed_process_streams_started_output_and_exit_then_is_forgotten() {
-    let processes = Arc::new(Processes::default());
-    let (exec_id, pid) = processes
-        .start(request(&["sh", "-c", "echo out; echo err >&2; exit 3"]))
-        .expect("start");
+/// Starts `argv` and follows it (`RunProcess`): its exec id, its pid and the stream.
+fn start_followed(
+    processes: &Arc<Processes>,
+    argv: &[&str],
+) -> (
+    String,
+    u32,
+    ReceiverStream<Result<RunProcessResponse, Status>>,
+) {
+    let (exec_id, pid) = processes.start(request(argv)).expect("start");
     let started = ExecProcessResponse {
         exec_id: exec_id.clone(),
         pid,
     };
-    let (kinds, out, err, exit) = run_events(processes.follow(started).expect("follow")).await;
+    (exec_id, pid, processes.follow(started).expect("follow"))
+}
+
+#[tokio::test]
+async fn a_followed_process_streams_started_output_and_exit_then_is_forgotten() {
+    let processes = Arc::new(Processes::default());
+    let (exec_id, _, stream) =
+        start_followed(&processes, &["sh", "-c", "echo out; echo err >&2; exit 3"]);
+    let (kinds, out, err, exit) = run_events(stream).await;
     assert_eq!(kinds.first(), Some(&"started"));
     assert_eq!(kinds.last(), Some(&"exit"));
     assert_eq!(
@@ -370,12 +382,9 @@ async fn a_followed_process_streams_started_output_and_exit_then_is_forgotten() 
 
     // Something left running in the background keeps the output open: the exit comes
     // after the grace, not when the background process ends.
-    let (exec_id, pid) = processes
-        .start(request(&["sh", "-c", "sleep 30 & echo hi"]))
-        .expect("start");
     let began = std::time::Instant::now();
-    let started = ExecProcessResponse { exec_id, pid };
-    let (kinds, out, _, exit) = run_events(processes.follow(started).expect("follow")).await;
+    let (_, pid, stream) = start_followed(&processes, &["sh", "-c", "sleep 30 & echo hi"]);
+    let (kinds, out, _, exit) = run_events(stream).await;
     assert!(
         began.elapsed() < Duration::from_secs(10),
         "{:?}",
@@ -390,12 +399,7 @@ async fn a_followed_process_streams_started_output_and_exit_then_is_forgotten() 
 #[tokio::test]
 async fn a_followed_process_whose_reader_goes_away_is_killed_and_forgotten() {
     let processes = Arc::new(Processes::default());
-    let (exec_id, pid) = processes.start(request(&["sleep", "30"])).expect("start");
-    let started = ExecProcessResponse {
-        exec_id: exec_id.clone(),
-        pid,
-    };
-    let mut stream = processes.follow(started).expect("follow");
+    let (exec_id, pid, mut stream) = start_followed(&processes, &["sleep", "30"]);
     stream.next().await.expect("started").expect("ok");
     drop(stream);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -411,12 +415,7 @@ async fn a_followed_process_whose_reader_goes_away_is_killed_and_forgotten() {
 async fn a_slow_follower_gets_all_the_output_written_before_the_end() {
     use vmfactory_protocols::agent::run_process_response::Event;
     let processes = Arc::new(Processes::default());
-    let (exec_id, pid) = processes
-        .start(request(&["sh", "-c", "head -c 1048576 /dev/zero"]))
-        .expect("start");
-    let mut stream = processes
-        .follow(ExecProcessResponse { exec_id, pid })
-        .expect("follow");
+    let (_, _, mut stream) = start_followed(&processes, &["sh", "-c", "head -c 1048576 /dev/zero"]);
     // Up to a pipe, two channels and the chunk in hand wait here after the end: read
     // them more slowly than the grace.
     let (mut bytes, mut exit) = (0, None);
@@ -438,12 +437,7 @@ async fn a_slow_follower_gets_all_the_output_written_before_the_end() {
 async fn output_that_never_stops_after_the_end_is_followed_for_a_bounded_time() {
     use vmfactory_protocols::agent::run_process_response::Event;
     let processes = Arc::new(Processes::default());
-    let (exec_id, pid) = processes
-        .start(request(&["sh", "-c", "yes & exit 0"]))
-        .expect("start");
-    let mut stream = processes
-        .follow(ExecProcessResponse { exec_id, pid })
-        .expect("follow");
+    let (_, pid, mut stream) = start_followed(&processes, &["sh", "-c", "yes & exit 0"]);
     let began = std::time::Instant::now();
     let follow = async {
         let mut exit = None;
