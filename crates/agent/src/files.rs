@@ -38,9 +38,9 @@ static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
 fn io_status(action: &str, path: &Path, err: &io::Error) -> Status {
     let what = format!("Cannot {action} {}: {err}", path.display());
     match err.raw_os_error().unwrap_or(0) {
-        libc::ENOENT => Status::not_found(format!(
-            "{what}; check the path (CopyFile creates missing parents only when asked to)"
-        )),
+        libc::ENOENT => {
+            Status::not_found(format!("{what}; check that the path exists in the guest"))
+        }
         libc::ENOTDIR => Status::failed_precondition(format!(
             "{what}; a component of the path is not a directory"
         )),

@@ -428,7 +428,13 @@ pub(crate) fn unpack_outer_tar(tar_path: &Path, dest: &Path) -> Result<(), Image
         what: format!("open {}", tar_path.display()),
         source,
     })?;
-    let bad = |err: io::Error| ImageError::BadImage(format!("{}: {err}", tar_path.display()));
+    let bad = |err: io::Error| {
+        ImageError::BadImage(format!(
+            "{}: cannot read it as a tar archive of an OCI image layout or of `docker save` \
+             output ({err})",
+            tar_path.display()
+        ))
+    };
     let mut archive = tar::Archive::new(crate::targuard::TarGuard::new(BufReader::with_capacity(
         1 << 20,
         file,

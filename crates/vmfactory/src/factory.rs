@@ -52,10 +52,28 @@ async fn resolve(vm: VmArgs, config: Option<PathBuf>, local: bool) -> Result<Res
         .context("Loading the configuration failed")?
 }
 
+/// Refuses `--vcpus` / `--memory` on a factory command: a factory's VMs have the
+/// configuration's size (`run` and `sandbox create` grow them by hot-plug).
+fn refuse_size(command: &str, vm: &VmArgs) -> Result<()> {
+    if vm.vcpus.is_some() || vm.memory.is_some() {
+        bail!(
+            "`factory {command}` does not take --vcpus or --memory: the factory's VMs have the \
+             configuration's size, so set default_vcpus and default_memory in \
+             [hypervisor.qemu] instead (`run` and `sandbox create` grow a VM by hot-plug \
+             when they ask for more)"
+        );
+    }
+    Ok(())
+}
+
 pub async fn run(command: FactoryCommand, config: Option<PathBuf>) -> Result<ExitCode> {
     match command {
-        FactoryCommand::Init { vm } => init(resolve(vm, config, true).await?).await,
+        FactoryCommand::Init { vm } => {
+            refuse_size("init", &vm)?;
+            init(resolve(vm, config, true).await?).await
+        }
         FactoryCommand::Status { json, vm } => {
+            refuse_size("status", &vm)?;
             // A VMCache server's status needs no guest image.
             let settings = vmfactory_factory::Settings::load(config.as_deref())?;
             let local = FactoryChoice::from_settings(&settings.factory).needs_local_config();
@@ -73,6 +91,12 @@ pub async fn run(command: FactoryCommand, config: Option<PathBuf>) -> Result<Exi
                 println!("Template at {} destroyed", path.display());
             } else if factory.enable_template {
                 println!("No template at {}", path.display());
+            } else if factory.vm_cache_number == 0 {
+                println!(
+                    "Nothing to destroy: the configuration has no factory (enable_template = \
+                     false, vm_cache_number = 0) and there is no template at {}",
+                    path.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -198,10 +222,13 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
         signals.notify_one();
     });
     eprintln!(
-        "vmfactory: VMCache server on {} (pid {}) keeping {} VMs ready; stop it with `vmfactory factory destroy`",
-        factory.vm_cache_endpoint.display(),
-        std::process::id(),
-        factory.vm_cache_number
+        "vmfactory: {}",
+        crate::hints(&format!(
+            "VMCache server on {} (pid {}) keeping {} VMs ready; stop it with `vmfactory factory destroy`",
+            factory.vm_cache_endpoint.display(),
+            std::process::id(),
+            factory.vm_cache_number
+        ))
     );
     let warming = tokio::spawn(show_warm_up(server.cache(), factory.vm_cache_number));
     let served = vmcache::serve_locked(
@@ -356,15 +383,18 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
                 }
                 Err(err) => (
                     Some(metadata),
-                    Some(format!(
+                    Some(crate::hints(&format!(
                         "broken: a clone does not come up ({err}); destroy it with `vmfactory factory destroy` and create it again"
-                    )),
+                    ))),
                 ),
             }
         }
         Err(TemplateError::Missing(_)) => (None, None),
         // Unusable: still say what it was built from, when that is readable.
-        Err(err) => (template::read_metadata(&path).ok(), Some(err.to_string())),
+        Err(err) => (
+            template::read_metadata(&path).ok(),
+            Some(crate::hints(&err.to_string())),
+        ),
     };
     let report = StatusReport {
         template_path: path.clone(),
@@ -389,7 +419,17 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
         }
     );
     match &report.metadata {
-        None => println!("No template: create one with `vmfactory factory init`"),
+        None if report.enabled => println!(
+            "{}",
+            crate::hints("No template: create one with `vmfactory factory init`")
+        ),
+        None => println!(
+            "{}",
+            crate::hints(
+                "No template: set enable_template = true in the [factory] section of the \
+                 configuration, then create one with `vmfactory factory init`"
+            )
+        ),
         Some(meta) => {
             println!(
                 "Built from: kernel {} (sha256 {}), initrd {}, {}",

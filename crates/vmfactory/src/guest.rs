@@ -29,7 +29,8 @@ pub const EXIT_NO_IMAGE: u8 = 101;
 /// Where the guest image and the agent come from.
 #[derive(Debug, Clone, Args)]
 pub struct ImageArgs {
-    /// Cache directory of guest images (default: $VMFACTORY_CACHE_DIR, else ~/.cache/vmfactory).
+    /// Cache directory of guest images (default: $VMFACTORY_CACHE_DIR, else
+    /// $XDG_CACHE_HOME/vmfactory, else ~/.cache/vmfactory).
     #[arg(long, env = "VMFACTORY_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Static agent binary to use as the guest's /init instead of the one built into
@@ -48,7 +49,7 @@ pub struct ImageArgs {
 pub enum GuestCommand {
     /// Build the guest image: ask apt for Debian's newest kernel and busybox, download
     /// them, compile vmfactory's kernel from the kernel source (once per source version,
-    /// config and compiler; needs bc bison flex libelf-dev libssl-dev make gcc), and pack
+    /// config and compiler; needs bc bison flex libelf-dev libssl-dev make gcc xz-utils), and pack
     /// it with the agent. Does nothing when the cached image is up to date; prints its
     /// paths.
     Build(BuildArgs),
@@ -57,12 +58,13 @@ pub enum GuestCommand {
 /// Options of `vmfactory guest build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Rebuild even if an up-to-date image is cached.
+    /// Rebuild even if an up-to-date image is cached, compiling vmfactory's kernel again
+    /// (minutes).
     #[arg(long, conflicts_with = "check")]
     force: bool,
     /// Only say whether apt offers a newer kernel or busybox than the current image;
     /// build nothing. Exit status: 0 up to date, 100 an update is available, 101 no
-    /// image is built yet.
+    /// image is built yet, 125 the check failed.
     #[arg(long)]
     check: bool,
     /// Print JSON instead of text.
@@ -116,13 +118,19 @@ fn print_check(report: &UpdateCheck, json: bool) -> Result<()> {
             image.kernel_package, image.kernel_version, image.kernel_release
         ),
         (Some(image), _) => println!(
-            "An update is available: apt offers {candidate}; the current image has {} {} with busybox {}. Run `vmfactory guest build` to update it.",
-            image.kernel_package,
-            image.kernel_version,
-            report.current_busybox_version.as_deref().unwrap_or("?")
+            "{}",
+            crate::hints(&format!(
+                "An update is available: apt offers {candidate}; the current image has {} {} with busybox {}. Run `vmfactory guest build` to update it.",
+                image.kernel_package,
+                image.kernel_version,
+                report.current_busybox_version.as_deref().unwrap_or("?")
+            ))
         ),
         (None, _) => println!(
-            "No guest image is built yet; apt offers {candidate}. Run `vmfactory guest build` to build it."
+            "{}",
+            crate::hints(&format!(
+                "No guest image is built yet; apt offers {candidate}. Run `vmfactory guest build` to build it."
+            ))
         ),
     }
     Ok(())

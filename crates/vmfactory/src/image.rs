@@ -30,7 +30,8 @@ pub enum ImageCommand {
 /// Where the image cache is.
 #[derive(Debug, Clone, Args)]
 pub struct CacheArgs {
-    /// Cache directory (default: $VMFACTORY_CACHE_DIR, else ~/.cache/vmfactory); images
+    /// Cache directory (default: $VMFACTORY_CACHE_DIR, else $XDG_CACHE_HOME/vmfactory,
+    /// else ~/.cache/vmfactory); images
     /// are kept in its `rootfs` directory.
     #[arg(long, env = "VMFACTORY_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,

@@ -22,7 +22,7 @@ use vmfactory_hypervisor::qemu::accel::Accelerator;
 
 /// Exit status for vmfactory's own failures (as `docker run` does), distinct from the
 /// guest command's exit codes.
-const EXIT_VMFACTORY_ERROR: u8 = 125;
+pub(crate) const EXIT_VMFACTORY_ERROR: u8 = 125;
 
 /// vmfactory hands out ready, hardware-isolated micro-VMs: QEMU guests booted from a
 /// minimal kernel and initramfs whose PID 1 is the vmfactory agent.
@@ -82,10 +82,10 @@ enum ConfigCommand {
 #[derive(Debug, Clone, Args)]
 struct VmArgs {
     /// vCPUs of the VM (default: hypervisor.qemu.default_vcpus, 1).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_vcpus)]
     vcpus: Option<u32>,
-    /// Guest memory in MiB (default: hypervisor.qemu.default_memory, 256).
-    #[arg(long)]
+    /// Guest memory in MiB, at least 64 (default: hypervisor.qemu.default_memory, 256).
+    #[arg(long, value_parser = parse_memory)]
     memory: Option<u32>,
     /// Accelerator: auto (KVM when it can run the guest, else TCG), kvm or tcg.
     #[arg(long, value_parser = parse_accel)]
@@ -93,7 +93,8 @@ struct VmArgs {
     /// QEMU binary (path or name in PATH).
     #[arg(long, env = "VMFACTORY_QEMU")]
     qemu: Option<PathBuf>,
-    /// Guest kernel; default: the one of the built guest image.
+    /// A guest kernel file to boot instead of the guest image's (overrides
+    /// --guest-kernel, which chooses the kind of kernel the guest image is built with).
     #[arg(long, env = "VMFACTORY_KERNEL")]
     kernel: Option<PathBuf>,
     /// Guest initramfs; default: the configured one, else the one of the built guest image
@@ -108,6 +109,23 @@ struct VmArgs {
     boot_timeout: Option<u64>,
     #[command(flatten)]
     image: guest::ImageArgs,
+}
+
+fn parse_vcpus(value: &str) -> Result<u32, String> {
+    match value.trim().parse::<u32>() {
+        Ok(0) => Err("a VM needs at least 1 vCPU".into()),
+        Ok(vcpus) => Ok(vcpus),
+        Err(_) => Err(format!("{value:?} is not a whole number of vCPUs")),
+    }
+}
+
+fn parse_memory(value: &str) -> Result<u32, String> {
+    let least = vmfactory_hypervisor::MIN_MEMORY_MIB;
+    match value.trim().parse::<u32>() {
+        Ok(mib) if mib < least => Err(format!("a VM needs at least {least} MiB")),
+        Ok(mib) => Ok(mib),
+        Err(_) => Err(format!("{value:?} is not a whole number of MiB (e.g. 512)")),
+    }
 }
 
 fn parse_accel(s: &str) -> Result<Accelerator, String> {
@@ -136,6 +154,7 @@ impl VmArgs {
     /// image when no kernel is configured and `local` says the VM config is needed here
     /// (not when a VMCache server will say which config its VMs have).
     fn resolve(&self, config_file: Option<&std::path::Path>, local: bool) -> Result<Resolved> {
+        self.check_given_files()?;
         let mut settings = Settings::load(config_file)?;
         let qemu = &mut settings.hypervisor.qemu;
         if let Some(binary) = &self.qemu {
@@ -194,6 +213,41 @@ impl VmArgs {
     }
 }
 
+impl VmArgs {
+    /// Refuses a file named by `--kernel`, `--initrd` or `--qemu` (or their environment
+    /// variables) that is not there, by the option that named it, before anything starts.
+    fn check_given_files(&self) -> Result<()> {
+        let files = [
+            ("--kernel", "VMFACTORY_KERNEL", "guest kernel", &self.kernel),
+            ("--initrd", "VMFACTORY_INITRD", "initramfs", &self.initrd),
+        ];
+        for (flag, env, what, path) in files {
+            if let Some(path) = path.as_ref().filter(|path| !path.is_file()) {
+                anyhow::bail!(
+                    "{flag} {}: no such file; give the path of a {what}, or leave out {flag} \
+                     (and {env}) to use the guest image's",
+                    path.display()
+                );
+            }
+        }
+        if let Some(qemu) = &self.qemu {
+            if vmfactory_hypervisor::qemu::config::resolve_binary(qemu).is_err() {
+                anyhow::bail!(
+                    "--qemu {}: {}; give the path of qemu-system-x86_64, or leave out --qemu \
+                     (and VMFACTORY_QEMU) to use the configured one",
+                    qemu.display(),
+                    if qemu.components().count() > 1 {
+                        "no such file"
+                    } else {
+                        "not found in PATH"
+                    }
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Refuses `--vcpus` / `--memory` beyond the configured hot-plug limits and the host.
 fn check_request(
     qemu: &vmfactory_factory::settings::QemuSettings,
@@ -234,7 +288,18 @@ pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
 const TASK_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(mut err) => {
+            if let Some(tip) = command_after_dashes(&err, std::env::args()) {
+                err.insert(
+                    clap::error::ContextKind::Suggested,
+                    clap::error::ContextValue::StyledStrs(vec![tip.into()]),
+                );
+            }
+            err.exit()
+        }
+    };
     init_logging(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -251,10 +316,16 @@ fn main() -> ExitCode {
     // down drops those tasks, and their VMs with them, before the process ends, also when
     // a signal ended the benchmark half-way.
     let drop_tasks = matches!(cli.command, Command::Bench(_));
+    if let Some(config) = &cli.config {
+        let from_env = std::env::var_os("VMFACTORY_CONFIG");
+        if from_env.as_deref() != Some(config.as_os_str()) {
+            let _ = CONFIG_FOR_HINTS.set(config.clone());
+        }
+    }
     let code = match runtime.block_on(dispatch(cli.command, cli.config)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("vmfactory: {err:#}");
+            eprintln!("vmfactory: {}", hints(&format!("{err:#}")));
             ExitCode::from(EXIT_VMFACTORY_ERROR)
         }
     };
@@ -265,6 +336,76 @@ fn main() -> ExitCode {
         runtime.shutdown_background();
     }
     code
+}
+
+/// For a command given to `run` or `sandbox exec` without `--` (`vmfactory run uname -a`):
+/// the same command line with `--` before the command, as a tip.
+fn command_after_dashes(
+    err: &clap::Error,
+    args: impl IntoIterator<Item = String>,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if err.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(unexpected)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let usage = match err.get(ContextKind::Usage) {
+        Some(ContextValue::StyledStr(usage)) => usage.to_string(),
+        _ => return None,
+    };
+    let takes_command = ["vmfactory run ", "vmfactory sandbox exec "]
+        .iter()
+        .any(|command| usage.contains(command));
+    if unexpected.starts_with('-') || !takes_command {
+        return None;
+    }
+    let args: Vec<String> = args.into_iter().skip(1).collect();
+    let at = args.iter().position(|arg| arg == unexpected)?;
+    let words = std::iter::once("vmfactory")
+        .chain(args[..at].iter().map(String::as_str))
+        .chain(std::iter::once("--"))
+        .chain(args[at..].iter().map(String::as_str))
+        .map(shell_word)
+        .collect::<Vec<_>>();
+    Some(format!("the command goes after `--`: {}", words.join(" ")))
+}
+
+/// `word` as a shell would need it written: single-quoted when it holds anything but
+/// plain characters.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+/// The `--config` file of this command, unless it came from `VMFACTORY_CONFIG` (which
+/// reaches the next command by itself).
+static CONFIG_FOR_HINTS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// `message` with `--config FILE` added to the commands it tells the user to run next
+/// (`vmfactory factory destroy`, say): without it, such a command would act on the
+/// default configuration's factory, not the one this command used. It is added here,
+/// where the command line is known; the libraries that word the hints do not know it.
+pub(crate) fn hints(message: &str) -> String {
+    with_config_in_hints(message, CONFIG_FOR_HINTS.get().map(PathBuf::as_path))
+}
+
+fn with_config_in_hints(message: &str, config: Option<&std::path::Path>) -> String {
+    let Some(config) = config else {
+        return message.to_string();
+    };
+    let with = format!(
+        "vmfactory --config {} ",
+        shell_word(&config.to_string_lossy())
+    );
+    message
+        .replace("`vmfactory ", &format!("`{with}"))
+        .replace("'vmfactory ", &format!("'{with}"))
 }
 
 fn init_logging(verbose: u8) {
@@ -312,6 +453,99 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_error(args: &[&str]) -> clap::Error {
+        Cli::try_parse_from(args).expect_err("a usage error")
+    }
+
+    fn owned(args: &[&str]) -> Vec<String> {
+        args.iter().map(|arg| arg.to_string()).collect()
+    }
+
+    #[test]
+    fn a_command_without_dashes_gets_a_tip_with_them() {
+        let args = ["vmfactory", "run", "--vcpus", "2", "uname", "-a"];
+        let tip = command_after_dashes(&parse_error(&args), owned(&args));
+        assert_eq!(
+            tip.as_deref(),
+            Some("the command goes after `--`: vmfactory run --vcpus 2 -- uname -a")
+        );
+        let args = ["vmfactory", "sandbox", "exec", "dev", "sh", "-c", "echo hi"];
+        let tip = command_after_dashes(&parse_error(&args), owned(&args));
+        assert_eq!(
+            tip.as_deref(),
+            Some("the command goes after `--`: vmfactory sandbox exec dev -- sh -c 'echo hi'")
+        );
+        // An unknown option is not a command, and other commands take none.
+        let args = ["vmfactory", "run", "--bogus"];
+        assert_eq!(
+            command_after_dashes(&parse_error(&args), owned(&args)),
+            None
+        );
+        let args = ["vmfactory", "sandbox", "pause", "dev", "extra"];
+        assert_eq!(
+            command_after_dashes(&parse_error(&args), owned(&args)),
+            None
+        );
+    }
+
+    #[test]
+    fn hints_name_the_configuration_the_command_used() {
+        let message =
+            "A template already exists at /t: remove it with `vmfactory factory destroy` first";
+        assert_eq!(with_config_in_hints(message, None), message);
+        assert_eq!(
+            with_config_in_hints(message, Some(std::path::Path::new("/etc/my vm.toml"))),
+            "A template already exists at /t: remove it with \
+             `vmfactory --config '/etc/my vm.toml' factory destroy` first"
+        );
+        assert_eq!(shell_word("it's"), r"'it'\''s'");
+        assert_eq!(shell_word(""), "''");
+        assert_eq!(shell_word("/a/b.toml"), "/a/b.toml");
+    }
+
+    #[test]
+    fn sizes_below_a_vm_s_least_are_refused_by_the_parser() {
+        assert_eq!(parse_vcpus("2"), Ok(2));
+        assert!(parse_vcpus("0").expect_err("0").contains("at least 1 vCPU"));
+        assert!(parse_vcpus("two").is_err());
+        assert_eq!(parse_memory("64"), Ok(64));
+        assert!(parse_memory("63")
+            .expect_err("63")
+            .contains("at least 64 MiB"));
+        assert!(parse_memory("-1").is_err());
+    }
+
+    #[test]
+    fn files_named_on_the_command_line_must_exist() {
+        let args = |extra: &[&str]| {
+            let mut all = vec!["vmfactory", "run"];
+            all.extend_from_slice(extra);
+            all.push("--");
+            all.push("true");
+            match Cli::try_parse_from(all).expect("parses").command {
+                Command::Run(run) => run.vm_args().clone(),
+                other => panic!("{other:?}"),
+            }
+        };
+        let err = args(&["--kernel", "/nonexistent/vmlinux"])
+            .check_given_files()
+            .expect_err("missing kernel");
+        assert!(
+            err.to_string()
+                .starts_with("--kernel /nonexistent/vmlinux: no such file"),
+            "{err}"
+        );
+        let err = args(&["--qemu", "no-such-qemu-binary"])
+            .check_given_files()
+            .expect_err("missing qemu");
+        assert!(err.to_string().contains("not found in PATH"), "{err}");
+        let here = std::env::current_exe().expect("exe");
+        let here = here.to_str().expect("utf-8");
+        assert!(args(&["--kernel", here, "--qemu", here])
+            .check_given_files()
+            .is_ok());
+    }
 
     #[test]
     fn requests_beyond_the_limits_are_refused() {

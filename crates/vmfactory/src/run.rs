@@ -48,14 +48,16 @@ const STDIN_CHUNK: usize = 64 << 10;
 pub struct RunArgs {
     #[command(flatten)]
     vm: VmArgs,
-    /// Kill the command after this many seconds (exit status 124).
-    #[arg(long)]
+    /// Kill the command after this many seconds (whole seconds, at least 1; exit status
+    /// 124).
+    #[arg(long, value_parser = parse_timeout)]
     timeout: Option<u64>,
     /// Environment variable for the command, KEY=VALUE (repeatable).
     #[arg(short, long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
-    /// Working directory in the guest (default: the image's WorkingDir, else /).
-    #[arg(short, long)]
+    /// Working directory in the guest, an absolute path (default: the image's
+    /// WorkingDir, else /).
+    #[arg(short, long, value_parser = parse_workdir)]
     workdir: Option<String>,
     /// Pass our standard input to the command even when it is a terminal (it always is
     /// passed when it is a pipe or a file).
@@ -73,12 +75,51 @@ pub struct RunArgs {
     #[arg(long, value_name = "REF")]
     image: Option<String>,
     /// Size of the container's writable layer (a tmpfs in the guest: what is written
-    /// there takes guest memory): MiB, or e.g. 512M, 2G.
+    /// there takes guest memory): MiB, or e.g. 512M, 2G (default: 256 MiB).
     #[arg(long, value_parser = crate::container::parse_disk_size, requires = "image")]
     disk_size: Option<u32>,
     /// The command and its arguments (after `--`); optional with --image.
     #[arg(required_unless_present = "image", last = true)]
     command: Vec<String>,
+}
+
+/// Longest `--timeout`: a year. A command that may run longer needs none.
+const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
+
+/// `--timeout` of `run` and `sandbox exec`: whole seconds, 1 to [`MAX_TIMEOUT_SECS`].
+pub(crate) fn parse_timeout(value: &str) -> Result<u64, String> {
+    let seconds: u64 = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("{value:?} is not a whole number of seconds (e.g. --timeout 30)"))?;
+    match seconds {
+        0 => Err("must be at least 1 second (leave out --timeout for no limit)".into()),
+        seconds if seconds > MAX_TIMEOUT_SECS => Err(format!(
+            "at most {MAX_TIMEOUT_SECS} seconds (a year; leave out --timeout for no limit)"
+        )),
+        seconds => Ok(seconds),
+    }
+}
+
+/// `--workdir` of `run` and `sandbox exec`: an absolute guest path, as `docker run -w`
+/// wants, so that a mistake is refused before a VM is started.
+pub(crate) fn parse_workdir(value: &str) -> Result<String, String> {
+    if value.starts_with('/') {
+        Ok(value.to_string())
+    } else {
+        Err(format!(
+            "{value:?} is not an absolute path: the working directory in the guest starts \
+             with / (e.g. /root)"
+        ))
+    }
+}
+
+impl RunArgs {
+    /// The options describing the VM.
+    #[cfg(test)]
+    pub(crate) fn vm_args(&self) -> &VmArgs {
+        &self.vm
+    }
 }
 
 /// Name of the container `run --image` makes in its VM.
@@ -645,5 +686,39 @@ async fn feed_stdin(agent: AgentClient, id: String) {
     reader.abort();
     if let Err(err) = agent.close_stdin(&id).await {
         debug!(%err, "Cannot close the command's standard input");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_whole_seconds_from_one_to_a_year() {
+        assert_eq!(parse_timeout("30"), Ok(30));
+        assert_eq!(parse_timeout(" 1 "), Ok(1));
+        assert!(parse_timeout("0")
+            .expect_err("0")
+            .contains("at least 1 second"));
+        assert!(parse_timeout("1.5")
+            .expect_err("1.5")
+            .contains("whole number"));
+        assert!(parse_timeout("-3").is_err());
+        assert_eq!(
+            parse_timeout(&MAX_TIMEOUT_SECS.to_string()),
+            Ok(MAX_TIMEOUT_SECS)
+        );
+        // Beyond it (once a panic: the host's deadline overflowed).
+        assert!(parse_timeout(&u64::MAX.to_string()).is_err());
+        assert!(parse_timeout(&(MAX_TIMEOUT_SECS + 1).to_string()).is_err());
+    }
+
+    #[test]
+    fn working_directories_are_absolute() {
+        assert_eq!(parse_workdir("/srv/app"), Ok("/srv/app".to_string()));
+        assert!(parse_workdir("relative")
+            .expect_err("relative")
+            .contains("not an absolute path"));
+        assert!(parse_workdir("").is_err());
     }
 }

@@ -45,13 +45,14 @@ pub enum SandboxCommand {
         #[arg(long = "image", value_name = "[NAME=]REF")]
         images: Vec<String>,
         /// Size of each container's writable layer (a tmpfs in the guest: what is written
-        /// there takes guest memory): MiB, or e.g. 512M, 2G. Needs --image.
+        /// there takes guest memory): MiB, or e.g. 512M, 2G (default: 256 MiB). Needs --image.
         #[arg(long, value_parser = crate::container::parse_disk_size, requires = "images")]
         disk_size: Option<u32>,
         #[command(flatten)]
         vm: VmArgs,
     },
-    /// List the sandboxes (id, name, pid, vCPUs, memory, age, state).
+    /// List the sandboxes: id, name, PID (of the VM's QEMU process), vCPUs, memory, age,
+    /// state (running or paused) and containers.
     Ls {
         /// Print JSON.
         #[arg(long)]
@@ -131,15 +132,17 @@ pub struct ExecArgs {
     /// Environment variable for the command, KEY=VALUE (repeatable).
     #[arg(short, long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
-    /// Working directory (default: /, or the image's WorkingDir in a container).
-    #[arg(short, long)]
+    /// Working directory, an absolute path (default: /, or the image's WorkingDir in a
+    /// container).
+    #[arg(short, long, value_parser = crate::run::parse_workdir)]
     workdir: Option<String>,
     /// Run the command in this container of the sandbox (made with `create --image`),
     /// with its image's environment, working directory and user.
     #[arg(short, long)]
     container: Option<String>,
-    /// Kill the command after this many seconds (exit status 124).
-    #[arg(long)]
+    /// Kill the command after this many seconds (whole seconds, at least 1; exit status
+    /// 124).
+    #[arg(long, value_parser = crate::run::parse_timeout)]
     timeout: Option<u64>,
     /// The sandbox (id, id prefix or name).
     id: String,
@@ -234,6 +237,10 @@ fn vm_args(vm: &VmArgs) -> Vec<String> {
     push("--boot-timeout", vm.boot_timeout.map(|v| v.to_string()));
     push("--cache-dir", path(&vm.image.cache_dir));
     push("--agent", path(&vm.image.agent));
+    push(
+        "--guest-kernel",
+        vm.image.guest_kernel.map(|k| k.as_str().to_string()),
+    );
     args
 }
 
@@ -495,7 +502,7 @@ async fn rm(runtime: &Path, all: bool, keys: &[String], force: bool) -> Result<E
             Ok(found) if chosen.iter().any(|(_, r)| r.id == found.1.id) => {}
             Ok(found) => chosen.push(found),
             Err(err) => {
-                eprintln!("vmfactory: {err}");
+                eprintln!("vmfactory: {}", crate::hints(&err.to_string()));
                 failed = true;
             }
         }
@@ -509,7 +516,7 @@ async fn rm(runtime: &Path, all: bool, keys: &[String], force: bool) -> Result<E
         match done {
             Ok(Ok(id)) => println!("{id}"),
             Ok(Err(err)) => {
-                eprintln!("vmfactory: {err:#}");
+                eprintln!("vmfactory: {}", crate::hints(&format!("{err:#}")));
                 failed = true;
             }
             Err(err) => {
@@ -519,7 +526,7 @@ async fn rm(runtime: &Path, all: bool, keys: &[String], force: bool) -> Result<E
         }
     }
     Ok(if failed {
-        ExitCode::FAILURE
+        ExitCode::from(crate::EXIT_VMFACTORY_ERROR)
     } else {
         ExitCode::SUCCESS
     })
@@ -691,4 +698,60 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    /// The `VmArgs` of a parsed `sandbox create` or `sandbox supervise` command line.
+    fn parsed(args: &[String]) -> VmArgs {
+        match crate::Cli::try_parse_from(args).expect("parses").command {
+            crate::Command::Sandbox(SandboxCommand::Create { vm, .. })
+            | crate::Command::Sandbox(SandboxCommand::Supervise { vm, .. }) => vm,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_supervisor_gets_every_vm_option_of_create() {
+        let create: Vec<String> = [
+            "vmfactory",
+            "sandbox",
+            "create",
+            "--vcpus",
+            "2",
+            "--memory",
+            "512",
+            "--accel",
+            "tcg",
+            "--qemu",
+            "/usr/bin/qemu-system-x86_64",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--kernel-params",
+            "quiet loglevel=3",
+            "--boot-timeout",
+            "30",
+            "--cache-dir",
+            "/c",
+            "--agent",
+            "/a",
+            "--guest-kernel",
+            "debian",
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+        let given = parsed(&create);
+        let mut supervise: Vec<String> = ["vmfactory", "sandbox", "supervise", "--id", "x"]
+            .iter()
+            .map(|arg| arg.to_string())
+            .collect();
+        supervise.extend(vm_args(&given));
+        assert_eq!(format!("{:?}", parsed(&supervise)), format!("{given:?}"));
+    }
 }

@@ -107,11 +107,13 @@ fn template_lifecycle_through_the_cli() {
 
     let again = env.vmfactory(&["factory", "init"]);
     assert_eq!(again.status.code(), Some(125));
-    assert!(
-        text(&again).contains("vmfactory factory destroy"),
-        "{}",
-        text(&again)
+    // The hint names this configuration: without it, the command would act on the
+    // default configuration's template.
+    let destroy_hint = format!(
+        "vmfactory --config {} factory destroy",
+        env.dir.path().join("config.toml").display()
     );
+    assert!(text(&again).contains(&destroy_hint), "{}", text(&again));
     assert!(
         !text(&again).contains("Creating the template"),
         "it said it was creating one: {}",
@@ -165,6 +167,27 @@ fn init_without_a_factory_says_what_to_enable() {
         "{}",
         text(&output)
     );
+    // Its status and destroy say the same instead of pointing at `factory init`.
+    let status = env.vmfactory(&["factory", "status"]);
+    assert!(status.status.success(), "{}", text(&status));
+    assert!(
+        text(&status).contains("set enable_template = true"),
+        "{}",
+        text(&status)
+    );
+    let destroy = env.vmfactory(&["factory", "destroy"]);
+    assert!(destroy.status.success(), "{}", text(&destroy));
+    assert!(
+        text(&destroy).contains("Nothing to destroy"),
+        "{}",
+        text(&destroy)
+    );
+    // A factory's size is the configuration's: --vcpus and --memory are refused.
+    let env = Env::new("enable_template = true");
+    let sized = env.vmfactory(&["factory", "init", "--vcpus", "2", "--memory", "512"]);
+    assert_eq!(sized.status.code(), Some(125));
+    assert!(text(&sized).contains("default_vcpus"), "{}", text(&sized));
+    assert!(!env.template().exists(), "a template was made");
 }
 
 #[test]

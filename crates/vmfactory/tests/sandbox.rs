@@ -178,6 +178,9 @@ fn a_sandbox_keeps_state_between_execs_and_rm_leaves_nothing() {
     let output = env.sandbox(&["exec", &id, "--", "true"]);
     assert_eq!(output.status.code(), Some(125));
     assert!(text(&output).contains("sandbox ls"), "{}", text(&output));
+    // Removing it again fails as every vmfactory failure does.
+    let output = env.sandbox(&["rm", &id]);
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
 }
 
 #[test]

@@ -132,7 +132,7 @@ pub enum BenchCommand {
     /// COUNT template clones and COUNT direct boots.
     Density {
         /// VMs per kind.
-        #[arg(long, default_value_t = 10)]
+        #[arg(short = 'n', long, default_value_t = 10)]
         count: usize,
         /// TCG translation buffer size in MiB for the measured VMs (0: QEMU's default).
         #[arg(long, default_value_t = 0)]
