@@ -141,6 +141,37 @@ async fn qemu_dying_at_start_reports_its_stderr() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// A boot dropped half-way (`run` refusing an image while its VM starts, a signal) takes
+/// its QEMU down before the drop returns: its owner may exit at once, and nothing may
+/// outlive it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_dropped_half_way_leaves_nothing_once_dropped() {
+    let runtime = runtime_dir();
+    let config = config(runtime.path());
+    let backend = config.backend();
+    for _ in 0..5 {
+        let boot = Vm::boot(backend.as_ref(), &config);
+        let started = async {
+            // QEMU is up and building its machine, or further: the guest is booting.
+            while common::qemu_pids_under(runtime.path()).is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        };
+        tokio::select! {
+            booted = boot => panic!("booted before the drop: {:?}", booted.map(|_| ())),
+            () = started => {}
+        }
+        // The boot future is gone: right now, no QEMU and no VM directory.
+        let left = common::qemu_pids_under(runtime.path());
+        assert!(left.is_empty(), "QEMU outlived its dropped boot: {left:?}");
+        let dirs: Vec<_> = std::fs::read_dir(runtime.path().join("vm"))
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(dirs.is_empty(), "{dirs:?}");
+    }
+}
+
 /// Reads `stream` until its text contains `needle`; returns the text so far.
 async fn read_until(stream: &mut OutputStream, needle: &str) -> String {
     let mut text = String::new();

@@ -196,32 +196,31 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
             }
         }
     };
+    // The image's process (its command, environment, user) is worked out as soon as the
+    // image is there: a missing image or command is refused without waiting for the VM.
+    let prepare_process = async {
+        let Some(image) = prepare_image.await? else {
+            return Ok(None);
+        };
+        let process = crate::container::ContainerProcess::new(
+            &image.config,
+            &args.command,
+            &args.env,
+            args.workdir.as_deref(),
+        )?;
+        Ok(Some((image, process)))
+    };
     // Dropping a VM that is still starting kills it and removes its directory.
     let (vm, prepared) = tokio::select! {
-        (vm, prepared) = async { tokio::join!(factory::get_vm(&resolved, &mut opened), prepare_image) } => {
-            let vm = vm?;
-            match prepared {
-                Ok(prepared) => (vm, prepared),
-                Err(err) => {
-                    let _ = vm.discard().await;
-                    return Err(err);
-                }
-            }
-        }
+        got = vm_and_image(factory::get_vm(&resolved, &mut opened), prepare_process) => got?,
         stop = signals.recv() => return Ok(signal_exit(stop)),
     };
     let got_vm_at = started.elapsed();
-    let (process, container) = match &prepared {
-        Some(image) => {
-            let process = crate::container::ContainerProcess::new(
-                &image.config,
-                &args.command,
-                &args.env,
-                args.workdir.as_deref(),
-            )?;
+    let (process, container) = match prepared {
+        Some((image, process)) => {
             let spec = crate::container::pause_container(
                 RUN_CONTAINER,
-                image,
+                &image,
                 args.disk_size.unwrap_or(0),
             );
             // The container and its disk go with the VM, which `run` discards at the end.
@@ -276,6 +275,32 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
     match outcome {
         Ok(outcome) => outcome,
         Err(stop) => Ok(signal_exit(stop)),
+    }
+}
+
+/// Gets the VM and the image at once. The first error ends both: an image that fails
+/// first drops the VM still starting (which kills it); one that fails after the VM came
+/// discards the VM.
+async fn vm_and_image<T>(
+    vm: impl std::future::Future<Output = Result<Vm>>,
+    image: impl std::future::Future<Output = Result<T>>,
+) -> Result<(Vm, T)> {
+    tokio::pin!(vm, image);
+    tokio::select! {
+        image = &mut image => {
+            let image = image?;
+            Ok((vm.await?, image))
+        }
+        vm = &mut vm => {
+            let vm = vm?;
+            match image.await {
+                Ok(image) => Ok((vm, image)),
+                Err(err) => {
+                    let _ = vm.discard().await;
+                    Err(err)
+                }
+            }
+        }
     }
 }
 

@@ -361,11 +361,25 @@ impl Hypervisor for Qemu {
     }
 }
 
+/// How long dropping a VM's handle waits for its SIGKILLed QEMU to be gone.
+const DROP_DEATH_WAIT: Duration = Duration::from_millis(500);
+
 impl Drop for Qemu {
     fn drop(&mut self) {
         if !self.stopped && self.owned {
             // Never leak a VM: a handle dropped without `stop` takes its VM down with it.
             self.kill();
+            // A killed process takes a moment to go (its memory is torn down). Its owner
+            // may exit right after the drop (`run` refusing an image while the VM starts),
+            // and nothing may outlive it: wait, briefly, until the process is gone.
+            let started = std::time::Instant::now();
+            while self.is_running()
+                && process_cmdline(self.pid)
+                    .is_some_and(|cmdline| cmdline::cmdline_names(&cmdline, &self.paths.qmp))
+                && started.elapsed() < DROP_DEATH_WAIT
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let _ = self.remove_dir();
         }
     }
