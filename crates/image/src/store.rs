@@ -204,6 +204,17 @@ impl ImageStore {
                             path.display()
                         )));
                     }
+                    let empty = fs::read_dir(&path)
+                        .map_err(io_error(format!("read {}", path.display())))?
+                        .next()
+                        .is_none();
+                    if empty {
+                        return Err(ImageError::BadReference(format!(
+                            "{} is empty: give a root filesystem directory (one made with \
+                             debootstrap, say), an OCI image layout or a `docker save` archive",
+                            path.display()
+                        )));
+                    }
                     let (stamp, file_bytes) = dir_stamp(&path)?;
                     let digest = match self.stamped(&source_name, &stamp)? {
                         Some(digest) => digest,

@@ -358,6 +358,13 @@ fn a_rootfs_directory_is_rehashed_only_when_it_changes() -> TestResult {
         store.prepare("/nonexistent/image", &mut |_| {}),
         Err(ImageError::BadReference(_))
     ));
+    // An empty directory is no image (it would only fail later, in a VM).
+    let empty = tmp.path().join("empty");
+    fs::create_dir(&empty)?;
+    let err = store
+        .prepare(empty.to_str().ok_or("path")?, &mut |_| {})
+        .expect_err("an empty directory");
+    assert!(err.to_string().contains("is empty"), "{err}");
     Ok(())
 }
 
