@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -153,14 +153,18 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Sets the permission bits and modification time of `path` (not following a final
-/// symbolic link; a link has no permission bits of its own).
-fn set_mode_and_times(path: &Path, mode: Option<u32>, times: &Timestamps) -> Result<(), Status> {
-    if let Some(mode) = mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .map_err(|err| io_status("set the mode of", path, &err))?;
-    }
-    rustix::fs::utimensat(CWD, path, times, AtFlags::SYMLINK_NOFOLLOW)
+/// Sets the permission bits and modification time of the open file or directory `fd`
+/// (`path` names it in errors). Through the descriptor, not the path: a process that
+/// swaps the path for a link meanwhile cannot turn this onto another file.
+fn set_mode_and_times_of(
+    fd: impl AsFd,
+    path: &Path,
+    mode: u32,
+    times: &Timestamps,
+) -> Result<(), Status> {
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(mode & MODE_BITS))
+        .map_err(|err| io_status("set the mode of", path, &err.into()))?;
+    rustix::fs::futimens(&fd, times)
         .map_err(|err| io_status("set the modification time of", path, &err.into()))
 }
 
@@ -350,10 +354,11 @@ where
     file.flush()
         .await
         .map_err(|err| io_status("write", &path, &err))?;
-    drop(file);
+    let file = file.into_std().await;
     let mode = first.mode;
     blocking(&scope.clone(), move || {
-        set_mode_and_times(temp.path(), Some(mode), &times)?;
+        set_mode_and_times_of(&file, &path, mode, &times)?;
+        drop(file);
         temp.persist(&path)
     })
     .await
@@ -374,7 +379,15 @@ fn make_directory(path: &Path, mode: u32, times: &Timestamps) -> Result<(), Stat
             return Err(io_status("create the directory", path, &err));
         }
     }
-    set_mode_and_times(path, Some(mode), times)
+    // Opened without following a link: a directory swapped for a link since it was
+    // made or looked at is refused, not followed.
+    let flags = rustix::fs::OFlags::RDONLY
+        | rustix::fs::OFlags::DIRECTORY
+        | rustix::fs::OFlags::NOFOLLOW
+        | rustix::fs::OFlags::CLOEXEC;
+    let dir = rustix::fs::open(path, flags, rustix::fs::Mode::empty())
+        .map_err(|err| io_status("open the directory", path, &err.into()))?;
+    set_mode_and_times_of(&dir, path, mode, times)
 }
 
 /// Creates (or replaces) symbolic link `path` pointing at `target`.
@@ -388,7 +401,9 @@ fn make_symlink(path: &Path, target: &str, times: &Timestamps) -> Result<(), Sta
     let temp = TempFile::next_to(path, &Scope::Vm);
     std::os::unix::fs::symlink(target, temp.path())
         .map_err(|err| io_status("create the link", path, &err))?;
-    set_mode_and_times(temp.path(), None, times)?;
+    // A link has no permission bits of its own; its time is set without following it.
+    rustix::fs::utimensat(CWD, temp.path(), times, AtFlags::SYMLINK_NOFOLLOW)
+        .map_err(|err| io_status("set the modification time of", path, &err.into()))?;
     temp.persist(path)
 }
 
@@ -496,10 +511,15 @@ pub async fn read_file(
             path.display()
         )));
     }
+    // The file as it was when opened: what is appended meanwhile (a log being written,
+    // a process feeding it without end) is not sent.
+    let mut left = meta.len();
     let (tx, rx) = mpsc::channel(STREAM_DEPTH);
     tokio::spawn(async move {
-        loop {
-            let mut chunk = vec![0u8; FILE_CHUNK_SIZE];
+        while left > 0 {
+            let want =
+                usize::try_from(left).map_or(FILE_CHUNK_SIZE, |left| left.min(FILE_CHUNK_SIZE));
+            let mut chunk = vec![0u8; want];
             let n = match file.read(&mut chunk).await {
                 Ok(0) => return,
                 Ok(n) => n,
@@ -509,6 +529,7 @@ pub async fn read_file(
                 }
             };
             chunk.truncate(n);
+            left -= n as u64;
             // Waits while the host is slow; ends when it hung up.
             if tx.send(Ok(ReadFileResponse { data: chunk })).await.is_err() {
                 return;

@@ -185,7 +185,15 @@ pub fn prepare_root(root: &Path, hostname: &str) -> Result<(), Status> {
         format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")
             .as_bytes(),
     )?;
-    let resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+    // The VM's own file, copied when it is a regular file of at most 64 KiB.
+    let resolv = rustix::fs::open(
+        "/etc",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(std::io::Error::from)
+    .and_then(|vm_etc| read_regular(&vm_etc, "resolv.conf", (64 << 10) + 1))
+    .unwrap_or_default();
     let resolv = if resolv.len() > 64 << 10 {
         Vec::new()
     } else {
@@ -248,14 +256,30 @@ fn read_passwd(root: &Path) -> Result<String, Status> {
         .map_err(|err| image_error("root", err))?;
     let etc = rustix::fs::openat(&root_fd, "etc", flags | OFlags::DIRECTORY, Mode::empty())
         .map_err(|err| image_error("/etc", err))?;
-    let file = rustix::fs::openat(&etc, "passwd", flags, Mode::empty())
-        .map_err(|err| image_error("/etc/passwd", err))?;
-    let mut text = String::new();
+    let bytes =
+        read_regular(&etc, "passwd", MAX_PASSWD).map_err(|err| image_error("/etc/passwd", err))?;
+    String::from_utf8(bytes).map_err(|err| image_error("/etc/passwd", err))
+}
+
+/// At most `max` bytes of the regular file `name` in `dir`. The container (or its image)
+/// controls the file: it is opened without following a link and without blocking, and
+/// anything but a regular file is refused, so a FIFO or a device there cannot stop the
+/// agent, whose one thread serves every request.
+fn read_regular(dir: &OwnedFd, name: &str, max: u64) -> std::io::Result<Vec<u8>> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let file = rustix::fs::openat(dir, name, flags, Mode::empty())?;
+    let stat = rustix::fs::fstat(&file)?;
+    if rustix::fs::FileType::from_raw_mode(stat.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
     std::fs::File::from(file)
-        .take(MAX_PASSWD)
-        .read_to_string(&mut text)
-        .map_err(|err| image_error("/etc/passwd", err))?;
-    Ok(text)
+        .take(max)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -291,6 +315,33 @@ mod tests {
         }
         assert_eq!(disk_with_serial(dir.path(), "two").as_deref(), Some("vdb"));
         assert_eq!(disk_with_serial(dir.path(), "three"), None);
+    }
+
+    #[test]
+    fn a_fifo_as_passwd_is_refused_without_waiting() {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(root.path().join("etc")).expect("mkdir");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.path().join("etc/passwd"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .expect("mkfifo");
+        // Without O_NONBLOCK the open would wait for a writer forever.
+        let err = resolve_user(root.path(), "nginx").expect_err("a FIFO");
+        assert!(err.message().contains("not a regular file"), "{err:?}");
+        std::fs::remove_file(root.path().join("etc/passwd")).expect("rm");
+        std::fs::write(
+            root.path().join("etc/passwd"),
+            "nginx:x:101:102::/:/bin/sh\n",
+        )
+        .expect("write");
+        assert_eq!(
+            resolve_user(root.path(), "nginx").expect("user"),
+            (101, 102)
+        );
     }
 
     #[test]
