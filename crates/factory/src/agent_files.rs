@@ -119,7 +119,9 @@ fn guest_name(path: &str) -> Option<&str> {
         .filter(|name| !name.is_empty() && *name != "." && *name != "..")
 }
 
-/// Checks a name the guest listed in directory `dir`: one path component, not seen before.
+/// Checks a name the guest listed in directory `dir`: one path component, after the
+/// previous one (the agent lists a directory's names sorted, so a name listed twice,
+/// anywhere in the listing, is refused).
 fn checked_entry<'a>(
     dir: &str,
     name: &'a str,
@@ -129,7 +131,7 @@ fn checked_entry<'a>(
         || name == "."
         || name == ".."
         || name.contains(['/', '\0'])
-        || previous == Some(name);
+        || previous.is_some_and(|previous| previous >= name);
     if bad {
         return Err(copy_error(
             dir,
@@ -240,6 +242,21 @@ enum Step {
         stamp: Stamp,
     },
 }
+
+impl Step {
+    /// Bytes of the paths the step holds.
+    fn path_bytes(&self) -> usize {
+        match self {
+            Step::Enter { local, guest } | Step::Leave { local, guest, .. } => {
+                local.as_os_str().len() + guest.len()
+            }
+        }
+    }
+}
+
+/// Most bytes of paths `copy_out` keeps for the steps still to take. An honest tree
+/// stays far below: a walk holds the siblings still to copy along its current path.
+const MAX_PENDING_PATH_BYTES: usize = 256 << 20;
 
 impl AgentClient {
     /// Copies local `local` (a file, symbolic link or directory tree) into the guest, like
@@ -459,12 +476,30 @@ impl AgentClient {
         let mut steps = Vec::new();
         self.receive_entry(guest, &target, stat, &mut steps, &mut stats)
             .await?;
+        // The paths of the steps still to take: a guest listing wide directories at every
+        // level (each listing within bounds) must not make the host's pending walk grow
+        // without end.
+        let mut pending_bytes: usize = steps.iter().map(Step::path_bytes).sum();
         while let Some(step) = steps.pop() {
+            pending_bytes = pending_bytes.saturating_sub(step.path_bytes());
             match step {
                 Step::Enter { local, guest } => {
                     let stat = self.stat_guest(&guest).await?;
+                    let before = steps.len();
                     self.receive_entry(&guest, &local, stat, &mut steps, &mut stats)
                         .await?;
+                    pending_bytes += steps[before..].iter().map(Step::path_bytes).sum::<usize>();
+                    if pending_bytes > MAX_PENDING_PATH_BYTES {
+                        return Err(copy_error(
+                            &guest,
+                            format!(
+                                "the tree is too wide to copy in one go (over {} MiB of paths \
+                                 waiting to be copied); copy its subdirectories one by one, or \
+                                 archive it in the guest first",
+                                MAX_PENDING_PATH_BYTES >> 20
+                            ),
+                        ));
+                    }
                 }
                 Step::Leave { local, stamp, .. } => stamp_local(&local, Some(stamp.mode), &stamp)?,
             }
@@ -485,7 +520,7 @@ impl AgentClient {
         let stamp = Stamp::of_guest(&stat);
         match FileKind::try_from(stat.kind).unwrap_or(FileKind::Unspecified) {
             FileKind::File => {
-                stats.bytes += self.receive_file(guest, local, &stamp).await?;
+                stats.bytes += self.receive_file(guest, local, &stamp, stat.size).await?;
                 stats.files += 1;
             }
             FileKind::Symlink => {
@@ -539,7 +574,29 @@ impl AgentClient {
         guest: &str,
         local: &Path,
         stamp: &Stamp,
+        size: u64,
     ) -> Result<u64, AgentError> {
+        // A file bigger than the room left here (a sparse file of exabytes costs the
+        // guest nothing) is refused before a byte is written.
+        let parent = local.parent().unwrap_or(Path::new("."));
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        if let Ok(fs) = rustix::fs::statvfs(parent) {
+            let room = fs.f_bavail.saturating_mul(fs.f_frsize);
+            if size > room {
+                return Err(copy_error(
+                    guest,
+                    format!(
+                        "it is {size} bytes, more than the {room} bytes free in {}; free space \
+                         or copy it elsewhere",
+                        parent.display()
+                    ),
+                ));
+            }
+        }
         let mut stream = self
             .inner
             .clone()
@@ -558,13 +615,21 @@ impl AgentClient {
             .open(temp.path())
             .await
             .map_err(local_error("create a file next to", local))?;
+        // The file as it was when it was listed: what a guest sends beyond that size (a
+        // file still being written, or a guest that never stops) is not taken.
         let mut received = 0u64;
-        while let Some(chunk) = stream.message().await.map_err(rpc_error("ReadFile"))? {
-            file.write_all(&chunk.data)
+        while received < size {
+            let Some(chunk) = stream.message().await.map_err(rpc_error("ReadFile"))? else {
+                break;
+            };
+            let take = usize::try_from(size - received)
+                .map_or(chunk.data.len(), |left| left.min(chunk.data.len()));
+            file.write_all(&chunk.data[..take])
                 .await
                 .map_err(local_error("write", local))?;
-            received += chunk.data.len() as u64;
+            received += take as u64;
         }
+        drop(stream);
         file.flush().await.map_err(local_error("write", local))?;
         drop(file);
         stamp_local(temp.path(), Some(stamp.mode), stamp)?;
@@ -629,6 +694,10 @@ mod tests {
             assert!(err.to_string().contains("Cannot copy /d"), "{err}");
         }
         assert!(checked_entry("/d", "x", Some("x")).is_err(), "duplicate");
+        // Names come sorted: one out of order (a name listed again further on, say "a",
+        // "b", "a") is refused.
+        assert!(checked_entry("/d", "b", Some("a")).is_ok());
+        assert!(checked_entry("/d", "a", Some("b")).is_err(), "out of order");
         assert!(checked_entry_count("/d", MAX_DIR_ENTRIES).is_ok());
         let err = checked_entry_count("/d", MAX_DIR_ENTRIES + 1).expect_err("too many");
         assert!(err.to_string().contains("more than"), "{err}");

@@ -263,6 +263,16 @@ async fn files_terminals_and_concurrent_processes() {
     assert_eq!(sha256_of(&back), host_sum);
     assert_eq!(stamp(&back), (0o640, 1_700_000_000, 123_456_789));
     sh(&vm, "rm /tmp/big.bin").await;
+    // A sparse file of an exabyte costs the guest nothing: refused before a byte is
+    // written here, and no partial file is left.
+    sh(&vm, "truncate -s 1152921504606846976 /tmp/sparse.bin").await;
+    let err = agent
+        .copy_out("/tmp/sparse.bin", &work.path().join("sparse.bin"))
+        .await
+        .expect_err("an exabyte");
+    assert!(err.to_string().contains("bytes free"), "{err}");
+    assert!(!work.path().join("sparse.bin").exists());
+    sh(&vm, "rm /tmp/sparse.bin").await;
 
     // A small tree with a nested directory and a link round-trips.
     let tree = work.path().join("tree");
