@@ -28,6 +28,17 @@ pub enum FactoryError {
     /// The factory is closed.
     #[error("The factory is closed")]
     Closed,
+    /// The factory cannot make VMs: its last attempts all failed and none is ready.
+    #[error(
+        "No VM is ready and the last {failures} attempts to make one failed: {reason}; \
+         fix the cause (its log says more) or restart the factory"
+    )]
+    Failing {
+        /// Attempts failed in a row.
+        failures: u32,
+        /// The last attempt's error.
+        reason: String,
+    },
     /// A factory that boots or clones VMs was opened without a VM config.
     #[error(
         "No VM configuration to boot or clone VMs with: resolve the guest image and settings first"

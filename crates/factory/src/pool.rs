@@ -19,6 +19,9 @@ use crate::base::FactoryError;
 
 /// How often ready items are checked for a dead hypervisor.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Makes failed in a row after which a taker finding nothing ready gets the error
+/// instead of waiting.
+pub const FAILING_AFTER: u32 = 3;
 /// Back-off after each consecutive failure of the maker, up to [`MAX_BACKOFF_STEPS`] times.
 const BACKOFF_STEP: Duration = Duration::from_millis(200);
 /// Cap of the back-off multiplier (5 s).
@@ -85,6 +88,8 @@ struct Shared<T> {
     /// The grace applies even when nothing else is ready: nobody ever waits on this pool
     /// (it is only taken from with [`ReadyPool::try_take`]).
     grace_when_empty: AtomicBool,
+    /// Makes that failed in a row (across the refill tasks), and the last one's error.
+    failing: std::sync::Mutex<(u32, String)>,
 }
 
 impl<T> Shared<T> {
@@ -105,6 +110,21 @@ impl<T> Shared<T> {
         tokio::select! {
             output = work => Some(output),
             () = &mut closing => None,
+        }
+    }
+
+    /// The failures in a row and the last error, once there are [`FAILING_AFTER`].
+    fn failing(&self) -> Option<(u32, String)> {
+        let failing = self.failing.lock().ok()?;
+        (failing.0 >= FAILING_AFTER).then(|| failing.clone())
+    }
+
+    fn set_failing(&self, failed: Option<String>) {
+        if let Ok(mut failing) = self.failing.lock() {
+            *failing = match failed {
+                Some(reason) => (failing.0.saturating_add(1), reason),
+                None => (0, String::new()),
+            };
         }
     }
 
@@ -151,6 +171,7 @@ impl<T: Poolable> ReadyPool<T> {
             observer,
             refill_grace,
             grace_when_empty: AtomicBool::new(false),
+            failing: std::sync::Mutex::new((0, String::new())),
         });
         let mut tasks: Vec<JoinHandle<()>> = (0..size)
             .map(|_| tokio::spawn(refill(shared.clone())))
@@ -184,14 +205,23 @@ impl<T: Poolable> ReadyPool<T> {
     /// A live ready item, if one is there now.
     pub async fn try_take(&self) -> Option<T> {
         loop {
-            let taken = self.shared.ready.lock().await.pop_front()?;
-            if let Some(item) = self.accept(taken).await {
+            let (taken, others_ready) = self.pop_ready().await?;
+            if let Some(item) = self.accept(taken, others_ready).await {
                 return Some(item);
             }
         }
     }
 
-    /// The next live item, waiting for one to be made; `Closed` once the pool closed.
+    /// The first ready item, and whether others are still ready.
+    async fn pop_ready(&self) -> Option<(T, bool)> {
+        let mut ready = self.shared.ready.lock().await;
+        let item = ready.pop_front()?;
+        Some((item, !ready.is_empty()))
+    }
+
+    /// The next live item, waiting for one to be made; `Closed` once the pool closed,
+    /// `Failing` when nothing is ready and the last [`FAILING_AFTER`] makes failed (a
+    /// taker would wait for ever, and never learn why).
     pub async fn take(&self) -> Result<T, FactoryError> {
         let started = std::time::Instant::now();
         loop {
@@ -199,10 +229,15 @@ impl<T: Poolable> ReadyPool<T> {
                 return Err(FactoryError::Closed);
             }
             let notified = self.shared.filled.notified();
-            let taken = self.shared.ready.lock().await.pop_front();
-            match taken {
-                Some(item) => {
-                    if let Some(item) = self.accept(item).await {
+            let popped = self.pop_ready().await;
+            if popped.is_none() {
+                if let Some((failures, reason)) = self.shared.failing() {
+                    return Err(FactoryError::Failing { failures, reason });
+                }
+            }
+            match popped {
+                Some((item, others_ready)) => {
+                    if let Some(item) = self.accept(item, others_ready).await {
                         self.shared.observe(|o| o.taken(started.elapsed()));
                         return Ok(item);
                     }
@@ -212,10 +247,13 @@ impl<T: Poolable> ReadyPool<T> {
         }
     }
 
-    /// Frees the taken item's place; returns it if it is alive, else discards it.
-    async fn accept(&self, item: T) -> Option<T> {
+    /// Frees the taken item's place; returns it if it is alive, else discards it. The
+    /// place is freed before the first await: a taker cancelled from then on (a client
+    /// gone mid-call) drops its item, but never its place, which would shrink the pool
+    /// for good.
+    async fn accept(&self, item: T, others_ready: bool) -> Option<T> {
         let alive = item.is_alive();
-        self.free_place(alive).await;
+        self.free_place(alive, others_ready);
         self.shared.report_ready().await;
         if alive {
             return Some(item);
@@ -231,9 +269,8 @@ impl<T: Poolable> ReadyPool<T> {
 
     /// Frees a taken item's place: at once when the item was dead, the pool has no grace
     /// or nothing else is ready (a taker may be waiting), else after the grace.
-    async fn free_place(&self, alive: bool) {
+    fn free_place(&self, alive: bool, others_ready: bool) {
         let grace = self.shared.refill_grace;
-        let others_ready = !self.shared.ready.lock().await.is_empty();
         let wait = others_ready || self.shared.grace_when_empty.load(Ordering::SeqCst);
         if !alive || grace.is_zero() || !wait {
             self.shared.free.add_permits(1);
@@ -283,6 +320,7 @@ async fn refill<T: Poolable>(shared: Arc<Shared<T>>) {
         match made {
             Ok(item) => {
                 failures = 0;
+                shared.set_failing(None);
                 if shared.is_closed() {
                     item.discard().await;
                     return;
@@ -295,6 +333,9 @@ async fn refill<T: Poolable>(shared: Arc<Shared<T>>) {
             Err(err) => {
                 drop(permit);
                 failures += 1;
+                shared.set_failing(Some(err.to_string()));
+                // Takers waiting for an item learn of the failures (`take`).
+                shared.filled.notify_waiters();
                 shared.observe(|o| o.make_failed());
                 warn!(pool = shared.name, %err, failures, "Cannot make a ready item");
                 tokio::time::sleep(BACKOFF_STEP * failures.min(MAX_BACKOFF_STEPS)).await;
@@ -519,6 +560,69 @@ mod tests {
         assert!(started.elapsed() >= grace);
         assert_eq!(counters.made.load(Ordering::SeqCst), 4);
         drop((first, second));
+        pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_taker_cancelled_after_its_take_keeps_no_place() {
+        // A taker cancelled right after it took an item (a client gone mid-call) drops the
+        // item; its place must come back, or the pool shrinks for good. The lock of the
+        // ready items is fair: held here, then queued for again, it makes the taker wait
+        // after its take, where it is cancelled.
+        let (pool, counters) = pool(1, 0);
+        wait_ready(&pool, 1).await;
+        let held = pool.shared.ready.lock().await;
+        let taker = {
+            let shared = pool.shared.clone();
+            let pool = ReadyPool {
+                shared,
+                tasks: std::sync::Mutex::new(Vec::new()),
+            };
+            tokio::spawn(async move { pool.take().await.map(|_| ()) })
+        };
+        tokio::task::yield_now().await;
+        // Queued for the lock behind the taker: it gets the lock when the taker lets go
+        // of it after its take.
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let locker = {
+            let shared = pool.shared.clone();
+            tokio::spawn(async move {
+                let _held = shared.ready.lock().await;
+                let _ = released.await;
+            })
+        };
+        tokio::task::yield_now().await;
+        drop(held);
+        for _ in 0..3 {
+            tokio::task::yield_now().await;
+        }
+        taker.abort();
+        let _ = taker.await;
+        let _ = release.send(());
+        locker.await.expect("locker");
+        wait_ready(&pool, 1).await;
+        assert_eq!(
+            counters.made.load(Ordering::SeqCst),
+            2,
+            "the place was not freed"
+        );
+        pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_taker_learns_why_nothing_can_be_made() {
+        let (pool, counters) = pool(1, usize::MAX);
+        let taken = tokio::time::timeout(Duration::from_secs(20), pool.take())
+            .await
+            .expect("a taker waited for ever on a pool that cannot make anything");
+        match taken {
+            Err(FactoryError::Failing { failures, reason }) => {
+                assert!(failures >= FAILING_AFTER, "{failures}");
+                assert!(reason.contains("closed"), "{reason}");
+            }
+            other => panic!("{:?}", other.map(|item| item.id)),
+        }
+        assert!(counters.made.load(Ordering::SeqCst) >= FAILING_AFTER as usize);
         pool.close().await;
     }
 
