@@ -185,9 +185,13 @@ impl SandboxDir {
         self.path.join(LOG_FILE)
     }
 
-    /// Creates the directory (mode 0700).
+    /// Creates the directory (mode 0700), in a runtime directory that is ours alone.
     pub fn create(&self) -> Result<(), SandboxError> {
         use std::os::unix::fs::DirBuilderExt;
+        if let Some(runtime) = self.path.parent().and_then(Path::parent) {
+            vmfactory_hypervisor::qemu::config::ensure_runtime_dir(runtime)
+                .map_err(SandboxError::RuntimeDir)?;
+        }
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -303,8 +307,24 @@ pub fn sweep(dir: &SandboxDir, record: Option<&SandboxRecord>) -> Result<(), San
                 }
             }
         }
-        if !record.vm_dir.as_os_str().is_empty() {
+        // Only a VM directory of this runtime directory: the record is a file, and a path
+        // it names elsewhere is not removed.
+        let runtime = dir.path.parent().and_then(Path::parent);
+        let ours = runtime.is_some_and(|runtime| {
+            record.vm_dir.parent() == Some(runtime.join("vm").as_path())
+                && record
+                    .vm_dir
+                    .file_name()
+                    .is_some_and(|name| name != "." && name != "..")
+        });
+        if ours {
             let _ = std::fs::remove_dir_all(&record.vm_dir);
+        } else if !record.vm_dir.as_os_str().is_empty() {
+            warn!(
+                id = record.id,
+                vm_dir = %record.vm_dir.display(),
+                "Not removing a VM directory outside the runtime directory"
+            );
         }
     }
     info!(path = %dir.path.display(), "Removing a sandbox whose supervisor is gone");
@@ -395,6 +415,24 @@ mod tests {
             find(runtime.path(), "one"),
             Err(SandboxError::NotFound(_))
         ));
+        // A record naming a VM directory outside the runtime directory (forged, or
+        // damaged) has its sandbox swept but that directory left alone; its own VM
+        // directory goes.
+        let elsewhere = tempfile::tempdir().expect("tempdir");
+        for (vm_dir, removed) in [
+            (elsewhere.path().to_path_buf(), false),
+            (runtime.path().join("vm/bbbbbbbbbbbb"), true),
+        ] {
+            std::fs::create_dir_all(&vm_dir).expect("mkdir");
+            let swept = SandboxDir::new(runtime.path(), "bbbbbbbbbbbb");
+            swept.create().expect("create");
+            let mut record = SandboxRecord::creating("bbbbbbbbbbbb", "two");
+            record.supervisor_pid = u32::MAX - 1;
+            record.vm_dir = vm_dir.clone();
+            swept.write(&record).expect("write");
+            assert!(list(runtime.path()).is_empty());
+            assert_eq!(vm_dir.exists(), !removed, "{}", vm_dir.display());
+        }
     }
 
     #[test]

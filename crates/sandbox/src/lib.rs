@@ -64,6 +64,9 @@ pub enum SandboxError {
         #[source]
         source: vmfactory_factory::ContainerError,
     },
+    /// The runtime directory is not ours alone.
+    #[error(transparent)]
+    RuntimeDir(vmfactory_hypervisor::HypervisorError),
     /// A sandbox file is unreadable.
     #[error("Sandbox record {path} is damaged: {problem}")]
     Corrupt {

@@ -277,10 +277,23 @@ fn exec_streams_passes_stdin_and_forwards_signals() {
 #[test]
 fn ls_quiet_lists_ids_and_rm_all_removes_every_sandbox() {
     let env = Env::new();
-    // A VM that cannot start: create says why, and leaves nothing.
+    // A size no VM can have is refused before anything starts.
     let output = env.sandbox(&["create", "--memory", "10"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(
+        text(&output).contains("at least 64 MiB"),
+        "{}",
+        text(&output)
+    );
+    // A VM that cannot start (its "QEMU" exits at once): create says why, and leaves
+    // nothing.
+    let output = env.sandbox(&["create", "--qemu", "/bin/false"]);
     assert_eq!(output.status.code(), Some(125), "{}", text(&output));
-    assert!(text(&output).contains("too small"), "{}", text(&output));
+    assert!(
+        text(&output).contains("The sandbox could not be created"),
+        "{}",
+        text(&output)
+    );
     env.assert_nothing_left();
     let mut created = vec![env.create("first"), env.create("second")];
     created.sort();

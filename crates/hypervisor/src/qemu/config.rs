@@ -79,6 +79,46 @@ pub fn default_runtime_dir() -> PathBuf {
     format!("/tmp/vmfactory-{uid}").into()
 }
 
+/// Creates the runtime directory `dir` (mode 0700) if it is missing, and refuses one that
+/// another user owns or may write to: VM sockets, sandboxes and their records live there,
+/// and a directory someone else prepared (`/tmp/vmfactory-<uid>` can be made by anyone)
+/// would let them take over the VMs or have records point at files of ours.
+pub fn ensure_runtime_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let io = |source| HypervisorError::Io {
+        action: "Cannot create the runtime directory",
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
+    let meta = std::fs::metadata(dir).map_err(io)?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if meta.uid() != uid {
+        return Err(HypervisorError::InvalidConfig(format!(
+            "The runtime directory {} belongs to uid {}, not to you (uid {uid}): remove it, \
+             or set runtime_dir in [hypervisor.qemu] (or VMFACTORY_RUNTIME_DIR) to a \
+             directory of yours",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(HypervisorError::InvalidConfig(format!(
+            "The runtime directory {} may be written by other users (mode {:o}): run \
+             `chmod go-w {}`, or choose another runtime_dir",
+            dir.display(),
+            meta.mode() & 0o7777,
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Finds the QEMU binary: a path is checked, a bare name is searched in `PATH`.
 pub fn resolve_binary(binary: &Path) -> Result<PathBuf> {
     let missing = || HypervisorError::MissingFile {
@@ -126,4 +166,23 @@ pub fn qemu_version(binary: &Path) -> Result<String> {
 /// A new random VM id (16 hex digits).
 pub fn new_vm_id() -> String {
     format!("{:016x}", rand::random::<u64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runtime_directory_others_may_write_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("a/run");
+        ensure_runtime_dir(&dir).expect("made");
+        let mode = std::fs::metadata(&dir).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        ensure_runtime_dir(&dir).expect("kept");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let err = ensure_runtime_dir(&dir).expect_err("world-writable");
+        assert!(err.to_string().contains("chmod go-w"), "{err}");
+    }
 }

@@ -72,6 +72,7 @@ impl Qemu {
         )?;
         log_accel_once(accel, reason);
 
+        super::config::ensure_runtime_dir(&config.runtime_dir)?;
         let dir = config.runtime_dir.join("vm").join(&spec.id);
         let paths = VmPaths::new(&dir)?;
         let args = cmdline::build_args(config, spec, accel, &paths, mode)?;
