@@ -31,6 +31,10 @@ mod authority;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// How long a ping may go unanswered before the connection is closed.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most calls one client connection may have open at once (tonic sets no limit of its
+/// own, which lifts hyper's): a client opening streams without end cannot take the
+/// server's memory and tasks. Kata's client makes one call at a time.
+const MAX_CALLS_PER_CONNECTION: u32 = 64;
 /// How long connecting to the server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a client call may take (a `GetBaseVM` waits while the cache refills).
@@ -163,6 +167,8 @@ pub async fn serve_locked_with_grace(
     let result = Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_CALLS_PER_CONNECTION))
+        .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION as usize)
         .add_service(CacheServiceServer::new(service))
         .serve_with_incoming_shutdown(incoming, shutdown.notified())
         .await;

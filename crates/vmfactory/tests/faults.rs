@@ -401,7 +401,7 @@ fn clients_of_a_killed_server_fail_clearly_and_a_restart_reaps_its_vms() {
     for outcome in &outcomes {
         let (_, message) = outcome.as_ref().expect("a clear error, not a hang");
         assert!(
-            message.contains("VMCache server") && message.contains("vmfactory factory init"),
+            message.contains("VMCache server") && message.contains("factory init"),
             "unclear error: {message}"
         );
     }

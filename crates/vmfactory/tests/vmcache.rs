@@ -326,11 +326,9 @@ fn run_without_a_server_says_to_start_one() {
         .output()
         .expect("spawn");
     assert_eq!(output.status.code(), Some(125));
-    assert!(
-        text(&output).contains("vmfactory factory init"),
-        "{}",
-        text(&output)
-    );
+    // The hint names the configuration this run used.
+    let hint = format!("vmfactory --config {} factory init", config.display());
+    assert!(text(&output).contains(&hint), "{}", text(&output));
 }
 
 /// Runs a client generated from Kata's cache.proto in another gRPC stack, with default
