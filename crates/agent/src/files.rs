@@ -20,7 +20,7 @@ use tonic::Status;
 use tracing::debug;
 use vmfactory_protocols::agent::{CopyFileRequest, FileKind, ReadFileResponse, StatPathResponse};
 use vmfactory_protocols::contract::{
-    FILE_CHUNK_SIZE, MAX_DIR_ENTRIES, MAX_DIR_ENTRY_BYTES as MAX_ENTRY_BYTES,
+    FILE_CHUNK_SIZE, MAX_DIR_ENTRIES, MAX_DIR_ENTRY_BYTES as MAX_ENTRY_BYTES, MAX_UNSIZED_FILE,
 };
 
 use crate::process::STREAM_DEPTH;
@@ -512,8 +512,13 @@ pub async fn read_file(
         )));
     }
     // The file as it was when opened: what is appended meanwhile (a log being written,
-    // a process feeding it without end) is not sent.
-    let mut left = meta.len();
+    // a process feeding it without end) is not sent. A file without a size (in /proc,
+    // /sys) is read to its end, within MAX_UNSIZED_FILE.
+    let mut left = if meta.len() > 0 {
+        meta.len()
+    } else {
+        MAX_UNSIZED_FILE
+    };
     let (tx, rx) = mpsc::channel(STREAM_DEPTH);
     tokio::spawn(async move {
         while left > 0 {

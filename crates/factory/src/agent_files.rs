@@ -21,7 +21,7 @@ use tracing::{debug, info, warn};
 use vmfactory_protocols::agent::{
     CopyFileRequest, FileKind, ReadFileRequest, StatPathRequest, StatPathResponse,
 };
-use vmfactory_protocols::contract::{FILE_CHUNK_SIZE, MAX_DIR_ENTRIES};
+use vmfactory_protocols::contract::{FILE_CHUNK_SIZE, MAX_DIR_ENTRIES, MAX_UNSIZED_FILE};
 
 use crate::agent_client::{rpc_error, AgentClient, AgentError};
 
@@ -585,7 +585,13 @@ impl AgentClient {
             parent
         };
         if let Ok(fs) = rustix::fs::statvfs(parent) {
-            let room = fs.f_bavail.saturating_mul(fs.f_frsize);
+            // Root may also fill the blocks kept for it.
+            let blocks = if rustix::process::geteuid().is_root() {
+                fs.f_bfree
+            } else {
+                fs.f_bavail
+            };
+            let room = blocks.saturating_mul(fs.f_frsize);
             if size > room {
                 return Err(copy_error(
                     guest,
@@ -616,7 +622,9 @@ impl AgentClient {
             .await
             .map_err(local_error("create a file next to", local))?;
         // The file as it was when it was listed: what a guest sends beyond that size (a
-        // file still being written, or a guest that never stops) is not taken.
+        // file still being written, or a guest that never stops) is not taken. A file
+        // without a size (in /proc, /sys) is taken to its end, within MAX_UNSIZED_FILE.
+        let size = if size > 0 { size } else { MAX_UNSIZED_FILE };
         let mut received = 0u64;
         while received < size {
             let Some(chunk) = stream.message().await.map_err(rpc_error("ReadFile"))? else {

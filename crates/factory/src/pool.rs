@@ -19,8 +19,8 @@ use crate::base::FactoryError;
 
 /// How often ready items are checked for a dead hypervisor.
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
-/// Makes failed in a row after which a taker finding nothing ready gets the error
-/// instead of waiting.
+/// Makes one refill task failed in a row after which a taker finding nothing ready gets
+/// the error instead of waiting.
 pub const FAILING_AFTER: u32 = 3;
 /// Back-off after each consecutive failure of the maker, up to [`MAX_BACKOFF_STEPS`] times.
 const BACKOFF_STEP: Duration = Duration::from_millis(200);
@@ -88,8 +88,9 @@ struct Shared<T> {
     /// The grace applies even when nothing else is ready: nobody ever waits on this pool
     /// (it is only taken from with [`ReadyPool::try_take`]).
     grace_when_empty: AtomicBool,
-    /// Makes that failed in a row (across the refill tasks), and the last one's error.
-    failing: std::sync::Mutex<(u32, String)>,
+    /// Set once a refill task's last [`FAILING_AFTER`] makes failed in a row: how many,
+    /// and the last error; cleared by any make that succeeds.
+    failing: std::sync::Mutex<Option<(u32, String)>>,
 }
 
 impl<T> Shared<T> {
@@ -113,18 +114,14 @@ impl<T> Shared<T> {
         }
     }
 
-    /// The failures in a row and the last error, once there are [`FAILING_AFTER`].
+    /// The failures in a row and the last error, while a refill task keeps failing.
     fn failing(&self) -> Option<(u32, String)> {
-        let failing = self.failing.lock().ok()?;
-        (failing.0 >= FAILING_AFTER).then(|| failing.clone())
+        self.failing.lock().ok()?.clone()
     }
 
-    fn set_failing(&self, failed: Option<String>) {
-        if let Ok(mut failing) = self.failing.lock() {
-            *failing = match failed {
-                Some(reason) => (failing.0.saturating_add(1), reason),
-                None => (0, String::new()),
-            };
+    fn set_failing(&self, failing: Option<(u32, String)>) {
+        if let Ok(mut state) = self.failing.lock() {
+            *state = failing;
         }
     }
 
@@ -171,7 +168,7 @@ impl<T: Poolable> ReadyPool<T> {
             observer,
             refill_grace,
             grace_when_empty: AtomicBool::new(false),
-            failing: std::sync::Mutex::new((0, String::new())),
+            failing: std::sync::Mutex::new(None),
         });
         let mut tasks: Vec<JoinHandle<()>> = (0..size)
             .map(|_| tokio::spawn(refill(shared.clone())))
@@ -333,9 +330,13 @@ async fn refill<T: Poolable>(shared: Arc<Shared<T>>) {
             Err(err) => {
                 drop(permit);
                 failures += 1;
-                shared.set_failing(Some(err.to_string()));
-                // Takers waiting for an item learn of the failures (`take`).
-                shared.filled.notify_waiters();
+                // One task failing again and again, not one bad round of all of them
+                // (boots timing out together on a loaded host), makes takers give up.
+                if failures >= FAILING_AFTER {
+                    shared.set_failing(Some((failures, err.to_string())));
+                    // Takers waiting for an item learn of the failures (`take`).
+                    shared.filled.notify_waiters();
+                }
                 shared.observe(|o| o.make_failed());
                 warn!(pool = shared.name, %err, failures, "Cannot make a ready item");
                 tokio::time::sleep(BACKOFF_STEP * failures.min(MAX_BACKOFF_STEPS)).await;
@@ -610,6 +611,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn one_bad_round_of_makes_is_waited_out() {
+        // Three places, each one's first make fails: no task failed three times in a
+        // row, so a taker waits for the next round instead of giving up.
+        let (pool, counters) = pool(3, 3);
+        let item = tokio::time::timeout(Duration::from_secs(20), pool.take())
+            .await
+            .expect("take")
+            .expect("an item after one bad round");
+        assert!(item.is_alive());
+        assert!(counters.made.load(Ordering::SeqCst) >= 4);
+        pool.close().await;
+    }
+
+    #[tokio::test]
     async fn a_taker_learns_why_nothing_can_be_made() {
         let (pool, counters) = pool(1, usize::MAX);
         let taken = tokio::time::timeout(Duration::from_secs(20), pool.take())
@@ -623,6 +638,19 @@ mod tests {
             other => panic!("{:?}", other.map(|item| item.id)),
         }
         assert!(counters.made.load(Ordering::SeqCst) >= FAILING_AFTER as usize);
+        pool.close().await;
+        // A make that succeeds clears it: the fourth make of this pool works.
+        let (pool, _) = pool_with_grace(1, FAILING_AFTER as usize, Duration::ZERO);
+        let item = loop {
+            match tokio::time::timeout(Duration::from_secs(20), pool.take()).await {
+                Ok(Ok(item)) => break item,
+                Ok(Err(FactoryError::Failing { .. })) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => panic!("{:?}", other.map(|taken| taken.map(|item| item.id))),
+            }
+        };
+        assert_eq!(item.id, FAILING_AFTER as usize);
         pool.close().await;
     }
 

@@ -273,6 +273,15 @@ async fn files_terminals_and_concurrent_processes() {
     assert!(err.to_string().contains("bytes free"), "{err}");
     assert!(!work.path().join("sparse.bin").exists());
     sh(&vm, "rm /tmp/sparse.bin").await;
+    // A file that reports no size (/proc) is copied to its end.
+    let cpuinfo = work.path().join("cpuinfo");
+    let stats = agent
+        .copy_out("/proc/cpuinfo", &cpuinfo)
+        .await
+        .expect("copy /proc/cpuinfo out");
+    assert!(stats.bytes > 0, "{stats:?}");
+    let text = std::fs::read_to_string(&cpuinfo).expect("read");
+    assert!(text.contains("processor"), "{text}");
 
     // A small tree with a nested directory and a link round-trips.
     let tree = work.path().join("tree");

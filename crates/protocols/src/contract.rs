@@ -36,6 +36,11 @@ pub const MAX_RESEED_BYTES: usize = 64 << 10;
 /// Bytes per chunk of file content in `CopyFile` and `ReadFile` streams.
 pub const FILE_CHUNK_SIZE: usize = 64 << 10;
 
+/// Most bytes `ReadFile` sends of a file that reports no size (`st_size` 0: the files of
+/// `/proc` and `/sys`, whose content is made as it is read). A file with a size is sent
+/// as it was when opened.
+pub const MAX_UNSIZED_FILE: u64 = 16 << 20;
+
 /// Most names `StatPath` lists for one directory.
 pub const MAX_DIR_ENTRIES: usize = 100_000;
 

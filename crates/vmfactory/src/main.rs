@@ -291,7 +291,8 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(mut err) => {
-            if let Some(tip) = command_after_dashes(&err, std::env::args()) {
+            let args = std::env::args_os().map(|arg| arg.to_string_lossy().into_owned());
+            if let Some(tip) = command_after_dashes(&err, args) {
                 err.insert(
                     clap::error::ContextKind::Suggested,
                     clap::error::ContextValue::StyledStrs(vec![tip.into()]),
@@ -362,13 +363,20 @@ fn command_after_dashes(
         return None;
     }
     let args: Vec<String> = args.into_iter().skip(1).collect();
-    let at = args.iter().position(|arg| arg == unexpected)?;
-    let words = std::iter::once("vmfactory")
-        .chain(args[..at].iter().map(String::as_str))
-        .chain(std::iter::once("--"))
-        .chain(args[at..].iter().map(String::as_str))
-        .map(shell_word)
-        .collect::<Vec<_>>();
+    let with_dashes = |at: usize| {
+        std::iter::once("vmfactory")
+            .chain(args[..at].iter().map(String::as_str))
+            .chain(std::iter::once("--"))
+            .chain(args[at..].iter().map(String::as_str))
+            .collect::<Vec<_>>()
+    };
+    // The first place where `--` makes a command line that parses (the unexpected word
+    // may also appear earlier, as a sandbox's name or an option's value).
+    let words = (0..args.len())
+        .filter(|&at| args[at] == *unexpected)
+        .map(with_dashes)
+        .find(|words| Cli::try_parse_from(words).is_ok())?;
+    let words: Vec<String> = words.into_iter().map(shell_word).collect();
     Some(format!("the command goes after `--`: {}", words.join(" ")))
 }
 
@@ -475,6 +483,13 @@ mod tests {
         assert_eq!(
             tip.as_deref(),
             Some("the command goes after `--`: vmfactory sandbox exec dev -- sh -c 'echo hi'")
+        );
+        // The word may come earlier as a sandbox's name or an option's value.
+        let args = ["vmfactory", "sandbox", "exec", "sh", "sh", "-c", "x"];
+        let tip = command_after_dashes(&parse_error(&args), owned(&args));
+        assert_eq!(
+            tip.as_deref(),
+            Some("the command goes after `--`: vmfactory sandbox exec sh -- sh -c x")
         );
         // An unknown option is not a command, and other commands take none.
         let args = ["vmfactory", "run", "--bogus"];

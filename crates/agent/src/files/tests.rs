@@ -247,3 +247,29 @@ async fn errors_name_the_path_with_the_right_code() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert_eq!(names_in(dir.path()), ["fifo", "plain"]);
 }
+
+#[tokio::test]
+async fn a_file_is_read_as_it_was_when_opened_and_proc_files_to_their_end() {
+    // A file's size when opened bounds what is sent: bytes appended after the open
+    // (here, before the first read) are not.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("log");
+    std::fs::write(&path, b"first\n").expect("write");
+    let mut stream = read_file(&path.to_string_lossy()).await.expect("read");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| std::io::Write::write_all(&mut file, b"appended\n"))
+        .expect("append");
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        data.extend(chunk.expect("chunk").data);
+    }
+    assert_eq!(data, b"first\n");
+    // /proc's files report no size; they are read to their end.
+    let status = read_back(Path::new("/proc/self/status")).await;
+    assert!(
+        String::from_utf8_lossy(&status).contains("Name:"),
+        "{status:?}"
+    );
+}

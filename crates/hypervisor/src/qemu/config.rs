@@ -80,9 +80,11 @@ pub fn default_runtime_dir() -> PathBuf {
 }
 
 /// Creates the runtime directory `dir` (mode 0700) if it is missing, and refuses one that
-/// another user owns or may write to: VM sockets, sandboxes and their records live there,
-/// and a directory someone else prepared (`/tmp/vmfactory-<uid>` can be made by anyone)
-/// would let them take over the VMs or have records point at files of ours.
+/// another user owns or that every user may write to: VM sockets, sandboxes and their
+/// records live there, and a directory someone else prepared (`/tmp/vmfactory-<uid>` can
+/// be made by anyone) would let them take over the VMs or have records point at files
+/// of ours. A group-writable one is accepted: with a umask of 002 (each user their own
+/// group) the directories vmfactory makes are.
 pub fn ensure_runtime_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let io = |source| HypervisorError::Io {
@@ -107,10 +109,10 @@ pub fn ensure_runtime_dir(dir: &Path) -> Result<()> {
             meta.uid()
         )));
     }
-    if meta.mode() & 0o022 != 0 {
+    if meta.mode() & 0o002 != 0 {
         return Err(HypervisorError::InvalidConfig(format!(
-            "The runtime directory {} may be written by other users (mode {:o}): run \
-             `chmod go-w {}`, or choose another runtime_dir",
+            "The runtime directory {} may be written by every user (mode {:o}): run \
+             `chmod o-w {}`, or choose another runtime_dir",
             dir.display(),
             meta.mode() & 0o7777,
             dir.display()
@@ -181,8 +183,11 @@ mod tests {
         let mode = std::fs::metadata(&dir).expect("meta").permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
         ensure_runtime_dir(&dir).expect("kept");
+        // Group-writable, as a umask of 002 makes it: accepted.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+        ensure_runtime_dir(&dir).expect("group-writable");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
         let err = ensure_runtime_dir(&dir).expect_err("world-writable");
-        assert!(err.to_string().contains("chmod go-w"), "{err}");
+        assert!(err.to_string().contains("chmod o-w"), "{err}");
     }
 }
