@@ -485,14 +485,15 @@ impl Containers {
             program: None,
             pid_ns: Some(PidNamespace::Join(pid_ns)),
             pre_exec: Some(Box::new(move || {
-                // SAFETY: setns on descriptors this closure owns, then chdir and id calls
-                // with a prepared string: all async-signal-safe.
+                // SAFETY: setns on descriptors this closure owns, the capability limit,
+                // then chdir and id calls with a prepared string: all async-signal-safe.
                 unsafe {
                     for fd in &others {
                         if libc::setns(fd.as_raw_fd(), 0) < 0 {
                             return Err(std::io::Error::last_os_error());
                         }
                     }
+                    sys::limit_capabilities()?;
                     if libc::chdir(cwd.as_ptr()) < 0
                         || libc::setgroups(0, std::ptr::null()) < 0
                         || libc::setgid(gid) < 0

@@ -232,6 +232,33 @@ async fn containers_in_a_direct_vm() {
     // Users from the image's passwd.
     let (code, id) = csh_status(&vm, "ctr-a", "web", "id -u; id -g").await;
     assert_eq!((code, id.as_str()), (Some(0), "33\n34"));
+    // Root in a container keeps Docker's default capabilities, no more: it cannot
+    // mount, and nothing it runs can gain more.
+    assert_eq!(
+        csh(
+            &vm,
+            "ctr-a",
+            "grep -E '^Cap(Eff|Bnd|Inh)' /proc/self/status | tr -s '\\t' ' '"
+        )
+        .await,
+        "CapInh: 0000000000000000\nCapEff: 00000000a80425fb\nCapBnd: 00000000a80425fb"
+    );
+    let (code, _) = csh_status(
+        &vm,
+        "ctr-a",
+        "",
+        "mkdir -p /mnt/x && mount -t tmpfs none /mnt/x",
+    )
+    .await;
+    assert_ne!(code, Some(0), "root in a container mounted a file system");
+    let (code, owned) = csh_status(
+        &vm,
+        "ctr-a",
+        "",
+        "touch /tmp/o && chown 33 /tmp/o && stat -c %u /tmp/o",
+    )
+    .await;
+    assert_eq!((code, owned.as_str()), (Some(0), "33"), "CHOWN is kept");
     // Writes stay in the container's upper layer.
     csh(
         &vm,

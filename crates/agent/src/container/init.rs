@@ -235,8 +235,9 @@ fn setup(init: &InitArgs) -> std::io::Result<()> {
     std::env::set_current_dir("/")?;
     std::env::set_current_dir(if init.cwd.is_empty() { "/" } else { &init.cwd })
         .map_err(|err| std::io::Error::new(err.kind(), format!("workdir {:?}: {err}", init.cwd)))?;
-    // SAFETY: plain id calls; no supplementary groups.
+    // SAFETY: the capability limit and plain id calls; no supplementary groups.
     unsafe {
+        super::sys::limit_capabilities()?;
         check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
         check(libc::setgid(init.gid), "setgid")?;
         check(libc::setuid(init.uid), "setuid")?;
