@@ -129,7 +129,7 @@ impl Flattener {
         let mut archive = tar::Archive::new(crate::targuard::TarGuard::new(layer));
         let mut stats = LayerStats::default();
         // Paths this layer wrote: an opaque marker hides only what lower layers had.
-        let mut written: HashSet<Vec<u8>> = HashSet::new();
+        let mut written: HashSet<PathKey> = HashSet::new();
         let entries = archive
             .entries()
             .map_err(|err| bad(format!("cannot read the layer: {err}")))?;
@@ -278,7 +278,7 @@ impl Flattener {
                     continue;
                 }
             }
-            written.insert(path);
+            written.insert(path_key(&path));
             stats.entries += 1;
         }
         Ok(stats)
@@ -289,7 +289,7 @@ impl Flattener {
         &self,
         dir: BorrowedFd<'_>,
         dir_path: &[u8],
-        written: &HashSet<Vec<u8>>,
+        written: &HashSet<PathKey>,
     ) -> Result<(), ImageError> {
         let listing =
             std::fs::read_dir(proc_path(dir, b"")).map_err(|err| io_err("list", dir_path, err))?;
@@ -301,12 +301,25 @@ impl Flattener {
                 path.push(b'/');
             }
             path.extend_from_slice(name.as_bytes());
-            if !written.contains(&path) {
+            if !written.contains(&path_key(&path)) {
                 remove_at(dir, name.as_bytes(), &path)?;
             }
         }
         Ok(())
     }
+}
+
+/// A written path as the layer's set of them keeps it: 128 bits of its SHA-256, not the
+/// path. A layer may hold millions of entries with paths of kilobytes (within
+/// `MAX_ENTRIES`): their paths would take gigabytes, their keys some 100 MB.
+type PathKey = [u8; 16];
+
+fn path_key(path: &[u8]) -> PathKey {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(path);
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
 }
 
 fn owner(id: io::Result<u64>, path: &[u8]) -> Result<u32, ImageError> {
