@@ -64,12 +64,50 @@ struct Container {
     dir: PathBuf,
     /// Write end of the init's start pipe, until started.
     start: Option<OwnedFd>,
+    /// Its `CreateContainer` is still at work: the id is taken, nothing else is there.
+    creating: bool,
 }
 
 /// The containers of this agent.
 #[derive(Debug, Default)]
 pub struct Containers {
-    table: Mutex<HashMap<String, Container>>,
+    /// Locked only for the table's own changes: a create that waits for its disk and
+    /// init holds its id (`creating`), not the lock, so the other containers' calls go on.
+    table: std::sync::Arc<Mutex<HashMap<String, Container>>>,
+}
+
+/// A container id taken by a create in progress; let go (the entry removed) if the
+/// create ends without filling it, also when its call is dropped half-way.
+struct Reservation {
+    table: std::sync::Arc<Mutex<HashMap<String, Container>>>,
+    id: Option<String>,
+}
+
+impl Reservation {
+    /// The create filled the entry: nothing to let go.
+    fn keep(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let Some(id) = self.id.take() else {
+            return;
+        };
+        let release = move |table: &mut HashMap<String, Container>| {
+            if table.get(&id).is_some_and(|container| container.creating) {
+                table.remove(&id);
+            }
+        };
+        match self.table.try_lock() {
+            Ok(mut table) => release(&mut table),
+            Err(_) => {
+                let table = self.table.clone();
+                tokio::spawn(async move { release(&mut *table.lock().await) });
+            }
+        }
+    }
 }
 
 /// Checks a container id: 1 to 64 of `[A-Za-z0-9_.-]`, not `.` or `..`.
@@ -135,6 +173,16 @@ fn teardown(dir: &Path) {
     }
 }
 
+/// Refuses to act on a container whose `CreateContainer` is still at work.
+fn refuse_creating(id: &str, container: &Container) -> Result<(), Status> {
+    if container.creating {
+        return Err(Status::failed_precondition(format!(
+            "Container {id} is being created: wait until CreateContainer returns"
+        )));
+    }
+    Ok(())
+}
+
 /// Kills process `pid` (a container's init: the whole PID namespace goes with it).
 fn kill(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {
@@ -183,6 +231,7 @@ impl Containers {
         };
         spec.exec_id = id.clone();
         spec.container_id.clear();
+        let dir = Path::new(CONTAINERS_DIR).join(&id);
         let mut table = self.table.lock().await;
         if table.contains_key(&id) {
             return Err(Status::already_exists(format!("Container {id} exists")));
@@ -197,7 +246,19 @@ impl Containers {
                 "A process with exec id {id} runs: pick another container id"
             )));
         }
-        let dir = Path::new(CONTAINERS_DIR).join(&id);
+        table.insert(
+            id.clone(),
+            Container {
+                dir: dir.clone(),
+                start: None,
+                creating: true,
+            },
+        );
+        drop(table);
+        let reservation = Reservation {
+            table: self.table.clone(),
+            id: Some(id.clone()),
+        };
         // The pid of the init this create started, if it got that far: only that process
         // is ours to kill on failure (another client may have started a process with
         // this exec id meanwhile).
@@ -226,13 +287,11 @@ impl Containers {
                     init_ms = ms(phases.init),
                     "Container created"
                 );
-                table.insert(
-                    id,
-                    Container {
-                        dir,
-                        start: Some(start),
-                    },
-                );
+                if let Some(container) = self.table.lock().await.get_mut(&id) {
+                    container.start = Some(start);
+                    container.creating = false;
+                }
+                reservation.keep();
                 Ok(())
             }
             Err(err) => {
@@ -385,6 +444,7 @@ impl Containers {
         let container = table
             .get_mut(id)
             .ok_or_else(|| Status::not_found(format!("No container {id:?}")))?;
+        refuse_creating(id, container)?;
         let start = container.start.take().ok_or_else(|| {
             Status::failed_precondition(format!("Container {id} is started already"))
         })?;
@@ -402,6 +462,9 @@ impl Containers {
     pub async fn remove(&self, processes: &Processes, id: &str) -> Result<(), Status> {
         validate_id(id)?;
         let mut table = self.table.lock().await;
+        if let Some(container) = table.get(id) {
+            refuse_creating(id, container)?;
+        }
         let container = table
             .remove(id)
             .ok_or_else(|| Status::not_found(format!("No container {id:?}")))?;
@@ -434,6 +497,7 @@ impl Containers {
         let container = table
             .get(id)
             .ok_or_else(|| Status::not_found(format!("No container {id:?}")))?;
+        refuse_creating(id, container)?;
         if container.start.is_some() {
             return Err(Status::failed_precondition(format!(
                 "Container {id} is not started: call StartContainer first"
@@ -512,6 +576,36 @@ impl Containers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_create_in_progress_holds_its_id_not_the_table() {
+        let containers = Containers::default();
+        let reservation = Reservation {
+            table: containers.table.clone(),
+            id: Some("web".into()),
+        };
+        containers.table.lock().await.insert(
+            "web".into(),
+            Container {
+                dir: PathBuf::from("/nonexistent"),
+                start: None,
+                creating: true,
+            },
+        );
+        // The table is free for other calls; this container refuses them for now.
+        let err = containers.start("web").await.expect_err("being created");
+        assert!(err.message().contains("being created"), "{err:?}");
+        let processes = Processes::default();
+        let err = containers
+            .remove(&processes, "web")
+            .await
+            .expect_err("being created");
+        assert!(err.message().contains("being created"), "{err:?}");
+        assert!(containers.table.lock().await.contains_key("web"));
+        // A create whose call is dropped half-way lets its id go.
+        drop(reservation);
+        assert!(!containers.table.lock().await.contains_key("web"));
+    }
 
     #[test]
     fn ids_and_hostnames() {
