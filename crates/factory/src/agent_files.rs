@@ -267,6 +267,19 @@ impl AgentClient {
             Some(stat) if stat.kind == FileKind::Directory as i32 => {
                 guest_join(guest, &local_name(local)?)
             }
+            // `cp FILE DIR/` wants DIR to be there, as cp does: a trailing slash names a
+            // directory, never the file to make (a directory copied there is made).
+            None if guest.ends_with('/') && !guest.trim_end_matches('/').is_empty() => {
+                let is_dir = std::fs::symlink_metadata(local).is_ok_and(|meta| meta.is_dir());
+                if !is_dir {
+                    return Err(copy_error(
+                        guest,
+                        "no such directory in the guest; create it first, or leave out the \
+                         trailing / to name the file to make",
+                    ));
+                }
+                guest.to_string()
+            }
             _ => guest.to_string(),
         };
         let mut stats = CopyStats::default();

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tracing::{debug, warn};
+use tracing::{debug, info};
 use vmfactory_hypervisor::{Backend, MEMORY_BLOCK_MIB};
 
 use crate::config::{VmConfig, VmRequest};
@@ -178,7 +178,9 @@ impl Factory {
             // A factory that cannot deliver (a damaged template, a failing server) does
             // not strand the caller: the VM is booted instead, and the failure recorded.
             Err(err) if !matches!(err, FactoryError::Closed) => {
-                warn!(%err, "The factory failed; booting the VM directly");
+                // Callers say so in their own words (`run` prints it, from
+                // `last_fallback`); a warning here would say it twice.
+                info!(%err, "The factory failed; booting the VM directly");
                 if let Ok(mut last) = self.fallback.lock() {
                     *last = Some(err.to_string());
                 }

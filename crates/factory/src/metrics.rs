@@ -187,31 +187,37 @@ const MAX_CONNECTIONS: usize = 32;
 /// Pause after a failed `accept` (out of descriptors, say) before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Serves `metrics` on `address` until `shutdown` is notified; removes its Unix socket.
-/// A path that holds something other than a socket is refused, not replaced.
-pub async fn serve(
-    metrics: Arc<FactoryMetrics>,
-    address: &MetricsAddress,
-    shutdown: Arc<Notify>,
-) -> Result<(), MetricsError> {
+/// A bound metrics endpoint, not yet serving.
+#[derive(Debug)]
+pub enum MetricsListener {
+    /// A TCP port.
+    Tcp(tokio::net::TcpListener),
+    /// A Unix socket, with the identity of the file bound (removed at the end only while
+    /// the path still names it).
+    Unix {
+        /// The socket.
+        listener: tokio::net::UnixListener,
+        /// Its path.
+        path: std::path::PathBuf,
+        /// Device and inode of the socket file bound.
+        bound: Option<(u64, u64)>,
+    },
+}
+
+/// Binds `address`, so that a port in use or a socket that cannot be made is an error
+/// before anything says the metrics are served. A path that holds something other than
+/// a socket is refused, not replaced; a dead socket is replaced.
+pub async fn bind(address: &MetricsAddress) -> Result<MetricsListener, MetricsError> {
     let listen_error = |source| MetricsError::Listen {
         address: address.to_string(),
         source,
     };
-    info!(%address, "Serving metrics");
     match address {
-        MetricsAddress::Tcp(socket) => {
-            let listener = tokio::net::TcpListener::bind(socket)
+        MetricsAddress::Tcp(socket) => Ok(MetricsListener::Tcp(
+            tokio::net::TcpListener::bind(socket)
                 .await
-                .map_err(listen_error)?;
-            accept_until(
-                || async { listener.accept().await.map(|(stream, _)| stream) },
-                metrics,
-                shutdown,
-            )
-            .await;
-            Ok(())
-        }
+                .map_err(listen_error)?,
+        )),
         MetricsAddress::Unix(path) => {
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 if !meta.file_type().is_socket() {
@@ -222,21 +228,63 @@ pub async fn serve(
                 }
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
-            let bound = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()));
-            accept_until(
-                || async { listener.accept().await.map(|(stream, _)| stream) },
-                metrics,
-                shutdown,
-            )
-            .await;
-            // Removed only while the path still names the socket bound here.
-            let still_ours = std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()));
-            if matches!((&bound, &still_ours), (Ok(a), Ok(b)) if a == b) {
-                let _ = std::fs::remove_file(path);
-            }
-            Ok(())
+            let bound = std::fs::symlink_metadata(path)
+                .ok()
+                .map(|m| (m.dev(), m.ino()));
+            Ok(MetricsListener::Unix {
+                listener,
+                path: path.clone(),
+                bound,
+            })
         }
     }
+}
+
+impl MetricsListener {
+    /// Serves `metrics` until `shutdown` is notified; removes its Unix socket.
+    pub async fn serve(self, metrics: Arc<FactoryMetrics>, shutdown: Arc<Notify>) {
+        match self {
+            MetricsListener::Tcp(listener) => {
+                accept_until(
+                    || async { listener.accept().await.map(|(stream, _)| stream) },
+                    metrics,
+                    shutdown,
+                )
+                .await;
+            }
+            MetricsListener::Unix {
+                listener,
+                path,
+                bound,
+            } => {
+                accept_until(
+                    || async { listener.accept().await.map(|(stream, _)| stream) },
+                    metrics,
+                    shutdown,
+                )
+                .await;
+                // Removed only while the path still names the socket bound here.
+                let still_ours = std::fs::symlink_metadata(&path)
+                    .ok()
+                    .map(|m| (m.dev(), m.ino()));
+                if bound.is_some() && bound == still_ours {
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+    }
+}
+
+/// Serves `metrics` on `address` until `shutdown` is notified ([`bind`], then
+/// [`MetricsListener::serve`]).
+pub async fn serve(
+    metrics: Arc<FactoryMetrics>,
+    address: &MetricsAddress,
+    shutdown: Arc<Notify>,
+) -> Result<(), MetricsError> {
+    info!(%address, "Serving metrics");
+    bind(address).await?.serve(metrics, shutdown).await;
+    Ok(())
 }
 
 /// Accepts connections from `accept` and answers each, at most [`MAX_CONNECTIONS`] at
@@ -406,6 +454,17 @@ mod tests {
         .expect_err("not a socket");
         assert!(matches!(err, MetricsError::NotASocket(_)), "{err}");
         assert_eq!(std::fs::read(&file).expect("kept"), b"data");
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_refused_when_bound() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = MetricsAddress::Tcp(taken.local_addr().expect("addr"));
+        let err = bind(&address).await.expect_err("a port in use");
+        assert!(matches!(err, MetricsError::Listen { .. }), "{err}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = MetricsAddress::Unix(dir.path().join("no/such/dir/m.sock"));
+        assert!(bind(&missing).await.is_err());
     }
 
     #[tokio::test]

@@ -273,6 +273,17 @@ async fn files_terminals_and_concurrent_processes() {
     assert!(err.to_string().contains("bytes free"), "{err}");
     assert!(!work.path().join("sparse.bin").exists());
     sh(&vm, "rm /tmp/sparse.bin").await;
+    // `cp FILE DIR/` wants DIR: a missing one is an error, not a file named DIR; a
+    // directory copied to a missing DIR/ is made there.
+    let err = agent
+        .copy_in(&big, "/tmp/nodir/")
+        .await
+        .expect_err("a file into a missing directory");
+    assert!(err.to_string().contains("no such directory"), "{err}");
+    assert_eq!(
+        sh(&vm, "test -e /tmp/nodir && echo made || echo none").await,
+        "none"
+    );
     // A file that reports no size (/proc) is copied to its end.
     let cpuinfo = work.path().join("cpuinfo");
     let stats = agent

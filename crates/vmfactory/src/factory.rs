@@ -157,6 +157,14 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let metrics = metrics_address
         .as_ref()
         .map(|_| Arc::new(FactoryMetrics::default()));
+    // Bound before anything is made: a port in use is an error now, not a line saying
+    // the metrics are served while nothing serves them.
+    let metrics_listener = match &metrics_address {
+        Some(address) => Some(metrics::bind(address).await.with_context(|| {
+            format!("metrics_address {address}: choose a free port or a socket path in a directory that exists")
+        })?),
+        None => None,
+    };
     // VMs a killed server left behind (no owner any more) are reaped before we start.
     let reaped = vmfactory_hypervisor::qemu::reap_orphans(&resolved.base.qemu.runtime_dir);
     if !reaped.is_empty() {
@@ -195,13 +203,20 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
         }
     };
     let metrics_stop = Arc::new(Notify::new());
-    let metrics_task = match (metrics, metrics_address) {
-        (Some(metrics), Some(address)) => {
+    let metrics_task = match (metrics, metrics_listener, &metrics_address) {
+        (Some(metrics), Some(listener), Some(address)) => {
             let stop = metrics_stop.clone();
-            eprintln!("vmfactory: metrics on {address}/metrics");
-            Some(tokio::spawn(async move {
-                metrics::serve(metrics, &address, stop).await
-            }))
+            eprintln!(
+                "vmfactory: metrics served: {}",
+                match address {
+                    MetricsAddress::Tcp(socket) => format!("http://{socket}/metrics"),
+                    MetricsAddress::Unix(path) => format!(
+                        "curl --unix-socket {} http://localhost/metrics",
+                        path.display()
+                    ),
+                }
+            );
+            Some(tokio::spawn(listener.serve(metrics, stop)))
         }
         _ => None,
     };
@@ -242,9 +257,7 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     eprintln!("vmfactory: VMCache server stopping");
     if let Some(task) = metrics_task {
         metrics_stop.notify_one();
-        if let Ok(Err(err)) = task.await {
-            eprintln!("vmfactory: {err}");
-        }
+        let _ = task.await;
     }
     server.close().await?;
     served?;
@@ -477,11 +490,16 @@ pub async fn get_vm(resolved: &Resolved, opened: &mut Option<Duration>) -> Resul
     let factory = Factory::open(&choice, local).await?;
     *opened = Some(started.elapsed());
     if let Some(notice) = factory.notice() {
-        eprintln!("vmfactory: {notice}");
+        eprintln!("vmfactory: {}", crate::hints(notice));
     }
     let vm = factory.get_vm(&resolved.request).await;
     if let Some(reason) = factory.last_fallback() {
-        eprintln!("vmfactory: the factory failed ({reason}); the VM was booted directly");
+        eprintln!(
+            "vmfactory: {}",
+            crate::hints(&format!(
+                "the factory failed ({reason}); the VM was booted directly"
+            ))
+        );
     }
     let context = match choice {
         FactoryChoice::VmCache(_) => "Cannot get a VM from the VMCache server",

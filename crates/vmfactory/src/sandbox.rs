@@ -191,19 +191,39 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
 /// Refuses to reach into a paused sandbox: its agent cannot answer until it is resumed,
 /// so the call would wait (and run later) instead of failing.
 fn require_running(record: &SandboxRecord) -> Result<()> {
+    require_created(record)?;
     if record.state == vmfactory_sandbox::SandboxState::Paused {
-        let who = if record.name.is_empty() {
-            &record.id
-        } else {
-            &record.name
-        };
+        let who = record_name(record);
         bail!("Sandbox {who} is paused: resume it first with `vmfactory sandbox resume {who}`");
     }
     Ok(())
 }
 
+/// Refuses a sandbox whose `create` is still getting its VM: its supervisor does not
+/// serve yet, and the call would fail as if the sandbox were broken.
+fn require_created(record: &SandboxRecord) -> Result<()> {
+    if record.state == vmfactory_sandbox::SandboxState::Creating {
+        bail!(
+            "Sandbox {} is still being created: try again once `vmfactory sandbox create` \
+             has printed its id",
+            record_name(record)
+        );
+    }
+    Ok(())
+}
+
+/// How the user knows a sandbox: its name, else its id.
+fn record_name(record: &SandboxRecord) -> &str {
+    if record.name.is_empty() {
+        &record.id
+    } else {
+        &record.name
+    }
+}
+
 async fn connect(runtime: &Path, key: &str) -> Result<SandboxClient> {
     let (dir, record) = dir::find(runtime, key)?;
+    require_created(&record)?;
     Ok(SandboxClient::connect(&dir, &record.id).await?)
 }
 
@@ -283,8 +303,19 @@ async fn create(
     let name = name.unwrap_or_default();
     if !name.is_empty() {
         dir::validate_name(&name)?;
-        if dir::list(runtime).iter().any(|(_, r)| r.name == name) {
+        let live = dir::list(runtime);
+        if live.iter().any(|(_, r)| r.name == name) {
             bail!("A sandbox named {name:?} exists: choose another name or remove it first");
+        }
+        // Names are looked up before ids: a name that reads as the start of an id would
+        // hide that sandbox from commands that name it by its id's prefix.
+        let hex = name.chars().all(|c| c.is_ascii_hexdigit());
+        if let Some((_, shadowed)) = live.iter().find(|(_, r)| hex && r.id.starts_with(&name)) {
+            bail!(
+                "The name {name:?} is the start of sandbox {}'s id, which it would hide: \
+                 choose another name",
+                shadowed.id
+            );
         }
     }
     let containers = container_images(images)?;

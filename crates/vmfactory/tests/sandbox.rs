@@ -296,6 +296,14 @@ fn ls_quiet_lists_ids_and_rm_all_removes_every_sandbox() {
     );
     env.assert_nothing_left();
     let mut created = vec![env.create("first"), env.create("second")];
+    // A name that is the start of an id would hide that sandbox from its id's prefix.
+    let output = env.sandbox(&["create", "--name", &created[0][..4]]);
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    assert!(
+        text(&output).contains("which it would hide"),
+        "{}",
+        text(&output)
+    );
     created.sort();
 
     let output = env.sandbox(&["ls", "-q"]);
