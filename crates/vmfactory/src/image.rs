@@ -147,6 +147,14 @@ fn build(args: BuildArgs) -> Result<ExitCode> {
 }
 
 fn ls(args: LsArgs) -> Result<ExitCode> {
+    // A cache directory named by the user that is not there lists as empty, like an
+    // empty cache: say which it is (a typo, say).
+    if let Some(dir) = args.cache.cache_dir.as_ref().filter(|dir| !dir.exists()) {
+        eprintln!(
+            "vmfactory: the cache directory {} does not exist: no images are cached there",
+            dir.display()
+        );
+    }
     let entries = args
         .cache
         .store()

@@ -128,6 +128,13 @@ impl Progress {
         }
     }
 
+    /// Ends the step and removes its line from the terminal.
+    pub fn clear(self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+
     /// Ends the step without a message (it failed or was interrupted).
     pub fn abandon(self) {
         if let Some(bar) = &self.bar {

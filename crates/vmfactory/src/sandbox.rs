@@ -2,7 +2,7 @@
 //! `sandbox supervise`), which takes a VM through the configured factory and serves the
 //! sandbox on a socket in its directory; the other commands talk to that supervisor.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, IsTerminal};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
@@ -26,6 +26,9 @@ const READY_LINE: &str = "ready";
 /// What the supervisor prints on its stdout, before the reason, when the sandbox could
 /// not be made (its directory, log included, is gone then).
 const FAILED_PREFIX: &str = "failed: ";
+/// What the supervisor prints on its stdout, before it, for something `create` should
+/// tell the user (the factory could not be used and the VM is booted directly, say).
+const NOTICE_PREFIX: &str = "notice: ";
 /// How long `rm` waits for a supervisor to remove its sandbox.
 const RM_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -366,13 +369,28 @@ async fn create(
     let supervisor_pid = child.id();
     let stdout = child.stdout.take().context("No supervisor stdout")?;
     let mut signals = Signals::install()?;
+    // A spinner while the VM comes, on a terminal only (scripts read the id on stdout).
+    let waiting = std::io::stderr()
+        .is_terminal()
+        .then(|| crate::progress::Progress::spinner("Creating the sandbox"));
     let ready = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        line
+        let mut stdout = BufReader::new(stdout);
+        loop {
+            let mut line = String::new();
+            let _ = stdout.read_line(&mut line);
+            match line.trim_end().strip_prefix(NOTICE_PREFIX) {
+                Some(notice) => eprintln!("vmfactory: {}", crate::hints(notice)),
+                None => return line,
+            }
+        }
     });
     let line = tokio::select! {
-        line = ready => line.unwrap_or_default(),
+        line = ready => {
+            if let Some(waiting) = waiting {
+                waiting.clear();
+            }
+            line.unwrap_or_default()
+        }
         _ = signals.recv() => {
             // Interrupted: the supervisor undoes what it made.
             // SAFETY: signalling the supervisor we just started.
@@ -441,6 +459,12 @@ async fn supervise(
     let factory = Factory::open(&choice, local).await?;
     if let Some(notice) = factory.notice() {
         tracing::warn!(notice, "Factory degraded");
+        // `create` says it to the user, who would otherwise not know why this sandbox
+        // took a direct boot's time.
+        use std::io::Write;
+        let mut stdout = std::io::stdout();
+        let _ = writeln!(stdout, "{NOTICE_PREFIX}{}", notice.replace('\n', " "));
+        let _ = stdout.flush();
     }
     let options = SupervisorOptions {
         id,
