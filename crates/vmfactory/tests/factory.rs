@@ -99,6 +99,17 @@ fn template_lifecycle_through_the_cli() {
     let status = env.vmfactory(&["factory", "status"]);
     assert!(status.status.success(), "{}", text(&status));
     assert!(text(&status).contains("No template"), "{}", text(&status));
+    // A sandbox made without the template says why it took a direct boot.
+    let created = env.vmfactory(&["sandbox", "create"]);
+    assert!(created.status.success(), "{}", text(&created));
+    assert!(
+        String::from_utf8_lossy(&created.stderr).contains("The template is not usable"),
+        "{}",
+        text(&created)
+    );
+    let id = String::from_utf8_lossy(&created.stdout).trim().to_string();
+    let removed = env.vmfactory(&["sandbox", "rm", &id]);
+    assert!(removed.status.success(), "{}", text(&removed));
 
     let init = env.vmfactory(&["factory", "init"]);
     assert!(init.status.success(), "{}", text(&init));
