@@ -97,8 +97,8 @@ impl Default for FactoryMetrics {
         let mut registry = Registry::with_prefix("vmfactory");
         let vms_ready = Gauge::default();
         let handouts = Counter::default();
-        // 1 ms to ~16 s.
-        let handout_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        // 0.1 ms to ~13 s: a hand-out from a ready cache waits well under a millisecond.
+        let handout_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         let refill_failures = Counter::default();
         let dead_replaced = Counter::default();
         let template_age = Gauge::<f64, AtomicU64>::default();
@@ -106,7 +106,7 @@ impl Default for FactoryMetrics {
         registry.register("handouts", "VMs handed out (GetBaseVM)", handouts.clone());
         registry.register(
             "handout_seconds",
-            "Time from a GetBaseVM request to the VM handed over",
+            "Time a GetBaseVM waited for a ready VM in the cache (about 0 while VMs are ready)",
             handout_seconds.clone(),
         );
         registry.register(

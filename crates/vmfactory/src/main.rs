@@ -29,7 +29,8 @@ pub(crate) const EXIT_VMFACTORY_ERROR: u8 = 125;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Log more (-v: info, -vv: debug). RUST_LOG overrides.
+    /// Log more (-v: info, -vv: vmfactory's debug lines, -vvv: every library's too).
+    /// RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
     /// Configuration file (TOML); default: /etc/vmfactory/configuration.toml if it
@@ -416,11 +417,27 @@ fn with_config_in_hints(message: &str, config: Option<&std::path::Path>) -> Stri
         .replace("'vmfactory ", &format!("'{with}"))
 }
 
+/// vmfactory's own crates, whose debug lines `-vv` shows (the libraries' ones, HTTP/2
+/// frames above all, only `-vvv`).
+const OWN_CRATES: [&str; 7] = [
+    "vmfactory",
+    "vmfactory_factory",
+    "vmfactory_hypervisor",
+    "vmfactory_sandbox",
+    "vmfactory_image",
+    "vmfactory_guest_image",
+    "vmfactory_protocols",
+];
+
 fn init_logging(verbose: u8) {
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
+        0 => "warn".to_string(),
+        1 => "info".to_string(),
+        2 => std::iter::once("info".to_string())
+            .chain(OWN_CRATES.iter().map(|name| format!("{name}=debug")))
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "debug".to_string(),
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -428,7 +445,8 @@ fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
+        // Where a line comes from matters once libraries' lines are shown.
+        .with_target(verbose >= 3)
         .init();
 }
 

@@ -169,10 +169,12 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
         SandboxCommand::Rm { force, all, ids } => rm(&runtime, all, &ids, force).await,
         SandboxCommand::Pause { id } => {
             connect(&runtime, &id).await?.pause().await?;
+            tracing::info!(sandbox = %id, "Paused");
             Ok(ExitCode::SUCCESS)
         }
         SandboxCommand::Resume { id } => {
             connect(&runtime, &id).await?.resume().await?;
+            tracing::info!(sandbox = %id, "Resumed");
             Ok(ExitCode::SUCCESS)
         }
         SandboxCommand::Exec(args) => exec(&runtime, args).await,
@@ -683,7 +685,14 @@ async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
         }
     };
     let mut signals = Signals::install()?;
-    exec_attached(client.agent(), &options, died, Some(&mut signals)).await
+    let started = Instant::now();
+    let code = exec_attached(client.agent(), &options, died, Some(&mut signals)).await?;
+    tracing::info!(
+        sandbox = %record.id,
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "Command ended"
+    );
+    Ok(code)
 }
 
 /// `ID:/path` → (ID, /path), when the part before the colon names no local directory.
