@@ -84,6 +84,7 @@ impl std::fmt::Display for MetricsAddress {
 pub struct FactoryMetrics {
     registry: Registry,
     vms_ready: Gauge,
+    vms_target: Gauge,
     handouts: Counter,
     handout_seconds: Histogram,
     refill_failures: Counter,
@@ -96,6 +97,7 @@ impl Default for FactoryMetrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("vmfactory");
         let vms_ready = Gauge::default();
+        let vms_target = Gauge::default();
         let handouts = Counter::default();
         // 0.1 ms to ~13 s: a hand-out from a ready cache waits well under a millisecond.
         let handout_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
@@ -103,6 +105,19 @@ impl Default for FactoryMetrics {
         let dead_replaced = Counter::default();
         let template_age = Gauge::<f64, AtomicU64>::default();
         registry.register("vms_ready", "VMs ready in the cache", vms_ready.clone());
+        registry.register(
+            "vms_target",
+            "VMs the cache keeps ready (vm_cache_number): alert on vms_ready below it",
+            vms_target.clone(),
+        );
+        registry.register(
+            "build",
+            "The vmfactory that serves",
+            prometheus_client::metrics::info::Info::new(vec![(
+                "version",
+                env!("CARGO_PKG_VERSION"),
+            )]),
+        );
         registry.register("handouts", "VMs handed out (GetBaseVM)", handouts.clone());
         registry.register(
             "handout_seconds",
@@ -127,6 +142,7 @@ impl Default for FactoryMetrics {
         Self {
             registry,
             vms_ready,
+            vms_target,
             handouts,
             handout_seconds,
             refill_failures,
@@ -142,6 +158,11 @@ impl FactoryMetrics {
     pub fn handed_out(&self, elapsed: Duration) {
         self.handouts.inc();
         self.handout_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets how many VMs the cache keeps ready.
+    pub fn set_target(&self, vms: u32) {
+        self.vms_target.set(i64::from(vms));
     }
 
     /// Records when the template was created (its age is reported from then on).
@@ -425,6 +446,16 @@ mod tests {
         assert!(text.contains("vmfactory_refill_failures_total 1"), "{text}");
         assert!(text.contains("vmfactory_handout_seconds_count 1"), "{text}");
         assert!(text.contains("vmfactory_template_age_seconds 6"), "{text}");
+        metrics.set_target(4);
+        let text = metrics.encode();
+        assert!(text.contains("vmfactory_vms_target 4"), "{text}");
+        assert!(
+            text.contains(&format!(
+                "vmfactory_build_info{{version=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
 
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("metrics.sock");

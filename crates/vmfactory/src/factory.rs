@@ -154,9 +154,11 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let metrics_address: Option<MetricsAddress> = (!factory.metrics_address.is_empty())
         .then(|| factory.metrics_address.parse())
         .transpose()?;
-    let metrics = metrics_address
-        .as_ref()
-        .map(|_| Arc::new(FactoryMetrics::default()));
+    let metrics = metrics_address.as_ref().map(|_| {
+        let metrics = FactoryMetrics::default();
+        metrics.set_target(factory.vm_cache_number);
+        Arc::new(metrics)
+    });
     // Bound before anything is made: a port in use is an error now, not a line saying
     // the metrics are served while nothing serves them.
     let metrics_listener = match &metrics_address {
