@@ -589,33 +589,7 @@ impl AgentClient {
         stamp: &Stamp,
         size: u64,
     ) -> Result<u64, AgentError> {
-        // A file bigger than the room left here (a sparse file of exabytes costs the
-        // guest nothing) is refused before a byte is written.
-        let parent = local.parent().unwrap_or(Path::new("."));
-        let parent = if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        };
-        if let Ok(fs) = rustix::fs::statvfs(parent) {
-            // Root may also fill the blocks kept for it.
-            let blocks = if rustix::process::geteuid().is_root() {
-                fs.f_bfree
-            } else {
-                fs.f_bavail
-            };
-            let room = blocks.saturating_mul(fs.f_frsize);
-            if size > room {
-                return Err(copy_error(
-                    guest,
-                    format!(
-                        "it is {size} bytes, more than the {room} bytes free in {}; free space \
-                         or copy it elsewhere",
-                        parent.display()
-                    ),
-                ));
-            }
-        }
+        refuse_beyond_free_space(guest, local, size)?;
         let mut stream = self
             .inner
             .clone()
@@ -658,6 +632,37 @@ impl AgentClient {
         debug!(guest, local = %local.display(), received, "Copied a file out of the guest");
         Ok(received)
     }
+}
+
+/// Refuses a guest file of `size` bytes bigger than the room left where `local` goes: a
+/// sparse file of exabytes costs the guest nothing, and is refused before a byte is
+/// written.
+fn refuse_beyond_free_space(guest: &str, local: &Path, size: u64) -> Result<(), AgentError> {
+    let parent = match local.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let Ok(fs) = rustix::fs::statvfs(parent) else {
+        return Ok(());
+    };
+    // Root may also fill the blocks kept for it.
+    let blocks = if rustix::process::geteuid().is_root() {
+        fs.f_bfree
+    } else {
+        fs.f_bavail
+    };
+    let room = blocks.saturating_mul(fs.f_frsize);
+    if size > room {
+        return Err(copy_error(
+            guest,
+            format!(
+                "it is {size} bytes, more than the {room} bytes free in {}; free space or \
+                 copy it elsewhere",
+                parent.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Creates local directory `path`, or keeps it if it is one (not a link to one).

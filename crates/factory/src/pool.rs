@@ -226,20 +226,19 @@ impl<T: Poolable> ReadyPool<T> {
                 return Err(FactoryError::Closed);
             }
             let notified = self.shared.filled.notified();
-            let popped = self.pop_ready().await;
-            if popped.is_none() {
-                if let Some((failures, reason)) = self.shared.failing() {
-                    return Err(FactoryError::Failing { failures, reason });
-                }
-            }
-            match popped {
+            match self.pop_ready().await {
                 Some((item, others_ready)) => {
                     if let Some(item) = self.accept(item, others_ready).await {
                         self.shared.observe(|o| o.taken(started.elapsed()));
                         return Ok(item);
                     }
                 }
-                None => notified.await,
+                None => {
+                    if let Some((failures, reason)) = self.shared.failing() {
+                        return Err(FactoryError::Failing { failures, reason });
+                    }
+                    notified.await
+                }
             }
         }
     }

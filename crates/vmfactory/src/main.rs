@@ -212,9 +212,7 @@ impl VmArgs {
             request,
         })
     }
-}
 
-impl VmArgs {
     /// Refuses a file named by `--kernel`, `--initrd` or `--qemu` (or their environment
     /// variables) that is not there, by the option that named it, before anything starts.
     fn check_given_files(&self) -> Result<()> {

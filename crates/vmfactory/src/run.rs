@@ -180,28 +180,18 @@ pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode
     let mut opened = None;
     reap_orphans(&resolved.base.qemu.runtime_dir);
 
-    // The image's disk is found (or built) while the VM is being got.
-    let prepare_image = {
-        let reference = args.image.clone();
-        let cache_dir = args.vm.image.cache_dir.clone();
-        async move {
-            match reference {
-                Some(reference) => tokio::task::spawn_blocking(move || {
-                    crate::container::prepare(cache_dir, &reference)
-                })
-                .await
-                .context("Preparing the image failed")?
-                .map(Some),
-                None => Ok(None),
-            }
-        }
-    };
-    // The image's process (its command, environment, user) is worked out as soon as the
-    // image is there: a missing image or command is refused without waiting for the VM.
+    // The image's disk is found (or built) while the VM is being got, and its process
+    // (its command, environment, user) worked out as soon as the image is there: a
+    // missing image or command is refused without waiting for the VM.
     let prepare_process = async {
-        let Some(image) = prepare_image.await? else {
+        let Some(reference) = args.image.clone() else {
             return Ok(None);
         };
+        let cache_dir = args.vm.image.cache_dir.clone();
+        let image =
+            tokio::task::spawn_blocking(move || crate::container::prepare(cache_dir, &reference))
+                .await
+                .context("Preparing the image failed")??;
         let process = crate::container::ContainerProcess::new(
             &image.config,
             &args.command,

@@ -463,10 +463,7 @@ async fn supervise(
         tracing::warn!(notice, "Factory degraded");
         // `create` says it to the user, who would otherwise not know why this sandbox
         // took a direct boot's time.
-        use std::io::Write;
-        let mut stdout = std::io::stdout();
-        let _ = writeln!(stdout, "{NOTICE_PREFIX}{}", notice.replace('\n', " "));
-        let _ = stdout.flush();
+        tell_creator(NOTICE_PREFIX, notice);
     }
     let options = SupervisorOptions {
         id,
@@ -476,13 +473,8 @@ async fn supervise(
         containers: plans,
     };
     let ready = |result: Result<&SandboxRecord, &vmfactory_sandbox::SandboxError>| {
-        use std::io::Write;
         match result {
-            Ok(_) => {
-                let mut stdout = std::io::stdout();
-                let _ = writeln!(stdout, "{READY_LINE}");
-                let _ = stdout.flush();
-            }
+            Ok(_) => tell_creator(READY_LINE, ""),
             Err(err) => {
                 tracing::error!(%err, "The sandbox could not be created");
                 // The reason, with its causes, on one line for `create`.
@@ -490,14 +482,21 @@ async fn supervise(
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(": ");
-                let mut stdout = std::io::stdout();
-                let _ = writeln!(stdout, "{FAILED_PREFIX}{}", reason.replace('\n', " "));
-                let _ = stdout.flush();
+                tell_creator(FAILED_PREFIX, &reason);
             }
         }
     };
     Supervisor::run(options, factory, ready).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line to `create` on the supervisor's stdout: `prefix` and `text` on one line,
+/// flushed at once (`create` waits for it).
+fn tell_creator(prefix: &str, text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "{prefix}{}", text.replace('\n', " "));
+    let _ = stdout.flush();
 }
 
 #[derive(Debug, Serialize)]
