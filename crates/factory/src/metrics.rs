@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
-use tracing::{debug, info};
+use tracing::debug;
 
 use crate::pool::PoolObserver;
 
@@ -296,18 +296,6 @@ impl MetricsListener {
     }
 }
 
-/// Serves `metrics` on `address` until `shutdown` is notified ([`bind`], then
-/// [`MetricsListener::serve`]).
-pub async fn serve(
-    metrics: Arc<FactoryMetrics>,
-    address: &MetricsAddress,
-    shutdown: Arc<Notify>,
-) -> Result<(), MetricsError> {
-    info!(%address, "Serving metrics");
-    bind(address).await?.serve(metrics, shutdown).await;
-    Ok(())
-}
-
 /// Accepts connections from `accept` and answers each, at most [`MAX_CONNECTIONS`] at
 /// once, until `shutdown` is notified.
 async fn accept_until<S, F, Fut>(accept: F, metrics: Arc<FactoryMetrics>, shutdown: Arc<Notify>)
@@ -399,22 +387,12 @@ mod tests {
     async fn serving(
         metrics: Arc<FactoryMetrics>,
         path: &std::path::Path,
-    ) -> (
-        Arc<Notify>,
-        tokio::task::JoinHandle<Result<(), MetricsError>>,
-    ) {
+    ) -> (Arc<Notify>, tokio::task::JoinHandle<()>) {
         let address = MetricsAddress::Unix(path.to_path_buf());
         let shutdown = Arc::new(Notify::new());
-        let server = tokio::spawn({
-            let shutdown = shutdown.clone();
-            async move { serve(metrics, &address, shutdown).await }
-        });
-        for _ in 0..100 {
-            if path.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let listener = bind(&address).await.expect("bind");
+        // Bound: the socket exists from here on.
+        let server = tokio::spawn(listener.serve(metrics, shutdown.clone()));
         (shutdown, server)
     }
 
@@ -467,7 +445,7 @@ mod tests {
             "{response}"
         );
         shutdown.notify_one();
-        server.await.expect("join").expect("serve");
+        server.await.expect("join");
         assert!(!path.exists(), "socket removed");
     }
 
@@ -476,13 +454,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("important.db");
         std::fs::write(&file, b"data").expect("write");
-        let err = serve(
-            Arc::new(FactoryMetrics::default()),
-            &MetricsAddress::Unix(file.clone()),
-            Arc::new(Notify::new()),
-        )
-        .await
-        .expect_err("not a socket");
+        let err = bind(&MetricsAddress::Unix(file.clone()))
+            .await
+            .expect_err("not a socket");
         assert!(matches!(err, MetricsError::NotASocket(_)), "{err}");
         assert_eq!(std::fs::read(&file).expect("kept"), b"data");
     }
@@ -548,6 +522,6 @@ mod tests {
             .expect("join");
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         shutdown.notify_one();
-        server.await.expect("join").expect("serve");
+        server.await.expect("join");
     }
 }
