@@ -62,17 +62,26 @@ struct Phases {
 #[derive(Debug)]
 struct Container {
     dir: PathBuf,
-    /// Write end of the init's start pipe, until started.
-    start: Option<OwnedFd>,
+    stage: Stage,
+}
+
+/// Where a container is in its life.
+#[derive(Debug)]
+enum Stage {
     /// Its `CreateContainer` is still at work: the id is taken, nothing else is there.
-    creating: bool,
+    Creating,
+    /// Created; its init waits for a byte on this start pipe.
+    Created(OwnedFd),
+    /// Started.
+    Started,
 }
 
 /// The containers of this agent.
 #[derive(Debug, Default)]
 pub struct Containers {
     /// Locked only for the table's own changes: a create that waits for its disk and
-    /// init holds its id (`creating`), not the lock, so the other containers' calls go on.
+    /// init holds its id (`Stage::Creating`), not the lock, so the other containers'
+    /// calls go on.
     table: std::sync::Arc<Mutex<HashMap<String, Container>>>,
 }
 
@@ -96,7 +105,10 @@ impl Drop for Reservation {
             return;
         };
         let release = move |table: &mut HashMap<String, Container>| {
-            if table.get(&id).is_some_and(|container| container.creating) {
+            if table
+                .get(&id)
+                .is_some_and(|container| matches!(container.stage, Stage::Creating))
+            {
                 table.remove(&id);
             }
         };
@@ -175,7 +187,7 @@ fn teardown(dir: &Path) {
 
 /// Refuses to act on a container whose `CreateContainer` is still at work.
 fn refuse_creating(id: &str, container: &Container) -> Result<(), Status> {
-    if container.creating {
+    if matches!(container.stage, Stage::Creating) {
         return Err(Status::failed_precondition(format!(
             "Container {id} is being created: wait until CreateContainer returns"
         )));
@@ -250,8 +262,7 @@ impl Containers {
             id.clone(),
             Container {
                 dir: dir.clone(),
-                start: None,
-                creating: true,
+                stage: Stage::Creating,
             },
         );
         drop(table);
@@ -288,8 +299,7 @@ impl Containers {
                     "Container created"
                 );
                 if let Some(container) = self.table.lock().await.get_mut(&id) {
-                    container.start = Some(start);
-                    container.creating = false;
+                    container.stage = Stage::Created(start);
                 }
                 reservation.keep();
                 Ok(())
@@ -445,9 +455,11 @@ impl Containers {
             .get_mut(id)
             .ok_or_else(|| Status::not_found(format!("No container {id:?}")))?;
         refuse_creating(id, container)?;
-        let start = container.start.take().ok_or_else(|| {
-            Status::failed_precondition(format!("Container {id} is started already"))
-        })?;
+        let Stage::Created(start) = std::mem::replace(&mut container.stage, Stage::Started) else {
+            return Err(Status::failed_precondition(format!(
+                "Container {id} is started already"
+            )));
+        };
         let mut file = std::fs::File::from(start);
         use std::io::Write;
         file.write_all(b"S").map_err(|err| {
@@ -475,7 +487,7 @@ impl Containers {
             }
         }
         processes.forget(id);
-        drop(container.start);
+        drop(container.stage);
         teardown(&container.dir);
         if sys::is_mounted(&container.dir.join("lower")) {
             return Err(Status::internal(format!(
@@ -498,7 +510,7 @@ impl Containers {
             .get(id)
             .ok_or_else(|| Status::not_found(format!("No container {id:?}")))?;
         refuse_creating(id, container)?;
-        if container.start.is_some() {
+        if matches!(container.stage, Stage::Created(_)) {
             return Err(Status::failed_precondition(format!(
                 "Container {id} is not started: call StartContainer first"
             )));
@@ -588,8 +600,7 @@ mod tests {
             "web".into(),
             Container {
                 dir: PathBuf::from("/nonexistent"),
-                start: None,
-                creating: true,
+                stage: Stage::Creating,
             },
         );
         // The table is free for other calls; this container refuses them for now.
