@@ -140,8 +140,10 @@ pub struct Qemu {
     stopped: bool,
     /// False once handed over: dropping the handle then leaves the VM alone.
     owned: bool,
-    /// For an adopted QEMU (not our child): a pidfd to signal it without pid reuse races.
-    pidfd: Option<std::os::fd::OwnedFd>,
+    /// The process's pidfd, opened before anything could reap it: signals reach this
+    /// process and no other (no pid reuse race), and it turns readable when the process
+    /// has exited.
+    pidfd: std::os::fd::OwnedFd,
     /// Keeps the guest console log bounded while this handle owns the VM.
     console_bound: ConsoleBound,
     /// True when the command line reserved disk hot-plug ports (q35).
@@ -361,25 +363,20 @@ impl Hypervisor for Qemu {
     }
 }
 
-/// How long dropping a VM's handle waits for its SIGKILLed QEMU to be gone.
-const DROP_DEATH_WAIT: Duration = Duration::from_millis(500);
+/// The longest a dropped handle waits for its killed QEMU to exit (it only waits longer
+/// than a moment when the process is stuck in the kernel).
+const DROP_DEATH_WAIT: Duration = Duration::from_secs(5);
 
 impl Drop for Qemu {
     fn drop(&mut self) {
         if !self.stopped && self.owned {
             // Never leak a VM: a handle dropped without `stop` takes its VM down with it.
             self.kill();
-            // A killed process takes a moment to go (its memory is torn down). Its owner
-            // may exit right after the drop (`run` refusing an image while the VM starts),
-            // and nothing may outlive it: wait, briefly, until the process is gone.
-            let started = std::time::Instant::now();
-            while self.is_running()
-                && process_cmdline(self.pid)
-                    .is_some_and(|cmdline| cmdline::cmdline_names(&cmdline, &self.paths.qmp))
-                && started.elapsed() < DROP_DEATH_WAIT
-            {
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            // A killed process takes a moment to go: its guest memory is unmapped after
+            // /proc stops showing its command line. Its owner may exit right after the
+            // drop (`run` refusing an image while the VM starts, a signal during template
+            // creation), and nothing may outlive it: wait until it has exited.
+            process::wait_pidfd(&self.pidfd, DROP_DEATH_WAIT);
             let _ = self.remove_dir();
         }
     }

@@ -155,6 +155,17 @@ impl Qemu {
         // The child holds its own copy of the state fd now.
         drop(state);
         let pid = child.id().unwrap_or(0);
+        // Opened before the wait below can reap the child, so the pidfd is this process's.
+        let pidfd = match open_pidfd(pid) {
+            Ok(pidfd) => pidfd,
+            Err(err) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(cleanup_dir(HypervisorError::InvalidConfig(format!(
+                    "Cannot watch the QEMU process (pidfd_open: {err}); vmfactory needs Linux 5.3 or later"
+                ))));
+            }
+        };
         let (exit_tx, exit_rx) = watch::channel(None);
         tokio::spawn(async move {
             let status = match child.wait().await {
@@ -174,7 +185,7 @@ impl Qemu {
             qmp: Mutex::new(None),
             stopped: false,
             owned: true,
-            pidfd: None,
+            pidfd,
             disk_ports: config.machine_type == "q35",
             disk_lock: Mutex::new(()),
         };
@@ -235,18 +246,8 @@ impl Qemu {
         if !super::cmdline::cmdline_names(&cmdline, &paths.qmp) {
             return Err(gone("the process is not that VM's QEMU"));
         }
-        let pid = i32::try_from(handle.pid).map_err(|_| gone("bad pid"))?;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if raw < 0 {
-            return Err(gone(&format!(
-                "pidfd_open failed: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        // SAFETY: the syscall returned a new fd that nothing else owns.
         let pidfd =
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw as i32) };
+            open_pidfd(handle.pid).map_err(|err| gone(&format!("pidfd_open failed: {err}")))?;
         let watched = pidfd.try_clone().map_err(|err| gone(&err.to_string()))?;
         let (exit_tx, exit_rx) = watch::channel(None);
         // SAFETY: the cloned pidfd is open and owned by the AsyncFd for its lifetime.
@@ -276,36 +277,16 @@ impl Qemu {
             qmp: Mutex::new(None),
             stopped: false,
             owned: true,
-            pidfd: Some(pidfd),
+            pidfd,
             disk_ports: cmdline.contains(&format!("id={}0,", super::cmdline::HOTPLUG_PORT_PREFIX)),
             disk_lock: Mutex::new(()),
         })
     }
 
     pub(super) fn kill(&self) {
-        if let Some(pidfd) = &self.pidfd {
-            if self.is_running() {
-                // SAFETY: pidfd_send_signal on our pidfd; no pid reuse possible.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_pidfd_send_signal,
-                        std::os::fd::AsRawFd::as_raw_fd(pidfd),
-                        libc::SIGKILL,
-                        std::ptr::null::<libc::siginfo_t>(),
-                        0,
-                    );
-                }
-            }
-            return;
-        }
         if self.is_running() {
-            if let Ok(pid) = i32::try_from(self.pid) {
-                // SAFETY: signals our own child, which has not been reaped yet (the exit
-                // watch has not fired), so the pid cannot have been reused.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
+            // Through the pidfd: it names this process, never one that reused its pid.
+            let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
         }
     }
 
@@ -332,6 +313,40 @@ fn log_accel_once(accel: ResolvedAccel, reason: &'static str) {
 
 /// The command line of process `pid`, its arguments joined by spaces; `None` when no
 /// such process runs (or it has none, as a zombie).
+/// A pidfd for `pid`.
+fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| std::io::Error::other(format!("bad pid {pid}")))?;
+    Ok(rustix::process::pidfd_open(
+        pid,
+        rustix::process::PidfdFlags::empty(),
+    )?)
+}
+
+/// Waits, at most `timeout`, until the process of `pidfd` has exited (its pidfd turns
+/// readable then). Blocking: for a drop, where nothing can be awaited.
+pub(super) fn wait_pidfd(pidfd: &std::os::fd::OwnedFd, timeout: Duration) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        let mut fds = [PollFd::new(pidfd, PollFlags::IN)];
+        let wait = Timespec::try_from(left).unwrap_or(Timespec {
+            tv_sec: 1,
+            tv_nsec: 0,
+        });
+        match poll(&mut fds, Some(&wait)) {
+            Err(rustix::io::Errno::INTR) => continue,
+            _ => return,
+        }
+    }
+}
+
 pub fn process_cmdline(pid: u32) -> Option<String> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     (!cmdline.is_empty()).then(|| String::from_utf8_lossy(&cmdline).replace('\0', " "))
