@@ -68,19 +68,36 @@ fn owner_alive(vm_dir: &Path) -> bool {
     start_time(pid).is_some_and(|now| now == started || started == 0)
 }
 
-/// Kills the QEMU of the VM directory `dir` and removes the directory.
+/// Kills the QEMU of the VM directory `dir`, waits (at most 5 s) until it has exited, and
+/// removes the directory. Its memory and files are released once this returns, so a
+/// tmpfs under it can be unmounted.
 pub fn reap_dir(dir: &Path) {
+    let mut killed = Vec::new();
     for (pid, _) in super::processes_under(dir) {
-        if let Ok(pid) = i32::try_from(pid) {
-            // SAFETY: kill on a QEMU whose command line names this VM directory, which
-            // nobody else owns.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+        let Ok(pidfd) = super::process::open_pidfd(pid) else {
+            continue;
+        };
+        // Looked at again through the pidfd's process: the pid may have been reused
+        // between the listing and the open.
+        if super::process_cmdline(pid)
+            .is_some_and(|cmdline| super::cmdline::cmdline_names(&cmdline, dir))
+            && rustix::process::pidfd_send_signal(&pidfd, rustix::process::Signal::KILL).is_ok()
+        {
+            killed.push(pidfd);
         }
+    }
+    let deadline = std::time::Instant::now() + REAP_WAIT;
+    for pidfd in &killed {
+        super::process::wait_pidfd(
+            pidfd,
+            deadline.saturating_duration_since(std::time::Instant::now()),
+        );
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The longest [`reap_dir`] waits for the QEMUs it killed to exit.
+const REAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Kills the VMs under `runtime_dir/vm` whose owner is gone and removes their
 /// directories; returns the ids reaped.

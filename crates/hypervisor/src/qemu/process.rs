@@ -314,7 +314,7 @@ fn log_accel_once(accel: ResolvedAccel, reason: &'static str) {
 /// The command line of process `pid`, its arguments joined by spaces; `None` when no
 /// such process runs (or it has none, as a zombie).
 /// A pidfd for `pid`.
-fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
+pub(super) fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     let pid = i32::try_from(pid)
         .ok()
         .and_then(rustix::process::Pid::from_raw)
