@@ -4,6 +4,8 @@
 //! `assignSandbox` links the VM's sockets into the sandbox). The supervisor writes the
 //! record atomically; anyone may read it. A sandbox whose supervisor is gone is swept:
 //! its VM (if it still runs) is killed and its directory removed, so none is half there.
+//! A name is claimed ([`reserve`]) under a lock, with a `name` file written before the
+//! record exists, so two sandboxes never share one.
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -23,6 +25,12 @@ pub const SOCKET_FILE: &str = "sandbox.sock";
 pub const LOG_FILE: &str = "supervisor.log";
 /// The link to the VM directory in a sandbox directory.
 pub const VM_LINK: &str = "vm";
+/// The sandbox's name, written at creation, before its supervisor writes the record.
+const NAME_FILE: &str = "name";
+/// Held (`flock`) while a new sandbox's name is checked and claimed.
+const CREATE_LOCK: &str = ".create.lock";
+/// A directory without a record is taken for a sandbox starting up for this long.
+const STARTING_SECONDS: u64 = 60;
 /// Longest sandbox name.
 const MAX_NAME: usize = 64;
 /// Largest record accepted.
@@ -359,7 +367,7 @@ pub fn list(runtime_dir: &Path) -> Vec<(SandboxDir, SandboxRecord)> {
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|m| m.elapsed().ok())
-                    .is_some_and(|age| age.as_secs() < 60);
+                    .is_some_and(|age| age.as_secs() < STARTING_SECONDS);
                 if !young {
                     let _ = sweep(&dir, None);
                 }
@@ -368,6 +376,98 @@ pub fn list(runtime_dir: &Path) -> Vec<(SandboxDir, SandboxRecord)> {
     }
     live.sort_by_key(|(_, record)| (record.created_unix, record.id.clone()));
     live
+}
+
+/// Makes the directory of the new sandbox `id`, claiming `name` (empty: none) for it:
+/// under a lock on the sandboxes' directory, the name is checked ([`check_name`]) and
+/// written into the directory before the lock is let go, so two creates with one name
+/// cannot both pass.
+pub fn reserve(runtime_dir: &Path, id: &str, name: &str) -> Result<SandboxDir, SandboxError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = SandboxDir::new(runtime_dir, id);
+    if name.is_empty() {
+        dir.create()?;
+        return Ok(dir);
+    }
+    vmfactory_hypervisor::qemu::config::ensure_runtime_dir(runtime_dir)
+        .map_err(SandboxError::RuntimeDir)?;
+    let root = sandboxes_root(runtime_dir);
+    let io = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SandboxError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&root)
+        .map_err(io("Cannot create the sandboxes' directory", &root))?;
+    let lock_path = root.join(CREATE_LOCK);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io("Cannot open", &lock_path))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .map_err(|err| io("Cannot lock", &lock_path)(err.into()))?;
+    check_name(runtime_dir, name)?;
+    dir.create()?;
+    let name_path = dir.path.join(NAME_FILE);
+    std::fs::write(&name_path, name).map_err(io("Cannot write", &name_path))?;
+    Ok(dir)
+}
+
+/// Checks that `name` is well formed, free (no live sandbox and none starting up has it)
+/// and not the start of a live sandbox's id (names are looked up first, so it would hide
+/// that sandbox from its id's prefix). [`reserve`] checks again under its lock.
+pub fn check_name(runtime_dir: &Path, name: &str) -> Result<(), SandboxError> {
+    validate_name(name)?;
+    let live = list(runtime_dir);
+    if live.iter().any(|(_, r)| r.name == name)
+        || starting_names(&sandboxes_root(runtime_dir)).any(|n| n == name)
+    {
+        return Err(SandboxError::NameTaken(name.to_string()));
+    }
+    let hex = name.chars().all(|c| c.is_ascii_hexdigit());
+    if let Some((_, hidden)) = live.iter().find(|(_, r)| hex && r.id.starts_with(name)) {
+        return Err(SandboxError::NameHidesId {
+            name: name.to_string(),
+            id: hidden.id.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// The names claimed by sandboxes starting up: directories under `root` without a
+/// record yet, younger than [`STARTING_SECONDS`].
+fn starting_names(root: &Path) -> impl Iterator<Item = String> {
+    std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|entry| {
+            !entry.path().join(RECORD_FILE).exists()
+                && entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_some_and(|age| age.as_secs() < STARTING_SECONDS)
+        })
+        .filter_map(|entry| {
+            use std::io::Read;
+            let mut name = String::new();
+            std::fs::File::open(entry.path().join(NAME_FILE))
+                .ok()?
+                .take(MAX_NAME as u64 + 1)
+                .read_to_string(&mut name)
+                .ok()?;
+            Some(name)
+        })
 }
 
 /// The live sandbox that `key` names: an id, a unique id prefix, or a name.
@@ -394,6 +494,46 @@ mod tests {
         for bad in ["", "a b", "x/y", &"n".repeat(65), "9bceac5b7714"] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_name_is_claimed_by_one_create_only() {
+        let runtime = tempfile::tempdir().expect("tempdir");
+        let runtime = runtime.path().to_path_buf();
+        // Eight creates with one name at once, as eight shells would start them.
+        let claims: Vec<bool> = (0..8)
+            .map(|n| {
+                let runtime = runtime.clone();
+                std::thread::spawn(move || reserve(&runtime, &format!("{n:012x}"), "web").is_ok())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|thread| thread.join().expect("thread"))
+            .collect();
+        assert_eq!(claims.iter().filter(|&&ok| ok).count(), 1, "{claims:?}");
+        assert!(matches!(
+            reserve(&runtime, "a00000000000", "web"),
+            Err(SandboxError::NameTaken(name)) if name == "web"
+        ));
+        assert!(matches!(
+            check_name(&runtime, "web"),
+            Err(SandboxError::NameTaken(_))
+        ));
+        // Other names and unnamed sandboxes are not held up.
+        reserve(&runtime, "b00000000000", "db").expect("another name");
+        reserve(&runtime, "c00000000000", "").expect("no name");
+        reserve(&runtime, "d00000000000", "").expect("no name again");
+        // A claim whose sandbox never started (no record within a minute) lets go.
+        let ten_minutes_ago = SystemTime::now() - std::time::Duration::from_secs(600);
+        for entry in std::fs::read_dir(sandboxes_root(&runtime)).expect("list") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                std::fs::File::open(&path)
+                    .and_then(|dir| dir.set_modified(ten_minutes_ago))
+                    .expect("age the directory");
+            }
+        }
+        reserve(&runtime, "e00000000000", "web").expect("an abandoned claim lets go");
     }
 
     #[test]

@@ -39,6 +39,17 @@ pub enum SandboxError {
         /// What is wrong.
         why: &'static str,
     },
+    /// A live or starting sandbox has the name.
+    #[error("A sandbox named {0:?} exists: choose another name or remove it first")]
+    NameTaken(String),
+    /// The name is the start of a live sandbox's id.
+    #[error("The name {name:?} is the start of sandbox {id}'s id, which it would hide: choose another name")]
+    NameHidesId {
+        /// The name.
+        name: String,
+        /// The sandbox whose id it starts.
+        id: String,
+    },
     /// The supervisor does not answer.
     #[error("The supervisor of sandbox {id} does not answer ({reason}): remove the sandbox with `vmfactory sandbox rm -f {id}`")]
     Unreachable {

@@ -307,21 +307,9 @@ async fn create(
 ) -> Result<ExitCode> {
     let name = name.unwrap_or_default();
     if !name.is_empty() {
-        dir::validate_name(&name)?;
-        let live = dir::list(runtime);
-        if live.iter().any(|(_, r)| r.name == name) {
-            bail!("A sandbox named {name:?} exists: choose another name or remove it first");
-        }
-        // Names are looked up before ids: a name that reads as the start of an id would
-        // hide that sandbox from commands that name it by its id's prefix.
-        let hex = name.chars().all(|c| c.is_ascii_hexdigit());
-        if let Some((_, shadowed)) = live.iter().find(|(_, r)| hex && r.id.starts_with(&name)) {
-            bail!(
-                "The name {name:?} is the start of sandbox {}'s id, which it would hide: \
-                 choose another name",
-                shadowed.id
-            );
-        }
+        // Checked here to fail before images are built; checked again, under a lock,
+        // when the name is claimed.
+        dir::check_name(runtime, &name)?;
     }
     let containers = container_images(images)?;
     // Images are built here, with progress; the supervisor finds them cached.
@@ -333,8 +321,7 @@ async fn create(
             .context("Preparing the image failed")??;
     }
     let id = dir::new_id();
-    let sandbox = SandboxDir::new(runtime, &id);
-    sandbox.create()?;
+    let sandbox = dir::reserve(runtime, &id, &name)?;
     let log = std::fs::File::create(sandbox.log())
         .with_context(|| format!("Cannot create {}", sandbox.log().display()))?;
     let exe = std::env::current_exe().context("Cannot find the vmfactory binary")?;
