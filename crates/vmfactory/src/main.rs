@@ -70,7 +70,9 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Print the effective configuration (file plus defaults) as TOML.
+    /// Print the effective configuration (file plus defaults, and the VMFACTORY_QEMU,
+    /// VMFACTORY_KERNEL, VMFACTORY_INITRD and VMFACTORY_GUEST_KERNEL variables, each
+    /// named on stderr when set) as TOML.
     Show {
         /// Print JSON instead.
         #[arg(long)]
@@ -454,7 +456,10 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
         Command::Factory(command) => factory::run(command, config).await,
         Command::Sandbox(command) => sandbox::run(command, config).await,
         Command::Config(ConfigCommand::Show { json }) => {
-            let settings = Settings::load(config.as_deref())?;
+            let mut settings = Settings::load(config.as_deref())?;
+            for (variable, key) in apply_environment(&mut settings)? {
+                eprintln!("vmfactory: {variable} overrides {key}");
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&settings)?);
             } else {
@@ -472,6 +477,39 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
             .context("Image task failed")?,
         Command::Bench(command) => bench::run(command, config).await,
     }
+}
+
+/// Applies the environment variables that override configuration keys for every command
+/// (as the options they stand for would), so `config show` shows what a command would
+/// use; returns each variable applied with the key it overrides.
+fn apply_environment(settings: &mut Settings) -> Result<Vec<(&'static str, &'static str)>> {
+    let mut applied = Vec::new();
+    let qemu = &mut settings.hypervisor.qemu;
+    for (variable, key, value) in [
+        ("VMFACTORY_QEMU", "hypervisor.qemu.path", &mut qemu.path),
+        (
+            "VMFACTORY_KERNEL",
+            "hypervisor.qemu.kernel",
+            &mut qemu.kernel,
+        ),
+        (
+            "VMFACTORY_INITRD",
+            "hypervisor.qemu.initrd",
+            &mut qemu.initrd,
+        ),
+    ] {
+        if let Some(given) = std::env::var_os(variable).filter(|given| !given.is_empty()) {
+            *value = PathBuf::from(given);
+            applied.push((variable, key));
+        }
+    }
+    if let Some(given) = std::env::var_os("VMFACTORY_GUEST_KERNEL").filter(|v| !v.is_empty()) {
+        settings.guest.kernel = given.to_string_lossy().parse().map_err(|err| {
+            anyhow::anyhow!("VMFACTORY_GUEST_KERNEL={}: {err}", given.to_string_lossy())
+        })?;
+        applied.push(("VMFACTORY_GUEST_KERNEL", "guest.kernel"));
+    }
+    Ok(applied)
 }
 
 #[cfg(test)]

@@ -210,6 +210,27 @@ fn config_show_prints_the_effective_configuration() {
     assert!(shown.contains("enable_template = true"), "{shown}");
     assert!(shown.contains("default_memory = 256"), "{shown}");
     assert!(shown.contains("[hypervisor.qemu]"), "{shown}");
+    // The variables that override keys for every command are shown applied, and named.
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(env.dir.path().join("config.toml"))
+        .args(["config", "show"])
+        .env("VMFACTORY_INITRD", "/elsewhere/initrd.img")
+        .env("VMFACTORY_GUEST_KERNEL", "debian")
+        .output()
+        .expect("spawn vmfactory");
+    assert!(output.status.success(), "{}", text(&output));
+    let shown = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        shown.contains("initrd = \"/elsewhere/initrd.img\""),
+        "{shown}"
+    );
+    assert!(shown.contains("kernel = \"debian\""), "{shown}");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("VMFACTORY_INITRD overrides hypervisor.qemu.initrd"),
+        "{said}"
+    );
 }
 
 #[test]
