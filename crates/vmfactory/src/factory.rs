@@ -340,10 +340,25 @@ struct StatusReport {
     metadata: Option<TemplateMetadata>,
 }
 
+/// What `factory status --json` prints: one object, its `factory` field saying which
+/// kind of factory the configuration makes.
+#[derive(Debug, Serialize)]
+#[serde(tag = "factory", rename_all = "snake_case")]
+enum Report<'a> {
+    /// A template factory (and direct boots without one).
+    Template(&'a StatusReport),
+    /// A VMCache server.
+    VmCache(&'a ServerReport),
+}
+
 #[derive(Debug, Serialize)]
 struct ServerReport {
     endpoint: PathBuf,
-    pid: u32,
+    /// Whether the server answered.
+    running: bool,
+    /// Why it did not.
+    problem: Option<String>,
+    pid: Option<u32>,
     vms: Vec<ServerVm>,
 }
 
@@ -358,10 +373,30 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
     let factory = &resolved.settings.factory;
     if factory.vm_cache_number > 0 {
         let endpoint = &factory.vm_cache_endpoint;
-        let (pid, vms) = vmcache::status(endpoint).await?;
+        let (pid, vms) = match vmcache::status(endpoint).await {
+            Ok(answer) => answer,
+            Err(err) => {
+                // A script reading the JSON learns that the server is down from it too
+                // (and from the exit status, as a reader of the text does).
+                let err = anyhow::Error::from(err);
+                if json {
+                    let report = Report::VmCache(&ServerReport {
+                        endpoint: endpoint.clone(),
+                        running: false,
+                        problem: Some(crate::hints(&format!("{err:#}"))),
+                        pid: None,
+                        vms: Vec::new(),
+                    });
+                    println!("{}", serde_json::to_string_pretty(&report)?);
+                }
+                return Err(err);
+            }
+        };
         let report = ServerReport {
             endpoint: endpoint.clone(),
-            pid,
+            running: true,
+            problem: None,
+            pid: Some(pid),
             vms: vms
                 .into_iter()
                 .map(|vm| ServerVm {
@@ -372,9 +407,12 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
                 .collect(),
         };
         if json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&Report::VmCache(&report))?
+            );
         } else {
-            println!("VM cache server pid = {}", report.pid);
+            println!("VM cache server pid = {pid}");
             for vm in &report.vms {
                 println!(
                     "VM pid = {} Cpu = {} Memory = {}MiB",
@@ -421,7 +459,10 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
         metadata,
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Report::Template(&report))?
+        );
         return Ok(ExitCode::SUCCESS);
     }
     println!(

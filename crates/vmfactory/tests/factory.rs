@@ -134,6 +134,7 @@ fn template_lifecycle_through_the_cli() {
     let status = env.vmfactory(&["factory", "status", "--json"]);
     assert!(status.status.success(), "{}", text(&status));
     let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(report["factory"], "template", "{report}");
     assert_eq!(report["usable"], true, "{report}");
     assert_eq!(report["metadata"]["vm"]["memory_mib"], 256);
 

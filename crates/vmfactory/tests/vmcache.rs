@@ -177,6 +177,12 @@ impl Drop for Server {
 #[test]
 fn serves_sequential_and_concurrent_runs_and_replaces_a_killed_vm() {
     let mut server = Server::start(3);
+    let status = server.vmfactory(&["factory", "status", "--json"]);
+    assert!(status.status.success(), "{}", text(&status));
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(report["factory"], "vm_cache", "{report}");
+    assert_eq!(report["running"], true, "{report}");
+    assert!(report["pid"].as_u64().is_some(), "{report}");
 
     for i in 0..10 {
         let output = server.vmfactory(&["run", "--", "echo", &format!("sequential-{i}")]);
@@ -329,6 +335,23 @@ fn run_without_a_server_says_to_start_one() {
     // The hint names the configuration this run used.
     let hint = format!("vmfactory --config {} factory init", config.display());
     assert!(text(&output).contains(&hint), "{}", text(&output));
+    // `factory status --json` says so in its JSON as well, and fails.
+    let status = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["factory", "status", "--json"])
+        .output()
+        .expect("spawn");
+    assert_eq!(status.status.code(), Some(125), "{}", text(&status));
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(report["factory"], "vm_cache", "{report}");
+    assert_eq!(report["running"], false, "{report}");
+    assert!(
+        report["problem"]
+            .as_str()
+            .is_some_and(|problem| problem.contains(&hint)),
+        "{report}"
+    );
 }
 
 /// Runs a client generated from Kata's cache.proto in another gRPC stack, with default
