@@ -27,8 +27,6 @@ pub const LOG_FILE: &str = "supervisor.log";
 pub const VM_LINK: &str = "vm";
 /// The sandbox's name, written at creation, before its supervisor writes the record.
 const NAME_FILE: &str = "name";
-/// Held (`flock`) while a new sandbox's name is checked and claimed.
-const CREATE_LOCK: &str = ".create.lock";
 /// A directory without a record is taken for a sandbox starting up for this long.
 const STARTING_SECONDS: u64 = 60;
 /// Longest sandbox name.
@@ -405,15 +403,10 @@ pub fn reserve(runtime_dir: &Path, id: &str, name: &str) -> Result<SandboxDir, S
         .mode(0o700)
         .create(&root)
         .map_err(io("Cannot create the sandboxes' directory", &root))?;
-    let lock_path = root.join(CREATE_LOCK);
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(io("Cannot open", &lock_path))?;
+    // The sandboxes' directory itself is locked: no lock file is left behind.
+    let lock = std::fs::File::open(&root).map_err(io("Cannot open", &root))?;
     rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-        .map_err(|err| io("Cannot lock", &lock_path)(err.into()))?;
+        .map_err(|err| io("Cannot lock", &root)(err.into()))?;
     check_name(runtime_dir, name)?;
     dir.create()?;
     let name_path = dir.path.join(NAME_FILE);
