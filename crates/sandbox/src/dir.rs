@@ -44,6 +44,10 @@ pub enum SandboxState {
     Running,
     /// The VM's vCPUs are stopped.
     Paused,
+    /// The VM stopped by itself (the guest shut down, rebooted or panicked, or QEMU was
+    /// killed): the supervisor has gone, leaving the record (with why) and its log
+    /// until `sandbox rm`.
+    Exited,
 }
 
 impl SandboxState {
@@ -53,6 +57,7 @@ impl SandboxState {
             Self::Creating => "creating",
             Self::Running => "running",
             Self::Paused => "paused",
+            Self::Exited => "exited",
         }
     }
 }
@@ -81,6 +86,9 @@ pub struct SandboxRecord {
     /// The containers in the sandbox's VM.
     #[serde(default)]
     pub containers: Vec<ContainerRecord>,
+    /// Why an exited sandbox's VM stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_reason: Option<String>,
 }
 
 /// A container of a sandbox: what `sandbox exec --container` needs to run a process in
@@ -164,6 +172,7 @@ impl SandboxRecord {
             memory_mib: 0,
             state: SandboxState::Creating,
             containers: Vec::new(),
+            exit_reason: None,
         }
     }
 
@@ -337,8 +346,9 @@ pub fn sweep(dir: &SandboxDir, record: Option<&SandboxRecord>) -> Result<(), San
     dir.remove()
 }
 
-/// Every sandbox under `runtime_dir` whose supervisor runs, oldest first. Sandboxes whose
-/// supervisor is gone are swept on the way (their VM killed, their directory removed).
+/// Every sandbox under `runtime_dir` whose supervisor runs, and every exited one, oldest
+/// first. Other sandboxes whose supervisor is gone (killed) are swept on the way (their VM
+/// killed, their directory removed).
 pub fn list(runtime_dir: &Path) -> Vec<(SandboxDir, SandboxRecord)> {
     let root = sandboxes_root(runtime_dir);
     let Ok(entries) = std::fs::read_dir(&root) else {
@@ -351,7 +361,10 @@ pub fn list(runtime_dir: &Path) -> Vec<(SandboxDir, SandboxRecord)> {
             continue;
         }
         match dir.read() {
-            Ok(record) if supervisor_alive(&record) => live.push((dir, record)),
+            // An exited sandbox stays, for its user to learn why, until `sandbox rm`.
+            Ok(record) if record.state == SandboxState::Exited || supervisor_alive(&record) => {
+                live.push((dir, record));
+            }
             Ok(record) => {
                 if let Err(err) = sweep(&dir, Some(&record)) {
                     warn!(%err, "Cannot sweep a sandbox");

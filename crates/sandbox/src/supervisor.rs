@@ -146,10 +146,26 @@ impl End {
     }
 }
 
+/// One line on why a VM stopped by itself, for its record: QEMU's exit status and what
+/// it usually means.
+fn exit_reason(exited: &vmfactory_hypervisor::HypervisorError) -> String {
+    let first = exited.to_string();
+    let first = first.lines().next().unwrap_or_default();
+    let meaning = if first.contains("exit status: 0") {
+        "the guest shut down or rebooted"
+    } else if first.contains("signal") {
+        "QEMU was killed"
+    } else {
+        "QEMU or the guest failed"
+    };
+    format!("{first}: {meaning}")
+}
+
 impl Supervisor {
     /// Makes the sandbox and serves it until it is stopped; `ready` is told once the
     /// sandbox answers on its socket, with its record (or the error that prevented it).
-    /// The sandbox directory is gone when this returns.
+    /// The sandbox directory is gone when this returns, unless the VM stopped by itself:
+    /// then its record says `exited` and why, and stays with the log until `sandbox rm`.
     pub async fn run(
         options: SupervisorOptions,
         factory: Factory,
@@ -185,11 +201,28 @@ impl Supervisor {
             id = options.id,
             "Supervisor stopping"
         );
-        if let Some(vm) = shared.vm.lock().await.take() {
-            Self::remove_containers(&vm, &shared.containers).await;
-            if let Err(err) = vm.stop().await {
-                warn!(%err, "Stopping the sandbox VM failed");
+        match (end, shared.vm.lock().await.take()) {
+            (End::VmDied, Some(vm)) => {
+                // Kept for its user: the record says why, the log has the guest's last
+                // lines.
+                let exited = vm.hypervisor().exited().await;
+                warn!("The sandbox's VM stopped by itself: {exited}");
+                let mut record = shared.record.lock().await.clone();
+                record.state = SandboxState::Exited;
+                record.exit_reason = Some(exit_reason(&exited));
+                record.vm_pid = 0;
+                record.vm_dir = PathBuf::new();
+                let _ = vm.stop().await;
+                let _ = std::fs::remove_file(dir.path.join(crate::dir::VM_LINK));
+                return dir.write(&record);
             }
+            (_, Some(vm)) => {
+                Self::remove_containers(&vm, &shared.containers).await;
+                if let Err(err) = vm.stop().await {
+                    warn!(%err, "Stopping the sandbox VM failed");
+                }
+            }
+            (_, None) => {}
         }
         dir.remove()
     }

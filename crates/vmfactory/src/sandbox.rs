@@ -15,7 +15,8 @@ use vmfactory_factory::{Factory, FactoryChoice, Settings};
 use vmfactory_hypervisor::qemu::accel::Accelerator;
 use vmfactory_sandbox::dir::{self, SandboxDir};
 use vmfactory_sandbox::{
-    ContainerPlan, ContainerRecord, SandboxClient, SandboxRecord, Supervisor, SupervisorOptions,
+    ContainerPlan, ContainerRecord, SandboxClient, SandboxRecord, SandboxState, Supervisor,
+    SupervisorOptions,
 };
 
 use crate::run::{exec_attached, ExecOptions, Signals};
@@ -195,26 +196,32 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
 
 /// Refuses to reach into a paused sandbox: its agent cannot answer until it is resumed,
 /// so the call would wait (and run later) instead of failing.
-fn require_running(record: &SandboxRecord) -> Result<()> {
-    require_created(record)?;
-    if record.state == vmfactory_sandbox::SandboxState::Paused {
+fn require_running(sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()> {
+    require_created(sandbox, record)?;
+    if record.state == SandboxState::Paused {
         let who = record_name(record);
         bail!("Sandbox {who} is paused: resume it first with `vmfactory sandbox resume {who}`");
     }
     Ok(())
 }
 
-/// Refuses a sandbox whose `create` is still getting its VM: its supervisor does not
-/// serve yet, and the call would fail as if the sandbox were broken.
-fn require_created(record: &SandboxRecord) -> Result<()> {
-    if record.state == vmfactory_sandbox::SandboxState::Creating {
-        bail!(
-            "Sandbox {} is still being created: try again once `vmfactory sandbox create` \
-             has printed its id",
-            record_name(record)
-        );
+/// Refuses a sandbox whose `create` is still getting its VM (its supervisor does not
+/// serve yet, and the call would fail as if the sandbox were broken), and one that has
+/// exited, saying why.
+fn require_created(sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()> {
+    let who = record_name(record);
+    match record.state {
+        SandboxState::Creating => bail!(
+            "Sandbox {who} is still being created: try again once `vmfactory sandbox create` \
+             has printed its id"
+        ),
+        SandboxState::Exited => bail!(
+            "Sandbox {who} has exited: {}. Its log: {}; remove it with `vmfactory sandbox rm {who}`",
+            record.exit_reason.as_deref().unwrap_or("its VM stopped"),
+            sandbox.log().display()
+        ),
+        SandboxState::Running | SandboxState::Paused => Ok(()),
     }
-    Ok(())
 }
 
 /// How the user knows a sandbox: its name, else its id.
@@ -228,7 +235,7 @@ fn record_name(record: &SandboxRecord) -> &str {
 
 async fn connect(runtime: &Path, key: &str) -> Result<SandboxClient> {
     let (dir, record) = dir::find(runtime, key)?;
-    require_created(&record)?;
+    require_created(&dir, &record)?;
     Ok(SandboxClient::connect(&dir, &record.id).await?)
 }
 
@@ -522,7 +529,11 @@ fn ls(runtime: &Path, json: bool, quiet: bool) -> Result<ExitCode> {
             "{:<12}  {:<16}  {:>8}  {:>5}  {:>5}Mi  {:>7}s  {:<8}  {}",
             record.id,
             record.name,
-            record.vm_pid,
+            if record.vm_pid == 0 {
+                "-".to_string()
+            } else {
+                record.vm_pid.to_string()
+            },
             record.vcpus,
             record.memory_mib,
             record.age_seconds(),
@@ -577,6 +588,11 @@ async fn rm(runtime: &Path, all: bool, keys: &[String], force: bool) -> Result<E
 
 /// Stops one sandbox and waits until its directory is gone; returns its id.
 async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Result<String> {
+    if record.state == SandboxState::Exited {
+        // Nothing runs any more: its record and log go.
+        dir::sweep(&sandbox, Some(&record))?;
+        return Ok(record.id);
+    }
     let stopped = async {
         SandboxClient::connect(&sandbox, &record.id)
             .await?
@@ -619,7 +635,7 @@ async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Resu
 async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
     crate::run::check_terminal_input(args.tty)?;
     let (sandbox, record) = dir::find(runtime, &args.id)?;
-    require_running(&record)?;
+    require_running(&sandbox, &record)?;
     let client = SandboxClient::connect(&sandbox, &record.id).await?;
     let (process, container) = match &args.container {
         Some(name) => {
@@ -660,7 +676,7 @@ async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
             // The VM first: its supervisor ends soon after it.
             if !dir::vm_alive(&record) {
                 return anyhow::anyhow!(
-                    "The VM of sandbox {} stopped while running the command (the guest rebooted, shut down or panicked, or QEMU was killed); its supervisor removes the sandbox",
+                    "The VM of sandbox {} stopped while running the command (the guest rebooted, shut down or panicked, or QEMU was killed); `vmfactory sandbox ls` lists it as exited",
                     record.id
                 );
             }
@@ -702,7 +718,7 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         bail!("The path in the sandbox must be absolute, not {guest:?}");
     }
     let (sandbox, record) = dir::find(runtime, key)?;
-    require_running(&record)?;
+    require_running(&sandbox, &record)?;
     if let Some(name) = container {
         if !record.containers.iter().any(|c| c.name == name) {
             bail!(

@@ -184,7 +184,7 @@ fn a_sandbox_keeps_state_between_execs_and_rm_leaves_nothing() {
 }
 
 #[test]
-fn a_guest_reboot_ends_the_exec_clearly_and_the_sandbox_goes_away() {
+fn a_guest_reboot_ends_the_exec_clearly_and_the_sandbox_is_kept_as_exited() {
     let env = Env::new();
     let id = env.create("reboots");
     let output = env.sandbox(&["exec", &id, "--", "/bin/busybox", "reboot", "-f"]);
@@ -196,16 +196,54 @@ fn a_guest_reboot_ends_the_exec_clearly_and_the_sandbox_goes_away() {
         )),
         "{message}"
     );
-    // Its supervisor notices, removes the sandbox and exits.
+    // Its supervisor notices, stops what is left and exits, keeping the record (with
+    // why) and its log for the user.
     let started = Instant::now();
-    while !env.listed().is_empty() {
+    let exited = loop {
+        let listed = env.listed();
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        if listed[0]["state"] == "exited" {
+            break listed[0].clone();
+        }
         assert!(
             started.elapsed() < Duration::from_secs(20),
-            "the sandbox of a dead VM is still listed: {:?}",
-            env.listed()
+            "the sandbox of a dead VM is not listed as exited: {listed:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    let reason = exited["exit_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("the guest shut down or rebooted"),
+        "{exited}"
+    );
+    wait_gone(exited["supervisor_pid"].as_u64().expect("supervisor pid") as u32);
+    let qemus = qemu_pids_under(env.runtime.path());
+    assert!(qemus.is_empty(), "QEMU processes left: {qemus:?}");
+    // Commands that need its VM say so, with the log to read.
+    let output = env.sandbox(&["exec", "reboots", "--", "true"]);
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    assert!(
+        text(&output).contains("Sandbox reboots has exited: ")
+            && text(&output).contains(reason)
+            && text(&output).contains("supervisor.log"),
+        "{}",
+        text(&output)
+    );
+    let log = env
+        .runtime
+        .path()
+        .join("sandbox")
+        .join(&id)
+        .join("supervisor.log");
+    let log = std::fs::read_to_string(&log).expect("the log is kept");
+    assert!(log.contains("stopped by itself"), "{log}");
+    // Its name stays taken until it is removed.
+    let output = env.sandbox(&["create", "--name", "reboots"]);
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    let output = env.sandbox(&["rm", "reboots"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), id);
+    assert!(env.listed().is_empty());
     env.assert_nothing_left();
 }
 
