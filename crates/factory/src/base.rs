@@ -75,6 +75,10 @@ pub trait FactoryBase: Send + Sync + std::fmt::Debug {
     async fn status(&self) -> Vec<VmStatus> {
         Vec::new()
     }
+    /// What is told about its VMs and their hand-outs (metrics), if anything.
+    fn observer(&self) -> Option<Arc<dyn crate::pool::PoolObserver>> {
+        None
+    }
     /// Stops what it runs.
     async fn close(&self) -> Result<(), FactoryError>;
 }

@@ -27,6 +27,7 @@ pub const REFILL_GRACE: Duration = Duration::from_millis(100);
 pub struct CacheFactory {
     base: Arc<dyn FactoryBase>,
     pool: ReadyPool<Vm>,
+    observer: Option<Arc<dyn PoolObserver>>,
 }
 
 impl CacheFactory {
@@ -63,8 +64,12 @@ impl CacheFactory {
                 Ok(vm)
             })
         });
-        let pool = ReadyPool::start_observed("cache", size, maker, observer, REFILL_GRACE);
-        Self { base, pool }
+        let pool = ReadyPool::start_observed("cache", size, maker, observer.clone(), REFILL_GRACE);
+        Self {
+            base,
+            pool,
+            observer,
+        }
     }
 
     /// VMs ready right now.
@@ -102,6 +107,10 @@ impl FactoryBase for CacheFactory {
     async fn close(&self) -> Result<(), FactoryError> {
         self.pool.close().await;
         self.base.close().await
+    }
+
+    fn observer(&self) -> Option<Arc<dyn PoolObserver>> {
+        self.observer.clone()
     }
 }
 
@@ -147,6 +156,15 @@ mod tests {
             })
         }
 
+        /// One whose every VM fails to start (mock VMs need vCPUs).
+        fn failing() -> Arc<Self> {
+            let mut factory = Self::new(Duration::ZERO);
+            if let Some(factory) = Arc::get_mut(&mut factory) {
+                factory.config.vcpus = 0;
+            }
+            factory
+        }
+
         fn controls(&self) -> Vec<Arc<MockControl>> {
             self.mock.controls().into_iter().map(|(_, c)| c).collect()
         }
@@ -181,6 +199,47 @@ mod tests {
         async fn close(&self) -> Result<(), FactoryError> {
             Ok(())
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hand_out_that_fails_is_answered_unavailable_and_counted() {
+        let metrics = Arc::new(crate::metrics::FactoryMetrics::default());
+        let cache = Arc::new(CacheFactory::start(
+            MockFactory::failing(),
+            1,
+            false,
+            Some(metrics.clone()),
+        ));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = dir.path().join("cache.sock");
+        let shutdown = Arc::new(tokio::sync::Notify::new());
+        let lock = crate::vmcache::lock_endpoint(&endpoint).expect("lock");
+        let server = tokio::spawn({
+            let (cache, endpoint, shutdown) = (cache.clone(), endpoint.clone(), shutdown.clone());
+            async move { crate::vmcache::serve_locked(cache, &endpoint, &lock, shutdown).await }
+        });
+        let mut client = loop {
+            if let Ok(client) = crate::vmcache::connect(&endpoint).await {
+                break client;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        // The cache's maker fails every time: once it has failed often enough in a row,
+        // the waiting call gets the error.
+        let status = tokio::time::timeout(Duration::from_secs(30), client.get_base_vm(()))
+            .await
+            .expect("answered")
+            .expect_err("no VM can be made");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        let text = metrics.encode();
+        assert!(
+            text.contains("vmfactory_handout_failures_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("vmfactory_handouts_total 0"), "{text}");
+        shutdown.notify_one();
+        server.await.expect("join").expect("serve");
+        cache.close().await.expect("close");
     }
 
     async fn wait_ready(cache: &CacheFactory, count: usize) {

@@ -89,6 +89,8 @@ pub struct FactoryMetrics {
     handout_seconds: Histogram,
     refill_failures: Counter,
     dead_replaced: Counter,
+    handout_failures: Counter,
+    reclaimed: Counter,
     template_age: Gauge<f64, AtomicU64>,
     template_created: Mutex<Option<SystemTime>>,
 }
@@ -103,6 +105,8 @@ impl Default for FactoryMetrics {
         let handout_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         let refill_failures = Counter::default();
         let dead_replaced = Counter::default();
+        let handout_failures = Counter::default();
+        let reclaimed = Counter::default();
         let template_age = Gauge::<f64, AtomicU64>::default();
         registry.register("vms_ready", "VMs ready in the cache", vms_ready.clone());
         registry.register(
@@ -135,6 +139,16 @@ impl Default for FactoryMetrics {
             dead_replaced.clone(),
         );
         registry.register(
+            "handout_failures",
+            "GetBaseVM calls answered with an error (no VM could be had, or it could not be resumed)",
+            handout_failures.clone(),
+        );
+        registry.register(
+            "handouts_reclaimed",
+            "VMs handed out that no client took over in time, stopped by the server",
+            reclaimed.clone(),
+        );
+        registry.register(
             "template_age_seconds",
             "Age of the template the cache clones (0 without a template)",
             template_age.clone(),
@@ -147,6 +161,8 @@ impl Default for FactoryMetrics {
             handout_seconds,
             refill_failures,
             dead_replaced,
+            handout_failures,
+            reclaimed,
             template_age,
             template_created: Mutex::new(None),
         }
@@ -200,6 +216,14 @@ impl PoolObserver for FactoryMetrics {
 
     fn taken(&self, elapsed: Duration) {
         self.handed_out(elapsed);
+    }
+
+    fn handout_failed(&self) {
+        self.handout_failures.inc();
+    }
+
+    fn reclaimed(&self) {
+        self.reclaimed.inc();
     }
 }
 

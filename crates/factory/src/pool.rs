@@ -50,6 +50,10 @@ pub trait PoolObserver: Send + Sync + std::fmt::Debug {
     fn taken(&self, elapsed: Duration) {
         let _ = elapsed;
     }
+    /// A VMCache hand-out failed: no VM could be had, or it could not be resumed.
+    fn handout_failed(&self) {}
+    /// A VM handed out was adopted by no client in time and was stopped.
+    fn reclaimed(&self) {}
 }
 
 /// The future a pool's maker returns.

@@ -232,6 +232,9 @@ async fn reclaim_unadopted(factory: Arc<dyn FactoryBase>, handed: Handed, grace:
         };
         for record in due {
             if factory.backend().reclaim(&record.hypervisor).await {
+                if let Some(observer) = factory.observer() {
+                    observer.reclaimed();
+                }
                 warn!(
                     id = record.id,
                     grace_s = grace.as_secs_f64(),
@@ -254,17 +257,23 @@ impl CacheService for CacheServer {
     }
 
     async fn get_base_vm(&self, _request: Request<()>) -> Result<Response<GrpcVm>, Status> {
+        let failed = |err: &dyn std::fmt::Display| {
+            if let Some(observer) = self.factory.observer() {
+                observer.handout_failed();
+            }
+            Status::unavailable(err.to_string())
+        };
         let vm = self
             .factory
             .get_base_vm()
             .await
-            .map_err(|err| Status::unavailable(err.to_string()))?;
+            .map_err(|err| failed(&err))?;
         // Resumed here, on the server's live QMP session, so the guest already runs when
         // the client's hand-out arrives; the client sends no `cont` of its own.
         let record = vm
             .resume_and_hand_over()
             .await
-            .map_err(|err| Status::unavailable(err.to_string()))?;
+            .map_err(|err| failed(&err))?;
         info!(id = record.id, "VM handed over");
         let message = grpc_vm(&record);
         if let Ok(mut handed) = self.handed.lock() {

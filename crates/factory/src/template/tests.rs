@@ -217,9 +217,16 @@ async fn serve_two_cached(
     PathBuf,
     Arc<tokio::sync::Notify>,
     tokio::task::JoinHandle<Result<(), vmcache::VmCacheError>>,
+    Arc<crate::metrics::FactoryMetrics>,
 ) {
     let template = world.create().await;
-    let cache = Arc::new(CacheFactory::with_warm_up(Arc::new(template), 2, true));
+    let metrics = Arc::new(crate::metrics::FactoryMetrics::default());
+    let cache = Arc::new(CacheFactory::start(
+        Arc::new(template),
+        2,
+        true,
+        Some(metrics.clone()),
+    ));
     let endpoint = world.path.with_extension("sock");
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let server = tokio::spawn({
@@ -236,13 +243,13 @@ async fn serve_two_cached(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(cache.ready_count().await, 2, "the cache never filled");
-    (cache, endpoint, shutdown, server)
+    (cache, endpoint, shutdown, server, metrics)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmcache_hands_over_by_record_and_refuses_unknown_versions() {
     let world = World::new();
-    let (cache, endpoint, shutdown, server) =
+    let (cache, endpoint, shutdown, server, _) =
         serve_two_cached(&world, vmcache::HANDOVER_GRACE).await;
 
     let client = GrpcCacheFactory::connect_with_backend(&endpoint, world.backend.clone())
@@ -422,7 +429,7 @@ async fn concurrent_creations_one_wins_the_other_is_refused_naming_the_pid() {
 async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
     let world = World::new();
     let grace = Duration::from_millis(300);
-    let (cache, endpoint, shutdown, server) = serve_two_cached(&world, grace).await;
+    let (cache, endpoint, shutdown, server, metrics) = serve_two_cached(&world, grace).await;
 
     // One VM taken and adopted, one taken by a client that never adopts it (it died).
     let client = GrpcCacheFactory::connect_with_backend(&endpoint, world.backend.clone())
@@ -471,6 +478,15 @@ async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
         .is_err());
     assert!(adopted_control.is_alive(), "the adopted VM is left alone");
     adopted.stop().await.expect("stop");
+    let text = metrics.encode();
+    assert!(
+        text.contains("vmfactory_handouts_reclaimed_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("vmfactory_handout_failures_total 0"),
+        "{text}"
+    );
 
     shutdown.notify_one();
     server.await.expect("join").expect("serve");
