@@ -143,14 +143,6 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let factory = &resolved.settings.factory;
     // Held for the server's life; a second server is refused before it boots anything.
     let endpoint_lock = vmcache::lock_endpoint(&factory.vm_cache_endpoint)?;
-    let creating = (factory.enable_template
-        && !factory.template_path.join(template::METADATA_FILE).exists())
-    .then(|| {
-        Progress::spinner(&format!(
-            "Creating the template at {}",
-            factory.template_path.display()
-        ))
-    });
     let metrics_address: Option<MetricsAddress> = (!factory.metrics_address.is_empty())
         .then(|| factory.metrics_address.parse())
         .transpose()?;
@@ -176,6 +168,41 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
             reaped.join(", ")
         );
     }
+    // Served from the start: a scrape while the template is created sees 0 VMs ready,
+    // not a connection that hangs.
+    let metrics_task = match (&metrics, metrics_listener, &metrics_address) {
+        (Some(metrics), Some(listener), Some(address)) => {
+            eprintln!(
+                "vmfactory: metrics served: {}",
+                match address {
+                    MetricsAddress::Tcp(socket) => format!("http://{socket}/metrics"),
+                    MetricsAddress::Unix(path) => format!(
+                        "curl --unix-socket {} http://localhost/metrics",
+                        path.display()
+                    ),
+                }
+            );
+            let stop = Arc::new(Notify::new());
+            let task = tokio::spawn(listener.serve(metrics.clone(), stop.clone()));
+            Some((stop, task))
+        }
+        _ => None,
+    };
+    // Stops serving the metrics (a Unix socket is removed).
+    let end_metrics = |task: Option<(Arc<Notify>, tokio::task::JoinHandle<()>)>| async move {
+        if let Some((stop, task)) = task {
+            stop.notify_one();
+            let _ = task.await;
+        }
+    };
+    let creating = (factory.enable_template
+        && !factory.template_path.join(template::METADATA_FILE).exists())
+    .then(|| {
+        Progress::spinner(&format!(
+            "Creating the template at {}",
+            factory.template_path.display()
+        ))
+    });
     // Cached VMs are handed over to clients and outlive this server.
     let mut base = resolved.base.clone();
     base.qemu.die_with_parent = false;
@@ -187,6 +214,7 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
             if let Some(progress) = creating {
                 progress.abandon();
             }
+            end_metrics(metrics_task).await;
             return Ok(signal_exit(stop));
         }
     };
@@ -201,26 +229,9 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
             if let Some(progress) = creating {
                 progress.abandon();
             }
+            end_metrics(metrics_task).await;
             return Err(err.into());
         }
-    };
-    let metrics_stop = Arc::new(Notify::new());
-    let metrics_task = match (metrics, metrics_listener, &metrics_address) {
-        (Some(metrics), Some(listener), Some(address)) => {
-            let stop = metrics_stop.clone();
-            eprintln!(
-                "vmfactory: metrics served: {}",
-                match address {
-                    MetricsAddress::Tcp(socket) => format!("http://{socket}/metrics"),
-                    MetricsAddress::Unix(path) => format!(
-                        "curl --unix-socket {} http://localhost/metrics",
-                        path.display()
-                    ),
-                }
-            );
-            Some(tokio::spawn(listener.serve(metrics, stop)))
-        }
-        _ => None,
     };
     let shutdown = Arc::new(Notify::new());
     let signals = shutdown.clone();
@@ -257,10 +268,7 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     .await;
     warming.abort();
     eprintln!("vmfactory: VMCache server stopping");
-    if let Some(task) = metrics_task {
-        metrics_stop.notify_one();
-        let _ = task.await;
-    }
+    end_metrics(metrics_task).await;
     server.close().await?;
     served?;
     Ok(ExitCode::SUCCESS)

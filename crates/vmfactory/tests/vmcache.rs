@@ -28,6 +28,13 @@ impl Server {
     }
 
     fn start_in(dir: tempfile::TempDir, cached: u32) -> Self {
+        let server = Self::spawn_in(dir, cached);
+        server.wait_for_cached(cached as usize, &[]);
+        server
+    }
+
+    /// Starts the server without waiting for anything.
+    fn spawn_in(dir: tempfile::TempDir, cached: u32) -> Self {
         let (kernel, initrd) = (&image().kernel, &image().initrd);
         let config = format!(
             "[hypervisor.qemu]\nkernel = {kernel:?}\ninitrd = {initrd:?}\nruntime_dir = {:?}\n\n\
@@ -48,12 +55,10 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("start server");
-        let server = Self {
+        Self {
             dir,
             child: Some(child),
-        };
-        server.wait_for_cached(cached as usize, &[]);
-        server
+        }
     }
 
     fn config(&self) -> PathBuf {
@@ -516,7 +521,27 @@ fn a_second_server_is_refused_a_stale_socket_is_replaced_and_sigterm_stops_clean
 
 #[test]
 fn metrics_count_handouts_and_ready_vms() {
-    let mut server = Server::start(1);
+    let dir = tempfile::Builder::new()
+        .prefix("vmf-cache-")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let mut server = Server::spawn_in(dir, 1);
+    // Served from the start: a scrape while the template is created answers at once
+    // (it used to wait, connected, until the template was made).
+    let started = Instant::now();
+    while !server.dir.path().join("metrics.sock").exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no metrics socket"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(server.metric("vmfactory_vms_ready"), 0.0);
+    assert!(
+        !server.dir.path().join("template/metadata.json").exists(),
+        "the metrics were answered only once the template was made"
+    );
+    server.wait_for_cached(1, &[]);
     assert_eq!(server.metric("vmfactory_vms_ready"), 1.0);
     let before = server.metric("vmfactory_handouts_total");
     let output = server.vmfactory(&["run", "--", "true"]);
