@@ -111,7 +111,9 @@ impl Backend for QemuBackend {
         if !orphans::take_hand_over_mark(&handle.dir) {
             return false; // adopted, or gone
         }
-        orphans::reap_dir(&handle.dir);
+        // It waits (briefly) for the process to exit: not on the async runtime's threads.
+        let dir = handle.dir.clone();
+        let _ = tokio::task::spawn_blocking(move || orphans::reap_dir(&dir)).await;
         true
     }
 

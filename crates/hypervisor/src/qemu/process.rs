@@ -242,12 +242,14 @@ impl Qemu {
                 handle.id, handle.pid
             ))
         };
+        let pidfd = open_pidfd(handle.pid)
+            .map_err(|err| gone(&format!("the process is gone (pidfd_open: {err})")))?;
+        // Looked at once the pidfd is open: the pidfd's process is the one checked, not
+        // one that reused the pid in between.
         let cmdline = process_cmdline(handle.pid).ok_or_else(|| gone("the process is gone"))?;
         if !super::cmdline::cmdline_names(&cmdline, &paths.qmp) {
             return Err(gone("the process is not that VM's QEMU"));
         }
-        let pidfd =
-            open_pidfd(handle.pid).map_err(|err| gone(&format!("pidfd_open failed: {err}")))?;
         let watched = pidfd.try_clone().map_err(|err| gone(&err.to_string()))?;
         let (exit_tx, exit_rx) = watch::channel(None);
         // SAFETY: the cloned pidfd is open and owned by the AsyncFd for its lifetime.
@@ -311,8 +313,6 @@ fn log_accel_once(accel: ResolvedAccel, reason: &'static str) {
     });
 }
 
-/// The command line of process `pid`, its arguments joined by spaces; `None` when no
-/// such process runs (or it has none, as a zombie).
 /// A pidfd for `pid`.
 pub(super) fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     let pid = i32::try_from(pid)
@@ -347,6 +347,8 @@ pub(super) fn wait_pidfd(pidfd: &std::os::fd::OwnedFd, timeout: Duration) {
     }
 }
 
+/// The command line of process `pid`, its arguments joined by spaces; `None` when no
+/// such process runs (or it has none, as a zombie).
 pub fn process_cmdline(pid: u32) -> Option<String> {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     (!cmdline.is_empty()).then(|| String::from_utf8_lossy(&cmdline).replace('\0', " "))
