@@ -193,6 +193,10 @@ impl VmArgs {
                 let image = guest::ensure_image(&self.image, settings.guest.kernel, false)?;
                 Some((image.kernel, self.initrd.clone().unwrap_or(image.initrd)))
             }
+            // The configured kernel with another initramfs.
+            (None, Some(initrd)) if !settings.hypervisor.qemu.kernel.as_os_str().is_empty() => {
+                Some((settings.hypervisor.qemu.kernel.clone(), initrd.clone()))
+            }
             (None, _) => None,
         };
         if let Some((kernel, initrd)) = &image {
@@ -457,8 +461,8 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
         Command::Sandbox(command) => sandbox::run(command, config).await,
         Command::Config(ConfigCommand::Show { json }) => {
             let mut settings = Settings::load(config.as_deref())?;
-            for (variable, key) in apply_environment(&mut settings)? {
-                eprintln!("vmfactory: {variable} overrides {key}");
+            for said in apply_environment(&mut settings)? {
+                eprintln!("vmfactory: {said}");
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&settings)?);
@@ -481,35 +485,42 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
 
 /// Applies the environment variables that override configuration keys for every command
 /// (as the options they stand for would), so `config show` shows what a command would
-/// use; returns each variable applied with the key it overrides.
-fn apply_environment(settings: &mut Settings) -> Result<Vec<(&'static str, &'static str)>> {
-    let mut applied = Vec::new();
+/// use; returns a line for each variable set: what it overrides, or why it has no effect.
+fn apply_environment(settings: &mut Settings) -> Result<Vec<String>> {
+    let mut said = Vec::new();
+    let given = |variable: &str| std::env::var_os(variable).filter(|given| !given.is_empty());
     let qemu = &mut settings.hypervisor.qemu;
-    for (variable, key, value) in [
-        ("VMFACTORY_QEMU", "hypervisor.qemu.path", &mut qemu.path),
-        (
-            "VMFACTORY_KERNEL",
-            "hypervisor.qemu.kernel",
-            &mut qemu.kernel,
-        ),
-        (
-            "VMFACTORY_INITRD",
-            "hypervisor.qemu.initrd",
-            &mut qemu.initrd,
-        ),
-    ] {
-        if let Some(given) = std::env::var_os(variable).filter(|given| !given.is_empty()) {
-            *value = PathBuf::from(given);
-            applied.push((variable, key));
-        }
+    if let Some(path) = given("VMFACTORY_QEMU") {
+        qemu.path = PathBuf::from(path);
+        said.push("VMFACTORY_QEMU overrides hypervisor.qemu.path".to_string());
     }
-    if let Some(given) = std::env::var_os("VMFACTORY_GUEST_KERNEL").filter(|v| !v.is_empty()) {
-        settings.guest.kernel = given.to_string_lossy().parse().map_err(|err| {
-            anyhow::anyhow!("VMFACTORY_GUEST_KERNEL={}: {err}", given.to_string_lossy())
-        })?;
-        applied.push(("VMFACTORY_GUEST_KERNEL", "guest.kernel"));
+    let kernel_given = given("VMFACTORY_KERNEL");
+    if let Some(kernel) = &kernel_given {
+        qemu.kernel = PathBuf::from(kernel);
+        said.push("VMFACTORY_KERNEL overrides hypervisor.qemu.kernel".to_string());
     }
-    Ok(applied)
+    if let Some(initrd) = given("VMFACTORY_INITRD") {
+        qemu.initrd = PathBuf::from(initrd);
+        said.push("VMFACTORY_INITRD overrides hypervisor.qemu.initrd".to_string());
+    } else if kernel_given.is_some() && qemu.initrd.as_os_str().is_empty() {
+        said.push(
+            "with VMFACTORY_KERNEL and no initrd, commands boot the guest image's initramfs"
+                .to_string(),
+        );
+    }
+    if let Some(source) = given("VMFACTORY_GUEST_KERNEL") {
+        let source = source.to_string_lossy();
+        settings.guest.kernel = source
+            .parse()
+            .map_err(|err| anyhow::anyhow!("VMFACTORY_GUEST_KERNEL={source}: {err}"))?;
+        said.push(if settings.hypervisor.qemu.kernel.as_os_str().is_empty() {
+            "VMFACTORY_GUEST_KERNEL overrides guest.kernel".to_string()
+        } else {
+            "VMFACTORY_GUEST_KERNEL has no effect: hypervisor.qemu.kernel names the kernel"
+                .to_string()
+        });
+    }
+    Ok(said)
 }
 
 #[cfg(test)]
@@ -556,6 +567,43 @@ mod tests {
             command_after_dashes(&parse_error(&args), owned(&args)),
             None
         );
+    }
+
+    #[test]
+    fn an_initrd_option_replaces_the_configured_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = |name: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, b"x").expect("write");
+            path
+        };
+        let (kernel, configured, given) = (file("vmlinux"), file("conf.img"), file("given.img"));
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!("[hypervisor.qemu]\nkernel = {kernel:?}\ninitrd = {configured:?}\n"),
+        )
+        .expect("config");
+        let args = |initrd: Option<&std::path::Path>| VmArgs {
+            vcpus: None,
+            memory: None,
+            accel: None,
+            qemu: None,
+            kernel: None,
+            initrd: initrd.map(std::path::Path::to_path_buf),
+            kernel_params: None,
+            boot_timeout: None,
+            image: guest::ImageArgs {
+                cache_dir: None,
+                agent: None,
+                guest_kernel: None,
+            },
+        };
+        for (initrd, expected) in [(None, &configured), (Some(given.as_path()), &given)] {
+            let resolved = args(initrd).resolve(Some(&config), true).expect("resolve");
+            assert_eq!(&resolved.settings.hypervisor.qemu.kernel, &kernel);
+            assert_eq!(&resolved.settings.hypervisor.qemu.initrd, expected);
+        }
     }
 
     #[test]

@@ -232,6 +232,11 @@ fn config_show_prints_the_effective_configuration() {
         said.contains("VMFACTORY_INITRD overrides hypervisor.qemu.initrd"),
         "{said}"
     );
+    // The configuration names a kernel: the kind of guest image has no effect, and says so.
+    assert!(
+        said.contains("VMFACTORY_GUEST_KERNEL has no effect"),
+        "{said}"
+    );
 }
 
 #[test]
