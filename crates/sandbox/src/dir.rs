@@ -2,8 +2,9 @@
 //! (`sandbox.json`), the supervisor's socket (`sandbox.sock`) and log
 //! (`supervisor.log`), and a `vm` link to the VM's own directory (as Kata's
 //! `assignSandbox` links the VM's sockets into the sandbox). The supervisor writes the
-//! record atomically; anyone may read it. A sandbox whose supervisor is gone is swept:
-//! its VM (if it still runs) is killed and its directory removed, so none is half there.
+//! record atomically; anyone may read it. A sandbox whose supervisor is gone without
+//! marking it `exited` (it was killed) is swept: its VM (if it still runs) is killed and
+//! its directory removed, so none is half there.
 //! A name is claimed ([`reserve`]) under a lock, with a `name` file written before the
 //! record exists, so two sandboxes never share one.
 
@@ -448,21 +449,22 @@ pub fn check_name(runtime_dir: &Path, name: &str) -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// The names claimed by sandboxes starting up: directories under `root` without a
-/// record yet, younger than [`STARTING_SECONDS`].
+/// The names claimed in directories under `root` younger than [`STARTING_SECONDS`]:
+/// sandboxes starting up. Read whether or not a record has appeared meanwhile (one written
+/// between a listing and this look would otherwise be in neither); a dead sandbox's
+/// directory has been swept by the listing before.
 fn starting_names(root: &Path) -> impl Iterator<Item = String> {
     std::fs::read_dir(root)
         .into_iter()
         .flatten()
         .flatten()
         .filter(|entry| {
-            !entry.path().join(RECORD_FILE).exists()
-                && entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|m| m.elapsed().ok())
-                    .is_some_and(|age| age.as_secs() < STARTING_SECONDS)
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age.as_secs() < STARTING_SECONDS)
         })
         .filter_map(|entry| {
             use std::io::Read;

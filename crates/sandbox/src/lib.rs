@@ -5,8 +5,9 @@
 //! (`vmfactory.sandbox`: status, pause, resume, stop) and the agent API, forwarded over
 //! its one agent connection, so several commands can use one sandbox at once.
 //!
-//! - [`dir`]: the sandbox directory, its record (`sandbox.json`), listing, and the sweep
-//!   that removes sandboxes whose supervisor is gone;
+//! - [`dir`]: the sandbox directory, its record (`sandbox.json`), name claims, listing,
+//!   and the sweep that removes sandboxes whose supervisor was killed (an exited one stays
+//!   until `sandbox rm`);
 //! - [`supervisor`]: the supervisor's life: get the VM, serve, stop;
 //! - [`proxy`]: the agent API forwarded to the VM's agent;
 //! - [`client`]: talking to a supervisor.

@@ -1,9 +1,11 @@
 //! The supervisor: one process per sandbox. It takes the sandbox's VM through
 //! `Factory::get_vm`, owns the VM's hypervisor handle and agent connection, serves the
 //! sandbox API and the forwarded agent API on its socket, and when told to stop (the
-//! `Stop` RPC, SIGTERM, SIGINT, SIGHUP) or when the VM dies, stops the VM and removes the
-//! sandbox directory. VMs it boots or clones itself die with it (QEMU's parent-death
-//! signal), so even a SIGKILL leaves at most a directory, which the next listing sweeps.
+//! `Stop` RPC, SIGTERM, SIGINT, SIGHUP), stops the VM and removes the sandbox directory.
+//! When the VM stops by itself it leaves the sandbox as `exited` (its record says why,
+//! its log stays) until `sandbox rm`. VMs it boots or clones itself die with it (QEMU's
+//! parent-death signal), so even a SIGKILL leaves at most a directory, which the next
+//! listing sweeps.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -73,6 +75,9 @@ struct Shared {
 impl Shared {
     async fn set_state(&self, state: SandboxState) -> Result<(), Status> {
         let mut record = self.record.lock().await;
+        if record.state == SandboxState::Exited {
+            return Err(Status::failed_precondition("The sandbox's VM has stopped"));
+        }
         record.state = state;
         self.dir
             .write(&record)
@@ -149,16 +154,27 @@ impl End {
 /// One line on why a VM stopped by itself, for its record: QEMU's exit status and what
 /// it usually means.
 fn exit_reason(exited: &vmfactory_hypervisor::HypervisorError) -> String {
-    let first = exited.to_string();
-    let first = first.lines().next().unwrap_or_default();
-    let meaning = if first.contains("exit status: 0") {
-        "the guest shut down or rebooted"
-    } else if first.contains("signal") {
-        "QEMU was killed"
-    } else {
-        "QEMU or the guest failed"
+    let vmfactory_hypervisor::HypervisorError::Exited { status, .. } = exited else {
+        return format!(
+            "the VM stopped ({})",
+            exited.to_string().lines().next().unwrap_or_default()
+        );
     };
-    format!("{first}: {meaning}")
+    let meaning = if status.contains("adopted") {
+        // Not our child (a VMCache server started it): its status is not ours to read.
+        return "QEMU exited (a VM from a VMCache server: its exit status is not known here): \
+                the guest shut down, rebooted or panicked, or QEMU was stopped"
+            .to_string();
+    } else if status == "exit status: 0" {
+        "the guest shut down, rebooted or panicked, or QEMU was stopped (SIGTERM)"
+    } else if status.contains("SIGKILL") {
+        "QEMU was killed (SIGKILL; the kernel's out-of-memory killer sends it too)"
+    } else if status.contains("signal") {
+        "QEMU was stopped by a signal or crashed"
+    } else {
+        "QEMU failed"
+    };
+    format!("QEMU exited ({status}): {meaning}")
 }
 
 impl Supervisor {
@@ -204,10 +220,11 @@ impl Supervisor {
         match (end, shared.vm.lock().await.take()) {
             (End::VmDied, Some(vm)) => {
                 // Kept for its user: the record says why, the log has the guest's last
-                // lines.
+                // lines. Written under the record's lock, which pause and resume take
+                // too (they refuse an exited sandbox).
                 let exited = vm.hypervisor().exited().await;
                 warn!("The sandbox's VM stopped by itself: {exited}");
-                let mut record = shared.record.lock().await.clone();
+                let mut record = shared.record.lock().await;
                 record.state = SandboxState::Exited;
                 record.exit_reason = Some(exit_reason(&exited));
                 record.vm_pid = 0;
@@ -365,6 +382,9 @@ impl Supervisor {
             }
         };
         let end = tokio::select! {
+            // A stop asked for wins over a VM found dead at the same moment: `rm` then
+            // gets what it asked for.
+            biased;
             () = shared.stop.notified() => End::Stopped,
             _ = term.recv() => End::Signal("SIGTERM"),
             _ = int.recv() => End::Signal("SIGINT"),

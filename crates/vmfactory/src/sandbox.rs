@@ -190,7 +190,7 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
             containers,
             disk_size,
             vm,
-        } => supervise(id, name, &containers, disk_size, vm, config).await,
+        } => supervise(id, name, &runtime, &containers, disk_size, vm, config).await,
     }
 }
 
@@ -329,6 +329,9 @@ async fn create(
     }
     let id = dir::new_id();
     let sandbox = dir::reserve(runtime, &id, &name)?;
+    // Until the supervisor answers, a failure here leaves no directory (nor its name
+    // claim) behind.
+    let mut claimed = RemoveOnDrop(Some(sandbox.clone()));
     let log = std::fs::File::create(sandbox.log())
         .with_context(|| format!("Cannot create {}", sandbox.log().display()))?;
     let exe = std::env::current_exe().context("Cannot find the vmfactory binary")?;
@@ -392,6 +395,8 @@ async fn create(
             // SAFETY: signalling the supervisor we just started.
             unsafe { libc::kill(supervisor_pid as i32, libc::SIGTERM); }
             let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+            // The supervisor removed it, unless it was killed before it could.
+            drop(claimed);
             eprintln!("vmfactory: interrupted; the sandbox was not created");
             return Ok(ExitCode::from(130));
         }
@@ -409,6 +414,7 @@ async fn create(
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         bail!("The sandbox could not be created:\n{}", tail.join("\n"));
     }
+    claimed.0 = None;
     println!("{id}");
     Ok(ExitCode::SUCCESS)
 }
@@ -416,11 +422,16 @@ async fn create(
 async fn supervise(
     id: String,
     name: String,
+    runtime: &Path,
     containers: &[String],
     disk_size: Option<u32>,
     vm: VmArgs,
     config: Option<PathBuf>,
 ) -> Result<ExitCode> {
+    // The record first, with our pid: from here on the sandbox is one being created, whose
+    // supervisor runs, however long images and the guest image take to prepare (a
+    // directory without a record is taken for abandoned after a minute, and swept).
+    SandboxDir::new(runtime, &id).write(&SandboxRecord::creating(&id, &name))?;
     let mut plans = Vec::new();
     for (container, reference) in container_images(containers)? {
         let cache_dir = vm.image.cache_dir.clone();
@@ -482,6 +493,17 @@ async fn supervise(
     };
     Supervisor::run(options, factory, ready).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes a sandbox directory when dropped, unless emptied first.
+struct RemoveOnDrop(Option<SandboxDir>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(sandbox) = self.0.take() {
+            let _ = sandbox.remove();
+        }
+    }
 }
 
 /// One line to `create` on the supervisor's stdout: `prefix` and `text` on one line,
@@ -588,8 +610,13 @@ async fn rm(runtime: &Path, all: bool, keys: &[String], force: bool) -> Result<E
 
 /// Stops one sandbox and waits until its directory is gone; returns its id.
 async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Result<String> {
+    // Nothing runs any more in an exited sandbox: its record and log go.
+    let exited = |sandbox: &SandboxDir| {
+        sandbox
+            .read()
+            .is_ok_and(|record| record.state == SandboxState::Exited)
+    };
     if record.state == SandboxState::Exited {
-        // Nothing runs any more: its record and log go.
         dir::sweep(&sandbox, Some(&record))?;
         return Ok(record.id);
     }
@@ -601,12 +628,25 @@ async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Resu
     }
     .await;
     if let Err(err) = stopped {
+        // Its VM may have died just now: the supervisor then leaves it exited, and goes.
+        let waited = Instant::now();
+        while dir::supervisor_alive(&record) && waited.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if !force && !dir::supervisor_alive(&record) && exited(&sandbox) {
+            dir::sweep(&sandbox, Some(&record))?;
+            return Ok(record.id);
+        }
         if !force {
             return Err(err.into());
         }
     }
     let started = Instant::now();
     while sandbox.path.exists() {
+        if !dir::supervisor_alive(&record) && exited(&sandbox) {
+            dir::sweep(&sandbox, Some(&record))?;
+            return Ok(record.id);
+        }
         if started.elapsed() > RM_TIMEOUT {
             if !force {
                 bail!(

@@ -213,7 +213,7 @@ fn a_guest_reboot_ends_the_exec_clearly_and_the_sandbox_is_kept_as_exited() {
     };
     let reason = exited["exit_reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("the guest shut down or rebooted"),
+        reason.starts_with("QEMU exited (exit status: 0): the guest shut down, rebooted"),
         "{exited}"
     );
     wait_gone(exited["supervisor_pid"].as_u64().expect("supervisor pid") as u32);
