@@ -102,6 +102,9 @@ pub struct AgentClient {
     /// The container whose root file operations (`copy_in`, `copy_out`) work in; empty:
     /// the VM's. See [`AgentClient::files_in`].
     files_container: String,
+    /// Counts the bytes of file content `copy_in` and `copy_out` have moved, as they go
+    /// (for progress). See [`AgentClient::counting_bytes`].
+    copied: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// A duplicate of the connected socket's fd, to shut the connection down on demand: the
@@ -156,6 +159,22 @@ impl AgentClient {
     /// The container file operations work in ("" = the VM).
     pub(crate) fn files_container(&self) -> &str {
         &self.files_container
+    }
+
+    /// This client, its `copy_in` and `copy_out` adding to `counter` the bytes of file
+    /// content they move, chunk by chunk (to show a long copy's progress).
+    pub fn counting_bytes(&self, counter: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self {
+            copied: Some(counter),
+            ..self.clone()
+        }
+    }
+
+    /// Adds `bytes` to the counter of [`AgentClient::counting_bytes`], if any.
+    pub(crate) fn count_copied(&self, bytes: u64) {
+        if let Some(counter) = &self.copied {
+            counter.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// Connects to the agent socket. The HTTP/2 connection is set up at once; calls wait
@@ -222,6 +241,7 @@ impl AgentClient {
             inner,
             socket,
             files_container: String::new(),
+            copied: None,
         }
     }
 

@@ -390,6 +390,7 @@ impl AgentClient {
         let mut first = stamp.request(guest, FileKind::File, self.files_container());
         first.size = size;
         let (tx, rx) = mpsc::channel(SEND_DEPTH);
+        let counting = self.clone();
         // Reads as fast as the agent takes the chunks; stops at `size` bytes.
         let feeder = tokio::spawn(async move {
             let mut message = first;
@@ -414,6 +415,7 @@ impl AgentClient {
                 if tx.send(message).await.is_err() {
                     return Ok(()); // The call ended; its status says why.
                 }
+                counting.count_copied(filled as u64);
                 if left == 0 {
                     return Ok(());
                 }
@@ -623,6 +625,7 @@ impl AgentClient {
                 .await
                 .map_err(local_error("write", local))?;
             received += take as u64;
+            self.count_copied(take as u64);
         }
         drop(stream);
         file.flush().await.map_err(local_error("write", local))?;

@@ -249,17 +249,29 @@ async fn files_terminals_and_concurrent_processes() {
         }
     }
     set_stamp(&big, 0o640, mtime);
-    let stats = agent.copy_in(&big, "/tmp").await.expect("copy in");
+    // The bytes are counted as they go (what `sandbox cp` shows).
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stats = agent
+        .counting_bytes(counter.clone())
+        .copy_in(&big, "/tmp")
+        .await
+        .expect("copy in");
     assert_eq!((stats.files, stats.bytes), (1, 64 << 20));
+    assert_eq!(counter.load(std::sync::atomic::Ordering::Relaxed), 64 << 20);
     let host_sum = sha256_of(&big);
     let guest = sh(&vm, "sha256sum /tmp/big.bin; stat -c '%a %Y' /tmp/big.bin").await;
     assert_eq!(guest, format!("{host_sum}  /tmp/big.bin\n640 1700000000"));
     let back = work.path().join("back.bin");
     let stats = agent
+        .counting_bytes(counter.clone())
         .copy_out("/tmp/big.bin", &back)
         .await
         .expect("copy out");
     assert_eq!((stats.files, stats.bytes), (1, 64 << 20));
+    assert_eq!(
+        counter.load(std::sync::atomic::Ordering::Relaxed),
+        128 << 20
+    );
     assert_eq!(sha256_of(&back), host_sum);
     assert_eq!(stamp(&back), (0o640, 1_700_000_000, 123_456_789));
     sh(&vm, "rm /tmp/big.bin").await;

@@ -6,6 +6,8 @@ use std::io::{BufRead, BufReader, IsTerminal};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -737,6 +739,16 @@ async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
     Ok(code)
 }
 
+/// `bytes` over `elapsed`, per second (0 before any time has passed).
+fn per_second(bytes: u64, elapsed: Duration) -> u64 {
+    let seconds = elapsed.as_secs_f64();
+    if seconds > 0.0 {
+        (bytes as f64 / seconds) as u64
+    } else {
+        0
+    }
+}
+
 /// `ID:/path` → (ID, /path), when the part before the colon names no local directory.
 fn sandbox_path(spec: &str) -> Option<(&str, &str)> {
     let (id, path) = spec.split_once(':')?;
@@ -768,7 +780,11 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         }
     }
     let client = SandboxClient::connect(&sandbox, &record.id).await?;
-    let agent = client.agent().files_in(container.unwrap_or_default());
+    let copied = Arc::new(AtomicU64::new(0));
+    let agent = client
+        .agent()
+        .files_in(container.unwrap_or_default())
+        .counting_bytes(copied.clone());
     let mut signals = Signals::install()?;
     let copy = async {
         if inward {
@@ -777,19 +793,52 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
             agent.copy_out(guest, Path::new(local)).await
         }
     };
+    tokio::pin!(copy);
+    let started = Instant::now();
+    // On a terminal, the bytes moved so far and the rate, as they go.
+    let mut progress = std::io::stderr()
+        .is_terminal()
+        .then(|| crate::progress::Progress::spinner(&format!("Copying {src} to {dst}")));
+    let mut ticks = tokio::time::interval(Duration::from_millis(200));
     // Interrupted, the copy is dropped: the file being received (a temporary name on
     // either side) is removed; what was complete stays.
-    let stats = tokio::select! {
-        stats = copy => stats.context("Copy failed")?,
-        stop = signals.recv() => {
-            let crate::run::Stop::Signal(number) = stop;
-            eprintln!("vmfactory: interrupted; the copy stopped (the file in progress was removed)");
-            return Ok(ExitCode::from(128 + u8::try_from(number).unwrap_or(0)));
+    let copied_so_far = || {
+        let bytes = copied.load(Ordering::Relaxed);
+        format!(
+            "{} ({}/s)",
+            indicatif::HumanBytes(bytes),
+            indicatif::HumanBytes(per_second(bytes, started.elapsed()))
+        )
+    };
+    let stats = loop {
+        tokio::select! {
+            stats = &mut copy => break stats,
+            stop = signals.recv() => {
+                if let Some(progress) = progress.take() {
+                    progress.abandon();
+                }
+                let crate::run::Stop::Signal(number) = stop;
+                eprintln!(
+                    "vmfactory: interrupted after {}; the copy stopped (the file in progress was removed)",
+                    copied_so_far()
+                );
+                return Ok(ExitCode::from(128 + u8::try_from(number).unwrap_or(0)));
+            }
+            _ = ticks.tick() => {
+                if let Some(progress) = &mut progress {
+                    progress.set_message(&format!("Copying {src} to {dst}: {}", copied_so_far()));
+                }
+            }
         }
     };
+    if let Some(progress) = progress.take() {
+        progress.clear();
+    }
+    let stats = stats.context("Copy failed")?;
     let count = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let elapsed = started.elapsed();
     eprintln!(
-        "vmfactory: copied {}, {}, {}, {}{}",
+        "vmfactory: copied {}, {}, {}, {}{} in {:.1} s ({}/s)",
         count(stats.files, "file", "files"),
         count(stats.dirs, "directory", "directories"),
         count(stats.symlinks, "link", "links"),
@@ -801,7 +850,9 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
             )
         } else {
             String::new()
-        }
+        },
+        elapsed.as_secs_f64(),
+        indicatif::HumanBytes(per_second(stats.bytes, elapsed))
     );
     Ok(ExitCode::SUCCESS)
 }
