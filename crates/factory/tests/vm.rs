@@ -30,6 +30,17 @@ async fn details_clock_rng_and_bad_requests() {
         .await
         .expect("boot");
 
+    // Under TCG, QEMU runs without transparent huge pages (denser clones).
+    let pid = vm.pid().expect("pid");
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    if cmdline
+        .split(|&b| b == 0)
+        .any(|arg| arg.starts_with(b"tcg"))
+    {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        assert!(status.contains("THP_enabled:\t0"), "{status}");
+    }
+
     let details = vm.details().await.expect("details");
     assert_eq!(details.kernel_release, image().kernel_release);
     assert_eq!(details.online_cpus, 1);
