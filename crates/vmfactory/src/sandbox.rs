@@ -58,7 +58,8 @@ pub enum SandboxCommand {
         vm: VmArgs,
     },
     /// List the sandboxes: id, name, PID (of the VM's QEMU process), vCPUs, memory, age,
-    /// state (running or paused) and containers.
+    /// state (creating, running, paused, or exited: its VM stopped by itself; `--json`
+    /// says why, `sandbox logs` shows its supervisor's log) and containers.
     Ls {
         /// Print JSON.
         #[arg(long)]
@@ -79,6 +80,12 @@ pub enum SandboxCommand {
         /// Sandboxes.
         #[arg(required_unless_present = "all")]
         ids: Vec<String>,
+    },
+    /// Print a sandbox's supervisor log: what it did, and for an exited sandbox QEMU's
+    /// and the guest console's last lines.
+    Logs {
+        /// The sandbox (id, id prefix or name).
+        id: String,
     },
     /// Stop a sandbox's vCPUs.
     Pause {
@@ -169,6 +176,7 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
             vm,
         } => create(name, &images, disk_size, vm, config, &runtime).await,
         SandboxCommand::Ls { json, quiet } => ls(&runtime, json, quiet),
+        SandboxCommand::Logs { id } => logs(&runtime, &id),
         SandboxCommand::Rm { force, all, ids } => rm(&runtime, all, &ids, force).await,
         SandboxCommand::Pause { id } => {
             connect(&runtime, &id).await?.pause().await?;
@@ -218,7 +226,8 @@ fn require_created(sandbox: &SandboxDir, record: &SandboxRecord) -> Result<()> {
              has printed its id"
         ),
         SandboxState::Exited => bail!(
-            "Sandbox {who} has exited: {}. Its log: {}; remove it with `vmfactory sandbox rm {who}`",
+            "Sandbox {who} has exited: {}. See its log with `vmfactory sandbox logs {who}` \
+             ({}); remove it with `vmfactory sandbox rm {who}`",
             record.exit_reason.as_deref().unwrap_or("its VM stopped"),
             sandbox.log().display()
         ),
@@ -565,6 +574,17 @@ fn ls(runtime: &Path, json: bool, quiet: bool) -> Result<ExitCode> {
             containers.join(",")
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the supervisor log of the sandbox `key` to stdout.
+fn logs(runtime: &Path, key: &str) -> Result<ExitCode> {
+    let (sandbox, _) = dir::find(runtime, key)?;
+    let path = sandbox.log();
+    let mut log = std::fs::File::open(&path)
+        .with_context(|| format!("Cannot read the sandbox's log {}", path.display()))?;
+    std::io::copy(&mut log, &mut std::io::stdout().lock())
+        .with_context(|| format!("Cannot print {}", path.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 

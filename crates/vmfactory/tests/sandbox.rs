@@ -229,13 +229,9 @@ fn a_guest_reboot_ends_the_exec_clearly_and_the_sandbox_is_kept_as_exited() {
         "{}",
         text(&output)
     );
-    let log = env
-        .runtime
-        .path()
-        .join("sandbox")
-        .join(&id)
-        .join("supervisor.log");
-    let log = std::fs::read_to_string(&log).expect("the log is kept");
+    let output = env.sandbox(&["logs", "reboots"]);
+    assert!(output.status.success(), "{}", text(&output));
+    let log = String::from_utf8_lossy(&output.stdout);
     assert!(log.contains("stopped by itself"), "{log}");
     // Its name stays taken until it is removed.
     let output = env.sandbox(&["create", "--name", "reboots"]);
