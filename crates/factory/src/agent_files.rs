@@ -17,7 +17,7 @@ use rustix::fs::{AtFlags, Timespec, Timestamps, CWD, UTIME_OMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use vmfactory_protocols::agent::{
     CopyFileRequest, FileKind, ReadFileRequest, StatPathRequest, StatPathResponse,
 };
@@ -368,7 +368,9 @@ impl AgentClient {
                 });
             }
         } else {
-            warn!(path = %local.display(), "Skipping a device, socket or FIFO");
+            // Counted and said at the end; named with -v (a warning line would cut
+            // through a progress line).
+            info!(path = %local.display(), "Skipping a device, socket or FIFO");
             stats.skipped += 1;
         }
         Ok(())
@@ -573,7 +575,7 @@ impl AgentClient {
                 steps.extend(children.into_iter().rev());
             }
             FileKind::Other | FileKind::Unspecified => {
-                warn!(
+                info!(
                     path = guest,
                     "Skipping a device, socket or FIFO in the guest"
                 );

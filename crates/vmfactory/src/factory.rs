@@ -143,6 +143,9 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let factory = &resolved.settings.factory;
     // Held for the server's life; a second server is refused before it boots anything.
     let endpoint_lock = vmcache::lock_endpoint(&factory.vm_cache_endpoint)?;
+    // Before anything is made, so that every way out after it goes through the clean-up
+    // below (the metrics socket removed).
+    let mut signals = Signals::install()?;
     let metrics_address: Option<MetricsAddress> = (!factory.metrics_address.is_empty())
         .then(|| factory.metrics_address.parse())
         .transpose()?;
@@ -207,7 +210,6 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let mut base = resolved.base.clone();
     base.qemu.die_with_parent = false;
     // A signal while the template is created drops the creation, which cleans up.
-    let mut signals = Signals::install()?;
     let started = tokio::select! {
         started = CacheServerFactory::start(factory, &base, metrics.clone()) => started,
         stop = signals.recv() => {

@@ -583,9 +583,12 @@ fn logs(runtime: &Path, key: &str) -> Result<ExitCode> {
     let path = sandbox.log();
     let mut log = std::fs::File::open(&path)
         .with_context(|| format!("Cannot read the sandbox's log {}", path.display()))?;
-    std::io::copy(&mut log, &mut std::io::stdout().lock())
-        .with_context(|| format!("Cannot print {}", path.display()))?;
-    Ok(ExitCode::SUCCESS)
+    match std::io::copy(&mut log, &mut std::io::stdout().lock()) {
+        // The reader had enough (`sandbox logs x | head`).
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(err) => Err(err).with_context(|| format!("Cannot print {}", path.display())),
+        Ok(_) => Ok(ExitCode::SUCCESS),
+    }
 }
 
 async fn rm(runtime: &Path, all: bool, keys: &[String], force: bool) -> Result<ExitCode> {
@@ -865,7 +868,7 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         count(stats.bytes, "byte", "bytes"),
         if stats.skipped > 0 {
             format!(
-                " ({} skipped)",
+                " ({} skipped: devices, sockets and FIFOs are not copied; -v names them)",
                 count(stats.skipped, "special file", "special files")
             )
         } else {
