@@ -445,13 +445,50 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         // Where a line comes from matters once libraries' lines are shown.
-        .with_target(verbose >= 3)
-        .init();
+        .with_target(verbose >= 3);
+    let only_problems = std::env::var("RUST_LOG")
+        .map_or(true, |filter| ["warn", "error", "off"].contains(&filter.trim()));
+    if verbose == 0 && only_problems {
+        // Only warnings and errors: said as every other line of ours is.
+        builder.event_format(PlainEvents).init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Log events as `vmfactory: warning: message key=value`, the way vmfactory's other
+/// lines read (no time stamp, level or source: those are for `-v` and logs).
+struct PlainEvents;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for PlainEvents
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        context: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let level = match *event.metadata().level() {
+            tracing::Level::ERROR => "error",
+            tracing::Level::WARN => "warning",
+            tracing::Level::INFO => "info",
+            tracing::Level::DEBUG => "debug",
+            tracing::Level::TRACE => "trace",
+        };
+        write!(writer, "vmfactory: {level}: ")?;
+        context
+            .field_format()
+            .format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
 }
 
 async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode> {

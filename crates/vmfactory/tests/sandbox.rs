@@ -604,3 +604,31 @@ fn terminals_have_our_size_and_follow_a_resize_and_files_round_trip() {
     assert!(output.status.success(), "{}", text(&output));
     env.assert_nothing_left();
 }
+
+#[test]
+fn a_forged_record_is_swept_with_a_plain_warning_and_its_outside_directory_kept() {
+    let env = Env::new();
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let sandboxes = env.runtime.path().join("sandbox");
+    let forged = sandboxes.join("aaaaaaaaaaaa");
+    std::fs::create_dir_all(&forged).expect("mkdir");
+    // A supervisor pid that no process has, and a VM directory outside the runtime's.
+    let record = serde_json::json!({
+        "id": "aaaaaaaaaaaa", "name": "forged", "created_unix": 1,
+        "supervisor_pid": u32::MAX - 1, "vm_pid": 0, "vm_dir": elsewhere.path(),
+        "vcpus": 1, "memory_mib": 256, "state": "running",
+    });
+    std::fs::write(forged.join("sandbox.json"), record.to_string()).expect("record");
+    let output = env.sandbox(&["ls"]);
+    assert!(output.status.success(), "{}", text(&output));
+    // Warnings read as vmfactory's other lines: no time stamp, no level column.
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.starts_with(
+            "vmfactory: warning: Not removing a VM directory outside the runtime directory"
+        ),
+        "{said}"
+    );
+    assert!(elsewhere.path().exists(), "a directory outside was removed");
+    assert!(!forged.exists(), "the forged sandbox was not swept");
+}
