@@ -319,7 +319,7 @@ fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
 impl Settings {
     /// Parses TOML text (from `path`, for messages) and validates it.
     pub fn parse(text: &str, path: &Path) -> Result<Self, SettingsError> {
-        let settings: Settings = toml::from_str(text).map_err(|err| SettingsError::Parse {
+        let mut settings: Settings = toml::from_str(text).map_err(|err| SettingsError::Parse {
             path: path.to_path_buf(),
             message: err.message().to_string()
                 + &err
@@ -330,8 +330,37 @@ impl Settings {
                     })
                     .unwrap_or_default(),
         })?;
+        settings.place_in_runtime_dir(text);
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// The template and the VMCache socket lie in the runtime directory unless the file
+    /// names them: a `runtime_dir` of the file moves them along (their defaults were made
+    /// from the default runtime directory).
+    fn place_in_runtime_dir(&mut self, text: &str) {
+        let Ok(table) = toml::from_str::<toml::Table>(text) else {
+            return;
+        };
+        let given = |section: &[&str], key: &str| {
+            let mut value = Some(&table);
+            for name in section {
+                value = value
+                    .and_then(|t| t.get(*name))
+                    .and_then(toml::Value::as_table);
+            }
+            value.is_some_and(|t| t.contains_key(key))
+        };
+        if !given(&["hypervisor", "qemu"], "runtime_dir") {
+            return;
+        }
+        let runtime = self.hypervisor.qemu.runtime_dir.clone();
+        if !given(&["factory"], "template_path") {
+            self.factory.template_path = runtime.join("template");
+        }
+        if !given(&["factory"], "vm_cache_endpoint") {
+            self.factory.vm_cache_endpoint = runtime.join("cache.sock");
+        }
     }
 
     /// `--config` if given, else [`DEFAULT_CONFIG_PATH`] if it exists, else the defaults.

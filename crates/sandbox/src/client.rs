@@ -47,11 +47,22 @@ impl SandboxClient {
         let agent = AgentClient::connect(Path::new(&socket))
             .await
             .map_err(|err| unreachable(err.to_string()))?;
-        Ok(Self {
+        let client = Self {
             id: id.to_string(),
             control: SandboxServiceClient::new(channel),
             agent,
-        })
+        };
+        // The kernel accepts a connection on the socket's backlog even when the supervisor
+        // is stopped or stuck: a status call tells, in bounded time, whether it answers
+        // (before, `exec`, `rm` and `rm -f` waited on it for ever).
+        match tokio::time::timeout(CONNECT_TIMEOUT, client.status()).await {
+            Ok(Ok(_)) => Ok(client),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(unreachable(format!(
+                "no answer within {} s",
+                CONNECT_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     /// The agent API of the sandbox VM (through the supervisor).

@@ -480,8 +480,16 @@ fn starting_names(root: &Path) -> impl Iterator<Item = String> {
 
 /// The live sandbox that `key` names: an id, a unique id prefix, or a name.
 pub fn find(runtime_dir: &Path, key: &str) -> Result<(SandboxDir, SandboxRecord), SandboxError> {
+    // An empty key (an unset shell variable, say) names nothing: unnamed sandboxes have
+    // an empty name, and `rm ""` must not remove one of them.
+    if key.is_empty() {
+        return Err(SandboxError::NotFound(String::new()));
+    }
     let live = list(runtime_dir);
-    if let Some(found) = live.iter().find(|(_, r)| r.id == key || r.name == key) {
+    if let Some(found) = live
+        .iter()
+        .find(|(_, r)| r.id == key || (!r.name.is_empty() && r.name == key))
+    {
         return Ok(found.clone());
     }
     let mut prefixed = live.into_iter().filter(|(_, r)| r.id.starts_with(key));
@@ -606,5 +614,12 @@ mod tests {
         assert_eq!(live.len(), 1);
         assert_eq!(find(runtime.path(), "two").expect("by name").1, record);
         assert_eq!(find(runtime.path(), &argv0).expect("by id").1, record);
+        // An empty key names nothing, not even a sandbox without a name.
+        record.name = String::new();
+        dir.write(&record).expect("write");
+        assert!(matches!(
+            find(runtime.path(), ""),
+            Err(SandboxError::NotFound(_))
+        ));
     }
 }

@@ -451,8 +451,9 @@ fn init_logging(verbose: u8) {
         .with_ansi(std::io::stderr().is_terminal())
         // Where a line comes from matters once libraries' lines are shown.
         .with_target(verbose >= 3);
-    let only_problems = std::env::var("RUST_LOG")
-        .map_or(true, |filter| ["warn", "error", "off"].contains(&filter.trim()));
+    let only_problems = std::env::var("RUST_LOG").map_or(true, |filter| {
+        ["warn", "error", "off"].contains(&filter.trim())
+    });
     if verbose == 0 && only_problems {
         // Only warnings and errors: said as every other line of ours is.
         builder.event_format(PlainEvents).init();

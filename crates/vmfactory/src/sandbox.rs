@@ -645,26 +645,37 @@ async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Resu
         dir::sweep(&sandbox, Some(&record))?;
         return Ok(record.id);
     }
-    let stopped = async {
+    // Bounded: a supervisor that is stuck must not hold `rm` (nor `rm -f`) for ever.
+    let stopped = tokio::time::timeout(RM_TIMEOUT, async {
         SandboxClient::connect(&sandbox, &record.id)
             .await?
             .stop()
             .await
-    }
-    .await;
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(vmfactory_sandbox::SandboxError::Unreachable {
+            id: record.id.clone(),
+            reason: format!("no answer to Stop within {} s", RM_TIMEOUT.as_secs()),
+        })
+    });
     if let Err(err) = stopped {
         // Its VM may have died just now: the supervisor then leaves it exited, and goes.
         let waited = Instant::now();
         while dir::supervisor_alive(&record) && waited.elapsed() < Duration::from_secs(2) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if !force && !dir::supervisor_alive(&record) && exited(&sandbox) {
+        if !dir::supervisor_alive(&record) && exited(&sandbox) {
             dir::sweep(&sandbox, Some(&record))?;
             return Ok(record.id);
         }
         if !force {
             return Err(err.into());
         }
+        // Forced: the supervisor that does not answer is killed at once, with its VM.
+        kill_supervisor(&record);
+        dir::sweep(&sandbox, Some(&record))?;
+        return Ok(record.id);
     }
     let started = Instant::now();
     while sandbox.path.exists() {
@@ -686,15 +697,21 @@ async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Resu
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if sandbox.path.exists() && force {
-        if dir::supervisor_alive(&record) {
-            // SAFETY: the pid's command line names this sandbox's id: it is its supervisor.
-            unsafe {
-                libc::kill(record.supervisor_pid as i32, libc::SIGKILL);
-            }
-        }
+        kill_supervisor(&record);
         dir::sweep(&sandbox, Some(&record))?;
     }
     Ok(record.id)
+}
+
+/// SIGKILLs the supervisor of `record` if it still runs (its VM dies with it, or is
+/// killed by the sweep that follows).
+fn kill_supervisor(record: &SandboxRecord) {
+    if dir::supervisor_alive(record) {
+        // SAFETY: the pid's command line names this sandbox's id: it is its supervisor.
+        unsafe {
+            libc::kill(record.supervisor_pid as i32, libc::SIGKILL);
+        }
+    }
 }
 
 async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {

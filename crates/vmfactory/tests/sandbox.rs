@@ -632,3 +632,45 @@ fn a_forged_record_is_swept_with_a_plain_warning_and_its_outside_directory_kept(
     assert!(elsewhere.path().exists(), "a directory outside was removed");
     assert!(!forged.exists(), "the forged sandbox was not swept");
 }
+
+#[test]
+fn a_stuck_supervisor_is_reported_in_bounded_time_and_rm_f_removes_it() {
+    let env = Env::new();
+    let id = env.create("stuck");
+    let listed = env.listed();
+    let supervisor = listed[0]["supervisor_pid"].as_u64().expect("pid") as u32;
+    let vm = listed[0]["vm_pid"].as_u64().expect("pid") as u32;
+    // Stopped: the kernel still accepts connections on its socket's backlog.
+    // SAFETY: signalling the supervisor this test created.
+    unsafe {
+        libc::kill(supervisor as i32, libc::SIGSTOP);
+    }
+    for args in [&["exec", "stuck", "--", "true"][..], &["rm", "stuck"][..]] {
+        let started = Instant::now();
+        let output = env.sandbox(args);
+        assert_eq!(
+            output.status.code(),
+            Some(125),
+            "{args:?}: {}",
+            text(&output)
+        );
+        assert!(
+            text(&output).contains("does not answer")
+                && text(&output).contains(&format!("sandbox rm -f {id}")),
+            "{args:?}: {}",
+            text(&output)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{args:?} took {:?}",
+            started.elapsed()
+        );
+    }
+    let output = env.sandbox(&["rm", "-f", "stuck"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), id);
+    wait_gone(supervisor);
+    wait_gone(vm);
+    assert!(env.listed().is_empty());
+    env.assert_nothing_left();
+}

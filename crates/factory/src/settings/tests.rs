@@ -16,6 +16,28 @@ fn empty_file_gives_defaults() {
 }
 
 #[test]
+fn a_runtime_dir_moves_the_template_and_socket_unless_they_are_named() {
+    let settings = parse("[hypervisor.qemu]\nruntime_dir = \"/tmp/rt\"\n").expect("runtime_dir");
+    assert_eq!(
+        settings.factory.template_path,
+        Path::new("/tmp/rt/template")
+    );
+    assert_eq!(
+        settings.factory.vm_cache_endpoint,
+        Path::new("/tmp/rt/cache.sock")
+    );
+    let settings = parse(
+        "[hypervisor.qemu]\nruntime_dir = \"/tmp/rt\"\n[factory]\ntemplate_path = \"/srv/t\"\n",
+    )
+    .expect("both");
+    assert_eq!(settings.factory.template_path, Path::new("/srv/t"));
+    assert_eq!(
+        settings.factory.vm_cache_endpoint,
+        Path::new("/tmp/rt/cache.sock")
+    );
+}
+
+#[test]
 fn a_kata_factory_section_loads_unchanged() {
     let kata = r#"
 [factory]
