@@ -151,21 +151,43 @@ impl End {
     }
 }
 
-/// One line on why a VM stopped by itself, for its record: QEMU's exit status and what
-/// it usually means.
+/// One line on why a VM stopped by itself, for its record: what the guest console said
+/// last (a power-off, a reboot, a panic), else QEMU's exit status and what it usually
+/// means.
 fn exit_reason(exited: &vmfactory_hypervisor::HypervisorError) -> String {
-    let vmfactory_hypervisor::HypervisorError::Exited { status, .. } = exited else {
+    let vmfactory_hypervisor::HypervisorError::Exited { status, report, .. } = exited else {
         return format!(
             "the VM stopped ({})",
             exited.to_string().lines().next().unwrap_or_default()
         );
     };
-    let meaning = if status.contains("adopted") {
+    // The kernel's last words, when the console shows them.
+    let said = report.lines().rev().find_map(|line| {
+        if let Some(at) = line.find("Kernel panic - not syncing:") {
+            Some(format!("the guest kernel panicked ({})", line[at..].trim()))
+        } else if line.contains("reboot: Power down") {
+            Some("the guest powered off".to_string())
+        } else if line.contains("reboot: Restarting system") {
+            Some("the guest rebooted".to_string())
+        } else {
+            None
+        }
+    });
+    let adopted = status.contains("adopted");
+    if let Some(said) = said {
+        return if adopted {
+            format!("{said} (QEMU exited)")
+        } else {
+            format!("{said} (QEMU {status})")
+        };
+    }
+    if adopted {
         // Not our child (a VMCache server started it): its status is not ours to read.
         return "QEMU exited (a VM from a VMCache server: its exit status is not known here): \
                 the guest shut down, rebooted or panicked, or QEMU was stopped"
             .to_string();
-    } else if status == "exit status: 0" {
+    }
+    let meaning = if status == "exit status: 0" {
         "the guest shut down, rebooted or panicked, or QEMU was stopped (SIGTERM)"
     } else if status.contains("SIGKILL") {
         "QEMU was killed (SIGKILL; the kernel's out-of-memory killer sends it too)"
