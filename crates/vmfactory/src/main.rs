@@ -527,6 +527,12 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
 fn apply_environment(settings: &mut Settings) -> Result<Vec<String>> {
     let mut said = Vec::new();
     let given = |variable: &str| std::env::var_os(variable).filter(|given| !given.is_empty());
+    if given("VMFACTORY_RUNTIME_DIR").is_some() {
+        said.push(
+            "VMFACTORY_RUNTIME_DIR sets the default runtime directory (hypervisor.qemu.runtime_dir, and the template and socket in it)"
+                .to_string(),
+        );
+    }
     let qemu = &mut settings.hypervisor.qemu;
     if let Some(path) = given("VMFACTORY_QEMU") {
         qemu.path = PathBuf::from(path);

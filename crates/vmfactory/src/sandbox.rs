@@ -799,6 +799,12 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
     let (key, guest, local, inward) = match (sandbox_path(src), sandbox_path(dst)) {
         (None, Some((id, guest))) => (id, guest, src, true),
         (Some((id, guest)), None) => (id, guest, dst, false),
+        (Some((from, source)), Some((to, target))) if from == to => {
+            bail!(
+                "Both sides are in sandbox {from}: copy there with \
+                 `vmfactory sandbox exec {from} -- cp -a {source} {target}`"
+            )
+        }
         (Some(_), Some(_)) => {
             bail!("Copy between two sandboxes is not supported: copy out, then in")
         }
@@ -808,6 +814,18 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
     };
     if !guest.starts_with('/') {
         bail!("The path in the sandbox must be absolute, not {guest:?}");
+    }
+    if !inward {
+        // Said here rather than as a file that cannot be made "next to" it.
+        let destination = Path::new(local);
+        if let Some(parent) = destination.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !destination.exists() && !parent.is_dir() {
+                bail!(
+                    "{}: no such directory here; create it first",
+                    parent.display()
+                );
+            }
+        }
     }
     let (sandbox, record) = dir::find(runtime, key)?;
     require_running(&sandbox, &record)?;
@@ -877,8 +895,17 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
     let stats = stats.context("Copy failed")?;
     let count = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let elapsed = started.elapsed();
+    // A rate over a few milliseconds says nothing.
+    let rate = if elapsed >= Duration::from_millis(500) {
+        format!(
+            " ({}/s)",
+            indicatif::HumanBytes(per_second(stats.bytes, elapsed))
+        )
+    } else {
+        String::new()
+    };
     eprintln!(
-        "vmfactory: copied {}, {}, {}, {}{} in {:.1} s ({}/s)",
+        "vmfactory: copied {}, {}, {}, {}{} in {:.1} s{rate}",
         count(stats.files, "file", "files"),
         count(stats.dirs, "directory", "directories"),
         count(stats.symlinks, "link", "links"),
@@ -892,7 +919,6 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
             String::new()
         },
         elapsed.as_secs_f64(),
-        indicatif::HumanBytes(per_second(stats.bytes, elapsed))
     );
     Ok(ExitCode::SUCCESS)
 }

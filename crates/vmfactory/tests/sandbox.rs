@@ -599,6 +599,27 @@ fn terminals_have_our_size_and_follow_a_resize_and_files_round_trip() {
     ]);
     assert!(!output.status.success());
     assert!(text(&output).contains("/no/such/file"), "{}", text(&output));
+    // A local directory that is not there is named as such; both sides in one sandbox
+    // get the command that does it.
+    let missing = back.join("no/such/dir/file");
+    let output = env.sandbox(&[
+        "cp",
+        &format!("{id}:/root/tree/top.txt"),
+        &missing.to_string_lossy(),
+    ]);
+    assert_eq!(output.status.code(), Some(125));
+    assert!(
+        text(&output).contains("no/such/dir: no such directory here"),
+        "{}",
+        text(&output)
+    );
+    let output = env.sandbox(&["cp", &format!("{id}:/a"), &format!("{id}:/b")]);
+    assert_eq!(output.status.code(), Some(125));
+    assert!(
+        text(&output).contains("-- cp -a /a /b"),
+        "{}",
+        text(&output)
+    );
 
     let output = env.sandbox(&["rm", &id]);
     assert!(output.status.success(), "{}", text(&output));
