@@ -23,6 +23,22 @@ use vmfactory_hypervisor::qemu::accel::Accelerator;
 /// Exit status for vmfactory's own failures (as `docker run` does), distinct from the
 /// guest command's exit codes.
 pub(crate) const EXIT_VMFACTORY_ERROR: u8 = 125;
+/// Exit status for a command line that cannot work as given (as clap's usage errors).
+pub(crate) const EXIT_USAGE: u8 = 2;
+
+/// A command line that cannot work as given, found after parsing (a malformed `cp`
+/// argument, `-t` without a terminal, a bad name): exit status 2, like clap's own.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct UsageError(pub String);
+
+/// Returns early with a [`UsageError`].
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        return Err($crate::UsageError(format!($($arg)*)).into())
+    };
+}
+pub(crate) use usage;
 
 /// vmfactory hands out ready, hardware-isolated micro-VMs: QEMU guests booted from a
 /// minimal kernel and initramfs whose PID 1 is the vmfactory agent.
@@ -332,7 +348,16 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("vmfactory: {}", hints(&format!("{err:#}")));
-            ExitCode::from(EXIT_VMFACTORY_ERROR)
+            let usage = err.downcast_ref::<UsageError>().is_some()
+                || matches!(
+                    err.downcast_ref::<vmfactory_sandbox::SandboxError>(),
+                    Some(vmfactory_sandbox::SandboxError::Name { .. })
+                );
+            ExitCode::from(if usage {
+                EXIT_USAGE
+            } else {
+                EXIT_VMFACTORY_ERROR
+            })
         }
     };
     if drop_tasks {

@@ -531,7 +531,9 @@ async fn follow_window_size(
 pub fn check_terminal_input(tty: bool) -> Result<()> {
     let stdin = std::io::stdin();
     if tty && !stdin.is_terminal() && !stdin_is_dev_null() {
-        bail!("The input is not a terminal: -t needs one (drop -t to pipe input into the command)");
+        crate::usage!(
+            "The input is not a terminal: -t needs one (drop -t to pipe input into the command)"
+        );
     }
     Ok(())
 }

@@ -800,20 +800,22 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         (None, Some((id, guest))) => (id, guest, src, true),
         (Some((id, guest)), None) => (id, guest, dst, false),
         (Some((from, source)), Some((to, target))) if from == to => {
-            bail!(
+            crate::usage!(
                 "Both sides are in sandbox {from}: copy there with \
                  `vmfactory sandbox exec {from} -- cp -a {source} {target}`"
             )
         }
         (Some(_), Some(_)) => {
-            bail!("Copy between two sandboxes is not supported: copy out, then in")
+            crate::usage!("Copy between two sandboxes is not supported: copy out, then in")
         }
         (None, None) => {
-            bail!("Name the sandbox side as ID:/path (e.g. `sandbox cp file.txt web:/tmp/`)")
+            crate::usage!(
+                "Name the sandbox side as ID:/path (e.g. `sandbox cp file.txt web:/tmp/`)"
+            )
         }
     };
     if !guest.starts_with('/') {
-        bail!("The path in the sandbox must be absolute, not {guest:?}");
+        crate::usage!("The path in the sandbox must be absolute, not {guest:?}");
     }
     if !inward {
         // Said here rather than as a file that cannot be made "next to" it.

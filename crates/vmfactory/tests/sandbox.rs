@@ -614,7 +614,7 @@ fn terminals_have_our_size_and_follow_a_resize_and_files_round_trip() {
         text(&output)
     );
     let output = env.sandbox(&["cp", &format!("{id}:/a"), &format!("{id}:/b")]);
-    assert_eq!(output.status.code(), Some(125));
+    assert_eq!(output.status.code(), Some(2), "a usage error");
     assert!(
         text(&output).contains("-- cp -a /a /b"),
         "{}",
