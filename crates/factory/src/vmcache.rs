@@ -119,6 +119,18 @@ pub async fn serve(
     serve_locked(factory, endpoint, &lock, shutdown).await
 }
 
+/// The pid of a server that holds `endpoint`'s lock but may not answer yet (it creates its
+/// template or fills its cache first), read from the lock file without taking the lock:
+/// a live vmfactory process.
+pub fn starting_server(endpoint: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(crate::lock::lock_file_of(endpoint)).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline)
+        .contains("vmfactory")
+        .then_some(pid)
+}
+
 /// Takes the lock of `endpoint` (`<endpoint>.lock`), refusing at once, with the holder's
 /// pid, while another server holds it. Hold it for the server's whole life.
 pub fn lock_endpoint(endpoint: &Path) -> Result<PathLock, VmCacheError> {

@@ -388,7 +388,15 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
             Err(err) => {
                 // A script reading the JSON learns that the server is down from it too
                 // (and from the exit status, as a reader of the text does).
-                let err = anyhow::Error::from(err);
+                let err = match vmcache::starting_server(endpoint) {
+                    // Not "start one": it is starting, and a second would be refused.
+                    Some(pid) => anyhow::anyhow!(
+                        "The VMCache server (pid {pid}) is starting on {}: it answers once its \
+                         template is made; try again in a moment",
+                        endpoint.display()
+                    ),
+                    None => anyhow::Error::from(err),
+                };
                 if json {
                     let report = Report::VmCache(&ServerReport {
                         endpoint: endpoint.clone(),

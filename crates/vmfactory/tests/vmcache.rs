@@ -541,6 +541,12 @@ fn metrics_count_handouts_and_ready_vms() {
         !server.dir.path().join("template/metadata.json").exists(),
         "the metrics were answered only once the template was made"
     );
+    // Meanwhile `factory status` says the server is starting (not "start one").
+    let status = server.vmfactory(&["factory", "status"]);
+    if !server.dir.path().join("template/metadata.json").exists() {
+        assert_eq!(status.status.code(), Some(125), "{}", text(&status));
+        assert!(text(&status).contains("is starting"), "{}", text(&status));
+    }
     server.wait_for_cached(1, &[]);
     assert_eq!(server.metric("vmfactory_vms_ready"), 1.0);
     let before = server.metric("vmfactory_handouts_total");
