@@ -65,6 +65,11 @@ impl SandboxClient {
         }
     }
 
+    /// The sandbox's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
     /// The agent API of the sandbox VM (through the supervisor).
     pub fn agent(&self) -> &AgentClient {
         &self.agent

@@ -515,8 +515,9 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
                 meta.qemu_version
             );
             println!(
-                "VM: {} vCPUs (max {}), {} MiB (max {} MiB, {} slots), machine {}{}",
+                "VM: {} vCPU{} (max {}), {} MiB (max {} MiB, {} slots), machine {}{}",
                 meta.vm.vcpus,
+                if meta.vm.vcpus == 1 { "" } else { "s" },
                 meta.vm.max_vcpus,
                 meta.vm.memory_mib,
                 meta.vm.max_memory_mib,

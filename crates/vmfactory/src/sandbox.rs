@@ -178,14 +178,19 @@ pub async fn run(command: SandboxCommand, config: Option<PathBuf>) -> Result<Exi
         SandboxCommand::Ls { json, quiet } => ls(&runtime, json, quiet),
         SandboxCommand::Logs { id } => logs(&runtime, &id),
         SandboxCommand::Rm { force, all, ids } => rm(&runtime, all, &ids, force).await,
+        // Each prints the sandbox's id, as `rm` does: a script sees what was done.
         SandboxCommand::Pause { id } => {
-            connect(&runtime, &id).await?.pause().await?;
+            let client = connect(&runtime, &id).await?;
+            client.pause().await?;
             tracing::info!(sandbox = %id, "Paused");
+            println!("{}", client.id());
             Ok(ExitCode::SUCCESS)
         }
         SandboxCommand::Resume { id } => {
-            connect(&runtime, &id).await?.resume().await?;
+            let client = connect(&runtime, &id).await?;
+            client.resume().await?;
             tracing::info!(sandbox = %id, "Resumed");
+            println!("{}", client.id());
             Ok(ExitCode::SUCCESS)
         }
         SandboxCommand::Exec(args) => exec(&runtime, args).await,

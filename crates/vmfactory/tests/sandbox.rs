@@ -144,6 +144,7 @@ fn a_sandbox_keeps_state_between_execs_and_rm_leaves_nothing() {
 
     let output = env.sandbox(&["pause", &id]);
     assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), id);
     assert_eq!(env.listed()[0]["state"], "paused");
     // A paused sandbox's agent cannot answer: exec and cp are refused at once, and the
     // command does not run later.
@@ -165,6 +166,7 @@ fn a_sandbox_keeps_state_between_execs_and_rm_leaves_nothing() {
     );
     let output = env.sandbox(&["resume", &id]);
     assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), id);
     assert_eq!(env.exec(&id, "echo awake"), "awake\n");
     assert_eq!(
         env.exec(&id, "ls /root/late 2>&1 || echo none"),
