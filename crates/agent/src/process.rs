@@ -590,7 +590,10 @@ impl Processes {
                 request.argv[0]
             );
             match err.kind() {
-                std::io::ErrorKind::NotFound => Status::not_found(message),
+                std::io::ErrorKind::NotFound => Status::not_found(format!(
+                    "{:?}: command not found in {scope} (looked up in PATH when it has no '/')",
+                    request.argv[0]
+                )),
                 std::io::ErrorKind::PermissionDenied => Status::permission_denied(message),
                 _ => Status::failed_precondition(message),
             }

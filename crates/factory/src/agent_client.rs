@@ -33,7 +33,7 @@ pub enum AgentError {
         source: tonic::transport::Error,
     },
     /// The agent answered with an error status.
-    #[error("Guest agent {rpc} failed: {}", .status.message())]
+    #[error("{}", rpc_message(rpc, status))]
     Rpc {
         /// The RPC that failed.
         rpc: &'static str,
@@ -76,6 +76,27 @@ impl AgentError {
 
 pub(crate) fn rpc_error(rpc: &'static str) -> impl FnOnce(tonic::Status) -> AgentError {
     move |status| AgentError::Rpc { rpc, status }
+}
+
+/// What the user reads of a failed agent call: the agent's own message when it refused
+/// the request (it names the path or the process and what to do), else which call failed
+/// and how (a broken connection, an internal failure), which only that context explains.
+fn rpc_message(rpc: &str, status: &tonic::Status) -> String {
+    use tonic::Code;
+    match status.code() {
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::PermissionDenied
+        | Code::FailedPrecondition
+        | Code::ResourceExhausted
+        | Code::OutOfRange
+            if !status.message().is_empty() =>
+        {
+            status.message().to_string()
+        }
+        _ => format!("Guest agent {rpc} failed: {}", status.message()),
+    }
 }
 
 /// Facts the agent reports about the guest.

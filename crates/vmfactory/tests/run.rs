@@ -250,7 +250,7 @@ fn a_missing_command_exits_127() {
         stderr(&output)
     );
     assert!(
-        stderr(&output).contains("no-such-command"),
+        stderr(&output).contains("\"no-such-command\": command not found in the VM"),
         "{}",
         stderr(&output)
     );
