@@ -434,6 +434,12 @@ pub fn reserve(runtime_dir: &Path, id: &str, name: &str) -> Result<SandboxDir, S
 pub fn check_name(runtime_dir: &Path, name: &str) -> Result<(), SandboxError> {
     validate_name(name)?;
     let live = list(runtime_dir);
+    if live
+        .iter()
+        .any(|(_, r)| r.name == name && r.state == SandboxState::Exited)
+    {
+        return Err(SandboxError::NameTakenByExited(name.to_string()));
+    }
     if live.iter().any(|(_, r)| r.name == name)
         || starting_names(&sandboxes_root(runtime_dir)).any(|n| n == name)
     {

@@ -43,6 +43,9 @@ pub enum SandboxError {
     /// A live or starting sandbox has the name.
     #[error("A sandbox named {0:?} exists: choose another name or remove it first")]
     NameTaken(String),
+    /// An exited sandbox, kept until removed, has the name.
+    #[error("Sandbox {0:?} has exited but is kept (`vmfactory sandbox logs {0}` says why): remove it with `vmfactory sandbox rm {0}`, or choose another name")]
+    NameTakenByExited(String),
     /// The name is the start of a live sandbox's id.
     #[error("The name {name:?} is the start of sandbox {id}'s id, which it would hide: choose another name")]
     NameHidesId {

@@ -235,9 +235,14 @@ fn a_guest_reboot_ends_the_exec_clearly_and_the_sandbox_is_kept_as_exited() {
     assert!(output.status.success(), "{}", text(&output));
     let log = String::from_utf8_lossy(&output.stdout);
     assert!(log.contains("stopped by itself"), "{log}");
-    // Its name stays taken until it is removed.
+    // Its name stays taken until it is removed, and the refusal says why.
     let output = env.sandbox(&["create", "--name", "reboots"]);
     assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    assert!(
+        text(&output).contains("has exited but is kept"),
+        "{}",
+        text(&output)
+    );
     let output = env.sandbox(&["rm", "reboots"]);
     assert!(output.status.success(), "{}", text(&output));
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), id);
