@@ -374,13 +374,7 @@ pub fn list(runtime_dir: &Path) -> Vec<(SandboxDir, SandboxRecord)> {
             // A directory without a readable record: a supervisor may be writing its
             // first record right now; leave young ones alone.
             Err(_) => {
-                let young = entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .ok()
-                    .and_then(|m| m.elapsed().ok())
-                    .is_some_and(|age| age.as_secs() < STARTING_SECONDS);
-                if !young {
+                if !starting_up(&entry) {
                     let _ = sweep(&dir, None);
                 }
             }
@@ -434,15 +428,14 @@ pub fn reserve(runtime_dir: &Path, id: &str, name: &str) -> Result<SandboxDir, S
 pub fn check_name(runtime_dir: &Path, name: &str) -> Result<(), SandboxError> {
     validate_name(name)?;
     let live = list(runtime_dir);
-    if live
-        .iter()
-        .any(|(_, r)| r.name == name && r.state == SandboxState::Exited)
-    {
-        return Err(SandboxError::NameTakenByExited(name.to_string()));
+    if let Some((_, holder)) = live.iter().find(|(_, r)| r.name == name) {
+        return Err(if holder.state == SandboxState::Exited {
+            SandboxError::NameTakenByExited(name.to_string())
+        } else {
+            SandboxError::NameTaken(name.to_string())
+        });
     }
-    if live.iter().any(|(_, r)| r.name == name)
-        || starting_names(&sandboxes_root(runtime_dir)).any(|n| n == name)
-    {
+    if starting_names(&sandboxes_root(runtime_dir)).any(|n| n == name) {
         return Err(SandboxError::NameTaken(name.to_string()));
     }
     let hex = name.chars().all(|c| c.is_ascii_hexdigit());
@@ -455,6 +448,17 @@ pub fn check_name(runtime_dir: &Path, name: &str) -> Result<(), SandboxError> {
     Ok(())
 }
 
+/// True for a sandbox directory changed less than [`STARTING_SECONDS`] ago: one whose
+/// sandbox may be starting up.
+fn starting_up(entry: &std::fs::DirEntry) -> bool {
+    entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|m| m.elapsed().ok())
+        .is_some_and(|age| age.as_secs() < STARTING_SECONDS)
+}
+
 /// The names claimed in directories under `root` younger than [`STARTING_SECONDS`]:
 /// sandboxes starting up. Read whether or not a record has appeared meanwhile (one written
 /// between a listing and this look would otherwise be in neither); a dead sandbox's
@@ -464,14 +468,7 @@ fn starting_names(root: &Path) -> impl Iterator<Item = String> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|entry| {
-            entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|age| age.as_secs() < STARTING_SECONDS)
-        })
+        .filter(starting_up)
         .filter_map(|entry| {
             use std::io::Read;
             let mut name = String::new();

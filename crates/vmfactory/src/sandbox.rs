@@ -640,11 +640,13 @@ async fn rm(runtime: &Path, all: bool, keys: &[String], force: bool) -> Result<E
 
 /// Stops one sandbox and waits until its directory is gone; returns its id.
 async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Result<String> {
-    // Nothing runs any more in an exited sandbox: its record and log go.
-    let exited = |sandbox: &SandboxDir| {
-        sandbox
-            .read()
-            .is_ok_and(|record| record.state == SandboxState::Exited)
+    // Nothing runs any more in an exited sandbox: its record and log go. One whose VM
+    // died meanwhile was left exited by its supervisor, which is gone then.
+    let exited_now = || {
+        !dir::supervisor_alive(&record)
+            && sandbox
+                .read()
+                .is_ok_and(|record| record.state == SandboxState::Exited)
     };
     if record.state == SandboxState::Exited {
         dir::sweep(&sandbox, Some(&record))?;
@@ -670,7 +672,7 @@ async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Resu
         while dir::supervisor_alive(&record) && waited.elapsed() < Duration::from_secs(2) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if !dir::supervisor_alive(&record) && exited(&sandbox) {
+        if exited_now() {
             dir::sweep(&sandbox, Some(&record))?;
             return Ok(record.id);
         }
@@ -684,7 +686,7 @@ async fn rm_one(sandbox: SandboxDir, record: SandboxRecord, force: bool) -> Resu
     }
     let started = Instant::now();
     while sandbox.path.exists() {
-        if !dir::supervisor_alive(&record) && exited(&sandbox) {
+        if exited_now() {
             dir::sweep(&sandbox, Some(&record))?;
             return Ok(record.id);
         }
