@@ -173,7 +173,7 @@ fn exit_reason(exited: &vmfactory_hypervisor::HypervisorError) -> String {
             None
         }
     });
-    let adopted = status.contains("adopted");
+    let adopted = status == vmfactory_hypervisor::qemu::ADOPTED_EXIT_STATUS;
     if let Some(said) = said {
         return if adopted {
             format!("{said} (QEMU exited)")

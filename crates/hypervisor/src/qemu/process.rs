@@ -281,7 +281,7 @@ impl Qemu {
         tokio::spawn(async move {
             // A pidfd becomes readable when the process exits.
             let _ = exit_fd.readable().await;
-            let _ = exit_tx.send(Some("exited (adopted process)".to_string()));
+            let _ = exit_tx.send(Some(ADOPTED_EXIT_STATUS.to_string()));
         });
         super::orphans::claim(&paths.dir);
         let console_bound = ConsoleBound::start(paths.console.clone(), exit_rx.clone());
@@ -328,6 +328,10 @@ fn log_accel_once(accel: ResolvedAccel, reason: &'static str) {
         ResolvedAccel::Tcg => info!(accelerator = "tcg", reason, "Accelerator chosen"),
     });
 }
+
+/// The exit status reported for an adopted QEMU: not our child, so its real status cannot
+/// be read.
+pub const ADOPTED_EXIT_STATUS: &str = "exited (adopted process)";
 
 /// A pidfd for `pid`.
 pub(super) fn open_pidfd(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
