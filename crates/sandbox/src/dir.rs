@@ -3,8 +3,10 @@
 //! (`supervisor.log`), and a `vm` link to the VM's own directory (as Kata's
 //! `assignSandbox` links the VM's sockets into the sandbox). The supervisor writes the
 //! record atomically; anyone may read it. A sandbox whose supervisor is gone without
-//! marking it `exited` (it was killed) is swept: its VM (if it still runs) is killed and
-//! its directory removed, so none is half there.
+//! marking it `exited` (it was killed) has its VM (if it still runs) killed: one that
+//! was running or paused is then left `exited` like a sandbox whose VM stopped by itself,
+//! its record saying so and its log kept, and one still being created is removed, so none
+//! is half there.
 //! A name is claimed ([`reserve`]) under a lock, with a `name` file written before the
 //! record exists, so two sandboxes never share one.
 
@@ -309,47 +311,93 @@ pub fn supervisor_alive(record: &SandboxRecord) -> bool {
 /// Kills the VM of `record` if its process is still that VM's, and removes the sandbox.
 pub fn sweep(dir: &SandboxDir, record: Option<&SandboxRecord>) -> Result<(), SandboxError> {
     if let Some(record) = record {
-        if !record.vm_dir.as_os_str().is_empty() && vm_process_matches(record) {
-            warn!(
-                id = record.id,
-                pid = record.vm_pid,
-                "Killing the VM of a sandbox whose supervisor is gone"
-            );
-            if let Ok(pid) = i32::try_from(record.vm_pid) {
-                // SAFETY: kill on a pid whose command line names this sandbox's VM
-                // directory; nothing else runs with that argument.
-                unsafe {
-                    libc::kill(pid, libc::SIGKILL);
-                }
-            }
-        }
-        // Only a VM directory of this runtime directory: the record is a file, and a path
-        // it names elsewhere is not removed.
-        let runtime = dir.path.parent().and_then(Path::parent);
-        let ours = runtime.is_some_and(|runtime| {
-            record.vm_dir.parent() == Some(runtime.join("vm").as_path())
-                && record
-                    .vm_dir
-                    .file_name()
-                    .is_some_and(|name| name != "." && name != "..")
-        });
-        if ours {
-            let _ = std::fs::remove_dir_all(&record.vm_dir);
-        } else if !record.vm_dir.as_os_str().is_empty() {
-            warn!(
-                id = record.id,
-                vm_dir = %record.vm_dir.display(),
-                "Not removing a VM directory outside the runtime directory"
-            );
-        }
+        stop_vm(dir, record);
     }
     info!(path = %dir.path.display(), "Removing a sandbox whose supervisor is gone");
     dir.remove()
 }
 
+/// Leaves exited the sandbox of `record`, whose supervisor is gone without a word (it was
+/// killed: SIGKILL, the out-of-memory killer): its VM is killed if it still runs and the
+/// VM's directory and the stale socket are removed; the record says what happened, and
+/// the log (where that is appended) stays for `sandbox logs` until `sandbox rm`.
+/// Returns the record as written.
+pub fn abandoned(dir: &SandboxDir, mut record: SandboxRecord) -> SandboxRecord {
+    stop_vm(dir, &record);
+    let _ = std::fs::remove_file(dir.socket());
+    let _ = std::fs::remove_file(dir.path.join(VM_LINK));
+    let reason = format!(
+        "its supervisor (pid {}) ended without stopping it (it was killed, by SIGKILL or \
+         the out-of-memory killer, say), so its VM was stopped",
+        record.supervisor_pid
+    );
+    warn!(id = record.id, "A sandbox's supervisor is gone: {reason}");
+    record.state = SandboxState::Exited;
+    record.vm_pid = 0;
+    record.vm_dir = PathBuf::new();
+    record.exit_reason = Some(reason.clone());
+    // The directory may be going meanwhile (`sandbox rm -f`): then nothing is written.
+    if dir.path.is_dir() {
+        if let Ok(mut log) = std::fs::OpenOptions::new().append(true).open(dir.log()) {
+            use std::io::Write;
+            let _ = writeln!(log, "vmfactory: the sandbox exited: {reason}");
+        }
+        if let Err(err) = dir.write(&record) {
+            warn!(%err, "Cannot mark a sandbox exited");
+        }
+    }
+    record
+}
+
+/// Kills the VM of `record` if its process is still that VM's and waits (a while) until
+/// it has exited, and removes the VM's directory when it is one of this runtime
+/// directory's.
+fn stop_vm(dir: &SandboxDir, record: &SandboxRecord) {
+    if record.vm_dir.as_os_str().is_empty() {
+        return;
+    }
+    // Only a VM directory of this runtime directory: the record is a file, and a path
+    // it names elsewhere is not removed.
+    let runtime = dir.path.parent().and_then(Path::parent);
+    let ours = runtime.is_some_and(|runtime| {
+        record.vm_dir.parent() == Some(runtime.join("vm").as_path())
+            && record
+                .vm_dir
+                .file_name()
+                .is_some_and(|name| name != "." && name != "..")
+    });
+    if vm_process_matches(record) {
+        warn!(
+            id = record.id,
+            pid = record.vm_pid,
+            "Killing the VM of a sandbox whose supervisor is gone"
+        );
+    }
+    if ours {
+        // Every QEMU naming the directory, through a pidfd, waited for, then the directory.
+        vmfactory_hypervisor::qemu::reap_dir(&record.vm_dir);
+        return;
+    }
+    if vm_process_matches(record) {
+        if let Ok(pid) = i32::try_from(record.vm_pid) {
+            // SAFETY: kill on a pid whose command line names this sandbox's VM
+            // directory; nothing else runs with that argument.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+    warn!(
+        id = record.id,
+        vm_dir = %record.vm_dir.display(),
+        "Not removing a VM directory outside the runtime directory"
+    );
+}
+
 /// Every sandbox under `runtime_dir` whose supervisor runs, and every exited one, oldest
-/// first. Other sandboxes whose supervisor is gone (killed) are swept on the way (their VM
-/// killed, their directory removed).
+/// first. A running or paused sandbox whose supervisor is gone (killed) is left exited on
+/// the way ([`abandoned`]); one still being created, or without a readable record, is
+/// swept (its VM killed, its directory removed).
 pub fn list(runtime_dir: &Path) -> Vec<(SandboxDir, SandboxRecord)> {
     let root = sandboxes_root(runtime_dir);
     let Ok(entries) = std::fs::read_dir(&root) else {
@@ -364,6 +412,10 @@ pub fn list(runtime_dir: &Path) -> Vec<(SandboxDir, SandboxRecord)> {
         match dir.read() {
             // An exited sandbox stays, for its user to learn why, until `sandbox rm`.
             Ok(record) if record.state == SandboxState::Exited || supervisor_alive(&record) => {
+                live.push((dir, record));
+            }
+            Ok(record) if record.state != SandboxState::Creating => {
+                let record = abandoned(&dir, record);
                 live.push((dir, record));
             }
             Ok(record) => {
@@ -592,6 +644,48 @@ mod tests {
             assert!(list(runtime.path()).is_empty());
             assert_eq!(vm_dir.exists(), !removed, "{}", vm_dir.display());
         }
+    }
+
+    #[test]
+    fn a_running_sandbox_whose_supervisor_is_gone_is_left_exited() {
+        let runtime = tempfile::tempdir().expect("tempdir");
+        let dir = SandboxDir::new(runtime.path(), "cccccccccccc");
+        dir.create().expect("create");
+        let vm_dir = runtime.path().join("vm/cccccccccccc");
+        std::fs::create_dir_all(&vm_dir).expect("mkdir");
+        std::fs::write(dir.socket(), "").expect("socket");
+        std::fs::write(dir.log(), "last words\n").expect("log");
+        let mut record = SandboxRecord::creating("cccccccccccc", "web");
+        record.supervisor_pid = u32::MAX - 1;
+        record.state = SandboxState::Paused;
+        record.vm_pid = u32::MAX - 2;
+        record.vm_dir = vm_dir.clone();
+        dir.write(&record).expect("write");
+        let live = list(runtime.path());
+        assert_eq!(live.len(), 1, "kept, for its user to learn why");
+        let kept = &live[0].1;
+        assert_eq!(kept.state, SandboxState::Exited);
+        let reason = kept.exit_reason.as_deref().unwrap_or_default();
+        assert!(reason.contains("supervisor (pid 4294967294)"), "{reason}");
+        assert_eq!(dir.read().expect("read"), *kept, "written down");
+        assert!(!vm_dir.exists(), "the VM's directory is removed");
+        assert!(!dir.socket().exists(), "the stale socket is removed");
+        let log = std::fs::read_to_string(dir.log()).expect("log");
+        assert!(
+            log.starts_with("last words\n") && log.contains(reason),
+            "{log}"
+        );
+        // Its name stays taken, by an exited sandbox; it is found, and a sweep (`rm`)
+        // removes it.
+        assert!(matches!(
+            check_name(runtime.path(), "web"),
+            Err(SandboxError::NameTakenByExited(_))
+        ));
+        let (found, again) = find(runtime.path(), "web").expect("found");
+        assert_eq!(again, *kept, "a second look changes nothing");
+        sweep(&found, Some(&again)).expect("sweep");
+        assert!(list(runtime.path()).is_empty());
+        assert!(!dir.path.exists());
     }
 
     #[test]

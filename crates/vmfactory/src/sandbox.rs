@@ -58,8 +58,9 @@ pub enum SandboxCommand {
         vm: VmArgs,
     },
     /// List the sandboxes: id, name, PID (of the VM's QEMU process), vCPUs, memory, age,
-    /// state (creating, running, paused, or exited: its VM stopped by itself; `--json`
-    /// says why, `sandbox logs` shows its supervisor's log) and containers.
+    /// state (creating, running, paused, or exited: its VM stopped by itself or its
+    /// supervisor was killed; `--json` says why, `sandbox logs` shows its supervisor's
+    /// log) and containers.
     Ls {
         /// Print JSON.
         #[arg(long)]

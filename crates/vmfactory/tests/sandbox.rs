@@ -462,7 +462,8 @@ fn sigkill_of_the_supervisor_or_the_creator_leaves_no_half_sandbox() {
     }
     assert_eq!(env.exec("orphaned", "echo usable"), "usable\n");
 
-    // The supervisor killed: its VM dies with it, and the next listing removes the rest.
+    // The supervisor killed: its VM dies with it, and the next listing leaves the
+    // sandbox exited, saying so, until `rm`.
     let record = env.listed().remove(0);
     let supervisor = record["supervisor_pid"].as_u64().expect("pid") as u32;
     let vm = record["vm_pid"].as_u64().expect("pid") as u32;
@@ -472,6 +473,25 @@ fn sigkill_of_the_supervisor_or_the_creator_leaves_no_half_sandbox() {
     }
     wait_gone(supervisor);
     wait_gone(vm);
+    let listed = env.listed();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["state"], "exited", "{listed:?}");
+    let reason = listed[0]["exit_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&format!("supervisor (pid {supervisor})")),
+        "{reason}"
+    );
+    let output = env.sandbox(&["exec", "orphaned", "--", "true"]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("has exited: its supervisor"),
+        "{}",
+        text(&output)
+    );
+    let output = env.sandbox(&["logs", "orphaned"]);
+    assert!(text(&output).contains(reason), "{}", text(&output));
+    let output = env.sandbox(&["rm", "orphaned"]);
+    assert!(output.status.success(), "{}", text(&output));
     assert!(env.listed().is_empty());
     env.assert_nothing_left();
 }
@@ -634,7 +654,7 @@ fn terminals_have_our_size_and_follow_a_resize_and_files_round_trip() {
 }
 
 #[test]
-fn a_forged_record_is_swept_with_a_plain_warning_and_its_outside_directory_kept() {
+fn a_forged_record_is_left_exited_with_a_plain_warning_and_its_outside_directory_kept() {
     let env = Env::new();
     let elsewhere = tempfile::tempdir().expect("tempdir");
     let sandboxes = env.runtime.path().join("sandbox");
@@ -658,7 +678,13 @@ fn a_forged_record_is_swept_with_a_plain_warning_and_its_outside_directory_kept(
         "{said}"
     );
     assert!(elsewhere.path().exists(), "a directory outside was removed");
-    assert!(!forged.exists(), "the forged sandbox was not swept");
+    // A running sandbox whose supervisor is gone is left exited, and `rm` removes it, not
+    // the directory outside.
+    assert_eq!(env.listed()[0]["state"], "exited");
+    let output = env.sandbox(&["rm", "forged"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(elsewhere.path().exists(), "a directory outside was removed");
+    assert!(!forged.exists(), "the forged sandbox was not removed");
 }
 
 #[test]
