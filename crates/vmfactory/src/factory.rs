@@ -32,8 +32,11 @@ pub enum FactoryCommand {
         #[command(flatten)]
         vm: VmArgs,
     },
-    /// Say whether the template exists, what it was built from, and whether it matches
-    /// the configuration.
+    /// Say whether the factory is ready: the template (whether it exists, what it was
+    /// built from, whether a trial clone comes up) or the VMCache server (its cached VMs).
+    /// Exit status 0 when it is ready (or no template is enabled: runs boot directly), 1
+    /// when it is not (no template or an unusable one while `enable_template = true`, a
+    /// VMCache server that does not answer), 125 when vmfactory fails.
     Status {
         /// Print JSON.
         #[arg(long)]
@@ -338,6 +341,9 @@ async fn init(resolved: Resolved) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `factory status`'s exit status when the configured factory cannot serve.
+const EXIT_NOT_READY: u8 = 1;
+
 #[derive(Debug, Serialize)]
 struct StatusReport {
     template_path: PathBuf,
@@ -397,17 +403,19 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
                     ),
                     None => anyhow::Error::from(err),
                 };
+                let problem = crate::hints(&format!("{err:#}"));
                 if json {
                     let report = Report::VmCache(&ServerReport {
                         endpoint: endpoint.clone(),
                         running: false,
-                        problem: Some(crate::hints(&format!("{err:#}"))),
+                        problem: Some(problem.clone()),
                         pid: None,
                         vms: Vec::new(),
                     });
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 }
-                return Err(err);
+                eprintln!("vmfactory: {problem}");
+                return Ok(ExitCode::from(EXIT_NOT_READY));
             }
         };
         let report = ServerReport {
@@ -476,12 +484,18 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
         probe_ms,
         metadata,
     };
+    // Not ready: the configuration asks for the template and it cannot serve.
+    let code = if report.enabled && !report.usable {
+        ExitCode::from(EXIT_NOT_READY)
+    } else {
+        ExitCode::SUCCESS
+    };
     if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&Report::Template(&report))?
         );
-        return Ok(ExitCode::SUCCESS);
+        return Ok(code);
     }
     println!(
         "Template: {} ({})",
@@ -538,7 +552,7 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 /// The VM for `run`, from the factory the configuration chooses (`opened` is set to how

@@ -96,8 +96,9 @@ fn run_is_clone(env: &Env, extra: &[&str]) -> bool {
 fn template_lifecycle_through_the_cli() {
     let env = Env::new("enable_template = true");
 
+    // Not ready: exit status 1.
     let status = env.vmfactory(&["factory", "status"]);
-    assert!(status.status.success(), "{}", text(&status));
+    assert_eq!(status.status.code(), Some(1), "{}", text(&status));
     assert!(text(&status).contains("No template"), "{}", text(&status));
     // A sandbox made without the template says why it took a direct boot.
     let created = env.vmfactory(&["sandbox", "create"]);
@@ -273,7 +274,7 @@ fn a_damaged_template_is_reported_broken_and_run_boots_directly() {
     drop(file);
 
     let status = env.vmfactory(&["factory", "status", "--json"]);
-    assert!(status.status.success(), "{}", text(&status));
+    assert_eq!(status.status.code(), Some(1), "{}", text(&status));
     let report: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
     assert_eq!(report["usable"], false, "{report}");
     assert!(
