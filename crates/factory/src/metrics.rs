@@ -140,7 +140,7 @@ impl Default for FactoryMetrics {
         );
         registry.register(
             "handout_failures",
-            "GetBaseVM calls answered with an error: no VM could be had, or the one taken (counted in handouts) could not be resumed",
+            "GetBaseVM calls answered with an error: no VM could be had, too many handed out wait for their adopter, or the one taken (counted in handouts) could not be resumed",
             handout_failures.clone(),
         );
         registry.register(

@@ -145,7 +145,15 @@ pub async fn serve_locked(
     lock: &PathLock,
     shutdown: Arc<Notify>,
 ) -> Result<(), VmCacheError> {
-    serve_locked_with_grace(factory, endpoint, lock, shutdown, HANDOVER_GRACE).await
+    serve_locked_with_grace(
+        factory,
+        endpoint,
+        lock,
+        shutdown,
+        HANDOVER_GRACE,
+        MAX_UNADOPTED,
+    )
+    .await
 }
 
 /// How long a client has to take over ([`Vm::adopt`]) a VM it was handed before the
@@ -153,22 +161,33 @@ pub async fn serve_locked(
 /// a running QEMU nobody owns for the server's whole life.
 pub const HANDOVER_GRACE: Duration = Duration::from_secs(30);
 
-/// [`serve_locked`] with the time clients get to adopt their VMs.
+/// The most VMs handed out and not yet adopted at once. A client that keeps asking for
+/// VMs without adopting them (a bug, or one that dies each time) would otherwise make the
+/// server keep up to a grace's worth of refills running for nobody; past this,
+/// `GetBaseVM` answers `RESOURCE_EXHAUSTED` until adopters or the reclaimer catch up.
+/// Clients adopt within milliseconds, so only that many hand-outs in flight at once
+/// reach it.
+pub const MAX_UNADOPTED: usize = 32;
+
+/// [`serve_locked`] with the time clients get to adopt their VMs and the most VMs that
+/// may wait for their adopter at once.
 pub async fn serve_locked_with_grace(
     factory: Arc<dyn FactoryBase>,
     endpoint: &Path,
     _lock: &PathLock,
     shutdown: Arc<Notify>,
     grace: Duration,
+    max_unadopted: usize,
 ) -> Result<(), VmCacheError> {
     let listener = bind(endpoint).await?;
     info!(endpoint = %endpoint.display(), pid = std::process::id(), "VMCache server listening");
-    let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let handed = Arc::new(std::sync::Mutex::new(HandedOut::default()));
     let reclaimer = tokio::spawn(reclaim_unadopted(factory.clone(), handed.clone(), grace));
     let service = CacheServer {
         factory,
         shutdown: shutdown.clone(),
         handed,
+        max_unadopted,
     };
     // Each connection goes through the `:authority` fix-up that gRPC C-core clients need.
     let incoming = tokio_stream::StreamExt::map(
@@ -217,14 +236,74 @@ async fn bind(endpoint: &Path) -> Result<UnixListener, VmCacheError> {
     Ok(listener)
 }
 
-/// VMs handed over, with when: checked by [`reclaim_unadopted`].
-type Handed = Arc<std::sync::Mutex<Vec<(HandOverRecord, Instant)>>>;
+/// VMs handed over, with when (checked by [`reclaim_unadopted`]), and hand-outs under way.
+#[derive(Debug, Default)]
+struct HandedOut {
+    vms: Vec<(HandOverRecord, Instant)>,
+    /// `GetBaseVM` calls between their admission and their record's entry in `vms`.
+    in_flight: usize,
+}
+
+type Handed = Arc<std::sync::Mutex<HandedOut>>;
 
 #[derive(Debug)]
 struct CacheServer {
     factory: Arc<dyn FactoryBase>,
     shutdown: Arc<Notify>,
     handed: Handed,
+    max_unadopted: usize,
+}
+
+/// A `GetBaseVM` admitted under [`MAX_UNADOPTED`]: counted as in flight until it records
+/// its VM or fails.
+struct Admitted<'a> {
+    handed: &'a Handed,
+}
+
+impl Admitted<'_> {
+    /// Records the VM handed over: from now on it counts while it waits for its adopter.
+    fn record(self, record: HandOverRecord) {
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.vms.push((record, Instant::now()));
+        }
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.in_flight = handed.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl CacheServer {
+    /// Admits one more hand-out unless `max_unadopted` VMs already wait for their adopter
+    /// (adopted ones are forgotten on the way) or are being handed out.
+    fn admit(&self) -> Result<Admitted<'_>, Status> {
+        let backend = self.factory.backend();
+        let mut handed = self
+            .handed
+            .lock()
+            .map_err(|_| Status::internal("The hand-out list is poisoned"))?;
+        handed
+            .vms
+            .retain(|(record, _)| backend.awaiting_adoption(&record.hypervisor));
+        let waiting = handed.vms.len() + handed.in_flight;
+        if waiting >= self.max_unadopted {
+            return Err(Status::resource_exhausted(format!(
+                "{waiting} VMs handed out wait for their client to take them over (at most {} \
+                 may): a client asks for VMs without adopting them; they are stopped {} s \
+                 after their hand-out",
+                self.max_unadopted,
+                HANDOVER_GRACE.as_secs()
+            )));
+        }
+        handed.in_flight += 1;
+        Ok(Admitted {
+            handed: &self.handed,
+        })
+    }
 }
 
 /// Stops every VM handed over at least `grace` ago that no client has adopted.
@@ -236,8 +315,11 @@ async fn reclaim_unadopted(factory: Arc<dyn FactoryBase>, handed: Handed, grace:
         ticks.tick().await;
         let due: Vec<HandOverRecord> = match handed.lock() {
             Ok(mut handed) => {
-                let (due, waiting) = handed.drain(..).partition(|(_, at)| at.elapsed() >= grace);
-                *handed = waiting;
+                let (due, waiting) = handed
+                    .vms
+                    .drain(..)
+                    .partition(|(_, at)| at.elapsed() >= grace);
+                handed.vms = waiting;
                 due.into_iter().map(|(record, _)| record).collect()
             }
             Err(_) => return,
@@ -275,6 +357,11 @@ impl CacheService for CacheServer {
             }
             Status::unavailable(err.to_string())
         };
+        let admitted = self.admit().inspect_err(|_| {
+            if let Some(observer) = self.factory.observer() {
+                observer.handout_failed();
+            }
+        })?;
         let vm = self
             .factory
             .get_base_vm()
@@ -288,9 +375,7 @@ impl CacheService for CacheServer {
             .map_err(|err| failed(&err))?;
         info!(id = record.id, "VM handed over");
         let message = grpc_vm(&record);
-        if let Ok(mut handed) = self.handed.lock() {
-            handed.push((record, Instant::now()));
-        }
+        admitted.record(record);
         Ok(Response::new(message))
     }
 

@@ -80,6 +80,11 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn reclaim(&self, _handle: &HypervisorHandle) -> bool {
         false
     }
+    /// True while the VM this process handed over as `handle` waits for its adopter (no
+    /// one has adopted or reclaimed it). Default: never (nothing to wait for).
+    fn awaiting_adoption(&self, _handle: &HypervisorHandle) -> bool {
+        false
+    }
 }
 
 /// One running (or paused) VM. Dropping a handle that still owns its VM kills the VM.

@@ -249,6 +249,15 @@ impl Backend for MockBackend {
         }
     }
 
+    fn awaiting_adoption(&self, handle: &HypervisorHandle) -> bool {
+        let HypervisorHandle::Mock(handle) = handle else {
+            return false;
+        };
+        handed_over()
+            .lock()
+            .is_ok_and(|vms| vms.contains_key(&handle.id))
+    }
+
     async fn adopt(&self, handle: HypervisorHandle) -> Result<Box<dyn Hypervisor>> {
         let HypervisorHandle::Mock(handle) = handle else {
             return Err(HypervisorError::ForeignHandle {

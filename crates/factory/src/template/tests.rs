@@ -233,7 +233,7 @@ async fn serve_two_cached(
         let (cache, endpoint, shutdown) = (cache.clone(), endpoint.clone(), shutdown.clone());
         async move {
             let lock = vmcache::lock_endpoint(&endpoint)?;
-            vmcache::serve_locked_with_grace(cache, &endpoint, &lock, shutdown, grace).await
+            vmcache::serve_locked_with_grace(cache, &endpoint, &lock, shutdown, grace, 3).await
         }
     });
     for _ in 0..500 {
@@ -491,6 +491,51 @@ async fn vmcache_stops_a_handed_out_vm_nobody_adopts() {
     shutdown.notify_one();
     server.await.expect("join").expect("serve");
     cache.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmcache_refuses_hand_outs_past_the_unadopted_limit() {
+    let world = World::new();
+    // The limit is 3 here; nothing is reclaimed during the test.
+    let (cache, endpoint, shutdown, server, metrics) =
+        serve_two_cached(&world, Duration::from_secs(600)).await;
+    let mut raw = vmcache::connect(&endpoint).await.expect("raw client");
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let answer = raw.get_base_vm(()).await.expect("GetBaseVM").into_inner();
+        waiting.push(vmcache::record_of(&answer).expect("record"));
+    }
+    let refused = raw.get_base_vm(()).await.expect_err("a fourth waiting VM");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+    assert!(
+        refused
+            .message()
+            .contains("3 VMs handed out wait for their client"),
+        "{refused}"
+    );
+    // Once one is adopted, a VM can be had again.
+    let first = waiting.remove(0);
+    let mut adopted = world.backend.adopt(first.hypervisor).await.expect("adopt");
+    let answer = raw
+        .get_base_vm(())
+        .await
+        .expect("GetBaseVM after an adoption");
+    waiting.push(vmcache::record_of(&answer.into_inner()).expect("record"));
+    let text = metrics.encode();
+    assert!(
+        text.contains("vmfactory_handout_failures_total 1"),
+        "{text}"
+    );
+    assert!(text.contains("vmfactory_handouts_total 4"), "{text}");
+
+    adopted.stop().await.expect("stop");
+    for record in &waiting {
+        assert!(world.backend.reclaim(&record.hypervisor).await);
+    }
+    shutdown.notify_one();
+    server.await.expect("join").expect("serve");
+    cache.close().await.expect("close");
+    assert_eq!(world.alive(), 0, "nothing left running");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

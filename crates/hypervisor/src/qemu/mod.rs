@@ -117,6 +117,13 @@ impl Backend for QemuBackend {
         true
     }
 
+    fn awaiting_adoption(&self, handle: &HypervisorHandle) -> bool {
+        let HypervisorHandle::Qemu(handle) = handle else {
+            return false;
+        };
+        orphans::hand_over_marked(&handle.dir)
+    }
+
     async fn adopt(&self, handle: HypervisorHandle) -> Result<Box<dyn Hypervisor>> {
         match handle {
             HypervisorHandle::Qemu(handle) => Ok(Box::new(Qemu::adopt(handle).await?)),

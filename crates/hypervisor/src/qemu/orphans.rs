@@ -46,6 +46,12 @@ pub fn set_hand_over_mark(vm_dir: &Path) -> crate::Result<()> {
     })
 }
 
+/// True while the VM in `vm_dir` carries its hand-over mark: handed over, and neither
+/// adopted nor taken back yet.
+pub fn hand_over_marked(vm_dir: &Path) -> bool {
+    vm_dir.join(HAND_OVER_MARK).exists()
+}
+
 /// Takes the hand-over mark of the VM in `vm_dir`: true for the one caller that removed
 /// it (an adopter, or the giver taking the VM back).
 pub fn take_hand_over_mark(vm_dir: &Path) -> bool {
@@ -134,8 +140,10 @@ mod tests {
         }
         claim(&mine);
         set_hand_over_mark(&mine).expect("mark");
+        assert!(hand_over_marked(&mine));
         assert!(take_hand_over_mark(&mine), "the first taker wins");
         assert!(!take_hand_over_mark(&mine), "only once");
+        assert!(!hand_over_marked(&mine));
         // A pid no process has, and our own pid with a start time that is not ours
         // (a reused pid).
         std::fs::write(orphan.join(OWNER_FILE), "4294967294 1\n").expect("write");
