@@ -121,13 +121,13 @@ impl ImageConfig {
 pub enum ImageError {
     #[error("{0}")]
     BadReference(String),
-    #[error("invalid image: {0}")]
+    #[error("Invalid image: {0}")]
     BadImage(String),
-    #[error("invalid image layer: {0}")]
+    #[error("Invalid image layer: {0}")]
     BadLayer(String),
-    #[error("refusing path {0:?} in an image: it leaves the root filesystem")]
+    #[error("Refusing path {0:?} in an image: it leaves the root filesystem")]
     PathEscape(String),
-    #[error("digest mismatch: expected {expected}, got {actual}; the image is corrupt or was modified, fetch it again")]
+    #[error("Digest mismatch: expected {expected}, got {actual}; the image is corrupt or was modified, fetch it again")]
     DigestMismatch { expected: String, actual: String },
     #[error("{0}")]
     NoSuchImage(String),
@@ -139,12 +139,12 @@ pub enum ImageError {
         status: String,
         stderr: String,
     },
-    #[error("no cached image matches {0:?}; see `vmfactory image ls`")]
+    #[error("No cached image matches {0:?}; see `vmfactory image ls`")]
     NotCached(String),
     #[error("{0:?} matches several cached images ({1}); give more of the digest")]
     Ambiguous(String, String),
     #[error(
-        "not enough free space in {} to {what}: it needs about {} MiB, {} MiB are available, and vmfactory leaves {} MiB free (5% of the filesystem, at most 1 GiB); remove cached images (`vmfactory image rm`) or free space there",
+        "Not enough free space in {} to {what}: it needs about {} MiB, {} MiB are available, and vmfactory leaves {} MiB free (5% of the filesystem, at most 1 GiB); remove cached images (`vmfactory image rm`) or free space there",
         .dir.display(),
         mib(*.needed),
         mib(*.available),
@@ -158,7 +158,7 @@ pub enum ImageError {
         reserve: u64,
     },
     #[error(
-        "not enough free inodes in {} to write the image's files: {free} are free, and vmfactory leaves {reserve} (5% of the filesystem's); remove cached images (`vmfactory image rm`) or free some there",
+        "Not enough free inodes in {} to write the image's files: {free} are free, and vmfactory leaves {reserve} (5% of the filesystem's); remove cached images (`vmfactory image rm`) or free some there",
         .dir.display()
     )]
     NoInodes {
@@ -166,7 +166,7 @@ pub enum ImageError {
         free: u64,
         reserve: u64,
     },
-    #[error("cannot {what}: {source}")]
+    #[error("Cannot {what}")]
     Io {
         what: String,
         #[source]
@@ -196,7 +196,7 @@ impl Reference {
     /// that exists as given wins over a split at its last `:`.
     pub fn parse(reference: &str) -> Result<Self, ImageError> {
         if reference.is_empty() {
-            return Err(ImageError::BadReference("empty image reference".into()));
+            return Err(ImageError::BadReference("Empty image reference".into()));
         }
         let whole = PathBuf::from(reference);
         if whole.exists() {
@@ -214,7 +214,7 @@ impl Reference {
             }
         }
         Err(ImageError::BadReference(format!(
-            "image {reference:?} not found: give a root filesystem directory, an OCI image \
+            "Image {reference:?} not found: give a root filesystem directory, an OCI image \
              layout (directory or tar, optionally PATH:TAG) or a `docker save` archive \
              (registry references are not supported)"
         )))

@@ -200,7 +200,7 @@ pub(crate) fn oci_image(layout: &Path, tag: Option<&str>) -> Result<Image, Image
             .find(|d| linux_amd64(d))
             .cloned()
             .ok_or_else(|| {
-                ImageError::NoSuchImage(format!("no linux/amd64 manifest in {}", layout.display()))
+                ImageError::NoSuchImage(format!("No linux/amd64 manifest in {}", layout.display()))
             })?;
     }
     let manifest: ImageManifest = parse(&read_blob(layout, &desc)?, "manifest")?;
