@@ -107,13 +107,13 @@ pub enum TemplateError {
         need_mib: u32,
     },
     /// The tmpfs could not be mounted.
-    #[error("Cannot mount a tmpfs at {path} ({source}): run as root (CAP_SYS_ADMIN), or set template_path to a directory on an existing tmpfs such as /dev/shm/vmfactory-template")]
+    #[error("Cannot mount a tmpfs at {path} ({reason}): run as root (CAP_SYS_ADMIN), or set template_path to a directory on an existing tmpfs such as /dev/shm/vmfactory-template")]
     Mount {
         /// Where.
         path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
+        /// Why (in the message, before the advice, so not a `source` printed again after
+        /// it).
+        reason: std::io::Error,
     },
     /// A file operation failed.
     #[error("{action} {path}")]

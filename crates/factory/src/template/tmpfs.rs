@@ -164,7 +164,7 @@ fn mount_tmpfs(path: &Path, size_mib: u32) -> Result<(), TemplateError> {
     if rc != 0 {
         return Err(TemplateError::Mount {
             path: path.to_path_buf(),
-            source: std::io::Error::last_os_error(),
+            reason: std::io::Error::last_os_error(),
         });
     }
     Ok(())
