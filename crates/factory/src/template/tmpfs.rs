@@ -52,25 +52,10 @@ impl Ownership {
     }
 }
 
-fn path_cstring(path: &Path) -> Result<CString, TemplateError> {
-    CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| TemplateError::Io {
-        action: "Path contains a NUL byte:",
-        path: path.to_path_buf(),
-        source: std::io::ErrorKind::InvalidInput.into(),
-    })
-}
-
 /// True when `path` lies on a tmpfs.
 fn is_on_tmpfs(path: &Path) -> Result<bool, TemplateError> {
-    let c_path = path_cstring(path)?;
-    // SAFETY: statfs is plain old data; the call fills it.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid NUL-terminated path and a valid out pointer.
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(io_error("Cannot statfs", path)(
-            std::io::Error::last_os_error(),
-        ));
-    }
+    let stat =
+        rustix::fs::statfs(path).map_err(|err| io_error("Cannot statfs", path)(err.into()))?;
     #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
     Ok(stat.f_type as i64 == TMPFS_MAGIC)
 }
@@ -125,17 +110,9 @@ pub(super) fn prepare_tmpfs(path: &Path, size_mib: u32) -> Result<Ownership, Tem
 
 /// Room left for an unprivileged writer on the file system of `path`, MiB.
 fn free_mib(path: &Path) -> Result<u64, TemplateError> {
-    let c_path = path_cstring(path)?;
-    // SAFETY: statvfs is plain old data; the call fills it.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: valid NUL-terminated path and a valid out pointer.
-    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(io_error("Cannot statvfs", path)(
-            std::io::Error::last_os_error(),
-        ));
-    }
-    #[allow(clippy::unnecessary_cast)] // the fields' widths differ between libcs
-    Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64) >> 20)
+    let stat =
+        rustix::fs::statvfs(path).map_err(|err| io_error("Cannot statvfs", path)(err.into()))?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize) >> 20)
 }
 
 fn is_empty_dir(path: &Path) -> Result<bool, TemplateError> {
@@ -144,44 +121,34 @@ fn is_empty_dir(path: &Path) -> Result<bool, TemplateError> {
 }
 
 fn mount_tmpfs(path: &Path, size_mib: u32) -> Result<(), TemplateError> {
-    let target = path_cstring(path)?;
     let options =
         CString::new(format!("size={size_mib}m,mode=0700")).map_err(|_| TemplateError::Io {
             action: "Bad mount options for",
             path: path.to_path_buf(),
             source: std::io::ErrorKind::InvalidInput.into(),
         })?;
-    // SAFETY: valid NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"tmpfs".as_ptr(),
-            target.as_ptr(),
-            c"tmpfs".as_ptr(),
-            libc::MS_NOSUID | libc::MS_NODEV,
-            options.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(TemplateError::Mount {
-            path: path.to_path_buf(),
-            reason: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    use rustix::mount::MountFlags;
+    rustix::mount::mount(
+        "tmpfs",
+        path,
+        "tmpfs",
+        MountFlags::NOSUID | MountFlags::NODEV,
+        options.as_c_str(),
+    )
+    .map_err(|err| TemplateError::Mount {
+        path: path.to_path_buf(),
+        reason: err.into(),
+    })
 }
 
 /// Lazily unmounts `path` (clones may still map the memory file; the kernel frees the
 /// tmpfs when the last one exits) so no mount stays visible.
 pub(super) fn unmount(path: &Path) -> Result<(), TemplateError> {
-    let target = path_cstring(path)?;
-    // SAFETY: valid NUL-terminated path.
-    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EINVAL) {
-            return Err(io_error("Cannot unmount", path)(err));
-        }
+    match rustix::mount::unmount(path, rustix::mount::UnmountFlags::DETACH) {
+        // Not a mount point (any more).
+        Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(()),
+        Err(err) => Err(io_error("Cannot unmount", path)(err.into())),
     }
-    Ok(())
 }
 
 /// Removes the files a template consists of (and the marker, with `marker`); nothing else.
