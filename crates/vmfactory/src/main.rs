@@ -224,6 +224,20 @@ impl VmArgs {
         // VMs are owned by the process that makes them (and die with it), except the
         // VMCache server's, which are handed over and must outlive it.
         base.qemu.die_with_parent = true;
+        if local && settings.hypervisor.qemu.stub_disassembler {
+            // Checked once per QEMU binary; every later command only looks at a marker.
+            if let Ok(binary) =
+                vmfactory_hypervisor::qemu::config::resolve_binary(&base.qemu.binary)
+            {
+                let cache = self
+                    .image
+                    .cache_dir
+                    .clone()
+                    .unwrap_or_else(vmfactory_guest_image::default_cache_dir);
+                base.qemu.library_dir =
+                    vmfactory_hypervisor::qemu::libstub::prepare(&cache, &binary);
+            }
+        }
         let request = VmRequest {
             vcpus: self.vcpus,
             memory_mib: self.memory,

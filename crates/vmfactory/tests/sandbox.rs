@@ -467,6 +467,14 @@ fn sigkill_of_the_supervisor_or_the_creator_leaves_no_half_sandbox() {
     let record = env.listed().remove(0);
     let supervisor = record["supervisor_pid"].as_u64().expect("pid") as u32;
     let vm = record["vm_pid"].as_u64().expect("pid") as u32;
+    // Its QEMU runs with vmfactory's stand-in for the disassembler library (the test
+    // suite's QEMU is Debian's, which links capstone), not the system's.
+    let maps = std::fs::read_to_string(format!("/proc/{vm}/maps")).expect("maps");
+    let capstone: Vec<&str> = maps.lines().filter(|l| l.contains("libcapstone")).collect();
+    assert!(
+        !capstone.is_empty() && capstone.iter().all(|l| l.contains("/qemu-stub/")),
+        "{capstone:?}"
+    );
     // SAFETY: killing the supervisor this test created.
     unsafe {
         libc::kill(supervisor as i32, libc::SIGKILL);

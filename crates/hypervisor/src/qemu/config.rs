@@ -32,6 +32,10 @@ pub struct QemuConfig {
     /// process leaves no VM; never for VMs that are handed over (VMCache).
     #[serde(default)]
     pub die_with_parent: bool,
+    /// A directory QEMU's dynamic linker searches first (`LD_LIBRARY_PATH`): vmfactory's
+    /// stand-in for the disassembler library ([`super::libstub`]), when it is usable.
+    #[serde(default)]
+    pub library_dir: Option<PathBuf>,
 }
 
 /// QEMU's minimal firmware. It boots Linux straight from fw_cfg but cannot run the ACPI
@@ -58,6 +62,7 @@ impl Default for QemuConfig {
             start_timeout: Duration::from_secs(30),
             firmware: default_firmware(),
             die_with_parent: false,
+            library_dir: None,
         }
     }
 }

@@ -19,6 +19,7 @@ mod console;
 pub mod disk;
 mod hotplug;
 pub mod jit;
+pub mod libstub;
 mod orphans;
 mod process;
 mod state;

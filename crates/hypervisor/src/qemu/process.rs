@@ -102,6 +102,12 @@ impl Qemu {
         super::orphans::claim(&dir);
         debug!(binary = %binary.display(), ?args, "Starting QEMU");
         let mut command = tokio::process::Command::new(&binary);
+        if let Some(dir) = &config.library_dir {
+            command.env(
+                super::libstub::LIBRARY_PATH_VAR,
+                super::libstub::library_path(dir),
+            );
+        }
         if let Some(state) = &state {
             let fd = std::os::fd::AsRawFd::as_raw_fd(state);
             // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec; `state`
