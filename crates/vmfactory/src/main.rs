@@ -322,7 +322,34 @@ pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
 /// process ends (`bench run` finishes its current run, then stops a VMCache server).
 const TASK_SHUTDOWN: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Makes a failed write to standard output end vmfactory as a shell tool ends, instead of
+/// with a panic and its backtrace: `println!` panics when the output is closed (a reader
+/// such as `head` went away: exit status 141, quietly, as a process killed by SIGPIPE)
+/// or cannot be written (a full disk: the reason, exit status 125). The Rust runtime
+/// ignores SIGPIPE, which our sockets need (a write to a VM that died must fail, not kill
+/// us), so the signal itself cannot do it. Other panics keep the default report.
+fn end_quietly_on_output_failures() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if let Some(reason) = message.strip_prefix("failed printing to stdout: ") {
+            if reason.contains("Broken pipe") {
+                std::process::exit(i32::from(run::EXIT_BROKEN_PIPE));
+            }
+            eprintln!("vmfactory: cannot write to standard output: {reason}");
+            std::process::exit(i32::from(EXIT_VMFACTORY_ERROR));
+        }
+        report(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    end_quietly_on_output_failures();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(mut err) => {

@@ -31,7 +31,7 @@ const EXIT_CANNOT_EXECUTE: u8 = 126;
 /// Exit status when the command does not exist, as shells and `docker run`.
 const EXIT_NOT_FOUND: u8 = 127;
 /// Exit status when our standard output or error was closed (128 + SIGPIPE).
-const EXIT_BROKEN_PIPE: u8 = 141;
+pub(crate) const EXIT_BROKEN_PIPE: u8 = 141;
 /// How long the host waits beyond `--timeout` for the guest to report the kill.
 const HOST_TIMEOUT_GRACE: Duration = Duration::from_secs(5);
 /// How long a failed command waits for its VM's end to be noticed, so that the error names

@@ -241,6 +241,43 @@ fn config_show_prints_the_effective_configuration() {
 }
 
 #[test]
+fn a_closed_or_full_output_ends_vmfactory_without_a_panic() {
+    let env = Env::new("enable_template = true");
+    let config = env.dir.path().join("config.toml");
+    // A reader that went away (`vmfactory config show | true`): exit 141, nothing said.
+    let (reader, writer) = rustix::pipe::pipe().expect("pipe");
+    drop(reader);
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["config", "show"])
+        .stdout(writer)
+        .output()
+        .expect("spawn vmfactory");
+    assert_eq!(output.status.code(), Some(141), "{}", text(&output));
+    assert!(output.stderr.is_empty(), "{}", text(&output));
+    // A full disk: the reason, exit 125, no panic.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .args(["config", "show"])
+        .stdout(full)
+        .output()
+        .expect("spawn vmfactory");
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.starts_with("vmfactory: cannot write to standard output: No space left"),
+        "{said}"
+    );
+    assert!(!said.contains("panicked"), "{said}");
+}
+
+#[test]
 fn an_invalid_configuration_names_the_key() {
     let env = Env::new("enable_template = true\nvm_cache_numbr = 3");
     let output = env.vmfactory(&["config", "show"]);
