@@ -192,3 +192,29 @@ fn an_interrupted_run_benchmark_stops_its_server_and_removes_its_factories() {
         Duration::from_secs(2),
     );
 }
+
+#[test]
+fn counts_out_of_range_are_usage_errors_before_anything_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for args in [
+        &["boot", "-n", "0"][..],
+        &["getvm", "--clients", "0"],
+        &["density", "--count", "65"],
+        &["sandbox", "--copy-mib", "100"],
+    ] {
+        let output = Command::new(BIN)
+            .arg("bench")
+            .args(args)
+            .env("VMFACTORY_RUNTIME_DIR", dir.path())
+            .output()
+            .expect("spawn vmfactory");
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", text(&output));
+        assert!(
+            text(&output).contains(args[args.len() - 2]),
+            "{args:?}: {}",
+            text(&output)
+        );
+    }
+    // Nothing was started: no VM directory.
+    assert!(!dir.path().join("vm").exists());
+}

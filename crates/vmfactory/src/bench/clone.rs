@@ -228,9 +228,6 @@ pub async fn bench_clone(
     json: bool,
     resolved: Resolved,
 ) -> Result<ExitCode> {
-    if n == 0 || direct == 0 || pool == 0 {
-        bail!("-n, --direct and --pool must be at least 1");
-    }
     let direct_config = resolved.direct_config();
     let (scratch, plain) = ScratchTemplate::create(&resolved.base).await?;
     let pooled = TemplateFactory::fetch(&resolved.base, &scratch.path, resolved.base.backend())
@@ -380,9 +377,6 @@ pub async fn bench_getvm(
     json: bool,
     resolved: Resolved,
 ) -> Result<ExitCode> {
-    if n == 0 || clients == 0 || cache_size == 0 {
-        bail!("-n, --clients and --cache must be at least 1");
-    }
     // Every client of a round must find a warm VM.
     let cache_size = cache_size.max(clients);
     let (scratch, template) = ScratchTemplate::create(&resolved.base).await?;
@@ -585,9 +579,6 @@ pub async fn bench_density(
     json: bool,
     mut resolved: Resolved,
 ) -> Result<ExitCode> {
-    if count == 0 {
-        bail!("--count must be at least 1");
-    }
     let tb = (tb_size > 0).then_some(tb_size);
     resolved.base.qemu.tb_size_mib = tb;
     let direct_config = resolved.direct_config();

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Subcommand;
 use serde::Serialize;
 use vmfactory_factory::{Vm, VmConfig};
@@ -18,6 +18,21 @@ mod clone;
 mod run;
 mod sandbox;
 
+/// Most samples of one series.
+const MAX_SAMPLES: u64 = 10_000;
+/// Most VMs a benchmark keeps at once (a pool, a cache, clients, idle VMs), as
+/// `vm_cache_number` and `template_warm_pool`.
+const MAX_VMS_AT_ONCE: u64 = 64;
+
+/// A count option: 1 to `max` (clap refuses others with exit status 2, naming the option
+/// as typed).
+fn count(max: u64) -> impl clap::builder::TypedValueParser<Value = usize> {
+    use clap::builder::TypedValueParser;
+    clap::value_parser!(u64)
+        .range(1..=max)
+        .map(|value| usize::try_from(value).unwrap_or(usize::MAX))
+}
+
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Direct boot to first agent answer. When the guest image has both an uncompressed
@@ -27,7 +42,7 @@ pub enum BenchCommand {
     /// of the boot's work that, unlike its time, does not move with the host's load.
     Boot {
         /// Boots per kernel.
-        #[arg(short, default_value_t = 5)]
+        #[arg(short, default_value_t = 5, value_parser = count(MAX_SAMPLES))]
         n: usize,
         /// Also boot the image of this guest kernel (vmfactory or debian), interleaved.
         #[arg(long, value_name = "vmfactory|debian")]
@@ -46,13 +61,13 @@ pub enum BenchCommand {
     /// resume to the answer.
     Clone {
         /// Clones per series.
-        #[arg(short, default_value_t = 10)]
+        #[arg(short, default_value_t = 10, value_parser = count(MAX_SAMPLES))]
         n: usize,
         /// Warm pool size for the pooled series.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = count(MAX_VMS_AT_ONCE))]
         pool: usize,
         /// Direct boots for the baseline.
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 5, value_parser = count(MAX_SAMPLES))]
         direct: usize,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -65,16 +80,17 @@ pub enum BenchCommand {
     /// temporary server (template + cache) in this process and removes it afterwards.
     Getvm {
         /// get_vm calls in all.
-        #[arg(short, default_value_t = 20)]
+        #[arg(short, default_value_t = 20, value_parser = count(MAX_SAMPLES))]
         n: usize,
         /// Concurrent clients.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = count(MAX_VMS_AT_ONCE))]
         clients: usize,
-        /// VMs the server keeps ready.
-        #[arg(long, default_value_t = 4)]
+        /// VMs the server keeps ready (raised to --clients, so that every client of a
+        /// round finds one).
+        #[arg(long, default_value_t = 4, value_parser = count(MAX_VMS_AT_ONCE))]
         cache: usize,
         /// Warm pool size of the template behind the cache.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = count(MAX_VMS_AT_ONCE))]
         pool: usize,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -88,13 +104,13 @@ pub enum BenchCommand {
     /// temporary template and server and removes them afterwards.
     Run {
         /// Runs per mode.
-        #[arg(short, default_value_t = 10)]
+        #[arg(short, default_value_t = 10, value_parser = count(MAX_SAMPLES))]
         n: usize,
         /// Direct-boot runs (the slow baseline).
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = count(MAX_SAMPLES))]
         direct: usize,
         /// VMs the temporary VMCache server keeps ready.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=MAX_VMS_AT_ONCE as i64))]
         cache: u32,
         /// Run `true` in a container of this image (`run --image REF -- true`).
         #[arg(long, value_name = "REF")]
@@ -114,13 +130,14 @@ pub enum BenchCommand {
     /// throughput in and out. Sets up a temporary server and removes everything after.
     Sandbox {
         /// Sandboxes created, and exec round trips.
-        #[arg(short, default_value_t = 5)]
+        #[arg(short, default_value_t = 5, value_parser = count(MAX_SAMPLES))]
         n: usize,
-        /// Size of the file copied each way, MiB.
-        #[arg(long, default_value_t = 64)]
+        /// Size of the file copied each way, MiB (into the guest's /tmp, a tmpfs: at most
+        /// a quarter of the VM's memory).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
         copy_mib: u64,
         /// VMs the temporary VMCache server keeps ready.
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=MAX_VMS_AT_ONCE as i64))]
         cache: u32,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -131,8 +148,8 @@ pub enum BenchCommand {
     /// Memory of idle VMs: per-VM PSS (total and guest RAM) and host memory used, for
     /// COUNT template clones and COUNT direct boots.
     Density {
-        /// VMs per kind.
-        #[arg(short = 'n', long, default_value_t = 10)]
+        /// VMs per kind (all kept running at once).
+        #[arg(short = 'n', long, default_value_t = 10, value_parser = count(MAX_VMS_AT_ONCE))]
         count: usize,
         /// TCG translation buffer size in MiB for the measured VMs (0: QEMU's default).
         #[arg(long, default_value_t = 0)]
@@ -341,9 +358,6 @@ async fn bench_boot(
     args: VmArgs,
     config_file: Option<PathBuf>,
 ) -> Result<ExitCode> {
-    if n == 0 {
-        bail!("-n must be at least 1");
-    }
     let config = resolve(args.clone(), config_file).await?.direct_config();
     let mut kernels = vec![(config.kernel.clone(), config.initrd.clone())];
     // Compare against the bzImage of the same image when booting its vmlinux.

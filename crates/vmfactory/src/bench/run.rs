@@ -219,9 +219,6 @@ pub fn bench_run(
     json: bool,
     resolved: Resolved,
 ) -> Result<ExitCode> {
-    if n == 0 || direct == 0 || cache_size == 0 {
-        bail!("-n, --direct and --cache must be at least 1");
-    }
     let mut settings = resolved.settings.clone();
     settings.hypervisor.qemu.kernel = resolved.base.kernel.clone();
     settings.hypervisor.qemu.initrd = resolved.base.initrd.clone().unwrap_or_default();

@@ -63,8 +63,15 @@ pub async fn bench_sandbox(
     json: bool,
     resolved: Resolved,
 ) -> Result<ExitCode> {
-    if n == 0 || cache_size == 0 || copy_mib == 0 {
-        bail!("-n, --cache and --copy-mib must be at least 1");
+    // The copy lands in the guest's /tmp, a tmpfs of half its memory that the guest uses
+    // too: refused now rather than after the sandboxes are made.
+    let memory_mib = resolved.base.memory_mib;
+    if copy_mib > u64::from(memory_mib / 4) {
+        crate::usage!(
+            "--copy-mib {copy_mib} does not fit the guest's /tmp (a tmpfs of half its \
+             {memory_mib} MiB of memory): give at most {}, or more --memory",
+            memory_mib / 4
+        );
     }
     let mut settings = resolved.settings.clone();
     settings.hypervisor.qemu.kernel = resolved.base.kernel.clone();
