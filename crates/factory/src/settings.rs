@@ -53,12 +53,16 @@ pub enum SettingsError {
         message: String,
     },
     /// A value is out of range or contradicts another.
-    #[error("Invalid configuration: {key}: {message}")]
+    #[error("Invalid configuration{}: {key}: {message}", where_in(.path, *.line))]
     Invalid {
         /// The offending key, e.g. `hypervisor.qemu.default_memory`.
         key: &'static str,
         /// What is wrong and how to fix it.
         message: String,
+        /// The file that set it, when one did.
+        path: Option<PathBuf>,
+        /// The key's line in that file, when it is there once.
+        line: Option<usize>,
     },
 }
 
@@ -66,6 +70,32 @@ fn invalid(key: &'static str, message: impl Into<String>) -> SettingsError {
     SettingsError::Invalid {
         key,
         message: message.into(),
+        path: None,
+        line: None,
+    }
+}
+
+/// " PATH (line N)" for a message, or nothing without a file.
+fn where_in(path: &Option<PathBuf>, line: Option<usize>) -> String {
+    match (path, line) {
+        (Some(path), Some(line)) => format!(" {} (line {line})", path.display()),
+        (Some(path), None) => format!(" {}", path.display()),
+        _ => String::new(),
+    }
+}
+
+/// The line of `text` that sets the last part of `key` (`default_memory` of
+/// `hypervisor.qemu.default_memory`), when exactly one line does; 1-based.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let name = key.rsplit('.').next()?;
+    let mut lines = text.lines().enumerate().filter(|(_, line)| {
+        line.trim_start()
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+    });
+    match (lines.next(), lines.next()) {
+        (Some((index, _)), None) => Some(index + 1),
+        _ => None,
     }
 }
 
@@ -336,7 +366,16 @@ impl Settings {
                     .unwrap_or_default(),
         })?;
         settings.place_in_runtime_dir(text);
-        settings.validate()?;
+        // A value's error names the file and, when it is there, the key's line.
+        settings.validate().map_err(|err| match err {
+            SettingsError::Invalid { key, message, .. } => SettingsError::Invalid {
+                key,
+                message,
+                path: Some(path.to_path_buf()),
+                line: line_of_key(text, key),
+            },
+            other => other,
+        })?;
         Ok(settings)
     }
 

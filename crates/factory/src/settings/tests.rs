@@ -70,6 +70,23 @@ fn unknown_keys_are_named() {
 }
 
 #[test]
+fn a_value_error_names_the_file_and_the_line() {
+    assert_eq!(
+        message("# sizes\n[hypervisor.qemu]\ndefault_memory = 16\n"),
+        "Invalid configuration test.toml (line 3): hypervisor.qemu.default_memory: 16 MiB is \
+         too small: give at least 64 MiB"
+    );
+    // A key name set in two sections gets no line (the file is still named).
+    let text = "[hypervisor.qemu]\nkernel = \"/k\"\n[guest]\nkernel = \"debian\"\n";
+    assert_eq!(line_of_key(text, "hypervisor.qemu.kernel"), None);
+    assert_eq!(line_of_key(text, "hypervisor.qemu.kernel_params"), None);
+    assert_eq!(
+        line_of_key("a = 1\n  kernel_params= \"x\"\n", "q.kernel_params"),
+        Some(2)
+    );
+}
+
+#[test]
 fn every_rule_names_its_key() {
     let cases = [
         (
