@@ -58,6 +58,7 @@ fn build_image(dir: &Path) -> PathBuf {
         "root:x:0:0:root:/root:/bin/sh\nweb:x:33:34:web:/:/bin/sh\n",
     )
     .expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\nwww:x:55:web\n").expect("group");
     let image = dir.join("image.erofs");
     let output = Command::new("mkfs.erofs")
         .arg(&image)
@@ -232,6 +233,12 @@ async fn containers_in_a_direct_vm() {
     // Users from the image's passwd.
     let (code, id) = csh_status(&vm, "ctr-a", "web", "id -u; id -g").await;
     assert_eq!((code, id.as_str()), (Some(0), "33\n34"));
+    // As Docker (runc): a group by name from the image's /etc/group, and a uid without
+    // an entry gets gid 0.
+    let (code, id) = csh_status(&vm, "ctr-a", "web:www", "id -u; id -g").await;
+    assert_eq!((code, id.as_str()), (Some(0), "33\n55"));
+    let (code, id) = csh_status(&vm, "ctr-a", "1000", "id -u; id -g").await;
+    assert_eq!((code, id.as_str()), (Some(0), "1000\n0"));
     // Root in a container keeps Docker's default capabilities, no more: it cannot
     // mount, and nothing it runs can gain more.
     assert_eq!(

@@ -202,7 +202,10 @@ pub fn prepare_root(root: &Path, hostname: &str) -> Result<(), Status> {
     write_file(&etc, "resolv.conf", &resolv)
 }
 
-/// Resolves `user` ("", "uid", "uid:gid" or a name in the image's /etc/passwd) to ids.
+/// Resolves an image's `User` to ids as runc (and so Docker) does: `""` is root; `USER`
+/// is a name or a uid, `GROUP` a name or a gid. A name must be in the image's
+/// `/etc/passwd` (a group name in `/etc/group`); a uid needs no entry. Without a group the
+/// user's entry gives the gid, and a uid without an entry gets gid 0.
 pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), Status> {
     if user.is_empty() {
         return Ok((0, 0));
@@ -216,49 +219,73 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), Status> {
         Some((name, group)) => (name, Some(group)),
         None => (user, None),
     };
-    let gid_of = |group: &str| {
-        group.parse::<u32>().map_err(|_| {
-            Status::invalid_argument(format!("Invalid group {group:?}: give a number"))
-        })
+    // The user's entry: by name, or by uid (optional then).
+    let entry = match name.parse::<u32>() {
+        Ok(uid) => {
+            let entry = read_ids(root, "passwd")
+                .ok()
+                .and_then(|passwd| find_entry(&passwd, |fields| fields[2] == name));
+            (uid, entry.map(|fields| fields[3].clone()))
+        }
+        Err(_) => {
+            let passwd = read_ids(root, "passwd")?;
+            let Some(fields) = find_entry(&passwd, |fields| fields[0] == name) else {
+                return Err(Status::failed_precondition(format!(
+                    "The image's user {name:?} is not in its /etc/passwd: the image names a \
+                     user it does not have; fix the image's User"
+                )));
+            };
+            let uid = fields[2]
+                .parse()
+                .map_err(|_| image_error("/etc/passwd", format!("bad uid for {name}")))?;
+            (uid, Some(fields[3].clone()))
+        }
     };
-    if let Ok(uid) = name.parse::<u32>() {
-        let gid = match group {
-            Some(group) => gid_of(group)?,
-            None => uid,
-        };
-        return Ok((uid, gid));
-    }
-    let passwd = read_passwd(root)?;
-    let entry = passwd.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(':').collect();
-        (fields.len() >= 4 && fields[0] == name).then(|| (fields[2], fields[3]))
-    });
-    let Some((uid, gid)) = entry else {
-        return Err(Status::not_found(format!(
-            "User {name:?} is not in the container's /etc/passwd: give a uid"
-        )));
-    };
-    let uid = uid
-        .parse()
-        .map_err(|_| image_error("/etc/passwd", format!("bad uid for {name}")))?;
+    let (uid, user_gid) = entry;
     let gid = match group {
-        Some(group) => gid_of(group)?,
-        None => gid
-            .parse()
-            .map_err(|_| image_error("/etc/passwd", format!("bad gid for {name}")))?,
+        Some(group) => match group.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => {
+                let groups = read_ids(root, "group")?;
+                let Some(fields) = find_entry(&groups, |fields| fields[0] == group) else {
+                    return Err(Status::failed_precondition(format!(
+                        "The image's group {group:?} is not in its /etc/group: fix the \
+                         image's User"
+                    )));
+                };
+                fields[2]
+                    .parse()
+                    .map_err(|_| image_error("/etc/group", format!("bad gid for {group}")))?
+            }
+        },
+        None => match user_gid {
+            Some(gid) => gid
+                .parse()
+                .map_err(|_| image_error("/etc/passwd", format!("bad gid for {name}")))?,
+            None => 0,
+        },
     };
     Ok((uid, gid))
 }
 
-fn read_passwd(root: &Path) -> Result<String, Status> {
+/// The first line of an `/etc/passwd` or `/etc/group` text with at least four fields for
+/// which `matches` holds, split into its fields.
+fn find_entry(text: &str, matches: impl Fn(&[String]) -> bool) -> Option<Vec<String>> {
+    text.lines()
+        .map(|line| line.split(':').map(str::to_string).collect::<Vec<_>>())
+        .find(|fields| fields.len() >= 4 && matches(fields))
+}
+
+/// The image's `/etc/<name>` (`passwd` or `group`), at most [`MAX_PASSWD`] bytes.
+fn read_ids(root: &Path, name: &str) -> Result<String, Status> {
+    let what = format!("/etc/{name}");
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let root_fd = rustix::fs::open(root, flags | OFlags::DIRECTORY, Mode::empty())
         .map_err(|err| image_error("root", err))?;
     let etc = rustix::fs::openat(&root_fd, "etc", flags | OFlags::DIRECTORY, Mode::empty())
         .map_err(|err| image_error("/etc", err))?;
-    let bytes =
-        read_regular(&etc, "passwd", MAX_PASSWD).map_err(|err| image_error("/etc/passwd", err))?;
-    String::from_utf8(bytes).map_err(|err| image_error("/etc/passwd", err))
+    let bytes = read_regular(&etc, name, MAX_PASSWD).map_err(|err| image_error(&what, err))?;
+    String::from_utf8(bytes).map_err(|err| image_error(&what, err))
 }
 
 /// At most `max` bytes of the regular file `name` in `dir`. The container (or its image)
@@ -369,9 +396,33 @@ mod tests {
         assert_eq!(resolve_user(&root, "").expect("root"), (0, 0));
         assert_eq!(resolve_user(&root, "web").expect("web"), (33, 44));
         assert_eq!(resolve_user(&root, "web:7").expect("web"), (33, 7));
-        assert_eq!(resolve_user(&root, "1000").expect("uid"), (1000, 1000));
+        // As runc: a uid takes its entry's gid, and gid 0 without an entry.
+        assert_eq!(resolve_user(&root, "33").expect("uid"), (33, 44));
+        assert_eq!(resolve_user(&root, "1000").expect("uid"), (1000, 0));
         assert_eq!(resolve_user(&root, "1000:5").expect("uid"), (1000, 5));
-        assert!(resolve_user(&root, "nobody").is_err());
-        assert!(resolve_user(&root, "1:x").is_err());
+        let missing = resolve_user(&root, "nobody").expect_err("no such user");
+        // Not NotFound: the host reads that as "command not found" (exit status 127).
+        assert_eq!(
+            missing.code(),
+            tonic::Code::FailedPrecondition,
+            "{missing:?}"
+        );
+        assert!(
+            missing.message().contains("fix the image's User"),
+            "{missing:?}"
+        );
+        // Group names come from /etc/group.
+        assert!(resolve_user(&root, "1:x").is_err(), "no /etc/group");
+        std::fs::write(root.join("etc/group"), "root:x:0:\nwww:x:55:web\n").expect("group");
+        assert_eq!(
+            resolve_user(&root, "web:www").expect("group name"),
+            (33, 55)
+        );
+        assert_eq!(
+            resolve_user(&root, "1000:www").expect("group name"),
+            (1000, 55)
+        );
+        let err = resolve_user(&root, "web:nogroup").expect_err("no such group");
+        assert!(err.message().contains("/etc/group"), "{err:?}");
     }
 }
