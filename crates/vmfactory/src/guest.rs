@@ -81,7 +81,7 @@ pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
     let options = build_options(&args.image, configured)?;
     if args.check {
         let report = check(&options).context("Cannot check for a newer guest kernel")?;
-        print_check(&report, args.json)?;
+        print_check(&report, &build_command(&args.image), args.json)?;
         return Ok(match report.status {
             UpdateStatus::UpToDate => ExitCode::SUCCESS,
             UpdateStatus::UpdateAvailable => ExitCode::from(EXIT_UPDATE_AVAILABLE),
@@ -100,7 +100,23 @@ pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_check(report: &UpdateCheck, json: bool) -> Result<()> {
+/// The `guest build` command line that builds the image these options name (the kernel
+/// kind and cache directory given), for hints.
+fn build_command(image: &ImageArgs) -> String {
+    let mut command = "vmfactory guest build".to_string();
+    if let Some(kernel) = image.guest_kernel {
+        command.push_str(&format!(" --guest-kernel {kernel}"));
+    }
+    if let Some(dir) = &image.cache_dir {
+        command.push_str(&format!(
+            " --cache-dir {}",
+            crate::shell_word(&dir.to_string_lossy())
+        ));
+    }
+    command
+}
+
+fn print_check(report: &UpdateCheck, build: &str, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
@@ -120,7 +136,7 @@ fn print_check(report: &UpdateCheck, json: bool) -> Result<()> {
         (Some(image), _) => println!(
             "{}",
             crate::hints(&format!(
-                "An update is available: apt offers {candidate}; the current image has {} {} with busybox {}. Run `vmfactory guest build` to update it.",
+                "An update is available: apt offers {candidate}; the current image has {} {} with busybox {}. Run `{build}` to update it.",
                 image.kernel_package,
                 image.kernel_version,
                 report.current_busybox_version.as_deref().unwrap_or("?")
@@ -129,7 +145,7 @@ fn print_check(report: &UpdateCheck, json: bool) -> Result<()> {
         (None, _) => println!(
             "{}",
             crate::hints(&format!(
-                "No guest image is built yet; apt offers {candidate}. Run `vmfactory guest build` to build it."
+                "No guest image is built yet; apt offers {candidate}. Run `{build}` to build it."
             ))
         ),
     }

@@ -453,7 +453,7 @@ fn command_after_dashes(
 
 /// `word` as a shell would need it written: single-quoted when it holds anything but
 /// plain characters.
-fn shell_word(word: &str) -> String {
+pub(crate) fn shell_word(word: &str) -> String {
     let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
     if !word.is_empty() && word.chars().all(plain) {
         word.to_string()
