@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use vmfactory_factory::{ContainerSpec, ImageFs};
 use vmfactory_image::{FsType, ImageConfig, ImageStore, PreparedImage};
 
@@ -141,7 +141,7 @@ impl ContainerProcess {
     ) -> Result<Self> {
         let argv = config.command(command);
         if argv.is_empty() {
-            bail!("The image names no command (no Entrypoint or Cmd): give one after `--`");
+            crate::usage!("The image names no command (no Entrypoint or Cmd): give one after `--`");
         }
         Ok(Self {
             argv,
