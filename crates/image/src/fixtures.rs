@@ -231,8 +231,11 @@ pub fn oci_layout(
     Ok(manifest_digest)
 }
 
-/// Writes a `docker save` directory (legacy layout: `<id>/layer.tar`, `<hex>.json`) into
-/// `dir`. Returns the config digest (docker's image ID).
+/// Writes a `docker save` directory as Docker before 25 did (legacy layout:
+/// `<id>/layer.tar`, `<hex>.json`; an id per layer and its position, chained like docker's)
+/// into `dir`. A layer that repeats an earlier one is a symlink to its first copy
+/// (`../<id>/layer.tar`), as docker writes it. Returns the config digest (docker's image
+/// ID).
 pub fn docker_dir(
     dir: &Path,
     layers: &[Vec<u8>],
@@ -244,11 +247,22 @@ pub fn docker_dir(
     let config_hex = hex(&config_data);
     fs::write(dir.join(format!("{config_hex}.json")), &config_data)?;
     let mut paths = Vec::new();
+    let mut first_copy = std::collections::HashMap::new();
+    let mut parent = String::new();
     for tar in layers {
-        let id = hex(tar);
+        let diff_id = hex(tar);
+        let id = hex(format!("{parent}\n{diff_id}").as_bytes());
         fs::create_dir_all(dir.join(&id))?;
-        fs::write(dir.join(&id).join("layer.tar"), tar)?;
+        let layer = dir.join(&id).join("layer.tar");
+        match first_copy.get(&diff_id) {
+            Some(first) => std::os::unix::fs::symlink(format!("../{first}/layer.tar"), &layer)?,
+            None => {
+                fs::write(&layer, tar)?;
+                first_copy.insert(diff_id, id.clone());
+            }
+        }
         paths.push(format!("{id}/layer.tar"));
+        parent = id;
     }
     let manifest = json!([{
         "Config": format!("{config_hex}.json"),

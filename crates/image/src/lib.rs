@@ -12,6 +12,7 @@ mod source;
 mod space;
 mod store;
 mod targuard;
+mod tempdirs;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fixtures;

@@ -29,16 +29,30 @@ fn find_tool(fs: FsType) -> Result<PathBuf, ImageError> {
         })
 }
 
-/// Builds `out` from the tree `dir`.
-pub(crate) fn build(fs: FsType, dir: &Path, out: &Path) -> Result<(), ImageError> {
+/// Builds `out` from the tree `dir`, leaving out the paths `exclude` (relative to `dir`;
+/// EROFS only: `mkfs.ext4 -d` cannot leave anything out, so the caller must not ask).
+pub(crate) fn build(
+    fs: FsType,
+    dir: &Path,
+    out: &Path,
+    exclude: &[PathBuf],
+) -> Result<(), ImageError> {
     let program = find_tool(fs)?;
     let mut command = Command::new(&program);
     match fs {
         FsType::Erofs => {
             // -x-1: no xattrs (the host's security labels are not the image's).
-            command.arg("--quiet").arg("-x-1").arg(out).arg(dir);
+            command.arg("--quiet").arg("-x-1");
+            for path in exclude {
+                // An exact path relative to the tree (with all of its contents).
+                let mut arg = std::ffi::OsString::from("--exclude-path=");
+                arg.push(path);
+                command.arg(arg);
+            }
+            command.arg(out).arg(dir);
         }
         FsType::Ext4 => {
+            debug_assert!(exclude.is_empty(), "mkfs.ext4 cannot exclude {exclude:?}");
             let (bytes, inodes) = estimate(dir)?;
             let size = bytes + bytes / 5 + (16 << 20);
             let file = std::fs::File::create(out)

@@ -1,7 +1,8 @@
 //! Reading image sources: OCI image layouts and `docker save` directories (a tar of
 //! either is unpacked to a directory first), with every blob checked against its digest.
 
-use std::fs::File;
+use std::collections::BTreeMap;
+use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
@@ -421,8 +422,19 @@ fn with_decompression<T>(
     }
 }
 
+/// Most bytes of link paths and targets an outer tar may hold (they are kept in memory
+/// until every file is unpacked). `docker save` writes one short link per repeated layer.
+const MAX_LINK_BYTES: usize = 16 << 20;
+
+/// A path inside an outer tar, as checked components.
+type ArchivePath = Vec<Vec<u8>>;
+
 /// Unpacks a tar of an OCI layout or `docker save` output into `dest`: regular files and
-/// directories only, paths checked.
+/// directories, paths checked. Symlinks and hard links to files of the archive become
+/// hard links once every file is unpacked (Docker before 25 saves a layer that repeats
+/// an earlier one as a symlink `../<id>/layer.tar` to its first copy); no symlink is
+/// created, so nothing read from `dest` later can lead out of it. A symlink whose target
+/// leaves the archive (absolute, or `..` past its root) is refused.
 pub(crate) fn unpack_outer_tar(tar_path: &Path, dest: &Path) -> Result<(), ImageError> {
     let file = File::open(tar_path).map_err(|source| ImageError::Io {
         what: format!("open {}", tar_path.display()),
@@ -439,19 +451,117 @@ pub(crate) fn unpack_outer_tar(tar_path: &Path, dest: &Path) -> Result<(), Image
         1 << 20,
         file,
     )));
+    // Link path → the path it leads to, both inside the archive.
+    let mut links: BTreeMap<ArchivePath, ArchivePath> = BTreeMap::new();
+    let mut link_bytes = 0usize;
     for entry in archive.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
         let kind = entry.header().entry_type();
+        let path = entry.path_bytes().into_owned();
+        let parts = archive_path(&crate::flatten::components(&path)?);
+        if kind.is_symlink() || kind.is_hard_link() {
+            let target = entry.link_name_bytes().unwrap_or_default().into_owned();
+            link_bytes = link_bytes.saturating_add(path.len() + target.len());
+            if link_bytes > MAX_LINK_BYTES {
+                return Err(ImageError::BadImage(format!(
+                    "{}: more links than an image archive has ({MAX_LINK_BYTES} bytes of \
+                     link names); it is not `docker save` output",
+                    tar_path.display()
+                )));
+            }
+            let escape = || {
+                ImageError::PathEscape(format!(
+                    "{} -> {}",
+                    String::from_utf8_lossy(&path),
+                    String::from_utf8_lossy(&target)
+                ))
+            };
+            let leads_to = if kind.is_symlink() {
+                symlink_target(&parts, &target).ok_or_else(escape)?
+            } else {
+                // A hard link names its target from the archive's root.
+                archive_path(&crate::flatten::components(&target).map_err(|_| escape())?)
+            };
+            if !parts.is_empty() {
+                links.insert(parts, leads_to);
+            }
+            continue;
+        }
         if !(kind.is_file() || kind.is_dir()) {
             continue;
         }
-        let path = entry.path_bytes().into_owned();
-        crate::flatten::components(&path)?;
+        // A later entry of the path replaces an earlier link.
+        links.remove(&parts);
         if !entry.unpack_in(dest).map_err(bad)? {
             return Err(ImageError::PathEscape(
                 String::from_utf8_lossy(&path).into_owned(),
             ));
         }
+    }
+    link_files(dest, &links)
+}
+
+fn archive_path(parts: &[&[u8]]) -> ArchivePath {
+    parts.iter().map(|part| part.to_vec()).collect()
+}
+
+fn on_disk(dest: &Path, path: &ArchivePath) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    path.iter().fold(dest.to_path_buf(), |p, part| {
+        p.join(std::ffi::OsStr::from_bytes(part))
+    })
+}
+
+/// Where a symlink at `link` with target `target` leads, inside the archive; `None` when
+/// the target is absolute or climbs out of the archive's root.
+fn symlink_target(link: &ArchivePath, target: &[u8]) -> Option<ArchivePath> {
+    if target.is_empty() || target.starts_with(b"/") {
+        return None;
+    }
+    let mut out: ArchivePath = link.split_last().map(|(_, dir)| dir.to_vec())?;
+    for part in target.split(|&b| b == b'/') {
+        match part {
+            b"" | b"." => {}
+            b".." => {
+                out.pop()?;
+            }
+            _ => out.push(part.to_vec()),
+        }
+    }
+    Some(out)
+}
+
+/// Makes each link of an unpacked archive a hard link to the file it leads to (through
+/// other links, at most 40 as the kernel follows). A link to nothing unpacked (a
+/// directory, a missing file) is left out: reading it fails as a missing file would.
+fn link_files(dest: &Path, links: &BTreeMap<ArchivePath, ArchivePath>) -> Result<(), ImageError> {
+    for (link, target) in links {
+        let mut target = target;
+        for _ in 0..40 {
+            match links.get(target) {
+                Some(next) => target = next,
+                None => break,
+            }
+        }
+        let from = on_disk(dest, target);
+        let to = on_disk(dest, link);
+        if !fs::symlink_metadata(&from).is_ok_and(|meta| meta.is_file()) {
+            tracing::debug!(link = %to.display(), target = %from.display(), "leaving out a link to no file of the archive");
+            continue;
+        }
+        let io_err = |source| ImageError::Io {
+            what: format!("link {} to {}", to.display(), from.display()),
+            source,
+        };
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(io_err)?;
+        }
+        // A file the archive had at the link's path before the link: the link wins.
+        match fs::remove_file(&to) {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(io_err(err)),
+            _ => {}
+        }
+        fs::hard_link(&from, &to).map_err(io_err)?;
     }
     Ok(())
 }

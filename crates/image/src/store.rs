@@ -6,7 +6,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +14,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::flatten::Flattener;
 use crate::source::{self, DirKind, Image};
+use crate::tempdirs::{self, OwnedTempDir};
 use crate::{io_error, mkfs, FsType, ImageConfig, ImageError, Reference};
 
 const RECORD: &str = "image.json";
@@ -86,8 +87,9 @@ struct Stamped {
 enum Content<'a> {
     /// Layers to flatten into a fresh tree.
     Layers(&'a Image),
-    /// An existing tree (a root filesystem directory) and the bytes of its files.
-    Tree(&'a Path, u64),
+    /// An existing tree (a root filesystem directory), the bytes of its files and the
+    /// paths in it (relative) to leave out: vmfactory's cache directory.
+    Tree(&'a Path, u64, &'a [PathBuf]),
 }
 
 fn now() -> u64 {
@@ -152,6 +154,21 @@ impl ImageStore {
         &self.root
     }
 
+    /// The cache directory (the store's parent) and the store itself as (device, inode):
+    /// a root filesystem directory that holds them leaves them out of its image.
+    fn own_dirs(&self) -> Vec<(u64, u64)> {
+        let cache_dir = self
+            .root
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        [cache_dir, self.root.as_path()]
+            .into_iter()
+            .filter_map(|dir| fs::metadata(dir).ok())
+            .map(|meta| (meta.dev(), meta.ino()))
+            .collect()
+    }
+
     fn entry_dir(&self, digest: &str) -> Result<PathBuf, ImageError> {
         Ok(self.root.join(source::sha256_of(digest)?))
     }
@@ -167,6 +184,8 @@ impl ImageStore {
         let reference = Reference::parse(reference)?;
         fs::create_dir_all(self.root.join("locks"))
             .map_err(io_error(format!("create {}", self.root.display())))?;
+        // What builds killed by a signal left (they run no destructor).
+        tempdirs::sweep(&self.root);
         let path = fs::canonicalize(&reference.path)
             .map_err(io_error(format!("resolve {}", reference.path.display())))?;
         let mut source_name = path.display().to_string();
@@ -215,12 +234,30 @@ impl ImageStore {
                             path.display()
                         )));
                     }
-                    let (stamp, file_bytes) = dir_stamp(&path)?;
+                    let store = fs::canonicalize(&self.root)
+                        .map_err(io_error(format!("resolve {}", self.root.display())))?;
+                    if path.starts_with(&store) {
+                        return Err(ImageError::BadReference(format!(
+                            "{} is inside vmfactory's image cache {}: give a root filesystem \
+                             directory outside it",
+                            path.display(),
+                            store.display()
+                        )));
+                    }
+                    let own = self.own_dirs();
+                    let (stamp, file_bytes, left_out) = dir_stamp(&path, &own)?;
+                    for rel in &left_out {
+                        tracing::info!(
+                            tree = %path.display(),
+                            left_out = %rel.display(),
+                            "leaving vmfactory's cache directory out of the image"
+                        );
+                    }
                     let digest = match self.stamped(&source_name, &stamp)? {
                         Some(digest) => digest,
                         None => {
                             progress(&format!("hashing {}", path.display()));
-                            let digest = dir_digest(&path)?;
+                            let digest = dir_digest(&path, &own)?;
                             self.remember(&source_name, &stamp, &digest)?;
                             digest
                         }
@@ -229,7 +266,7 @@ impl ImageStore {
                     self.make(
                         &digest,
                         &config,
-                        Content::Tree(&path, file_bytes),
+                        Content::Tree(&path, file_bytes, &left_out),
                         &source_name,
                         progress,
                     )
@@ -250,13 +287,7 @@ impl ImageStore {
                 }
             }
             progress(&format!("unpacking {}", path.display()));
-            let unpacked = tempfile::Builder::new()
-                .prefix(".unpack-")
-                .tempdir_in(&self.root)
-                .map_err(io_error(format!(
-                    "create a directory in {}",
-                    self.root.display()
-                )))?;
+            let unpacked = OwnedTempDir::new(&self.root, tempdirs::UNPACK)?;
             source::unpack_outer_tar(&path, unpacked.path())?;
             let image = match source::dir_kind(unpacked.path()) {
                 DirKind::Oci => source::oci_image(unpacked.path(), tag)?,
@@ -373,17 +404,20 @@ impl ImageStore {
         if let Some(hit) = self.hit(&dir, source_name)? {
             return Ok(hit);
         }
-        let staging = tempfile::Builder::new()
-            .prefix(".staging-")
-            .tempdir_in(&self.root)
-            .map_err(io_error(format!(
-                "create a directory in {}",
-                self.root.display()
-            )))?;
+        let staging = OwnedTempDir::new(&self.root, tempdirs::STAGING)?;
         let disk_name = self.fs_type.file_name();
         let staged_disk = staging.path().join(disk_name);
         match content {
-            Content::Tree(tree, file_bytes) => {
+            Content::Tree(tree, file_bytes, left_out) => {
+                if self.fs_type == FsType::Ext4 && !left_out.is_empty() {
+                    return Err(ImageError::BadReference(format!(
+                        "{} holds vmfactory's cache directory (at {}), which mkfs.ext4 cannot \
+                         leave out of the image: build an EROFS disk (the default) or use a \
+                         cache directory outside it (--cache-dir or VMFACTORY_CACHE_DIR)",
+                        tree.display(),
+                        tree.join(&left_out[0]).display()
+                    )));
+                }
                 crate::space::ensure_room_for_disk(staging.path(), file_bytes)
                     .map_err(|err| self.named_store(err))?;
                 progress(&format!(
@@ -391,7 +425,7 @@ impl ImageStore {
                     self.fs_type,
                     tree.display()
                 ));
-                mkfs::build(self.fs_type, tree, &staged_disk)?;
+                mkfs::build(self.fs_type, tree, &staged_disk, left_out)?;
             }
             Content::Layers(image) => {
                 let rootfs = staging.path().join("rootfs");
@@ -410,12 +444,12 @@ impl ImageStore {
                 let mut file_bytes = FileBytes::default();
                 walk(&rootfs, &mut |_, _, meta| {
                     file_bytes.add(meta);
-                    Ok(())
+                    Ok(true)
                 })?;
                 crate::space::ensure_room_for_disk(staging.path(), file_bytes.total)
                     .map_err(|err| self.named_store(err))?;
                 progress(&format!("building {} image", self.fs_type));
-                mkfs::build(self.fs_type, &rootfs, &staged_disk)?;
+                mkfs::build(self.fs_type, &rootfs, &staged_disk, &[])?;
                 fs::remove_dir_all(&rootfs)
                     .map_err(io_error(format!("remove {}", rootfs.display())))?;
             }
@@ -519,20 +553,10 @@ impl ImageStore {
                 Vec::new()
             };
         if matches.is_empty() {
-            let canonical = Reference::parse(what).ok().and_then(|r| {
-                let path = fs::canonicalize(&r.path).ok()?.display().to_string();
-                Some(match r.tag {
-                    Some(tag) => format!("{path}:{tag}"),
-                    None => path,
-                })
-            });
+            let forms = recorded_forms(what);
             matches = entries
                 .iter()
-                .filter(|e| {
-                    e.sources
-                        .iter()
-                        .any(|s| s == what || Some(s) == canonical.as_ref())
-                })
+                .filter(|e| e.sources.iter().any(|s| forms.contains(s)))
                 .collect();
         }
         let entry = match matches.as_slice() {
@@ -564,16 +588,64 @@ impl ImageStore {
     }
 }
 
+/// The strings `what` (a reference given to `remove`) may have been recorded as, the way
+/// `prepare` records sources: as given, and its absolute form, the whole of it and (when
+/// it ends in `:TAG`) the path before the tag. The file need not exist any more.
+fn recorded_forms(what: &str) -> Vec<String> {
+    let mut forms = vec![what.to_string()];
+    let mut split = vec![(what, None)];
+    if let Some((path, tag)) = what.rsplit_once(':') {
+        if !tag.is_empty() && !tag.contains('/') {
+            split.push((path, Some(tag)));
+        }
+    }
+    for (path, tag) in split {
+        if path.is_empty() {
+            continue;
+        }
+        if let Some(absolute) = absolute_path(Path::new(path)) {
+            let absolute = absolute.display().to_string();
+            forms.push(match tag {
+                Some(tag) => format!("{absolute}:{tag}"),
+                None => absolute,
+            });
+        }
+    }
+    forms
+}
+
+/// `path` as `prepare` records it (canonical), also when it no longer exists: its longest
+/// existing ancestor canonical, the rest appended (`.` and `..` in the rest taken
+/// lexically).
+fn absolute_path(path: &Path) -> Option<PathBuf> {
+    let absolute = std::path::absolute(path).ok()?;
+    let parts: Vec<Component<'_>> = absolute.components().collect();
+    (1..=parts.len()).rev().find_map(|existing| {
+        let mut out = fs::canonicalize(parts[..existing].iter().collect::<PathBuf>()).ok()?;
+        for part in &parts[existing..] {
+            match part {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::Normal(name) => out.push(name),
+                _ => {}
+            }
+        }
+        Some(out)
+    })
+}
+
 fn read_record(dir: &Path) -> Option<Record> {
     let data = fs::read(dir.join(RECORD)).ok()?;
     serde_json::from_slice(&data).ok()
 }
 
 /// Walks a tree (not following symlinks), calling `visit` with each entry's path relative
-/// to the root and its metadata, in a stable (sorted) order.
+/// to the root, its path and its metadata, in a stable (sorted) order. A directory for
+/// which `visit` returns `false` is not entered.
 pub(crate) fn walk(
     root: &Path,
-    visit: &mut dyn FnMut(&Path, &Path, &fs::Metadata) -> Result<(), ImageError>,
+    visit: &mut dyn FnMut(&Path, &Path, &fs::Metadata) -> Result<bool, ImageError>,
 ) -> Result<(), ImageError> {
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -589,8 +661,7 @@ pub(crate) fn walk(
             let meta = child
                 .metadata()
                 .map_err(io_error(format!("stat {}", child.path().display())))?;
-            visit(&rel, &child.path(), &meta)?;
-            if meta.is_dir() {
+            if visit(&rel, &child.path(), &meta)? && meta.is_dir() {
                 stack.push(rel);
             }
         }
@@ -598,10 +669,21 @@ pub(crate) fn walk(
     Ok(())
 }
 
+/// Whether `meta` is one of the directories `own` (device, inode) that a walk of a root
+/// filesystem directory leaves out.
+fn is_own(meta: &fs::Metadata, own: &[(u64, u64)]) -> bool {
+    meta.is_dir() && own.contains(&(meta.dev(), meta.ino()))
+}
+
 /// The stamp of a tree: path, inode, size, mode, owner, mtime and ctime of every entry.
 /// Any change to the tree changes it; computing it only stats. Also the bytes of the
-/// tree's regular files (about the size of a disk built from it).
-pub(crate) fn dir_stamp(root: &Path) -> Result<(String, u64), ImageError> {
+/// tree's regular files (about the size of a disk built from it), and where (relative to
+/// `root`) it met the directories `own` (device, inode: vmfactory's cache), which it
+/// leaves out.
+pub(crate) fn dir_stamp(
+    root: &Path,
+    own: &[(u64, u64)],
+) -> Result<(String, u64, Vec<PathBuf>), ImageError> {
     let mut hasher = Sha256::new();
     let top = fs::symlink_metadata(root).map_err(io_error(format!("stat {}", root.display())))?;
     hasher.update(format!(
@@ -614,7 +696,12 @@ pub(crate) fn dir_stamp(root: &Path) -> Result<(String, u64), ImageError> {
     // Collected, then hashed once: cheaper than many small updates.
     let mut record = Vec::with_capacity(1 << 20);
     let mut file_bytes = FileBytes::default();
+    let mut left_out = Vec::new();
     walk(root, &mut |rel, _, meta| {
+        if is_own(meta, own) {
+            left_out.push(rel.to_path_buf());
+            return Ok(false);
+        }
         file_bytes.add(meta);
         record.extend_from_slice(rel.as_os_str().as_bytes());
         for n in [
@@ -631,10 +718,10 @@ pub(crate) fn dir_stamp(root: &Path) -> Result<(String, u64), ImageError> {
             record.extend_from_slice(&n.to_le_bytes());
         }
         record.push(0);
-        Ok(())
+        Ok(true)
     })?;
     hasher.update(&record);
-    Ok((source::hex(&hasher.finalize()), file_bytes.total))
+    Ok((source::hex(&hasher.finalize()), file_bytes.total, left_out))
 }
 
 /// The bytes of a tree's regular files, each hard-linked file once.
@@ -654,11 +741,15 @@ impl FileBytes {
 }
 
 /// The content digest of a tree: paths, types, modes, owners, file contents, symlink
-/// targets and device numbers (not times, not inode numbers).
-pub(crate) fn dir_digest(root: &Path) -> Result<String, ImageError> {
+/// targets and device numbers (not times, not inode numbers), leaving out the directories
+/// `own` (device, inode: vmfactory's cache).
+pub(crate) fn dir_digest(root: &Path, own: &[(u64, u64)]) -> Result<String, ImageError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     walk(root, &mut |rel, abs, meta| {
+        if is_own(meta, own) {
+            return Ok(false);
+        }
         hasher.update(rel.as_os_str().as_bytes());
         hasher.update(format!("\0{}:{}:{}:", meta.mode(), meta.uid(), meta.gid()));
         let kind = meta.file_type();
@@ -683,7 +774,7 @@ pub(crate) fn dir_digest(root: &Path) -> Result<String, ImageError> {
             hasher.update(meta.rdev().to_le_bytes());
         }
         hasher.update(b"\n");
-        Ok(())
+        Ok(true)
     })?;
     Ok(format!("sha256:{}", source::hex(&hasher.finalize())))
 }

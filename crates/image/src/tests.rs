@@ -377,10 +377,10 @@ fn stamp_of_a_debian_rootfs_is_fast() -> TestResult {
         return Ok(());
     }
     let started = Instant::now();
-    let (stamp, _) = crate::store::dir_stamp(rootfs)?;
+    let (stamp, _, _) = crate::store::dir_stamp(rootfs, &[])?;
     let took = started.elapsed();
     eprintln!("stamp of {} took {took:?}", rootfs.display());
-    assert_eq!(stamp, crate::store::dir_stamp(rootfs)?.0);
+    assert_eq!(stamp, crate::store::dir_stamp(rootfs, &[])?.0);
     Ok(())
 }
 
@@ -572,5 +572,234 @@ fn many_empty_files_stop_at_the_inode_reserve() -> TestResult {
     );
     assert!(store.list()?.is_empty());
     assert_no_staging_left(&store_root)?;
+    Ok(())
+}
+
+#[test]
+fn temporary_directories_of_killed_builds_are_swept() -> TestResult {
+    use crate::tempdirs::{self, OwnedTempDir};
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    // A process that has exited and been reaped: nothing runs with its pid and a start
+    // time of 1 (nor, most likely, at all).
+    let mut child = Command::new("true").spawn()?;
+    let dead = child.id();
+    child.wait()?;
+    let stale_staging = root.join(format!(".staging-{dead}-1-AbCdEf"));
+    fs::create_dir_all(stale_staging.join("rootfs/etc"))?;
+    fs::write(stale_staging.join("rootfs/etc/big"), b"half-flattened")?;
+    let stale_unpack = root.join(format!(".unpack-{dead}-1-GhIjKl"));
+    fs::create_dir_all(stale_unpack.join("blobs/sha256"))?;
+    // Ours (this process's pid and start time), live: kept.
+    let live = OwnedTempDir::new(root, tempdirs::STAGING)?;
+    let ours = format!(".staging-{}-", std::process::id());
+    assert!(
+        live.path()
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(&ours)),
+        "{}",
+        live.path().display()
+    );
+    fs::write(live.path().join("disk.erofs"), b"being written")?;
+    // A dead owner by its name, but locked: a live build in another pid namespace.
+    let locked = root.join(format!(".unpack-{dead}-1-MnOpQr"));
+    fs::create_dir(&locked)?;
+    let lock = fs::File::open(&locked)?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+    // An older vmfactory's (no owner in the name): removed only when a day old.
+    let young_unowned = root.join(".unpack-StUvWx");
+    fs::create_dir(&young_unowned)?;
+    let old_unowned = root.join(".staging-YzAbCd");
+    fs::create_dir(&old_unowned)?;
+    fs::File::open(&old_unowned)?.set_modified(
+        std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 24 * 60 * 60),
+    )?;
+    // Not ours at all.
+    let other = root.join(".staging");
+    fs::create_dir(&other)?;
+    let entry = root.join("ab".repeat(32));
+    fs::create_dir(&entry)?;
+
+    tempdirs::sweep(root);
+    assert!(!stale_staging.exists());
+    assert!(!stale_unpack.exists());
+    assert!(!old_unowned.exists());
+    assert!(live.path().join("disk.erofs").is_file());
+    assert!(locked.is_dir());
+    assert!(young_unowned.is_dir());
+    assert!(other.is_dir() && entry.is_dir());
+    drop(lock);
+    tempdirs::sweep(root);
+    assert!(!locked.exists());
+    assert!(live.path().is_dir());
+    let live_path = live.path().to_path_buf();
+    drop(live);
+    assert!(!live_path.exists());
+
+    // Every prepare sweeps its store first.
+    let store = ImageStore::new(&root.join("cache"));
+    fs::create_dir_all(store.root())?;
+    let killed = store.root().join(format!(".unpack-{dead}-1-EfGhIj"));
+    fs::create_dir(&killed)?;
+    let rootfs = root.join("rootfs");
+    fs::create_dir_all(rootfs.join("etc"))?;
+    fs::write(rootfs.join("etc/hostname"), b"swept\n")?;
+    store.prepare(rootfs.to_str().ok_or("path")?, &mut |_| {})?;
+    assert!(!killed.exists());
+    Ok(())
+}
+
+#[test]
+fn a_docker_archive_with_a_symlinked_repeated_layer_is_read() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let store = ImageStore::new(&tmp.path().join("cache"));
+    // Layer 3 repeats layer 1 (it brings back what layer 2 deleted): Docker before 25
+    // saves it as a symlink to layer 1's copy.
+    let motd = LayerBuilder::new()
+        .file("etc/motd", b"hello\n", 0o644)?
+        .finish()?;
+    let delete = LayerBuilder::new().whiteout("etc/motd")?.finish()?;
+    let layers = vec![motd.clone(), delete, motd];
+    let config = fixtures::image_config(json!({"Cmd": ["/bin/true"]}), &layers);
+    let saved = tmp.path().join("saved");
+    let digest = fixtures::docker_dir(&saved, &layers, &config, "dup:latest")?;
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(saved.join("manifest.json"))?)?;
+    let repeated = manifest[0]["Layers"][2]
+        .as_str()
+        .ok_or("layers")?
+        .to_string();
+    let first = manifest[0]["Layers"][0]
+        .as_str()
+        .ok_or("layers")?
+        .to_string();
+    assert_eq!(
+        fs::read_link(saved.join(&repeated))?,
+        Path::new("..").join(&first)
+    );
+    let archive = tmp.path().join("dk-dup.tar");
+    fixtures::tar_dir(&saved, &archive)?;
+    let image = store.prepare(archive.to_str().ok_or("path")?, &mut |_| {})?;
+    assert_eq!(image.digest, digest);
+    let tree = tmp.path().join("tree");
+    extract_erofs(&image.disk, &tree)?;
+    assert_eq!(fs::read(tree.join("etc/motd"))?, b"hello\n");
+
+    // A symlinked layer that leads out of the archive is refused, relative or absolute.
+    let outside = tmp.path().join("outside.tar");
+    fs::copy(saved.join(&first), &outside)?;
+    for target in [
+        "../../outside.tar".to_string(),
+        format!("../x/../../{}", "../".repeat(8)),
+        outside.display().to_string(),
+    ] {
+        fs::remove_file(saved.join(&repeated))?;
+        std::os::unix::fs::symlink(&target, saved.join(&repeated))?;
+        let hostile = tmp.path().join("hostile.tar");
+        fixtures::tar_dir(&saved, &hostile)?;
+        let err = ImageStore::new(&tmp.path().join("cache2"))
+            .prepare(hostile.to_str().ok_or("path")?, &mut |_| {})
+            .expect_err("a symlink out of the archive");
+        assert!(
+            matches!(err, ImageError::PathEscape(_)),
+            "{target}: {err:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_rootfs_directory_holding_the_cache_leaves_it_out() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let tree = tmp.path().join("root2");
+    fs::create_dir_all(tree.join("etc"))?;
+    fs::write(tree.join("etc/hostname"), b"root2\n")?;
+    // `image build root2 --cache-dir root2/var/cache/vmfactory`, or `image build ~`.
+    let cache = tree.join("var/cache/vmfactory");
+    let store = ImageStore::new(&cache);
+    let reference = tree.to_str().ok_or("path")?;
+    let first = store.prepare(reference, &mut |_| {})?;
+    assert!(!first.cached);
+    // A rebuild is a cache hit, though the cache (inside the tree) has grown.
+    let again = store.prepare(reference, &mut |m| panic!("a cache hit reported {m}"))?;
+    assert!(again.cached);
+    assert_eq!(again.digest, first.digest);
+    // The same tree without a cache in it has the same digest.
+    let copy = tmp.path().join("copy");
+    fs::create_dir_all(copy.join("etc"))?;
+    fs::create_dir_all(copy.join("var/cache"))?;
+    fs::write(copy.join("etc/hostname"), b"root2\n")?;
+    let elsewhere = ImageStore::new(&tmp.path().join("cache"))
+        .prepare(copy.to_str().ok_or("path")?, &mut |_| {})?;
+    assert_eq!(elsewhere.digest, first.digest);
+    let extracted = tmp.path().join("extracted");
+    extract_erofs(&first.disk, &extracted)?;
+    assert_eq!(fs::read(extracted.join("etc/hostname"))?, b"root2\n");
+    assert!(extracted.join("var/cache").is_dir());
+    assert!(!extracted.join("var/cache/vmfactory").exists());
+    // mkfs.ext4 cannot leave it out: refused, saying what to do.
+    let err = store
+        .clone()
+        .with_fs_type(FsType::Ext4)
+        .prepare(reference, &mut |_| {})
+        .expect_err("ext4 of a tree holding the cache");
+    assert!(matches!(err, ImageError::BadReference(_)), "{err:?}");
+    assert!(err.to_string().contains("build an EROFS disk"), "{err}");
+    // A tree inside the store (a cache entry, say) is refused.
+    let inside = first.disk.parent().ok_or("entry")?;
+    let err = store
+        .prepare(inside.to_str().ok_or("path")?, &mut |_| {})
+        .expect_err("a tree inside the cache");
+    assert!(
+        err.to_string().contains("inside vmfactory's image cache"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn rm_finds_a_relative_reference_whose_file_is_gone() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let store = ImageStore::new(&tmp.path().join("cache"));
+    let oci = tmp.path().join("tmp1.tar");
+    fixtures::write_oci_layout_tar(&oci, None)?;
+    let docker = tmp.path().join("tmp2.tar");
+    fixtures::write_docker_archive(&docker, None)?;
+    // Relative to the current directory (tests share it: it is not changed).
+    let cwd = std::env::current_dir()?;
+    let up = "../".repeat(cwd.components().count() - 1);
+    let relative = |path: &Path| -> Result<String, Box<dyn std::error::Error>> {
+        let path = path.strip_prefix("/")?.to_str().ok_or("path")?;
+        Ok(format!("{up}{path}"))
+    };
+    let tagged = format!("{}:latest", relative(&oci)?);
+    let from_oci = store.prepare(&tagged, &mut |_| {})?;
+    let untagged = format!("./{}", relative(&docker)?);
+    let from_docker = store.prepare(&untagged, &mut |_| {})?;
+    // Recorded by their canonical paths.
+    let mut sources: Vec<String> = store.list()?.into_iter().flat_map(|e| e.sources).collect();
+    sources.sort();
+    assert_eq!(
+        sources,
+        vec![
+            format!("{}:latest", fs::canonicalize(&oci)?.display()),
+            fs::canonicalize(&docker)?.display().to_string(),
+        ]
+    );
+    fs::remove_file(&oci)?;
+    fs::remove_file(&docker)?;
+    assert_eq!(store.remove(&tagged)?.digest, from_oci.digest);
+    assert_eq!(store.remove(&untagged)?.digest, from_docker.digest);
+    assert!(store.list()?.is_empty());
+    // Also once its directory is gone.
+    let gone = tmp.path().join("gone");
+    fs::create_dir(&gone)?;
+    let oci = gone.join("tmp3.tar");
+    fixtures::write_oci_layout_tar(&oci, None)?;
+    let reference = relative(&oci)?;
+    store.prepare(&reference, &mut |_| {})?;
+    fs::remove_dir_all(&gone)?;
+    store.remove(&reference)?;
+    assert!(store.list()?.is_empty());
     Ok(())
 }

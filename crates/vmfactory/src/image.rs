@@ -94,6 +94,12 @@ pub fn run(command: ImageCommand) -> Result<ExitCode> {
         ImageCommand::Build(args) => build(args),
         ImageCommand::Ls(args) => ls(args),
         ImageCommand::Rm(args) => {
+            if args.what.is_empty() {
+                crate::usage!(
+                    "The image to remove is empty: give its digest (or a unique prefix of it) \
+                     or a reference it was built from; see `vmfactory image ls`"
+                );
+            }
             let entry = args
                 .cache
                 .store()
@@ -106,6 +112,12 @@ pub fn run(command: ImageCommand) -> Result<ExitCode> {
 }
 
 fn build(args: BuildArgs) -> Result<ExitCode> {
+    if args.reference.is_empty() {
+        crate::usage!(
+            "The image reference is empty: give a root filesystem directory, an OCI image \
+             layout (directory or tar) or a `docker save` archive"
+        );
+    }
     let store = args.cache.store().with_fs_type(args.fs);
     let mut progress: Option<Progress> = None;
     let result = store.prepare(&args.reference, &mut |message| match &mut progress {

@@ -119,6 +119,30 @@ fn image_build_twice_ls_and_rm() {
         text(&output)
     );
 
+    // A relative reference finds its image also once the file is gone (the cache
+    // records it by its absolute path).
+    fixtures::write_oci_layout_tar(&tmp.path().join("tmp1.tar"), None).expect("write");
+    let in_tmp = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("VMFACTORY_CACHE_DIR", &cache)
+            .current_dir(tmp.path())
+            .output()
+            .expect("run vmfactory")
+    };
+    let output = in_tmp(&["image", "build", "tmp1.tar"]);
+    assert!(output.status.success(), "{}", text(&output));
+    std::fs::remove_file(tmp.path().join("tmp1.tar")).expect("remove");
+    let output = in_tmp(&["image", "rm", "tmp1.tar"]);
+    assert!(output.status.success(), "{}", text(&output));
+
+    // An empty reference is a usage error (exit status 2).
+    for args in [["image", "build", ""], ["image", "rm", ""]] {
+        let output = vmfactory(&cache, &args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", text(&output));
+        assert!(text(&output).contains("empty"), "{}", text(&output));
+    }
+
     // Anything else is refused with a clear message.
     let output = vmfactory(&cache, &["image", "build", "/nonexistent/image"]);
     assert!(!output.status.success());
