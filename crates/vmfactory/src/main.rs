@@ -388,7 +388,7 @@ fn main() -> ExitCode {
     let code = match runtime.block_on(dispatch(cli.command, cli.config)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("vmfactory: {}", hints(&format!("{err:#}")));
+            eprintln!("vmfactory: {}", printable(&hints(&format!("{err:#}"))));
             let usage = err.downcast_ref::<UsageError>().is_some()
                 || matches!(
                     err.downcast_ref::<vmfactory_sandbox::SandboxError>(),
@@ -470,6 +470,25 @@ static CONFIG_FOR_HINTS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new
 /// (`vmfactory factory destroy`, say): without it, such a command would act on the
 /// default configuration's factory, not the one this command used. It is added here,
 /// where the command line is known; the libraries that word the hints do not know it.
+/// `message` with its control characters (but newlines and tabs) written as `\x1b`,
+/// `\u{9b}`: an error may quote what an image, a guest or a file holds, and its bytes
+/// must not drive the user's terminal (colours, titles, cursor moves).
+pub(crate) fn printable(message: &str) -> std::borrow::Cow<'_, str> {
+    let control = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !message.chars().any(control) {
+        return message.into();
+    }
+    message
+        .chars()
+        .map(|c| match c {
+            c if control(c) && u32::from(c) < 0x80 => format!("\\x{:02x}", u32::from(c)),
+            c if control(c) => format!("\\u{{{:x}}}", u32::from(c)),
+            c => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
+}
+
 pub(crate) fn hints(message: &str) -> String {
     with_config_in_hints(message, CONFIG_FOR_HINTS.get().map(PathBuf::as_path))
 }
@@ -714,6 +733,15 @@ mod tests {
             assert_eq!(&resolved.settings.hypervisor.qemu.kernel, &kernel);
             assert_eq!(&resolved.settings.hypervisor.qemu.initrd, expected);
         }
+    }
+
+    #[test]
+    fn errors_cannot_drive_the_terminal() {
+        assert_eq!(printable("plain\nline\ttab"), "plain\nline\ttab");
+        assert_eq!(
+            printable("size of \u{1b}[31mRED\u{1b}]0;t\u{7} \u{9b}2J"),
+            "size of \\x1b[31mRED\\x1b]0;t\\x07 \\u{9b}2J"
+        );
     }
 
     #[test]
