@@ -133,6 +133,54 @@ fn parse<T: for<'de> Deserialize<'de>>(data: &[u8], what: &str) -> Result<T, Ima
     serde_json::from_slice(data).map_err(|err| ImageError::BadImage(format!("{what}: {err}")))
 }
 
+/// Most entries of an image's `Env`, and of its `Entrypoint` and `Cmd` together, and most
+/// bytes of each: a quarter of what the agent takes for a process, so that the user's own
+/// arguments and variables still fit beside them.
+const MAX_CONFIG_ENTRIES: usize = 1024;
+const MAX_CONFIG_BYTES: usize = 256 << 10;
+
+/// Refuses, when the image is built rather than when a command runs, what no process can
+/// be started with: an `Env` entry that is not `NAME=VALUE` (a name, no NUL), a NUL in the
+/// command line, or more of either than a process takes.
+fn check_config(config: &ImageConfig) -> Result<(), ImageError> {
+    let bad = |problem: String| {
+        ImageError::BadImage(format!(
+            "its config {problem}; no process could be started with it: fix the image"
+        ))
+    };
+    let command: Vec<&String> = config.entrypoint.iter().chain(&config.cmd).collect();
+    for (what, list) in [
+        ("Env", config.env.iter().collect::<Vec<_>>()),
+        ("Entrypoint and Cmd", command),
+    ] {
+        let bytes: usize = list.iter().map(|entry| entry.len()).sum();
+        if list.len() > MAX_CONFIG_ENTRIES || bytes > MAX_CONFIG_BYTES {
+            return Err(bad(format!(
+                "has {} {what} entries of {bytes} bytes (at most {MAX_CONFIG_ENTRIES} of \
+                 {MAX_CONFIG_BYTES} bytes)",
+                list.len()
+            )));
+        }
+        if let Some(entry) = list.iter().find(|entry| entry.contains('\0')) {
+            return Err(bad(format!(
+                "has a NUL byte in its {what} entry {:?}",
+                entry.chars().take(64).collect::<String>()
+            )));
+        }
+    }
+    if let Some(entry) = config
+        .env
+        .iter()
+        .find(|entry| !matches!(entry.split_once('='), Some((name, _)) if !name.is_empty()))
+    {
+        return Err(bad(format!(
+            "has the Env entry {:?}, which is not NAME=VALUE",
+            entry.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 fn config_of(data: &[u8]) -> Result<(ImageConfig, Vec<String>), ImageError> {
     let parsed: ImageConfiguration = parse(data, "image config")?;
     let config = parsed
@@ -147,6 +195,7 @@ fn config_of(data: &[u8]) -> Result<(ImageConfig, Vec<String>), ImageError> {
         })
         .unwrap_or_default()
         .with_default_path();
+    check_config(&config)?;
     Ok((config, parsed.rootfs().diff_ids().clone()))
 }
 
@@ -564,4 +613,42 @@ fn link_files(dest: &Path, links: &BTreeMap<ArchivePath, ArchivePath>) -> Result
         fs::hard_link(&from, &to).map_err(io_err)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(env: &[&str], cmd: &[&str]) -> Vec<u8> {
+        serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Env": env, "Cmd": cmd},
+            "rootfs": {"type": "layers", "diff_ids": []},
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_config_no_process_could_start_with_is_refused_when_read() {
+        let (ok, _) = config_of(&config(&["A=1", "B="], &["sh"])).expect("valid");
+        assert_eq!(ok.env[1..], ["A=1".to_string(), "B=".to_string()]);
+        for (env, cmd, says) in [
+            (vec!["NOEQUALS"], vec!["sh"], "not NAME=VALUE"),
+            (vec!["=novalue"], vec!["sh"], "not NAME=VALUE"),
+            (vec!["A=\0"], vec!["sh"], "NUL byte in its Env"),
+            (
+                vec!["A=1"],
+                vec!["s\0h"],
+                "NUL byte in its Entrypoint and Cmd",
+            ),
+        ] {
+            let err = config_of(&config(&env, &cmd)).expect_err("refused");
+            assert!(err.to_string().contains(says), "{err}");
+            assert!(err.to_string().contains("fix the image"), "{err}");
+        }
+        let big = "V=".to_string() + &"x".repeat(MAX_CONFIG_BYTES);
+        let err = config_of(&config(&[&big], &["sh"])).expect_err("too big");
+        assert!(err.to_string().contains("Env entries of"), "{err}");
+    }
 }
