@@ -599,9 +599,16 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
                 .await
                 .context("Guest image task failed")?
         }
-        Command::Image(command) => tokio::task::spawn_blocking(move || image::run(command))
-            .await
-            .context("Image task failed")?,
+        Command::Image(command) => {
+            // Images take nothing from the configuration, but a --config given (or
+            // VMFACTORY_CONFIG) that cannot be read is a mistake to report, not to skip.
+            if let Some(path) = &config {
+                Settings::load(Some(path))?;
+            }
+            tokio::task::spawn_blocking(move || image::run(command))
+                .await
+                .context("Image task failed")?
+        }
         Command::Bench(command) => bench::run(command, config).await,
     }
 }
