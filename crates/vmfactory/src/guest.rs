@@ -205,7 +205,7 @@ fn build_image(options: &BuildOptions, force: bool) -> Result<GuestImage> {
         force,
         ..options.clone()
     };
-    let mut shown = crate::progress::Progress::spinner("Building the guest image");
+    let mut shown = crate::progress::Progress::spinner("Preparing the guest image");
     let mut progress = |message: &str| shown.set_message(message);
     let built = build(&options, &mut progress);
     match &built {
