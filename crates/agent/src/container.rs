@@ -386,7 +386,7 @@ impl Containers {
         )
         .map_err(|err| internal("overlay", err))?;
         storage::prepare_root(&rootfs, hostname)?;
-        let (uid, gid) = storage::resolve_user(&rootfs, &spec.user)?;
+        let user = storage::resolve_user(&rootfs, &spec.user)?;
         phases.mounts = began.elapsed() - phases.disk;
         let (status_read, status_write) = pipe()?;
         let (start_read, start_write) = pipe()?;
@@ -396,8 +396,9 @@ impl Containers {
             hostname: hostname.to_string(),
             status_fd: status_write.as_raw_fd(),
             start_fd: start_read.as_raw_fd(),
-            uid,
-            gid,
+            uid: user.uid,
+            gid: user.gid,
+            groups: user.groups,
             cwd: spec.workdir.clone(),
             argv,
         };
@@ -543,7 +544,8 @@ impl Containers {
     ) -> Result<Launch, Status> {
         let id = &request.container_id;
         let (pid, dir) = self.started_init(processes, id).await?;
-        let (uid, gid) = storage::resolve_user(&dir.join("rootfs"), &request.user)?;
+        let storage::UserIds { uid, gid, groups } =
+            storage::resolve_user(&dir.join("rootfs"), &request.user)?;
         let open = |ns: &str| -> Result<OwnedFd, Status> {
             std::fs::File::open(format!("/proc/{pid}/ns/{ns}"))
                 .map(OwnedFd::from)
@@ -571,7 +573,7 @@ impl Containers {
                     }
                     sys::limit_capabilities()?;
                     if libc::chdir(cwd.as_ptr()) < 0
-                        || libc::setgroups(0, std::ptr::null()) < 0
+                        || libc::setgroups(groups.len(), groups.as_ptr()) < 0
                         || libc::setgid(gid) < 0
                         || libc::setuid(uid) < 0
                     {

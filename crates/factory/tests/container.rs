@@ -231,8 +231,9 @@ async fn containers_in_a_direct_vm() {
     );
     assert!(csh(&vm, "ctr-a", "cat /etc/hosts").await.contains("box-a"));
     // Users from the image's passwd.
-    let (code, id) = csh_status(&vm, "ctr-a", "web", "id -u; id -g").await;
-    assert_eq!((code, id.as_str()), (Some(0), "33\n34"));
+    let (code, id) = csh_status(&vm, "ctr-a", "web", "id -u; id -g; id -G").await;
+    // Its supplementary groups are those of /etc/group that list it.
+    assert_eq!((code, id.as_str()), (Some(0), "33\n34\n34 55"));
     // As Docker (runc): a group by name from the image's /etc/group, and a uid without
     // an entry gets gid 0.
     let (code, id) = csh_status(&vm, "ctr-a", "web:www", "id -u; id -g").await;

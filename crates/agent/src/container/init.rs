@@ -31,6 +31,8 @@ pub struct InitArgs {
     pub uid: u32,
     /// Group id.
     pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
     /// Working directory inside the container.
     pub cwd: String,
     /// The program; empty: pause.
@@ -49,6 +51,11 @@ impl InitArgs {
             self.start_fd.to_string(),
             self.uid.to_string(),
             self.gid.to_string(),
+            self.groups
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
             self.cwd.clone(),
             "--".to_string(),
         ];
@@ -58,9 +65,18 @@ impl InitArgs {
 
     /// Parses what [`InitArgs::to_args`] wrote (after the binary).
     pub fn parse(args: &[String]) -> Option<Self> {
-        if args.len() < 10 || args[0] != INIT_ARG || args[9] != "--" {
+        if args.len() < 11 || args[0] != INIT_ARG || args[10] != "--" {
             return None;
         }
+        let groups = if args[8].is_empty() {
+            Vec::new()
+        } else {
+            args[8]
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?
+        };
         Some(Self {
             rootfs: PathBuf::from(&args[1]),
             pivot: PathBuf::from(&args[2]),
@@ -69,8 +85,9 @@ impl InitArgs {
             start_fd: args[5].parse().ok()?,
             uid: args[6].parse().ok()?,
             gid: args[7].parse().ok()?,
-            cwd: args[8].clone(),
-            argv: args[10..].to_vec(),
+            groups,
+            cwd: args[9].clone(),
+            argv: args[11..].to_vec(),
         })
     }
 }
@@ -235,10 +252,13 @@ fn setup(init: &InitArgs) -> std::io::Result<()> {
     std::env::set_current_dir("/")?;
     std::env::set_current_dir(if init.cwd.is_empty() { "/" } else { &init.cwd })
         .map_err(|err| std::io::Error::new(err.kind(), format!("workdir {:?}: {err}", init.cwd)))?;
-    // SAFETY: the capability limit and plain id calls; no supplementary groups.
+    // SAFETY: the capability limit and plain id calls; `groups` outlives the call.
     unsafe {
         super::sys::limit_capabilities()?;
-        check(libc::setgroups(0, std::ptr::null()), "setgroups")?;
+        check(
+            libc::setgroups(init.groups.len(), init.groups.as_ptr()),
+            "setgroups",
+        )?;
         check(libc::setgid(init.gid), "setgid")?;
         check(libc::setuid(init.uid), "setuid")?;
     }
@@ -280,6 +300,7 @@ mod tests {
             start_fd: 6,
             uid: 1000,
             gid: 100,
+            groups: vec![29, 55],
             cwd: "/".into(),
             argv: vec!["sh".into(), "-c".into(), "--".into()],
         };
@@ -287,6 +308,7 @@ mod tests {
         assert_eq!(InitArgs::parse(&args), Some(init.clone()));
         let pause = InitArgs {
             argv: vec![],
+            groups: vec![],
             ..init
         };
         assert_eq!(InitArgs::parse(&pause.to_args()), Some(pause));

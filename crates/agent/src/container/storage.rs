@@ -202,13 +202,29 @@ pub fn prepare_root(root: &Path, hostname: &str) -> Result<(), Status> {
     write_file(&etc, "resolv.conf", &resolv)
 }
 
+/// Most supplementary groups a container user gets (the kernel takes 65536).
+const MAX_GROUPS: usize = 256;
+
+/// The ids a container process runs with.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserIds {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// Supplementary groups (`setgroups`).
+    pub groups: Vec<u32>,
+}
+
 /// Resolves an image's `User` to ids as runc (and so Docker) does: `""` is root; `USER`
 /// is a name or a uid, `GROUP` a name or a gid. A name must be in the image's
 /// `/etc/passwd` (a group name in `/etc/group`); a uid needs no entry. Without a group the
-/// user's entry gives the gid, and a uid without an entry gets gid 0.
-pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), Status> {
+/// user's entry gives the gid, and a uid without an entry gets gid 0; the supplementary
+/// groups are then those of `/etc/group` that list the user's name (none with a group
+/// given).
+pub fn resolve_user(root: &Path, user: &str) -> Result<UserIds, Status> {
     if user.is_empty() {
-        return Ok((0, 0));
+        return Ok(UserIds::default());
     }
     if user.len() > 256 || user.contains(['\0', '\n']) {
         return Err(Status::invalid_argument(
@@ -225,7 +241,10 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), Status> {
             let entry = read_ids(root, "passwd")
                 .ok()
                 .and_then(|passwd| find_entry(&passwd, |fields| fields[2] == name));
-            (uid, entry.map(|fields| fields[3].clone()))
+            (
+                uid,
+                entry.map(|fields| (fields[0].clone(), fields[3].clone())),
+            )
         }
         Err(_) => {
             let passwd = read_ids(root, "passwd")?;
@@ -238,10 +257,10 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), Status> {
             let uid = fields[2]
                 .parse()
                 .map_err(|_| image_error("/etc/passwd", format!("bad uid for {name}")))?;
-            (uid, Some(fields[3].clone()))
+            (uid, Some((fields[0].clone(), fields[3].clone())))
         }
     };
-    let (uid, user_gid) = entry;
+    let (uid, user_entry) = entry;
     let gid = match group {
         Some(group) => match group.parse::<u32>() {
             Ok(gid) => gid,
@@ -258,14 +277,36 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<(u32, u32), Status> {
                     .map_err(|_| image_error("/etc/group", format!("bad gid for {group}")))?
             }
         },
-        None => match user_gid {
-            Some(gid) => gid
+        None => match &user_entry {
+            Some((_, gid)) => gid
                 .parse()
                 .map_err(|_| image_error("/etc/passwd", format!("bad gid for {name}")))?,
             None => 0,
         },
     };
-    Ok((uid, gid))
+    // The groups that list the user by name, unless a group was given.
+    let groups = match (&user_entry, group) {
+        (Some((login, _)), None) => read_ids(root, "group")
+            .map(|groups| member_of(&groups, login))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    Ok(UserIds { uid, gid, groups })
+}
+
+/// The gids of the `/etc/group` entries whose member list names `login`, at most
+/// [`MAX_GROUPS`].
+fn member_of(groups: &str, login: &str) -> Vec<u32> {
+    let mut gids: Vec<u32> = groups
+        .lines()
+        .map(|line| line.split(':').collect::<Vec<_>>())
+        .filter(|fields| fields.len() >= 4 && fields[3].split(',').any(|m| m.trim() == login))
+        .filter_map(|fields| fields[2].parse().ok())
+        .collect();
+    gids.sort_unstable();
+    gids.dedup();
+    gids.truncate(MAX_GROUPS);
+    gids
 }
 
 /// The first line of an `/etc/passwd` or `/etc/group` text with at least four fields for
@@ -312,6 +353,10 @@ fn read_regular(dir: &OwnedFd, name: &str, max: u64) -> std::io::Result<Vec<u8>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ids(user: UserIds) -> (u32, u32) {
+        (user.uid, user.gid)
+    }
 
     #[test]
     fn storage_is_checked() {
@@ -366,7 +411,7 @@ mod tests {
         )
         .expect("write");
         assert_eq!(
-            resolve_user(root.path(), "nginx").expect("user"),
+            ids(resolve_user(root.path(), "nginx").expect("user")),
             (101, 102)
         );
     }
@@ -393,13 +438,13 @@ mod tests {
         assert!(std::fs::read_to_string(root.join("etc/hosts"))
             .expect("hosts")
             .contains("box"));
-        assert_eq!(resolve_user(&root, "").expect("root"), (0, 0));
-        assert_eq!(resolve_user(&root, "web").expect("web"), (33, 44));
-        assert_eq!(resolve_user(&root, "web:7").expect("web"), (33, 7));
+        assert_eq!(ids(resolve_user(&root, "").expect("root")), (0, 0));
+        assert_eq!(ids(resolve_user(&root, "web").expect("web")), (33, 44));
+        assert_eq!(ids(resolve_user(&root, "web:7").expect("web")), (33, 7));
         // As runc: a uid takes its entry's gid, and gid 0 without an entry.
-        assert_eq!(resolve_user(&root, "33").expect("uid"), (33, 44));
-        assert_eq!(resolve_user(&root, "1000").expect("uid"), (1000, 0));
-        assert_eq!(resolve_user(&root, "1000:5").expect("uid"), (1000, 5));
+        assert_eq!(ids(resolve_user(&root, "33").expect("uid")), (33, 44));
+        assert_eq!(ids(resolve_user(&root, "1000").expect("uid")), (1000, 0));
+        assert_eq!(ids(resolve_user(&root, "1000:5").expect("uid")), (1000, 5));
         let missing = resolve_user(&root, "nobody").expect_err("no such user");
         // Not NotFound: the host reads that as "command not found" (exit status 127).
         assert_eq!(
@@ -415,14 +460,25 @@ mod tests {
         assert!(resolve_user(&root, "1:x").is_err(), "no /etc/group");
         std::fs::write(root.join("etc/group"), "root:x:0:\nwww:x:55:web\n").expect("group");
         assert_eq!(
-            resolve_user(&root, "web:www").expect("group name"),
+            ids(resolve_user(&root, "web:www").expect("group name")),
             (33, 55)
         );
         assert_eq!(
-            resolve_user(&root, "1000:www").expect("group name"),
+            ids(resolve_user(&root, "1000:www").expect("group name")),
             (1000, 55)
         );
         let err = resolve_user(&root, "web:nogroup").expect_err("no such group");
         assert!(err.message().contains("/etc/group"), "{err:?}");
+        // Supplementary groups: those listing the user (by name or by its uid's entry),
+        // none with a group given or for a uid without an entry.
+        std::fs::write(
+            root.join("etc/group"),
+            "root:x:0:\nwww:x:55:web\naudio:x:29:root, web\nvideo:x:44:webber\n",
+        )
+        .expect("group");
+        assert_eq!(resolve_user(&root, "web").expect("web").groups, [29, 55]);
+        assert_eq!(resolve_user(&root, "33").expect("uid").groups, [29, 55]);
+        assert!(resolve_user(&root, "web:7").expect("web").groups.is_empty());
+        assert!(resolve_user(&root, "1000").expect("uid").groups.is_empty());
     }
 }
