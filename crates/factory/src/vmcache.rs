@@ -165,8 +165,8 @@ pub const HANDOVER_GRACE: Duration = Duration::from_secs(30);
 /// VMs without adopting them (a bug, or one that dies each time) would otherwise make the
 /// server keep up to a grace's worth of refills running for nobody; past this,
 /// `GetBaseVM` answers `RESOURCE_EXHAUSTED` until adopters or the reclaimer catch up.
-/// Clients adopt within milliseconds, so only that many hand-outs in flight at once
-/// reach it.
+/// Clients adopt within milliseconds of their answer, so only VMs nobody takes count;
+/// calls waiting for a VM do not (however many clients ask at once).
 pub const MAX_UNADOPTED: usize = 32;
 
 /// [`serve_locked`] with the time clients get to adopt their VMs and the most VMs that
@@ -181,13 +181,14 @@ pub async fn serve_locked_with_grace(
 ) -> Result<(), VmCacheError> {
     let listener = bind(endpoint).await?;
     info!(endpoint = %endpoint.display(), pid = std::process::id(), "VMCache server listening");
-    let handed = Arc::new(std::sync::Mutex::new(HandedOut::default()));
+    let handed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let reclaimer = tokio::spawn(reclaim_unadopted(factory.clone(), handed.clone(), grace));
     let service = CacheServer {
         factory,
         shutdown: shutdown.clone(),
         handed,
         max_unadopted,
+        grace,
     };
     // Each connection goes through the `:authority` fix-up that gRPC C-core clients need.
     let incoming = tokio_stream::StreamExt::map(
@@ -236,15 +237,8 @@ async fn bind(endpoint: &Path) -> Result<UnixListener, VmCacheError> {
     Ok(listener)
 }
 
-/// VMs handed over, with when (checked by [`reclaim_unadopted`]), and hand-outs under way.
-#[derive(Debug, Default)]
-struct HandedOut {
-    vms: Vec<(HandOverRecord, Instant)>,
-    /// `GetBaseVM` calls between their admission and their record's entry in `vms`.
-    in_flight: usize,
-}
-
-type Handed = Arc<std::sync::Mutex<HandedOut>>;
+/// VMs handed over, with when: checked by [`reclaim_unadopted`] and the admission limit.
+type Handed = Arc<std::sync::Mutex<Vec<(HandOverRecord, Instant)>>>;
 
 #[derive(Debug)]
 struct CacheServer {
@@ -252,57 +246,33 @@ struct CacheServer {
     shutdown: Arc<Notify>,
     handed: Handed,
     max_unadopted: usize,
-}
-
-/// A `GetBaseVM` admitted under [`MAX_UNADOPTED`]: counted as in flight until it records
-/// its VM or fails.
-struct Admitted<'a> {
-    handed: &'a Handed,
-}
-
-impl Admitted<'_> {
-    /// Records the VM handed over: from now on it counts while it waits for its adopter.
-    fn record(self, record: HandOverRecord) {
-        if let Ok(mut handed) = self.handed.lock() {
-            handed.vms.push((record, Instant::now()));
-        }
-    }
-}
-
-impl Drop for Admitted<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut handed) = self.handed.lock() {
-            handed.in_flight = handed.in_flight.saturating_sub(1);
-        }
-    }
+    /// How long a client has to adopt its VM.
+    grace: Duration,
 }
 
 impl CacheServer {
-    /// Admits one more hand-out unless `max_unadopted` VMs already wait for their adopter
-    /// (adopted ones are forgotten on the way) or are being handed out.
-    fn admit(&self) -> Result<Admitted<'_>, Status> {
+    /// Refuses another hand-out while `max_unadopted` VMs handed out wait for their
+    /// adopter (adopted ones are forgotten on the way). Calls waiting for a VM are not
+    /// counted, so the limit can be passed by as many as arrive at once; it bounds what
+    /// a client that never adopts can pile up, not concurrency.
+    fn check_unadopted(&self) -> Result<(), Status> {
         let backend = self.factory.backend();
         let mut handed = self
             .handed
             .lock()
             .map_err(|_| Status::internal("The hand-out list is poisoned"))?;
-        handed
-            .vms
-            .retain(|(record, _)| backend.awaiting_adoption(&record.hypervisor));
-        let waiting = handed.vms.len() + handed.in_flight;
-        if waiting >= self.max_unadopted {
+        handed.retain(|(record, _)| backend.awaiting_adoption(&record.hypervisor));
+        if handed.len() >= self.max_unadopted {
             return Err(Status::resource_exhausted(format!(
-                "{waiting} VMs handed out wait for their client to take them over (at most {} \
+                "{} VMs handed out wait for their client to take them over (at most {} \
                  may): a client asks for VMs without adopting them; they are stopped {} s \
                  after their hand-out",
+                handed.len(),
                 self.max_unadopted,
-                HANDOVER_GRACE.as_secs()
+                self.grace.as_secs()
             )));
         }
-        handed.in_flight += 1;
-        Ok(Admitted {
-            handed: &self.handed,
-        })
+        Ok(())
     }
 }
 
@@ -315,11 +285,8 @@ async fn reclaim_unadopted(factory: Arc<dyn FactoryBase>, handed: Handed, grace:
         ticks.tick().await;
         let due: Vec<HandOverRecord> = match handed.lock() {
             Ok(mut handed) => {
-                let (due, waiting) = handed
-                    .vms
-                    .drain(..)
-                    .partition(|(_, at)| at.elapsed() >= grace);
-                handed.vms = waiting;
+                let (due, waiting) = handed.drain(..).partition(|(_, at)| at.elapsed() >= grace);
+                *handed = waiting;
                 due.into_iter().map(|(record, _)| record).collect()
             }
             Err(_) => return,
@@ -357,7 +324,7 @@ impl CacheService for CacheServer {
             }
             Status::unavailable(err.to_string())
         };
-        let admitted = self.admit().inspect_err(|_| {
+        self.check_unadopted().inspect_err(|_| {
             if let Some(observer) = self.factory.observer() {
                 observer.handout_failed();
             }
@@ -375,7 +342,9 @@ impl CacheService for CacheServer {
             .map_err(|err| failed(&err))?;
         info!(id = record.id, "VM handed over");
         let message = grpc_vm(&record);
-        admitted.record(record);
+        if let Ok(mut handed) = self.handed.lock() {
+            handed.push((record, Instant::now()));
+        }
         Ok(Response::new(message))
     }
 
