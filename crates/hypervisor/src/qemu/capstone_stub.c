@@ -4,12 +4,11 @@
  * run a VM, yet the dynamic linker relocates the real library's pointer tables in every
  * QEMU process: about 1.3 MiB of private memory per VM. These are the five functions
  * QEMU 7.2 imports; cs_open fails (CS_ERR_ARCH), so QEMU prints no disassembly.
- * Built with -nostdlib: it needs nothing, not even libc.
+ * Built with -nostdlib -ffreestanding and no headers: it needs nothing, not even libc
+ * or its headers (libc6-dev).
  */
-#include <stddef.h>
-#include <stdint.h>
 
-typedef size_t csh;
+typedef unsigned long csh; /* size_t */
 
 int cs_open(int arch, int mode, csh *handle)
 {
@@ -27,7 +26,7 @@ int cs_close(csh *handle)
     return 0;
 }
 
-int cs_option(csh handle, int type, size_t value)
+int cs_option(csh handle, int type, unsigned long value)
 {
     (void)handle;
     (void)type;
@@ -38,11 +37,11 @@ int cs_option(csh handle, int type, size_t value)
 void *cs_malloc(csh handle)
 {
     (void)handle;
-    return NULL;
+    return (void *)0;
 }
 
-int cs_disasm_iter(csh handle, const uint8_t **code, size_t *size, uint64_t *address,
-                   void *insn)
+int cs_disasm_iter(csh handle, const unsigned char **code, unsigned long *size,
+                   unsigned long long *address, void *insn)
 {
     (void)handle;
     (void)code;

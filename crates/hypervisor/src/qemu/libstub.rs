@@ -14,6 +14,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
@@ -27,30 +28,57 @@ const NAMES: [&str; 2] = ["libcapstone.so.4", "libcapstone.so.5"];
 /// The environment variable that points QEMU's dynamic linker at the stub.
 pub const LIBRARY_PATH_VAR: &str = "LD_LIBRARY_PATH";
 
+/// How long a failed compile of the stub is remembered before the next command tries
+/// again (a C compiler installed meanwhile is then used).
+const COMPILE_RETRY: Duration = Duration::from_secs(24 * 60 * 60);
+/// A `.build-*` directory older than this was left by a killed compile.
+const BUILD_LEFTOVER: Duration = Duration::from_secs(60 * 60);
+
 /// The directory holding the stub for `binary` (a resolved QEMU path), compiled under
 /// `cache_dir` the first time and checked once per QEMU binary (a marker keyed by its
 /// path, size, inode and modification time); `None` when QEMU should keep its own
-/// library: it does not link capstone, no C compiler is there, or QEMU does not start
-/// with the stub.
+/// library: it does not link capstone, no C compiler is there, QEMU does not start with
+/// the stub, or the stub is not safe to load (below).
+///
+/// QEMU loads the stub as code, so on every use the library and each directory from
+/// `cache_dir` down to it must belong to this user and be writable by nobody else: a
+/// root vmfactory pointed at a user's cache (`sudo -E`) must not run that user's code.
 pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
-    let dir = cache_dir
-        .join("qemu-stub")
-        .join(&hex(&Sha256::digest(SOURCE))[..16]);
+    let root = cache_dir.join("qemu-stub");
+    let dir = root.join(&hex(&Sha256::digest(SOURCE))[..16]);
+    let library = dir.join(NAMES[0]);
     let key = binary_key(binary)?;
     let (good, bad) = (dir.join(format!("ok-{key}")), dir.join(format!("no-{key}")));
     if bad.exists() {
         return None;
     }
-    if !dir.join(NAMES[0]).exists() {
-        if let Err(err) = compile(&dir) {
-            debug!(%err, "QEMU keeps its disassembler library: the stand-in cannot be built");
+    if !library.exists() {
+        let failed = root.join("compile-failed");
+        if age(&failed).is_some_and(|age| age < COMPILE_RETRY) {
             return None;
         }
+        if let Err(err) = compile(&root, &dir) {
+            info!(%err, "QEMU keeps its disassembler library: the stand-in cannot be built");
+            let _ = std::fs::write(&failed, err.to_string());
+            return None;
+        }
+        let _ = std::fs::remove_file(&failed);
+    }
+    if let Some(unsafe_path) = [cache_dir, &root, &dir, &library]
+        .into_iter()
+        .find(|path| !ours_alone(path))
+    {
+        info!(
+            path = %unsafe_path.display(),
+            "QEMU keeps its disassembler library: the stand-in's files are not this user's alone"
+        );
+        return None;
     }
     if good.exists() {
         return Some(dir);
     }
-    let usable = links_capstone(binary) && starts_with(binary, &dir);
+    // None: QEMU did not start even without the stub; decide another time.
+    let usable = check(binary, &dir)?;
     let marker = if usable { &good } else { &bad };
     if let Err(err) = std::fs::write(marker, b"") {
         debug!(%err, path = %marker.display(), "Cannot record the stand-in's check");
@@ -62,9 +90,29 @@ pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
         );
         Some(dir)
     } else {
-        debug!(binary = %binary.display(), "QEMU keeps its disassembler library");
+        info!(binary = %binary.display(), "QEMU keeps its disassembler library: it does not start with the stand-in");
         None
     }
+}
+
+/// True when `path` (not a link) belongs to this process's user and no one else may write
+/// to it.
+fn ours_alone(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|meta| {
+        !meta.file_type().is_symlink()
+            && meta.uid() == rustix::process::geteuid().as_raw()
+            && meta.mode() & 0o022 == 0
+    })
+}
+
+/// How long ago `path` was last modified, if it exists.
+fn age(path: &Path) -> Option<Duration> {
+    std::fs::metadata(path)
+        .ok()?
+        .modified()
+        .ok()?
+        .elapsed()
+        .ok()
 }
 
 /// What identifies one QEMU binary on this host: a digest of its path, size, inode and
@@ -82,17 +130,29 @@ fn binary_key(binary: &Path) -> Option<String> {
     Some(hex(&Sha256::digest(identity))[..16].to_string())
 }
 
-/// Compiles the stub into `dir` (made whole in a temporary directory and renamed, so a
-/// racing compile or a reader never sees half of it).
-fn compile(dir: &Path) -> std::io::Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    let work = tempfile_dir(parent)?;
+/// Compiles the stub into `dir` under `root` (made whole in a temporary directory and
+/// renamed, so a racing compile or a reader never sees half of it; modes 0755, writable
+/// by us alone). `.build-*` directories a killed compile left are removed first.
+fn compile(root: &Path, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(root)?;
+    for entry in std::fs::read_dir(root)?.flatten() {
+        let leftover = entry.file_name().to_string_lossy().starts_with(".build-")
+            && age(&entry.path()).is_some_and(|age| age > BUILD_LEFTOVER);
+        if leftover {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let work = tempfile_dir(root)?;
     let result = (|| {
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755))?;
         let source = work.join("capstone_stub.c");
         std::fs::write(&source, SOURCE)?;
         let output = Command::new("cc")
-            .args(["-O2", "-shared", "-fPIC", "-nostdlib"])
+            .args(["-O2", "-shared", "-fPIC", "-nostdlib", "-ffreestanding"])
             .arg(format!("-Wl,-soname,{}", NAMES[0]))
             .arg("-o")
             .arg(work.join(NAMES[0]))
@@ -106,6 +166,7 @@ fn compile(dir: &Path) -> std::io::Result<()> {
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
         }
+        std::fs::set_permissions(work.join(NAMES[0]), std::fs::Permissions::from_mode(0o755))?;
         for name in &NAMES[1..] {
             std::os::unix::fs::symlink(NAMES[0], work.join(name))?;
         }
@@ -140,10 +201,12 @@ fn links_capstone(binary: &Path) -> bool {
     })
 }
 
-/// True when `binary --version` runs with the stub first in its library path and prints
-/// what it prints without it: every symbol QEMU imports from capstone resolves (Debian
-/// builds QEMU with immediate binding, so a missing one fails the start).
-fn starts_with(binary: &Path, dir: &Path) -> bool {
+/// Whether `binary` is to run with the stub in `dir`: it names capstone among its
+/// libraries, and `binary --version` prints with the stub first in its library path what
+/// it prints without (every symbol QEMU imports from capstone resolves: Debian builds
+/// QEMU with immediate binding, so a missing one fails the start). `None` when QEMU does
+/// not even start without the stub (nothing to conclude).
+fn check(binary: &Path, dir: &Path) -> Option<bool> {
     let version = |stub: Option<&Path>| {
         let mut command = Command::new(binary);
         command.arg("--version").stdin(Stdio::null());
@@ -156,10 +219,11 @@ fn starts_with(binary: &Path, dir: &Path) -> bool {
             .filter(|output| output.status.success())
             .map(|output| output.stdout)
     };
-    match (version(Some(dir)), version(None)) {
-        (Some(with), Some(without)) => with == without && with.starts_with(b"QEMU"),
-        _ => false,
+    let without = version(None)?;
+    if !links_capstone(binary) {
+        return Some(false);
     }
+    Some(version(Some(dir)).is_some_and(|with| with == without && with.starts_with(b"QEMU")))
 }
 
 /// `LD_LIBRARY_PATH` for a QEMU run with the stub in `dir`: the stub first, then whatever
@@ -226,6 +290,15 @@ mod tests {
         std::fs::remove_dir_all(&dir).expect("rm");
         assert_eq!(prepare(cache.path(), Path::new(QEMU)), Some(dir.clone()));
         assert!(dir.join(NAMES[0]).is_file() && dir.join(marker.file_name()).exists());
+
+        // A stub another user could have written is not loaded: here, a library that
+        // others may write to.
+        use std::os::unix::fs::PermissionsExt;
+        let library = dir.join(NAMES[0]);
+        std::fs::set_permissions(&library, std::fs::Permissions::from_mode(0o757)).expect("chmod");
+        assert_eq!(prepare(cache.path(), Path::new(QEMU)), None);
+        std::fs::set_permissions(&library, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(prepare(cache.path(), Path::new(QEMU)), Some(dir.clone()));
 
         // A "QEMU" that links no capstone (a script) keeps its own libraries.
         let fake = cache.path().join("qemu-system-x86_64");
