@@ -84,14 +84,28 @@ fn where_in(path: &Option<PathBuf>, line: Option<usize>) -> String {
     }
 }
 
-/// The line of `text` that sets the last part of `key` (`default_memory` of
-/// `hypervisor.qemu.default_memory`), when exactly one line does; 1-based.
+/// The line of `text` that sets `key` (`hypervisor.qemu.default_memory`: the line
+/// `default_memory = …` under `[hypervisor.qemu]`), when exactly one line does; 1-based.
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    let name = key.rsplit('.').next()?;
+    let (section, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut current = String::new();
     let mut lines = text.lines().enumerate().filter(|(_, line)| {
-        line.trim_start()
-            .strip_prefix(name)
-            .is_some_and(|rest| rest.trim_start().starts_with('='))
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            current = header
+                .split(']')
+                .next()
+                .unwrap_or_default()
+                .split('.')
+                .map(|part| part.trim().trim_matches('"'))
+                .collect::<Vec<_>>()
+                .join(".");
+            return false;
+        }
+        current == section
+            && line
+                .strip_prefix(name)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
     });
     match (lines.next(), lines.next()) {
         (Some((index, _)), None) => Some(index + 1),

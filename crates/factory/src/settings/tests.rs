@@ -76,12 +76,15 @@ fn a_value_error_names_the_file_and_the_line() {
         "Invalid configuration test.toml (line 3): hypervisor.qemu.default_memory: 16 MiB is \
          too small: give at least 64 MiB"
     );
-    // A key name set in two sections gets no line (the file is still named).
-    let text = "[hypervisor.qemu]\nkernel = \"/k\"\n[guest]\nkernel = \"debian\"\n";
+    // The key's own section's line, not another section's key of the same name.
+    let text = "[hypervisor.qemu]\ninitrd = \"/i\"\n[guest]\nkernel = \"debian\"\n";
     assert_eq!(line_of_key(text, "hypervisor.qemu.kernel"), None);
-    assert_eq!(line_of_key(text, "hypervisor.qemu.kernel_params"), None);
+    assert_eq!(line_of_key(text, "guest.kernel"), Some(4));
+    assert_eq!(line_of_key(text, "hypervisor.qemu.initrd"), Some(2));
+    assert_eq!(line_of_key(text, "hypervisor.qemu.initr"), None);
+    let spaced = "[ hypervisor . qemu ] # x\n  kernel_params= \"x\"\n";
     assert_eq!(
-        line_of_key("a = 1\n  kernel_params= \"x\"\n", "q.kernel_params"),
+        line_of_key(spaced, "hypervisor.qemu.kernel_params"),
         Some(2)
     );
 }
