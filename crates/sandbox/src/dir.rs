@@ -270,8 +270,24 @@ impl SandboxDir {
         })
     }
 
-    /// Removes the directory.
+    /// Removes the directory (under its lock: see [`SandboxDir::lock`]).
     pub fn remove(&self) -> Result<(), SandboxError> {
+        let _lock = self.lock();
+        self.remove_locked()
+    }
+
+    /// Takes the directory's lock (`flock`, released when the file is dropped), which a
+    /// listing that marks the sandbox exited and a removal hold, so that neither writes
+    /// into a directory the other is deleting. `None` when the directory is gone. Not
+    /// taken twice by one thread: a second open would wait on the first.
+    fn lock(&self) -> Option<std::fs::File> {
+        let file = std::fs::File::open(&self.path).ok()?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).ok()?;
+        Some(file)
+    }
+
+    /// Removes the directory; the caller holds its lock.
+    fn remove_locked(&self) -> Result<(), SandboxError> {
         match std::fs::remove_dir_all(&self.path) {
             Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(SandboxError::Io {
                 action: "Cannot remove the sandbox directory",
@@ -310,43 +326,59 @@ pub fn supervisor_alive(record: &SandboxRecord) -> bool {
 
 /// Kills the VM of `record` if its process is still that VM's, and removes the sandbox.
 pub fn sweep(dir: &SandboxDir, record: Option<&SandboxRecord>) -> Result<(), SandboxError> {
+    let Some(_lock) = dir.lock() else {
+        return Ok(()); // gone already
+    };
     if let Some(record) = record {
         stop_vm(dir, record);
     }
     info!(path = %dir.path.display(), "Removing a sandbox whose supervisor is gone");
-    dir.remove()
+    dir.remove_locked()
 }
 
 /// Leaves exited the sandbox of `record`, whose supervisor is gone without a word (it was
 /// killed: SIGKILL, the out-of-memory killer): its VM is killed if it still runs and the
 /// VM's directory and the stale socket are removed; the record says what happened, and
-/// the log (where that is appended) stays for `sandbox logs` until `sandbox rm`.
-/// Returns the record as written.
-pub fn abandoned(dir: &SandboxDir, mut record: SandboxRecord) -> SandboxRecord {
+/// the log (where that is appended) stays for `sandbox logs` until `sandbox rm`. Done
+/// under the directory's lock, with the record read again under it: a concurrent
+/// listing finds it exited already, and a removal (`rm -f`) is not written into.
+/// Returns the record as written, or `None` when the sandbox was removed meanwhile.
+pub fn abandoned(dir: &SandboxDir, record: SandboxRecord) -> Option<SandboxRecord> {
+    let _lock = dir.lock()?;
+    let mut record = match dir.read() {
+        Ok(now) if now.id == record.id => now,
+        _ => return None,
+    };
+    if record.state == SandboxState::Exited {
+        return Some(record);
+    }
+    let vm_ran = vm_process_matches(&record);
     stop_vm(dir, &record);
     let _ = std::fs::remove_file(dir.socket());
     let _ = std::fs::remove_file(dir.path.join(VM_LINK));
     let reason = format!(
         "its supervisor (pid {}) ended without stopping it (it was killed, by SIGKILL or \
-         the out-of-memory killer, say), so its VM was stopped",
-        record.supervisor_pid
+         the out-of-memory killer, say), {}",
+        record.supervisor_pid,
+        if vm_ran {
+            "so its VM was stopped"
+        } else {
+            "and its VM is gone too"
+        }
     );
     warn!(id = record.id, "A sandbox's supervisor is gone: {reason}");
     record.state = SandboxState::Exited;
     record.vm_pid = 0;
     record.vm_dir = PathBuf::new();
     record.exit_reason = Some(reason.clone());
-    // The directory may be going meanwhile (`sandbox rm -f`): then nothing is written.
-    if dir.path.is_dir() {
-        if let Ok(mut log) = std::fs::OpenOptions::new().append(true).open(dir.log()) {
-            use std::io::Write;
-            let _ = writeln!(log, "vmfactory: the sandbox exited: {reason}");
-        }
-        if let Err(err) = dir.write(&record) {
-            warn!(%err, "Cannot mark a sandbox exited");
-        }
+    if let Ok(mut log) = std::fs::OpenOptions::new().append(true).open(dir.log()) {
+        use std::io::Write;
+        let _ = writeln!(log, "vmfactory: the sandbox exited: {reason}");
     }
-    record
+    if let Err(err) = dir.write(&record) {
+        warn!(%err, "Cannot mark a sandbox exited");
+    }
+    Some(record)
 }
 
 /// Kills the VM of `record` if its process is still that VM's and waits (a while) until
@@ -415,8 +447,9 @@ pub fn list(runtime_dir: &Path) -> Vec<(SandboxDir, SandboxRecord)> {
                 live.push((dir, record));
             }
             Ok(record) if record.state != SandboxState::Creating => {
-                let record = abandoned(&dir, record);
-                live.push((dir, record));
+                if let Some(record) = abandoned(&dir, record) {
+                    live.push((dir, record));
+                }
             }
             Ok(record) => {
                 if let Err(err) = sweep(&dir, Some(&record)) {
