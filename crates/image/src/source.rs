@@ -510,7 +510,12 @@ pub(crate) fn unpack_outer_tar(tar_path: &Path, dest: &Path) -> Result<(), Image
         let parts = archive_path(&crate::flatten::components(&path)?);
         if kind.is_symlink() || kind.is_hard_link() {
             let target = entry.link_name_bytes().unwrap_or_default().into_owned();
-            link_bytes = link_bytes.saturating_add(path.len() + target.len());
+            // What the two paths cost held as components: their bytes, and a vector's
+            // worth (32 bytes) per component.
+            let components = |bytes: &[u8]| bytes.split(|&b| b == b'/').count();
+            link_bytes = link_bytes.saturating_add(
+                path.len() + target.len() + 32 * (components(&path) + components(&target)),
+            );
             if link_bytes > MAX_LINK_BYTES {
                 return Err(ImageError::BadImage(format!(
                     "{}: more links than an image archive has ({MAX_LINK_BYTES} bytes of \

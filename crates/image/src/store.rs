@@ -476,7 +476,7 @@ impl ImageStore {
             write_json_atomic(&dir.join(RECORD), &record)?;
         } else {
             write_json_atomic(&staging.path().join(RECORD), &record)?;
-            let staged = staging.keep();
+            let (staged, _lock) = staging.keep();
             if let Err(err) = fs::rename(&staged, &dir) {
                 let _ = fs::remove_dir_all(&staged);
                 return Err(io_error(format!("move the image into {}", dir.display()))(

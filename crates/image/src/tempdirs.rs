@@ -57,10 +57,12 @@ impl OwnedTempDir {
         self.dir.path()
     }
 
-    /// Keeps the directory (to be renamed into place) and drops the lock.
-    pub(crate) fn keep(self) -> PathBuf {
+    /// Keeps the directory (to be renamed into place) and returns it with its lock,
+    /// which the caller drops once the rename is done (until then a sweep must not take
+    /// it for a killed build's).
+    pub(crate) fn keep(self) -> (PathBuf, File) {
         let Self { dir, _lock } = self;
-        dir.keep()
+        (dir.keep(), _lock)
     }
 }
 

@@ -238,9 +238,9 @@ pub fn resolve_user(root: &Path, user: &str) -> Result<UserIds, Status> {
     // The user's entry: by name, or by uid (optional then).
     let entry = match name.parse::<u32>() {
         Ok(uid) => {
-            let entry = read_ids(root, "passwd")
-                .ok()
-                .and_then(|passwd| find_entry(&passwd, |fields| fields[2] == name));
+            let entry = read_ids(root, "passwd").ok().and_then(|passwd| {
+                find_entry(&passwd, |fields| fields[2].parse::<u32>() == Ok(uid))
+            });
             (
                 uid,
                 entry.map(|fields| (fields[0].clone(), fields[3].clone())),
@@ -443,6 +443,7 @@ mod tests {
         assert_eq!(ids(resolve_user(&root, "web:7").expect("web")), (33, 7));
         // As runc: a uid takes its entry's gid, and gid 0 without an entry.
         assert_eq!(ids(resolve_user(&root, "33").expect("uid")), (33, 44));
+        assert_eq!(ids(resolve_user(&root, "033").expect("uid")), (33, 44));
         assert_eq!(ids(resolve_user(&root, "1000").expect("uid")), (1000, 0));
         assert_eq!(ids(resolve_user(&root, "1000:5").expect("uid")), (1000, 5));
         let missing = resolve_user(&root, "nobody").expect_err("no such user");
