@@ -414,7 +414,7 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
                     });
                     println!("{}", serde_json::to_string_pretty(&report)?);
                 }
-                eprintln!("vmfactory: {problem}");
+                eprintln!("vmfactory: {}", crate::printable(&problem));
                 return Ok(ExitCode::from(EXIT_NOT_READY));
             }
         };
@@ -548,7 +548,7 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
                     "Status: ready (a trial clone answered in {:.0} ms)",
                     report.probe_ms.unwrap_or_default()
                 ),
-                Some(problem) => println!("Status: unusable: {problem}"),
+                Some(problem) => println!("Status: unusable: {}", crate::printable(problem)),
             }
         }
     }

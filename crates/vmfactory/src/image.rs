@@ -148,11 +148,12 @@ fn build(args: BuildArgs) -> Result<ExitCode> {
         println!("cached: {}", image.cached);
         println!("env: {:?}", image.config.env);
         println!("command: {:?}", image.config.command(&[]));
+        // The image's own words: they must not drive the terminal.
         if let Some(dir) = &image.config.working_dir {
-            println!("working dir: {dir}");
+            println!("working dir: {}", crate::printable(dir));
         }
         if let Some(user) = &image.config.user {
-            println!("user: {user}");
+            println!("user: {}", crate::printable(user));
         }
     }
     Ok(ExitCode::SUCCESS)

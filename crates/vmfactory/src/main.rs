@@ -466,10 +466,6 @@ pub(crate) fn shell_word(word: &str) -> String {
 /// reaches the next command by itself).
 static CONFIG_FOR_HINTS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-/// `message` with `--config FILE` added to the commands it tells the user to run next
-/// (`vmfactory factory destroy`, say): without it, such a command would act on the
-/// default configuration's factory, not the one this command used. It is added here,
-/// where the command line is known; the libraries that word the hints do not know it.
 /// `message` with its control characters (but newlines and tabs) written as `\x1b`,
 /// `\u{9b}`: an error may quote what an image, a guest or a file holds, and its bytes
 /// must not drive the user's terminal (colours, titles, cursor moves).
@@ -489,6 +485,10 @@ pub(crate) fn printable(message: &str) -> std::borrow::Cow<'_, str> {
         .into()
 }
 
+/// `message` with `--config FILE` added to the commands it tells the user to run next
+/// (`vmfactory factory destroy`, say): without it, such a command would act on the
+/// default configuration's factory, not the one this command used. It is added here,
+/// where the command line is known; the libraries that word the hints do not know it.
 pub(crate) fn hints(message: &str) -> String {
     with_config_in_hints(message, CONFIG_FOR_HINTS.get().map(PathBuf::as_path))
 }

@@ -590,8 +590,10 @@ fn logs(runtime: &Path, key: &str) -> Result<ExitCode> {
     let mut log = std::fs::File::open(&path)
         .with_context(|| format!("Cannot read the sandbox's log {}", path.display()))?;
     match std::io::copy(&mut log, &mut std::io::stdout().lock()) {
-        // The reader had enough (`sandbox logs x | head`).
-        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        // The reader had enough (`sandbox logs x | head`): as every command, quietly.
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+            Ok(ExitCode::from(crate::run::EXIT_BROKEN_PIPE))
+        }
         Err(err) => Err(err).with_context(|| format!("Cannot print {}", path.display())),
         Ok(_) => Ok(ExitCode::SUCCESS),
     }
