@@ -340,8 +340,10 @@ async fn containers_in_a_direct_vm() {
             argv: vec![
                 "sh".into(),
                 "-c".into(),
-                "echo init:$$:$(hostname); cat /etc/os-release | head -1".into(),
+                "echo init:$$:$(hostname):$(pwd):$(stat -c %u:%a /made/here); cat /etc/os-release | head -1".into(),
             ],
+            // A working directory the image lacks is made, as Docker makes it.
+            workdir: "/made/here".into(),
             ..ProcessSpec::default()
         },
         ..ContainerSpec::default()
@@ -357,7 +359,7 @@ async fn containers_in_a_direct_vm() {
     }
     assert_eq!(
         String::from_utf8_lossy(&out),
-        "init:1:ctr-c\nNAME=\"vmfactory test image\"\n"
+        "init:1:ctr-c:/made/here:0:755\nNAME=\"vmfactory test image\"\n"
     );
     // Removed in the guest already (an earlier try, or a restarted agent): removing it
     // still detaches its disk.

@@ -96,13 +96,18 @@ pub fn image_fs(fs: FsType) -> ImageFs {
 }
 
 /// A container with a pause init on `image`, named `id`, whose processes come by exec.
+/// The init starts in the image's working directory, which the agent makes when the
+/// image lacks it, as Docker does (owned by root, mode 0755).
 pub fn pause_container(id: &str, image: &PreparedImage, upper_size_mib: u32) -> ContainerSpec {
     ContainerSpec {
         id: id.to_string(),
         fs: image_fs(image.fs_type),
         upper_size_mib,
         hostname: String::new(),
-        init: Default::default(),
+        init: vmfactory_factory::ProcessSpec {
+            workdir: image.config.working_dir.clone().unwrap_or_default(),
+            ..Default::default()
+        },
     }
 }
 

@@ -250,6 +250,19 @@ fn setup(init: &InitArgs) -> std::io::Result<()> {
     check(if rc < 0 { -1 } else { 0 }, "pivot_root")?;
     super::sys::umount(Path::new("."), libc::MNT_DETACH)?;
     std::env::set_current_dir("/")?;
+    // The image's working directory, made when the image lacks it, as Docker makes it
+    // (owned by root, 0755). Inside the container's root already: its links lead nowhere
+    // else.
+    if !init.cwd.is_empty() && !Path::new(&init.cwd).exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(&init.cwd)
+            .map_err(|err| {
+                std::io::Error::new(err.kind(), format!("workdir {:?}: {err}", init.cwd))
+            })?;
+    }
     std::env::set_current_dir(if init.cwd.is_empty() { "/" } else { &init.cwd })
         .map_err(|err| std::io::Error::new(err.kind(), format!("workdir {:?}: {err}", init.cwd)))?;
     // SAFETY: the capability limit and plain id calls; `groups` outlives the call.
