@@ -127,7 +127,13 @@ impl PathLock {
             source,
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(io)?;
+            // Made ours alone, as the runtime directory it usually is.
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io)?;
         }
         for _ in 0..RELOCKS {
             let (mut file, ours) = Self::lock_once(&path, target, kind)?;

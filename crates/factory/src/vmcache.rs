@@ -218,7 +218,13 @@ async fn bind(endpoint: &Path) -> Result<UnixListener, VmCacheError> {
         }
     };
     if let Some(parent) = endpoint.parent() {
-        std::fs::create_dir_all(parent).map_err(io("Cannot create the directory of"))?;
+        // Made ours alone, as the runtime directory it usually is.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(io("Cannot create the directory of"))?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(endpoint) {
         use std::os::unix::fs::FileTypeExt;

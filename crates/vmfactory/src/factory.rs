@@ -88,6 +88,12 @@ pub async fn run(command: FactoryCommand, config: Option<PathBuf>) -> Result<Exi
             let factory = settings.factory;
             if factory.vm_cache_number > 0 {
                 stop_server(&factory.vm_cache_endpoint).await?;
+                clean_after_server(
+                    &factory.vm_cache_endpoint,
+                    &factory.metrics_address,
+                    &settings.hypervisor.qemu.runtime_dir,
+                )
+                .await?;
             }
             let path = factory.template_path;
             if template::destroy(&path)? {
@@ -138,6 +144,60 @@ async fn stop_server(endpoint: &std::path::Path) -> Result<()> {
         }
         Err(err) => return Err(err.into()),
     }
+    Ok(())
+}
+
+/// Removes what a VMCache server killed without a chance to clean up (SIGKILL, the OOM
+/// killer) left: its VMs (cached, or handed out and never adopted: their owner is gone),
+/// its endpoint and metrics sockets that nothing answers on, and its lock file. Only
+/// with the endpoint's lock taken, so never under a server that is starting.
+async fn clean_after_server(
+    endpoint: &std::path::Path,
+    metrics_address: &str,
+    runtime_dir: &std::path::Path,
+) -> Result<()> {
+    let lock = match vmfactory_factory::lock::PathLock::acquire(
+        endpoint,
+        vmfactory_factory::lock::LockKind::Endpoint,
+    ) {
+        Ok(lock) => lock,
+        Err(vmfactory_factory::lock::LockError::Busy { pid, .. }) => bail!(
+            "A VMCache server{} is starting on {}: run `vmfactory factory destroy` again once \
+             it answers (`vmfactory factory status`), or stop it with SIGTERM",
+            pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
+            endpoint.display()
+        ),
+        Err(err) => return Err(err.into()),
+    };
+    let reaped = {
+        let runtime_dir = runtime_dir.to_path_buf();
+        tokio::task::spawn_blocking(move || vmfactory_hypervisor::qemu::reap_orphans(&runtime_dir))
+            .await
+            .context("Reaping VMs failed")?
+    };
+    if !reaped.is_empty() {
+        println!(
+            "Stopped {} VM{} a killed server left: {}",
+            reaped.len(),
+            if reaped.len() == 1 { "" } else { "s" },
+            reaped.join(", ")
+        );
+    }
+    let metrics_socket = match metrics_address.parse() {
+        Ok(vmfactory_factory::metrics::MetricsAddress::Unix(path)) => Some(path),
+        _ => None,
+    };
+    for socket in std::iter::once(endpoint.to_path_buf()).chain(metrics_socket) {
+        use std::os::unix::fs::FileTypeExt;
+        let is_socket =
+            std::fs::symlink_metadata(&socket).is_ok_and(|meta| meta.file_type().is_socket());
+        if is_socket && tokio::net::UnixStream::connect(&socket).await.is_err() {
+            std::fs::remove_file(&socket)
+                .with_context(|| format!("Cannot remove the stale socket {}", socket.display()))?;
+            println!("Removed the stale socket {}", socket.display());
+        }
+    }
+    drop(lock);
     Ok(())
 }
 

@@ -595,3 +595,37 @@ fn a_restarted_server_reaps_the_vms_a_killed_one_left() {
     assert!(fresh.iter().all(|pid| !orphans.contains(pid)));
     restarted.destroy();
 }
+
+#[test]
+fn destroy_after_a_killed_server_stops_its_vms_and_removes_its_sockets() {
+    let mut server = Server::start(2);
+    let orphans = server.cached_pids();
+    assert_eq!(orphans.len(), 2);
+    if let Some(mut child) = server.child.take() {
+        child.kill().expect("SIGKILL the server");
+        let _ = child.wait();
+    }
+    let output = server.vmfactory(&["factory", "destroy"]);
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        text(&output).contains("Stopped 2 VMs a killed server left"),
+        "{}",
+        text(&output)
+    );
+    for pid in &orphans {
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z "),
+            "cached VM {pid} outlived destroy"
+        );
+    }
+    for file in ["cache.sock", "cache.sock.lock", "metrics.sock"] {
+        assert!(
+            !server.dir.path().join(file).exists(),
+            "{file} is left: {}",
+            text(&output)
+        );
+    }
+}
