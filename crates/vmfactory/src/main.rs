@@ -283,7 +283,8 @@ impl VmArgs {
     }
 }
 
-/// Refuses `--vcpus` / `--memory` beyond the configured hot-plug limits and the host.
+/// Refuses `--vcpus` / `--memory` beyond the configured hot-plug limits and the host, as
+/// a command line that cannot work (exit status 2), before anything starts.
 fn check_request(
     qemu: &vmfactory_factory::settings::QemuSettings,
     vcpus: Option<u32>,
@@ -291,7 +292,7 @@ fn check_request(
 ) -> Result<()> {
     let host_cpus = vmfactory_factory::settings::host_cpus();
     if let Some(vcpus) = vcpus.filter(|&v| v > qemu.default_maxvcpus.min(host_cpus)) {
-        anyhow::bail!(
+        usage!(
             "--vcpus {vcpus} exceeds the limit of {} (default_maxvcpus = {}, host CPUs = {host_cpus}): {}",
             qemu.default_maxvcpus.min(host_cpus),
             qemu.default_maxvcpus,
@@ -303,7 +304,7 @@ fn check_request(
         );
     }
     if let Some(memory) = memory.filter(|&m| m > qemu.default_maxmemory) {
-        anyhow::bail!(
+        usage!(
             "--memory {memory} MiB exceeds default_maxmemory ({} MiB): ask for less, or raise default_maxmemory in [hypervisor.qemu] (at most the host's memory)",
             qemu.default_maxmemory
         );

@@ -165,6 +165,7 @@ pub(crate) fn signal_exit(stop: Stop) -> ExitCode {
 
 /// Runs `vmfactory run`.
 pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
+    check_command(&args.command)?;
     check_terminal_input(args.tty)?;
     let started = Instant::now();
     let mut signals = Signals::install()?;
@@ -524,6 +525,15 @@ async fn follow_window_size(
 
 /// True when our standard input is `/dev/null`: nothing to pass on, so the guest process
 /// gets its own `/dev/null` and no input stream is opened.
+/// Refuses an empty program name (`run -- ''`, an unset `"$CMD"`) before a VM is had for
+/// it: no guest could run it.
+pub fn check_command(command: &[String]) -> Result<()> {
+    if command.first().is_some_and(String::is_empty) {
+        crate::usage!("The command after `--` is an empty word: give the program to run");
+    }
+    Ok(())
+}
+
 /// Refuses `-t` when our input is passed to the command but is not a terminal (a pipe or
 /// a file), as Docker does: the guest terminal would take the input as typed keys, and
 /// its end (typed as Ctrl-D) may be lost if it arrives before the command reads, which

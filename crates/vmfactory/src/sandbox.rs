@@ -725,6 +725,7 @@ fn kill_supervisor(record: &SandboxRecord) {
 }
 
 async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
+    crate::run::check_command(&args.command)?;
     crate::run::check_terminal_input(args.tty)?;
     let (sandbox, record) = dir::find(runtime, &args.id)?;
     require_running(&sandbox, &record)?;

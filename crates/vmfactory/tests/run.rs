@@ -340,3 +340,16 @@ fn zero_memory_is_a_clear_error() {
     assert!(message.contains("a VM needs at least 64 MiB"), "{message}");
     assert!(!message.contains("panicked"), "{message}");
 }
+
+#[test]
+fn an_empty_program_name_is_refused_before_a_vm_is_had() {
+    let env = Env::new();
+    let output = env.run(&["--", "", "arg"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("empty word: give the program to run"),
+        "{}",
+        stderr(&output)
+    );
+    env.assert_nothing_left();
+}
