@@ -229,8 +229,9 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let reaped = vmfactory_hypervisor::qemu::reap_orphans(&resolved.base.qemu.runtime_dir);
     if !reaped.is_empty() {
         eprintln!(
-            "vmfactory: stopped {} VM(s) whose owner is gone: {}",
+            "vmfactory: stopped {} VM{} whose owner is gone: {}",
             reaped.len(),
+            if reaped.len() == 1 { "" } else { "s" },
             reaped.join(", ")
         );
     }
@@ -317,10 +318,10 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     eprintln!(
         "vmfactory: {}",
         crate::hints(&format!(
-            "VMCache server on {} (pid {}) keeping {} VMs ready; stop it with `vmfactory factory destroy`",
+            "VMCache server on {} (pid {}) keeping {}; stop it with `vmfactory factory destroy`",
             factory.vm_cache_endpoint.display(),
             std::process::id(),
-            factory.vm_cache_number
+            vms_ready(factory.vm_cache_number)
         ))
     );
     let warming = tokio::spawn(show_warm_up(server.cache(), factory.vm_cache_number));
@@ -339,6 +340,11 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// "1 VM ready", "3 VMs ready".
+fn vms_ready(count: u32) -> String {
+    format!("{count} VM{} ready", if count == 1 { "" } else { "s" })
+}
+
 /// Shows the cache filling with warmed-up VMs until it is full the first time.
 async fn show_warm_up(cache: Arc<CacheFactory>, size: u32) {
     let mut progress = Progress::bar("Warming up VMs", u64::from(size));
@@ -346,7 +352,7 @@ async fn show_warm_up(cache: Arc<CacheFactory>, size: u32) {
         let ready = cache.ready_count().await;
         progress.set(ready as u64);
         if ready >= size as usize {
-            progress.finish(&format!("{size} VMs ready"));
+            progress.finish(&vms_ready(size));
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

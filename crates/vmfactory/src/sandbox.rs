@@ -734,7 +734,7 @@ async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
         Some(name) => {
             let Some(container) = record.containers.iter().find(|c| c.name == *name) else {
                 let names: Vec<&str> = record.containers.iter().map(|c| c.name.as_str()).collect();
-                bail!(
+                crate::usage!(
                     "Sandbox {} has no container {name:?}{}",
                     record.id,
                     if names.is_empty() {
@@ -844,7 +844,7 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
     require_running(&sandbox, &record)?;
     if let Some(name) = container {
         if !record.containers.iter().any(|c| c.name == name) {
-            bail!(
+            crate::usage!(
                 "Sandbox {} has no container {name:?} (see `vmfactory sandbox ls`)",
                 record.id
             );
