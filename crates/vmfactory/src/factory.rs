@@ -580,8 +580,9 @@ async fn status(resolved: Resolved, json: bool) -> Result<ExitCode> {
         None => println!(
             "{}",
             crate::hints(
-                "No template: set enable_template = true in the [factory] section of the \
-                 configuration, then create one with `vmfactory factory init`"
+                "No factory is configured: every run boots its VM directly. To clone VMs \
+                 from a template instead, set enable_template = true in the [factory] \
+                 section of the configuration, then create one with `vmfactory factory init`"
             )
         ),
         Some(meta) => {
