@@ -32,14 +32,16 @@ pub enum MetricsError {
     #[error("Invalid metrics address {0:?}: use 127.0.0.1:PORT or a Unix socket path (/run/…/metrics.sock or unix:/…)")]
     Address(String),
     /// The endpoint could not be opened.
-    #[error("Cannot serve metrics on {address}")]
+    #[error("Cannot serve metrics on {address} ({reason}): set metrics_address to a free port, or to a socket path in a directory that exists")]
     Listen {
         /// The address.
         address: String,
-        /// Why.
-        #[source]
-        source: std::io::Error,
+        /// Why (in the message, before the advice).
+        reason: std::io::Error,
     },
+    /// A live process serves on the Unix socket path.
+    #[error("Cannot serve metrics on {0}: a running process answers on it (another VMCache server?); stop it, or set metrics_address to another path")]
+    InUse(PathBuf),
     /// The Unix socket path holds something else.
     #[error("Cannot serve metrics on {0}: it exists and is not a Unix socket; remove it or choose another metrics_address")]
     NotASocket(PathBuf),
@@ -253,9 +255,9 @@ pub enum MetricsListener {
 /// before anything says the metrics are served. A path that holds something other than
 /// a socket is refused, not replaced; a dead socket is replaced.
 pub async fn bind(address: &MetricsAddress) -> Result<MetricsListener, MetricsError> {
-    let listen_error = |source| MetricsError::Listen {
+    let listen_error = |reason| MetricsError::Listen {
         address: address.to_string(),
-        source,
+        reason,
     };
     match address {
         MetricsAddress::Tcp(socket) => Ok(MetricsListener::Tcp(
@@ -268,9 +270,10 @@ pub async fn bind(address: &MetricsAddress) -> Result<MetricsListener, MetricsEr
                 if !meta.file_type().is_socket() {
                     return Err(MetricsError::NotASocket(path.clone()));
                 }
-                if tokio::net::UnixStream::connect(path).await.is_err() {
-                    let _ = std::fs::remove_file(path);
+                if tokio::net::UnixStream::connect(path).await.is_ok() {
+                    return Err(MetricsError::InUse(path.clone()));
                 }
+                let _ = std::fs::remove_file(path);
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
             let bound = std::fs::symlink_metadata(path)
@@ -494,6 +497,18 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = MetricsAddress::Unix(dir.path().join("no/such/dir/m.sock"));
         assert!(bind(&missing).await.is_err());
+        // A socket something answers on is refused, naming the reason; a stale one is
+        // replaced.
+        let path = dir.path().join("m.sock");
+        let live = tokio::net::UnixListener::bind(&path).expect("bind");
+        let err = bind(&MetricsAddress::Unix(path.clone()))
+            .await
+            .expect_err("in use");
+        assert!(matches!(err, MetricsError::InUse(_)), "{err}");
+        drop(live);
+        bind(&MetricsAddress::Unix(path))
+            .await
+            .expect("a stale socket is replaced");
     }
 
     #[tokio::test]

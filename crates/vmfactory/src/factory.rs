@@ -220,9 +220,7 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     // Bound before anything is made: a port in use is an error now, not a line saying
     // the metrics are served while nothing serves them.
     let metrics_listener = match &metrics_address {
-        Some(address) => Some(metrics::bind(address).await.with_context(|| {
-            format!("metrics_address {address}: choose a free port or a socket path in a directory that exists")
-        })?),
+        Some(address) => Some(metrics::bind(address).await?),
         None => None,
     };
     // VMs a killed server left behind (no owner any more) are reaped before we start.
