@@ -461,7 +461,12 @@ fn containers_of_a_sandbox_are_isolated_and_rm_leaves_nothing() {
     ]);
     assert_eq!(std::fs::read(&back).expect("read"), b"secret\n");
     let unknown = env.vmfactory(&["sandbox", "exec", "--container", "zz", &first, "--", "true"]);
-    assert_eq!(unknown.status.code(), Some(2), "a usage error: {}", text(&unknown));
+    assert_eq!(
+        unknown.status.code(),
+        Some(2),
+        "a usage error: {}",
+        text(&unknown)
+    );
     assert!(
         text(&unknown).contains("no container \"zz\""),
         "{}",
