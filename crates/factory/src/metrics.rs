@@ -124,7 +124,11 @@ impl Default for FactoryMetrics {
                 env!("CARGO_PKG_VERSION"),
             )]),
         );
-        registry.register("handouts", "VMs handed out (GetBaseVM)", handouts.clone());
+        registry.register(
+            "handouts",
+            "VMs handed out (GetBaseVM answered with a running VM)",
+            handouts.clone(),
+        );
         registry.register(
             "handout_seconds",
             "Time a GetBaseVM waited for a ready VM in the cache (about 0 while VMs are ready)",
@@ -142,7 +146,7 @@ impl Default for FactoryMetrics {
         );
         registry.register(
             "handout_failures",
-            "GetBaseVM calls answered with an error: no VM could be had, too many handed out wait for their adopter, or the one taken (counted in handouts) could not be resumed",
+            "GetBaseVM calls answered with an error: no VM could be had, too many handed out wait for their adopter, or the one taken could not be resumed",
             handout_failures.clone(),
         );
         registry.register(
@@ -172,10 +176,14 @@ impl Default for FactoryMetrics {
 }
 
 impl FactoryMetrics {
-    /// Counts one hand-out that took `elapsed`.
-    pub fn handed_out(&self, elapsed: Duration) {
-        self.handouts.inc();
+    /// Records that a `GetBaseVM` waited `elapsed` for a ready VM.
+    pub fn waited(&self, elapsed: Duration) {
         self.handout_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one VM handed out (resumed, its record sent).
+    pub fn delivered(&self) {
+        self.handouts.inc();
     }
 
     /// Sets how many VMs the cache keeps ready.
@@ -217,7 +225,11 @@ impl PoolObserver for FactoryMetrics {
     }
 
     fn taken(&self, elapsed: Duration) {
-        self.handed_out(elapsed);
+        self.waited(elapsed);
+    }
+
+    fn delivered(&self) {
+        FactoryMetrics::delivered(self);
     }
 
     fn handout_failed(&self) {
@@ -441,7 +453,8 @@ mod tests {
     #[tokio::test]
     async fn serves_counts_over_a_unix_socket() {
         let metrics = Arc::new(FactoryMetrics::default());
-        metrics.handed_out(Duration::from_millis(12));
+        metrics.waited(Duration::from_millis(12));
+        metrics.delivered();
         metrics.ready(3);
         metrics.make_failed();
         metrics.set_template_created(SystemTime::now() - Duration::from_secs(60));

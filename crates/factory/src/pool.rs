@@ -50,6 +50,8 @@ pub trait PoolObserver: Send + Sync + std::fmt::Debug {
     fn taken(&self, elapsed: Duration) {
         let _ = elapsed;
     }
+    /// A VMCache hand-out succeeded: the VM taken was resumed and its record sent.
+    fn delivered(&self) {}
     /// A VMCache hand-out failed: no VM could be had, or it could not be resumed.
     fn handout_failed(&self) {}
     /// A VM handed out was adopted by no client in time and was stopped.

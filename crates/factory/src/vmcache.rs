@@ -347,6 +347,9 @@ impl CacheService for CacheServer {
             .await
             .map_err(|err| failed(&err))?;
         info!(id = record.id, "VM handed over");
+        if let Some(observer) = self.factory.observer() {
+            observer.delivered();
+        }
         let message = grpc_vm(&record);
         if let Ok(mut handed) = self.handed.lock() {
             handed.push((record, Instant::now()));
