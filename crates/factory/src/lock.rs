@@ -127,7 +127,8 @@ impl PathLock {
             source,
         };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            // Made ours alone, as the runtime directory it usually is.
+            // Made ours alone (0700): a lock lies in the runtime directory or beside a
+            // template or endpoint, which are vmfactory's.
             use std::os::unix::fs::DirBuilderExt;
             std::fs::DirBuilder::new()
                 .recursive(true)

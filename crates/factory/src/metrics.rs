@@ -282,10 +282,15 @@ pub async fn bind(address: &MetricsAddress) -> Result<MetricsListener, MetricsEr
                 if !meta.file_type().is_socket() {
                     return Err(MetricsError::NotASocket(path.clone()));
                 }
-                if tokio::net::UnixStream::connect(path).await.is_ok() {
-                    return Err(MetricsError::InUse(path.clone()));
+                match tokio::net::UnixStream::connect(path).await {
+                    Ok(_) => return Err(MetricsError::InUse(path.clone())),
+                    // Stale: nothing listens. (A busy live server may answer EAGAIN: left
+                    // alone, so the bind below fails and says so.)
+                    Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        let _ = std::fs::remove_file(path);
+                    }
+                    Err(_) => {}
                 }
-                let _ = std::fs::remove_file(path);
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
             let bound = std::fs::symlink_metadata(path)

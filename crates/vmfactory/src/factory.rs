@@ -148,36 +148,58 @@ async fn stop_server(endpoint: &std::path::Path) -> Result<()> {
 }
 
 /// Removes what a VMCache server killed without a chance to clean up (SIGKILL, the OOM
-/// killer) left: its VMs (cached, or handed out and never adopted: their owner is gone),
-/// its endpoint and metrics sockets that nothing answers on, and its lock file. Only
-/// with the endpoint's lock taken, so never under a server that is starting.
+/// killer) left: its VMs (cached, or handed out and not adopted for a while: their owner
+/// is gone; a hand-over younger than the server's grace is left to its client), its
+/// endpoint and metrics sockets that refuse connections, and its lock file. Only with the
+/// endpoint's lock taken (waited for while a server stops), so never beside a live
+/// server; nothing to do where the endpoint's directory is missing or not ours.
 async fn clean_after_server(
     endpoint: &std::path::Path,
     metrics_address: &str,
     runtime_dir: &std::path::Path,
 ) -> Result<()> {
-    let lock = match vmfactory_factory::lock::PathLock::acquire(
-        endpoint,
-        vmfactory_factory::lock::LockKind::Endpoint,
-    ) {
-        Ok(lock) => lock,
-        Err(vmfactory_factory::lock::LockError::Busy { pid, .. }) => bail!(
-            "A VMCache server{} is starting on {}: run `vmfactory factory destroy` again once \
-             it answers (`vmfactory factory status`), or stop it with SIGTERM",
-            pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
-            endpoint.display()
-        ),
-        Err(err) => return Err(err.into()),
+    use vmfactory_factory::lock::{LockError, LockKind, PathLock};
+    if !endpoint.parent().is_some_and(std::path::Path::is_dir) {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let lock = loop {
+        match PathLock::acquire(endpoint, LockKind::Endpoint) {
+            Ok(lock) => break lock,
+            // A server holds it: one stopping (its VMs first) lets go soon.
+            Err(LockError::Busy { pid, .. }) if started.elapsed() < Duration::from_secs(60) => {
+                if started.elapsed() < Duration::from_millis(100) {
+                    tracing::debug!(
+                        ?pid,
+                        "Waiting for the VMCache server to let go of its endpoint"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(LockError::Busy { pid, .. }) => bail!(
+                "A VMCache server{} holds {} (starting or stopping) and did not let go within \
+                 60 s: stop it with SIGTERM, then run `vmfactory factory destroy` again",
+                pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
+                endpoint.display()
+            ),
+            // Not ours to lock (another user's directory): nothing of ours to clean.
+            Err(err) => {
+                tracing::debug!(%err, "Not cleaning after a VMCache server");
+                return Ok(());
+            }
+        }
     };
     let reaped = {
         let runtime_dir = runtime_dir.to_path_buf();
-        tokio::task::spawn_blocking(move || vmfactory_hypervisor::qemu::reap_orphans(&runtime_dir))
-            .await
-            .context("Reaping VMs failed")?
+        tokio::task::spawn_blocking(move || {
+            vmfactory_hypervisor::qemu::reap_orphans_but_hand_overs(&runtime_dir)
+        })
+        .await
+        .context("Reaping VMs failed")?
     };
     if !reaped.is_empty() {
         println!(
-            "Stopped {} VM{} a killed server left: {}",
+            "Stopped {} VM{} whose owner is gone (a killed server's): {}",
             reaped.len(),
             if reaped.len() == 1 { "" } else { "s" },
             reaped.join(", ")
@@ -191,7 +213,13 @@ async fn clean_after_server(
         use std::os::unix::fs::FileTypeExt;
         let is_socket =
             std::fs::symlink_metadata(&socket).is_ok_and(|meta| meta.file_type().is_socket());
-        if is_socket && tokio::net::UnixStream::connect(&socket).await.is_err() {
+        // Only one that refuses connections: a busy live one may answer EAGAIN.
+        let refused = is_socket
+            && matches!(
+                tokio::net::UnixStream::connect(&socket).await,
+                Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused
+            );
+        if refused {
             std::fs::remove_file(&socket)
                 .with_context(|| format!("Cannot remove the stale socket {}", socket.display()))?;
             println!("Removed the stale socket {}", socket.display());

@@ -249,6 +249,14 @@ impl VmArgs {
         })
     }
 
+    /// Refuses `--vcpus` / `--memory` beyond the configuration's limits (exit status 2),
+    /// for a command that resolves the VM later, elsewhere (`sandbox create`: its
+    /// supervisor), before it does anything else.
+    fn check_size(&self, config_file: Option<&std::path::Path>) -> Result<()> {
+        let settings = Settings::load(config_file)?;
+        check_request(&settings.hypervisor.qemu, self.vcpus, self.memory)
+    }
+
     /// Refuses a file named by `--kernel`, `--initrd` or `--qemu` (or their environment
     /// variables) that is not there, by the option that named it, before anything starts.
     fn check_given_files(&self) -> Result<()> {

@@ -165,7 +165,9 @@ pub(crate) fn signal_exit(stop: Stop) -> ExitCode {
 
 /// Runs `vmfactory run`.
 pub async fn run(args: RunArgs, config_file: Option<PathBuf>) -> Result<ExitCode> {
-    check_command(&args.command)?;
+    if args.image.is_none() {
+        check_command(&args.command)?;
+    }
     check_terminal_input(args.tty)?;
     let started = Instant::now();
     let mut signals = Signals::install()?;
@@ -523,10 +525,9 @@ async fn follow_window_size(
     }
 }
 
-/// True when our standard input is `/dev/null`: nothing to pass on, so the guest process
-/// gets its own `/dev/null` and no input stream is opened.
 /// Refuses an empty program name (`run -- ''`, an unset `"$CMD"`) before a VM is had for
-/// it: no guest could run it.
+/// it: no guest could run it. Not for `run --image`, whose words follow the image's
+/// Entrypoint (`sh -c ''` is a command).
 pub fn check_command(command: &[String]) -> Result<()> {
     if command.first().is_some_and(String::is_empty) {
         crate::usage!("The command after `--` is an empty word: give the program to run");
@@ -548,6 +549,8 @@ pub fn check_terminal_input(tty: bool) -> Result<()> {
     Ok(())
 }
 
+/// True when our standard input is `/dev/null`: nothing to pass on, so the guest process
+/// gets its own `/dev/null` and no input stream is opened.
 fn stdin_is_dev_null() -> bool {
     use std::os::unix::fs::MetadataExt;
     let (Ok(ours), Ok(null)) = (

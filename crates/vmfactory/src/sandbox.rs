@@ -335,6 +335,8 @@ async fn create(
         // when the name is claimed.
         dir::check_name(runtime, &name)?;
     }
+    // A size beyond the limits is a usage error now, not the supervisor's failure later.
+    vm.check_size(config.as_deref())?;
     let containers = container_images(images)?;
     // Images are built here, with progress; the supervisor finds them cached.
     for (_, reference) in &containers {

@@ -736,3 +736,17 @@ fn a_stuck_supervisor_is_reported_in_bounded_time_and_rm_f_removes_it() {
     assert!(env.listed().is_empty());
     env.assert_nothing_left();
 }
+
+#[test]
+fn a_size_beyond_the_limits_is_a_usage_error_before_anything_starts() {
+    let env = Env::new();
+    let output = env.sandbox(&["create", "--name", "big", "--vcpus", "99"]);
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output));
+    assert!(
+        text(&output).contains("--vcpus 99 exceeds"),
+        "{}",
+        text(&output)
+    );
+    assert!(env.listed().is_empty());
+    env.assert_nothing_left();
+}

@@ -608,7 +608,7 @@ fn destroy_after_a_killed_server_stops_its_vms_and_removes_its_sockets() {
     let output = server.vmfactory(&["factory", "destroy"]);
     assert!(output.status.success(), "{}", text(&output));
     assert!(
-        text(&output).contains("Stopped 2 VMs a killed server left"),
+        text(&output).contains("Stopped 2 VMs whose owner is gone"),
         "{}",
         text(&output)
     );

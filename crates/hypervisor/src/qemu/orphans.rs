@@ -105,16 +105,43 @@ pub fn reap_dir(dir: &Path) {
 /// The longest [`reap_dir`] waits for the QEMUs it killed to exit.
 const REAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How long a VM handed over may wait for its adopter before a reaper may take it for an
+/// orphan: a client that has its `GetBaseVM` answer but has not adopted the VM yet is
+/// not its owner, and its giver may have stopped meanwhile (`factory destroy`). The
+/// VMCache server's own grace (`HANDOVER_GRACE`) is as long.
+pub const HAND_OVER_MARK_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// True while `vm_dir` carries a hand-over mark younger than [`HAND_OVER_MARK_GRACE`].
+fn adoption_pending(vm_dir: &Path) -> bool {
+    std::fs::metadata(vm_dir.join(HAND_OVER_MARK))
+        .and_then(|meta| meta.modified())
+        .ok()
+        .and_then(|modified| modified.elapsed().ok())
+        .is_some_and(|age| age < HAND_OVER_MARK_GRACE)
+}
+
 /// Kills the VMs under `runtime_dir/vm` whose owner is gone and removes their
 /// directories; returns the ids reaped.
 pub fn reap_orphans(runtime_dir: &Path) -> Vec<String> {
+    reap(runtime_dir, false)
+}
+
+/// [`reap_orphans`], but a VM handed over less than [`HAND_OVER_MARK_GRACE`] ago is left
+/// to its adopter: for `factory destroy` right after its server stopped, when a client
+/// may hold an answer it has not acted on yet. (A hand-over whose answer never left the
+/// killed server stays until the next reaper.)
+pub fn reap_orphans_but_hand_overs(runtime_dir: &Path) -> Vec<String> {
+    reap(runtime_dir, true)
+}
+
+fn reap(runtime_dir: &Path, leave_hand_overs: bool) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(runtime_dir.join("vm")) else {
         return Vec::new();
     };
     let mut reaped = Vec::new();
     for entry in entries.flatten() {
         let dir = entry.path();
-        if !dir.is_dir() || owner_alive(&dir) {
+        if !dir.is_dir() || owner_alive(&dir) || (leave_hand_overs && adoption_pending(&dir)) {
             continue;
         }
         reap_dir(&dir);
@@ -154,10 +181,28 @@ mod tests {
             format!("{} 1\n", std::process::id()),
         )
         .expect("write");
-        let mut reaped = reap_orphans(runtime.path());
+        // Handed over by a giver that is gone, not adopted yet: left to its adopter while
+        // the mark is young, an orphan once it is old.
+        let handed = runtime.path().join("vm/handed");
+        std::fs::create_dir_all(&handed).expect("mkdir");
+        std::fs::write(handed.join(OWNER_FILE), "4294967294 1\n").expect("write");
+        set_hand_over_mark(&handed).expect("mark");
+        let mut reaped = reap_orphans_but_hand_overs(runtime.path());
         reaped.sort();
         assert_eq!(reaped, ["orphan", "reused"]);
-        assert!(mine.exists() && starting.exists());
+        assert!(mine.exists() && starting.exists() && handed.exists());
         assert!(!orphan.exists() && !reused.exists());
+        let old = std::time::SystemTime::now() - HAND_OVER_MARK_GRACE * 2;
+        std::fs::File::options()
+            .write(true)
+            .open(handed.join(HAND_OVER_MARK))
+            .and_then(|file| file.set_modified(old))
+            .expect("age the mark");
+        assert_eq!(reap_orphans_but_hand_overs(runtime.path()), ["handed"]);
+        // The plain reaper takes a young one too (a hand-over a killed giver never sent).
+        std::fs::create_dir_all(&handed).expect("mkdir");
+        std::fs::write(handed.join(OWNER_FILE), "4294967294 1\n").expect("write");
+        set_hand_over_mark(&handed).expect("mark");
+        assert_eq!(reap_orphans(runtime.path()), ["handed"]);
     }
 }

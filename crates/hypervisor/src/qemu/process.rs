@@ -284,12 +284,14 @@ impl Qemu {
                 "it was not handed over, or another process took it first (its giver stops a VM nobody adopts in time)",
             ));
         }
+        // Ours from now on: claimed at once, as a reaper takes a VM without a mark whose
+        // recorded owner is gone for an orphan.
+        super::orphans::claim(&paths.dir);
         tokio::spawn(async move {
             // A pidfd becomes readable when the process exits.
             let _ = exit_fd.readable().await;
             let _ = exit_tx.send(Some(ADOPTED_EXIT_STATUS.to_string()));
         });
-        super::orphans::claim(&paths.dir);
         let console_bound = ConsoleBound::start(paths.console.clone(), exit_rx.clone());
         Ok(Self {
             id: handle.id,
