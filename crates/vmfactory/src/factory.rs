@@ -199,9 +199,8 @@ async fn clean_after_server(
     };
     if !reaped.is_empty() {
         println!(
-            "Stopped {} VM{} whose owner is gone (a killed server's): {}",
-            reaped.len(),
-            if reaped.len() == 1 { "" } else { "s" },
+            "Stopped {} whose owner is gone (a killed server's): {}",
+            vms(reaped.len()),
             reaped.join(", ")
         );
     }
@@ -255,9 +254,8 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     let reaped = vmfactory_hypervisor::qemu::reap_orphans(&resolved.base.qemu.runtime_dir);
     if !reaped.is_empty() {
         eprintln!(
-            "vmfactory: stopped {} VM{} whose owner is gone: {}",
-            reaped.len(),
-            if reaped.len() == 1 { "" } else { "s" },
+            "vmfactory: stopped {} whose owner is gone: {}",
+            vms(reaped.len()),
             reaped.join(", ")
         );
     }
@@ -344,10 +342,10 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     eprintln!(
         "vmfactory: {}",
         crate::hints(&format!(
-            "VMCache server on {} (pid {}) keeping {}; stop it with `vmfactory factory destroy`",
+            "VMCache server on {} (pid {}) keeping {} ready; stop it with `vmfactory factory destroy`",
             factory.vm_cache_endpoint.display(),
             std::process::id(),
-            vms_ready(factory.vm_cache_number)
+            vms(factory.vm_cache_number as usize)
         ))
     );
     let warming = tokio::spawn(show_warm_up(server.cache(), factory.vm_cache_number));
@@ -366,9 +364,9 @@ async fn serve(resolved: Resolved) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// "1 VM ready", "3 VMs ready".
-fn vms_ready(count: u32) -> String {
-    format!("{count} VM{} ready", if count == 1 { "" } else { "s" })
+/// "1 VM", "3 VMs".
+fn vms(count: usize) -> String {
+    format!("{count} VM{}", if count == 1 { "" } else { "s" })
 }
 
 /// Shows the cache filling with warmed-up VMs until it is full the first time.
@@ -378,7 +376,7 @@ async fn show_warm_up(cache: Arc<CacheFactory>, size: u32) {
         let ready = cache.ready_count().await;
         progress.set(ready as u64);
         if ready >= size as usize {
-            progress.finish(&vms_ready(size));
+            progress.finish(&format!("{} ready", vms(size as usize)));
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -45,7 +45,7 @@ const BUILD_LEFTOVER: Duration = Duration::from_secs(60 * 60);
 /// root vmfactory pointed at a user's cache (`sudo -E`) must not run that user's code.
 pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
     let root = cache_dir.join("qemu-stub");
-    let dir = root.join(&hex(&Sha256::digest(SOURCE))[..16]);
+    let dir = root.join(&format!("{:x}", Sha256::digest(SOURCE))[..16]);
     let library = dir.join(NAMES[0]);
     let key = binary_key(binary)?;
     let (good, bad) = (dir.join(format!("ok-{key}")), dir.join(format!("no-{key}")));
@@ -127,7 +127,7 @@ fn binary_key(binary: &Path) -> Option<String> {
         meta.mtime(),
         meta.mtime_nsec()
     );
-    Some(hex(&Sha256::digest(identity))[..16].to_string())
+    Some(format!("{:x}", Sha256::digest(identity))[..16].to_string())
 }
 
 /// Compiles the stub into `dir` under `root` (made whole in a temporary directory and
@@ -235,10 +235,6 @@ pub fn library_path(dir: &Path) -> std::ffi::OsString {
         value.push(existing);
     }
     value
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
