@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod pool;
 pub mod select;
 pub mod settings;
+pub mod socket;
 pub mod template;
 pub mod vm;
 pub mod vmcache;

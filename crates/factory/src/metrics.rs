@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use crate::pool::PoolObserver;
+use crate::socket::SocketAt;
 
 /// Errors of the metrics endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -278,19 +279,16 @@ pub async fn bind(address: &MetricsAddress) -> Result<MetricsListener, MetricsEr
                 .map_err(listen_error)?,
         )),
         MetricsAddress::Unix(path) => {
-            if let Ok(meta) = std::fs::symlink_metadata(path) {
-                if !meta.file_type().is_socket() {
-                    return Err(MetricsError::NotASocket(path.clone()));
+            match crate::socket::probe(path).await {
+                SocketAt::NotASocket => return Err(MetricsError::NotASocket(path.clone())),
+                SocketAt::Answered => return Err(MetricsError::InUse(path.clone())),
+                // Stale: nothing listens.
+                SocketAt::Refused => {
+                    let _ = std::fs::remove_file(path);
                 }
-                match tokio::net::UnixStream::connect(path).await {
-                    Ok(_) => return Err(MetricsError::InUse(path.clone())),
-                    // Stale: nothing listens. (A busy live server may answer EAGAIN: left
-                    // alone, so the bind below fails and says so.)
-                    Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {
-                        let _ = std::fs::remove_file(path);
-                    }
-                    Err(_) => {}
-                }
+                // A busy live server may answer EAGAIN: left alone, so the bind below
+                // fails and says so.
+                SocketAt::Nothing | SocketAt::Unanswered(_) => {}
             }
             let listener = tokio::net::UnixListener::bind(path).map_err(listen_error)?;
             let bound = std::fs::symlink_metadata(path)

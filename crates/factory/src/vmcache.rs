@@ -22,6 +22,7 @@ use crate::base::{FactoryBase, FactoryError, VmStatus};
 use crate::config::VmConfig;
 use crate::handover::HandOverRecord;
 use crate::lock::{LockError, LockKind, PathLock};
+use crate::socket::SocketAt;
 use crate::vm::{Vm, VmError};
 
 mod authority;
@@ -226,16 +227,15 @@ async fn bind(endpoint: &Path) -> Result<UnixListener, VmCacheError> {
             .create(parent)
             .map_err(io("Cannot create the directory of"))?;
     }
-    if let Ok(meta) = std::fs::symlink_metadata(endpoint) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(VmCacheError::NotASocket(endpoint.to_path_buf()));
+    match crate::socket::probe(endpoint).await {
+        SocketAt::Nothing => {}
+        SocketAt::NotASocket => return Err(VmCacheError::NotASocket(endpoint.to_path_buf())),
+        SocketAt::Answered => return Err(VmCacheError::AlreadyRunning(endpoint.to_path_buf())),
+        // Under the endpoint's lock: no live server of ours can be there.
+        SocketAt::Refused | SocketAt::Unanswered(_) => {
+            warn!(endpoint = %endpoint.display(), "Removing the stale socket of a dead VMCache server");
+            std::fs::remove_file(endpoint).map_err(io("Cannot remove the stale socket"))?;
         }
-        if UnixStream::connect(endpoint).await.is_ok() {
-            return Err(VmCacheError::AlreadyRunning(endpoint.to_path_buf()));
-        }
-        warn!(endpoint = %endpoint.display(), "Removing the stale socket of a dead VMCache server");
-        std::fs::remove_file(endpoint).map_err(io("Cannot remove the stale socket"))?;
     }
     let listener = UnixListener::bind(endpoint).map_err(io("Cannot listen on"))?;
     std::fs::set_permissions(endpoint, std::fs::Permissions::from_mode(0o600))

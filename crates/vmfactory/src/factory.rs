@@ -209,16 +209,10 @@ async fn clean_after_server(
         _ => None,
     };
     for socket in std::iter::once(endpoint.to_path_buf()).chain(metrics_socket) {
-        use std::os::unix::fs::FileTypeExt;
-        let is_socket =
-            std::fs::symlink_metadata(&socket).is_ok_and(|meta| meta.file_type().is_socket());
         // Only one that refuses connections: a busy live one may answer EAGAIN.
-        let refused = is_socket
-            && matches!(
-                tokio::net::UnixStream::connect(&socket).await,
-                Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused
-            );
-        if refused {
+        if let vmfactory_factory::socket::SocketAt::Refused =
+            vmfactory_factory::socket::probe(&socket).await
+        {
             std::fs::remove_file(&socket)
                 .with_context(|| format!("Cannot remove the stale socket {}", socket.display()))?;
             println!("Removed the stale socket {}", socket.display());
