@@ -244,16 +244,19 @@ fn config_show_prints_the_effective_configuration() {
 fn a_closed_or_full_output_ends_vmfactory_without_a_panic() {
     let env = Env::new("enable_template = true");
     let config = env.dir.path().join("config.toml");
+    let config_show_to = |stdout: std::process::Stdio| {
+        Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(["config", "show"])
+            .stdout(stdout)
+            .output()
+            .expect("spawn vmfactory")
+    };
     // A reader that went away (`vmfactory config show | true`): exit 141, nothing said.
     let (reader, writer) = rustix::pipe::pipe().expect("pipe");
     drop(reader);
-    let output = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .args(["config", "show"])
-        .stdout(writer)
-        .output()
-        .expect("spawn vmfactory");
+    let output = config_show_to(writer.into());
     assert_eq!(output.status.code(), Some(141), "{}", text(&output));
     assert!(output.stderr.is_empty(), "{}", text(&output));
     // A full disk: the reason, exit 125, no panic.
@@ -261,13 +264,7 @@ fn a_closed_or_full_output_ends_vmfactory_without_a_panic() {
         .write(true)
         .open("/dev/full")
         .expect("/dev/full");
-    let output = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .args(["config", "show"])
-        .stdout(full)
-        .output()
-        .expect("spawn vmfactory");
+    let output = config_show_to(full.into());
     assert_eq!(output.status.code(), Some(125), "{}", text(&output));
     let said = String::from_utf8_lossy(&output.stderr);
     assert!(

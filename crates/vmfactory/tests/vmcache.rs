@@ -560,8 +560,8 @@ fn metrics_count_handouts_and_ready_vms() {
     assert!(!server.dir.path().join("metrics.sock").exists());
 }
 
-#[test]
-fn a_restarted_server_reaps_the_vms_a_killed_one_left() {
+/// A server that cached two VMs, killed with SIGKILL; the pids of those VMs.
+fn killed_server_with_two_cached() -> (Server, Vec<u64>) {
     let mut server = Server::start(2);
     let orphans = server.cached_pids();
     assert_eq!(orphans.len(), 2);
@@ -569,6 +569,12 @@ fn a_restarted_server_reaps_the_vms_a_killed_one_left() {
         child.kill().expect("SIGKILL the server");
         let _ = child.wait();
     }
+    (server, orphans)
+}
+
+#[test]
+fn a_restarted_server_reaps_the_vms_a_killed_one_left() {
+    let (mut server, orphans) = killed_server_with_two_cached();
     std::thread::sleep(Duration::from_millis(500));
     for pid in &orphans {
         assert!(
@@ -598,13 +604,7 @@ fn a_restarted_server_reaps_the_vms_a_killed_one_left() {
 
 #[test]
 fn destroy_after_a_killed_server_stops_its_vms_and_removes_its_sockets() {
-    let mut server = Server::start(2);
-    let orphans = server.cached_pids();
-    assert_eq!(orphans.len(), 2);
-    if let Some(mut child) = server.child.take() {
-        child.kill().expect("SIGKILL the server");
-        let _ = child.wait();
-    }
+    let (server, orphans) = killed_server_with_two_cached();
     let output = server.vmfactory(&["factory", "destroy"]);
     assert!(output.status.success(), "{}", text(&output));
     assert!(
