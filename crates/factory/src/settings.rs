@@ -84,33 +84,17 @@ fn where_in(path: &Option<PathBuf>, line: Option<usize>) -> String {
     }
 }
 
-/// The line of `text` that sets `key` (`hypervisor.qemu.default_memory`: the line
-/// `default_memory = …` under `[hypervisor.qemu]`), when exactly one line does; 1-based.
+/// The line of `text` that sets `key` (`hypervisor.qemu.default_memory`), 1-based, as the
+/// TOML parser's spans place it; `None` when the file does not set it.
 fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    let (section, name) = key.rsplit_once('.').unwrap_or(("", key));
-    let mut current = String::new();
-    let mut lines = text.lines().enumerate().filter(|(_, line)| {
-        let line = line.trim();
-        if let Some(header) = line.strip_prefix('[') {
-            current = header
-                .split(']')
-                .next()
-                .unwrap_or_default()
-                .split('.')
-                .map(|part| part.trim().trim_matches('"'))
-                .collect::<Vec<_>>()
-                .join(".");
-            return false;
-        }
-        current == section
-            && line
-                .strip_prefix(name)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-    });
-    match (lines.next(), lines.next()) {
-        (Some((index, _)), None) => Some(index + 1),
-        _ => None,
+    let document = toml_edit::ImDocument::parse(text).ok()?;
+    let (path, name) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut table: &dyn toml_edit::TableLike = document.as_table();
+    for part in path.split('.').filter(|part| !part.is_empty()) {
+        table = table.get(part)?.as_table_like()?;
     }
+    let span = table.key(name)?.span()?;
+    Some(line_and_column(text, span.start).0)
 }
 
 /// The whole configuration file.
