@@ -218,15 +218,8 @@ async fn bind(endpoint: &Path) -> Result<UnixListener, VmCacheError> {
             source,
         }
     };
-    if let Some(parent) = endpoint.parent() {
-        // Made ours alone, as the runtime directory it usually is.
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(parent)
-            .map_err(io("Cannot create the directory of"))?;
-    }
+    // The endpoint's directory exists: taking its lock (`lock_endpoint`, before the
+    // server made anything) created it, ours alone.
     match crate::socket::probe(endpoint).await {
         SocketAt::Nothing => {}
         SocketAt::NotASocket => return Err(VmCacheError::NotASocket(endpoint.to_path_buf())),
