@@ -148,11 +148,12 @@ async fn stop_server(endpoint: &std::path::Path) -> Result<()> {
 }
 
 /// Removes what a VMCache server killed without a chance to clean up (SIGKILL, the OOM
-/// killer) left: its VMs (cached, or handed out and not adopted for a while: their owner
-/// is gone; a hand-over younger than the server's grace is left to its client), its
-/// endpoint and metrics sockets that refuse connections, and its lock file. Only with the
-/// endpoint's lock taken (waited for while a server stops), so never beside a live
-/// server; nothing to do where the endpoint's directory is missing or not ours.
+/// killer) left: its VMs (cached, or handed out and not adopted: their owner is gone; a
+/// hand-over younger than the server's grace is waited for until its client adopts it or
+/// the grace is over), its endpoint and metrics sockets that refuse connections, and its
+/// lock file. Only with the endpoint's lock taken (waited for while a server stops), so
+/// never beside a live server; nothing to do where the endpoint's directory is missing or
+/// not ours.
 async fn clean_after_server(
     endpoint: &std::path::Path,
     metrics_address: &str,
@@ -189,14 +190,41 @@ async fn clean_after_server(
             }
         }
     };
-    let reaped = {
+    // A VM the server handed out just before it died may still be adopted by its
+    // client: waited for until adopted (its client then owns it) or until its grace is
+    // over (an orphan then, reaped), so that none is left running with nobody to stop it.
+    let mut reaped = Vec::new();
+    let mut told = false;
+    loop {
         let runtime_dir = runtime_dir.to_path_buf();
-        tokio::task::spawn_blocking(move || {
-            vmfactory_hypervisor::qemu::reap_orphans_but_hand_overs(&runtime_dir)
+        let (now_reaped, awaiting) = tokio::task::spawn_blocking(move || {
+            let reaped = vmfactory_hypervisor::qemu::reap_orphans_but_hand_overs(&runtime_dir);
+            (
+                reaped,
+                vmfactory_hypervisor::qemu::orphans_awaiting_adoption(&runtime_dir),
+            )
         })
         .await
-        .context("Reaping VMs failed")?
-    };
+        .context("Reaping VMs failed")?;
+        reaped.extend(now_reaped);
+        let Some(longest) = awaiting.iter().map(|(_, left)| *left).max() else {
+            break;
+        };
+        if !std::mem::replace(&mut told, true) {
+            println!(
+                "Waiting up to {} s for clients to adopt {} the killed server handed out ({}); \
+                 any not adopted by then is stopped",
+                longest.as_secs_f64().ceil(),
+                vms(awaiting.len()),
+                awaiting
+                    .iter()
+                    .map(|(id, _)| id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     if !reaped.is_empty() {
         println!(
             "Stopped {} whose owner is gone (a killed server's): {}",

@@ -602,15 +602,68 @@ fn a_restarted_server_reaps_the_vms_a_killed_one_left() {
     restarted.destroy();
 }
 
+/// The VM directory of the QEMU `pid` (named on its command line).
+fn vm_dir_of(pid: u64, runtime_dir: &Path) -> PathBuf {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).expect("cmdline");
+    let vms = runtime_dir.join("vm");
+    String::from_utf8_lossy(&cmdline)
+        .split(['\0', '=', ','])
+        .filter_map(|word| Path::new(word).strip_prefix(&vms).ok())
+        .find_map(|rest| rest.components().next())
+        .map(|id| vms.join(id))
+        .unwrap_or_else(|| panic!("QEMU {pid} names no VM directory under {}", vms.display()))
+}
+
 #[test]
 fn destroy_after_a_killed_server_stops_its_vms_and_removes_its_sockets() {
     let (server, orphans) = killed_server_with_two_cached();
-    let output = server.vmfactory(&["factory", "destroy"]);
-    assert!(output.status.success(), "{}", text(&output));
+    // The server handed one of them out just before it was killed: its client may still
+    // adopt it, so destroy waits for that (here: until its grace is over) before
+    // stopping it, and stops the other at once.
+    let handed = vm_dir_of(orphans[0], &server.dir.path().join("run"));
+    std::fs::write(handed.join("handed-over"), b"").expect("mark as handed over");
+    let out_path = server.dir.path().join("destroy.out");
+    let mut destroy = Command::new(BIN)
+        .arg("--config")
+        .arg(server.config())
+        .args(["factory", "destroy"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::fs::File::create(&out_path).expect("output file"))
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn destroy");
+    let started = Instant::now();
+    while !std::fs::read_to_string(&out_path)
+        .unwrap_or_default()
+        .contains("Waiting up to")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "destroy did not wait for the VM handed out: {}",
+            std::fs::read_to_string(&out_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
-        text(&output).contains("Stopped 2 VMs whose owner is gone"),
-        "{}",
-        text(&output)
+        Path::new(&format!("/proc/{}", orphans[0])).exists(),
+        "destroy stopped a VM its client may be adopting"
+    );
+    assert!(
+        destroy.try_wait().expect("try_wait").is_none(),
+        "destroy ended without the VM handed out"
+    );
+    // Its grace over, unadopted: an orphan.
+    std::fs::File::options()
+        .write(true)
+        .open(handed.join("handed-over"))
+        .and_then(|file| file.set_modified(std::time::SystemTime::now() - Duration::from_secs(60)))
+        .expect("age the mark");
+    let status = destroy.wait().expect("wait for destroy");
+    let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(status.success(), "{output}");
+    assert!(
+        output.contains("Stopped 2 VMs whose owner is gone"),
+        "{output}"
     );
     for pid in &orphans {
         assert!(
@@ -624,8 +677,7 @@ fn destroy_after_a_killed_server_stops_its_vms_and_removes_its_sockets() {
     for file in ["cache.sock", "cache.sock.lock", "metrics.sock"] {
         assert!(
             !server.dir.path().join(file).exists(),
-            "{file} is left: {}",
-            text(&output)
+            "{file} is left: {output}"
         );
     }
 }

@@ -47,7 +47,9 @@ pub use self::config::{
     QBOOT_PATH,
 };
 pub use self::console::{bound_console, failure_report, ConsoleBound, CONSOLE_CAP_BYTES};
-pub use self::orphans::{reap_dir, reap_orphans, reap_orphans_but_hand_overs, OWNER_FILE};
+pub use self::orphans::{
+    orphans_awaiting_adoption, reap_dir, reap_orphans, reap_orphans_but_hand_overs, OWNER_FILE,
+};
 pub use self::process::{process_cmdline, processes_under, ADOPTED_EXIT_STATUS};
 
 /// What another process needs to take over a running QEMU.

@@ -111,13 +111,37 @@ const REAP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// VMCache server's own grace (`HANDOVER_GRACE`) is as long.
 pub const HAND_OVER_MARK_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// True while `vm_dir` carries a hand-over mark younger than [`HAND_OVER_MARK_GRACE`].
-fn adoption_pending(vm_dir: &Path) -> bool {
+/// How much longer the VM in `vm_dir` may wait for its adopter: `Some` while it carries
+/// a hand-over mark younger than [`HAND_OVER_MARK_GRACE`].
+fn adoption_grace_left(vm_dir: &Path) -> Option<std::time::Duration> {
     std::fs::metadata(vm_dir.join(HAND_OVER_MARK))
         .and_then(|meta| meta.modified())
         .ok()
         .and_then(|modified| modified.elapsed().ok())
-        .is_some_and(|age| age < HAND_OVER_MARK_GRACE)
+        .and_then(|age| HAND_OVER_MARK_GRACE.checked_sub(age))
+        .filter(|left| !left.is_zero())
+}
+
+/// True while `vm_dir` carries a hand-over mark younger than [`HAND_OVER_MARK_GRACE`].
+fn adoption_pending(vm_dir: &Path) -> bool {
+    adoption_grace_left(vm_dir).is_some()
+}
+
+/// The VMs under `runtime_dir/vm` that [`reap_orphans_but_hand_overs`] leaves: handed
+/// over by a giver that is gone and not adopted yet, each with how much longer it may
+/// wait for its adopter before it counts as an orphan.
+pub fn orphans_awaiting_adoption(runtime_dir: &Path) -> Vec<(String, std::time::Duration)> {
+    let Ok(entries) = std::fs::read_dir(runtime_dir.join("vm")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| entry.path().is_dir() && !owner_alive(&entry.path()))
+        .filter_map(|entry| {
+            let left = adoption_grace_left(&entry.path())?;
+            Some((entry.file_name().to_string_lossy().into_owned(), left))
+        })
+        .collect()
 }
 
 /// Kills the VMs under `runtime_dir/vm` whose owner is gone and removes their
@@ -128,8 +152,8 @@ pub fn reap_orphans(runtime_dir: &Path) -> Vec<String> {
 
 /// [`reap_orphans`], but a VM handed over less than [`HAND_OVER_MARK_GRACE`] ago is left
 /// to its adopter: for `factory destroy` right after its server stopped, when a client
-/// may hold an answer it has not acted on yet. (A hand-over whose answer never left the
-/// killed server stays until the next reaper.)
+/// may hold an answer it has not acted on yet ([`orphans_awaiting_adoption`] lists them;
+/// once their grace is over this reaps them too).
 pub fn reap_orphans_but_hand_overs(runtime_dir: &Path) -> Vec<String> {
     reap(runtime_dir, true)
 }
@@ -192,12 +216,20 @@ mod tests {
         assert_eq!(reaped, ["orphan", "reused"]);
         assert!(mine.exists() && starting.exists() && handed.exists());
         assert!(!orphan.exists() && !reused.exists());
+        // Only the young hand-over of a gone giver awaits adoption (ours is adopted).
+        set_hand_over_mark(&mine).expect("mark");
+        let awaiting = orphans_awaiting_adoption(runtime.path());
+        assert_eq!(awaiting.len(), 1, "{awaiting:?}");
+        assert_eq!(awaiting[0].0, "handed");
+        assert!(awaiting[0].1 <= HAND_OVER_MARK_GRACE && !awaiting[0].1.is_zero());
+        assert!(take_hand_over_mark(&mine));
         let old = std::time::SystemTime::now() - HAND_OVER_MARK_GRACE * 2;
         std::fs::File::options()
             .write(true)
             .open(handed.join(HAND_OVER_MARK))
             .and_then(|file| file.set_modified(old))
             .expect("age the mark");
+        assert!(orphans_awaiting_adoption(runtime.path()).is_empty());
         assert_eq!(reap_orphans_but_hand_overs(runtime.path()), ["handed"]);
         // The plain reaper takes a young one too (a hand-over a killed giver never sent).
         std::fs::create_dir_all(&handed).expect("mkdir");
