@@ -475,6 +475,18 @@ fn sigkill_of_the_supervisor_or_the_creator_leaves_no_half_sandbox() {
         !capstone.is_empty() && capstone.iter().all(|l| l.contains("/qemu-stub/")),
         "{capstone:?}"
     );
+    // And with one malloc arena (unless the user chose a number).
+    let environ = std::fs::read(format!("/proc/{vm}/environ")).expect("environ");
+    let arenas = format!(
+        "MALLOC_ARENA_MAX={}",
+        std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "1".into())
+    );
+    assert!(
+        environ
+            .split(|b| *b == 0)
+            .any(|var| var == arenas.as_bytes()),
+        "{arenas} not in QEMU's environment"
+    );
     // SAFETY: killing the supervisor this test created.
     unsafe {
         libc::kill(supervisor as i32, libc::SIGKILL);

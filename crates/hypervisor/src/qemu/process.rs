@@ -17,6 +17,9 @@ use super::qmp::Qmp;
 use super::{Qemu, QemuHandle};
 use crate::{Hypervisor, HypervisorError, Result, VmSpec};
 
+/// glibc's limit on malloc arenas, which vmfactory sets to 1 for QEMU under TCG.
+pub const MALLOC_ARENAS_VAR: &str = "MALLOC_ARENA_MAX";
+
 impl Qemu {
     /// Spawns QEMU for `spec` and waits until its QMP socket answers.
     pub async fn start(config: &QemuConfig, spec: &VmSpec) -> Result<Self> {
@@ -123,6 +126,15 @@ impl Qemu {
                     Ok(())
                 });
             }
+        }
+        if accel == ResolvedAccel::Tcg && std::env::var_os(MALLOC_ARENAS_VAR).is_none() {
+            // glibc gives each QEMU thread that allocates (main loop, vCPU, RCU, workers)
+            // its own malloc arena, each with its own free and padded memory. One arena:
+            // an idle clone costs 0.2-0.5 MiB less (`bench density -n 10`, interleaved:
+            // 20.39, 19.88 MiB against 19.82, 19.65), clone times unchanged (`bench
+            // clone`: 106, 119, 117 ms against 106, 106, 104). A value the user set
+            // stays.
+            command.env(MALLOC_ARENAS_VAR, "1");
         }
         if accel == ResolvedAccel::Tcg {
             // QEMU madvises its TCG code buffer (and guest RAM) for transparent huge pages:
