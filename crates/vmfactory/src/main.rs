@@ -224,7 +224,7 @@ impl VmArgs {
         // VMs are owned by the process that makes them (and die with it), except the
         // VMCache server's, which are handed over and must outlive it.
         base.qemu.die_with_parent = true;
-        if local && settings.hypervisor.qemu.stub_disassembler {
+        if local && settings.hypervisor.qemu.stub_unused_libraries {
             // Checked once per QEMU binary; every later command only looks at a marker.
             if let Ok(binary) =
                 vmfactory_hypervisor::qemu::config::resolve_binary(&base.qemu.binary)

@@ -467,14 +467,18 @@ fn sigkill_of_the_supervisor_or_the_creator_leaves_no_half_sandbox() {
     let record = env.listed().remove(0);
     let supervisor = record["supervisor_pid"].as_u64().expect("pid") as u32;
     let vm = record["vm_pid"].as_u64().expect("pid") as u32;
-    // Its QEMU runs with vmfactory's stand-in for the disassembler library (the test
-    // suite's QEMU is Debian's, which links capstone), not the system's.
+    // Its QEMU runs with vmfactory's stand-ins for the libraries it never calls (the test
+    // suite's QEMU is Debian's, which links capstone and RDMA's), not the system's, and
+    // without what only those needed (RDMA's netlink libraries).
     let maps = std::fs::read_to_string(format!("/proc/{vm}/maps")).expect("maps");
-    let capstone: Vec<&str> = maps.lines().filter(|l| l.contains("libcapstone")).collect();
-    assert!(
-        !capstone.is_empty() && capstone.iter().all(|l| l.contains("/qemu-stub/")),
-        "{capstone:?}"
-    );
+    for library in ["libcapstone", "libibverbs"] {
+        let mapped: Vec<&str> = maps.lines().filter(|l| l.contains(library)).collect();
+        assert!(
+            !mapped.is_empty() && mapped.iter().all(|l| l.contains("/qemu-stub/")),
+            "{mapped:?}"
+        );
+    }
+    assert!(!maps.contains("libnl-route-3"), "{maps}");
     // And with one malloc arena (unless the user chose a number).
     let environ = std::fs::read(format!("/proc/{vm}/environ")).expect("environ");
     let arenas = format!(

@@ -192,9 +192,15 @@ fn vm_config_takes_sizes_and_the_image() {
     assert_eq!(config.kernel, Path::new("/img/vmlinux"));
     assert_eq!(config.initrd.as_deref(), Some(Path::new("/img/initrd")));
     assert_eq!(config.qemu.tb_size_mib, Some(32));
-    assert!(settings.hypervisor.qemu.stub_disassembler, "on by default");
+    assert!(
+        settings.hypervisor.qemu.stub_unused_libraries,
+        "on by default"
+    );
+    let off = parse("[hypervisor.qemu]\nstub_unused_libraries = false\n").expect("settings");
+    assert!(!off.hypervisor.qemu.stub_unused_libraries);
+    // Its name before is read too.
     let off = parse("[hypervisor.qemu]\nstub_disassembler = false\n").expect("settings");
-    assert!(!off.hypervisor.qemu.stub_disassembler);
+    assert!(!off.hypervisor.qemu.stub_unused_libraries);
     assert_eq!(config.agent_timeout, Duration::from_secs(30));
 }
 

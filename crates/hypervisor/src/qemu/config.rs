@@ -33,7 +33,7 @@ pub struct QemuConfig {
     #[serde(default)]
     pub die_with_parent: bool,
     /// A directory QEMU's dynamic linker searches first (`LD_LIBRARY_PATH`): vmfactory's
-    /// stand-in for the disassembler library ([`super::libstub`]), when it is usable.
+    /// stand-ins for libraries QEMU never calls ([`super::libstub`]), when usable.
     #[serde(default)]
     pub library_dir: Option<PathBuf>,
 }

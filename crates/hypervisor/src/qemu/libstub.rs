@@ -1,15 +1,22 @@
-//! A stand-in for QEMU's disassembler library. QEMU links capstone, which it calls only to
-//! print code (`-d in_asm`, the monitor's `x/i`), but the dynamic linker relocates the
-//! library's pointer tables in every QEMU process at start: about 1.3 MiB of private
-//! memory per VM, a twentieth of an idle clone. vmfactory compiles a stub with the five
-//! functions QEMU imports (`capstone_stub.c`, whose `cs_open` fails, so QEMU prints no
-//! disassembly) into its cache once, checks that the QEMU binary starts with it, and
-//! then runs QEMU with `LD_LIBRARY_PATH` naming the stub's directory.
+//! Stand-ins for libraries QEMU links but vmfactory's VMs never call. The dynamic linker
+//! maps, relocates and binds every library a QEMU binary names, in every QEMU process:
+//! Debian's QEMU 7.2 loads 51. Some serve only features vmfactory never asks for (it writes
+//! QEMU's command line and is its only QMP client): the disassembler (capstone, for
+//! `-d in_asm` and the monitor's `x/i`), RDMA migration, persistent memory, VDE
+//! networking, FUSE exports, virtio-net's eBPF steering, VNC and PNG screendumps. Their
+//! relocated tables cost private memory in every VM (capstone's alone 1.3 MiB) and their
+//! loading time at every start.
 //!
-//! Hand-written because no crate does it: it is a C shared object with the library's
-//! file name, compiled with the host's `cc` (which the guest kernel's build needs too).
-//! Without a compiler, or with a QEMU that does not start with the stub (another
-//! capstone ABI), QEMU keeps its own library; nothing fails.
+//! vmfactory builds stand-ins for those QEMU links into its cache once: capstone's from
+//! `capstone_stub.c` (its `cs_open` fails, so QEMU prints no disassembly), the others
+//! generated from the installed library ([`super::stubgen`]: every export, as a trap). It
+//! checks once per QEMU binary that QEMU starts with them, then runs QEMU with
+//! `LD_LIBRARY_PATH` naming their directory.
+//!
+//! Hand-written because no crate does it: they are shared objects with the libraries'
+//! file names, built with the host's `cc` (which the guest kernel's build needs too).
+//! Without a compiler, or with a QEMU that does not start with them, QEMU keeps its own
+//! libraries; nothing fails.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -19,80 +26,280 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info};
 
-/// The stub's C source.
-const SOURCE: &str = include_str!("capstone_stub.c");
-/// The file names QEMU's builds ask for (Debian 12's capstone 4, newer distributions' 5):
-/// the stub answers to both.
-const NAMES: [&str; 2] = ["libcapstone.so.4", "libcapstone.so.5"];
+/// The capstone stand-in's C source.
+const CAPSTONE_SOURCE: &str = include_str!("capstone_stub.c");
+/// The start of capstone's file names (Debian 12's `libcapstone.so.4`, newer
+/// distributions' `.so.5`: the stand-in answers to both).
+const CAPSTONE: &str = "libcapstone.so.";
 
-/// The environment variable that points QEMU's dynamic linker at the stub.
+/// The starts of the file names of the libraries QEMU links for features vmfactory never
+/// uses, each stood in for by a generated library.
+const UNUSED: [&str; 9] = [
+    // RDMA migration (`rdma:` URIs) and the pvrdma device.
+    "librdmacm.so.",
+    "libibverbs.so.",
+    // Persistent-memory backends (`pmem=on`).
+    "libpmem.so.",
+    // VDE networking.
+    "libvdeplug.so.",
+    // FUSE block exports.
+    "libfuse3.so.",
+    // virtio-net's eBPF receive-side scaling.
+    "libbpf.so.",
+    // VNC: SASL authentication, JPEG encoding; PNG screendumps.
+    "libsasl2.so.",
+    "libjpeg.so.",
+    "libpng16.so.",
+];
+
+/// The environment variable that points QEMU's dynamic linker at the stand-ins.
 pub const LIBRARY_PATH_VAR: &str = "LD_LIBRARY_PATH";
 
-/// How long a failed compile of the stub is remembered before the next command tries
+/// How long a failed build of the stand-ins is remembered before the next command tries
 /// again (a C compiler installed meanwhile is then used).
 const COMPILE_RETRY: Duration = Duration::from_secs(24 * 60 * 60);
-/// A `.build-*` directory older than this was left by a killed compile.
+/// A `.build-*` directory older than this was left by a killed build.
 const BUILD_LEFTOVER: Duration = Duration::from_secs(60 * 60);
 
-/// The directory holding the stub for `binary` (a resolved QEMU path), compiled under
-/// `cache_dir` the first time and checked once per QEMU binary (a marker keyed by its
-/// path, size, inode and modification time); `None` when QEMU should keep its own
-/// library: it does not link capstone, no C compiler is there, QEMU does not start with
-/// the stub, or the stub is not safe to load (below).
+/// One stand-in to build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StandIn {
+    /// The file name QEMU asks for (`libibverbs.so.1`).
+    soname: String,
+    source: Source,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// The capstone stand-in, in C.
+    Capstone,
+    /// Generated from the installed library.
+    Generated(super::stubgen::Generated),
+}
+
+/// The directory holding the stand-ins for `binary` (a resolved QEMU path), built under
+/// `cache_dir` the first time and checked once per QEMU binary (a decision file keyed by
+/// its path, size, inode and modification time); `None` when QEMU should keep its own
+/// libraries: it links none of them, no C compiler is there, QEMU does not start with
+/// the stand-ins, or they are not safe to load (below).
 ///
-/// QEMU loads the stub as code, so on every use the library and each directory from
-/// `cache_dir` down to it must belong to this user and be writable by nobody else: a
+/// QEMU loads the stand-ins as code, so on every use each of them and each directory from
+/// `cache_dir` down to them must belong to this user and be writable by nobody else: a
 /// root vmfactory pointed at a user's cache (`sudo -E`) must not run that user's code.
 pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
     let root = cache_dir.join("qemu-stub");
-    let dir = root.join(&format!("{:x}", Sha256::digest(SOURCE))[..16]);
-    let library = dir.join(NAMES[0]);
     let key = binary_key(binary)?;
-    let (good, bad) = (dir.join(format!("ok-{key}")), dir.join(format!("no-{key}")));
-    if bad.exists() {
+    let decision = root.join(format!("for-{key}"));
+    match std::fs::read_to_string(&decision)
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("none") => return None,
+        Some(name) if is_plain_name(name) && root.join(name).is_dir() => {
+            let dir = root.join(name);
+            return safe_to_load(cache_dir, &root, &dir).then_some(dir);
+        }
+        // Not decided yet, or its stand-ins were removed since: made (again) below.
+        _ => {}
+    }
+    let failed = root.join("compile-failed");
+    if age(&failed).is_some_and(|age| age < COMPILE_RETRY) {
         return None;
     }
-    if !library.exists() {
-        let failed = root.join("compile-failed");
-        if age(&failed).is_some_and(|age| age < COMPILE_RETRY) {
-            return None;
-        }
-        if let Err(err) = compile(&root, &dir) {
-            info!(%err, "QEMU keeps its disassembler library: the stand-in cannot be built");
+    // Only a dynamically linked program naming one of them is traced: the trace mode
+    // would run a static one (and a script's interpreter is traced instead of it).
+    let names_one = super::stubgen::needed(binary)
+        .is_ok_and(|needed| needed.iter().any(|name| is_candidate(name)));
+    if !names_one {
+        record(&root, &decision, "none");
+        return None;
+    }
+    // None: QEMU's libraries cannot be listed now; decide another time.
+    let linked = linked_libraries(binary)?;
+    let stand_ins = stand_ins_for(&linked)?;
+    if stand_ins.is_empty() {
+        record(&root, &decision, "none");
+        return None;
+    }
+    let name = digest(&stand_ins);
+    let dir = root.join(&name);
+    if !dir.is_dir() {
+        if let Err(err) = compile(&root, &dir, &stand_ins) {
+            info!(%err, "QEMU keeps all its libraries: vmfactory's stand-ins cannot be built");
             let _ = std::fs::write(&failed, err.to_string());
             return None;
         }
         let _ = std::fs::remove_file(&failed);
     }
-    if let Some(unsafe_path) = [cache_dir, &root, &dir, &library]
-        .into_iter()
-        .find(|path| !ours_alone(path))
-    {
-        info!(
-            path = %unsafe_path.display(),
-            "QEMU keeps its disassembler library: the stand-in's files are not this user's alone"
-        );
+    if !safe_to_load(cache_dir, &root, &dir) {
         return None;
     }
-    if good.exists() {
-        return Some(dir);
-    }
-    // None: QEMU did not start even without the stub; decide another time.
+    // None: QEMU did not start even without the stand-ins; decide another time.
     let usable = check(binary, &dir)?;
-    let marker = if usable { &good } else { &bad };
-    if let Err(err) = std::fs::write(marker, b"") {
-        debug!(%err, path = %marker.display(), "Cannot record the stand-in's check");
-    }
+    record(&root, &decision, if usable { &name } else { "none" });
+    let names: Vec<&str> = stand_ins.iter().map(|s| s.soname.as_str()).collect();
     if usable {
         info!(
             binary = %binary.display(),
-            "QEMU runs with vmfactory's stand-in for its disassembler library (capstone)"
+            libraries = names.join(" "),
+            "QEMU runs with vmfactory's stand-ins for libraries it never calls"
         );
         Some(dir)
     } else {
-        info!(binary = %binary.display(), "QEMU keeps its disassembler library: it does not start with the stand-in");
+        info!(
+            binary = %binary.display(),
+            libraries = names.join(" "),
+            "QEMU keeps all its libraries: it does not start with vmfactory's stand-ins"
+        );
         None
     }
+}
+
+/// Writes `value` to the decision file `path` (whole, through a rename).
+fn record(root: &Path, path: &Path, value: &str) {
+    let temporary = root.join(format!(".decision-{}", std::process::id()));
+    let written = ensure_root(root)
+        .and_then(|()| std::fs::write(&temporary, value))
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(err) = written {
+        let _ = std::fs::remove_file(&temporary);
+        debug!(%err, path = %path.display(), "Cannot record the stand-ins' check");
+    }
+}
+
+/// Makes `root` (0755) if it is missing.
+fn ensure_root(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(root)
+}
+
+/// True for a directory name a decision file may hold: hexadecimal digits only.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The libraries QEMU's dynamic linker loads for `binary`, as (file name asked for, path
+/// found), from its trace mode (`LD_TRACE_LOADED_OBJECTS`: the binary itself does not run).
+fn linked_libraries(binary: &Path) -> Option<Vec<(String, PathBuf)>> {
+    let output = Command::new(binary)
+        .env("LD_TRACE_LOADED_OBJECTS", "1")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|output| output.status.success())?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    Some(
+        text.lines()
+            .filter_map(|line| {
+                let (name, rest) = line.trim().split_once(" => ")?;
+                let path = rest.rsplit_once(" (0x").map_or(rest, |(path, _)| path);
+                path.starts_with('/')
+                    .then(|| (name.to_string(), PathBuf::from(path)))
+            })
+            .collect(),
+    )
+}
+
+/// The stand-ins to build for QEMU's `linked` libraries: capstone's and those of the
+/// unused ones, but none another (kept) library needs, which might call it. `None` when a
+/// library cannot be read.
+fn stand_ins_for(linked: &[(String, PathBuf)]) -> Option<Vec<StandIn>> {
+    let mut chosen: Vec<&(String, PathBuf)> = linked
+        .iter()
+        .filter(|(name, _)| is_candidate(name))
+        .collect();
+    // The libraries every kept library needs; removing a candidate keeps it, so repeat.
+    let mut needs: Vec<(&str, Vec<String>)> = Vec::new();
+    for (name, path) in linked {
+        match super::stubgen::needed(path) {
+            Ok(needed) => needs.push((name, needed)),
+            Err(err) => {
+                debug!(%err, "Cannot read a library QEMU links");
+                return None;
+            }
+        }
+    }
+    loop {
+        let kept_needs = needs
+            .iter()
+            .filter(|(name, _)| !chosen.iter().any(|(chosen, _)| chosen == name))
+            .flat_map(|(_, needed)| needed)
+            .collect::<Vec<_>>();
+        let before = chosen.len();
+        chosen.retain(|(name, _)| !kept_needs.contains(&name));
+        if chosen.len() == before {
+            break;
+        }
+    }
+    let mut stand_ins = Vec::new();
+    for (soname, path) in chosen {
+        let source = if soname.starts_with(CAPSTONE) {
+            Source::Capstone
+        } else {
+            match super::stubgen::generate(path) {
+                Ok(generated) => Source::Generated(generated),
+                Err(err) => {
+                    debug!(%err, "QEMU keeps this library: no stand-in can be generated");
+                    continue;
+                }
+            }
+        };
+        stand_ins.push(StandIn {
+            soname: soname.clone(),
+            source,
+        });
+    }
+    Some(stand_ins)
+}
+
+/// True for the file name of a library vmfactory stands in for.
+fn is_candidate(name: &str) -> bool {
+    name.starts_with(CAPSTONE) || UNUSED.iter().any(|prefix| name.starts_with(prefix))
+}
+
+/// The name of the directory holding `stand_ins`: a digest of their names and sources.
+fn digest(stand_ins: &[StandIn]) -> String {
+    let mut hasher = Sha256::new();
+    for stand_in in stand_ins {
+        hasher.update(stand_in.soname.as_bytes());
+        hasher.update([0]);
+        match &stand_in.source {
+            Source::Capstone => hasher.update(CAPSTONE_SOURCE),
+            Source::Generated(generated) => {
+                hasher.update(&generated.assembly);
+                hasher.update([0]);
+                hasher.update(generated.version_script.as_deref().unwrap_or_default());
+            }
+        }
+        hasher.update([0]);
+    }
+    format!("{:x}", hasher.finalize())[..16].to_string()
+}
+
+/// True when the stand-ins in `dir` are safe to load: `dir`, every file in it, and each
+/// directory from `cache_dir` down to it are this user's and writable by nobody else.
+fn safe_to_load(cache_dir: &Path, root: &Path, dir: &Path) -> bool {
+    let files = match std::fs::read_dir(dir) {
+        Ok(entries) => entries.flatten().map(|entry| entry.path()).collect(),
+        Err(_) => Vec::new(),
+    };
+    let unsafe_path = [cache_dir, root, dir]
+        .into_iter()
+        .chain(files.iter().map(PathBuf::as_path))
+        .find(|path| !ours_alone(path));
+    if let Some(path) = unsafe_path {
+        info!(
+            path = %path.display(),
+            "QEMU keeps all its libraries: vmfactory's stand-ins are not this user's alone"
+        );
+        return false;
+    }
+    true
 }
 
 /// True when `path` (not a link) belongs to this process's user and no one else may write
@@ -130,15 +337,12 @@ fn binary_key(binary: &Path) -> Option<String> {
     Some(format!("{:x}", Sha256::digest(identity))[..16].to_string())
 }
 
-/// Compiles the stub into `dir` under `root` (made whole in a temporary directory and
-/// renamed, so a racing compile or a reader never sees half of it; modes 0755, writable
-/// by us alone). `.build-*` directories a killed compile left are removed first.
-fn compile(root: &Path, dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(root)?;
+/// Builds `stand_ins` into `dir` under `root` (made whole in a temporary directory and
+/// renamed, so a racing build or a reader never sees half of it; modes 0755, writable by
+/// us alone). `.build-*` directories a killed build left are removed first.
+fn compile(root: &Path, dir: &Path, stand_ins: &[StandIn]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    ensure_root(root)?;
     for entry in std::fs::read_dir(root)?.flatten() {
         let leftover = entry.file_name().to_string_lossy().starts_with(".build-")
             && age(&entry.path()).is_some_and(|age| age > BUILD_LEFTOVER);
@@ -149,35 +353,64 @@ fn compile(root: &Path, dir: &Path) -> std::io::Result<()> {
     let work = tempfile_dir(root)?;
     let result = (|| {
         std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755))?;
-        let source = work.join("capstone_stub.c");
-        std::fs::write(&source, SOURCE)?;
-        let output = Command::new("cc")
-            .args(["-O2", "-shared", "-fPIC", "-nostdlib", "-ffreestanding"])
-            .arg(format!("-Wl,-soname,{}", NAMES[0]))
-            .arg("-o")
-            .arg(work.join(NAMES[0]))
-            .arg(&source)
-            .stdin(Stdio::null())
-            .output()?;
-        if !output.status.success() {
-            return Err(std::io::Error::other(format!(
-                "cc failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            )));
+        let sources = work.join(".sources");
+        std::fs::create_dir(&sources)?;
+        for stand_in in stand_ins {
+            build(&sources, &work, stand_in)?;
+            std::fs::set_permissions(
+                work.join(&stand_in.soname),
+                std::fs::Permissions::from_mode(0o755),
+            )?;
         }
-        std::fs::set_permissions(work.join(NAMES[0]), std::fs::Permissions::from_mode(0o755))?;
-        for name in &NAMES[1..] {
-            std::os::unix::fs::symlink(NAMES[0], work.join(name))?;
-        }
+        std::fs::remove_dir_all(&sources)?;
         match std::fs::rename(&work, dir) {
             // Another process made it meanwhile: theirs is the same.
-            Err(_) if dir.join(NAMES[0]).exists() => Ok(()),
+            Err(_) if dir.is_dir() => Ok(()),
             other => other,
         }
     })();
     let _ = std::fs::remove_dir_all(&work);
     result
+}
+
+/// Builds one stand-in as `out/<soname>`, its sources written to `sources`.
+fn build(sources: &Path, out: &Path, stand_in: &StandIn) -> std::io::Result<()> {
+    let mut command = Command::new("cc");
+    command.args(["-O2", "-shared", "-fPIC", "-nostdlib", "-ffreestanding"]);
+    match &stand_in.source {
+        Source::Capstone => {
+            let source = sources.join(format!("{}.c", stand_in.soname));
+            std::fs::write(&source, CAPSTONE_SOURCE)?;
+            command.arg(source);
+        }
+        Source::Generated(generated) => {
+            let source = sources.join(format!("{}.s", stand_in.soname));
+            std::fs::write(&source, &generated.assembly)?;
+            command.arg(source);
+            if let Some(script) = &generated.version_script {
+                let path = sources.join(format!("{}.map", stand_in.soname));
+                std::fs::write(&path, script)?;
+                let mut option = std::ffi::OsString::from("-Wl,--version-script=");
+                option.push(path);
+                command.arg(option);
+            }
+        }
+    }
+    let output = command
+        .arg(format!("-Wl,-soname,{}", stand_in.soname))
+        .arg("-o")
+        .arg(out.join(&stand_in.soname))
+        .stdin(Stdio::null())
+        .output()?;
+    if !output.status.success() {
+        return Err(std::io::Error::other(format!(
+            "cc failed on {} ({}): {}",
+            stand_in.soname,
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 /// A new empty directory under `parent`.
@@ -191,27 +424,17 @@ fn tempfile_dir(parent: &Path) -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// True when the binary names capstone among its libraries (its dynamic string table
-/// holds the file name).
-fn links_capstone(binary: &Path) -> bool {
-    std::fs::read(binary).is_ok_and(|bytes| {
-        bytes
-            .windows(b"libcapstone.so.".len())
-            .any(|window| window == b"libcapstone.so.")
-    })
-}
-
-/// Whether `binary` is to run with the stub in `dir`: it names capstone among its
-/// libraries, and `binary --version` prints with the stub first in its library path what
-/// it prints without (every symbol QEMU imports from capstone resolves: Debian builds
-/// QEMU with immediate binding, so a missing one fails the start). `None` when QEMU does
-/// not even start without the stub (nothing to conclude).
+/// Whether `binary` is to run with the stand-ins in `dir`: `binary --version` prints with
+/// them first in its library path what it prints without (every symbol QEMU imports from
+/// them resolves, under the versions it asks for: Debian builds QEMU with immediate
+/// binding, so a missing one fails the start). `None` when QEMU does not even start
+/// without them (nothing to conclude).
 fn check(binary: &Path, dir: &Path) -> Option<bool> {
-    let version = |stub: Option<&Path>| {
+    let version = |stand_ins: Option<&Path>| {
         let mut command = Command::new(binary);
         command.arg("--version").stdin(Stdio::null());
-        if let Some(stub) = stub {
-            command.env(LIBRARY_PATH_VAR, library_path(stub));
+        if let Some(dir) = stand_ins {
+            command.env(LIBRARY_PATH_VAR, library_path(dir));
         }
         command
             .output()
@@ -220,14 +443,11 @@ fn check(binary: &Path, dir: &Path) -> Option<bool> {
             .map(|output| output.stdout)
     };
     let without = version(None)?;
-    if !links_capstone(binary) {
-        return Some(false);
-    }
     Some(version(Some(dir)).is_some_and(|with| with == without && with.starts_with(b"QEMU")))
 }
 
-/// `LD_LIBRARY_PATH` for a QEMU run with the stub in `dir`: the stub first, then whatever
-/// the caller's environment names.
+/// `LD_LIBRARY_PATH` for a QEMU run with the stand-ins in `dir`: they first, then
+/// whatever the caller's environment names.
 pub fn library_path(dir: &Path) -> std::ffi::OsString {
     let mut value = dir.as_os_str().to_os_string();
     if let Some(existing) = std::env::var_os(LIBRARY_PATH_VAR).filter(|v| !v.is_empty()) {
@@ -241,19 +461,85 @@ pub fn library_path(dir: &Path) -> std::ffi::OsString {
 mod tests {
     use super::*;
 
-    /// The QEMU the test suite installs.
+    /// The QEMU the test suite installs (Debian's, which links capstone and the unused
+    /// libraries above).
     const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 
+    /// What the dynamic linker loads for QEMU with `LD_LIBRARY_PATH` set to `dir`, if any.
+    fn loaded(dir: Option<&Path>) -> Vec<(String, PathBuf)> {
+        let saved = std::env::var_os(LIBRARY_PATH_VAR);
+        let mut command = Command::new(QEMU);
+        command.env("LD_TRACE_LOADED_OBJECTS", "1");
+        if let Some(dir) = dir {
+            command.env(LIBRARY_PATH_VAR, dir);
+        } else if saved.is_some() {
+            command.env_remove(LIBRARY_PATH_VAR);
+        }
+        let output = command.output().expect("trace");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| {
+                let (name, rest) = line.trim().split_once(" => ")?;
+                let path = rest.rsplit_once(" (0x").map_or(rest, |(path, _)| path);
+                Some((name.to_string(), PathBuf::from(path)))
+            })
+            .collect()
+    }
+
+    /// The first bytes of the exported function `name` in the library at `path`.
+    fn code_of(path: &Path, name: &str) -> Vec<u8> {
+        use object::{Object, ObjectSection, ObjectSymbol};
+        let data = std::fs::read(path).expect("read");
+        let file = object::File::parse(&*data).expect("parse");
+        let symbol = file
+            .dynamic_symbols()
+            .find(|s| s.name() == Ok(name))
+            .unwrap_or_else(|| panic!("{name} not in {}", path.display()));
+        let section = file
+            .section_by_index(symbol.section_index().expect("section"))
+            .expect("section");
+        let offset = usize::try_from(symbol.address() - section.address()).expect("offset");
+        section.data().expect("data")[offset..offset + 2].to_vec()
+    }
+
     #[test]
-    fn the_stub_is_built_once_and_checked_against_the_qemu_binary() {
+    fn the_stand_ins_are_built_once_and_checked_against_the_qemu_binary() {
         let cache = tempfile::tempdir().expect("tempdir");
-        let dir = prepare(cache.path(), Path::new(QEMU)).expect("the stub is usable");
-        assert!(dir.join(NAMES[0]).is_file());
-        assert!(dir.join(NAMES[1]).exists());
-        // What QEMU's dynamic linker would load: the stub, with the five functions.
+        let dir = prepare(cache.path(), Path::new(QEMU)).expect("the stand-ins are usable");
+        let before = loaded(None);
+        let after = loaded(Some(&dir));
+        // Every library QEMU links that vmfactory stands in for is loaded from `dir`.
+        for (name, path) in &after {
+            assert_eq!(
+                is_candidate(name),
+                path.starts_with(&dir),
+                "{name} {path:?}"
+            );
+        }
+        let stood_in: Vec<&str> = after
+            .iter()
+            .filter(|(_, path)| path.starts_with(&dir))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert!(
+            stood_in.iter().any(|n| n.starts_with(CAPSTONE)),
+            "{stood_in:?}"
+        );
+        assert!(stood_in.contains(&"libibverbs.so.1"), "{stood_in:?}");
+        // ... and what only they needed is not loaded at all (RDMA's netlink libraries).
+        assert!(before.iter().any(|(n, _)| n.starts_with("libnl-route-3")));
+        assert!(!after.iter().any(|(n, _)| n.starts_with("libnl-route-3")));
+        assert!(after.len() < before.len(), "{before:?} {after:?}");
+
+        // Capstone's: the five functions QEMU imports.
+        let capstone = after
+            .iter()
+            .find(|(n, _)| n.starts_with(CAPSTONE))
+            .map(|(_, path)| path.clone())
+            .expect("capstone");
         let output = Command::new("nm")
             .args(["-D", "--defined-only"])
-            .arg(dir.join(NAMES[0]))
+            .arg(&capstone)
             .output()
             .expect("nm");
         let symbols = String::from_utf8_lossy(&output.stdout);
@@ -266,45 +552,70 @@ mod tests {
         ] {
             assert!(symbols.contains(name), "{symbols}");
         }
-        let ldd = Command::new("ldd")
-            .arg(QEMU)
-            .env(LIBRARY_PATH_VAR, library_path(&dir))
+        // A generated one: the library's functions, each a trap, under its versions.
+        let ibverbs = dir.join("libibverbs.so.1");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(code_of(&ibverbs, "ibv_open_device"), [0x0f, 0x0b], "ud2");
+        let versions = Command::new("objdump")
+            .arg("-T")
+            .arg(&ibverbs)
             .output()
-            .expect("ldd");
-        let ldd = String::from_utf8_lossy(&ldd.stdout);
-        assert!(
-            ldd.lines()
-                .any(|l| l.contains("libcapstone") && l.contains(&*dir.to_string_lossy())),
-            "{ldd}"
-        );
-        // Checked once: the marker answers next time. A stub removed since is built again.
-        let marker = std::fs::read_dir(&dir)
+            .expect("objdump");
+        let versions = String::from_utf8_lossy(&versions.stdout);
+        assert!(versions.contains("IBVERBS_1.1"), "{versions}");
+        // Their stacks are not executable (no GNU_STACK note would make QEMU's so).
+        let headers = Command::new("readelf")
+            .args(["-lW"])
+            .arg(&ibverbs)
+            .output()
+            .expect("readelf");
+        let headers = String::from_utf8_lossy(&headers.stdout);
+        let stack = headers.lines().find(|l| l.contains("GNU_STACK"));
+        assert!(stack.is_some_and(|l| !l.contains("RWE")), "{headers}");
+
+        // Checked once: the decision answers next time. Stand-ins removed since are built
+        // again, the same.
+        let decision = std::fs::read_dir(cache.path().join("qemu-stub"))
             .expect("read")
             .flatten()
-            .find(|e| e.file_name().to_string_lossy().starts_with("ok-"))
-            .expect("marker");
+            .find(|e| e.file_name().to_string_lossy().starts_with("for-"))
+            .expect("decision");
+        assert_eq!(
+            std::fs::read_to_string(decision.path()).expect("read"),
+            dir.file_name().expect("name").to_string_lossy()
+        );
         std::fs::remove_dir_all(&dir).expect("rm");
         assert_eq!(prepare(cache.path(), Path::new(QEMU)), Some(dir.clone()));
-        assert!(dir.join(NAMES[0]).is_file() && dir.join(marker.file_name()).exists());
+        assert!(capstone.is_file());
 
-        // A stub another user could have written is not loaded: here, a library that
+        // Stand-ins another user could have written are not loaded: here, a library that
         // others may write to.
         use std::os::unix::fs::PermissionsExt;
-        let library = dir.join(NAMES[0]);
-        std::fs::set_permissions(&library, std::fs::Permissions::from_mode(0o757)).expect("chmod");
+        std::fs::set_permissions(&ibverbs, std::fs::Permissions::from_mode(0o757)).expect("chmod");
         assert_eq!(prepare(cache.path(), Path::new(QEMU)), None);
-        std::fs::set_permissions(&library, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(&ibverbs, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         assert_eq!(prepare(cache.path(), Path::new(QEMU)), Some(dir.clone()));
 
-        // A "QEMU" that links no capstone (a script) keeps its own libraries.
+        // A "QEMU" that is a script keeps its own libraries (and is not run).
         let fake = cache.path().join("qemu-system-x86_64");
-        std::fs::write(&fake, "#!/bin/sh\necho 'QEMU emulator version 0'\n").expect("write");
-        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .expect("chmod");
+        let ran = cache.path().join("ran");
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\ntouch {}\necho 'QEMU emulator version 0'\n",
+                ran.display()
+            ),
+        )
+        .expect("write");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         assert_eq!(prepare(cache.path(), &fake), None);
-        assert!(std::fs::read_dir(&dir)
+        assert!(!ran.exists(), "the script was run");
+        let decisions = std::fs::read_dir(cache.path().join("qemu-stub"))
             .expect("read")
             .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("no-")));
+            .filter(|e| e.file_name().to_string_lossy().starts_with("for-"))
+            .map(|e| std::fs::read_to_string(e.path()).expect("read"))
+            .collect::<Vec<_>>();
+        assert!(decisions.iter().any(|d| d == "none"), "{decisions:?}");
     }
 }

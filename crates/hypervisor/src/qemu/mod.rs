@@ -23,6 +23,7 @@ pub mod libstub;
 mod orphans;
 mod process;
 mod state;
+mod stubgen;
 mod tsc;
 
 use std::path::{Path, PathBuf};
