@@ -186,6 +186,9 @@ fn is_plain_name(name: &str) -> bool {
 /// found), from its trace mode (`LD_TRACE_LOADED_OBJECTS`: the binary itself does not run).
 fn linked_libraries(binary: &Path) -> Option<Vec<(String, PathBuf)>> {
     let output = Command::new(binary)
+        // Should a dynamic linker without the trace mode (not glibc's) run QEMU, this
+        // makes it print its version and exit.
+        .arg("--version")
         .env("LD_TRACE_LOADED_OBJECTS", "1")
         .stdin(Stdio::null())
         .stderr(Stdio::null())
