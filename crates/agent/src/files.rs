@@ -193,6 +193,7 @@ impl TempFile {
 
     /// Renames it to `path`; from then on it is no longer removed.
     fn persist(mut self, path: &Path) -> Result<(), Status> {
+        refuse_special(path)?;
         let temp = self.path.take().unwrap_or_default();
         match std::fs::rename(&temp, path) {
             Ok(()) => Ok(()),
@@ -407,14 +408,41 @@ fn make_symlink(path: &Path, target: &str, times: &Timestamps) -> Result<(), Sta
     temp.persist(path)
 }
 
-/// Describes `path` without following a final symbolic link.
-pub async fn stat_path(path: &str, scope: &Scope) -> Result<StatPathResponse, Status> {
-    let path = guest_path(path)?;
-    blocking(scope, move || stat_blocking(&path)).await
+/// A copy replaces files whole (a temporary file renamed into place), so it refuses to
+/// replace a device, FIFO or socket at `path`: that is not a file to replace.
+fn refuse_special(path: &Path) -> Result<(), Status> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let file_type = meta.file_type();
+    if file_type.is_file() || file_type.is_dir() || file_type.is_symlink() {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "{} is a device, FIFO or socket, which a copy does not replace: remove it first, \
+         or name another path",
+        path.display()
+    )))
 }
 
-fn stat_blocking(path: &Path) -> Result<StatPathResponse, Status> {
-    let meta = std::fs::symlink_metadata(path).map_err(|err| io_status("stat", path, &err))?;
+/// Describes `path`: without following a final symbolic link, or, with `follow`, what
+/// it points at, saying where that is (`resolved_path`).
+pub async fn stat_path(
+    path: &str,
+    follow: bool,
+    scope: &Scope,
+) -> Result<StatPathResponse, Status> {
+    let path = guest_path(path)?;
+    blocking(scope, move || stat_blocking(&path, follow)).await
+}
+
+fn stat_blocking(path: &Path, follow: bool) -> Result<StatPathResponse, Status> {
+    let meta = if follow {
+        std::fs::metadata(path)
+    } else {
+        std::fs::symlink_metadata(path)
+    }
+    .map_err(|err| io_status("stat", path, &err))?;
     let file_type = meta.file_type();
     let kind = if file_type.is_file() {
         FileKind::File
@@ -444,6 +472,14 @@ fn stat_blocking(path: &Path) -> Result<StatPathResponse, Status> {
         }
         FileKind::Directory => response.entries = list_directory(path)?,
         _ => {}
+    }
+    if follow {
+        let resolved =
+            std::fs::canonicalize(path).map_err(|err| io_status("resolve", path, &err))?;
+        response.resolved_path = resolved
+            .into_os_string()
+            .into_string()
+            .map_err(|resolved| not_utf8(path, "resolves to", &resolved.to_string_lossy()))?;
     }
     Ok(response)
 }

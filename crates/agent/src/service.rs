@@ -178,7 +178,7 @@ impl AgentService for Agent {
     ) -> Result<Response<StatPathResponse>, Status> {
         let request = request.into_inner();
         let scope = self.file_scope(&request.container_id).await?;
-        let response = files::stat_path(&request.path, &scope).await?;
+        let response = files::stat_path(&request.path, request.follow, &scope).await?;
         Ok(Response::new(response))
     }
 

@@ -191,6 +191,59 @@ fn stamp_local(path: &Path, mode: Option<u32>, stamp: &Stamp) -> Result<(), Agen
         .map_err(|err| local_error("set the modification time of", path)(err.into()))
 }
 
+/// Why a device, socket or FIFO named as what to copy is not copied.
+const NOT_COPIED: &str = "a device, socket or FIFO: only files, directories and symbolic \
+                          links are copied";
+
+/// A copy replaces files whole (a temporary file renamed into place), so it refuses to
+/// replace a local device, FIFO or socket at `path` (`/dev/null`, a terminal): that is not
+/// a file to replace.
+fn refuse_special(path: &Path) -> Result<(), AgentError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    let file_type = meta.file_type();
+    if file_type.is_file() || file_type.is_dir() || file_type.is_symlink() {
+        return Ok(());
+    }
+    Err(copy_error(
+        path.display(),
+        "a device, FIFO or socket, which a copy does not replace: remove it first, or name \
+         another path (to print a guest file, `sandbox exec ID -- cat PATH`)",
+    ))
+}
+
+/// Where `copy_out` of `guest` to `local` writes, as cp: into `local/<name of guest>` when
+/// `local` is a directory (or a link to one), onto the file a link at `local` points at
+/// (replaced whole there, the link kept), else `local` itself. A link to nothing, and a
+/// device, FIFO or socket, are refused.
+fn local_target(local: &Path, guest: &str) -> Result<PathBuf, AgentError> {
+    let linked = std::fs::symlink_metadata(local).is_ok_and(|meta| meta.file_type().is_symlink());
+    match std::fs::metadata(local) {
+        Ok(meta) if meta.is_dir() => {
+            let name = guest_name(guest)
+                .ok_or_else(|| copy_error(guest, "name a file or directory in the guest"))?;
+            Ok(local.join(name))
+        }
+        Ok(_) if linked => {
+            let resolved =
+                std::fs::canonicalize(local).map_err(local_error("resolve the link", local))?;
+            refuse_special(&resolved)?;
+            Ok(resolved)
+        }
+        Ok(_) => {
+            refuse_special(local)?;
+            Ok(local.to_path_buf())
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound && linked => Err(copy_error(
+            local.display(),
+            "a symbolic link to nothing: not copying through it; remove it first, or name \
+             another path",
+        )),
+        Err(_) => Ok(local.to_path_buf()),
+    }
+}
+
 /// A local temporary file next to its final path, removed unless renamed into place.
 #[derive(Debug)]
 struct TempFile {
@@ -212,6 +265,7 @@ impl TempFile {
     }
 
     fn persist(mut self, path: &Path) -> Result<(), AgentError> {
+        refuse_special(path)?;
         let temp = self.path.take().unwrap_or_default();
         std::fs::rename(&temp, path).map_err(|err| {
             let _ = std::fs::remove_file(&temp);
@@ -263,9 +317,37 @@ impl AgentClient {
     /// `cp -a local guest`: into `guest/<name of local>` when `guest` is a directory, else
     /// to `guest` (whose parent must exist).
     pub async fn copy_in(&self, local: &Path, guest: &str) -> Result<CopyStats, AgentError> {
-        let target = match self.stat_if_exists(guest).await? {
+        // Inside a tree such an entry is skipped and counted; named, it is an error.
+        if std::fs::symlink_metadata(local).is_ok_and(|meta| {
+            let kind = meta.file_type();
+            !(kind.is_file() || kind.is_dir() || kind.is_symlink())
+        }) {
+            return Err(copy_error(local.display(), NOT_COPIED));
+        }
+        // A final symbolic link is followed, as cp does: into the directory it points at,
+        // or onto the file (replaced whole there, the link kept).
+        let target = match self.stat_if_exists(guest, true).await? {
             Some(stat) if stat.kind == FileKind::Directory as i32 => {
                 guest_join(guest, &local_name(local)?)
+            }
+            Some(stat) if stat.kind == FileKind::Other as i32 => {
+                return Err(copy_error(
+                    guest,
+                    "a device, FIFO or socket in the guest, which a copy does not replace: \
+                     remove it first, or name another path",
+                ))
+            }
+            Some(stat) if !stat.resolved_path.is_empty() => stat.resolved_path,
+            None if self
+                .stat_if_exists(guest, false)
+                .await?
+                .is_some_and(|stat| stat.kind == FileKind::Symlink as i32) =>
+            {
+                return Err(copy_error(
+                    guest,
+                    "a symbolic link to nothing in the guest: not copying through it; remove \
+                     it first, or name another path",
+                ))
             }
             // `cp FILE DIR/` wants DIR to be there, as cp does: a trailing slash names a
             // directory, never the file to make (a directory copied there is made).
@@ -389,6 +471,31 @@ impl AgentClient {
             .await
             .map_err(local_error("read", local))?
             .len();
+        // A file that reports no size may still hold something (`/proc/cpuinfo`): it is
+        // read to its end first, within MAX_UNSIZED_FILE, as a copy out takes it.
+        let (size, mut file): (u64, Box<dyn tokio::io::AsyncRead + Unpin + Send>) = if size == 0 {
+            let mut content = Vec::new();
+            (&mut file)
+                .take(MAX_UNSIZED_FILE + 1)
+                .read_to_end(&mut content)
+                .await
+                .map_err(local_error("read", local))?;
+            if content.len() as u64 > MAX_UNSIZED_FILE {
+                return Err(copy_error(
+                    local.display(),
+                    format!(
+                        "it reports no size but holds more than {} MiB; copy a regular file",
+                        MAX_UNSIZED_FILE >> 20
+                    ),
+                ));
+            }
+            (
+                content.len() as u64,
+                Box::new(std::io::Cursor::new(content)),
+            )
+        } else {
+            (size, Box::new(file))
+        };
         let mut first = stamp.request(guest, FileKind::File, self.files_container());
         first.size = size;
         let (tx, rx) = mpsc::channel(SEND_DEPTH);
@@ -450,12 +557,13 @@ impl AgentClient {
         Ok(())
     }
 
-    /// Describes guest path `path` (a final symbolic link is not followed); for a
-    /// directory, lists its names.
-    async fn stat_guest(&self, path: &str) -> Result<StatPathResponse, AgentError> {
+    /// Describes guest path `path` (a final symbolic link is not followed unless
+    /// `follow`); for a directory, lists its names.
+    async fn stat_guest(&self, path: &str, follow: bool) -> Result<StatPathResponse, AgentError> {
         let request = StatPathRequest {
             path: path.to_string(),
             container_id: self.files_container().to_string(),
+            follow,
         };
         Ok(self
             .inner
@@ -467,8 +575,12 @@ impl AgentClient {
     }
 
     /// As [`Self::stat_guest`], `None` when nothing is there.
-    async fn stat_if_exists(&self, path: &str) -> Result<Option<StatPathResponse>, AgentError> {
-        match self.stat_guest(path).await {
+    async fn stat_if_exists(
+        &self,
+        path: &str,
+        follow: bool,
+    ) -> Result<Option<StatPathResponse>, AgentError> {
+        match self.stat_guest(path, follow).await {
             Ok(stat) => Ok(Some(stat)),
             Err(AgentError::Rpc { status, .. }) if status.code() == tonic::Code::NotFound => {
                 Ok(None)
@@ -481,14 +593,12 @@ impl AgentClient {
     /// like `cp -a guest local`: into `local/<name of guest>` when `local` is a directory,
     /// else to `local` (whose parent must exist).
     pub async fn copy_out(&self, guest: &str, local: &Path) -> Result<CopyStats, AgentError> {
-        let stat = self.stat_guest(guest).await?;
-        let target = if tokio::fs::metadata(local).await.is_ok_and(|m| m.is_dir()) {
-            let name = guest_name(guest)
-                .ok_or_else(|| copy_error(guest, "name a file or directory in the guest"))?;
-            local.join(name)
-        } else {
-            local.to_path_buf()
-        };
+        let stat = self.stat_guest(guest, false).await?;
+        // Inside a tree such an entry is skipped and counted; named, it is an error.
+        if stat.kind == FileKind::Other as i32 {
+            return Err(copy_error(guest, NOT_COPIED));
+        }
+        let target = local_target(local, guest)?;
         let mut stats = CopyStats::default();
         let mut steps = Vec::new();
         self.receive_entry(guest, &target, stat, &mut steps, &mut stats)
@@ -501,7 +611,7 @@ impl AgentClient {
             pending_bytes = pending_bytes.saturating_sub(step.path_bytes());
             match step {
                 Step::Enter { local, guest } => {
-                    let stat = self.stat_guest(&guest).await?;
+                    let stat = self.stat_guest(&guest, false).await?;
                     let before = steps.len();
                     self.receive_entry(&guest, &local, stat, &mut steps, &mut stats)
                         .await?;

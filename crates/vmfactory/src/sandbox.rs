@@ -329,8 +329,10 @@ async fn create(
     config: Option<PathBuf>,
     runtime: &Path,
 ) -> Result<ExitCode> {
+    // `--name ''` is a name that breaks the rules, not "no name".
+    let named = name.is_some();
     let name = name.unwrap_or_default();
-    if !name.is_empty() {
+    if named {
         // Checked here to fail before images are built; checked again, under a lock,
         // when the name is claimed.
         dir::check_name(runtime, &name)?;
@@ -770,6 +772,21 @@ async fn exec(runtime: &Path, args: ExecArgs) -> Result<ExitCode> {
         loop {
             // The VM first: its supervisor ends soon after it.
             if !dir::vm_alive(&record) {
+                // `sandbox rm` stops the VM, then removes the directory; a VM that
+                // stopped by itself leaves its record, marked exited.
+                let since = Instant::now();
+                while since.elapsed() < Duration::from_secs(3) {
+                    match sandbox.read() {
+                        Err(_) => {
+                            return anyhow::anyhow!(
+                                "Sandbox {} was removed while running the command",
+                                record.id
+                            )
+                        }
+                        Ok(now) if now.state == dir::SandboxState::Exited => break,
+                        Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
                 return anyhow::anyhow!(
                     "The VM of sandbox {} stopped while running the command (the guest rebooted, shut down or panicked, or QEMU was killed); `vmfactory sandbox ls` lists it as exited",
                     record.id
@@ -809,7 +826,25 @@ fn sandbox_path(spec: &str) -> Option<(&str, &str)> {
 }
 
 async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Result<ExitCode> {
-    let (key, guest, local, inward) = match (sandbox_path(src), sandbox_path(dst)) {
+    // Both sides look like ID:/path: a local name with a colon (`my:file`) is the side
+    // that names no sandbox.
+    let is_sandbox =
+        |spec: &str| sandbox_path(spec).is_some_and(|(id, _)| dir::find(runtime, id).is_ok());
+    let (src_side, dst_side) = match (sandbox_path(src), sandbox_path(dst)) {
+        (Some(from), Some(to)) if from.0 != to.0 => match (is_sandbox(src), is_sandbox(dst)) {
+            (true, false) => (Some(from), None),
+            (false, true) => (None, Some(to)),
+            (false, false) => crate::usage!(
+                "Neither {:?} nor {:?} names a sandbox (`vmfactory sandbox ls` lists them); \
+                 write a local path with a colon as ./{src}",
+                from.0,
+                to.0
+            ),
+            (true, true) => (Some(from), Some(to)),
+        },
+        sides => sides,
+    };
+    let (key, guest, local, inward) = match (src_side, dst_side) {
         (None, Some((id, guest))) => (id, guest, src, true),
         (Some((id, guest)), None) => (id, guest, dst, false),
         (Some((from, source)), Some((to, target))) if from == to => {

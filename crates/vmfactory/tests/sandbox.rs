@@ -671,10 +671,117 @@ fn terminals_have_our_size_and_follow_a_resize_and_files_round_trip() {
         "{}",
         text(&output)
     );
+    cp_follows_links_and_never_replaces_special_files(&env, &id, local.path());
 
     let output = env.sandbox(&["rm", &id]);
     assert!(output.status.success(), "{}", text(&output));
     env.assert_nothing_left();
+}
+
+/// What `sandbox cp` does at links and special files, both ways, as cp does (and never
+/// replacing a device or FIFO, which a copy that replaces files whole would destroy).
+fn cp_follows_links_and_never_replaces_special_files(env: &Env, id: &str, local: &std::path::Path) {
+    let cp = |src: &str, dst: &str| env.sandbox(&["cp", src, dst]);
+    let file = local.join("note.txt");
+    std::fs::write(&file, "note").expect("write");
+    let file = file.to_string_lossy().into_owned();
+    // Out, onto a FIFO and a device: refused, both left as they were.
+    let fifo = local.join("fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let device = local.join("null");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &device,
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        rustix::fs::makedev(1, 3),
+    )
+    .expect("mknod (the suite runs as root)");
+    for special in [&fifo, &device] {
+        let output = cp(
+            &format!("{id}:/root/tree/top.txt"),
+            &special.to_string_lossy(),
+        );
+        assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+        assert!(
+            text(&output).contains("device, FIFO or socket"),
+            "{}",
+            text(&output)
+        );
+        let kind = std::fs::symlink_metadata(special)
+            .expect("still there")
+            .file_type();
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_fifo(&kind)
+                || std::os::unix::fs::FileTypeExt::is_char_device(&kind),
+            "{special:?} was replaced"
+        );
+    }
+    // Named as what to copy, a special file is an error, not "0 files copied".
+    let output = cp(&fifo.to_string_lossy(), &format!("{id}:/root/"));
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    let output = cp(
+        &format!("{id}:/dev/null"),
+        &local.join("devnull").to_string_lossy(),
+    );
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    assert!(!local.join("devnull").exists());
+    // Out, onto a link to a file: the file gets it, the link stays.
+    std::fs::write(local.join("real.txt"), "old").expect("write");
+    std::os::unix::fs::symlink("real.txt", local.join("link.txt")).expect("link");
+    let output = cp(
+        &format!("{id}:/root/tree/top.txt"),
+        &local.join("link.txt").to_string_lossy(),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(
+        std::fs::read_to_string(local.join("real.txt")).expect("read"),
+        "top"
+    );
+    assert!(std::fs::symlink_metadata(local.join("link.txt"))
+        .expect("link")
+        .file_type()
+        .is_symlink());
+    // In, onto a link to a directory (with and without a trailing slash): into it; onto a
+    // link to a file: the file gets it; onto a FIFO: refused.
+    env.exec(
+        id,
+        "mkdir -p /root/real && ln -s real /root/ln && echo old > /root/f && ln -s f /root/fl \
+         && mkfifo /root/fifo",
+    );
+    for dst in ["/root/ln", "/root/ln/"] {
+        let output = cp(&file, &format!("{id}:{dst}"));
+        assert!(output.status.success(), "{}", text(&output));
+    }
+    let output = cp(&file, &format!("{id}:/root/fl"));
+    assert!(output.status.success(), "{}", text(&output));
+    let output = cp(&file, &format!("{id}:/root/fifo"));
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    assert_eq!(
+        env.exec(
+            id,
+            "cat /root/real/note.txt; cat /root/f; test -L /root/ln && test -L /root/fl \
+             && test -p /root/fifo && echo kept"
+        ),
+        "notenotekept\n"
+    );
+    // A file that reports no size (/proc's) is copied in whole.
+    let output = cp("/proc/self/status", &format!("{id}:/root/status"));
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(env.exec(id, "cat /root/status").contains("Name:"));
+    // A local name with a colon is the side that names no sandbox.
+    let colon = local.join("my:file");
+    std::fs::write(&colon, "colon").expect("write");
+    let output = cp(&colon.to_string_lossy(), &format!("{id}:/root/"));
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(env.exec(id, "cat /root/my:file"), "colon");
 }
 
 #[test]

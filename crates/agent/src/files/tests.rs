@@ -19,7 +19,7 @@ where
 
 /// `StatPath` in the VM's root.
 async fn stat_path(path: &str) -> Result<StatPathResponse, Status> {
-    super::stat_path(path, &Scope::Vm).await
+    super::stat_path(path, false, &Scope::Vm).await
 }
 
 /// `ReadFile` in the VM's root.
@@ -272,4 +272,59 @@ async fn a_file_is_read_as_it_was_when_opened_and_proc_files_to_their_end() {
         String::from_utf8_lossy(&status).contains("Name:"),
         "{status:?}"
     );
+}
+
+#[tokio::test]
+async fn a_followed_stat_describes_and_names_the_link_target() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).expect("mkdir");
+    std::fs::write(real.join("f"), b"x").expect("write");
+    std::os::unix::fs::symlink("real", dir.path().join("ln")).expect("link");
+    std::os::unix::fs::symlink("real/f", dir.path().join("fl")).expect("link");
+    let ln = dir.path().join("ln").to_string_lossy().into_owned();
+    let plain = stat_path(&ln).await.expect("stat");
+    assert_eq!(plain.kind, FileKind::Symlink as i32);
+    assert!(plain.resolved_path.is_empty());
+    let followed = super::stat_path(&ln, true, &Scope::Vm).await.expect("stat");
+    assert_eq!(followed.kind, FileKind::Directory as i32);
+    assert_eq!(followed.entries, ["f"]);
+    let canonical = std::fs::canonicalize(&real).expect("canonical");
+    assert_eq!(followed.resolved_path, canonical.to_string_lossy());
+    let fl = dir.path().join("fl").to_string_lossy().into_owned();
+    let followed = super::stat_path(&fl, true, &Scope::Vm).await.expect("stat");
+    assert_eq!(followed.kind, FileKind::File as i32);
+    assert_eq!(
+        followed.resolved_path,
+        canonical.join("f").to_string_lossy()
+    );
+    // A dangling link: nothing to follow to.
+    std::os::unix::fs::symlink("gone", dir.path().join("dangling")).expect("link");
+    let dangling = dir.path().join("dangling").to_string_lossy().into_owned();
+    let err = super::stat_path(&dangling, true, &Scope::Vm)
+        .await
+        .expect_err("dangling");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
+}
+
+#[tokio::test]
+async fn a_copy_never_replaces_a_fifo() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("fifo");
+    rustix::fs::mknodat(
+        CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .expect("mkfifo");
+    let err = copy_file(file_stream(&fifo, b"data", 4))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("device, FIFO or socket"), "{err}");
+    let meta = std::fs::symlink_metadata(&fifo).expect("still there");
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&meta.file_type()));
+    assert_eq!(names_in(dir.path()), ["fifo"], "no temporary file left");
 }
