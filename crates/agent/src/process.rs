@@ -377,6 +377,26 @@ fn directory_missing(root: Option<&OwnedFd>, path: &str) -> bool {
     )
 }
 
+/// True when `path` is a regular file, in `root` (a container's, the path resolved as if
+/// it were `/`) or in the agent's own view.
+fn regular_file_at(root: Option<&OwnedFd>, path: &str) -> bool {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let flags = OFlags::PATH | OFlags::CLOEXEC;
+    let opened = match root {
+        None => rustix::fs::open(path, flags, Mode::empty()),
+        Some(root) => rustix::fs::openat2(
+            root,
+            path.trim_start_matches('/'),
+            flags,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT,
+        ),
+    };
+    opened
+        .and_then(|fd| rustix::fs::fstat(&fd))
+        .is_ok_and(|stat| rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file())
+}
+
 /// How a process is launched beyond what its request says (containers).
 #[derive(Default)]
 pub struct Launch {
@@ -589,10 +609,25 @@ impl Processes {
                 "Cannot start {:?} in {requested_workdir:?}: {err}",
                 request.argv[0]
             );
+            let program = &request.argv[0];
+            // A program that is there but whose `#!` interpreter or dynamic loader is not
+            // fails with the same ENOENT as a missing one.
+            let there = program.contains('/') && {
+                let path = if program.starts_with('/') {
+                    program.clone()
+                } else {
+                    format!("{}/{program}", requested_workdir.trim_end_matches('/'))
+                };
+                let root = if workdir_here { None } else { workdir_root.as_ref() };
+                (workdir_here || root.is_some()) && regular_file_at(root, &path)
+            };
             match err.kind() {
+                std::io::ErrorKind::NotFound if there => Status::not_found(format!(
+                    "{program:?} is in {scope}, but the interpreter its #! line names (or its \
+                     dynamic loader) is not: install it or fix the #! line"
+                )),
                 std::io::ErrorKind::NotFound => Status::not_found(format!(
-                    "{:?}: command not found in {scope} (looked up in PATH when it has no '/')",
-                    request.argv[0]
+                    "{program:?}: command not found in {scope} (looked up in PATH when it has no '/')"
                 )),
                 std::io::ErrorKind::PermissionDenied => Status::permission_denied(message),
                 _ => Status::failed_precondition(message),
@@ -902,13 +937,17 @@ impl Processes {
             .filter(|s| (1..=64).contains(s))
             .ok_or_else(|| Status::invalid_argument(format!("Invalid signal {signal}")))?;
         if process.exit.borrow().is_none() {
-            let pid = i32::try_from(process.pid)
-                .map_err(|_| Status::internal("Process id out of range"))?;
-            // SAFETY: signals the child we started; it is not reaped while `exit` is None,
-            // so its pid cannot have been reused.
-            unsafe {
-                libc::kill(pid, signal);
-            }
+            // As a terminal's ^C: to the process group in the terminal's foreground (a
+            // shell's job), else to the group the process leads, so that what it started
+            // (`sh -c 'sleep 20; …'`, a pipeline) gets it too. The group exists: the
+            // process leads it and is not reaped while `exit` is None.
+            let group = process
+                .tty
+                .as_ref()
+                .and_then(|tty| rustix::termios::tcgetpgrp(tty).ok())
+                .and_then(|pgrp| u32::try_from(pgrp.as_raw_nonzero().get()).ok())
+                .unwrap_or(process.pid);
+            kill_group(group, signal);
         }
         Ok(())
     }

@@ -147,6 +147,10 @@ pub fn validate_name(name: &str) -> Result<(), SandboxError> {
     {
         return Err(bad("use letters, digits, '-', '_' and '.'"));
     }
+    // As Docker's container names: not `.`, `..` or an option-like `-x`.
+    if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err(bad("start it with a letter or digit"));
+    }
     if name.len() == ID_LEN && name.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')) {
         return Err(bad(
             "it looks like a sandbox id, which a command could then mean as well: use another name",
@@ -595,7 +599,17 @@ mod tests {
     #[test]
     fn names_are_checked() {
         assert!(validate_name("web-1.test_a").is_ok());
-        for bad in ["", "a b", "x/y", &"n".repeat(65), "9bceac5b7714"] {
+        for bad in [
+            "",
+            "a b",
+            "x/y",
+            &"n".repeat(65),
+            "9bceac5b7714",
+            ".",
+            "..",
+            "-x",
+            "_a",
+        ] {
             assert!(validate_name(bad).is_err(), "{bad:?}");
         }
     }

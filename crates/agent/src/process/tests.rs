@@ -99,6 +99,21 @@ async fn timeouts_signals_and_bad_requests() {
         .expect_err("missing program");
     assert_eq!(err.code(), tonic::Code::NotFound);
     assert!(err.message().contains("/nonexistent/program"));
+    // A script whose interpreter is missing is there: said so, not "command not found".
+    let dir = tempfile::tempdir().expect("tempdir");
+    let script = dir.path().join("s");
+    std::fs::write(&script, "#!/nonexistent/interp\n").expect("write");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let err = processes
+        .start(request(&[&script.to_string_lossy()]))
+        .expect_err("missing interpreter");
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("#! line"), "{err:?}");
+    let mut relative = request(&["./s"]);
+    relative.workdir = dir.path().to_string_lossy().into_owned();
+    let err = processes.start(relative).expect_err("missing interpreter");
+    assert!(err.message().contains("#! line"), "{err:?}");
     // A missing working directory is not a missing program (127 on the host).
     let mut elsewhere = request(&["true"]);
     elsewhere.workdir = "/nonexistent/dir".into();
@@ -116,6 +131,32 @@ async fn timeouts_signals_and_bad_requests() {
         processes.signal("mine", 0).is_err(),
         "signal 0 is not a signal"
     );
+}
+
+#[tokio::test]
+async fn a_signal_reaches_what_the_process_started() {
+    let processes = Processes::default();
+    let (id, _) = processes
+        .start(request(&["sh", "-c", "sleep 30 & echo $!; wait"]))
+        .expect("start");
+    let mut stdout = processes.read(&id, Output::Stdout).expect("read");
+    let line = read_until(&mut stdout, "\n").await;
+    let child: u32 = line.trim().parse().expect("the background child's pid");
+    processes.signal(&id, 15).expect("signal");
+    assert_eq!(processes.wait(&id).await.expect("wait").signal, 15);
+    let started = std::time::Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, rest)| &rest[..1]);
+        if state.is_none_or(|state| state == "Z") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the background child {child} outlived the signal: {stat}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Reads `stream` until its text so far contains `needle`; returns that text.
