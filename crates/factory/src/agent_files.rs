@@ -217,7 +217,7 @@ fn refuse_special(path: &Path) -> Result<(), AgentError> {
 /// `local` is a directory (or a link to one), onto the file a link at `local` points at
 /// (replaced whole there, the link kept), else `local` itself. A link to nothing, and a
 /// device, FIFO or socket, are refused.
-fn local_target(local: &Path, guest: &str) -> Result<PathBuf, AgentError> {
+fn local_target(local: &Path, guest: &str, kind_is_directory: bool) -> Result<PathBuf, AgentError> {
     let linked = std::fs::symlink_metadata(local).is_ok_and(|meta| meta.file_type().is_symlink());
     match std::fs::metadata(local) {
         Ok(meta) if meta.is_dir() => {
@@ -240,6 +240,19 @@ fn local_target(local: &Path, guest: &str) -> Result<PathBuf, AgentError> {
             "a symbolic link to nothing: not copying through it; remove it first, or name \
              another path",
         )),
+        // `cp FILE DIR/` wants DIR to be there, as cp does (a directory copied there is
+        // made).
+        Err(err)
+            if err.kind() == std::io::ErrorKind::NotFound
+                && local.as_os_str().as_encoded_bytes().ends_with(b"/")
+                && !kind_is_directory =>
+        {
+            Err(copy_error(
+                local.display(),
+                "no such directory here; create it first, or leave out the trailing / to \
+                 name the file to make",
+            ))
+        }
         Err(_) => Ok(local.to_path_buf()),
     }
 }
@@ -598,7 +611,7 @@ impl AgentClient {
         if stat.kind == FileKind::Other as i32 {
             return Err(copy_error(guest, NOT_COPIED));
         }
-        let target = local_target(local, guest)?;
+        let target = local_target(local, guest, stat.kind == FileKind::Directory as i32)?;
         let mut stats = CopyStats::default();
         let mut steps = Vec::new();
         self.receive_entry(guest, &target, stat, &mut steps, &mut stats)

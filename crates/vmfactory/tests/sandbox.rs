@@ -776,6 +776,13 @@ fn cp_follows_links_and_never_replaces_special_files(env: &Env, id: &str, local:
     let output = cp("/proc/self/status", &format!("{id}:/root/status"));
     assert!(output.status.success(), "{}", text(&output));
     assert!(env.exec(id, "cat /root/status").contains("Name:"));
+    // A missing local directory named with a trailing slash is said to be missing.
+    let output = cp(
+        &format!("{id}:/root/tree/top.txt"),
+        &format!("{}/newdir/", local.display()),
+    );
+    assert_eq!(output.status.code(), Some(125), "{}", text(&output));
+    assert!(text(&output).contains("create it first"), "{}", text(&output));
     // A local name with a colon is the side that names no sandbox.
     let colon = local.join("my:file");
     std::fs::write(&colon, "colon").expect("write");
