@@ -38,8 +38,13 @@ const MODE_BITS_OUT: u32 = 0o1777;
 static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
 
 /// What a copy did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CopyStats {
+    /// Entries inside the tree that could not be copied (the copy went on, as cp's does),
+    /// each with why: the first [`MAX_FAILURES_KEPT`] of them.
+    pub failures: Vec<String>,
+    /// How many entries could not be copied in all.
+    pub failed: u64,
     /// Regular files copied.
     pub files: u64,
     /// Directories created or updated.
@@ -50,6 +55,41 @@ pub struct CopyStats {
     pub bytes: u64,
     /// Devices, sockets and FIFOs skipped.
     pub skipped: u64,
+}
+
+/// The most failure messages a copy keeps (it counts them all).
+pub const MAX_FAILURES_KEPT: usize = 100;
+
+impl CopyStats {
+    /// Records `err` for an entry inside the tree and returns `Ok` to go on when it
+    /// concerns that entry alone (unreadable, gone, refused); an error that ends the
+    /// whole copy (the connection, a full disk, a misbehaving guest) is returned.
+    fn went_on(&mut self, err: AgentError) -> Result<(), AgentError> {
+        let entry_only = match &err {
+            AgentError::Local { source, .. } => !matches!(
+                source.raw_os_error(),
+                Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)
+            ),
+            AgentError::Rpc { status, .. } => matches!(
+                status.code(),
+                tonic::Code::NotFound
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::AlreadyExists
+                    | tonic::Code::Internal
+            ),
+            _ => false,
+        };
+        if !entry_only {
+            return Err(err);
+        }
+        self.failed += 1;
+        if self.failures.len() < MAX_FAILURES_KEPT {
+            self.failures.push(err.to_string());
+        }
+        Ok(())
+    }
 }
 
 /// Mode and modification time of an entry.
@@ -382,11 +422,13 @@ impl AgentClient {
             local: local.to_path_buf(),
             guest: target,
         }];
+        // The entry named fails the copy; one inside its tree is reported and skipped.
+        let mut top = true;
         while let Some(step) = steps.pop() {
-            match step {
+            let done = match step {
                 Step::Enter { local, guest } => {
                     self.send_entry(&local, &guest, &mut steps, &mut stats)
-                        .await?;
+                        .await
                 }
                 Step::Leave { guest, stamp, .. } => {
                     self.send_whole(stamp.request(
@@ -394,7 +436,14 @@ impl AgentClient {
                         FileKind::Directory,
                         self.files_container(),
                     ))
-                    .await?;
+                    .await
+                }
+            };
+            match done {
+                Err(err) if !std::mem::take(&mut top) => stats.went_on(err)?,
+                other => {
+                    top = false;
+                    other?;
                 }
             }
         }
@@ -624,10 +673,18 @@ impl AgentClient {
             pending_bytes = pending_bytes.saturating_sub(step.path_bytes());
             match step {
                 Step::Enter { local, guest } => {
-                    let stat = self.stat_guest(&guest, false).await?;
+                    // One inside the tree that fails is reported and skipped, as by cp.
                     let before = steps.len();
-                    self.receive_entry(&guest, &local, stat, &mut steps, &mut stats)
-                        .await?;
+                    let received = match self.stat_guest(&guest, false).await {
+                        Ok(stat) => {
+                            self.receive_entry(&guest, &local, stat, &mut steps, &mut stats)
+                                .await
+                        }
+                        Err(err) => Err(err),
+                    };
+                    if let Err(err) = received {
+                        stats.went_on(err)?;
+                    }
                     pending_bytes += steps[before..].iter().map(Step::path_bytes).sum::<usize>();
                     if pending_bytes > MAX_PENDING_PATH_BYTES {
                         return Err(copy_error(
@@ -641,7 +698,11 @@ impl AgentClient {
                         ));
                     }
                 }
-                Step::Leave { local, stamp, .. } => stamp_local(&local, Some(stamp.mode), &stamp)?,
+                Step::Leave { local, stamp, .. } => {
+                    if let Err(err) = stamp_local(&local, Some(stamp.mode), &stamp) {
+                        stats.went_on(err)?;
+                    }
+                }
             }
         }
         info!(guest, local = %local.display(), ?stats, "Copied out of the guest");

@@ -970,6 +970,23 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         },
         elapsed.as_secs_f64(),
     );
+    // As cp: what could not be copied is named, the rest copied, and the status is 1.
+    if stats.failed > 0 {
+        for failure in &stats.failures {
+            eprintln!("vmfactory: {failure}");
+        }
+        let unnamed = stats.failed.saturating_sub(stats.failures.len() as u64);
+        eprintln!(
+            "vmfactory: {} could not be copied{}",
+            count(stats.failed, "entry", "entries"),
+            if unnamed > 0 {
+                format!(" ({unnamed} more than named above)")
+            } else {
+                String::new()
+            }
+        );
+        return Ok(ExitCode::from(1));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -782,7 +782,36 @@ fn cp_follows_links_and_never_replaces_special_files(env: &Env, id: &str, local:
         &format!("{}/newdir/", local.display()),
     );
     assert_eq!(output.status.code(), Some(125), "{}", text(&output));
-    assert!(text(&output).contains("create it first"), "{}", text(&output));
+    assert!(
+        text(&output).contains("create it first"),
+        "{}",
+        text(&output)
+    );
+    // An entry inside a tree that cannot be read is named and skipped, the rest copied,
+    // and the status is 1, as cp's (a bind mount of a /proc file no read can succeed on).
+    env.exec(
+        id,
+        "mkdir -p /root/t && echo a > /root/t/a && touch /root/t/b && echo c > /root/t/c \
+         && mount -o bind /proc/1/clear_refs /root/t/b",
+    );
+    let output = cp(&format!("{id}:/root/t"), &local.to_string_lossy());
+    assert_eq!(output.status.code(), Some(1), "{}", text(&output));
+    assert!(text(&output).contains("/root/t/b"), "{}", text(&output));
+    assert!(
+        text(&output).contains("1 entry could not be copied"),
+        "{}",
+        text(&output)
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.join("t/a")).expect("a"),
+        "a\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.join("t/c")).expect("c"),
+        "c\n"
+    );
+    assert!(!local.join("t/b").exists());
+    env.exec(id, "umount /root/t/b");
     // A local name with a colon is the side that names no sandbox.
     let colon = local.join("my:file");
     std::fs::write(&colon, "colon").expect("write");
