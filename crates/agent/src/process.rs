@@ -38,8 +38,10 @@ const CHUNK: usize = 64 << 10;
 pub const STREAM_DEPTH: usize = 4;
 /// Longest exec id accepted.
 const MAX_EXEC_ID: usize = 128;
-/// Most arguments plus environment variables of one process.
-const MAX_ARGS: usize = 4096;
+/// Most arguments plus environment variables of one process: with [`MAX_ARG_BYTES`] and
+/// a pointer each, within what Linux's `execve` takes (a quarter of the default 8 MiB
+/// stack). `xargs`-sized lists fit (4096 did not).
+const MAX_ARGS: usize = 65_536;
 /// Most bytes of arguments plus environment of one process.
 const MAX_ARG_BYTES: usize = 1 << 20;
 /// Bytes of argv kept for `ListProcesses`.

@@ -86,6 +86,16 @@ async fn timeouts_signals_and_bad_requests() {
     processes.signal(&id, 15).expect("signal");
     assert_eq!(processes.wait(&id).await.expect("wait").signal, 15);
 
+    // Many arguments fit (an `xargs`-sized list), too many are refused with the bound.
+    let mut many = vec!["true".to_string()];
+    many.extend((0..20_000).map(|i| i.to_string()));
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let (id, _) = processes.start(request(&many)).expect("20001 arguments");
+    assert_eq!(processes.wait(&id).await.expect("wait").status, 0);
+    let too_many = vec!["x"; MAX_ARGS + 1];
+    let err = processes.start(request(&too_many)).expect_err("too many");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("Too many arguments"), "{err:?}");
     let err = processes.start(request(&[])).expect_err("empty argv");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let mut bad = request(&["true"]);
