@@ -88,6 +88,16 @@ enum Source {
 /// root vmfactory pointed at a user's cache (`sudo -E`) must not run that user's code.
 pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
     let root = cache_dir.join("qemu-stub");
+    // Nothing is read, written or loaded under a cache another user could change: not
+    // the cache itself, nor a directory above it (which could be renamed away and
+    // replaced, hours after any check).
+    if !trusted_chain(cache_dir) || (root.exists() && !ours_alone(&root)) {
+        info!(
+            cache = %cache_dir.display(),
+            "QEMU keeps all its libraries: the cache directory is not this user's alone"
+        );
+        return None;
+    }
     let key = binary_key(binary)?;
     let decision = root.join(format!("for-{key}"));
     match std::fs::read_to_string(&decision)
@@ -305,6 +315,44 @@ fn safe_to_load(cache_dir: &Path, root: &Path, dir: &Path) -> bool {
     true
 }
 
+/// True when `dir` (or, if it does not exist yet, its nearest existing ancestor) is this
+/// user's alone, and every directory above it belongs to root or this user and is
+/// writable by no one else, or is sticky (as `/tmp`: others cannot rename what is ours
+/// there).
+fn trusted_chain(dir: &Path) -> bool {
+    let uid = rustix::process::geteuid().as_raw();
+    let trusted_above = |path: &Path| {
+        std::fs::metadata(path).is_ok_and(|meta| {
+            (meta.uid() == 0 || meta.uid() == uid)
+                && (meta.mode() & 0o022 == 0 || meta.mode() & 0o1000 != 0)
+        })
+    };
+    let mut existing = dir.to_path_buf();
+    let mut made = false;
+    while !existing.exists() {
+        made = true;
+        if !existing.pop() {
+            return false;
+        }
+    }
+    let Ok(canonical) = std::fs::canonicalize(&existing) else {
+        return false;
+    };
+    // Both the path as given (a link in it lives in a directory checked here) and where
+    // it leads.
+    let above_ok = |path: &Path, skip: usize| {
+        path.ancestors()
+            .skip(skip)
+            .filter(|ancestor| !ancestor.as_os_str().is_empty())
+            .all(trusted_above)
+    };
+    if made {
+        above_ok(&canonical, 0) && above_ok(&existing, 0)
+    } else {
+        ours_alone(&canonical) && above_ok(&canonical, 1) && above_ok(&existing, 1)
+    }
+}
+
 /// True when `path` (not a link) belongs to this process's user and no one else may write
 /// to it.
 fn ours_alone(path: &Path) -> bool {
@@ -325,19 +373,33 @@ fn age(path: &Path) -> Option<Duration> {
         .ok()
 }
 
-/// What identifies one QEMU binary on this host: a digest of its path, size, inode and
-/// modification time (an upgrade changes them).
+/// Changed whenever what a stand-in is made of changes ([`super::stubgen`]'s output).
+const GENERATOR_REVISION: &str = "1";
+
+/// What a decision holds for: a digest of the QEMU binary's path, size, inode and
+/// modification time (an upgrade changes them), of what vmfactory stands in for and how,
+/// and of the dynamic linker's cache (`ldconfig` rewrites it when libraries are installed
+/// or upgraded, which may change what QEMU loads).
 fn binary_key(binary: &Path) -> Option<String> {
-    let meta = std::fs::metadata(binary).ok()?;
-    let identity = format!(
-        "{}\0{}\0{}\0{}.{}",
-        binary.display(),
-        meta.len(),
-        meta.ino(),
-        meta.mtime(),
-        meta.mtime_nsec()
-    );
-    Some(format!("{:x}", Sha256::digest(identity))[..16].to_string())
+    let identity = |path: &Path| {
+        std::fs::metadata(path).ok().map(|meta| {
+            format!(
+                "{}\0{}\0{}\0{}.{}",
+                path.display(),
+                meta.len(),
+                meta.ino(),
+                meta.mtime(),
+                meta.mtime_nsec()
+            )
+        })
+    };
+    let mut hasher = Sha256::new();
+    hasher.update(identity(binary)?);
+    hasher.update(identity(Path::new("/etc/ld.so.cache")).unwrap_or_default());
+    hasher.update(GENERATOR_REVISION);
+    hasher.update(UNUSED.join("\0"));
+    hasher.update(CAPSTONE_SOURCE);
+    Some(format!("{:x}", hasher.finalize())[..16].to_string())
 }
 
 /// Builds `stand_ins` into `dir` under `root` (made whole in a temporary directory and
@@ -355,7 +417,6 @@ fn compile(root: &Path, dir: &Path, stand_ins: &[StandIn]) -> std::io::Result<()
     }
     let work = tempfile_dir(root)?;
     let result = (|| {
-        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755))?;
         let sources = work.join(".sources");
         std::fs::create_dir(&sources)?;
         for stand_in in stand_ins {
@@ -366,6 +427,7 @@ fn compile(root: &Path, dir: &Path, stand_ins: &[StandIn]) -> std::io::Result<()
             )?;
         }
         std::fs::remove_dir_all(&sources)?;
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755))?;
         match std::fs::rename(&work, dir) {
             // Another process made it meanwhile: theirs is the same.
             Err(_) if dir.is_dir() => Ok(()),
@@ -416,14 +478,16 @@ fn build(sources: &Path, out: &Path, stand_in: &StandIn) -> std::io::Result<()> 
     Ok(())
 }
 
-/// A new empty directory under `parent`.
+/// A new empty directory under `parent`, 0700 (nobody else may open what is built in it
+/// before its modes are set).
 fn tempfile_dir(parent: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
     let dir = parent.join(format!(
         ".build-{}-{:08x}",
         std::process::id(),
         rand::random::<u32>()
     ));
-    std::fs::create_dir(&dir)?;
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
     Ok(dir)
 }
 
@@ -598,6 +662,17 @@ mod tests {
         assert_eq!(prepare(cache.path(), Path::new(QEMU)), None);
         std::fs::set_permissions(&ibverbs, std::fs::Permissions::from_mode(0o755)).expect("chmod");
         assert_eq!(prepare(cache.path(), Path::new(QEMU)), Some(dir.clone()));
+
+        // Nothing under a directory others may write to (they could swap the cache out
+        // from under it), but a sticky one (as /tmp) is fine.
+        let open = cache.path().join("open");
+        std::fs::create_dir(&open).expect("mkdir");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let inner = open.join("cache");
+        assert_eq!(prepare(&inner, Path::new(QEMU)), None);
+        assert!(!inner.exists(), "nothing was written there");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
+        assert!(prepare(&inner, Path::new(QEMU)).is_some());
 
         // A "QEMU" that is a script keeps its own libraries (and is not run).
         let fake = cache.path().join("qemu-system-x86_64");

@@ -91,7 +91,13 @@ pub fn generate(library: &Path) -> Result<Generated, String> {
                     continue;
                 }
                 match table.version(index) {
-                    Ok(Some(version)) => String::from_utf8_lossy(version.name()).into_owned(),
+                    Ok(Some(version)) => {
+                        let name = String::from_utf8_lossy(version.name()).into_owned();
+                        if !is_symbol_name(&name) {
+                            continue;
+                        }
+                        name
+                    }
                     Ok(None) => String::new(),
                     Err(_) => continue,
                 }
