@@ -23,14 +23,40 @@ fn start_time(pid: u32) -> Option<u64> {
 /// Records this process as the owner of the VM in `vm_dir`.
 pub fn claim(vm_dir: &Path) {
     let pid = std::process::id();
-    let text = format!("{pid} {}\n", start_time(pid).unwrap_or(0));
+    write_owner(
+        vm_dir,
+        format!("{pid} {}\n", start_time(pid).unwrap_or(0)).as_bytes(),
+    );
+}
+
+/// Writes the owner file of `vm_dir` whole (through a rename).
+fn write_owner(vm_dir: &Path, text: &[u8]) {
     let path = vm_dir.join(OWNER_FILE);
-    let temporary = vm_dir.join(format!(".{OWNER_FILE}.{pid}"));
+    let temporary = vm_dir.join(format!(".{OWNER_FILE}.{}", std::process::id()));
     if let Err(err) =
         std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, &path))
     {
         warn!(%err, path = %path.display(), "Cannot record the VM's owner");
     }
+}
+
+/// Adopts the handed-over VM in `vm_dir`: records this process as its owner first, then
+/// takes its hand-over mark, so that at no moment it has neither a mark nor a living
+/// owner (a reaper would take it for an orphan and stop it). False, with the owner file
+/// as it was, when the mark was not there (not handed over, or taken first).
+pub fn adopt_hand_over(vm_dir: &Path) -> bool {
+    let previous = std::fs::read(vm_dir.join(OWNER_FILE)).ok();
+    claim(vm_dir);
+    if take_hand_over_mark(vm_dir) {
+        return true;
+    }
+    match previous {
+        Some(text) => write_owner(vm_dir, &text),
+        None => {
+            let _ = std::fs::remove_file(vm_dir.join(OWNER_FILE));
+        }
+    }
+    false
 }
 
 /// The mark a handed-over VM carries until it is adopted or taken back.
@@ -190,6 +216,19 @@ mod tests {
             std::fs::create_dir_all(dir).expect("mkdir");
         }
         claim(&mine);
+        // Adopting claims first and gives the owner back when there was no mark.
+        let other = runtime.path().join("vm/other");
+        std::fs::create_dir_all(&other).expect("mkdir");
+        std::fs::write(other.join(OWNER_FILE), "4294967294 1\n").expect("write");
+        assert!(!adopt_hand_over(&other), "no mark, no adoption");
+        assert_eq!(
+            std::fs::read_to_string(other.join(OWNER_FILE)).expect("owner"),
+            "4294967294 1\n"
+        );
+        set_hand_over_mark(&other).expect("mark");
+        assert!(adopt_hand_over(&other));
+        assert!(owner_alive(&other) && !hand_over_marked(&other));
+        std::fs::remove_dir_all(&other).expect("rm");
         set_hand_over_mark(&mine).expect("mark");
         assert!(hand_over_marked(&mine));
         assert!(take_hand_over_mark(&mine), "the first taker wins");

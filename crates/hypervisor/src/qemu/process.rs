@@ -291,14 +291,13 @@ impl Qemu {
             tokio::io::unix::AsyncFd::register_with_interest(watched, tokio::io::Interest::READABLE)
         }
         .map_err(|err| gone(&std::io::Error::from(err).to_string()))?;
-        if !super::orphans::take_hand_over_mark(&paths.dir) {
+        // Claimed as the mark is taken (a reaper takes a VM without a mark whose recorded
+        // owner is gone for an orphan).
+        if !super::orphans::adopt_hand_over(&paths.dir) {
             return Err(gone(
                 "it was not handed over, or another process took it first (its giver stops a VM nobody adopts in time)",
             ));
         }
-        // Ours from now on: claimed at once, as a reaper takes a VM without a mark whose
-        // recorded owner is gone for an orphan.
-        super::orphans::claim(&paths.dir);
         tokio::spawn(async move {
             // A pidfd becomes readable when the process exits.
             let _ = exit_fd.readable().await;
