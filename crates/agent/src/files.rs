@@ -127,8 +127,10 @@ async fn blocking<T: Send + 'static>(
     scope: &Scope,
     work: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
+    // Unavailable, not Internal: the operation could not run at all, so a copy of a tree
+    // stops instead of failing every entry the same way.
     let failed =
-        |err: &dyn std::fmt::Display| Status::internal(format!("File operation failed: {err}"));
+        |err: &dyn std::fmt::Display| Status::unavailable(format!("File operation failed: {err}"));
     match scope {
         Scope::Vm => tokio::task::spawn_blocking(work)
             .await
@@ -141,8 +143,9 @@ async fn blocking<T: Send + 'static>(
                 .spawn(move || {
                     let result = match enter_mount_namespace(&namespace) {
                         Ok(()) => work(),
-                        Err(err) => Err(Status::internal(format!(
-                            "Cannot enter the container's mount namespace: {err}"
+                        Err(err) => Err(Status::unavailable(format!(
+                            "Cannot enter the container's mount namespace (has it stopped?): \
+                             {err}"
                         ))),
                     };
                     let _ = tx.send(result);

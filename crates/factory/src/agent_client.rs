@@ -57,6 +57,14 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// One entry of a copy cannot be copied (inside a tree, the copy goes on without it).
+    #[error("Cannot copy {path}: {reason}")]
+    CopyEntry {
+        /// The path (local or in the guest) that cannot be copied.
+        path: String,
+        /// Why, and what to do.
+        reason: String,
+    },
     /// A copy to or from the guest cannot go on.
     #[error("Cannot copy {path}: {reason}")]
     Copy {

@@ -2,7 +2,8 @@
 //! `StatPath`, `ReadFile`), like `cp -a SRC DST`: a file, a symbolic link or a whole
 //! directory tree, with permission bits and modification times kept (ownership and access
 //! times are not). Content is streamed in chunks of [`FILE_CHUNK_SIZE`] both ways and
-//! never held whole in memory. A file lands under a temporary name in its directory and is
+//! never held whole in memory (but a local file that reports no size, as `/proc`'s, read
+//! first within [`MAX_UNSIZED_FILE`]). A file lands under a temporary name in its directory and is
 //! renamed once complete, in the guest and on the host, so a broken copy leaves no partial
 //! file. Devices, sockets and FIFOs are skipped (and counted).
 //!
@@ -70,6 +71,7 @@ impl CopyStats {
                 source.raw_os_error(),
                 Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)
             ),
+            AgentError::CopyEntry { .. } => true,
             AgentError::Rpc { status, .. } => matches!(
                 status.code(),
                 tonic::Code::NotFound
@@ -86,7 +88,12 @@ impl CopyStats {
         }
         self.failed += 1;
         if self.failures.len() < MAX_FAILURES_KEPT {
-            self.failures.push(err.to_string());
+            // With its cause: "Cannot read X: Permission denied", not "Cannot read X".
+            let mut message = err.to_string();
+            if let Some(source) = std::error::Error::source(&err) {
+                message.push_str(&format!(": {source}"));
+            }
+            self.failures.push(message);
         }
         Ok(())
     }
@@ -136,6 +143,15 @@ fn local_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error)
         action,
         path,
         source,
+    }
+}
+
+/// As [`copy_error`], for a refusal that concerns that entry alone: inside a tree, the
+/// copy names it and goes on.
+fn entry_error(path: impl std::fmt::Display, reason: impl Into<String>) -> AgentError {
+    AgentError::CopyEntry {
+        path: path.to_string(),
+        reason: reason.into(),
     }
 }
 
@@ -203,7 +219,7 @@ fn local_name(path: &Path) -> Result<String, AgentError> {
             .ok_or_else(|| copy_error(path.display(), "name a file or directory, not /"))?,
     };
     name.into_string().map_err(|name| {
-        copy_error(
+        entry_error(
             path.display(),
             format!("the name {name:?} is not UTF-8; rename it to copy it"),
         )
@@ -246,26 +262,28 @@ fn refuse_special(path: &Path) -> Result<(), AgentError> {
     if file_type.is_file() || file_type.is_dir() || file_type.is_symlink() {
         return Ok(());
     }
-    Err(copy_error(
+    Err(entry_error(
         path.display(),
         "a device, FIFO or socket, which a copy does not replace: remove it first, or name \
          another path (to print a guest file, `sandbox exec ID -- cat PATH`)",
     ))
 }
 
-/// Where `copy_out` of `guest` to `local` writes, as cp: into `local/<name of guest>` when
-/// `local` is a directory (or a link to one), onto the file a link at `local` points at
-/// (replaced whole there, the link kept), else `local` itself. A link to nothing, and a
-/// device, FIFO or socket, are refused.
-fn local_target(local: &Path, guest: &str, kind_is_directory: bool) -> Result<PathBuf, AgentError> {
+/// Where `copy_out` of `guest` (of kind `source`) to `local` writes, as cp: into
+/// `local/<name of guest>` when `local` is a directory (or a link to one); for a file,
+/// onto the file a link at `local` points at (replaced whole there, the link kept; a link
+/// to nothing is refused); else `local` itself (a link copied onto a link replaces it, as
+/// `cp -a` does). A device, FIFO or socket is refused.
+fn local_target(local: &Path, guest: &str, source: FileKind) -> Result<PathBuf, AgentError> {
     let linked = std::fs::symlink_metadata(local).is_ok_and(|meta| meta.file_type().is_symlink());
+    let (file, directory) = (source == FileKind::File, source == FileKind::Directory);
     match std::fs::metadata(local) {
         Ok(meta) if meta.is_dir() => {
             let name = guest_name(guest)
                 .ok_or_else(|| copy_error(guest, "name a file or directory in the guest"))?;
             Ok(local.join(name))
         }
-        Ok(_) if linked => {
+        Ok(_) if linked && file => {
             let resolved =
                 std::fs::canonicalize(local).map_err(local_error("resolve the link", local))?;
             refuse_special(&resolved)?;
@@ -275,17 +293,19 @@ fn local_target(local: &Path, guest: &str, kind_is_directory: bool) -> Result<Pa
             refuse_special(local)?;
             Ok(local.to_path_buf())
         }
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound && linked => Err(copy_error(
-            local.display(),
-            "a symbolic link to nothing: not copying through it; remove it first, or name \
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound && linked && file => {
+            Err(copy_error(
+                local.display(),
+                "a symbolic link to nothing: not copying through it; remove it first, or name \
              another path",
-        )),
+            ))
+        }
         // `cp FILE DIR/` wants DIR to be there, as cp does (a directory copied there is
         // made).
         Err(err)
             if err.kind() == std::io::ErrorKind::NotFound
                 && local.as_os_str().as_encoded_bytes().ends_with(b"/")
-                && !kind_is_directory =>
+                && !directory =>
         {
             Err(copy_error(
                 local.display(),
@@ -378,7 +398,9 @@ impl AgentClient {
             return Err(copy_error(local.display(), NOT_COPIED));
         }
         // A final symbolic link is followed, as cp does: into the directory it points at,
-        // or onto the file (replaced whole there, the link kept).
+        // or, for a file, onto the file (replaced whole there, the link kept). A link
+        // copied onto a link replaces it, as `cp -a` does.
+        let file = std::fs::symlink_metadata(local).is_ok_and(|meta| meta.is_file());
         let target = match self.stat_if_exists(guest, true).await? {
             Some(stat) if stat.kind == FileKind::Directory as i32 => {
                 guest_join(guest, &local_name(local)?)
@@ -390,11 +412,12 @@ impl AgentClient {
                      remove it first, or name another path",
                 ))
             }
-            Some(stat) if !stat.resolved_path.is_empty() => stat.resolved_path,
-            None if self
-                .stat_if_exists(guest, false)
-                .await?
-                .is_some_and(|stat| stat.kind == FileKind::Symlink as i32) =>
+            Some(stat) if file && !stat.resolved_path.is_empty() => stat.resolved_path,
+            None if file
+                && self
+                    .stat_if_exists(guest, false)
+                    .await?
+                    .is_some_and(|stat| stat.kind == FileKind::Symlink as i32) =>
             {
                 return Err(copy_error(
                     guest,
@@ -472,7 +495,7 @@ impl AgentClient {
                 .await
                 .map_err(local_error("read the link", local))?;
             let target = target.into_os_string().into_string().map_err(|target| {
-                copy_error(
+                entry_error(
                     local.display(),
                     format!("the link target {target:?} is not UTF-8"),
                 )
@@ -543,7 +566,7 @@ impl AgentClient {
                 .await
                 .map_err(local_error("read", local))?;
             if content.len() as u64 > MAX_UNSIZED_FILE {
-                return Err(copy_error(
+                return Err(entry_error(
                     local.display(),
                     format!(
                         "it reports no size but holds more than {} MiB; copy a regular file",
@@ -660,7 +683,8 @@ impl AgentClient {
         if stat.kind == FileKind::Other as i32 {
             return Err(copy_error(guest, NOT_COPIED));
         }
-        let target = local_target(local, guest, stat.kind == FileKind::Directory as i32)?;
+        let kind = FileKind::try_from(stat.kind).unwrap_or(FileKind::Unspecified);
+        let target = local_target(local, guest, kind)?;
         let mut stats = CopyStats::default();
         let mut steps = Vec::new();
         self.receive_entry(guest, &target, stat, &mut steps, &mut stats)
@@ -861,7 +885,7 @@ fn make_local_dir(path: &Path, mode: u32) -> Result<(), AgentError> {
         Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
             let is_dir = std::fs::symlink_metadata(path).is_ok_and(|meta| meta.is_dir());
             if !is_dir {
-                return Err(copy_error(
+                return Err(entry_error(
                     path.display(),
                     "something other than a directory is in the way; remove it first",
                 ));

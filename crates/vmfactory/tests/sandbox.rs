@@ -772,6 +772,33 @@ fn cp_follows_links_and_never_replaces_special_files(env: &Env, id: &str, local:
         ),
         "notenotekept\n"
     );
+    // A link copied onto a link replaces the link, as `cp -a` does; what it pointed at
+    // is left alone, both ways.
+    std::fs::write(local.join("real2.txt"), "mine").expect("write");
+    std::os::unix::fs::symlink("real2.txt", local.join("link2.txt")).expect("link");
+    let output = cp(
+        &format!("{id}:/root/fl"),
+        &local.join("link2.txt").to_string_lossy(),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(
+        std::fs::read_link(local.join("link2.txt")).expect("link"),
+        std::path::Path::new("f")
+    );
+    assert_eq!(
+        std::fs::read_to_string(local.join("real2.txt")).expect("read"),
+        "mine"
+    );
+    std::os::unix::fs::symlink("elsewhere", local.join("l3")).expect("link");
+    let output = cp(
+        &local.join("l3").to_string_lossy(),
+        &format!("{id}:/root/fl"),
+    );
+    assert!(output.status.success(), "{}", text(&output));
+    assert_eq!(
+        env.exec(id, "readlink /root/fl; cat /root/f"),
+        "elsewhere\nnote"
+    );
     // A file that reports no size (/proc's) is copied in whole.
     let output = cp("/proc/self/status", &format!("{id}:/root/status"));
     assert!(output.status.success(), "{}", text(&output));
