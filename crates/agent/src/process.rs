@@ -939,17 +939,26 @@ impl Processes {
             .filter(|s| (1..=64).contains(s))
             .ok_or_else(|| Status::invalid_argument(format!("Invalid signal {signal}")))?;
         if process.exit.borrow().is_none() {
-            // As a terminal's ^C: to the process group in the terminal's foreground (a
-            // shell's job), else to the group the process leads, so that what it started
-            // (`sh -c 'sleep 20; …'`, a pipeline) gets it too. The group exists: the
-            // process leads it and is not reaped while `exit` is None.
-            let group = process
+            // To the group the process leads, so that what it started (`sh -c 'sleep
+            // 20; …'`, a pipeline) gets it too; the group exists: the process leads it
+            // and is not reaped while `exit` is None. For a terminal process, a keyboard
+            // signal goes to the terminal's foreground group instead (a shell's job), as
+            // a ^C would; any other (SIGHUP, SIGTERM) to both, as a hang-up reaches the
+            // shell and its job.
+            let foreground = process
                 .tty
                 .as_ref()
                 .and_then(|tty| rustix::termios::tcgetpgrp(tty).ok())
-                .and_then(|pgrp| u32::try_from(pgrp.as_raw_nonzero().get()).ok())
-                .unwrap_or(process.pid);
-            kill_group(group, signal);
+                .and_then(|pgrp| u32::try_from(pgrp.as_raw_nonzero().get()).ok());
+            let keyboard = matches!(signal, libc::SIGINT | libc::SIGQUIT | libc::SIGTSTP);
+            match foreground {
+                Some(group) if keyboard => kill_group(group, signal),
+                Some(group) if group != process.pid => {
+                    kill_group(process.pid, signal);
+                    kill_group(group, signal);
+                }
+                _ => kill_group(process.pid, signal),
+            }
         }
         Ok(())
     }
