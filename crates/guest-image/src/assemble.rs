@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use sha2::{Digest, Sha256};
 
 use crate::apt::PackageVersion;
-use crate::digest::{hex, sha256_file, write_synced};
+use crate::digest::{sha256_file, write_synced};
 use crate::error::{io_error, GuestImageError};
 use crate::image::{install, rebased, GuestImage, ImageInputs, Manifest, MANIFEST_FILE};
 use crate::initramfs::{self, InitramfsContents, ModuleFile};
@@ -114,8 +114,10 @@ pub(crate) fn assemble(
         busybox_version: spec.busybox.version.clone(),
         inputs: spec.inputs.clone(),
         module_load_order: module_files.iter().map(ModuleFile::file_name).collect(),
-        vmlinuz_sha256: hex(&Sha256::digest(&bzimage_bytes)),
-        vmlinux_sha256: vmlinux_bytes.as_deref().map(|b| hex(&Sha256::digest(b))),
+        vmlinuz_sha256: format!("{:x}", Sha256::digest(&bzimage_bytes)),
+        vmlinux_sha256: vmlinux_bytes
+            .as_deref()
+            .map(|b| format!("{:x}", Sha256::digest(b))),
         initrd_sha256: sha256_file(&initrd_path)?,
     };
     let manifest_path = staging.path().join(MANIFEST_FILE);

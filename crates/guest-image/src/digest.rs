@@ -27,7 +27,7 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String, GuestImageError> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hex(&hasher.finalize()))
+    Ok(format!("{:x}", hasher.finalize()))
 }
 
 /// Hex SHA-256 of a downloaded file, remembered in a `<file>.sha256` sidecar together
@@ -60,17 +60,6 @@ pub(crate) fn parse_sidecar(text: &str, stamp: &str) -> Option<String> {
     let (recorded_stamp, digest) = text.trim().rsplit_once(' ')?;
     (recorded_stamp == stamp && digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()))
         .then(|| digest.to_owned())
-}
-
-/// Lower-case hex of `bytes`.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-            let _ = write!(out, "{b:02x}");
-            out
-        })
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::digest::{hex, sha256_file};
+use crate::digest::sha256_file;
 use crate::error::{io_error, GuestImageError};
 use crate::kernel::KernelSource;
 use crate::FORMAT_VERSION;
@@ -70,7 +70,7 @@ impl ImageInputs {
         if let Some(build) = &self.kernel_build {
             hasher.update(format!("kernel-build={build}\0").as_bytes());
         }
-        hex(&hasher.finalize())
+        format!("{:x}", hasher.finalize())
     }
 }
 

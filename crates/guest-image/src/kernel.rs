@@ -14,7 +14,6 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::digest::hex;
 use crate::error::{io_error, GuestImageError};
 
 /// Our config fragment, applied on top of `make tinyconfig`.
@@ -188,7 +187,7 @@ pub fn kernel_key(
     hasher.update(format!("recipe={KERNEL_BUILD_VERSION}\0").as_bytes());
     hasher.update(format!("source={source_deb_sha256}\0").as_bytes());
     for (name, text) in patches {
-        hasher.update(format!("patch={name}:{}\0", hex(&Sha256::digest(text))).as_bytes());
+        hasher.update(format!("patch={name}:{:x}\0", Sha256::digest(text)).as_bytes());
     }
     // Only the option lines count (`# CONFIG_X is not set` is one): a comment edited does
     // not rebuild the kernel.
@@ -198,9 +197,9 @@ pub fn kernel_key(
         .filter(|line| parse_config_line(line).is_some())
         .flat_map(|line| [line, "\n"])
         .collect();
-    hasher.update(format!("fragment={}\0", hex(&Sha256::digest(options))).as_bytes());
+    hasher.update(format!("fragment={:x}\0", Sha256::digest(options)).as_bytes());
     hasher.update(format!("compiler={compiler}\0").as_bytes());
-    hex(&hasher.finalize())
+    format!("{:x}", hasher.finalize())
 }
 
 /// Checks the host tools a kernel build needs; the error names the `apt-get install`.

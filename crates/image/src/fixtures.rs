@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::json;
 
-fn hex(data: &[u8]) -> String {
+fn sha256_hex(data: &[u8]) -> String {
     crate::source::sha256_hex(data)
 }
 
@@ -160,7 +160,7 @@ impl LayerBuilder {
 }
 
 fn write_blob(layout: &Path, data: &[u8]) -> io::Result<String> {
-    let digest = hex(data);
+    let digest = sha256_hex(data);
     let dir = layout.join("blobs/sha256");
     fs::create_dir_all(&dir)?;
     fs::write(dir.join(&digest), data)?;
@@ -172,7 +172,7 @@ fn write_blob(layout: &Path, data: &[u8]) -> io::Result<String> {
 pub fn image_config(config: serde_json::Value, layers: &[Vec<u8>]) -> serde_json::Value {
     let diff_ids: Vec<String> = layers
         .iter()
-        .map(|l| format!("sha256:{}", hex(l)))
+        .map(|l| format!("sha256:{}", sha256_hex(l)))
         .collect();
     json!({
         "architecture": "amd64",
@@ -244,14 +244,14 @@ pub fn docker_dir(
 ) -> io::Result<String> {
     fs::create_dir_all(dir)?;
     let config_data = serde_json::to_vec(config)?;
-    let config_hex = hex(&config_data);
+    let config_hex = sha256_hex(&config_data);
     fs::write(dir.join(format!("{config_hex}.json")), &config_data)?;
     let mut paths = Vec::new();
     let mut first_copy = std::collections::HashMap::new();
     let mut parent = String::new();
     for tar in layers {
-        let diff_id = hex(tar);
-        let id = hex(format!("{parent}\n{diff_id}").as_bytes());
+        let diff_id = sha256_hex(tar);
+        let id = sha256_hex(format!("{parent}\n{diff_id}").as_bytes());
         fs::create_dir_all(dir.join(&id))?;
         let layer = dir.join(&id).join("layer.tar");
         match first_copy.get(&diff_id) {

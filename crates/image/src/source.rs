@@ -60,11 +60,7 @@ pub(crate) struct Image {
 }
 
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
-    hex(&Sha256::digest(data))
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    format!("{:x}", Sha256::digest(data))
 }
 
 /// `sha256:<64 hex>` → the hex part; anything else is refused.
@@ -386,7 +382,7 @@ impl<R: Read> Hashing<R> {
             what: "read layer".into(),
             source,
         })?;
-        let got = hex(&self.hasher.finalize());
+        let got = format!("{:x}", self.hasher.finalize());
         if got != sha256_of(digest)? || size.is_some_and(|s| s != self.count) {
             return Err(ImageError::DigestMismatch {
                 expected: digest.to_string(),

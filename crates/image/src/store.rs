@@ -721,7 +721,11 @@ pub(crate) fn dir_stamp(
         Ok(true)
     })?;
     hasher.update(&record);
-    Ok((source::hex(&hasher.finalize()), file_bytes.total, left_out))
+    Ok((
+        format!("{:x}", hasher.finalize()),
+        file_bytes.total,
+        left_out,
+    ))
 }
 
 /// The bytes of a tree's regular files, each hard-linked file once.
@@ -776,5 +780,5 @@ pub(crate) fn dir_digest(root: &Path, own: &[(u64, u64)]) -> Result<String, Imag
         hasher.update(b"\n");
         Ok(true)
     })?;
-    Ok(format!("sha256:{}", source::hex(&hasher.finalize())))
+    Ok(format!("sha256:{:x}", hasher.finalize()))
 }
