@@ -127,13 +127,15 @@ impl Qemu {
                 });
             }
         }
-        if accel == ResolvedAccel::Tcg && std::env::var_os(MALLOC_ARENAS_VAR).is_none() {
+        let arenas_chosen = std::env::var_os(MALLOC_ARENAS_VAR).is_some()
+            || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.arena_max"));
+        if accel == ResolvedAccel::Tcg && !arenas_chosen {
             // glibc gives each QEMU thread that allocates (main loop, vCPU, RCU, workers)
             // its own malloc arena, each with its own free and padded memory. One arena:
             // an idle clone costs 0.2-0.5 MiB less (`bench density -n 10`, interleaved:
             // 20.39, 19.88 MiB against 19.82, 19.65), clone times unchanged (`bench
             // clone`: 106, 119, 117 ms against 106, 106, 104). A value the user set
-            // stays.
+            // (or `glibc.malloc.arena_max` in `GLIBC_TUNABLES`) stays.
             command.env(MALLOC_ARENAS_VAR, "1");
         }
         if accel == ResolvedAccel::Tcg {
