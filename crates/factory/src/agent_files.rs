@@ -390,6 +390,19 @@ impl AgentClient {
     /// `cp -a local guest`: into `guest/<name of local>` when `guest` is a directory, else
     /// to `guest` (whose parent must exist).
     pub async fn copy_in(&self, local: &Path, guest: &str) -> Result<CopyStats, AgentError> {
+        let mut stats = CopyStats::default();
+        self.copy_in_counting(local, guest, &mut stats).await?;
+        Ok(stats)
+    }
+
+    /// [`Self::copy_in`], counting into `stats`, which keeps what was done (and what
+    /// failed inside the tree) when the copy ends with an error.
+    pub async fn copy_in_counting(
+        &self,
+        local: &Path,
+        guest: &str,
+        stats: &mut CopyStats,
+    ) -> Result<(), AgentError> {
         // Inside a tree such an entry is skipped and counted; named, it is an error.
         if std::fs::symlink_metadata(local).is_ok_and(|meta| {
             let kind = meta.file_type();
@@ -440,7 +453,6 @@ impl AgentClient {
             }
             _ => guest.to_string(),
         };
-        let mut stats = CopyStats::default();
         let mut steps = vec![Step::Enter {
             local: local.to_path_buf(),
             guest: target,
@@ -450,8 +462,7 @@ impl AgentClient {
         while let Some(step) = steps.pop() {
             let done = match step {
                 Step::Enter { local, guest } => {
-                    self.send_entry(&local, &guest, &mut steps, &mut stats)
-                        .await
+                    self.send_entry(&local, &guest, &mut steps, stats).await
                 }
                 Step::Leave { guest, stamp, .. } => {
                     self.send_whole(stamp.request(
@@ -471,7 +482,7 @@ impl AgentClient {
             }
         }
         info!(local = %local.display(), guest, ?stats, "Copied into the guest");
-        Ok(stats)
+        Ok(())
     }
 
     /// Sends one local entry; a directory's children become new steps.
@@ -678,6 +689,19 @@ impl AgentClient {
     /// like `cp -a guest local`: into `local/<name of guest>` when `local` is a directory,
     /// else to `local` (whose parent must exist).
     pub async fn copy_out(&self, guest: &str, local: &Path) -> Result<CopyStats, AgentError> {
+        let mut stats = CopyStats::default();
+        self.copy_out_counting(guest, local, &mut stats).await?;
+        Ok(stats)
+    }
+
+    /// [`Self::copy_out`], counting into `stats`, which keeps what was done (and what
+    /// failed inside the tree) when the copy ends with an error.
+    pub async fn copy_out_counting(
+        &self,
+        guest: &str,
+        local: &Path,
+        stats: &mut CopyStats,
+    ) -> Result<(), AgentError> {
         let stat = self.stat_guest(guest, false).await?;
         // Inside a tree such an entry is skipped and counted; named, it is an error.
         if stat.kind == FileKind::Other as i32 {
@@ -685,9 +709,8 @@ impl AgentClient {
         }
         let kind = FileKind::try_from(stat.kind).unwrap_or(FileKind::Unspecified);
         let target = local_target(local, guest, kind)?;
-        let mut stats = CopyStats::default();
         let mut steps = Vec::new();
-        self.receive_entry(guest, &target, stat, &mut steps, &mut stats)
+        self.receive_entry(guest, &target, stat, &mut steps, stats)
             .await?;
         // The paths of the steps still to take: a guest listing wide directories at every
         // level (each listing within bounds) must not make the host's pending walk grow
@@ -701,7 +724,7 @@ impl AgentClient {
                     let before = steps.len();
                     let received = match self.stat_guest(&guest, false).await {
                         Ok(stat) => {
-                            self.receive_entry(&guest, &local, stat, &mut steps, &mut stats)
+                            self.receive_entry(&guest, &local, stat, &mut steps, stats)
                                 .await
                         }
                         Err(err) => Err(err),
@@ -730,7 +753,7 @@ impl AgentClient {
             }
         }
         info!(guest, local = %local.display(), ?stats, "Copied out of the guest");
-        Ok(stats)
+        Ok(())
     }
 
     /// Receives one guest entry described by `stat`; a directory's children become steps.

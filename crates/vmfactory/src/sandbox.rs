@@ -894,14 +894,19 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         .files_in(container.unwrap_or_default())
         .counting_bytes(copied.clone());
     let mut signals = Signals::install()?;
-    let copy = async {
+    let mut counted = vmfactory_factory::CopyStats::default();
+    // Boxed, so that dropping it ends its borrow of `counted`.
+    let mut copy = Box::pin(async {
         if inward {
-            agent.copy_in(Path::new(local), guest).await
+            agent
+                .copy_in_counting(Path::new(local), guest, &mut counted)
+                .await
         } else {
-            agent.copy_out(guest, Path::new(local)).await
+            agent
+                .copy_out_counting(guest, Path::new(local), &mut counted)
+                .await
         }
-    };
-    tokio::pin!(copy);
+    });
     let started = Instant::now();
     // On a terminal, the bytes moved so far and the rate, as they go.
     let mut progress = std::io::stderr()
@@ -918,9 +923,9 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
             indicatif::HumanBytes(per_second(bytes, started.elapsed()))
         )
     };
-    let stats = loop {
+    let copied_or_not = loop {
         tokio::select! {
-            stats = &mut copy => break stats,
+            done = &mut copy => break done,
             stop = signals.recv() => {
                 if let Some(progress) = progress.take() {
                     progress.abandon();
@@ -942,7 +947,15 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
     if let Some(progress) = progress.take() {
         progress.clear();
     }
-    let stats = stats.context("Copy failed")?;
+    drop(copy);
+    let stats = counted;
+    if let Err(err) = copied_or_not {
+        // What failed inside the tree before the copy had to stop.
+        for failure in &stats.failures {
+            eprintln!("vmfactory: {failure}");
+        }
+        return Err(err).context("Copy failed");
+    }
     let count = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let elapsed = started.elapsed();
     // A rate over a few milliseconds says nothing.
