@@ -142,6 +142,7 @@ fn resolve_packages(
         package = meta,
         "resolving the kernel package with apt-cache"
     );
+    make_cache_dir(&opts.cache_dir)?;
     let apt_dir = opts.cache_dir.join("apt");
     fs::create_dir_all(&apt_dir).map_err(io_error(&apt_dir))?;
     let apt_cache = apt::AptCache::with_private_cache(&apt_dir);
@@ -190,6 +191,7 @@ pub fn build(
     check_static_executable(&opts.agent_binary)?;
     let (kernel, busybox) = resolve_packages(opts)?;
 
+    make_cache_dir(&opts.cache_dir)?;
     let downloads = opts.cache_dir.join("downloads");
     let images = opts.cache_dir.join("images");
     for dir in [&downloads, &images] {
@@ -321,6 +323,18 @@ fn update_status(
         }
         Some(_) => UpdateStatus::UpdateAvailable,
     }
+}
+
+/// Makes the cache directory (and its missing parents) 0755 whatever the umask: under a
+/// umask of 002 it would be group-writable, and QEMU's library stand-ins are used only
+/// from a cache nobody else may write to.
+fn make_cache_dir(dir: &Path) -> Result<(), GuestImageError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(dir)
+        .map_err(io_error(dir))
 }
 
 /// Asks apt which kernel and busybox a build would use now and compares them with the

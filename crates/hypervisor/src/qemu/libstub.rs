@@ -58,7 +58,8 @@ pub const LIBRARY_PATH_VAR: &str = "LD_LIBRARY_PATH";
 /// How long a failed build of the stand-ins is remembered before the next command tries
 /// again (a C compiler installed meanwhile is then used).
 const COMPILE_RETRY: Duration = Duration::from_secs(24 * 60 * 60);
-/// A `.build-*` directory older than this was left by a killed build.
+/// A `.build-*` directory older than this was left by a killed build (whatever its pid
+/// says).
 const BUILD_LEFTOVER: Duration = Duration::from_secs(60 * 60);
 
 /// One stand-in to build.
@@ -87,17 +88,22 @@ enum Source {
 /// `cache_dir` down to them must belong to this user and be writable by nobody else: a
 /// root vmfactory pointed at a user's cache (`sudo -E`) must not run that user's code.
 pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
+    // Judged where it leads (a cache directory may be a link).
+    let cache_dir = &std::fs::canonicalize(cache_dir).unwrap_or_else(|_| cache_dir.to_path_buf());
     let root = cache_dir.join("qemu-stub");
     // Nothing is read, written or loaded under a cache another user could change: not
     // the cache itself, nor a directory above it (which could be renamed away and
     // replaced, hours after any check).
-    if !trusted_chain(cache_dir) || (root.exists() && !ours_alone(&root)) {
+    if let Some(untrusted) = untrusted_in_chain(cache_dir)
+        .or_else(|| (root.exists() && !ours_alone(&root)).then(|| root.clone()))
+    {
         info!(
-            cache = %cache_dir.display(),
-            "QEMU keeps all its libraries: the cache directory is not this user's alone"
+            path = %untrusted.display(),
+            "QEMU keeps all its libraries: another user may write to this directory of vmfactory's cache or above it"
         );
         return None;
     }
+    sweep_dead_builds(&root);
     let key = binary_key(binary)?;
     let decision = root.join(format!("for-{key}"));
     match std::fs::read_to_string(&decision)
@@ -105,10 +111,25 @@ pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
         .as_deref()
         .map(str::trim)
     {
-        Some("none") => return None,
+        Some("none") => {
+            debug!("QEMU keeps all its libraries (decided before for this binary)");
+            return None;
+        }
         Some(name) if is_plain_name(name) && root.join(name).is_dir() => {
             let dir = root.join(name);
-            return safe_to_load(cache_dir, &root, &dir).then_some(dir);
+            // A stand-in cut short (a crash, a full disk) would fail every start: made
+            // again below.
+            if intact(&dir) {
+                let safe = safe_to_load(cache_dir, &root, &dir);
+                debug!(
+                    dir = %dir.display(),
+                    used = safe,
+                    "QEMU's library stand-ins (decided before for this binary)"
+                );
+                return safe.then_some(dir);
+            }
+            info!(dir = %dir.display(), "Rebuilding vmfactory's damaged library stand-ins");
+            let _ = std::fs::remove_dir_all(&dir);
         }
         // Not decided yet, or its stand-ins were removed since: made (again) below.
         _ => {}
@@ -315,11 +336,50 @@ fn safe_to_load(cache_dir: &Path, root: &Path, dir: &Path) -> bool {
     true
 }
 
-/// True when `dir` (or, if it does not exist yet, its nearest existing ancestor) is this
-/// user's alone, and every directory above it belongs to root or this user and is
-/// writable by no one else, or is sticky (as `/tmp`: others cannot rename what is ours
-/// there).
-fn trusted_chain(dir: &Path) -> bool {
+/// True when every stand-in in `dir` is a whole ELF shared object.
+fn intact(dir: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    let mut any = false;
+    for entry in entries.flatten() {
+        any = true;
+        let whole = std::fs::read(entry.path()).is_ok_and(|data| {
+            object::read::elf::ElfFile64::<object::Endianness>::parse(&*data).is_ok()
+        });
+        if !whole {
+            return false;
+        }
+    }
+    any
+}
+
+/// Removes the `.build-*` directories under `root` whose builder is gone (killed in the
+/// middle of a build).
+fn sweep_dead_builds(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(".build-")) else {
+            continue;
+        };
+        let builder_gone = rest
+            .split_once('-')
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if builder_gone || age(&entry.path()).is_some_and(|age| age > BUILD_LEFTOVER) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The first directory, from `dir` (or, if it does not exist yet, its nearest existing
+/// ancestor) up, that fails the rule: `dir` is this user's alone, and every directory
+/// above it belongs to root or this user and is writable by no one else, or is sticky
+/// (as `/tmp`: others cannot rename what is ours there).
+fn untrusted_in_chain(dir: &Path) -> Option<PathBuf> {
     let uid = rustix::process::geteuid().as_raw();
     let trusted_above = |path: &Path| {
         std::fs::metadata(path).is_ok_and(|meta| {
@@ -332,25 +392,25 @@ fn trusted_chain(dir: &Path) -> bool {
     while !existing.exists() {
         made = true;
         if !existing.pop() {
-            return false;
+            return Some(dir.to_path_buf());
         }
     }
     let Ok(canonical) = std::fs::canonicalize(&existing) else {
-        return false;
+        return Some(existing);
     };
+    if !made && !ours_alone(&canonical) {
+        return Some(canonical);
+    }
+    let skip = usize::from(!made);
     // Both the path as given (a link in it lives in a directory checked here) and where
     // it leads.
-    let above_ok = |path: &Path, skip: usize| {
-        path.ancestors()
-            .skip(skip)
-            .filter(|ancestor| !ancestor.as_os_str().is_empty())
-            .all(trusted_above)
-    };
-    if made {
-        above_ok(&canonical, 0) && above_ok(&existing, 0)
-    } else {
-        ours_alone(&canonical) && above_ok(&canonical, 1) && above_ok(&existing, 1)
-    }
+    canonical
+        .ancestors()
+        .skip(skip)
+        .chain(existing.ancestors().skip(skip))
+        .filter(|ancestor| !ancestor.as_os_str().is_empty())
+        .find(|ancestor| !trusted_above(ancestor))
+        .map(Path::to_path_buf)
 }
 
 /// True when `path` (not a link) belongs to this process's user and no one else may write
@@ -408,13 +468,7 @@ fn binary_key(binary: &Path) -> Option<String> {
 fn compile(root: &Path, dir: &Path, stand_ins: &[StandIn]) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     ensure_root(root)?;
-    for entry in std::fs::read_dir(root)?.flatten() {
-        let leftover = entry.file_name().to_string_lossy().starts_with(".build-")
-            && age(&entry.path()).is_some_and(|age| age > BUILD_LEFTOVER);
-        if leftover {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
+    sweep_dead_builds(root);
     let work = tempfile_dir(root)?;
     let result = (|| {
         let sources = work.join(".sources");
@@ -466,7 +520,14 @@ fn build(sources: &Path, out: &Path, stand_in: &StandIn) -> std::io::Result<()> 
         .arg("-o")
         .arg(out.join(&stand_in.soname))
         .stdin(Stdio::null())
-        .output()?;
+        .output()
+        .map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound => std::io::Error::new(
+                err.kind(),
+                "no C compiler (cc) is installed: install gcc to have them",
+            ),
+            _ => err,
+        })?;
     if !output.status.success() {
         return Err(std::io::Error::other(format!(
             "cc failed on {} ({}): {}",
@@ -655,6 +716,20 @@ mod tests {
         assert_eq!(prepare(cache.path(), Path::new(QEMU)), Some(dir.clone()));
         assert!(capstone.is_file());
 
+        // A stand-in cut short (a crash) is rebuilt, not loaded (QEMU would not start).
+        std::fs::write(&ibverbs, b"").expect("truncate");
+        assert_eq!(prepare(cache.path(), Path::new(QEMU)), Some(dir.clone()));
+        assert!(std::fs::metadata(&ibverbs).expect("rebuilt").len() > 0);
+        // A killed build's directory is swept; a cache reached through a link is used.
+        let leftover = cache.path().join("qemu-stub/.build-4294967294-0000abcd");
+        std::fs::create_dir(&leftover).expect("mkdir");
+        let link = cache.path().join("link");
+        std::os::unix::fs::symlink(cache.path(), &link).expect("link");
+        assert_eq!(
+            prepare(&link, Path::new(QEMU)),
+            Some(std::fs::canonicalize(&dir).expect("canonical"))
+        );
+        assert!(!leftover.exists(), "the dead build's directory is left");
         // Stand-ins another user could have written are not loaded: here, a library that
         // others may write to.
         use std::os::unix::fs::PermissionsExt;
