@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use vmfactory_factory::{Factory, FactoryChoice, Settings};
+use vmfactory_factory::{AgentError, Factory, FactoryChoice, Settings};
 use vmfactory_hypervisor::qemu::accel::Accelerator;
 use vmfactory_sandbox::dir::{self, SandboxDir};
 use vmfactory_sandbox::{
@@ -870,10 +870,15 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         let destination = Path::new(local);
         if let Some(parent) = destination.parent().filter(|p| !p.as_os_str().is_empty()) {
             if !destination.exists() && !parent.is_dir() {
-                bail!(
-                    "{}: no such directory here; create it first",
-                    parent.display()
+                // Nothing could be copied: cp's status.
+                eprintln!(
+                    "vmfactory: {}",
+                    crate::printable(&format!(
+                        "{}: no such directory here; create it first",
+                        parent.display()
+                    ))
                 );
+                return Ok(ExitCode::from(1));
             }
         }
     }
@@ -954,7 +959,27 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         for failure in &stats.failures {
             eprintln!("vmfactory: {failure}");
         }
-        return Err(err).context("Copy failed");
+        // As cp: what could not be copied (missing, refused, unreadable) is status 1;
+        // the sandbox or its agent failing is vmfactory's failure (125).
+        let broken = matches!(
+            &err,
+            AgentError::Connect { .. } | AgentError::NotServing(_) | AgentError::Clock
+        ) || matches!(&err, AgentError::Rpc { status, .. } if matches!(
+            status.code(),
+            tonic::Code::Unavailable
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
+                | tonic::Code::DeadlineExceeded
+        ));
+        let err = anyhow::Error::new(err).context("Copy failed");
+        if broken {
+            return Err(err);
+        }
+        eprintln!(
+            "vmfactory: {}",
+            crate::printable(&crate::hints(&format!("{err:#}")))
+        );
+        return Ok(ExitCode::from(1));
     }
     let count = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let elapsed = started.elapsed();
