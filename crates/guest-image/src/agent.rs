@@ -208,6 +208,8 @@ pub fn install_embedded_agent(
     if fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == bytes.len() as u64) {
         return Ok(path);
     }
+    // Often the first thing made in a new cache: the cache itself 0755 whatever the umask.
+    crate::make_cache_dir(cache_dir)?;
     let dir = path.parent().unwrap_or(cache_dir);
     fs::create_dir_all(dir).map_err(io_error(dir))?;
     let mut file = tempfile::Builder::new()

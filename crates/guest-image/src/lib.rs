@@ -328,7 +328,7 @@ fn update_status(
 /// Makes the cache directory (and its missing parents) 0755 whatever the umask: under a
 /// umask of 002 it would be group-writable, and QEMU's library stand-ins are used only
 /// from a cache nobody else may write to.
-fn make_cache_dir(dir: &Path) -> Result<(), GuestImageError> {
+pub(crate) fn make_cache_dir(dir: &Path) -> Result<(), GuestImageError> {
     use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
         .recursive(true)

@@ -88,14 +88,16 @@ enum Source {
 /// `cache_dir` down to them must belong to this user and be writable by nobody else: a
 /// root vmfactory pointed at a user's cache (`sudo -E`) must not run that user's code.
 pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
-    // Judged where it leads (a cache directory may be a link).
-    let cache_dir = &std::fs::canonicalize(cache_dir).unwrap_or_else(|_| cache_dir.to_path_buf());
-    let root = cache_dir.join("qemu-stub");
     // Nothing is read, written or loaded under a cache another user could change: not
     // the cache itself, nor a directory above it (which could be renamed away and
-    // replaced, hours after any check).
-    if let Some(untrusted) = untrusted_in_chain(cache_dir)
-        .or_else(|| (root.exists() && !ours_alone(&root)).then(|| root.clone()))
+    // replaced, hours after any check), along the path as given (a link in it lives in
+    // a directory checked there) and where it leads.
+    let untrusted = untrusted_in_chain(cache_dir);
+    // Then used where it leads (a cache directory may be a link).
+    let cache_dir = &std::fs::canonicalize(cache_dir).unwrap_or_else(|_| cache_dir.to_path_buf());
+    let root = cache_dir.join("qemu-stub");
+    if let Some(untrusted) =
+        untrusted.or_else(|| (root.exists() && !ours_alone(&root)).then(|| root.clone()))
     {
         info!(
             path = %untrusted.display(),
@@ -119,8 +121,8 @@ pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
             let dir = root.join(name);
             // A stand-in cut short (a crash, a full disk) would fail every start: made
             // again below.
-            if intact(&dir) {
-                let safe = safe_to_load(cache_dir, &root, &dir);
+            let safe = safe_to_load(cache_dir, &root, &dir);
+            if !safe || intact(&dir) {
                 debug!(
                     dir = %dir.display(),
                     used = safe,
@@ -158,7 +160,9 @@ pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
     if !dir.is_dir() {
         if let Err(err) = compile(&root, &dir, &stand_ins) {
             info!(%err, "QEMU keeps all its libraries: vmfactory's stand-ins cannot be built");
-            let _ = std::fs::write(&failed, err.to_string());
+            if root_is_ours(&root).is_ok() {
+                let _ = std::fs::write(&failed, err.to_string());
+            }
             return None;
         }
         let _ = std::fs::remove_file(&failed);
@@ -191,11 +195,26 @@ pub fn prepare(cache_dir: &Path, binary: &Path) -> Option<PathBuf> {
 fn record(root: &Path, path: &Path, value: &str) {
     let temporary = root.join(format!(".decision-{}", std::process::id()));
     let written = ensure_root(root)
+        .and_then(|()| root_is_ours(root))
         .and_then(|()| std::fs::write(&temporary, value))
         .and_then(|()| std::fs::rename(&temporary, path));
     if let Err(err) = written {
         let _ = std::fs::remove_file(&temporary);
         debug!(%err, path = %path.display(), "Cannot record the stand-ins' check");
+    }
+}
+
+/// Fails unless `root` and the cache directory holding it are ours alone: checked again
+/// after they may have been made, before anything is written there (another user could
+/// have made them first in a sticky directory such as /tmp).
+fn root_is_ours(root: &Path) -> std::io::Result<()> {
+    if ours_alone(root) && root.parent().is_some_and(ours_alone) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "{} is not this user's alone",
+            root.display()
+        )))
     }
 }
 
@@ -355,7 +374,7 @@ fn intact(dir: &Path) -> bool {
 }
 
 /// Removes the `.build-*` directories under `root` whose builder is gone (killed in the
-/// middle of a build).
+/// middle of a build) and that are a minute old.
 fn sweep_dead_builds(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
@@ -369,7 +388,9 @@ fn sweep_dead_builds(root: &Path) {
             .split_once('-')
             .and_then(|(pid, _)| pid.parse::<u32>().ok())
             .is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists());
-        if builder_gone || age(&entry.path()).is_some_and(|age| age > BUILD_LEFTOVER) {
+        // A minute at least: a builder in another PID namespace is not in our /proc.
+        let age = age(&entry.path()).unwrap_or_default();
+        if (builder_gone && age > Duration::from_secs(60)) || age > BUILD_LEFTOVER {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
@@ -468,6 +489,7 @@ fn binary_key(binary: &Path) -> Option<String> {
 fn compile(root: &Path, dir: &Path, stand_ins: &[StandIn]) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     ensure_root(root)?;
+    root_is_ours(root)?;
     sweep_dead_builds(root);
     let work = tempfile_dir(root)?;
     let result = (|| {
@@ -723,6 +745,11 @@ mod tests {
         // A killed build's directory is swept; a cache reached through a link is used.
         let leftover = cache.path().join("qemu-stub/.build-4294967294-0000abcd");
         std::fs::create_dir(&leftover).expect("mkdir");
+        std::fs::File::open(&leftover)
+            .and_then(|dir| {
+                dir.set_modified(std::time::SystemTime::now() - Duration::from_secs(120))
+            })
+            .expect("age it");
         let link = cache.path().join("link");
         std::os::unix::fs::symlink(cache.path(), &link).expect("link");
         assert_eq!(
