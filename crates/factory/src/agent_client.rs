@@ -65,6 +65,14 @@ pub enum AgentError {
         /// Why, and what to do.
         reason: String,
     },
+    /// A copy cannot go on because the guest misbehaves or vmfactory itself failed.
+    #[error("Cannot copy {path}: {reason}")]
+    CopyBroken {
+        /// The path being copied.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A copy to or from the guest cannot go on.
     #[error("Cannot copy {path}: {reason}")]
     Copy {

@@ -155,6 +155,15 @@ fn entry_error(path: impl std::fmt::Display, reason: impl Into<String>) -> Agent
     }
 }
 
+/// As [`copy_error`], for a copy that cannot go on because the guest misbehaves or
+/// vmfactory itself failed (not because of what was to be copied).
+fn broken_error(path: impl std::fmt::Display, reason: impl Into<String>) -> AgentError {
+    AgentError::CopyBroken {
+        path: path.to_string(),
+        reason: reason.into(),
+    }
+}
+
 fn copy_error(path: impl std::fmt::Display, reason: impl Into<String>) -> AgentError {
     AgentError::Copy {
         path: path.to_string(),
@@ -189,7 +198,7 @@ fn checked_entry<'a>(
         || name.contains(['/', '\0'])
         || previous.is_some_and(|previous| previous >= name);
     if bad {
-        return Err(copy_error(
+        return Err(broken_error(
             dir,
             format!("the guest listed the entry {name:?}, which is not a name in a directory; the guest may be compromised"),
         ));
@@ -200,7 +209,7 @@ fn checked_entry<'a>(
 /// Refuses a guest directory listing longer than an honest agent sends.
 fn checked_entry_count(dir: &str, count: usize) -> Result<(), AgentError> {
     if count > MAX_DIR_ENTRIES {
-        return Err(copy_error(
+        return Err(broken_error(
             dir,
             format!("the guest listed {count} entries, more than the {MAX_DIR_ENTRIES} its agent may list; the guest may be compromised"),
         ));
@@ -632,7 +641,7 @@ impl AgentClient {
             Ok(Ok(())) => {}
             Ok(Err(err)) => return Err(local_error("read", local)(err)),
             Err(err) => {
-                return Err(copy_error(
+                return Err(broken_error(
                     local.display(),
                     format!("the reader failed: {err}"),
                 ))
@@ -773,7 +782,7 @@ impl AgentClient {
             }
             FileKind::Symlink => {
                 if stat.link_target.is_empty() || stat.link_target.contains('\0') {
-                    return Err(copy_error(
+                    return Err(broken_error(
                         guest,
                         "the guest reported an invalid link target",
                     ));

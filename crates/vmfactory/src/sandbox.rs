@@ -957,19 +957,25 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
     if let Err(err) = copied_or_not {
         // What failed inside the tree before the copy had to stop.
         for failure in &stats.failures {
-            eprintln!("vmfactory: {failure}");
+            eprintln!("vmfactory: {}", crate::printable(failure));
         }
         // As cp: what could not be copied (missing, refused, unreadable) is status 1;
         // the sandbox or its agent failing is vmfactory's failure (125).
         let broken = matches!(
             &err,
-            AgentError::Connect { .. } | AgentError::NotServing(_) | AgentError::Clock
+            AgentError::Connect { .. }
+                | AgentError::NotServing(_)
+                | AgentError::Clock
+                | AgentError::CopyBroken { .. }
         ) || matches!(&err, AgentError::Rpc { status, .. } if matches!(
             status.code(),
             tonic::Code::Unavailable
                 | tonic::Code::Cancelled
                 | tonic::Code::Unknown
                 | tonic::Code::DeadlineExceeded
+                | tonic::Code::Unimplemented
+                | tonic::Code::Aborted
+                | tonic::Code::DataLoss
         ));
         let err = anyhow::Error::new(err).context("Copy failed");
         if broken {
@@ -1011,7 +1017,7 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
     // As cp: what could not be copied is named, the rest copied, and the status is 1.
     if stats.failed > 0 {
         for failure in &stats.failures {
-            eprintln!("vmfactory: {failure}");
+            eprintln!("vmfactory: {}", crate::printable(failure));
         }
         let unnamed = stats.failed.saturating_sub(stats.failures.len() as u64);
         eprintln!(
