@@ -358,43 +358,35 @@ pub fn pin_root(pid: u32) -> Option<OwnedFd> {
 /// True when `path` is certainly not a directory: in the agent's own tree, or in the
 /// tree `root` (an `O_PATH` descriptor), resolved inside it. Other errors say nothing.
 fn directory_missing(root: Option<&OwnedFd>, path: &str) -> bool {
+    matches!(
+        open_in(root, path, DIR_LOOKUP),
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR)
+    )
+}
+
+/// Opens `path` with `flags`: in `root` (a container's, the path resolved as if `root`
+/// were `/`), or in the agent's own view.
+fn open_in(
+    root: Option<&OwnedFd>,
+    path: &str,
+    flags: rustix::fs::OFlags,
+) -> rustix::io::Result<OwnedFd> {
     use rustix::fs::{Mode, ResolveFlags};
-    let opened = match root {
-        None => rustix::fs::open(path, DIR_LOOKUP, Mode::empty()),
+    match root {
+        None => rustix::fs::open(path, flags, Mode::empty()),
         Some(root) => {
             let inside = path.trim_start_matches('/');
             let inside = if inside.is_empty() { "." } else { inside };
-            rustix::fs::openat2(
-                root,
-                inside,
-                DIR_LOOKUP,
-                Mode::empty(),
-                ResolveFlags::IN_ROOT,
-            )
+            rustix::fs::openat2(root, inside, flags, Mode::empty(), ResolveFlags::IN_ROOT)
         }
-    };
-    matches!(
-        opened,
-        Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR)
-    )
+    }
 }
 
 /// True when `path` is a regular file, in `root` (a container's, the path resolved as if
 /// it were `/`) or in the agent's own view.
 fn regular_file_at(root: Option<&OwnedFd>, path: &str) -> bool {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let flags = OFlags::PATH | OFlags::CLOEXEC;
-    let opened = match root {
-        None => rustix::fs::open(path, flags, Mode::empty()),
-        Some(root) => rustix::fs::openat2(
-            root,
-            path.trim_start_matches('/'),
-            flags,
-            Mode::empty(),
-            ResolveFlags::IN_ROOT,
-        ),
-    };
-    opened
+    use rustix::fs::OFlags;
+    open_in(root, path, OFlags::PATH | OFlags::CLOEXEC)
         .and_then(|fd| rustix::fs::fstat(&fd))
         .is_ok_and(|stat| rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file())
 }

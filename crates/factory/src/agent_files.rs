@@ -61,29 +61,64 @@ pub struct CopyStats {
 /// The most failure messages a copy keeps (it counts them all).
 pub const MAX_FAILURES_KEPT: usize = 100;
 
+/// What a copy's error says about the copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyFailure {
+    /// One entry could not be copied (unreadable, gone, refused): inside a tree, the copy
+    /// names it and goes on.
+    Entry,
+    /// The copy cannot go on (a full disk, a tree too wide), as cp's would not.
+    Copy,
+    /// The sandbox, its agent or vmfactory failed, not the copy (a lost connection, a
+    /// guest that lists what an honest agent does not).
+    Broken,
+}
+
+impl AgentError {
+    /// What this error, met while copying, says about the copy.
+    pub fn copy_failure(&self) -> CopyFailure {
+        use tonic::Code;
+        match self {
+            AgentError::Local { source, .. }
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)
+                ) =>
+            {
+                CopyFailure::Copy
+            }
+            AgentError::Local { .. } | AgentError::CopyEntry { .. } => CopyFailure::Entry,
+            AgentError::Connect { .. }
+            | AgentError::NotServing(_)
+            | AgentError::Clock
+            | AgentError::CopyBroken { .. } => CopyFailure::Broken,
+            AgentError::Rpc { status, .. } => match status.code() {
+                Code::NotFound
+                | Code::PermissionDenied
+                | Code::FailedPrecondition
+                | Code::InvalidArgument
+                | Code::AlreadyExists
+                | Code::Internal => CopyFailure::Entry,
+                Code::Unavailable
+                | Code::Cancelled
+                | Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unimplemented
+                | Code::Aborted
+                | Code::DataLoss => CopyFailure::Broken,
+                _ => CopyFailure::Copy,
+            },
+            _ => CopyFailure::Copy,
+        }
+    }
+}
+
 impl CopyStats {
     /// Records `err` for an entry inside the tree and returns `Ok` to go on when it
-    /// concerns that entry alone (unreadable, gone, refused); an error that ends the
-    /// whole copy (the connection, a full disk, a misbehaving guest) is returned.
+    /// concerns that entry alone ([`CopyFailure::Entry`]); an error that ends the whole
+    /// copy is returned.
     fn went_on(&mut self, err: AgentError) -> Result<(), AgentError> {
-        let entry_only = match &err {
-            AgentError::Local { source, .. } => !matches!(
-                source.raw_os_error(),
-                Some(libc::ENOSPC | libc::EDQUOT | libc::EROFS)
-            ),
-            AgentError::CopyEntry { .. } => true,
-            AgentError::Rpc { status, .. } => matches!(
-                status.code(),
-                tonic::Code::NotFound
-                    | tonic::Code::PermissionDenied
-                    | tonic::Code::FailedPrecondition
-                    | tonic::Code::InvalidArgument
-                    | tonic::Code::AlreadyExists
-                    | tonic::Code::Internal
-            ),
-            _ => false,
-        };
-        if !entry_only {
+        if err.copy_failure() != CopyFailure::Entry {
             return Err(err);
         }
         self.failed += 1;
@@ -998,5 +1033,33 @@ mod tests {
         );
         make_local_dir(&dir.path().join("d"), 0o755).expect("mkdir");
         make_local_dir(&dir.path().join("d"), 0o750).expect("existing");
+    }
+
+    #[test]
+    fn copy_errors_are_an_entry_s_the_copy_s_or_the_sandbox_s() {
+        let rpc = |code| AgentError::Rpc {
+            rpc: "ReadFile",
+            status: tonic::Status::new(code, "x"),
+        };
+        let local = |errno| AgentError::Local {
+            action: "read",
+            path: "f".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        for (err, failure) in [
+            (local(libc::EACCES), CopyFailure::Entry),
+            (local(libc::ENOSPC), CopyFailure::Copy),
+            (entry_error("f", "in the way"), CopyFailure::Entry),
+            (copy_error("f", "too wide"), CopyFailure::Copy),
+            (broken_error("d", "compromised"), CopyFailure::Broken),
+            (rpc(tonic::Code::NotFound), CopyFailure::Entry),
+            (rpc(tonic::Code::Internal), CopyFailure::Entry),
+            (rpc(tonic::Code::ResourceExhausted), CopyFailure::Copy),
+            (rpc(tonic::Code::Unavailable), CopyFailure::Broken),
+            (rpc(tonic::Code::Unimplemented), CopyFailure::Broken),
+            (AgentError::NotServing(2), CopyFailure::Broken),
+        ] {
+            assert_eq!(err.copy_failure(), failure, "{err}");
+        }
     }
 }

@@ -35,7 +35,7 @@ mod mock_agent;
 
 pub use agent_client::{AgentClient, AgentError, GuestDetails};
 pub use agent_container::{ContainerError, ContainerSpec, ImageFs, RunningContainer};
-pub use agent_files::CopyStats;
+pub use agent_files::{CopyFailure, CopyStats};
 pub use agent_process::{
     ExecOutput, ExecRequest, OutputPipe, OutputStream, ProcessEvent, ProcessExit, ProcessInfo,
     ProcessSpec, RunningProcess, TtySize,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde::Serialize;
-use vmfactory_factory::{AgentError, Factory, FactoryChoice, Settings};
+use vmfactory_factory::{Factory, FactoryChoice, Settings};
 use vmfactory_hypervisor::qemu::accel::Accelerator;
 use vmfactory_sandbox::dir::{self, SandboxDir};
 use vmfactory_sandbox::{
@@ -961,22 +961,7 @@ async fn cp(runtime: &Path, container: Option<&str>, src: &str, dst: &str) -> Re
         }
         // As cp: what could not be copied (missing, refused, unreadable) is status 1;
         // the sandbox or its agent failing is vmfactory's failure (125).
-        let broken = matches!(
-            &err,
-            AgentError::Connect { .. }
-                | AgentError::NotServing(_)
-                | AgentError::Clock
-                | AgentError::CopyBroken { .. }
-        ) || matches!(&err, AgentError::Rpc { status, .. } if matches!(
-            status.code(),
-            tonic::Code::Unavailable
-                | tonic::Code::Cancelled
-                | tonic::Code::Unknown
-                | tonic::Code::DeadlineExceeded
-                | tonic::Code::Unimplemented
-                | tonic::Code::Aborted
-                | tonic::Code::DataLoss
-        ));
+        let broken = err.copy_failure() == vmfactory_factory::CopyFailure::Broken;
         let err = anyhow::Error::new(err).context("Copy failed");
         if broken {
             return Err(err);

@@ -148,25 +148,30 @@ fn adoption_grace_left(vm_dir: &Path) -> Option<std::time::Duration> {
         .filter(|left| !left.is_zero())
 }
 
-/// True while `vm_dir` carries a hand-over mark younger than [`HAND_OVER_MARK_GRACE`].
-fn adoption_pending(vm_dir: &Path) -> bool {
-    adoption_grace_left(vm_dir).is_some()
-}
-
 /// The VMs under `runtime_dir/vm` that [`reap_orphans_but_hand_overs`] leaves: handed
 /// over by a giver that is gone and not adopted yet, each with how much longer it may
 /// wait for its adopter before it counts as an orphan.
 pub fn orphans_awaiting_adoption(runtime_dir: &Path) -> Vec<(String, std::time::Duration)> {
+    orphan_dirs(runtime_dir)
+        .into_iter()
+        .filter_map(|(id, dir)| Some((id, adoption_grace_left(&dir)?)))
+        .collect()
+}
+
+/// The VM directories under `runtime_dir/vm` whose owner is gone, with their ids.
+fn orphan_dirs(runtime_dir: &Path) -> Vec<(String, std::path::PathBuf)> {
     let Ok(entries) = std::fs::read_dir(runtime_dir.join("vm")) else {
         return Vec::new();
     };
     entries
         .flatten()
-        .filter(|entry| entry.path().is_dir() && !owner_alive(&entry.path()))
-        .filter_map(|entry| {
-            let left = adoption_grace_left(&entry.path())?;
-            Some((entry.file_name().to_string_lossy().into_owned(), left))
+        .map(|entry| {
+            (
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+            )
         })
+        .filter(|(_, dir)| dir.is_dir() && !owner_alive(dir))
         .collect()
 }
 
@@ -185,17 +190,12 @@ pub fn reap_orphans_but_hand_overs(runtime_dir: &Path) -> Vec<String> {
 }
 
 fn reap(runtime_dir: &Path, leave_hand_overs: bool) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(runtime_dir.join("vm")) else {
-        return Vec::new();
-    };
     let mut reaped = Vec::new();
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        if !dir.is_dir() || owner_alive(&dir) || (leave_hand_overs && adoption_pending(&dir)) {
+    for (id, dir) in orphan_dirs(runtime_dir) {
+        if leave_hand_overs && adoption_grace_left(&dir).is_some() {
             continue;
         }
         reap_dir(&dir);
-        let id = entry.file_name().to_string_lossy().into_owned();
         info!(id, "Reaped a VM whose owner is gone");
         reaped.push(id);
     }
