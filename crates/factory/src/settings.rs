@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use vmfactory_hypervisor::qemu::accel::Accelerator;
 use vmfactory_hypervisor::qemu::{default_firmware, default_runtime_dir, QemuConfig};
 
-use vmfactory_guest_image::KernelSource;
+use vmfactory_guest_image::{KernelSource, QemuSource};
 
 use crate::config::VmConfig;
 use crate::metrics::MetricsAddress;
@@ -21,6 +21,10 @@ pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 pub const MAX_READY_VMS: u32 = 64;
 /// Longest boot or agent timeout, seconds.
 pub const MAX_TIMEOUT_SECS: u64 = 3600;
+/// Debian's QEMU, by name in `PATH`: the binary when `path` is empty and no built QEMU
+/// is used.
+pub const DEBIAN_QEMU: &str = "qemu-system-x86_64";
+
 /// Most vCPUs a QEMU guest can be grown to.
 pub const MAX_VCPUS: u32 = 255;
 /// Hot-plug limit of guest RAM when the host's memory is unknown or larger, MiB.
@@ -118,6 +122,11 @@ pub struct GuestSettings {
     /// `"vmfactory"` (default: our kernel, built from Debian's kernel source) or
     /// `"debian"` (Debian's cloud kernel with its virtio modules).
     pub kernel: KernelSource,
+    /// The QEMU of VMs when `hypervisor.qemu.path` is not set: `"vmfactory"` (default:
+    /// built by `vmfactory guest build` from the source of the installed
+    /// `qemu-system-x86`, with only the devices vmfactory's VMs use; starts in about half
+    /// the time) or `"debian"` (the installed `qemu-system-x86_64`).
+    pub qemu: QemuSource,
 }
 
 /// `[hypervisor]`
@@ -132,7 +141,8 @@ pub struct HypervisorSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct QemuSettings {
-    /// QEMU binary (path or name in PATH).
+    /// QEMU binary (path or name in PATH); empty (the default): the one `[guest] qemu`
+    /// chooses, vmfactory's built QEMU or Debian's `qemu-system-x86_64`.
     pub path: PathBuf,
     /// Guest kernel; empty: the built guest image's.
     pub kernel: PathBuf,
@@ -178,7 +188,7 @@ pub struct QemuSettings {
 impl Default for QemuSettings {
     fn default() -> Self {
         Self {
-            path: "qemu-system-x86_64".into(),
+            path: PathBuf::new(),
             kernel: PathBuf::new(),
             initrd: PathBuf::new(),
             machine_type: "q35".into(),
@@ -674,7 +684,11 @@ impl Settings {
         };
         VmConfig {
             qemu: QemuConfig {
-                binary: qemu.path.clone(),
+                binary: if qemu.path.as_os_str().is_empty() {
+                    DEBIAN_QEMU.into()
+                } else {
+                    qemu.path.clone()
+                },
                 machine_type: qemu.machine_type.clone(),
                 accelerator: qemu.accelerator,
                 kernel_is_pvm: qemu.kernel_is_pvm,
@@ -701,6 +715,12 @@ impl Settings {
     /// Whether the kernel and initrd come from the built guest image.
     pub fn uses_guest_image(&self) -> bool {
         self.hypervisor.qemu.kernel.as_os_str().is_empty()
+    }
+
+    /// True when VMs run vmfactory's built QEMU: no `hypervisor.qemu.path` is set and
+    /// `[guest] qemu` is `"vmfactory"`.
+    pub fn uses_built_qemu(&self) -> bool {
+        self.hypervisor.qemu.path.as_os_str().is_empty() && self.guest.qemu == QemuSource::Vmfactory
     }
 }
 

@@ -32,6 +32,23 @@ pub enum GuestImageError {
         /// The tail of its output.
         detail: String,
     },
+    /// Tools or headers a QEMU build needs are missing.
+    #[error("Building vmfactory's QEMU needs {missing}: run `apt-get install meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev dpkg-dev gcc` (as root), or use Debian's QEMU ([guest] qemu = \"debian\" or --guest-qemu debian)")]
+    QemuBuildTools {
+        /// The missing programs and packages.
+        missing: String,
+    },
+    /// A step of the QEMU build failed.
+    #[error("The QEMU build failed at {step}: {detail}; or use Debian's QEMU ([guest] qemu = \"debian\" or --guest-qemu debian)")]
+    QemuBuild {
+        /// The step, e.g. `configure`.
+        step: String,
+        /// The tail of its output.
+        detail: String,
+    },
+    /// Debian's QEMU, whose source and firmware vmfactory's QEMU uses, is not installed.
+    #[error("vmfactory's QEMU is built from the source of the installed qemu-system-x86 and uses its firmware, but qemu-system-x86 is not installed: run `apt-get install qemu-system-x86` (as root)")]
+    QemuNotInstalled,
     /// The resulting kernel config lacks options we asked for.
     #[error("The guest kernel config lacks options vmfactory.config asks for: {options}; their dependencies are not met in this kernel version: fix crates/guest-image/kernel/vmfactory.config")]
     KernelConfig {

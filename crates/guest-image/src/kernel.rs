@@ -260,11 +260,11 @@ fn load_built(dir: &Path, key: &str) -> Option<BuiltKernel> {
 }
 
 /// Holds an exclusive `flock` on a file until dropped.
-struct BuildLock {
+pub(crate) struct BuildLock {
     _file: fs::File,
 }
 
-fn lock_exclusive(path: &Path) -> Result<BuildLock, GuestImageError> {
+pub(crate) fn lock_exclusive(path: &Path) -> Result<BuildLock, GuestImageError> {
     let file = fs::File::options()
         .create(true)
         .truncate(false)
@@ -536,7 +536,7 @@ fn make_output(tree: &Path, args: &[&str], step: &str) -> Result<String, GuestIm
 }
 
 /// The last lines of a failed step's output.
-fn tail(stderr: &[u8], stdout: &[u8]) -> String {
+pub(crate) fn tail(stderr: &[u8], stdout: &[u8]) -> String {
     let text = if stderr.iter().any(|b| !b.is_ascii_whitespace()) {
         String::from_utf8_lossy(stderr)
     } else {

@@ -21,6 +21,7 @@ mod error;
 mod image;
 mod kernel;
 mod modules;
+mod qemu;
 mod vmlinux;
 
 use std::fs;
@@ -44,6 +45,10 @@ pub use kernel::{
     KERNEL_BUILD_PACKAGES, KERNEL_CONFIG_FRAGMENT, KERNEL_PATCHES,
 };
 pub use modules::ModuleError;
+pub use qemu::{
+    current_qemu, ensure_qemu, qemu_recipe_digest, BuiltQemu, QemuBuild, QemuSource,
+    DEBIAN_QEMU_BINARY, QEMU_BUILD_PACKAGES, QEMU_DEVICES,
+};
 pub use vmlinux::VmlinuxError;
 
 use assemble::{assemble, Assembly};

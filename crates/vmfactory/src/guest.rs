@@ -11,8 +11,9 @@ use clap::{Args, Subcommand};
 
 use vmfactory_factory::settings::Settings;
 use vmfactory_guest_image::{
-    build, check, current, default_cache_dir, embedded_agent_path, install_embedded_agent,
-    BuildOptions, GuestImage, KernelSource, UpdateCheck, UpdateStatus,
+    build, check, current, current_qemu, default_cache_dir, embedded_agent_path, ensure_qemu,
+    install_embedded_agent, BuildOptions, BuiltQemu, GuestImage, KernelSource, QemuBuild,
+    QemuSource, UpdateCheck, UpdateStatus,
 };
 
 /// The static guest agent, built by `build.rs` with the workspace's `agent` profile.
@@ -42,6 +43,13 @@ pub struct ImageArgs {
     /// modules). Default: [guest] kernel of the configuration, else vmfactory.
     #[arg(long, env = "VMFACTORY_GUEST_KERNEL", value_name = "vmfactory|debian")]
     pub guest_kernel: Option<KernelSource>,
+    /// QEMU of the VMs when no `--qemu` or `[hypervisor.qemu] path` names one: vmfactory
+    /// (built by `guest build` from the source of the installed qemu-system-x86, with only
+    /// the devices vmfactory's VMs use; starts in about half the time) or debian (the
+    /// installed qemu-system-x86_64). Default: [guest] qemu of the configuration, else
+    /// vmfactory.
+    #[arg(long, env = "VMFACTORY_GUEST_QEMU", value_name = "vmfactory|debian")]
+    pub guest_qemu: Option<QemuSource>,
 }
 
 /// `vmfactory guest …`
@@ -50,8 +58,11 @@ pub enum GuestCommand {
     /// Build the guest image: ask apt for Debian's newest kernel and busybox, download
     /// them, compile vmfactory's kernel from the kernel source (once per source version,
     /// config and compiler; needs bc bison flex libelf-dev libssl-dev make gcc xz-utils), and pack
-    /// it with the agent. Does nothing when the cached image is up to date; prints its
-    /// paths.
+    /// it with the agent. Then build vmfactory's QEMU from the source of the installed
+    /// qemu-system-x86 (once per version; needs meson ninja-build pkg-config
+    /// libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev dpkg-dev), unless Debian's
+    /// QEMU or a QEMU path is configured. Does nothing when both are up to date; prints
+    /// their paths.
     Build(BuildArgs),
 }
 
@@ -77,7 +88,8 @@ pub struct BuildArgs {
 /// Runs a `vmfactory guest` command (blocking: it may run apt and build an image).
 pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
     let GuestCommand::Build(args) = command;
-    let configured = Settings::load(config)?.guest.kernel;
+    let settings = Settings::load(config)?;
+    let configured = settings.guest.kernel;
     let options = build_options(&args.image, configured)?;
     if args.check {
         let report = check(&options).context("Cannot check for a newer guest kernel")?;
@@ -89,15 +101,64 @@ pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
         });
     }
     let image = build_image(&options, args.force)?;
+    let qemu = if wants_built_qemu(&args.image, &settings) {
+        Some(build_qemu(&options.cache_dir, args.force)?)
+    } else {
+        None
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&image)?);
+        let mut value = serde_json::to_value(&image)?;
+        if let Some(object) = value.as_object_mut() {
+            object.insert("qemu".into(), serde_json::to_value(&qemu)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         println!("kernel: {}", image.kernel.display());
         println!("initrd: {}", image.initrd.display());
         println!("kernel release: {}", image.kernel_release);
         println!("kernel source: {}", image.kernel_source);
+        if let Some(qemu) = &qemu {
+            println!("qemu: {}", qemu.binary.display());
+            println!(
+                "qemu source: {} {}",
+                qemu.source_package, qemu.source_version
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// True when VMs of these options run vmfactory's built QEMU: no QEMU path is configured
+/// and `--guest-qemu`, else `[guest] qemu`, says vmfactory.
+pub fn wants_built_qemu(args: &ImageArgs, settings: &Settings) -> bool {
+    settings.hypervisor.qemu.path.as_os_str().is_empty()
+        && args.guest_qemu.unwrap_or(settings.guest.qemu) == QemuSource::Vmfactory
+}
+
+/// The built QEMU of the cache, building it (with apt) only when there is none or
+/// Debian's QEMU was upgraded since.
+pub fn ensure_built_qemu(args: &ImageArgs) -> Result<BuiltQemu> {
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    if let Some(built) = current_qemu(&cache_dir) {
+        tracing::debug!(binary = %built.binary.display(), "using vmfactory's QEMU");
+        return Ok(built);
+    }
+    build_qemu(&cache_dir, false)
+}
+
+/// Builds (or finds cached) vmfactory's QEMU, with progress.
+fn build_qemu(cache_dir: &Path, force: bool) -> Result<BuiltQemu> {
+    let mut shown = crate::progress::Progress::spinner("Preparing vmfactory's QEMU");
+    let mut progress = |message: &str| shown.set_message(message);
+    let built = ensure_qemu(QemuBuild { cache_dir, force }, &mut progress);
+    match &built {
+        Ok(qemu) => shown.finish(&format!(
+            "QEMU ready (built from {} {})",
+            qemu.source_package, qemu.source_version
+        )),
+        Err(_) => shown.abandon(),
+    }
+    built.context("Cannot build vmfactory's QEMU")
 }
 
 /// The `guest build` command line that builds the image these options name (the kernel

@@ -87,8 +87,8 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Print the effective configuration (file plus defaults, and the VMFACTORY_QEMU,
-    /// VMFACTORY_KERNEL, VMFACTORY_INITRD and VMFACTORY_GUEST_KERNEL variables, each
-    /// named on stderr when set) as TOML.
+    /// VMFACTORY_KERNEL, VMFACTORY_INITRD, VMFACTORY_GUEST_KERNEL and VMFACTORY_GUEST_QEMU
+    /// variables, each named on stderr when set) as TOML.
     Show {
         /// Print JSON instead.
         #[arg(long)]
@@ -218,6 +218,9 @@ impl VmArgs {
         if let Some((kernel, initrd)) = &image {
             settings.hypervisor.qemu.kernel = kernel.clone();
             settings.hypervisor.qemu.initrd = initrd.clone();
+        }
+        if local && guest::wants_built_qemu(&self.image, &settings) {
+            settings.hypervisor.qemu.path = guest::ensure_built_qemu(&self.image)?.binary;
         }
         check_request(&settings.hypervisor.qemu, self.vcpus, self.memory)?;
         let mut base = settings.vm_config(None);
@@ -665,6 +668,17 @@ fn apply_environment(settings: &mut Settings) -> Result<Vec<String>> {
                 .to_string()
         });
     }
+    if let Some(source) = given("VMFACTORY_GUEST_QEMU") {
+        let source = source.to_string_lossy();
+        settings.guest.qemu = source
+            .parse()
+            .map_err(|err| anyhow::anyhow!("VMFACTORY_GUEST_QEMU={source}: {err}"))?;
+        said.push(if settings.hypervisor.qemu.path.as_os_str().is_empty() {
+            "VMFACTORY_GUEST_QEMU overrides guest.qemu".to_string()
+        } else {
+            "VMFACTORY_GUEST_QEMU has no effect: hypervisor.qemu.path names the QEMU".to_string()
+        });
+    }
     Ok(said)
 }
 
@@ -742,6 +756,8 @@ mod tests {
                 cache_dir: None,
                 agent: None,
                 guest_kernel: None,
+                // Debian's: a unit test builds no QEMU.
+                guest_qemu: Some(vmfactory_guest_image::QemuSource::Debian),
             },
         };
         for (initrd, expected) in [(None, &configured), (Some(given.as_path()), &given)] {

@@ -4,10 +4,10 @@
 mod common;
 
 use std::io::{BufRead, Write};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{qemu_pids_under, text, with_image, BIN};
+use common::{image, qemu_pids_under, text, with_image, BIN};
 use sha2::{Digest, Sha256};
 
 /// A private runtime directory for sandboxes, checked clean (and cleaned) on drop.
@@ -431,20 +431,19 @@ fn an_interrupted_copy_out_removes_its_partial_file() {
     env.assert_nothing_left();
 }
 
-fn spawn_create(env: &Env, name: &str) -> Child {
-    env.command(&["sandbox", "create", "--name", name])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn create")
-}
-
 #[test]
 fn sigkill_of_the_supervisor_or_the_creator_leaves_no_half_sandbox() {
     let env = Env::new();
     // The creating command killed while the supervisor boots the VM: the sandbox is
     // still made, and usable.
-    let mut creator = spawn_create(&env, "orphaned");
+    // With Debian's QEMU (the VMs' QEMU when `[guest] qemu = "debian"`).
+    let mut creator = env
+        .command(&["sandbox", "create", "--name", "orphaned"])
+        .env("VMFACTORY_GUEST_QEMU", "debian")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn create");
     std::thread::sleep(Duration::from_millis(500));
     creator.kill().expect("kill the creator");
     let _ = creator.wait();
@@ -467,9 +466,13 @@ fn sigkill_of_the_supervisor_or_the_creator_leaves_no_half_sandbox() {
     let record = env.listed().remove(0);
     let supervisor = record["supervisor_pid"].as_u64().expect("pid") as u32;
     let vm = record["vm_pid"].as_u64().expect("pid") as u32;
-    // Its QEMU runs with vmfactory's stand-ins for the libraries it never calls (the test
-    // suite's QEMU is Debian's, which links capstone and RDMA's), not the system's, and
-    // without what only those needed (RDMA's netlink libraries).
+    // Its QEMU is Debian's, and runs with vmfactory's stand-ins for the libraries it never
+    // calls (Debian's QEMU links capstone and RDMA's), not the system's, and without what
+    // only those needed (RDMA's netlink libraries).
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{vm}/exe")).expect("exe"),
+        std::path::Path::new("/usr/bin/qemu-system-x86_64")
+    );
     let maps = std::fs::read_to_string(format!("/proc/{vm}/maps")).expect("maps");
     for library in ["libcapstone", "libibverbs"] {
         let mapped: Vec<&str> = maps.lines().filter(|l| l.contains(library)).collect();
@@ -517,6 +520,42 @@ fn sigkill_of_the_supervisor_or_the_creator_leaves_no_half_sandbox() {
     let output = env.sandbox(&["rm", "orphaned"]);
     assert!(output.status.success(), "{}", text(&output));
     assert!(env.listed().is_empty());
+    env.assert_nothing_left();
+}
+
+#[test]
+fn sandboxes_run_vmfactorys_own_qemu() {
+    let env = Env::new();
+    let id = env.create("own-qemu");
+    let record = env.listed().remove(0);
+    let vm = record["vm_pid"].as_u64().expect("pid") as u32;
+    // The QEMU `guest build` built from Debian's source with vmfactory's devices, not
+    // the system's: none of the libraries Debian's links for features VMs never use.
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{vm}/exe")).expect("exe"),
+        image().qemu
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{vm}/maps")).expect("maps");
+    for library in [
+        "libcapstone",
+        "libibverbs",
+        "libgnutls",
+        "libspice",
+        "/qemu-stub/",
+    ] {
+        assert!(!maps.contains(library), "{library} in {maps}");
+    }
+    // The agent answers through its virtio-serial port, and the PCIe root ports that
+    // containers' disks are hot-plugged into are there (the container tests plug them).
+    let devices = env.exec(
+        &id,
+        "for d in /sys/bus/pci/devices/*; do echo $(cat $d/vendor $d/device); done",
+    );
+    // virtio-serial (1af4:1003), the PCIe root ports (1b36:000c).
+    assert!(devices.contains("0x1af4 0x1003"), "{devices}");
+    assert!(devices.contains("0x1b36 0x000c"), "{devices}");
+    let output = env.sandbox(&["rm", "-f", &id]);
+    assert!(output.status.success(), "{}", text(&output));
     env.assert_nothing_left();
 }
 

@@ -18,6 +18,8 @@ pub struct Image {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub release: String,
+    /// vmfactory's QEMU, built by `guest build` (the VMs' QEMU unless one is named).
+    pub qemu: PathBuf,
 }
 
 /// The guest image, built (or found up to date) once per test binary.
@@ -42,6 +44,7 @@ pub fn image() -> &'static Image {
             kernel: field("kernel:").into(),
             initrd: field("initrd:").into(),
             release: field("kernel release:"),
+            qemu: field("qemu:").into(),
         }
     })
 }

@@ -1,0 +1,705 @@
+//! vmfactory's own QEMU: built from Debian's source of the installed `qemu-system-x86`
+//! (so it carries Debian's patches and security fixes, and matches the firmware Debian
+//! installed), with only the devices vmfactory's VMs use (`qemu/vmfactory-devices.mak`),
+//! no optional libraries, no PIE. Debian's QEMU links about 50 libraries and registers
+//! every device it has at each start; ours links six, so a VM's QEMU starts in about
+//! half the time (the larger part of an on-demand clone that is not the guest's own
+//! work). Cached under `qemu/<key>/` by source digest, device list, configure options and
+//! compiler; `qemu/current.json` names the build to use together with a stamp of
+//! Debian's binary, so that an upgraded `qemu-system-x86` is built again from its new
+//! source.
+//!
+//! Hand-written on purpose: no crate builds QEMU; the steps are Debian's tools
+//! (`apt-get source`, `dpkg-source`) and QEMU's own (`configure`, `ninja`).
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{io_error, GuestImageError};
+use crate::kernel::{compiler_version, lock_exclusive, tail};
+
+/// The device list of our QEMU.
+pub const QEMU_DEVICES: &str = include_str!("../qemu/vmfactory-devices.mak");
+
+/// Version of the QEMU build recipe; bump it when the same inputs give another binary.
+const QEMU_BUILD_VERSION: u32 = 1;
+
+/// The Debian package whose source is built (and whose firmware our QEMU loads).
+pub const DEBIAN_QEMU_PACKAGE: &str = "qemu-system-x86";
+
+/// Debian's binary: its stamp tells when `qemu-system-x86` was upgraded.
+pub const DEBIAN_QEMU_BINARY: &str = "/usr/bin/qemu-system-x86_64";
+
+/// Host packages a QEMU build needs, for the install hint.
+pub const QEMU_BUILD_PACKAGES: &str =
+    "meson ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev dpkg-dev gcc";
+
+/// Where our QEMU looks for firmware: Debian's (SeaBIOS, the option ROMs, the PVH
+/// loader), installed with `qemu-system-x86`. Outside the configure prefix, so QEMU
+/// does not relocate them next to its binary.
+const FIRMWARE_PATH: &str = "/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu";
+
+/// `configure` options (besides `--firmwarepath`): one target, TCG and KVM, the device
+/// list, and no optional feature (each would link a library a VM never uses) but those
+/// that need none: `malloc_trim` after QEMU frees (without it an idle VM keeps more
+/// heap), AVX2 for the zero-page checks of migration.
+const CONFIGURE_OPTIONS: &[&str] = &[
+    "--prefix=/opt/vmfactory-qemu",
+    "--target-list=x86_64-softmmu",
+    "--without-default-features",
+    "--without-default-devices",
+    "--with-devices-x86_64=vmfactory",
+    "--enable-tcg",
+    "--enable-kvm",
+    "--enable-malloc-trim",
+    "--enable-avx2",
+    "--enable-fdt=system",
+    "--disable-docs",
+    "--disable-tools",
+    "--disable-user",
+    "--disable-debug-info",
+    "--disable-pie",
+    "--extra-ldflags=-no-pie",
+];
+
+/// How to choose the QEMU of vmfactory's VMs when `[hypervisor.qemu] path` is not set.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum QemuSource {
+    /// vmfactory's QEMU, built from Debian's QEMU source with only the devices
+    /// vmfactory's VMs use (default).
+    #[default]
+    Vmfactory,
+    /// Debian's `qemu-system-x86_64` as installed.
+    Debian,
+}
+
+impl QemuSource {
+    /// The configuration's and command line's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Vmfactory => "vmfactory",
+            Self::Debian => "debian",
+        }
+    }
+}
+
+impl std::fmt::Display for QemuSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for QemuSource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "vmfactory" => Ok(Self::Vmfactory),
+            "debian" => Ok(Self::Debian),
+            other => Err(format!(
+                "unknown QEMU {other:?}: use vmfactory (built from Debian's QEMU source with \
+                 vmfactory's devices) or debian (Debian's qemu-system-x86_64)"
+            )),
+        }
+    }
+}
+
+/// A QEMU built (or found) in the cache.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuiltQemu {
+    /// `qemu/<key>/`.
+    pub dir: PathBuf,
+    /// `qemu/<key>/bin/qemu-system-x86_64`.
+    pub binary: PathBuf,
+    /// The Debian source package and version it was built from.
+    pub source_package: String,
+    /// e.g. `1:7.2+dfsg-7+deb12u18`.
+    pub source_version: String,
+    /// The build key (directory name).
+    pub key: String,
+}
+
+/// What `qemu/<key>/build.json` records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BuildRecord {
+    key: String,
+    source_package: String,
+    source_version: String,
+    compiler: String,
+    configure: Vec<String>,
+    seconds: u64,
+}
+
+/// What `qemu/current.json` records: the build to use while Debian's binary is the one
+/// it was built beside.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct CurrentRecord {
+    key: String,
+    /// The recipe's digest when it was built: another vmfactory with another device list
+    /// or options builds again.
+    recipe: String,
+    /// Size and modification time of [`DEBIAN_QEMU_BINARY`] then.
+    debian_binary: Option<(u64, i128)>,
+}
+
+/// Digest of what this vmfactory contributes to its QEMU: recipe version, device list,
+/// configure options.
+pub fn qemu_recipe_digest() -> String {
+    qemu_key("", "")
+}
+
+/// The key of a QEMU build: recipe, source `.dsc` digest, compiler.
+fn qemu_key(dsc_sha256: &str, compiler: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"vmfactory-qemu\0");
+    hasher.update(format!("recipe={QEMU_BUILD_VERSION}\0").as_bytes());
+    hasher.update(format!("source={dsc_sha256}\0").as_bytes());
+    // Only the option lines count: a comment edited does not rebuild QEMU.
+    for line in QEMU_DEVICES.lines().map(str::trim) {
+        if !line.is_empty() && !line.starts_with('#') {
+            hasher.update(format!("device={line}\0").as_bytes());
+        }
+    }
+    for option in CONFIGURE_OPTIONS {
+        hasher.update(format!("configure={option}\0").as_bytes());
+    }
+    hasher.update(format!("firmware={FIRMWARE_PATH}\0").as_bytes());
+    hasher.update(format!("compiler={compiler}\0").as_bytes());
+    format!("{:x}", hasher.finalize())
+}
+
+/// Size and modification time (ns since the epoch) of Debian's QEMU binary.
+fn debian_binary_stamp() -> Option<(u64, i128)> {
+    let meta = fs::metadata(DEBIAN_QEMU_BINARY).ok()?;
+    let modified = meta.modified().ok()?;
+    let nanos = match modified.duration_since(std::time::UNIX_EPOCH) {
+        Ok(after) => i128::try_from(after.as_nanos()).ok()?,
+        Err(before) => -i128::try_from(before.duration().as_nanos()).ok()?,
+    };
+    Some((meta.len(), nanos))
+}
+
+/// The QEMU `cache_dir` holds for this vmfactory and the installed `qemu-system-x86`,
+/// without running anything (a few `stat` calls): `None` when none is built, the recipe
+/// changed, or Debian's QEMU was upgraded since.
+pub fn current_qemu(cache_dir: &Path) -> Option<BuiltQemu> {
+    let root = cache_dir.join("qemu");
+    let record: CurrentRecord =
+        serde_json::from_slice(&fs::read(root.join("current.json")).ok()?).ok()?;
+    if record.recipe != qemu_recipe_digest() || record.debian_binary != debian_binary_stamp() {
+        return None;
+    }
+    load_built(&root.join(&record.key), &record.key)
+}
+
+/// Reads the build cached under `dir`, if complete.
+fn load_built(dir: &Path, key: &str) -> Option<BuiltQemu> {
+    let record: BuildRecord =
+        serde_json::from_slice(&fs::read(dir.join("build.json")).ok()?).ok()?;
+    let binary = dir.join("bin/qemu-system-x86_64");
+    (record.key == key && binary.is_file()).then(|| BuiltQemu {
+        dir: dir.to_owned(),
+        binary,
+        source_package: record.source_package,
+        source_version: record.source_version,
+        key: key.to_owned(),
+    })
+}
+
+/// Checks the host tools a QEMU build needs; the error names the `apt-get install`.
+fn check_build_tools() -> Result<(), GuestImageError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut missing: Vec<&str> = [
+        ("meson", "meson"),
+        ("ninja", "ninja-build"),
+        ("pkg-config", "pkg-config"),
+        ("dpkg-source", "dpkg-dev"),
+        ("gcc", "gcc"),
+        ("python3", "python3"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+    .map(|(_, package)| package)
+    .collect();
+    for (header, package) in [
+        ("/usr/include/glib-2.0/glib.h", "libglib2.0-dev"),
+        ("/usr/include/pixman-1/pixman.h", "libpixman-1-dev"),
+        ("/usr/include/libfdt.h", "libfdt-dev"),
+        ("/usr/include/zlib.h", "zlib1g-dev"),
+    ] {
+        if !Path::new(header).is_file() {
+            missing.push(package);
+        }
+    }
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(GuestImageError::QemuBuildTools {
+            missing: missing.join(", "),
+        })
+    }
+}
+
+/// Runs a command (C locale, no stdin), capturing its output; a failure is
+/// [`GuestImageError::QemuBuild`] at `step`.
+fn run_step(command: &mut Command, step: &str) -> Result<String, GuestImageError> {
+    let output = command
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                GuestImageError::ToolMissing {
+                    tool: command.get_program().to_string_lossy().into_owned(),
+                }
+            } else {
+                GuestImageError::ToolFailed {
+                    tool: command.get_program().to_string_lossy().into_owned(),
+                    source,
+                }
+            }
+        })?;
+    if output.status.success() {
+        return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
+    }
+    Err(GuestImageError::QemuBuild {
+        step: step.into(),
+        detail: tail(&output.stderr, &output.stdout),
+    })
+}
+
+/// The installed `qemu-system-x86`'s source package and version.
+fn installed_source() -> Result<(String, String), GuestImageError> {
+    let output = Command::new("dpkg-query")
+        .args([
+            "-W",
+            "-f=${db:Status-Abbrev}\t${source:Package}\t${source:Version}",
+            DEBIAN_QEMU_PACKAGE,
+        ])
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| GuestImageError::ToolFailed {
+            tool: "dpkg-query".into(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    parse_installed_source(&text).ok_or(GuestImageError::QemuNotInstalled)
+}
+
+/// Parses `dpkg-query`'s `status\tsource\tversion` line: only an installed package.
+fn parse_installed_source(text: &str) -> Option<(String, String)> {
+    let mut fields = text.trim_end().split('\t');
+    let (status, package, version) = (fields.next()?, fields.next()?, fields.next()?);
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.:~".contains(c))
+    };
+    (status.starts_with("ii") && valid(package) && valid(version))
+        .then(|| (package.to_owned(), version.to_owned()))
+}
+
+/// The `deb-src` lines matching the host's `deb` sources (the same mirrors, suites and
+/// components), from `apt-get indextargets`.
+fn source_lines(indextargets: &str) -> Vec<String> {
+    let mut lines = Vec::new();
+    for stanza in indextargets.split("\n\n") {
+        let field = |name: &str| {
+            stanza.lines().find_map(|line| {
+                line.strip_prefix(name)
+                    .and_then(|rest| rest.strip_prefix(": "))
+                    .map(str::trim)
+            })
+        };
+        let (Some(uri), Some(release)) = (field("Repo-URI"), field("Release")) else {
+            continue;
+        };
+        let component = field("Component").unwrap_or("");
+        let safe = |s: &str| !s.chars().any(|c| c.is_whitespace() || c == '#');
+        if uri.is_empty() || !safe(uri) || !safe(release) || !safe(component) {
+            continue;
+        }
+        let line = format!("deb-src {uri} {release} {component}")
+            .trim_end()
+            .to_owned();
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    }
+    lines
+}
+
+/// apt options that use a private source list and index directory under `apt_dir`, so
+/// the host's apt configuration is neither needed nor changed.
+fn apt_options(apt_dir: &Path) -> Vec<String> {
+    vec![
+        "-o".into(),
+        format!(
+            "Dir::Etc::sourcelist={}",
+            apt_dir.join("sources.list").display()
+        ),
+        "-o".into(),
+        "Dir::Etc::sourceparts=-".into(),
+        "-o".into(),
+        format!("Dir::State::Lists={}", apt_dir.join("lists").display()),
+        "-o".into(),
+        "Dir::Cache::pkgcache=".into(),
+        "-o".into(),
+        "Dir::Cache::srcpkgcache=".into(),
+        "-o".into(),
+        "APT::Sandbox::User=root".into(),
+    ]
+}
+
+/// Downloads the source package (`.dsc` and its files) into `dir` unless it is there;
+/// returns the `.dsc`.
+fn ensure_source(
+    cache_dir: &Path,
+    package: &str,
+    version: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<PathBuf, GuestImageError> {
+    let upstream = version.split_once(':').map_or(version, |(_, rest)| rest);
+    let dir = cache_dir
+        .join("downloads")
+        .join(format!("{package}-source-{upstream}"));
+    let dsc = dir.join(format!("{package}_{upstream}.dsc"));
+    if dsc.is_file() && dir.join(".complete").is_file() {
+        return Ok(dsc);
+    }
+    let apt_dir = cache_dir.join("apt-source");
+    let lists = apt_dir.join("lists");
+    fs::create_dir_all(lists.join("partial")).map_err(io_error(&lists))?;
+    // One download at a time (apt locks its lists and would fail a second `update`);
+    // whoever waited finds the first one's.
+    progress("Waiting for another download of QEMU's source");
+    let _lock = lock_exclusive(&apt_dir.join(".lock"))?;
+    if dsc.is_file() && dir.join(".complete").is_file() {
+        return Ok(dsc);
+    }
+    let targets = run_step(
+        Command::new("apt-get").args(["indextargets", "Created-By: Packages"]),
+        "list apt's sources",
+    )?;
+    let lines = source_lines(&targets);
+    if lines.is_empty() {
+        return Err(GuestImageError::QemuBuild {
+            step: "list apt's sources".into(),
+            detail: "apt has no Debian package sources configured (`apt-get indextargets` \
+                     lists none)"
+                .into(),
+        });
+    }
+    let list = apt_dir.join("sources.list");
+    fs::write(&list, lines.join("\n") + "\n").map_err(io_error(&list))?;
+    let options = apt_options(&apt_dir);
+    progress("Reading Debian's source package lists (apt-get update)");
+    run_step(
+        Command::new("apt-get")
+            .args(&options)
+            .args(["-q", "update"]),
+        "apt-get update of the source lists",
+    )?;
+    progress(&format!("Downloading the source of {package} {version}"));
+    let staging = tempfile::Builder::new()
+        .prefix(".download-")
+        .tempdir_in(cache_dir.join("downloads"))
+        .map_err(io_error(&cache_dir.join("downloads")))?;
+    run_step(
+        Command::new("apt-get")
+            .current_dir(staging.path())
+            .args(&options)
+            .args(["-q", "source", "--download-only"])
+            .arg(format!("{package}={version}")),
+        "apt-get source",
+    )?;
+    let _ = fs::remove_dir_all(&dir);
+    // The staging directory becomes the download's (its drop then finds nothing).
+    fs::rename(staging.path(), &dir).map_err(io_error(&dir))?;
+    if !dsc.is_file() {
+        return Err(GuestImageError::QemuBuild {
+            step: "apt-get source".into(),
+            detail: format!("{} is missing after the download", dsc.display()),
+        });
+    }
+    fs::write(dir.join(".complete"), b"").map_err(io_error(&dir))?;
+    Ok(dsc)
+}
+
+/// What [`ensure_qemu`] builds.
+#[derive(Debug, Clone, Copy)]
+pub struct QemuBuild<'a> {
+    /// Root of the cache.
+    pub cache_dir: &'a Path,
+    /// Build again even when a build of the same key is cached.
+    pub force: bool,
+}
+
+/// Finds the QEMU for the installed `qemu-system-x86` in the cache or builds it (apt for
+/// the source, then `configure` and `ninja`, a few minutes), records it as current and
+/// returns it. A concurrent build of the same key is waited for, not repeated.
+pub fn ensure_qemu(
+    spec: QemuBuild<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuiltQemu, GuestImageError> {
+    let (package, version) = installed_source()?;
+    crate::make_cache_dir(spec.cache_dir)?;
+    let downloads = spec.cache_dir.join("downloads");
+    fs::create_dir_all(&downloads).map_err(io_error(&downloads))?;
+    crate::image::sweep_stale_staging(&downloads);
+    let root = spec.cache_dir.join("qemu");
+    fs::create_dir_all(&root).map_err(io_error(&root))?;
+    // A quick answer when the current record is right (the usual `guest build`).
+    if !spec.force {
+        if let Some(built) = current_qemu(spec.cache_dir) {
+            if built.source_version == version {
+                return Ok(built);
+            }
+        }
+    }
+    let dsc = ensure_source(spec.cache_dir, &package, &version, progress)?;
+    let compiler = compiler_version()?;
+    let key = qemu_key(&crate::digest::sha256_file(&dsc)?, &compiler);
+    let dir = root.join(&key);
+    let built = match (!spec.force).then(|| load_built(&dir, &key)).flatten() {
+        Some(built) => built,
+        None => {
+            check_build_tools()?;
+            progress("Waiting for another build of the same QEMU");
+            let _lock = lock_exclusive(&root.join(format!(".{key}.lock")))?;
+            match (!spec.force).then(|| load_built(&dir, &key)).flatten() {
+                Some(built) => built,
+                None => build(&dsc, &package, &version, &compiler, &root, &key, progress)?,
+            }
+        }
+    };
+    record_current(&root, &key)?;
+    Ok(built)
+}
+
+/// Writes `qemu/current.json` for the build `key` (through a rename).
+fn record_current(root: &Path, key: &str) -> Result<(), GuestImageError> {
+    let record = CurrentRecord {
+        key: key.to_owned(),
+        recipe: qemu_recipe_digest(),
+        debian_binary: debian_binary_stamp(),
+    };
+    let path = root.join("current.json");
+    let json = serde_json::to_vec_pretty(&record).map_err(|source| GuestImageError::Manifest {
+        path: path.clone(),
+        source,
+    })?;
+    let temporary = root.join(format!(".current-{}.json", std::process::id()));
+    crate::digest::write_synced(&temporary, &json)?;
+    fs::rename(&temporary, &path).map_err(io_error(&path))
+}
+
+/// Unpacks, configures and compiles the source of `dsc` into `root/key`.
+fn build(
+    dsc: &Path,
+    package: &str,
+    version: &str,
+    compiler: &str,
+    root: &Path,
+    key: &str,
+    progress: &mut dyn FnMut(&str),
+) -> Result<BuiltQemu, GuestImageError> {
+    crate::image::sweep_stale_staging(root);
+    let started = std::time::Instant::now();
+    let staging = tempfile::Builder::new()
+        .prefix(".build-")
+        .tempdir_in(root)
+        .map_err(io_error(root))?;
+    let tree = staging.path().join("src");
+    progress(&format!(
+        "Unpacking the source of {package} {version} (with Debian's patches)"
+    ));
+    run_step(
+        Command::new("dpkg-source").arg("-x").arg(dsc).arg(&tree),
+        "dpkg-source -x",
+    )?;
+    let devices = tree.join("configs/devices/x86_64-softmmu/vmfactory.mak");
+    fs::write(&devices, QEMU_DEVICES).map_err(io_error(&devices))?;
+    let build_dir = tree.join("build-vmfactory");
+    fs::create_dir(&build_dir).map_err(io_error(&build_dir))?;
+    progress("Configuring QEMU (x86_64, TCG and KVM, vmfactory's devices only)");
+    run_step(
+        Command::new("../configure")
+            .current_dir(&build_dir)
+            .args(CONFIGURE_OPTIONS)
+            .arg(format!("--firmwarepath={FIRMWARE_PATH}")),
+        "configure",
+    )?;
+    compile(&build_dir, progress)?;
+    let out = staging.path().join("out");
+    let bin = out.join("bin");
+    fs::create_dir_all(&bin).map_err(io_error(&bin))?;
+    let from = build_dir.join("qemu-system-x86_64");
+    fs::rename(&from, bin.join("qemu-system-x86_64")).map_err(io_error(&from))?;
+    let record = BuildRecord {
+        key: key.to_owned(),
+        source_package: package.to_owned(),
+        source_version: version.to_owned(),
+        compiler: compiler.to_owned(),
+        configure: CONFIGURE_OPTIONS
+            .iter()
+            .map(|option| (*option).to_owned())
+            .chain(std::iter::once(format!("--firmwarepath={FIRMWARE_PATH}")))
+            .collect(),
+        seconds: started.elapsed().as_secs(),
+    };
+    let dir = root.join(key);
+    let json = serde_json::to_vec_pretty(&record).map_err(|source| GuestImageError::Manifest {
+        path: dir.join("build.json"),
+        source,
+    })?;
+    crate::digest::write_synced(&out.join("build.json"), &json)?;
+    if dir.exists() {
+        let aside = staging.path().join("old");
+        fs::rename(&dir, &aside).map_err(io_error(&dir))?;
+    }
+    fs::rename(&out, &dir).map_err(io_error(&dir))?;
+    progress("Removing the QEMU source tree");
+    drop(staging);
+    tracing::info!(dir = %dir.display(), seconds = record.seconds, "built QEMU");
+    load_built(&dir, key).ok_or_else(|| GuestImageError::QemuBuild {
+        step: "install".into(),
+        detail: format!("{} is incomplete after the build", dir.display()),
+    })
+}
+
+/// `ninja -j<cores> qemu-system-x86_64`, reporting its `[done/total]` steps.
+fn compile(build_dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), GuestImageError> {
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    progress(&format!("Compiling QEMU with {jobs} jobs"));
+    let log_path = build_dir.join("vmfactory-build.log");
+    let log = fs::File::create(&log_path).map_err(io_error(&log_path))?;
+    let mut child = Command::new("ninja")
+        .current_dir(build_dir)
+        .env("LC_ALL", "C")
+        .arg(format!("-j{jobs}"))
+        .arg("qemu-system-x86_64")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|source| GuestImageError::ToolFailed {
+            tool: "ninja".into(),
+            source,
+        })?;
+    let mut recent: Vec<String> = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some((done, total)) = ninja_step(&line) {
+                if done % 10 == 0 || done == total {
+                    progress(&format!("Compiling QEMU: {done}/{total}"));
+                }
+            }
+            recent.push(line);
+            if recent.len() > 12 {
+                recent.remove(0);
+            }
+        }
+    }
+    let status = child.wait().map_err(|source| GuestImageError::ToolFailed {
+        tool: "ninja".into(),
+        source,
+    })?;
+    if status.success() {
+        return Ok(());
+    }
+    let mut errors = String::new();
+    if let Ok(mut file) = fs::File::open(&log_path) {
+        let _ = file.read_to_string(&mut errors);
+    }
+    Err(GuestImageError::QemuBuild {
+        step: "ninja qemu-system-x86_64".into(),
+        detail: tail(errors.as_bytes(), recent.join("\n").as_bytes()),
+    })
+}
+
+/// `[12/1234] Compiling …` → (12, 1234).
+fn ninja_step(line: &str) -> Option<(u64, u64)> {
+    let inner = line.strip_prefix('[')?.split_once(']')?.0;
+    let (done, total) = inner.split_once('/')?;
+    Some((done.parse().ok()?, total.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_installed_source() {
+        assert_eq!(
+            parse_installed_source("ii \tqemu\t1:7.2+dfsg-7+deb12u18"),
+            Some(("qemu".into(), "1:7.2+dfsg-7+deb12u18".into()))
+        );
+        // Removed (config files left), or nothing known.
+        assert_eq!(
+            parse_installed_source("rc \tqemu\t1:7.2+dfsg-7+deb12u18"),
+            None
+        );
+        assert_eq!(parse_installed_source(""), None);
+        // Nothing an apt argument could be abused with.
+        assert_eq!(parse_installed_source("ii \tqemu -o x\t1"), None);
+    }
+
+    #[test]
+    fn source_lines_follow_the_binary_sources() {
+        let targets = "Repo-URI: http://deb.debian.org/debian/\nRelease: bookworm\n\
+                       Component: main\nTarget-Of: deb\n\n\
+                       Repo-URI: http://deb.debian.org/debian/\nRelease: bookworm\n\
+                       Component: main\nIdentifier: Translations\n\n\
+                       Repo-URI: http://deb.debian.org/debian-security/\n\
+                       Release: bookworm-security\nComponent: main\n\n\
+                       Repo-URI: http://example.org/flat/\nRelease: ./\n\n\
+                       Repo-URI: http://evil.example/ x\nRelease: a\nComponent: b\n";
+        assert_eq!(
+            source_lines(targets),
+            [
+                "deb-src http://deb.debian.org/debian/ bookworm main",
+                "deb-src http://deb.debian.org/debian-security/ bookworm-security main",
+                "deb-src http://example.org/flat/ ./",
+            ]
+        );
+    }
+
+    #[test]
+    fn ninja_steps_are_read() {
+        assert_eq!(
+            ninja_step("[12/1234] Compiling C object foo.o"),
+            Some((12, 1234))
+        );
+        assert_eq!(ninja_step("FAILED: foo.o"), None);
+        assert_eq!(ninja_step("[a/b]"), None);
+    }
+
+    #[test]
+    fn the_key_follows_the_recipe_and_inputs() {
+        let base = qemu_key("abc", "gcc 12");
+        assert_eq!(base, qemu_key("abc", "gcc 12"));
+        assert_ne!(base, qemu_key("abd", "gcc 12"));
+        assert_ne!(base, qemu_key("abc", "gcc 13"));
+        assert!(QEMU_DEVICES.contains("CONFIG_Q35=y"));
+        assert!(QEMU_DEVICES.contains("CONFIG_PCIE_PORT=y"));
+    }
+
+    #[test]
+    fn the_source_names_parse() {
+        assert_eq!("vmfactory".parse::<QemuSource>(), Ok(QemuSource::Vmfactory));
+        assert_eq!("debian".parse::<QemuSource>(), Ok(QemuSource::Debian));
+        assert!("qemu".parse::<QemuSource>().is_err());
+        assert_eq!(QemuSource::default(), QemuSource::Vmfactory);
+    }
+}
