@@ -716,12 +716,6 @@ impl Settings {
     pub fn uses_guest_image(&self) -> bool {
         self.hypervisor.qemu.kernel.as_os_str().is_empty()
     }
-
-    /// True when VMs run vmfactory's built QEMU: no `hypervisor.qemu.path` is set and
-    /// `[guest] qemu` is `"vmfactory"`.
-    pub fn uses_built_qemu(&self) -> bool {
-        self.hypervisor.qemu.path.as_os_str().is_empty() && self.guest.qemu == QemuSource::Vmfactory
-    }
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ pub enum GuestImageError {
         detail: String,
     },
     /// Debian's QEMU, whose source and firmware vmfactory's QEMU uses, is not installed.
-    #[error("vmfactory's QEMU is built from the source of the installed qemu-system-x86 and uses its firmware, but qemu-system-x86 is not installed: run `apt-get install qemu-system-x86` (as root)")]
+    #[error("vmfactory's QEMU is built from the source of the installed qemu-system-x86 and uses its firmware, but qemu-system-x86 is not installed (or dpkg-query is missing: not a Debian system): run `apt-get install qemu-system-x86` (as root), or name a QEMU with [hypervisor.qemu] path or --qemu")]
     QemuNotInstalled,
     /// The resulting kernel config lacks options we asked for.
     #[error("The guest kernel config lacks options vmfactory.config asks for: {options}; their dependencies are not met in this kernel version: fix crates/guest-image/kernel/vmfactory.config")]

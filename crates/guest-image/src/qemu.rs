@@ -27,7 +27,7 @@ use crate::kernel::{compiler_version, lock_exclusive, tail};
 pub const QEMU_DEVICES: &str = include_str!("../qemu/vmfactory-devices.mak");
 
 /// Version of the QEMU build recipe; bump it when the same inputs give another binary.
-const QEMU_BUILD_VERSION: u32 = 1;
+const QEMU_BUILD_VERSION: u32 = 2;
 
 /// The Debian package whose source is built (and whose firmware our QEMU loads).
 pub const DEBIAN_QEMU_PACKAGE: &str = "qemu-system-x86";
@@ -45,9 +45,10 @@ pub const QEMU_BUILD_PACKAGES: &str =
 const FIRMWARE_PATH: &str = "/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qemu";
 
 /// `configure` options (besides `--firmwarepath`): one target, TCG and KVM, the device
-/// list, and no optional feature (each would link a library a VM never uses) but those
-/// that need none: `malloc_trim` after QEMU frees (without it an idle VM keeps more
-/// heap), AVX2 for the zero-page checks of migration.
+/// list, and no optional feature (each would link a library a VM never uses) but one
+/// that needs none: `malloc_trim` after QEMU frees (without it an idle VM keeps about
+/// 5 MiB more heap). AVX2 for the zero-page checks of migration is asked for when the
+/// source has the option (QEMU 9.2 dropped it and detects AVX2 itself): [`AVX2_OPTION`].
 const CONFIGURE_OPTIONS: &[&str] = &[
     "--prefix=/opt/vmfactory-qemu",
     "--target-list=x86_64-softmmu",
@@ -57,7 +58,6 @@ const CONFIGURE_OPTIONS: &[&str] = &[
     "--enable-tcg",
     "--enable-kvm",
     "--enable-malloc-trim",
-    "--enable-avx2",
     "--enable-fdt=system",
     "--disable-docs",
     "--disable-tools",
@@ -66,6 +66,9 @@ const CONFIGURE_OPTIONS: &[&str] = &[
     "--disable-pie",
     "--extra-ldflags=-no-pie",
 ];
+
+/// Asked for when the source's `meson_options.txt` has it.
+const AVX2_OPTION: &str = "--enable-avx2";
 
 /// How to choose the QEMU of vmfactory's VMs when `[hypervisor.qemu] path` is not set.
 #[derive(
@@ -287,9 +290,15 @@ fn installed_source() -> Result<(String, String), GuestImageError> {
         .env("LC_ALL", "C")
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| GuestImageError::ToolFailed {
-            tool: "dpkg-query".into(),
-            source,
+        .map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                GuestImageError::QemuNotInstalled
+            } else {
+                GuestImageError::ToolFailed {
+                    tool: "dpkg-query".into(),
+                    source,
+                }
+            }
         })?;
     let text = String::from_utf8_lossy(&output.stdout);
     parse_installed_source(&text).ok_or(GuestImageError::QemuNotInstalled)
@@ -304,7 +313,10 @@ fn parse_installed_source(text: &str) -> Option<(String, String)> {
             && s.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "+-.:~".contains(c))
     };
-    (status.starts_with("ii") && valid(package) && valid(version))
+    // The second letter is the state: installed, or installed with triggers pending or
+    // awaited (the first is the wish: `h` for a held package).
+    let installed = matches!(status.chars().nth(1), Some('i' | 't' | 'W'));
+    (installed && valid(package) && valid(version))
         .then(|| (package.to_owned(), version.to_owned()))
 }
 
@@ -323,6 +335,12 @@ fn source_lines(indextargets: &str) -> Vec<String> {
         let (Some(uri), Some(release)) = (field("Repo-URI"), field("Release")) else {
             continue;
         };
+        // Only the distribution's own archives: their keys are apt's defaults, while a
+        // third-party source's `signed-by` key is not known here (and its sources are
+        // not needed: QEMU comes from the distribution).
+        if !matches!(field("Origin"), Some("Debian" | "Ubuntu")) {
+            continue;
+        }
         let component = field("Component").unwrap_or("");
         let safe = |s: &str| !s.chars().any(|c| c.is_whitespace() || c == '#');
         if uri.is_empty() || !safe(uri) || !safe(release) || !safe(component) {
@@ -355,8 +373,6 @@ fn apt_options(apt_dir: &Path) -> Vec<String> {
         "Dir::Cache::pkgcache=".into(),
         "-o".into(),
         "Dir::Cache::srcpkgcache=".into(),
-        "-o".into(),
-        "APT::Sandbox::User=root".into(),
     ]
 }
 
@@ -378,7 +394,7 @@ fn ensure_source(
     }
     let apt_dir = cache_dir.join("apt-source");
     let lists = apt_dir.join("lists");
-    fs::create_dir_all(lists.join("partial")).map_err(io_error(&lists))?;
+    crate::make_cache_dir(&lists.join("partial"))?;
     // One download at a time (apt locks its lists and would fail a second `update`);
     // whoever waited finds the first one's.
     progress("Waiting for another download of QEMU's source");
@@ -451,13 +467,16 @@ pub fn ensure_qemu(
     spec: QemuBuild<'_>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BuiltQemu, GuestImageError> {
+    // Taken first: an upgrade of Debian's QEMU during the build is seen next time.
+    let debian_binary = debian_binary_stamp();
     let (package, version) = installed_source()?;
-    crate::make_cache_dir(spec.cache_dir)?;
+    check_build_tools()?;
     let downloads = spec.cache_dir.join("downloads");
-    fs::create_dir_all(&downloads).map_err(io_error(&downloads))?;
-    crate::image::sweep_stale_staging(&downloads);
     let root = spec.cache_dir.join("qemu");
-    fs::create_dir_all(&root).map_err(io_error(&root))?;
+    for dir in [spec.cache_dir, &downloads, &root] {
+        crate::make_cache_dir(dir)?;
+    }
+    crate::image::sweep_stale_staging(&downloads);
     // A quick answer when the current record is right (the usual `guest build`).
     if !spec.force {
         if let Some(built) = current_qemu(spec.cache_dir) {
@@ -473,7 +492,6 @@ pub fn ensure_qemu(
     let built = match (!spec.force).then(|| load_built(&dir, &key)).flatten() {
         Some(built) => built,
         None => {
-            check_build_tools()?;
             progress("Waiting for another build of the same QEMU");
             let _lock = lock_exclusive(&root.join(format!(".{key}.lock")))?;
             match (!spec.force).then(|| load_built(&dir, &key)).flatten() {
@@ -482,25 +500,38 @@ pub fn ensure_qemu(
             }
         }
     };
-    record_current(&root, &key)?;
+    record_current(&root, &key, debian_binary)?;
     Ok(built)
 }
 
 /// Writes `qemu/current.json` for the build `key` (through a rename).
-fn record_current(root: &Path, key: &str) -> Result<(), GuestImageError> {
+fn record_current(
+    root: &Path,
+    key: &str,
+    debian_binary: Option<(u64, i128)>,
+) -> Result<(), GuestImageError> {
     let record = CurrentRecord {
         key: key.to_owned(),
         recipe: qemu_recipe_digest(),
-        debian_binary: debian_binary_stamp(),
+        debian_binary,
     };
     let path = root.join("current.json");
     let json = serde_json::to_vec_pretty(&record).map_err(|source| GuestImageError::Manifest {
         path: path.clone(),
         source,
     })?;
-    let temporary = root.join(format!(".current-{}.json", std::process::id()));
-    crate::digest::write_synced(&temporary, &json)?;
-    fs::rename(&temporary, &path).map_err(io_error(&path))
+    // A new file of its own (not a name a link could already stand on), renamed over.
+    let mut temporary = tempfile::Builder::new()
+        .prefix(".current-")
+        .tempfile_in(root)
+        .map_err(io_error(root))?;
+    std::io::Write::write_all(&mut temporary, &json)
+        .and_then(|()| temporary.as_file().sync_all())
+        .map_err(io_error(temporary.path()))?;
+    temporary
+        .persist(&path)
+        .map(drop)
+        .map_err(|err| io_error(&path)(err.error))
 }
 
 /// Unpacks, configures and compiles the source of `dsc` into `root/key`.
@@ -532,19 +563,34 @@ fn build(
     let build_dir = tree.join("build-vmfactory");
     fs::create_dir(&build_dir).map_err(io_error(&build_dir))?;
     progress("Configuring QEMU (x86_64, TCG and KVM, vmfactory's devices only)");
+    let meson_options = tree.join("meson_options.txt");
+    let has_avx2 = fs::read_to_string(&meson_options)
+        .map_err(io_error(&meson_options))?
+        .contains("option('avx2'");
     run_step(
         Command::new("../configure")
             .current_dir(&build_dir)
             .args(CONFIGURE_OPTIONS)
-            .arg(format!("--firmwarepath={FIRMWARE_PATH}")),
+            .args(has_avx2.then_some(AVX2_OPTION))
+            .arg(format!("--firmwarepath={FIRMWARE_PATH}"))
+            .arg(pkgversion(version)),
         "configure",
     )?;
     compile(&build_dir, progress)?;
     let out = staging.path().join("out");
     let bin = out.join("bin");
-    fs::create_dir_all(&bin).map_err(io_error(&bin))?;
+    crate::make_cache_dir(&bin)?;
     let from = build_dir.join("qemu-system-x86_64");
-    fs::rename(&from, bin.join("qemu-system-x86_64")).map_err(io_error(&from))?;
+    let binary = bin.join("qemu-system-x86_64");
+    fs::rename(&from, &binary).map_err(io_error(&from))?;
+    // Writable by us alone whatever the umask: vmfactory runs it only so
+    // (`untrusted_code_path`).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for (path, mode) in [(&out, 0o755), (&bin, 0o755), (&binary, 0o755)] {
+            fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io_error(path))?;
+        }
+    }
     let record = BuildRecord {
         key: key.to_owned(),
         source_package: package.to_owned(),
@@ -553,7 +599,11 @@ fn build(
         configure: CONFIGURE_OPTIONS
             .iter()
             .map(|option| (*option).to_owned())
-            .chain(std::iter::once(format!("--firmwarepath={FIRMWARE_PATH}")))
+            .chain(has_avx2.then(|| AVX2_OPTION.to_owned()))
+            .chain([
+                format!("--firmwarepath={FIRMWARE_PATH}"),
+                pkgversion(version),
+            ])
             .collect(),
         seconds: started.elapsed().as_secs(),
     };
@@ -575,6 +625,13 @@ fn build(
         step: "install".into(),
         detail: format!("{} is incomplete after the build", dir.display()),
     })
+}
+
+/// What `--version` adds to QEMU's version: that it is vmfactory's build, and of which
+/// Debian source (templates record the version: one saved by Debian's QEMU is not loaded
+/// by ours).
+fn pkgversion(version: &str) -> String {
+    format!("--with-pkgversion=vmfactory, Debian {version}")
 }
 
 /// `ninja -j<cores> qemu-system-x86_64`, reporting its `[done/total]` steps.
@@ -650,6 +707,13 @@ mod tests {
             parse_installed_source("rc \tqemu\t1:7.2+dfsg-7+deb12u18"),
             None
         );
+        // Held, or with triggers pending: installed all the same.
+        for status in ["hi ", "it ", "iW "] {
+            assert!(
+                parse_installed_source(&format!("{status}\tqemu\t1:7.2")).is_some(),
+                "{status}"
+            );
+        }
         assert_eq!(parse_installed_source(""), None);
         // Nothing an apt argument could be abused with.
         assert_eq!(parse_installed_source("ii \tqemu -o x\t1"), None);
@@ -658,19 +722,23 @@ mod tests {
     #[test]
     fn source_lines_follow_the_binary_sources() {
         let targets = "Repo-URI: http://deb.debian.org/debian/\nRelease: bookworm\n\
-                       Component: main\nTarget-Of: deb\n\n\
+                       Component: main\nOrigin: Debian\nTarget-Of: deb\n\n\
                        Repo-URI: http://deb.debian.org/debian/\nRelease: bookworm\n\
-                       Component: main\nIdentifier: Translations\n\n\
+                       Component: main\nOrigin: Debian\nIdentifier: Translations\n\n\
                        Repo-URI: http://deb.debian.org/debian-security/\n\
-                       Release: bookworm-security\nComponent: main\n\n\
-                       Repo-URI: http://example.org/flat/\nRelease: ./\n\n\
-                       Repo-URI: http://evil.example/ x\nRelease: a\nComponent: b\n";
+                       Release: bookworm-security\nComponent: main\nOrigin: Debian\n\n\
+                       Repo-URI: http://mirror.example/ubuntu/\nRelease: ./\n\
+                       Origin: Ubuntu\n\n\
+                       Repo-URI: https://download.docker.com/linux/debian/\n\
+                       Release: bookworm\nComponent: stable\nOrigin: Docker\n\n\
+                       Repo-URI: http://evil.example/ x\nRelease: a\nComponent: b\n\
+                       Origin: Debian\n";
         assert_eq!(
             source_lines(targets),
             [
                 "deb-src http://deb.debian.org/debian/ bookworm main",
                 "deb-src http://deb.debian.org/debian-security/ bookworm-security main",
-                "deb-src http://example.org/flat/ ./",
+                "deb-src http://mirror.example/ubuntu/ ./",
             ]
         );
     }

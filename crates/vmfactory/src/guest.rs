@@ -15,6 +15,7 @@ use vmfactory_guest_image::{
     install_embedded_agent, BuildOptions, BuiltQemu, GuestImage, KernelSource, QemuBuild,
     QemuSource, UpdateCheck, UpdateStatus,
 };
+use vmfactory_hypervisor::qemu::libstub::untrusted_code_path;
 
 /// The static guest agent, built by `build.rs` with the workspace's `agent` profile.
 static EMBEDDED_AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/vmfactory-agent"));
@@ -73,9 +74,10 @@ pub struct BuildArgs {
     /// (minutes).
     #[arg(long, conflicts_with = "check")]
     force: bool,
-    /// Only say whether apt offers a newer kernel or busybox than the current image;
-    /// build nothing. Exit status: 0 up to date, 100 an update is available, 101 no
-    /// image is built yet, 125 the check failed.
+    /// Only say whether apt offers a newer kernel or busybox than the current image, and
+    /// whether vmfactory's QEMU is built for the installed qemu-system-x86; build
+    /// nothing. Exit status: 0 up to date, 100 an update is available (or the QEMU is to
+    /// be built), 101 no image is built yet, 125 the check failed.
     #[arg(long)]
     check: bool,
     /// Print JSON instead of text.
@@ -93,16 +95,39 @@ pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
     let options = build_options(&args.image, configured)?;
     if args.check {
         let report = check(&options).context("Cannot check for a newer guest kernel")?;
-        print_check(&report, &build_command(&args.image), args.json)?;
-        return Ok(match report.status {
-            UpdateStatus::UpToDate => ExitCode::SUCCESS,
-            UpdateStatus::UpdateAvailable => ExitCode::from(EXIT_UPDATE_AVAILABLE),
-            UpdateStatus::NoImage => ExitCode::from(EXIT_NO_IMAGE),
+        // vmfactory's QEMU is current when it was built for the installed
+        // qemu-system-x86 by this vmfactory (`None`: VMs run another QEMU).
+        let qemu_current = wants_built_qemu(&args.image, &settings)
+            .then(|| current_qemu(&options.cache_dir).is_some());
+        print_check(
+            &report,
+            qemu_current,
+            &build_command(&args.image),
+            args.json,
+        )?;
+        return Ok(match (report.status, qemu_current) {
+            (UpdateStatus::NoImage, _) => ExitCode::from(EXIT_NO_IMAGE),
+            (UpdateStatus::UpdateAvailable, _) | (_, Some(false)) => {
+                ExitCode::from(EXIT_UPDATE_AVAILABLE)
+            }
+            (UpdateStatus::UpToDate, _) => ExitCode::SUCCESS,
         });
     }
     let image = build_image(&options, args.force)?;
     let qemu = if wants_built_qemu(&args.image, &settings) {
-        Some(build_qemu(&options.cache_dir, args.force)?)
+        let cache = &options.cache_dir;
+        if let Some(dir) = untrusted_code_path(cache, &cache.join("qemu")) {
+            bail!(
+                "Not building vmfactory's QEMU in {}: another user may write to {} (vmfactory \
+                 runs it only from a cache no one else can change); use a cache of your own \
+                 (--cache-dir), or Debian's QEMU (--guest-qemu debian)",
+                cache.display(),
+                dir.display()
+            );
+        }
+        let built = build_qemu(cache, args.force)?;
+        let _ = std::fs::remove_file(cache.join(QEMU_FAILURE_FILE));
+        Some(built)
     } else {
         None
     };
@@ -128,22 +153,74 @@ pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// True when VMs of these options run vmfactory's built QEMU: no QEMU path is configured
-/// and `--guest-qemu`, else `[guest] qemu`, says vmfactory.
+/// True when VMs of these options run vmfactory's built QEMU: no QEMU is named
+/// (`[hypervisor.qemu] path`, `VMFACTORY_QEMU`) and `--guest-qemu`, else `[guest] qemu`,
+/// says vmfactory.
 pub fn wants_built_qemu(args: &ImageArgs, settings: &Settings) -> bool {
     settings.hypervisor.qemu.path.as_os_str().is_empty()
+        && !std::env::var_os("VMFACTORY_QEMU").is_some_and(|given| !given.is_empty())
         && args.guest_qemu.unwrap_or(settings.guest.qemu) == QemuSource::Vmfactory
 }
 
-/// The built QEMU of the cache, building it (with apt) only when there is none or
-/// Debian's QEMU was upgraded since.
-pub fn ensure_built_qemu(args: &ImageArgs) -> Result<BuiltQemu> {
+/// Records a failed build of vmfactory's QEMU for a while, so commands do not retry it
+/// (apt and a compile) one after another.
+const QEMU_FAILURE_FILE: &str = "qemu/build-failed";
+/// How long a failed build is not retried by commands other than `guest build`.
+const QEMU_RETRY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
+/// The QEMU for a command's VMs: vmfactory's, found in the cache or built now (with apt;
+/// minutes). `None` (Debian's `qemu-system-x86_64` then, with a warning) when the cache
+/// is one another user may write to (this would run their binary), or when the build
+/// failed within the last hour: a command still runs, and `vmfactory guest build` says
+/// why.
+pub fn built_qemu(args: &ImageArgs) -> Option<PathBuf> {
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    if let Some(built) = current_qemu(&cache_dir) {
-        tracing::debug!(binary = %built.binary.display(), "using vmfactory's QEMU");
-        return Ok(built);
+    if let Some(dir) = untrusted_code_path(&cache_dir, &cache_dir.join("qemu")) {
+        tracing::warn!(
+            "Running Debian's QEMU: another user may write to {} (vmfactory's QEMU is \
+             run only from a cache no one else can change)",
+            dir.display()
+        );
+        return None;
     }
-    build_qemu(&cache_dir, false)
+    if let Some(built) = current_qemu(&cache_dir) {
+        if let Some(dir) = untrusted_code_path(&cache_dir, &built.binary) {
+            tracing::warn!(
+                "Running Debian's QEMU: another user may write to {}",
+                dir.display()
+            );
+            return None;
+        }
+        tracing::debug!(binary = %built.binary.display(), "using vmfactory's QEMU");
+        return Some(built.binary);
+    }
+    let failed = cache_dir.join(QEMU_FAILURE_FILE);
+    let recent = std::fs::metadata(&failed)
+        .and_then(|meta| meta.modified())
+        .ok()
+        .and_then(|modified| modified.elapsed().ok())
+        .is_some_and(|age| age < QEMU_RETRY);
+    if recent {
+        tracing::warn!(
+            "Running Debian's QEMU: building vmfactory's failed less than an hour ago \
+             (`vmfactory guest build` tries again and says why)"
+        );
+        return None;
+    }
+    match build_qemu(&cache_dir, false) {
+        Ok(built) => {
+            let _ = std::fs::remove_file(&failed);
+            Some(built.binary)
+        }
+        Err(err) => {
+            if let Some(parent) = failed.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            let _ = std::fs::write(&failed, format!("{err:#}\n"));
+            tracing::warn!("Running Debian's QEMU: {err:#}");
+            None
+        }
+    }
 }
 
 /// Builds (or finds cached) vmfactory's QEMU, with progress.
@@ -177,10 +254,27 @@ fn build_command(image: &ImageArgs) -> String {
     command
 }
 
-fn print_check(report: &UpdateCheck, build: &str, json: bool) -> Result<()> {
+fn print_check(
+    report: &UpdateCheck,
+    qemu_current: Option<bool>,
+    build: &str,
+    json: bool,
+) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+        let mut value = serde_json::to_value(report)?;
+        if let Some(object) = value.as_object_mut() {
+            object.insert("qemu_current".into(), serde_json::to_value(qemu_current)?);
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
+    }
+    if qemu_current == Some(false) {
+        println!(
+            "{}",
+            crate::hints(&format!(
+                "vmfactory's QEMU is not built for the installed qemu-system-x86 yet (or was built by another vmfactory): `{build}` builds it."
+            ))
+        );
     }
     let candidate = format!(
         "{} {} with {} {}",

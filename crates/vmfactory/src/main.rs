@@ -220,7 +220,9 @@ impl VmArgs {
             settings.hypervisor.qemu.initrd = initrd.clone();
         }
         if local && guest::wants_built_qemu(&self.image, &settings) {
-            settings.hypervisor.qemu.path = guest::ensure_built_qemu(&self.image)?.binary;
+            if let Some(binary) = guest::built_qemu(&self.image) {
+                settings.hypervisor.qemu.path = binary;
+            }
         }
         check_request(&settings.hypervisor.qemu, self.vcpus, self.memory)?;
         let mut base = settings.vm_config(None);

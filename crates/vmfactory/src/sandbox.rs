@@ -290,6 +290,10 @@ fn vm_args(vm: &VmArgs) -> Vec<String> {
         "--guest-kernel",
         vm.image.guest_kernel.map(|k| k.as_str().to_string()),
     );
+    push(
+        "--guest-qemu",
+        vm.image.guest_qemu.map(|q| q.as_str().to_string()),
+    );
     args
 }
 
@@ -1060,6 +1064,8 @@ mod tests {
             "--agent",
             "/a",
             "--guest-kernel",
+            "debian",
+            "--guest-qemu",
             "debian",
         ]
         .iter()

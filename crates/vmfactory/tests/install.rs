@@ -135,6 +135,22 @@ fn installed_binary_boots_without_cargo_or_sources() {
         .as_str()
         .expect("kernel_release")
         .to_owned();
+    // With vmfactory's QEMU, built for the installed qemu-system-x86 (the check says
+    // so, and says nothing of it when Debian's QEMU is chosen).
+    let qemu = image["qemu"]["binary"].as_str().expect("qemu binary");
+    assert!(std::path::Path::new(qemu).is_file(), "{qemu}");
+    let checked = vmfactory(&["guest", "build", "--check", "--json"])
+        .output()
+        .expect("guest build --check");
+    assert_eq!(checked.status.code(), Some(0), "{}", text(&checked));
+    let report: serde_json::Value = serde_json::from_slice(&checked.stdout).expect("json");
+    assert_eq!(report["qemu_current"], true, "{report}");
+    let checked = vmfactory(&["guest", "build", "--check", "--json"])
+        .env("VMFACTORY_GUEST_QEMU", "debian")
+        .output()
+        .expect("guest build --check");
+    let report: serde_json::Value = serde_json::from_slice(&checked.stdout).expect("json");
+    assert!(report["qemu_current"].is_null(), "{report}");
 
     let output = if can_hide_sources() {
         // Run with an empty tmpfs over the workspace, visible only to this process.

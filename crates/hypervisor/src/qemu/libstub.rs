@@ -396,6 +396,32 @@ fn sweep_dead_builds(root: &Path) {
     }
 }
 
+/// Where another user could change code vmfactory would run from `path`, a file or
+/// directory under `cache_dir` (vmfactory's own QEMU): `cache_dir` and the directories
+/// above it by [`untrusted_in_chain`]'s rule, then `path` and every directory between
+/// them that exists, each this user's alone and not a link. `None`: safe to run or
+/// build there. A root vmfactory pointed at a user's cache runs Debian's QEMU instead of
+/// a binary that user could have replaced.
+pub fn untrusted_code_path(cache_dir: &Path, path: &Path) -> Option<PathBuf> {
+    if let Some(untrusted) = untrusted_in_chain(cache_dir) {
+        return Some(untrusted);
+    }
+    let Ok(below) = path.strip_prefix(cache_dir) else {
+        return Some(path.to_path_buf());
+    };
+    let mut at = std::fs::canonicalize(cache_dir).unwrap_or_else(|_| cache_dir.to_path_buf());
+    for component in below.components() {
+        at.push(component);
+        if at.symlink_metadata().is_err() {
+            break;
+        }
+        if !ours_alone(&at) {
+            return Some(at);
+        }
+    }
+    None
+}
+
 /// The first directory, from `dir` (or, if it does not exist yet, its nearest existing
 /// ancestor) up, that fails the rule: `dir` is this user's alone, and every directory
 /// above it belongs to root or this user and is writable by no one else, or is sticky
@@ -797,5 +823,36 @@ mod tests {
             .map(|e| std::fs::read_to_string(e.path()).expect("read"))
             .collect::<Vec<_>>();
         assert!(decisions.iter().any(|d| d == "none"), "{decisions:?}");
+    }
+
+    #[test]
+    fn code_in_the_cache_is_run_only_when_no_one_else_can_change_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let cache = tempfile::tempdir().expect("tempdir");
+        let bin = cache.path().join("qemu/key/bin");
+        std::fs::create_dir_all(&bin).expect("mkdir");
+        let binary = bin.join("qemu-system-x86_64");
+        std::fs::write(&binary, b"\x7fELF").expect("write");
+        for dir in ["qemu", "qemu/key", "qemu/key/bin"] {
+            let dir = cache.path().join(dir);
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        assert_eq!(untrusted_code_path(cache.path(), &binary), None);
+        // A directory on the way that its group may write to (a umask of 002).
+        let key = cache.path().join("qemu/key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o775)).expect("chmod");
+        let canonical = std::fs::canonicalize(&key).expect("canonical");
+        assert_eq!(untrusted_code_path(cache.path(), &binary), Some(canonical));
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        // The binary replaced by a link.
+        std::fs::remove_file(&binary).expect("rm");
+        std::os::unix::fs::symlink("/bin/true", &binary).expect("symlink");
+        assert!(untrusted_code_path(cache.path(), &binary).is_some());
+        // What does not exist yet (a build to come) is judged by what is above it.
+        let later = cache.path().join("qemu/other/bin/qemu-system-x86_64");
+        assert_eq!(untrusted_code_path(cache.path(), &later), None);
+        // Nothing outside the cache is vouched for.
+        assert!(untrusted_code_path(cache.path(), Path::new("/bin/true")).is_some());
     }
 }
