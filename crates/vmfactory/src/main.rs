@@ -219,6 +219,11 @@ impl VmArgs {
             settings.hypervisor.qemu.kernel = kernel.clone();
             settings.hypervisor.qemu.initrd = initrd.clone();
         }
+        // Recorded, so a configuration written from these settings (`bench run`'s)
+        // chooses the same QEMU.
+        if let Some(source) = self.image.guest_qemu {
+            settings.guest.qemu = source;
+        }
         if local && guest::wants_built_qemu(&self.image, &settings) {
             if let Some(binary) = guest::built_qemu(&self.image) {
                 settings.hypervisor.qemu.path = binary;
@@ -766,6 +771,19 @@ mod tests {
             let resolved = args(initrd).resolve(Some(&config), true).expect("resolve");
             assert_eq!(&resolved.settings.hypervisor.qemu.kernel, &kernel);
             assert_eq!(&resolved.settings.hypervisor.qemu.initrd, expected);
+            // --guest-qemu is kept in the settings (a configuration written from them
+            // chooses the same QEMU), and Debian's QEMU is no path of vmfactory's.
+            assert_eq!(
+                resolved.settings.guest.qemu,
+                vmfactory_guest_image::QemuSource::Debian
+            );
+            assert!(resolved
+                .settings
+                .hypervisor
+                .qemu
+                .path
+                .as_os_str()
+                .is_empty());
         }
     }
 
