@@ -70,8 +70,8 @@ pub enum GuestCommand {
 /// Options of `vmfactory guest build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Rebuild even if an up-to-date image is cached, compiling vmfactory's kernel again
-    /// (minutes).
+    /// Rebuild even if an up-to-date image is cached, compiling vmfactory's kernel (and
+    /// QEMU) again (minutes).
     #[arg(long, conflicts_with = "check")]
     force: bool,
     /// Only say whether apt offers a newer kernel or busybox than the current image, and
@@ -268,14 +268,6 @@ fn print_check(
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
-    if qemu_current == Some(false) {
-        println!(
-            "{}",
-            crate::hints(&format!(
-                "vmfactory's QEMU is not built for the installed qemu-system-x86 yet (or was built by another vmfactory): `{build}` builds it."
-            ))
-        );
-    }
     let candidate = format!(
         "{} {} with {} {}",
         report.candidate_kernel.name,
@@ -303,6 +295,16 @@ fn print_check(
                 "No guest image is built yet; apt offers {candidate}. Run `{build}` to build it."
             ))
         ),
+    }
+    match qemu_current {
+        Some(false) => println!(
+            "{}",
+            crate::hints(&format!(
+                "vmfactory's QEMU is not built for the installed qemu-system-x86 yet (or was built by another vmfactory): `{build}` builds it."
+            ))
+        ),
+        Some(true) => println!("vmfactory's QEMU is built for the installed qemu-system-x86."),
+        None => {}
     }
     Ok(())
 }
