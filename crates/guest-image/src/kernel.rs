@@ -336,7 +336,9 @@ pub(crate) fn ensure_kernel(
         "Applying {} vmfactory patches",
         KERNEL_PATCHES.len()
     ));
-    apply_patches(&tree, KERNEL_PATCHES)?;
+    apply_patches(&tree, KERNEL_PATCHES, &|step, detail| {
+        GuestImageError::KernelBuild { step, detail }
+    })?;
     configure(&tree, progress)?;
     compile(&tree, progress)?;
     let release = make_output(&tree, &["-s", "kernelrelease"], "make kernelrelease")?;
@@ -435,12 +437,13 @@ fn unpack_source(
 }
 
 /// Applies `patches` (name, unified diff of one file) to the source `tree`, in order.
-fn apply_patches(tree: &Path, patches: &[(&str, &str)]) -> Result<(), GuestImageError> {
+pub(crate) fn apply_patches(
+    tree: &Path,
+    patches: &[(&str, &str)],
+    error: &dyn Fn(String, String) -> GuestImageError,
+) -> Result<(), GuestImageError> {
     for (name, text) in patches {
-        let failed = |detail: String| GuestImageError::KernelBuild {
-            step: format!("apply {name}"),
-            detail,
-        };
+        let failed = |detail: String| error(format!("apply {name}"), detail);
         let patch = diffy::Patch::from_str(text).map_err(|err| failed(err.to_string()))?;
         let target = patch
             .modified()
@@ -455,7 +458,7 @@ fn apply_patches(tree: &Path, patches: &[(&str, &str)]) -> Result<(), GuestImage
         let original = fs::read_to_string(&path).map_err(io_error(&path))?;
         let patched = diffy::apply(&original, &patch).map_err(|err| {
             failed(format!(
-                "{err} to {}: this kernel source differs from the one the patch was written for",
+                "{err} to {}: this source differs from the one the patch was written for",
                 target.display()
             ))
         })?;
@@ -604,6 +607,10 @@ fn compile(tree: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), GuestImage
 mod tests {
     use super::*;
 
+    fn kernel_error(step: String, detail: String) -> GuestImageError {
+        GuestImageError::KernelBuild { step, detail }
+    }
+
     #[test]
     fn the_fragment_asks_for_what_vmfactory_needs() {
         let options = requested_options(KERNEL_CONFIG_FRAGMENT);
@@ -751,7 +758,7 @@ mod tests {
         fs::write(&apic, lapic_params_source(7)).expect("source");
         let tsc = tree.path().join("arch/x86/kernel/tsc.c");
         fs::write(&tsc, tsc_frequencies_source(3)).expect("source");
-        apply_patches(tree.path(), KERNEL_PATCHES).expect("the patches apply");
+        apply_patches(tree.path(), KERNEL_PATCHES, &kernel_error).expect("the patches apply");
         let patched = fs::read_to_string(&file).expect("patched source");
         assert!(patched.contains("free_reserved_area((void *)begin, (void *)end, -1, what);"));
         assert!(!patched.contains("POISON_FREE_INITMEM"));
@@ -763,7 +770,7 @@ mod tests {
         assert!(patched.contains("\t\tcpu_khz = tsc_early_khz;\n"));
 
         // Applied twice, or to a source that changed there: a build error naming the patch.
-        let message = apply_patches(tree.path(), KERNEL_PATCHES)
+        let message = apply_patches(tree.path(), KERNEL_PATCHES, &kernel_error)
             .expect_err("applied twice")
             .to_string();
         assert!(message.contains(KERNEL_PATCHES[0].0), "{message}");
@@ -774,7 +781,8 @@ mod tests {
     fn a_patch_may_not_reach_outside_the_tree() {
         let tree = tempfile::tempdir().expect("tempdir");
         let patch = "--- a/../x\n+++ b/../x\n@@ -1 +1 @@\n-a\n+b\n";
-        let err = apply_patches(tree.path(), &[("evil.patch", patch)]).expect_err("refused");
+        let err = apply_patches(tree.path(), &[("evil.patch", patch)], &kernel_error)
+            .expect_err("refused");
         assert!(err.to_string().contains("names no file"), "{err}");
     }
 

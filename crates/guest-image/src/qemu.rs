@@ -26,6 +26,14 @@ use crate::kernel::{compiler_version, lock_exclusive, tail};
 /// The device list of our QEMU.
 pub const QEMU_DEVICES: &str = include_str!("../qemu/vmfactory-devices.mak");
 
+/// Our patches to Debian's QEMU source, applied in this order after Debian's; each
+/// changes one file (the patch file's header says what and why). A patch that does not
+/// apply fails the build.
+pub const QEMU_PATCHES: &[(&str, &str)] = &[(
+    "0001-vl-board-memory-map-in-one-transaction.patch",
+    include_str!("../qemu/patches/0001-vl-board-memory-map-in-one-transaction.patch"),
+)];
+
 /// Version of the QEMU build recipe; bump it when the same inputs give another binary.
 const QEMU_BUILD_VERSION: u32 = 2;
 
@@ -165,6 +173,9 @@ fn qemu_key(dsc_sha256: &str, compiler: &str) -> String {
     hasher.update(b"vmfactory-qemu\0");
     hasher.update(format!("recipe={QEMU_BUILD_VERSION}\0").as_bytes());
     hasher.update(format!("source={dsc_sha256}\0").as_bytes());
+    for (name, text) in QEMU_PATCHES {
+        hasher.update(format!("patch={name}:{:x}\0", Sha256::digest(text)).as_bytes());
+    }
     // Only the option lines count: a comment edited does not rebuild QEMU.
     for line in QEMU_DEVICES.lines().map(str::trim) {
         if !line.is_empty() && !line.starts_with('#') {
@@ -558,6 +569,13 @@ fn build(
         Command::new("dpkg-source").arg("-x").arg(dsc).arg(&tree),
         "dpkg-source -x",
     )?;
+    progress(&format!(
+        "Applying {} vmfactory patches",
+        QEMU_PATCHES.len()
+    ));
+    crate::kernel::apply_patches(&tree, QEMU_PATCHES, &|step, detail| {
+        GuestImageError::QemuBuild { step, detail }
+    })?;
     let devices = tree.join("configs/devices/x86_64-softmmu/vmfactory.mak");
     fs::write(&devices, QEMU_DEVICES).map_err(io_error(&devices))?;
     let build_dir = tree.join("build-vmfactory");
@@ -761,6 +779,26 @@ mod tests {
         assert_ne!(base, qemu_key("abc", "gcc 13"));
         assert!(QEMU_DEVICES.contains("CONFIG_Q35=y"));
         assert!(QEMU_DEVICES.contains("CONFIG_PCIE_PORT=y"));
+    }
+
+    #[test]
+    fn the_patches_apply_to_their_file() {
+        for (name, text) in QEMU_PATCHES {
+            let patch = diffy::Patch::from_str(text).expect(name);
+            assert_eq!(patch.modified(), Some("b/softmmu/vl.c"), "{name}");
+        }
+        // Applied to the lines it was written against (the hunk's context).
+        let original = "    qemu_plugin_load_list(&plugin_list, &error_fatal);\n\n    \
+            /* From here on we enter MACHINE_PHASE_INITIALIZED.  */\n    \
+            machine_run_board_init(current_machine, mem_path, &error_fatal);\n\n    \
+            drive_check_orphaned();\n\n";
+        let padded = "\n".repeat(2511) + original;
+        let patch = diffy::Patch::from_str(QEMU_PATCHES[0].1).expect("patch");
+        let patched = diffy::apply(&padded, &patch).expect("applies");
+        assert!(patched.contains(
+            "    memory_region_transaction_begin();\n    machine_run_board_init(\
+             current_machine, mem_path, &error_fatal);\n    memory_region_transaction_commit();"
+        ));
     }
 
     #[test]
