@@ -481,7 +481,6 @@ pub fn ensure_qemu(
     // Taken first: an upgrade of Debian's QEMU during the build is seen next time.
     let debian_binary = debian_binary_stamp();
     let (package, version) = installed_source()?;
-    check_build_tools()?;
     let downloads = spec.cache_dir.join("downloads");
     let root = spec.cache_dir.join("qemu");
     for dir in [spec.cache_dir, &downloads, &root] {
@@ -496,6 +495,8 @@ pub fn ensure_qemu(
             }
         }
     }
+    // Before apt runs: a missing tool is named at once (a cached build needs none).
+    check_build_tools()?;
     let dsc = ensure_source(spec.cache_dir, &package, &version, progress)?;
     let compiler = compiler_version()?;
     let key = qemu_key(&crate::digest::sha256_file(&dsc)?, &compiler);
