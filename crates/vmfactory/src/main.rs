@@ -606,6 +606,10 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
             for said in apply_environment(&mut settings)? {
                 eprintln!("vmfactory: {said}");
             }
+            // `path` is empty unless a QEMU is named: say which one VMs run.
+            if settings.hypervisor.qemu.path.as_os_str().is_empty() {
+                eprintln!("vmfactory: {}", qemu_in_use(&settings));
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&settings)?);
             } else {
@@ -629,6 +633,27 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
                 .context("Image task failed")?
         }
         Command::Bench(command) => bench::run(command, config).await,
+    }
+}
+
+/// Which QEMU VMs run when `hypervisor.qemu.path` is empty, for `config show`.
+fn qemu_in_use(settings: &Settings) -> String {
+    match settings.guest.qemu {
+        vmfactory_guest_image::QemuSource::Debian => {
+            "VMs run Debian's qemu-system-x86_64 (guest.qemu = \"debian\")".to_string()
+        }
+        vmfactory_guest_image::QemuSource::Vmfactory => {
+            let cache = std::env::var_os("VMFACTORY_CACHE_DIR")
+                .filter(|dir| !dir.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(vmfactory_guest_image::default_cache_dir);
+            match vmfactory_guest_image::current_qemu(&cache) {
+                Some(built) => format!("VMs run vmfactory's QEMU, {}", built.binary.display()),
+                None => "VMs run vmfactory's QEMU, not built yet for the installed \
+                         qemu-system-x86 (`vmfactory guest build` builds it)"
+                    .to_string(),
+            }
+        }
     }
 }
 

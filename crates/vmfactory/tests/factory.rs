@@ -238,6 +238,30 @@ fn config_show_prints_the_effective_configuration() {
         said.contains("VMFACTORY_GUEST_KERNEL has no effect"),
         "{said}"
     );
+    // Which QEMU VMs run, as no path names one.
+    assert!(said.contains("VMs run vmfactory's QEMU"), "{said}");
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(env.dir.path().join("config.toml"))
+        .args(["config", "show"])
+        .env("VMFACTORY_GUEST_QEMU", "debian")
+        .output()
+        .expect("spawn vmfactory");
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("qemu = \"debian\""),
+        "{}",
+        text(&output)
+    );
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("VMFACTORY_GUEST_QEMU overrides guest.qemu"),
+        "{said}"
+    );
+    assert!(
+        said.contains("VMs run Debian's qemu-system-x86_64"),
+        "{said}"
+    );
 }
 
 #[test]
