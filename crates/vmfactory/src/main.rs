@@ -606,14 +606,15 @@ async fn dispatch(command: Command, config: Option<PathBuf>) -> Result<ExitCode>
             for said in apply_environment(&mut settings)? {
                 eprintln!("vmfactory: {said}");
             }
-            // `path` is empty unless a QEMU is named: say which one VMs run.
-            if settings.hypervisor.qemu.path.as_os_str().is_empty() {
-                eprintln!("vmfactory: {}", qemu_in_use(&settings));
-            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&settings)?);
             } else {
                 print!("{}", toml::to_string_pretty(&settings)?);
+            }
+            // `path` is empty unless a QEMU is named: say which one VMs run (after the
+            // configuration, so an output that failed is all that is said).
+            if settings.hypervisor.qemu.path.as_os_str().is_empty() {
+                eprintln!("vmfactory: {}", qemu_in_use(&settings));
             }
             Ok(ExitCode::SUCCESS)
         }
