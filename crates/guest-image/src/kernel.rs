@@ -204,19 +204,14 @@ pub fn kernel_key(
 
 /// Checks the host tools a kernel build needs; the error names the `apt-get install`.
 pub(crate) fn check_build_tools() -> Result<(), GuestImageError> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut missing: Vec<&str> = ["bc", "bison", "flex", "make", "gcc", "xz", "tar"]
-        .into_iter()
-        .filter(|tool| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-        .collect();
-    for (header, package) in [
-        ("/usr/include/gelf.h", "libelf-dev"),
-        ("/usr/include/openssl/ssl.h", "libssl-dev"),
-    ] {
-        if !Path::new(header).is_file() {
-            missing.push(package);
-        }
-    }
+    let tools = ["bc", "bison", "flex", "make", "gcc", "xz", "tar"].map(|tool| (tool, tool));
+    let missing = missing_build_tools(
+        &tools,
+        &[
+            ("/usr/include/gelf.h", "libelf-dev"),
+            ("/usr/include/openssl/ssl.h", "libssl-dev"),
+        ],
+    );
     if missing.is_empty() {
         Ok(())
     } else {
@@ -224,6 +219,36 @@ pub(crate) fn check_build_tools() -> Result<(), GuestImageError> {
             missing: missing.join(", "),
         })
     }
+}
+
+/// What a build lacks, named as what to install: the `(program, package)` pairs whose
+/// program is on no `PATH` directory, then the `(header, package)` pairs whose header is
+/// not there. Shared by the kernel's and QEMU's checks.
+pub(crate) fn missing_build_tools<'a>(
+    tools: &[(&str, &'a str)],
+    headers: &[(&str, &'a str)],
+) -> Vec<&'a str> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    tools
+        .iter()
+        .filter(|(tool, _)| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
+        .chain(
+            headers
+                .iter()
+                .filter(|(header, _)| !Path::new(header).is_file()),
+        )
+        .map(|(_, package)| *package)
+        .collect()
+}
+
+/// Moves a finished build `out` into place at `dir`; an earlier build there is moved
+/// into `staging` (removed with it). Shared by the kernel's and QEMU's builds.
+pub(crate) fn install_build(out: &Path, dir: &Path, staging: &Path) -> Result<(), GuestImageError> {
+    if dir.exists() {
+        let aside = staging.join("old");
+        fs::rename(dir, &aside).map_err(io_error(dir))?;
+    }
+    fs::rename(out, dir).map_err(io_error(dir))
 }
 
 /// First line of `gcc --version` (part of the key: another compiler, another kernel).
@@ -369,11 +394,7 @@ pub(crate) fn ensure_kernel(
         source,
     })?;
     crate::digest::write_synced(&out.join("build.json"), &json)?;
-    if dir.exists() {
-        let aside = staging.path().join("old");
-        fs::rename(&dir, &aside).map_err(io_error(&dir))?;
-    }
-    fs::rename(&out, &dir).map_err(io_error(&dir))?;
+    install_build(&out, &dir, staging.path())?;
     progress("Removing the kernel source tree");
     drop(staging);
     tracing::info!(dir = %dir.display(), seconds = record.seconds, "built the guest kernel");
@@ -553,23 +574,13 @@ pub(crate) fn tail(stderr: &[u8], stdout: &[u8]) -> String {
 fn compile(tree: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), GuestImageError> {
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     progress(&format!("Compiling the kernel with {jobs} jobs"));
-    let log_path = tree.join("vmfactory-build.log");
-    let log = fs::File::create(&log_path).map_err(io_error(&log_path))?;
-    let mut child = make(tree)
-        .arg(format!("-j{jobs}"))
-        .args(["vmlinux", "bzImage"])
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .map_err(|source| GuestImageError::ToolFailed {
-            tool: "make".into(),
-            source,
-        })?;
     let mut compiled = 0u64;
-    let mut recent: Vec<String> = Vec::new();
-    if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
+    run_compile(
+        make(tree)
+            .arg(format!("-j{jobs}"))
+            .args(["vmlinux", "bzImage"]),
+        &tree.join("vmfactory-build.log"),
+        &mut |line| {
             let trimmed = line.trim_start();
             if trimmed.starts_with("CC ") || trimmed.starts_with("AS ") {
                 compiled += 1;
@@ -579,28 +590,60 @@ fn compile(tree: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), GuestImage
             } else if trimmed.starts_with("LD ") && trimmed.ends_with("vmlinux") {
                 progress("Linking vmlinux");
             }
+        },
+        &|detail| GuestImageError::KernelBuild {
+            step: "make vmlinux bzImage".into(),
+            detail,
+        },
+    )?;
+    tracing::info!(objects = compiled, "compiled the kernel");
+    Ok(())
+}
+
+/// Runs a long compile step: its standard output is read line by line (each line given
+/// to `on_line`, the last 12 kept), its standard error goes to `log_path`. A failure is
+/// `error` of the log's last lines (else of those 12). Shared by the kernel's `make` and
+/// QEMU's `ninja`.
+pub(crate) fn run_compile(
+    command: &mut Command,
+    log_path: &Path,
+    on_line: &mut dyn FnMut(&str),
+    error: &dyn Fn(String) -> GuestImageError,
+) -> Result<(), GuestImageError> {
+    let tool = command.get_program().to_string_lossy().into_owned();
+    let log = fs::File::create(log_path).map_err(io_error(log_path))?;
+    let mut child = command
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .map_err(|source| GuestImageError::ToolFailed {
+            tool: tool.clone(),
+            source,
+        })?;
+    let mut recent: Vec<String> = Vec::new();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            on_line(&line);
             recent.push(line);
             if recent.len() > 12 {
                 recent.remove(0);
             }
         }
     }
-    let status = child.wait().map_err(|source| GuestImageError::ToolFailed {
-        tool: "make".into(),
-        source,
-    })?;
+    let status = child
+        .wait()
+        .map_err(|source| GuestImageError::ToolFailed { tool, source })?;
     if status.success() {
-        tracing::info!(objects = compiled, "compiled the kernel");
         return Ok(());
     }
     let mut errors = String::new();
-    if let Ok(mut file) = fs::File::open(&log_path) {
+    if let Ok(mut file) = fs::File::open(log_path) {
         let _ = file.read_to_string(&mut errors);
     }
-    Err(GuestImageError::KernelBuild {
-        step: "make vmlinux bzImage".into(),
-        detail: tail(errors.as_bytes(), recent.join("\n").as_bytes()),
-    })
+    Err(error(tail(errors.as_bytes(), recent.join("\n").as_bytes())))
 }
 
 #[cfg(test)]

@@ -13,7 +13,6 @@
 //! (`apt-get source`, `dpkg-source`) and QEMU's own (`configure`, `ninja`).
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -21,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{io_error, GuestImageError};
-use crate::kernel::{compiler_version, lock_exclusive, tail};
+use crate::kernel::{
+    compiler_version, install_build, lock_exclusive, missing_build_tools, run_compile, tail,
+};
 
 /// The device list of our QEMU.
 pub const QEMU_DEVICES: &str = include_str!("../qemu/vmfactory-devices.mak");
@@ -230,29 +231,22 @@ fn load_built(dir: &Path, key: &str) -> Option<BuiltQemu> {
 
 /// Checks the host tools a QEMU build needs; the error names the `apt-get install`.
 fn check_build_tools() -> Result<(), GuestImageError> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut missing: Vec<&str> = [
-        ("meson", "meson"),
-        ("ninja", "ninja-build"),
-        ("pkg-config", "pkg-config"),
-        ("dpkg-source", "dpkg-dev"),
-        ("gcc", "gcc"),
-        ("python3", "python3"),
-    ]
-    .into_iter()
-    .filter(|(tool, _)| !std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
-    .map(|(_, package)| package)
-    .collect();
-    for (header, package) in [
-        ("/usr/include/glib-2.0/glib.h", "libglib2.0-dev"),
-        ("/usr/include/pixman-1/pixman.h", "libpixman-1-dev"),
-        ("/usr/include/libfdt.h", "libfdt-dev"),
-        ("/usr/include/zlib.h", "zlib1g-dev"),
-    ] {
-        if !Path::new(header).is_file() {
-            missing.push(package);
-        }
-    }
+    let missing = missing_build_tools(
+        &[
+            ("meson", "meson"),
+            ("ninja", "ninja-build"),
+            ("pkg-config", "pkg-config"),
+            ("dpkg-source", "dpkg-dev"),
+            ("gcc", "gcc"),
+            ("python3", "python3"),
+        ],
+        &[
+            ("/usr/include/glib-2.0/glib.h", "libglib2.0-dev"),
+            ("/usr/include/pixman-1/pixman.h", "libpixman-1-dev"),
+            ("/usr/include/libfdt.h", "libfdt-dev"),
+            ("/usr/include/zlib.h", "zlib1g-dev"),
+        ],
+    );
     if missing.is_empty() {
         Ok(())
     } else {
@@ -632,11 +626,7 @@ fn build(
         source,
     })?;
     crate::digest::write_synced(&out.join("build.json"), &json)?;
-    if dir.exists() {
-        let aside = staging.path().join("old");
-        fs::rename(&dir, &aside).map_err(io_error(&dir))?;
-    }
-    fs::rename(&out, &dir).map_err(io_error(&dir))?;
+    install_build(&out, &dir, staging.path())?;
     progress("Removing the QEMU source tree");
     drop(staging);
     tracing::info!(dir = %dir.display(), seconds = record.seconds, "built QEMU");
@@ -657,51 +647,24 @@ fn pkgversion(version: &str) -> String {
 fn compile(build_dir: &Path, progress: &mut dyn FnMut(&str)) -> Result<(), GuestImageError> {
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     progress(&format!("Compiling QEMU with {jobs} jobs"));
-    let log_path = build_dir.join("vmfactory-build.log");
-    let log = fs::File::create(&log_path).map_err(io_error(&log_path))?;
-    let mut child = Command::new("ninja")
-        .current_dir(build_dir)
-        .env("LC_ALL", "C")
-        .arg(format!("-j{jobs}"))
-        .arg("qemu-system-x86_64")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .map_err(|source| GuestImageError::ToolFailed {
-            tool: "ninja".into(),
-            source,
-        })?;
-    let mut recent: Vec<String> = Vec::new();
-    if let Some(stdout) = child.stdout.take() {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some((done, total)) = ninja_step(&line) {
+    run_compile(
+        Command::new("ninja")
+            .current_dir(build_dir)
+            .arg(format!("-j{jobs}"))
+            .arg("qemu-system-x86_64"),
+        &build_dir.join("vmfactory-build.log"),
+        &mut |line| {
+            if let Some((done, total)) = ninja_step(line) {
                 if done % 10 == 0 || done == total {
                     progress(&format!("Compiling QEMU: {done}/{total}"));
                 }
             }
-            recent.push(line);
-            if recent.len() > 12 {
-                recent.remove(0);
-            }
-        }
-    }
-    let status = child.wait().map_err(|source| GuestImageError::ToolFailed {
-        tool: "ninja".into(),
-        source,
-    })?;
-    if status.success() {
-        return Ok(());
-    }
-    let mut errors = String::new();
-    if let Ok(mut file) = fs::File::open(&log_path) {
-        let _ = file.read_to_string(&mut errors);
-    }
-    Err(GuestImageError::QemuBuild {
-        step: "ninja qemu-system-x86_64".into(),
-        detail: tail(errors.as_bytes(), recent.join("\n").as_bytes()),
-    })
+        },
+        &|detail| GuestImageError::QemuBuild {
+            step: "ninja qemu-system-x86_64".into(),
+            detail,
+        },
+    )
 }
 
 /// `[12/1234] Compiling …` → (12, 1234).
