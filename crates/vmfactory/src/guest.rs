@@ -125,7 +125,7 @@ pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
                 dir.display()
             );
         }
-        let built = build_qemu(cache, args.force)?;
+        let built = build_qemu(cache, args.force, Some(&image.kernel))?;
         let _ = std::fs::remove_file(cache.join(QEMU_FAILURE_FILE));
         Some(built)
     } else {
@@ -173,7 +173,9 @@ const QEMU_RETRY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 /// is one another user may write to (this would run their binary), or when the build
 /// failed within the last hour: a command still runs, and `vmfactory guest build` says
 /// why.
-pub fn built_qemu(args: &ImageArgs) -> Option<PathBuf> {
+///
+/// A build's profile is trained on `kernel`, the kernel the command's VMs boot.
+pub fn built_qemu(args: &ImageArgs, kernel: Option<&Path>) -> Option<PathBuf> {
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     if let Some(dir) = untrusted_code_path(&cache_dir, &cache_dir.join("qemu")) {
         tracing::warn!(
@@ -207,7 +209,7 @@ pub fn built_qemu(args: &ImageArgs) -> Option<PathBuf> {
         );
         return None;
     }
-    match build_qemu(&cache_dir, false) {
+    match build_qemu(&cache_dir, false, kernel) {
         Ok(built) => {
             let _ = std::fs::remove_file(&failed);
             Some(built.binary)
@@ -223,11 +225,19 @@ pub fn built_qemu(args: &ImageArgs) -> Option<PathBuf> {
     }
 }
 
-/// Builds (or finds cached) vmfactory's QEMU, with progress.
-fn build_qemu(cache_dir: &Path, force: bool) -> Result<BuiltQemu> {
+/// Builds (or finds cached) vmfactory's QEMU, with progress; a build's profile is trained
+/// on `training_kernel`.
+fn build_qemu(cache_dir: &Path, force: bool, training_kernel: Option<&Path>) -> Result<BuiltQemu> {
     let mut shown = crate::progress::Progress::spinner("Preparing vmfactory's QEMU");
     let mut progress = |message: &str| shown.set_message(message);
-    let built = ensure_qemu(QemuBuild { cache_dir, force }, &mut progress);
+    let built = ensure_qemu(
+        QemuBuild {
+            cache_dir,
+            force,
+            training_kernel,
+        },
+        &mut progress,
+    );
     match &built {
         Ok(qemu) => shown.finish(&format!(
             "QEMU ready (built from {} {})",

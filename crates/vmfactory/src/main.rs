@@ -225,7 +225,10 @@ impl VmArgs {
             settings.guest.qemu = source;
         }
         if local && guest::wants_built_qemu(&self.image, &settings) {
-            if let Some(binary) = guest::built_qemu(&self.image) {
+            // A build's profile is trained on the kernel these VMs boot.
+            let kernel =
+                Some(settings.hypervisor.qemu.kernel.as_path()).filter(|kernel| kernel.is_file());
+            if let Some(binary) = guest::built_qemu(&self.image, kernel) {
                 settings.hypervisor.qemu.path = binary;
             }
         }

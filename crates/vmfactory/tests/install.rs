@@ -139,6 +139,9 @@ fn installed_binary_boots_without_cargo_or_sources() {
     // so, and says nothing of it when Debian's QEMU is chosen).
     let qemu = image["qemu"]["binary"].as_str().expect("qemu binary");
     assert!(std::path::Path::new(qemu).is_file(), "{qemu}");
+    // Compiled with a profile, trained on a guest kernel's boot.
+    let trained_on = image["qemu"]["trained_on"].as_str().unwrap_or_default();
+    assert!(!trained_on.is_empty(), "{}", image["qemu"]);
     let checked = vmfactory(&["guest", "build", "--check", "--json"])
         .output()
         .expect("guest build --check");
