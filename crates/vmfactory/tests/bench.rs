@@ -71,6 +71,14 @@ fn the_boot_benchmark_reports_times_and_translation_per_kernel() {
         // Firmware, kernel start-up and the agent: tens of thousands of blocks under TCG.
         let blocks = blocks(&boot, &format!("/results/{index}/translated_blocks"));
         assert!(blocks > 10_000, "{boot:#}");
+        // QEMU's CPU by the answer: some, and no more than the host's CPUs had in the
+        // time the boot took.
+        let cpu = ms(result, "/qemu_cpu_ms");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        assert!(
+            cpu > 0.0 && cpu <= ms(result, "/median_ms") * cores,
+            "{boot:#}"
+        );
     }
 }
 
@@ -112,6 +120,20 @@ fn getvm_and_clone_benchmarks_report_every_series_and_leave_nothing() {
     // warm-pool clone was warmed up before it waited, so its count is not reported.
     let blocks = blocks(&clone, "/clone_phases/translated_blocks");
     assert!(blocks > 1_000, "{clone:#}");
+    // The clone's QEMU CPU, from its start to the answer: some, and no more than the
+    // host's CPUs had in that time; not reported for a warmed-up clone.
+    let cpu = ms(&clone, "/clone_phases/qemu_cpu_ms");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    assert!(
+        cpu > 0.0 && cpu <= ms(&clone, "/clone_phases/answered_ms") * cores,
+        "{clone:#}"
+    );
+    assert!(
+        clone
+            .pointer("/clone_warm_pool_phases/qemu_cpu_ms")
+            .is_none(),
+        "{clone:#}"
+    );
     assert!(
         clone
             .pointer("/clone_warm_pool_phases/translated_blocks")

@@ -55,6 +55,8 @@ struct Taken {
     ready: ReadyTimes,
     /// For a VM started for this hand-out (a clone), what TCG translated by its answer.
     translated: Option<TranslationStats>,
+    /// For a clone: its QEMU's CPU time from its start to the answer.
+    qemu_cpu: Option<Duration>,
 }
 
 impl Taken {
@@ -71,6 +73,7 @@ async fn take_timed(factory: &dyn FactoryBase, count_translation: bool) -> Resul
     let mut vm = factory.get_base_vm().await?;
     let taken = started.elapsed();
     let ready = vm.make_ready(factory.config().agent_timeout).await?;
+    let qemu_cpu = count_translation.then(|| super::qemu_cpu(&vm)).flatten();
     let translated = if count_translation {
         vm.hypervisor()
             .translation_stats()
@@ -84,6 +87,7 @@ async fn take_timed(factory: &dyn FactoryBase, count_translation: bool) -> Resul
         taken,
         ready,
         translated,
+        qemu_cpu,
     })
 }
 
@@ -104,6 +108,11 @@ struct PhaseMedians {
     /// first-time block costs QEMU about 10 µs here).
     #[serde(skip_serializing_if = "Option::is_none")]
     translated_blocks: Option<u64>,
+    /// For clones: their QEMU's CPU time from its start to the answer (the work host
+    /// noise does not inflate: QEMU's start and state load, then under TCG mostly the
+    /// translation of those blocks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qemu_cpu_ms: Option<f64>,
 }
 
 #[derive(Default)]
@@ -122,6 +131,7 @@ impl PhaseSamples {
         self.answered.push(taken.answered());
         self.guest.push(taken.ready.guest);
         self.translated.push(taken.translated);
+        self.translated.push_cpu(taken.qemu_cpu);
     }
 
     fn medians(&self) -> Option<PhaseMedians> {
@@ -132,6 +142,7 @@ impl PhaseSamples {
             answered_ms: median(&self.answered)?,
             guest_handler_ms: median(&self.guest)?,
             translated_blocks: self.translated.median_blocks(),
+            qemu_cpu_ms: self.translated.median_cpu_ms(),
         })
     }
 }
@@ -329,6 +340,10 @@ pub async fn bench_clone(
                     .translated_blocks
                     .map(|blocks| format!(", {blocks} blocks translated"))
                     .unwrap_or_default()
+                    + &phases
+                        .qemu_cpu_ms
+                        .map(|ms| format!(", QEMU CPU {ms:.1} ms"))
+                        .unwrap_or_default()
             );
         }
     }

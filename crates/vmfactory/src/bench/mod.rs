@@ -228,15 +228,30 @@ struct KernelResult {
     /// Under TCG: guest code blocks translated by the time the agent answered (median).
     #[serde(skip_serializing_if = "Option::is_none")]
     translated_blocks: Option<u64>,
+    /// QEMU's CPU time from its start to the agent's answer (median; see
+    /// [`process_cpu`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    qemu_cpu_ms: Option<f64>,
 }
 
-/// Translation counts of the VMs of one series (TCG): its median, when every VM had one.
+/// Translation counts of the VMs of one series (TCG), and their QEMU's CPU time: their
+/// medians, when every VM had one.
 #[derive(Debug, Default)]
-pub(crate) struct Translated(Vec<Option<TranslationStats>>);
+pub(crate) struct Translated(Vec<Option<TranslationStats>>, Vec<Option<Duration>>);
 
 impl Translated {
     pub(crate) fn push(&mut self, stats: Option<TranslationStats>) {
         self.0.push(stats);
+    }
+
+    pub(crate) fn push_cpu(&mut self, cpu: Option<Duration>) {
+        self.1.push(cpu);
+    }
+
+    /// Median QEMU CPU time in ms; `None` without samples or when one is missing.
+    pub(crate) fn median_cpu_ms(&self) -> Option<f64> {
+        let samples: Vec<Duration> = self.1.iter().copied().collect::<Option<_>>()?;
+        Stats::from_samples(&samples).map(|stats| stats.median_ms)
     }
 
     /// Median translated blocks; `None` without samples or when one is missing (KVM).
@@ -249,6 +264,31 @@ impl Translated {
         blocks.sort_unstable();
         blocks.get(blocks.len().checked_sub(1)? / 2).copied()
     }
+}
+
+/// CPU time of a process's threads (`/proc/<pid>/task/*/schedstat`: nanoseconds on a
+/// CPU, kept by the scheduler): a VM's QEMU work, which a busy host's waits do not inflate
+/// the way they do a wall-clock time (under TCG nearly all of it translates guest code).
+/// Threads that ended are not counted (QEMU's live for the VM's life). `None` when the
+/// kernel keeps no such counts (no `CONFIG_SCHED_INFO`) or the process is gone.
+pub(crate) fn process_cpu(pid: u32) -> Option<Duration> {
+    let mut total: u64 = 0;
+    let mut threads = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        // A thread that ends meanwhile is skipped.
+        let Ok(text) = std::fs::read_to_string(entry.ok()?.path().join("schedstat")) else {
+            continue;
+        };
+        let ns: u64 = text.split_whitespace().next()?.parse().ok()?;
+        total = total.checked_add(ns)?;
+        threads += 1;
+    }
+    (threads > 0).then(|| Duration::from_nanos(total))
+}
+
+/// The CPU time of a VM's QEMU so far, if it runs in a process of its own here.
+pub(crate) fn qemu_cpu(vm: &Vm) -> Option<Duration> {
+    process_cpu(vm.hypervisor().pid()?)
 }
 
 /// Set when a signal ends the benchmark: `bench run`'s loop, which runs on a blocking
@@ -336,18 +376,23 @@ async fn resolve(vm: VmArgs, config: Option<PathBuf>) -> Result<Resolved> {
         .context("Preparing the VM failed")?
 }
 
-/// One direct boot to the agent's answer, and what TCG translated on the way.
-async fn boot_once(config: &VmConfig) -> Result<(Duration, Option<TranslationStats>)> {
+/// One direct boot to the agent's answer, what TCG translated on the way and QEMU's CPU
+/// time by then.
+async fn boot_once(
+    config: &VmConfig,
+) -> Result<(Duration, Option<TranslationStats>, Option<Duration>)> {
     let started = Instant::now();
     let vm = Vm::boot(config.backend().as_ref(), config)
         .await
         .context("Boot failed")?;
     let elapsed = started.elapsed();
+    let cpu = qemu_cpu(&vm);
     let translated = vm.hypervisor().translation_stats().await;
     vm.stop().await.context("Stopping the VM failed")?;
     Ok((
         elapsed,
         translated.context("Reading TCG's translation statistics failed")?,
+        cpu,
     ))
 }
 
@@ -388,8 +433,9 @@ async fn bench_boot(
                 initrd: initrd.clone(),
                 ..config.clone()
             };
-            let (elapsed, stats) = boot_once(&config).await?;
+            let (elapsed, stats, cpu) = boot_once(&config).await?;
             translated[index].push(stats);
+            translated[index].push_cpu(cpu);
             if !json {
                 eprintln!(
                     "boot {}/{n} {}: {:.1} ms",
@@ -409,6 +455,7 @@ async fn bench_boot(
                 kernel: kernel.display().to_string(),
                 stats: Stats::from_samples(samples)?,
                 translated_blocks: translated.median_blocks(),
+                qemu_cpu_ms: translated.median_cpu_ms(),
             })
         })
         .collect();
@@ -454,6 +501,10 @@ async fn bench_boot(
                     .translated_blocks
                     .map(|blocks| format!(", {blocks} blocks translated (median)"))
                     .unwrap_or_default()
+                    + &result
+                        .qemu_cpu_ms
+                        .map(|ms| format!(", QEMU CPU {ms:.1} ms (median)"))
+                        .unwrap_or_default()
             );
         }
         if let Some(ratio) = versus_ratio {
@@ -500,5 +551,25 @@ mod tests {
         assert_eq!(series.median_blocks(), Some(20));
         series.push(None);
         assert_eq!(series.median_blocks(), None, "a VM under KVM has no count");
+    }
+
+    #[test]
+    fn cpu_time_of_a_process_and_its_median() {
+        // This process has used some CPU by now (a test binary, threads started).
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(30) {
+            std::hint::black_box(0u64);
+        }
+        let own = process_cpu(std::process::id()).expect("schedstat of this process");
+        assert!(own >= Duration::from_millis(10), "{own:?}");
+        assert_eq!(process_cpu(u32::MAX), None, "no such process");
+        let mut series = Translated::default();
+        assert_eq!(series.median_cpu_ms(), None);
+        for ms in [30, 10, 20] {
+            series.push_cpu(Some(Duration::from_millis(ms)));
+        }
+        assert_eq!(series.median_cpu_ms(), Some(20.0));
+        series.push_cpu(None);
+        assert_eq!(series.median_cpu_ms(), None, "one VM's QEMU was not ours");
     }
 }
