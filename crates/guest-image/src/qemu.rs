@@ -736,56 +736,30 @@ fn train(
             kernel.display()
         ));
         let stderr = fs::File::create(&log).map_err(io_error(&log))?;
-        let mut child = Command::new(binary)
-            .args(training_args(vcpus))
-            .arg("-kernel")
-            .arg(kernel)
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .spawn()
-            .map_err(|source| GuestImageError::ToolFailed {
-                tool: binary.display().to_string(),
-                source,
-            })?;
-        let started = std::time::Instant::now();
-        let mut stopped = false;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => {}
-                Err(source) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(GuestImageError::ToolFailed {
-                        tool: binary.display().to_string(),
-                        source,
-                    });
-                }
-            }
-            let elapsed = started.elapsed();
-            if elapsed > TRAINING_TIMEOUT + std::time::Duration::from_secs(30) {
-                // Not even SIGTERM ended it.
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(GuestImageError::QemuBuild {
-                    step: "training".into(),
-                    detail: format!(
-                        "QEMU booting {} did not end, even after SIGTERM",
-                        kernel.display()
-                    ),
-                });
-            }
-            if elapsed > TRAINING_TIMEOUT && !stopped {
-                stopped = true;
-                // Our own child, not yet reaped: the pid is still its.
-                let _ = rustix::process::kill_process(
-                    rustix::process::Pid::from_child(&child),
-                    rustix::process::Signal::TERM,
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        let ended = run_bounded(
+            Command::new(binary)
+                .args(training_args(vcpus))
+                .arg("-kernel")
+                .arg(kernel)
+                .env("LC_ALL", "C")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(stderr),
+            TRAINING_TIMEOUT,
+            TRAINING_TIMEOUT + std::time::Duration::from_secs(30),
+        )
+        .map_err(|source| GuestImageError::ToolFailed {
+            tool: binary.display().to_string(),
+            source,
+        })?;
+        let Some((status, stopped)) = ended else {
+            return Err(GuestImageError::QemuBuild {
+                step: "training".into(),
+                detail: format!(
+                    "QEMU booting {} did not end, even after SIGTERM",
+                    kernel.display()
+                ),
+            });
         };
         if !status.success() && !stopped {
             let detail = fs::read(&log).unwrap_or_default();
@@ -800,6 +774,45 @@ fn train(
         }
     }
     Ok(())
+}
+
+/// Runs `command`, sending it `SIGTERM` once `stop_after` has passed and `SIGKILL` at
+/// `kill_after`: `Some((status, stopped by SIGTERM))`, or `None` when it had to be
+/// killed.
+fn run_bounded(
+    command: &mut Command,
+    stop_after: std::time::Duration,
+    kill_after: std::time::Duration,
+) -> std::io::Result<Option<(std::process::ExitStatus, bool)>> {
+    let mut child = command.spawn()?;
+    let started = std::time::Instant::now();
+    let mut stopped = false;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Ok(Some((status, stopped))),
+            Ok(None) => {}
+            Err(err) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(err);
+            }
+        }
+        let elapsed = started.elapsed();
+        if elapsed > kill_after {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        if elapsed > stop_after && !stopped {
+            stopped = true;
+            // Our own child, not yet reaped: the pid is still its.
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(&child),
+                rustix::process::Signal::TERM,
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 /// QEMU's arguments (but `-kernel`) for a training boot: q35 under TCG with the CPU model
@@ -971,5 +984,64 @@ mod tests {
         assert_eq!("debian".parse::<QemuSource>(), Ok(QemuSource::Debian));
         assert!("qemu".parse::<QemuSource>().is_err());
         assert_eq!(QemuSource::default(), QemuSource::Vmfactory);
+    }
+
+    #[test]
+    fn a_bounded_run_is_stopped_then_killed() {
+        use std::time::{Duration, Instant};
+        let ms = Duration::from_millis;
+        let started = Instant::now();
+        let ended = run_bounded(Command::new("true").stdin(Stdio::null()), ms(500), ms(900));
+        let (status, stopped) = ended.expect("run").expect("ended");
+        assert!(status.success() && !stopped);
+        // Ends on SIGTERM (as QEMU does, writing its profile).
+        let ended = run_bounded(
+            Command::new("sleep").arg("30").stdin(Stdio::null()),
+            ms(100),
+            ms(5000),
+        );
+        let (status, stopped) = ended.expect("run").expect("ended");
+        assert!(stopped && !status.success(), "{status}");
+        // Ignores SIGTERM: killed.
+        let ended = run_bounded(
+            Command::new("sh")
+                .args(["-c", "trap '' TERM; exec sleep 30"])
+                .stdin(Stdio::null()),
+            ms(100),
+            ms(400),
+        );
+        assert!(ended.expect("run").is_none());
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_failed_training_boot_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut said = Vec::new();
+        // `false` stands for a QEMU that cannot boot the kernel.
+        let err = train(
+            Path::new("false"),
+            Path::new("/no/kernel"),
+            dir.path(),
+            &mut |line| said.push(line.to_owned()),
+        )
+        .expect_err("a failed boot fails the training");
+        let text = err.to_string();
+        assert!(text.contains("training"), "{text}");
+        assert!(
+            text.contains("/no/kernel with 1 vCPU(s) ended with exit status: 1"),
+            "{text}"
+        );
+        assert_eq!(said.len(), 1, "stopped at the first boot: {said:?}");
+        // A boot that ends well trains with each vCPU count.
+        said.clear();
+        train(
+            Path::new("true"),
+            Path::new("/a/kernel"),
+            dir.path(),
+            &mut |line| said.push(line.to_owned()),
+        )
+        .expect("trained");
+        assert_eq!(said.len(), TRAINING_VCPUS.len(), "{said:?}");
     }
 }
