@@ -47,7 +47,7 @@ pub use kernel::{
 pub use modules::ModuleError;
 pub use qemu::{
     current_qemu, ensure_qemu, qemu_recipe_digest, BuiltQemu, QemuBuild, QemuSource,
-    DEBIAN_QEMU_BINARY, QEMU_BUILD_PACKAGES, QEMU_DEVICES,
+    DEBIAN_QEMU_BINARY, QEMU_BUILD_PACKAGES, QEMU_DEVICES, TRAINING_CPU,
 };
 pub use vmlinux::VmlinuxError;
 

@@ -15,7 +15,8 @@
 //! is optimised for what that run did. Under TCG a VM's QEMU spends most of its CPU
 //! translating guest code (an on-demand clone's first answer: about 10,000 blocks), and
 //! the profile makes the translator faster. Code the training run does not reach (KVM's)
-//! is optimised as without a profile (`-fprofile-partial-training`).
+//! is optimised as without a profile (`-fprofile-partial-training`). A build needs that
+//! kernel: without one nothing is built.
 //!
 //! Hand-written on purpose: no crate builds QEMU; the steps are Debian's tools
 //! (`apt-get source`, `dpkg-source`) and QEMU's own (`configure`, `ninja`).
@@ -67,6 +68,9 @@ const FIRMWARE_PATH: &str = "/usr/share/qemu:/usr/share/seabios:/usr/lib/ipxe/qe
 /// 5 MiB more heap). AVX2 for the zero-page checks of migration is asked for when the
 /// source has the option (QEMU 9.2 dropped it and detects AVX2 itself): [`AVX2_OPTION`].
 const CONFIGURE_OPTIONS: &[&str] = &[
+    // GCC, whatever `cc` or `$CC` is: the key records its version, and the profile's
+    // flags are GCC's.
+    "--cc=gcc",
     "--prefix=/opt/vmfactory-qemu",
     "--target-list=x86_64-softmmu",
     "--without-default-features",
@@ -85,6 +89,10 @@ const CONFIGURE_OPTIONS: &[&str] = &[
     // Code the profile's training run does not reach keeps the usual optimisation.
     "--extra-cflags=-fprofile-partial-training",
 ];
+
+/// The CPU model of the training boots: vmfactory's TCG VMs' (the hypervisor crate's
+/// `TCG_CPU`; a test in the vmfactory crate checks they agree).
+pub const TRAINING_CPU: &str = "max,erms=off,fsrm=off";
 
 /// How long one training boot may take before QEMU is stopped (`SIGTERM`: it still
 /// writes its profile). A boot to the panic takes about a second here.
@@ -155,10 +163,9 @@ pub struct BuiltQemu {
     pub source_version: String,
     /// The build key (directory name).
     pub key: String,
-    /// The guest kernel the build's profile was trained on (`None`: built without a
-    /// profile, no kernel was given).
+    /// The guest kernel the build's profile was trained on, as it was named then.
     #[serde(default)]
-    pub trained_on: Option<PathBuf>,
+    pub trained_on: String,
 }
 
 /// What `qemu/<key>/build.json` records.
@@ -170,9 +177,9 @@ struct BuildRecord {
     compiler: String,
     configure: Vec<String>,
     seconds: u64,
-    /// The guest kernel the profile was trained on, if any.
+    /// The guest kernel the profile was trained on.
     #[serde(default)]
-    trained_on: Option<PathBuf>,
+    trained_on: String,
 }
 
 /// What `qemu/current.json` records: the build to use while Debian's binary is the one
@@ -489,9 +496,9 @@ pub struct QemuBuild<'a> {
     pub cache_dir: &'a Path,
     /// Build again even when a build of the same key is cached.
     pub force: bool,
-    /// A guest kernel to train the build's profile on (booted to its panic); `None`
-    /// builds without a profile.
-    pub training_kernel: Option<&'a Path>,
+    /// The guest kernel a build's profile is trained on (booted to its panic): the one
+    /// the VMs boot.
+    pub training_kernel: &'a Path,
 }
 
 /// Finds the QEMU for the installed `qemu-system-x86` in the cache or builds it (apt for
@@ -588,13 +595,13 @@ struct Source<'a> {
     compiler: &'a str,
 }
 
-/// Unpacks, configures and compiles the source into `root/key`: twice with a profile
-/// trained on `training_kernel`, once without one.
+/// Unpacks, configures and compiles the source into `root/key`, twice: instrumented, then
+/// optimised by the profile of its boot of `training_kernel`.
 fn build(
     source: &Source<'_>,
     root: &Path,
     key: &str,
-    training_kernel: Option<&Path>,
+    training_kernel: &Path,
     progress: &mut dyn FnMut(&str),
 ) -> Result<BuiltQemu, GuestImageError> {
     let Source {
@@ -647,22 +654,14 @@ fn build(
     crate::make_cache_dir(&bin)?;
     let from = build_dir.join("qemu-system-x86_64");
     let binary = bin.join("qemu-system-x86_64");
-    if let Some(kernel) = training_kernel {
-        set_profile_mode(&build_dir, "generate")?;
-        compile(&build_dir, "instrumented, 1 of 2", progress)?;
-        // Run from its installed place: in the build tree QEMU looks for its firmware
-        // there. The profile goes next to the objects (absolute paths).
-        fs::rename(&from, &binary).map_err(io_error(&from))?;
-        train(&binary, kernel, &build_dir, progress)?;
-        set_profile_mode(&build_dir, "use")?;
-        compile(&build_dir, "optimised by the profile, 2 of 2", progress)?;
-    } else {
-        compile(
-            &build_dir,
-            "without a profile: no guest kernel to train on",
-            progress,
-        )?;
-    }
+    set_profile_mode(&build_dir, "generate")?;
+    compile(&build_dir, "instrumented, 1 of 2", progress)?;
+    // Run from its installed place: in the build tree QEMU looks for its firmware there.
+    // The profile goes next to the objects (absolute paths).
+    fs::rename(&from, &binary).map_err(io_error(&from))?;
+    train(&binary, training_kernel, &build_dir, progress)?;
+    set_profile_mode(&build_dir, "use")?;
+    compile(&build_dir, "optimised by the profile, 2 of 2", progress)?;
     fs::rename(&from, &binary).map_err(io_error(&from))?;
     // Writable by us alone whatever the umask: vmfactory runs it only so
     // (`untrusted_code_path`).
@@ -687,7 +686,7 @@ fn build(
             ])
             .collect(),
         seconds: started.elapsed().as_secs(),
-        trained_on: training_kernel.map(Path::to_path_buf),
+        trained_on: training_kernel.to_string_lossy().into_owned(),
     };
     let dir = root.join(key);
     let json = serde_json::to_vec_pretty(&record).map_err(|source| GuestImageError::Manifest {
@@ -708,8 +707,16 @@ fn build(
 /// `meson configure -Db_pgo=<mode>`: `generate` (instrumented) or `use` (optimised by the
 /// profile; the next `ninja` compiles every object again).
 fn set_profile_mode(build_dir: &Path, mode: &str) -> Result<(), GuestImageError> {
+    // QEMU 8.1 and later configure through the meson of their own Python venv (which may
+    // be the newer one QEMU bundles); 7.2 through the host's.
+    let venv = build_dir.join("pyvenv/bin/meson");
+    let meson = if venv.is_file() {
+        venv.as_path()
+    } else {
+        Path::new("meson")
+    };
     run_step(
-        Command::new("meson").current_dir(build_dir).args([
+        Command::new(meson).current_dir(build_dir).args([
             "configure",
             &format!("-Db_pgo={mode}"),
             ".",
@@ -761,12 +768,23 @@ fn train(
                 ),
             });
         };
-        if !status.success() && !stopped {
+        if stopped {
+            tracing::warn!(
+                kernel = %kernel.display(),
+                vcpus,
+                "The kernel did not panic within {TRAINING_TIMEOUT:?} in QEMU's profile \
+                 training (does it have a built-in initramfs or command line?); stopped it, \
+                 the profile covers what it ran"
+            );
+        } else if !status.success() {
             let detail = fs::read(&log).unwrap_or_default();
             return Err(GuestImageError::QemuBuild {
                 step: "training".into(),
                 detail: format!(
-                    "QEMU booting {} with {vcpus} vCPU(s) ended with {status}: {}",
+                    "QEMU booting the guest kernel {} (the VMs' kernel, to train the build's \
+                     profile) with {vcpus} vCPU(s) ended with {status}: {}; check that this \
+                     kernel boots in QEMU with -kernel (a bzImage, or a vmlinux with a PVH \
+                     note)",
                     kernel.display(),
                     tail(&detail, b"")
                 ),
@@ -784,6 +802,19 @@ fn run_bounded(
     stop_after: std::time::Duration,
     kill_after: std::time::Duration,
 ) -> std::io::Result<Option<(std::process::ExitStatus, bool)>> {
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl(2) only, async-signal-safe, between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                // Dies with this thread: a killed build leaves no QEMU behind.
+                rustix::process::set_parent_process_death_signal(Some(
+                    rustix::process::Signal::KILL,
+                ))
+                .map_err(std::io::Error::from)
+            });
+        }
+    }
     let mut child = command.spawn()?;
     let started = std::time::Instant::now();
     let mut stopped = false;
@@ -824,11 +855,11 @@ fn training_args(vcpus: u32) -> Vec<String> {
         "-accel",
         "tcg",
         "-cpu",
-        // vmfactory's TCG CPU model (the hypervisor crate's `TCG_CPU`).
-        "max,erms=off,fsrm=off",
+        TRAINING_CPU,
         "-m",
         "256",
         "-nodefaults",
+        "-no-user-config",
         "-display",
         "none",
         "-serial",
@@ -1003,12 +1034,13 @@ mod tests {
         let (status, stopped) = ended.expect("run").expect("ended");
         assert!(stopped && !status.success(), "{status}");
         // Ignores SIGTERM: killed.
+        // (A second for the shell to set its trap, even on a busy machine.)
         let ended = run_bounded(
             Command::new("sh")
                 .args(["-c", "trap '' TERM; exec sleep 30"])
                 .stdin(Stdio::null()),
-            ms(100),
-            ms(400),
+            ms(1000),
+            ms(1500),
         );
         assert!(ended.expect("run").is_none());
         assert!(started.elapsed() < Duration::from_secs(10));
@@ -1029,7 +1061,10 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("training"), "{text}");
         assert!(
-            text.contains("/no/kernel with 1 vCPU(s) ended with exit status: 1"),
+            text.contains(
+                "/no/kernel (the VMs' kernel, to train the build's profile) with 1 vCPU(s) \
+                 ended with exit status: 1"
+            ),
             "{text}"
         );
         assert_eq!(said.len(), 1, "stopped at the first boot: {said:?}");

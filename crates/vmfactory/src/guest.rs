@@ -60,9 +60,10 @@ pub enum GuestCommand {
     /// them, compile vmfactory's kernel from the kernel source (once per source version,
     /// config and compiler; needs bc bison flex libelf-dev libssl-dev make gcc xz-utils), and pack
     /// it with the agent. Then build vmfactory's QEMU from the source of the installed
-    /// qemu-system-x86 (once per version; needs meson ninja-build pkg-config
-    /// libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev dpkg-dev), unless Debian's
-    /// QEMU or a QEMU path is configured. Does nothing when both are up to date; prints
+    /// qemu-system-x86 (once per version, about 5 minutes on two cores: compiled twice,
+    /// the second time optimised by a profile of the first booting the kernel; needs meson
+    /// ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev
+    /// dpkg-dev), unless Debian's QEMU or a QEMU path is configured. Does nothing when both are up to date; prints
     /// their paths.
     Build(BuildArgs),
 }
@@ -125,7 +126,7 @@ pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
                 dir.display()
             );
         }
-        let built = build_qemu(cache, args.force, Some(&image.kernel))?;
+        let built = build_qemu(cache, args.force, &image.kernel)?;
         let _ = std::fs::remove_file(cache.join(QEMU_FAILURE_FILE));
         Some(built)
     } else {
@@ -174,7 +175,8 @@ const QEMU_RETRY: std::time::Duration = std::time::Duration::from_secs(60 * 60);
 /// failed within the last hour: a command still runs, and `vmfactory guest build` says
 /// why.
 ///
-/// A build's profile is trained on `kernel`, the kernel the command's VMs boot.
+/// A build's profile is trained on `kernel`, the kernel the command's VMs boot; without
+/// one (none is configured) nothing is built.
 pub fn built_qemu(args: &ImageArgs, kernel: Option<&Path>) -> Option<PathBuf> {
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     if let Some(dir) = untrusted_code_path(&cache_dir, &cache_dir.join("qemu")) {
@@ -196,6 +198,13 @@ pub fn built_qemu(args: &ImageArgs, kernel: Option<&Path>) -> Option<PathBuf> {
         tracing::debug!(binary = %built.binary.display(), "using vmfactory's QEMU");
         return Some(built.binary);
     }
+    let Some(kernel) = kernel else {
+        tracing::warn!(
+            "Running Debian's QEMU: vmfactory's is built with a profile of the VMs' kernel, \
+             and no kernel file is configured (`vmfactory guest build` builds both)"
+        );
+        return None;
+    };
     let failed = cache_dir.join(QEMU_FAILURE_FILE);
     let recent = std::fs::metadata(&failed)
         .and_then(|meta| meta.modified())
@@ -227,7 +236,7 @@ pub fn built_qemu(args: &ImageArgs, kernel: Option<&Path>) -> Option<PathBuf> {
 
 /// Builds (or finds cached) vmfactory's QEMU, with progress; a build's profile is trained
 /// on `training_kernel`.
-fn build_qemu(cache_dir: &Path, force: bool, training_kernel: Option<&Path>) -> Result<BuiltQemu> {
+fn build_qemu(cache_dir: &Path, force: bool, training_kernel: &Path) -> Result<BuiltQemu> {
     let mut shown = crate::progress::Progress::spinner("Preparing vmfactory's QEMU");
     let mut progress = |message: &str| shown.set_message(message);
     let built = ensure_qemu(
@@ -383,4 +392,15 @@ fn build_image(options: &BuildOptions, force: bool) -> Result<GuestImage> {
         Err(_) => shown.abandon(),
     }
     built.context("Cannot build the guest image")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn qemus_profile_is_trained_on_the_vms_cpu_model() {
+        assert_eq!(
+            vmfactory_guest_image::TRAINING_CPU,
+            vmfactory_hypervisor::qemu::cmdline::TCG_CPU
+        );
+    }
 }

@@ -71,8 +71,8 @@ fn the_boot_benchmark_reports_times_and_translation_per_kernel() {
         // Firmware, kernel start-up and the agent: tens of thousands of blocks under TCG.
         let blocks = blocks(&boot, &format!("/results/{index}/translated_blocks"));
         assert!(blocks > 10_000, "{boot:#}");
-        // QEMU's CPU by the answer: some, and no more than the host's CPUs had in the
-        // time the boot took.
+        // QEMU's CPU by the answer is reported: some, and no more than the host's CPUs
+        // had in the time the boot took (a check of the field, not of a speed).
         let cpu = ms(result, "/qemu_cpu_ms");
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
         assert!(
