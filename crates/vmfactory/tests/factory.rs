@@ -269,7 +269,14 @@ fn a_closed_or_full_output_ends_vmfactory_without_a_panic() {
     let env = Env::new("enable_template = true");
     let config = env.dir.path().join("config.toml");
     let config_show_to = |stdout: std::process::Stdio| {
-        Command::new(BIN)
+        let mut command = Command::new(BIN);
+        // No override notices from the caller's environment: nothing else is said.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("VMFACTORY_") {
+                command.env_remove(name);
+            }
+        }
+        command
             .arg("--config")
             .arg(&config)
             .args(["config", "show"])
