@@ -241,10 +241,24 @@ pub(crate) fn missing_build_tools<'a>(
         .collect()
 }
 
-/// Moves a finished build `out` into place at `dir`; an earlier build there is moved
-/// into `staging` (removed with it). Shared by the kernel's and QEMU's builds.
+/// Moves a finished build `out` (inside `staging`) into place at `dir`. An earlier build
+/// there (`guest build --force`) is swapped with it in one step (`renameat2`'s
+/// `RENAME_EXCHANGE`), so a command starting a VM meanwhile finds one build or the other,
+/// never none; the earlier one is then at `out`, removed with `staging` (a QEMU still
+/// running it keeps its mapped file). Where the filesystem cannot swap, the earlier build
+/// is moved into `staging` first. Shared by the kernel's and QEMU's builds.
 pub(crate) fn install_build(out: &Path, dir: &Path, staging: &Path) -> Result<(), GuestImageError> {
     if dir.exists() {
+        let swapped = rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            out,
+            rustix::fs::CWD,
+            dir,
+            rustix::fs::RenameFlags::EXCHANGE,
+        );
+        if swapped.is_ok() {
+            return Ok(());
+        }
         let aside = staging.join("old");
         fs::rename(dir, &aside).map_err(io_error(dir))?;
     }
@@ -649,6 +663,35 @@ pub(crate) fn run_compile(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_build_replaces_the_old_in_one_step() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let staging = root.path().join(".build-x");
+        let out = staging.join("out");
+        let dir = root.path().join("key");
+        fs::create_dir_all(&out).expect("mkdir");
+        fs::write(out.join("build.json"), "first").expect("write");
+        install_build(&out, &dir, &staging).expect("install");
+        assert_eq!(
+            fs::read_to_string(dir.join("build.json")).expect("read"),
+            "first"
+        );
+        assert!(!out.exists());
+        // Again over it (`--force`): the new one in place, the old one in staging.
+        fs::create_dir_all(&out).expect("mkdir");
+        fs::write(out.join("build.json"), "second").expect("write");
+        install_build(&out, &dir, &staging).expect("install");
+        assert_eq!(
+            fs::read_to_string(dir.join("build.json")).expect("read"),
+            "second"
+        );
+        let old = [out.join("build.json"), staging.join("old/build.json")]
+            .into_iter()
+            .find(|path| path.is_file())
+            .expect("the old build is in staging");
+        assert_eq!(fs::read_to_string(old).expect("read"), "first");
+    }
 
     fn kernel_error(step: String, detail: String) -> GuestImageError {
         GuestImageError::KernelBuild { step, detail }
