@@ -640,13 +640,20 @@ fn build(
     let has_avx2 = fs::read_to_string(&meson_options)
         .map_err(io_error(&meson_options))?
         .contains("option('avx2'");
+    // Run, and recorded in `build.json`.
+    let configure: Vec<String> = CONFIGURE_OPTIONS
+        .iter()
+        .map(|option| (*option).to_owned())
+        .chain(has_avx2.then(|| AVX2_OPTION.to_owned()))
+        .chain([
+            format!("--firmwarepath={FIRMWARE_PATH}"),
+            pkgversion(version),
+        ])
+        .collect();
     run_step(
         Command::new("../configure")
             .current_dir(&build_dir)
-            .args(CONFIGURE_OPTIONS)
-            .args(has_avx2.then_some(AVX2_OPTION))
-            .arg(format!("--firmwarepath={FIRMWARE_PATH}"))
-            .arg(pkgversion(version)),
+            .args(&configure),
         "configure",
     )?;
     let out = staging.path().join("out");
@@ -676,15 +683,7 @@ fn build(
         source_package: package.to_owned(),
         source_version: version.to_owned(),
         compiler: compiler.to_owned(),
-        configure: CONFIGURE_OPTIONS
-            .iter()
-            .map(|option| (*option).to_owned())
-            .chain(has_avx2.then(|| AVX2_OPTION.to_owned()))
-            .chain([
-                format!("--firmwarepath={FIRMWARE_PATH}"),
-                pkgversion(version),
-            ])
-            .collect(),
+        configure,
         seconds: started.elapsed().as_secs(),
         trained_on: training_kernel.to_string_lossy().into_owned(),
     };

@@ -647,11 +647,7 @@ fn qemu_in_use(settings: &Settings) -> String {
             "VMs run Debian's qemu-system-x86_64 (guest.qemu = \"debian\")".to_string()
         }
         vmfactory_guest_image::QemuSource::Vmfactory => {
-            let cache = std::env::var_os("VMFACTORY_CACHE_DIR")
-                .filter(|dir| !dir.is_empty())
-                .map(PathBuf::from)
-                .unwrap_or_else(vmfactory_guest_image::default_cache_dir);
-            match vmfactory_guest_image::current_qemu(&cache) {
+            match vmfactory_guest_image::current_qemu(&vmfactory_guest_image::default_cache_dir()) {
                 Some(built) => format!("VMs run vmfactory's QEMU, {}", built.binary.display()),
                 None => "VMs run vmfactory's QEMU, not built yet for the installed \
                          qemu-system-x86 (`vmfactory guest build` builds it)"
