@@ -27,11 +27,18 @@ impl Env {
         Self { dir }
     }
 
-    fn vmfactory(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
+    /// `vmfactory --config <this env's config> <args>`, to be run.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command
             .arg("--config")
             .arg(self.dir.path().join("config.toml"))
-            .args(args)
+            .args(args);
+        command
+    }
+
+    fn vmfactory(&self, args: &[&str]) -> Output {
+        self.command(args)
             .env("RUST_LOG", "warn")
             .output()
             .expect("spawn vmfactory")
@@ -46,11 +53,7 @@ impl Drop for Env {
     /// Cleans up after a failed test: no template mount may outlive it.
     fn drop(&mut self) {
         if mounted(&self.template()) {
-            let _ = Command::new(BIN)
-                .arg("--config")
-                .arg(self.dir.path().join("config.toml"))
-                .args(["factory", "destroy"])
-                .output();
+            let _ = self.command(&["factory", "destroy"]).output();
         }
         if mounted(&self.template()) {
             let _ = Command::new("umount")
@@ -213,10 +216,8 @@ fn config_show_prints_the_effective_configuration() {
     assert!(shown.contains("default_memory = 256"), "{shown}");
     assert!(shown.contains("[hypervisor.qemu]"), "{shown}");
     // The variables that override keys for every command are shown applied, and named.
-    let output = Command::new(BIN)
-        .arg("--config")
-        .arg(env.dir.path().join("config.toml"))
-        .args(["config", "show"])
+    let output = env
+        .command(&["config", "show"])
         .env("VMFACTORY_INITRD", "/elsewhere/initrd.img")
         .env("VMFACTORY_GUEST_KERNEL", "debian")
         .output()
@@ -240,10 +241,8 @@ fn config_show_prints_the_effective_configuration() {
     );
     // Which QEMU VMs run, as no path names one.
     assert!(said.contains("VMs run vmfactory's QEMU"), "{said}");
-    let output = Command::new(BIN)
-        .arg("--config")
-        .arg(env.dir.path().join("config.toml"))
-        .args(["config", "show"])
+    let output = env
+        .command(&["config", "show"])
         .env("VMFACTORY_GUEST_QEMU", "debian")
         .output()
         .expect("spawn vmfactory");
@@ -267,22 +266,15 @@ fn config_show_prints_the_effective_configuration() {
 #[test]
 fn a_closed_or_full_output_ends_vmfactory_without_a_panic() {
     let env = Env::new("enable_template = true");
-    let config = env.dir.path().join("config.toml");
     let config_show_to = |stdout: std::process::Stdio| {
-        let mut command = Command::new(BIN);
+        let mut command = env.command(&["config", "show"]);
         // No override notices from the caller's environment: nothing else is said.
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("VMFACTORY_") {
                 command.env_remove(name);
             }
         }
-        command
-            .arg("--config")
-            .arg(&config)
-            .args(["config", "show"])
-            .stdout(stdout)
-            .output()
-            .expect("spawn vmfactory")
+        command.stdout(stdout).output().expect("spawn vmfactory")
     };
     // A reader that went away (`vmfactory config show | true`): exit 141, nothing said.
     let (reader, writer) = rustix::pipe::pipe().expect("pipe");
