@@ -39,10 +39,20 @@ pub const QEMU_DEVICES: &str = include_str!("../qemu/vmfactory-devices.mak");
 /// Our patches to Debian's QEMU source, applied in this order after Debian's; each
 /// changes one file (the patch file's header says what and why). A patch that does not
 /// apply fails the build.
-pub const QEMU_PATCHES: &[(&str, &str)] = &[(
-    "0001-vl-board-memory-map-in-one-transaction.patch",
-    include_str!("../qemu/patches/0001-vl-board-memory-map-in-one-transaction.patch"),
-)];
+pub const QEMU_PATCHES: &[(&str, &str)] = &[
+    (
+        "0001-vl-board-memory-map-in-one-transaction.patch",
+        include_str!("../qemu/patches/0001-vl-board-memory-map-in-one-transaction.patch"),
+    ),
+    (
+        "0002-vl-cli-devices-in-one-transaction.patch",
+        include_str!("../qemu/patches/0002-vl-cli-devices-in-one-transaction.patch"),
+    ),
+    (
+        "0003-savevm-load-in-one-transaction.patch",
+        include_str!("../qemu/patches/0003-savevm-load-in-one-transaction.patch"),
+    ),
+];
 
 /// Version of the QEMU build recipe; bump it when the same inputs give another binary.
 const QEMU_BUILD_VERSION: u32 = 3;
@@ -990,22 +1000,44 @@ mod tests {
 
     #[test]
     fn the_patches_apply_to_their_file() {
-        for (name, text) in QEMU_PATCHES {
+        // Each patch: its file, and the call it wraps in one memory transaction.
+        let expected = [
+            (
+                "b/softmmu/vl.c",
+                "memory_region_transaction_begin();\n    machine_run_board_init(",
+                "&error_fatal);\n    memory_region_transaction_commit();\n\n    drive_check",
+            ),
+            (
+                "b/softmmu/vl.c",
+                "memory_region_transaction_begin();\n    qemu_opts_foreach(qemu_find_opts(\"device\")",
+                "    }\n    memory_region_transaction_commit();\n    rom_reset_order_override();",
+            ),
+            (
+                "b/migration/savevm.c",
+                "memory_region_transaction_begin();\n    ret = qemu_loadvm_state_main(f, mis);",
+                "mis);\n    memory_region_transaction_commit();\n    qemu_event_set(",
+            ),
+        ];
+        assert_eq!(QEMU_PATCHES.len(), expected.len());
+        for ((name, text), (file, begin, commit)) in QEMU_PATCHES.iter().zip(expected) {
             let patch = diffy::Patch::from_str(text).expect(name);
-            assert_eq!(patch.modified(), Some("b/softmmu/vl.c"), "{name}");
+            assert_eq!(patch.modified(), Some(file), "{name}");
+            // The lines the patch was written against, each hunk at its place.
+            let mut original = String::new();
+            for hunk in patch.hunks() {
+                let before = hunk.old_range().start().saturating_sub(1);
+                let lines = original.matches('\n').count();
+                original.push_str(&"\n".repeat(before.saturating_sub(lines)));
+                for line in hunk.lines() {
+                    if let diffy::Line::Context(text) | diffy::Line::Delete(text) = line {
+                        original.push_str(text);
+                    }
+                }
+            }
+            let patched = diffy::apply(&original, &patch).expect(name);
+            assert!(patched.contains(begin), "{name}: {patched}");
+            assert!(patched.contains(commit), "{name}: {patched}");
         }
-        // Applied to the lines it was written against (the hunk's context).
-        let original = "    qemu_plugin_load_list(&plugin_list, &error_fatal);\n\n    \
-            /* From here on we enter MACHINE_PHASE_INITIALIZED.  */\n    \
-            machine_run_board_init(current_machine, mem_path, &error_fatal);\n\n    \
-            drive_check_orphaned();\n\n";
-        let padded = "\n".repeat(2511) + original;
-        let patch = diffy::Patch::from_str(QEMU_PATCHES[0].1).expect("patch");
-        let patched = diffy::apply(&padded, &patch).expect("applies");
-        assert!(patched.contains(
-            "    memory_region_transaction_begin();\n    machine_run_board_init(\
-             current_machine, mem_path, &error_fatal);\n    memory_region_transaction_commit();"
-        ));
     }
 
     #[test]
