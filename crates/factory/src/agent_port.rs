@@ -1,8 +1,8 @@
 //! The agent's port as the host sees it: when the guest agent has let go of a host
 //! connection and when it waits for the next one. The agent says so on the serial console
 //! (the lines are in [`vmfactory_protocols::contract`]); QMP's `VSERPORT_CHANGE` would be
-//! backend-specific and is throttled to one event a second per port, merging the close
-//! with the reopen that follows. Guest output is untrusted: a forged line only makes the
+//! backend-specific, and the agent keeps its port open between hosts, so it reports no
+//! change there. Guest output is untrusted: a forged line only makes the
 //! next connection early, which every caller tolerates by checking and reconnecting.
 
 use std::io::{Read, Seek, SeekFrom};
@@ -36,8 +36,8 @@ impl PortWatch {
         Self { console, mark }
     }
 
-    /// Waits until the agent has let go of its port and opened it again, waiting for the
-    /// next host: a VM saved from then on resumes with its agent waiting.
+    /// Waits until the agent has let go of its host and made its next connection, waiting
+    /// for the next host: a VM saved from then on resumes with its agent waiting.
     pub async fn wait_reopened(
         &self,
         hypervisor: &dyn Hypervisor,

@@ -155,6 +155,96 @@ async fn qemu_dying_at_start_reports_its_stderr() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// Waits until the console log at `console` shows, after byte `mark`, each of `lines` in
+/// order; returns the log's length then.
+async fn console_shows(console: &Path, mark: usize, lines: &[&str]) -> usize {
+    let started = std::time::Instant::now();
+    loop {
+        let text = std::fs::read(console).unwrap_or_default();
+        let after = String::from_utf8_lossy(&text[mark.min(text.len())..]).into_owned();
+        let mut at = 0;
+        let all = lines.iter().all(|line| match after[at..].find(line) {
+            Some(found) => {
+                at += found + line.len();
+                true
+            }
+            None => false,
+        });
+        if all {
+            return text.len();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the console did not show {lines:?} after byte {mark}: {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The agent serves one host after another on its port, and a host speaking garbage
+/// (its connection ends with an error while it is still there) does not spoil the next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_serves_host_after_host_and_survives_a_garbled_one() {
+    use vmfactory_protocols::contract::{CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED};
+
+    let runtime = runtime_dir();
+    let config = config(runtime.path());
+    let mut vm = Vm::boot(config.backend().as_ref(), &config)
+        .await
+        .expect("boot");
+    let channels = vm.hypervisor().channels();
+    let console = channels.console_log.clone().expect("console log");
+    let len = |path: &Path| std::fs::metadata(path).map_or(0, |m| m.len() as usize);
+
+    for round in 0..3 {
+        let details = vm.details().await.expect("details");
+        assert_eq!(details.online_cpus, 1, "round {round}");
+        let mark = len(&console);
+        vm.reconnect_agent();
+        console_shows(&console, mark, &[CONSOLE_HOST_LEFT[0], CONSOLE_PORT_OPENED]).await;
+    }
+
+    // A host that sends what is not HTTP/2, more than one read takes, and stays: its
+    // connection ends with an error; what it sent after is not read by the next one.
+    let mark = len(&console);
+    let mut garbled = tokio::net::UnixStream::connect(&channels.agent_socket)
+        .await
+        .expect("connect to the agent socket");
+    let mut junk = b"GET / HTTP/1.1\r\nHost: vmfactory\r\n\r\n".to_vec();
+    junk.resize(256 << 10, b'x');
+    // The guest reads (and rejects) only the first bytes; the rest may wait in the port.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncWriteExt::write_all(&mut garbled, &junk),
+    )
+    .await;
+    console_shows(&console, mark, &[CONSOLE_HOST_LEFT[1], CONSOLE_PORT_OPENED]).await;
+    drop(garbled);
+
+    // The next host is served once the agent has let go of the garbled one (its client
+    // connects again after a failed call, as the factory's callers do).
+    let mut failures = Vec::new();
+    let mut output = None;
+    for _ in 0..10 {
+        vm.reconnect_agent();
+        let request = ExecRequest {
+            argv: vec!["echo".into(), "after garbage".into()],
+            ..ExecRequest::default()
+        };
+        match vm.exec(request).await {
+            Ok(done) => {
+                output = Some(done);
+                break;
+            }
+            Err(err) => failures.push(err.to_string()),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let output = output.unwrap_or_else(|| panic!("no exec after the garbled host: {failures:?}"));
+    assert_eq!(output.stdout, b"after garbage\n");
+    vm.stop().await.expect("stop");
+}
+
 /// A boot dropped half-way (`run` refusing an image while its VM starts, a signal) takes
 /// its QEMU down before the drop returns: its owner may exit at once, and nothing may
 /// outlive it.

@@ -6,7 +6,8 @@
 /// Name of the virtio-serial port the guest agent serves its API on.
 pub const AGENT_PORT_NAME: &str = "agent.0";
 
-/// Console line the agent prints each time it has (re)opened its port and waits for a host.
+/// Console line the agent prints each time it is ready for the next host connection: it
+/// waits for a host (or has just found one) on its port.
 pub const CONSOLE_PORT_OPENED: &str = "Agent port opened";
 
 /// Console lines the agent prints once a host connection has ended and it closed its
