@@ -167,6 +167,15 @@ fn read_current(cache_dir: &Path) -> CurrentImages {
     }
 }
 
+/// Keys of the images `current.json` names, one per remembered option set; `None` when
+/// the file is missing or unreadable (then nothing can be told unused).
+pub(crate) fn current_image_keys(cache_dir: &Path) -> Option<Vec<String>> {
+    let bytes = fs::read(current_path(cache_dir)).ok()?;
+    let current = serde_json::from_slice::<CurrentImages>(&bytes).ok()?;
+    (current.format_version == CURRENT_FORMAT_VERSION)
+        .then(|| current.images.into_iter().map(|entry| entry.key).collect())
+}
+
 /// The current image for `options`, if `current.json` names one whose files are unchanged
 /// since it was recorded. The agent is matched by `options.agent_sha256` when given, else
 /// by the stamp of `options.agent_binary`. Runs no program and hashes nothing: this is the
@@ -334,14 +343,14 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::image::tests::inputs;
     use std::fs::File;
     use std::time::{Duration, SystemTime};
 
     /// Writes a fake image with a manifest under `cache/images/<key>/`.
-    fn fake_image(cache: &Path, key: &str) -> Manifest {
+    pub(crate) fn fake_image(cache: &Path, key: &str) -> Manifest {
         let dir = cache.join("images").join(key);
         fs::create_dir_all(&dir).expect("mkdir");
         fs::write(dir.join("vmlinuz"), b"bzImage").expect("write");

@@ -21,6 +21,7 @@ mod error;
 mod image;
 mod kernel;
 mod modules;
+mod prune;
 mod qemu;
 mod vmlinux;
 
@@ -45,6 +46,7 @@ pub use kernel::{
     KERNEL_BUILD_PACKAGES, KERNEL_CONFIG_FRAGMENT, KERNEL_PATCHES,
 };
 pub use modules::ModuleError;
+pub use prune::{prune_cache, Pruned, PRUNE_IDLE};
 pub use qemu::{
     current_qemu, ensure_qemu, qemu_recipe_digest, BuiltQemu, QemuBuild, QemuSource,
     DEBIAN_QEMU_BINARY, QEMU_BUILD_PACKAGES, QEMU_DEVICES, TRAINING_CPU,

@@ -257,6 +257,28 @@ pub fn current_qemu(cache_dir: &Path) -> Option<BuiltQemu> {
     load_built(&root.join(&record.key), &record.key)
 }
 
+/// The key `qemu/current.json` names, whichever vmfactory or Debian QEMU it was built
+/// for.
+pub(crate) fn current_qemu_key(cache_dir: &Path) -> Option<String> {
+    let bytes = fs::read(cache_dir.join("qemu").join("current.json")).ok()?;
+    serde_json::from_slice::<CurrentRecord>(&bytes)
+        .ok()
+        .map(|record| record.key)
+}
+
+/// The Debian source package and version a build cached under `dir` was compiled from.
+pub(crate) fn built_source(dir: &Path) -> Option<(String, String)> {
+    let record: BuildRecord =
+        serde_json::from_slice(&fs::read(dir.join("build.json")).ok()?).ok()?;
+    Some((record.source_package, record.source_version))
+}
+
+/// Name of the directory under `downloads/` holding the source of `package` `version`.
+pub(crate) fn source_dir_name(package: &str, version: &str) -> String {
+    let upstream = version.split_once(':').map_or(version, |(_, rest)| rest);
+    format!("{package}-source-{upstream}")
+}
+
 /// Reads the build cached under `dir`, if complete.
 fn load_built(dir: &Path, key: &str) -> Option<BuiltQemu> {
     let record: BuildRecord =
@@ -435,7 +457,7 @@ fn ensure_source(
     let upstream = version.split_once(':').map_or(version, |(_, rest)| rest);
     let dir = cache_dir
         .join("downloads")
-        .join(format!("{package}-source-{upstream}"));
+        .join(source_dir_name(package, version));
     let dsc = dir.join(format!("{package}_{upstream}.dsc"));
     if dsc.is_file() && dir.join(".complete").is_file() {
         return Ok(dsc);

@@ -12,8 +12,8 @@ use clap::{Args, Subcommand};
 use vmfactory_factory::settings::Settings;
 use vmfactory_guest_image::{
     build, check, current, current_qemu, default_cache_dir, embedded_agent_path, ensure_qemu,
-    install_embedded_agent, BuildOptions, BuiltQemu, GuestImage, KernelSource, QemuBuild,
-    QemuSource, UpdateCheck, UpdateStatus,
+    install_embedded_agent, prune_cache, BuildOptions, BuiltQemu, GuestImage, KernelSource,
+    QemuBuild, QemuSource, UpdateCheck, UpdateStatus, PRUNE_IDLE,
 };
 use vmfactory_hypervisor::qemu::libstub::untrusted_code_path;
 
@@ -64,7 +64,9 @@ pub enum GuestCommand {
     /// the second time optimised by a profile of the first booting the kernel; needs meson
     /// ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev
     /// dpkg-dev), unless Debian's QEMU or a QEMU path is configured. Does nothing when both are up to date; prints
-    /// their paths.
+    /// their paths. Then removes from the cache what earlier versions left and nothing
+    /// current uses (guest images, kernel and QEMU builds, QEMU sources) once unused for
+    /// 7 days, and says how much.
     Build(BuildArgs),
 }
 
@@ -132,10 +134,23 @@ pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
     } else {
         None
     };
+    // What earlier versions, kernels and QEMU recipes left behind, once nothing current
+    // refers to it and it was not used for a week.
+    let pruned = prune_cache(&options.cache_dir, PRUNE_IDLE);
+    if !pruned.removed.is_empty() {
+        eprintln!(
+            "vmfactory: Removed {} cache entries nothing current uses and unused for {} days \
+             ({:.1} MiB): earlier guest images, kernel or QEMU builds",
+            pruned.removed.len(),
+            PRUNE_IDLE.as_secs() / 86_400,
+            pruned.bytes as f64 / f64::from(1u32 << 20)
+        );
+    }
     if args.json {
         let mut value = serde_json::to_value(&image)?;
         if let Some(object) = value.as_object_mut() {
             object.insert("qemu".into(), serde_json::to_value(&qemu)?);
+            object.insert("pruned".into(), serde_json::to_value(&pruned)?);
         }
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {

@@ -142,6 +142,13 @@ fn installed_binary_boots_without_cargo_or_sources() {
     // Compiled with a profile, trained on a guest kernel's boot.
     let trained_on = image["qemu"]["trained_on"].as_str().unwrap_or_default();
     assert!(!trained_on.is_empty(), "{}", image["qemu"]);
+    // The build then prunes what nothing current uses (reported), never what it named.
+    assert!(image["pruned"]["removed"].is_array(), "{image}");
+    assert!(image["pruned"]["bytes"].is_u64(), "{image}");
+    for file in ["kernel", "initrd"] {
+        let path = image[file].as_str().expect(file);
+        assert!(std::path::Path::new(path).is_file(), "{path}");
+    }
     let checked = vmfactory(&["guest", "build", "--check", "--json"])
         .output()
         .expect("guest build --check");
