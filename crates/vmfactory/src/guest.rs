@@ -138,10 +138,11 @@ pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
     // refers to it and it was not used for a week.
     let pruned = prune_cache(&options.cache_dir, PRUNE_IDLE);
     if !pruned.removed.is_empty() {
+        let count = pruned.removed.len();
         eprintln!(
-            "vmfactory: Removed {} cache entries nothing current uses and unused for {} days \
+            "vmfactory: Removed {count} cache {} nothing current uses and unused for {} days \
              ({:.1} MiB): earlier guest images, kernel or QEMU builds",
-            pruned.removed.len(),
+            if count == 1 { "entry" } else { "entries" },
             PRUNE_IDLE.as_secs() / 86_400,
             pruned.bytes as f64 / f64::from(1u32 << 20)
         );
