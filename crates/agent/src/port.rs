@@ -8,7 +8,7 @@
 //! [`CONSOLE_PORT_OPENED`] first), so a clone's hand-out starts with its connection
 //! already made: none of that guest code (the server's set-up, the port's registration
 //! with epoll, checking for a host with `poll`) is run, and translated by the clone's
-//! QEMU, on its path. A clone's hand-out translated about 5% fewer blocks.
+//! QEMU, on its path. A clone's hand-out translated about 10% fewer blocks.
 
 use std::ffi::{CStr, CString};
 use std::future::Future;
@@ -69,13 +69,26 @@ pub async fn serve_port(name: &str) {
             Err(err) => info!(%err, "{}", CONSOLE_HOST_LEFT[1]),
         }
         if !port.host_left.load(Ordering::Relaxed) {
-            // The connection ended with its host still there, or gone in the middle of a
-            // write: the port is closed and opened again, which discards whatever that
-            // host still had in flight, so the next connection starts clean.
-            drop(port);
-            port = Port::open(&device).await;
+            // The connection ended with its host still there (an error, or its host gone
+            // in the middle of a write): whatever that host still sends is read and
+            // dropped until it leaves, so the next connection starts with the next host.
+            // Only one host can be connected at a time, so no other waits meanwhile.
+            if let Err(err) = discard_until_host_leaves(port.clone()).await {
+                warn!(%err, "Cannot read the port; opening it again");
+                drop(port);
+                port = Port::open(&device).await;
+            }
         }
     }
+}
+
+/// Reads and drops what the port's host sends until it leaves.
+async fn discard_until_host_leaves(port: Arc<Port>) -> io::Result<()> {
+    let mut io = PortIo::new(port);
+    io.host_seen = true;
+    let mut buffer = vec![0; 64 << 10];
+    while tokio::io::AsyncReadExt::read(&mut io, &mut buffer).await? > 0 {}
+    Ok(())
 }
 
 /// The open port, registered with the runtime through an epoll set of its own.

@@ -10,7 +10,9 @@
 //! default `relatime`, a file read once a day counts as used), and a QEMU build also
 //! only when no running process executes it. Only directories named as the cache names
 //! them (64 hex digits; `qemu-source-*`) are looked at, and symbolic links are never
-//! followed. Without a readable `current.json`, no image, kernel or agent is removed.
+//! followed. Without a readable `current.json`, no image, kernel or agent is removed;
+//! without a readable `qemu/current.json`, no QEMU build or source. The bookkeeping files
+//! the cache itself reads (`manifest.json`, `build.json`) do not count as used.
 
 use std::collections::HashSet;
 use std::fs;
@@ -21,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::current::current_image_keys;
-use crate::image::read_manifest;
+use crate::image::{read_manifest, MANIFEST_FILE};
 use crate::qemu::{built_source, current_qemu_key, source_dir_name};
 
 /// How long an entry nothing current refers to is kept after its files were last used.
@@ -69,13 +71,16 @@ pub fn prune_cache(cache_dir: &Path, idle: Duration) -> Pruned {
         }
     }
 
-    let current_qemu = current_qemu_key(cache_dir);
+    // Without a readable record of the current QEMU, none is judged unused.
+    let Some(current_qemu) = current_qemu_key(cache_dir) else {
+        return pruned;
+    };
     let executed = executables_running();
     let mut sources = HashSet::new();
     for (key, dir) in keyed_dirs(&cache_dir.join("qemu")) {
         let real = dir.canonicalize().unwrap_or_else(|_| dir.clone());
         let running = executed.iter().any(|exe| exe.starts_with(&real));
-        if current_qemu.as_ref() == Some(&key) || running || !idle_since(&dir) {
+        if current_qemu == key || running || !idle_since(&dir) {
             if let Some((package, version)) = built_source(&dir) {
                 sources.insert(source_dir_name(&package, &version));
             }
@@ -118,16 +123,23 @@ fn is_real_dir(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|meta| meta.is_dir())
 }
 
+/// Files the cache reads for its own bookkeeping (this module included): their access
+/// times say nothing of an entry's use.
+const BOOKKEEPING: [&str; 2] = [MANIFEST_FILE, "build.json"];
+
 /// The latest modification of `dir` and of the files in it (two levels deep), or access
-/// to those files. A directory's access time is not used: listing it, as this module
-/// does, updates it.
+/// to those files. Access times of directories (listing one, as this module does,
+/// updates it) and of bookkeeping files (read by this module too) are not used.
 fn last_used(dir: &Path) -> SystemTime {
     fn walk(path: &Path, depth: u32, latest: &mut i64) {
         let Ok(meta) = fs::symlink_metadata(path) else {
             return;
         };
         *latest = (*latest).max(meta.mtime());
-        if !meta.is_dir() {
+        let bookkeeping = path
+            .file_name()
+            .is_some_and(|name| BOOKKEEPING.iter().any(|file| name == *file));
+        if !meta.is_dir() && !bookkeeping {
             *latest = (*latest).max(meta.atime());
         }
         if meta.is_dir() && depth > 0 {
@@ -324,6 +336,14 @@ mod tests {
             assert!(kept.exists(), "{}", kept.display());
         }
 
+        // A prune reads the manifests of what it keeps; that is not a use. Kept above as
+        // recently used, an image goes once its files are idle too.
+        let recent = cache.join("images").join(&recent_image);
+        age(&recent.join("initrd.img"), old);
+        age(&recent.join("vmlinuz"), old);
+        let pruned = prune_cache(cache, PRUNE_IDLE);
+        assert_eq!(pruned.removed, vec![recent]);
+
         // Without a readable current.json, no image, kernel or agent is judged unused.
         fs::write(cache.join("current.json"), b"{not json").expect("write");
         let before = fs::read_dir(cache.join("images")).expect("images").count();
@@ -334,6 +354,12 @@ mod tests {
             before
         );
         assert!(cache.join("kernels").join(&kernel_used).exists());
+        // Nor, without a readable qemu/current.json, a QEMU build (the current one would
+        // go otherwise, idle as it now is).
+        fs::write(cache.join("qemu/current.json"), b"").expect("write");
+        age(cache, old);
+        assert!(prune_cache(cache, PRUNE_IDLE).removed.is_empty());
+        assert!(cache.join("qemu").join(&qemu_current).exists());
     }
 
     #[test]
@@ -341,12 +367,25 @@ mod tests {
         let cache = tempfile::tempdir().expect("tempdir");
         let dir = cache.path().join("qemu").join(key('5'));
         fs::create_dir_all(dir.join("bin")).expect("mkdir");
+        let record = serde_json::json!({ "key": key('6'), "recipe": "r", "debian_binary": null });
+        fs::write(cache.path().join("qemu/current.json"), record.to_string()).expect("write");
         // A copy of a real program, run from the build's place while the prune looks.
         fs::copy("/bin/sleep", dir.join("bin/qemu-system-x86_64")).expect("copy sleep");
         let mut child = std::process::Command::new(dir.join("bin/qemu-system-x86_64"))
             .arg("30")
             .spawn()
             .expect("run it");
+        // Aged once it sleeps: until its loader has mapped it, the start itself marks the
+        // file used (an access time), which is right but not what this test is about.
+        let stat = format!("/proc/{}/stat", child.id());
+        let started = std::time::Instant::now();
+        while !fs::read_to_string(&stat).is_ok_and(|text| text.contains(") S ")) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "it never slept"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         age(
             &dir,
             SystemTime::now() - Duration::from_secs(30 * 24 * 3600),

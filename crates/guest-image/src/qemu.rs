@@ -1036,8 +1036,9 @@ mod tests {
             ),
             (
                 "b/migration/savevm.c",
-                "memory_region_transaction_begin();\n    ret = qemu_loadvm_state_main(f, mis);",
-                "mis);\n    memory_region_transaction_commit();\n    qemu_event_set(",
+                "if (batched) {\n        memory_region_transaction_begin();\n    }\n    \
+                 ret = qemu_loadvm_state_main(f, mis);",
+                "mis);\n    if (batched) {\n        memory_region_transaction_commit();\n    }\n",
             ),
         ];
         assert_eq!(QEMU_PATCHES.len(), expected.len());
