@@ -34,15 +34,8 @@ pub(crate) fn sha256_file(path: &Path) -> Result<String, GuestImageError> {
 /// with the file's size and modification time, so a cached build need not re-read it.
 pub(crate) fn sha256_file_remembered(path: &Path) -> Result<String, GuestImageError> {
     let metadata = fs::metadata(path).map_err(io_error(path))?;
-    let mtime_ns = metadata
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let stamp = format!("{} {mtime_ns}", metadata.len());
-    let mut sidecar = path.as_os_str().to_owned();
-    sidecar.push(".sha256");
-    let sidecar = PathBuf::from(sidecar);
+    let stamp = sidecar_stamp(&metadata);
+    let sidecar = sidecar_path(path);
     if let Ok(text) = fs::read_to_string(&sidecar) {
         if let Some(digest) = parse_sidecar(&text, &stamp) {
             return Ok(digest);
@@ -53,6 +46,33 @@ pub(crate) fn sha256_file_remembered(path: &Path) -> Result<String, GuestImageEr
         tracing::debug!(path = %sidecar.display(), error = %err, "could not remember a digest");
     }
     Ok(digest)
+}
+
+/// The `<file>.sha256` sidecar of `path`.
+pub(crate) fn sidecar_path(path: &Path) -> PathBuf {
+    let mut sidecar = path.as_os_str().to_owned();
+    sidecar.push(".sha256");
+    PathBuf::from(sidecar)
+}
+
+/// What a sidecar records of its file: `<size> <mtime_ns>`.
+pub(crate) fn sidecar_stamp(metadata: &fs::Metadata) -> String {
+    let mtime_ns = metadata
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{} {mtime_ns}", metadata.len())
+}
+
+/// The digest the sidecar of `path` remembers, if it still describes the file (nothing
+/// is hashed).
+pub(crate) fn remembered_sha256(path: &Path) -> Option<String> {
+    let metadata = fs::metadata(path).ok()?;
+    parse_sidecar(
+        &fs::read_to_string(sidecar_path(path)).ok()?,
+        &sidecar_stamp(&metadata),
+    )
 }
 
 /// Returns the digest in a sidecar's `<size> <mtime_ns> <hex>` line if the stamp matches.

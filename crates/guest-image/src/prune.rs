@@ -1,7 +1,7 @@
 //! Removing what the cache keeps but nothing uses any more: guest images no entry of
-//! `current.json` names, kernel builds and embedded agents no kept image was made from,
-//! vmfactory's QEMU builds other than the current one, and the QEMU sources of builds
-//! not kept. Each build, image and agent is kept per key forever otherwise: every
+//! `current.json` names, kernel builds, embedded agents and downloaded `.deb` packages no
+//! kept image was made from, vmfactory's QEMU builds other than the current one, and the
+//! QEMU sources of builds not kept. Each build, image and agent is kept per key forever otherwise: every
 //! vmfactory upgrade (a new agent), kernel update or QEMU recipe leaves the last one
 //! behind (an image is about 36 MB, a kernel build 18 MB, a QEMU build 9 MB).
 //!
@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::current::current_image_keys;
+use crate::digest::{remembered_sha256, sidecar_path};
 use crate::image::{read_manifest, MANIFEST_FILE};
 use crate::qemu::{built_source, current_qemu_key, source_dir_name};
 
@@ -49,14 +50,34 @@ pub fn prune_cache(cache_dir: &Path, idle: Duration) -> Pruned {
     if let Some(current) = current_image_keys(cache_dir) {
         let mut kernel_builds = HashSet::new();
         let mut agents = HashSet::new();
+        let mut packages = HashSet::new();
         for (key, dir) in keyed_dirs(&cache_dir.join("images")) {
             if current.contains(&key) || !idle_since(&dir) {
                 if let Ok(manifest) = read_manifest(&dir) {
                     kernel_builds.extend(manifest.inputs.kernel_build);
                     agents.insert(manifest.inputs.agent_sha256);
+                    packages.insert(manifest.inputs.kernel_deb_sha256);
+                    packages.insert(manifest.inputs.busybox_deb_sha256);
                 }
             } else {
                 remove(&dir, &mut pruned);
+            }
+        }
+        // Downloaded packages (a kernel source is 130 MB) no kept image was made from,
+        // known by the digest their sidecar remembers; one without it is kept.
+        if let Ok(entries) = fs::read_dir(cache_dir.join("downloads")) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let is_deb = path.extension().is_some_and(|ext| ext == "deb");
+                let is_file = fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file());
+                if !is_deb || !is_file || !idle_since(&path) {
+                    continue;
+                }
+                if remembered_sha256(&path).is_some_and(|digest| !packages.contains(&digest)) {
+                    let sidecar = sidecar_path(&path);
+                    remove(&path, &mut pruned);
+                    let _ = fs::remove_file(sidecar);
+                }
             }
         }
         for (key, dir) in keyed_dirs(&cache_dir.join("kernels")) {
@@ -171,7 +192,12 @@ fn size_of(dir: &Path) -> u64 {
 
 fn remove(dir: &Path, pruned: &mut Pruned) {
     let bytes = size_of(dir);
-    match fs::remove_dir_all(dir) {
+    let removed = if fs::symlink_metadata(dir).is_ok_and(|meta| meta.is_dir()) {
+        fs::remove_dir_all(dir)
+    } else {
+        fs::remove_file(dir)
+    };
+    match removed {
         Ok(()) => {
             tracing::info!(dir = %dir.display(), bytes, "removed an unused cache entry");
             pruned.removed.push(dir.to_owned());
@@ -295,7 +321,18 @@ mod tests {
         let target = dir_with_file(&cache.join("elsewhere"), "file");
         std::os::unix::fs::symlink(&target, cache.join("kernels").join(key('f'))).expect("symlink");
 
+        let debs = ["linux-source_1.deb", "linux-source_0.deb", "busybox_0.deb"];
+        for deb in debs {
+            dir_with_file(&cache.join("downloads"), deb);
+        }
         age(cache, old);
+        // Packages known by their sidecars: the kept images' kernel package ("aa..."), one
+        // no image was made from; and one without a sidecar (unknown: kept).
+        for (deb, digest) in [(debs[0], "aa".repeat(32)), (debs[1], "dd".repeat(32))] {
+            let path = cache.join("downloads").join(deb);
+            let stamp = crate::digest::sidecar_stamp(&fs::metadata(&path).expect("stat"));
+            fs::write(sidecar_path(&path), format!("{stamp} {digest}\n")).expect("sidecar");
+        }
         // Used lately: its initramfs was read (its access time), and a QEMU built lately.
         let times = FileTimes::new().set_accessed(SystemTime::now());
         File::open(cache.join("images").join(&recent_image).join("initrd.img"))
@@ -313,6 +350,7 @@ mod tests {
             cache.join("qemu").join(&qemu_stale),
             cache.join("downloads/qemu-source-7.2+dfsg-6"),
             cache.join("downloads/qemu-source-7.2+dfsg-4"),
+            cache.join("downloads").join(debs[1]),
         ];
         expected.sort();
         assert_eq!(removed, expected);
@@ -320,6 +358,7 @@ mod tests {
         for gone in &expected {
             assert!(!gone.exists(), "{}", gone.display());
         }
+        assert!(!sidecar_path(&cache.join("downloads").join(debs[1])).exists());
         for kept in [
             cache.join("images").join(&current_image),
             cache.join("images").join(&recent_image),
@@ -329,6 +368,9 @@ mod tests {
             cache.join("qemu").join(&qemu_recent),
             cache.join("downloads/qemu-source-7.2+dfsg-7"),
             cache.join("downloads/qemu-source-7.2+dfsg-5"),
+            cache.join("downloads").join(debs[0]),
+            sidecar_path(&cache.join("downloads").join(debs[0])),
+            cache.join("downloads").join(debs[2]),
             other,
             target.join("file"),
             cache.join("kernels").join(key('f')),

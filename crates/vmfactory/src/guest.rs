@@ -65,8 +65,8 @@ pub enum GuestCommand {
     /// ninja-build pkg-config libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev
     /// dpkg-dev), unless Debian's QEMU or a QEMU path is configured. Does nothing when both are up to date; prints
     /// their paths. Then removes from the cache what earlier versions left and nothing
-    /// current uses (guest images, kernel and QEMU builds, QEMU sources) once unused for
-    /// 7 days, and says how much.
+    /// current uses (guest images, kernel and QEMU builds, downloaded packages, QEMU
+    /// sources) once unused for 7 days, and says how much.
     Build(BuildArgs),
 }
 
@@ -141,7 +141,7 @@ pub fn run(command: GuestCommand, config: Option<&Path>) -> Result<ExitCode> {
         let count = pruned.removed.len();
         eprintln!(
             "vmfactory: Removed {count} cache {} nothing current uses and unused for {} days \
-             ({:.1} MiB): earlier guest images, kernel or QEMU builds",
+             ({:.1} MiB): earlier guest images, kernel or QEMU builds, packages",
             if count == 1 { "entry" } else { "entries" },
             PRUNE_IDLE.as_secs() / 86_400,
             pruned.bytes as f64 / f64::from(1u32 << 20)
