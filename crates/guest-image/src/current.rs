@@ -144,6 +144,12 @@ fn current_path(cache_dir: &Path) -> PathBuf {
 
 /// Reads `current.json`; a missing or unreadable file counts as empty.
 fn read_current(cache_dir: &Path) -> CurrentImages {
+    read_current_checked(cache_dir).unwrap_or_default()
+}
+
+/// Reads `current.json`; `None` (said in the log unless it is missing) when it is
+/// missing, unreadable or of another version.
+fn read_current_checked(cache_dir: &Path) -> Option<CurrentImages> {
     let path = current_path(cache_dir);
     let bytes = match fs::read(&path) {
         Ok(bytes) => bytes,
@@ -151,18 +157,18 @@ fn read_current(cache_dir: &Path) -> CurrentImages {
             if err.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(path = %path.display(), error = %err, "cannot read the current-image manifest");
             }
-            return CurrentImages::default();
+            return None;
         }
     };
     match serde_json::from_slice::<CurrentImages>(&bytes) {
-        Ok(current) if current.format_version == CURRENT_FORMAT_VERSION => current,
+        Ok(current) if current.format_version == CURRENT_FORMAT_VERSION => Some(current),
         Ok(_) => {
             tracing::info!(path = %path.display(), "ignoring a current-image manifest of another version");
-            CurrentImages::default()
+            None
         }
         Err(err) => {
             tracing::warn!(path = %path.display(), error = %err, "ignoring an unreadable current-image manifest");
-            CurrentImages::default()
+            None
         }
     }
 }
@@ -170,10 +176,8 @@ fn read_current(cache_dir: &Path) -> CurrentImages {
 /// Keys of the images `current.json` names, one per remembered option set; `None` when
 /// the file is missing or unreadable (then nothing can be told unused).
 pub(crate) fn current_image_keys(cache_dir: &Path) -> Option<Vec<String>> {
-    let bytes = fs::read(current_path(cache_dir)).ok()?;
-    let current = serde_json::from_slice::<CurrentImages>(&bytes).ok()?;
-    (current.format_version == CURRENT_FORMAT_VERSION)
-        .then(|| current.images.into_iter().map(|entry| entry.key).collect())
+    read_current_checked(cache_dir)
+        .map(|current| current.images.into_iter().map(|entry| entry.key).collect())
 }
 
 /// The current image for `options`, if `current.json` names one whose files are unchanged

@@ -1,18 +1,20 @@
 //! Removing what the cache keeps but nothing uses any more: guest images no entry of
 //! `current.json` names, kernel builds, embedded agents and downloaded `.deb` packages no
 //! kept image was made from, vmfactory's QEMU builds other than the current one, and the
-//! QEMU sources of builds not kept. Each build, image and agent is kept per key forever otherwise: every
+//! QEMU sources of builds not kept. Each is kept per key forever otherwise: every
 //! vmfactory upgrade (a new agent), kernel update or QEMU recipe leaves the last one
-//! behind (an image is about 36 MB, a kernel build 18 MB, a QEMU build 9 MB).
+//! behind (an image is about 36 MB, a kernel build 18 MB, a kernel source package 130 MB,
+//! a QEMU build 9 MB).
 //!
 //! Conservative by design: an entry is removed only when nothing current refers to it
 //! AND nobody read or wrote its files for [`PRUNE_IDLE`] (access times: with Linux's
 //! default `relatime`, a file read once a day counts as used), and a QEMU build also
 //! only when no running process executes it. Only directories named as the cache names
 //! them (64 hex digits; `qemu-source-*`) are looked at, and symbolic links are never
-//! followed. Without a readable `current.json`, no image, kernel or agent is removed;
-//! without a readable `qemu/current.json`, no QEMU build or source. The bookkeeping files
-//! the cache itself reads (`manifest.json`, `build.json`) do not count as used.
+//! followed. Without a readable `current.json`, no image, kernel, agent or package is
+//! removed; without a readable `qemu/current.json`, no QEMU build or source. The
+//! bookkeeping files the cache itself reads (`manifest.json`, `build.json`) do not count
+//! as used.
 
 use std::collections::HashSet;
 use std::fs;
@@ -33,7 +35,7 @@ pub const PRUNE_IDLE: Duration = Duration::from_secs(7 * 24 * 60 * 60);
 /// What [`prune_cache`] removed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Pruned {
-    /// The directories removed.
+    /// The directories and package files removed.
     pub removed: Vec<PathBuf>,
     /// Bytes their files took.
     pub bytes: u64,
@@ -47,37 +49,22 @@ pub fn prune_cache(cache_dir: &Path, idle: Duration) -> Pruned {
     let idle_since = |dir: &Path| last_used(dir) < cutoff;
     let mut pruned = Pruned::default();
 
+    // What the kept images were made from; `None` without a readable current.json.
+    let mut packages = None;
     if let Some(current) = current_image_keys(cache_dir) {
         let mut kernel_builds = HashSet::new();
         let mut agents = HashSet::new();
-        let mut packages = HashSet::new();
+        let mut kept_packages = HashSet::new();
         for (key, dir) in keyed_dirs(&cache_dir.join("images")) {
             if current.contains(&key) || !idle_since(&dir) {
                 if let Ok(manifest) = read_manifest(&dir) {
                     kernel_builds.extend(manifest.inputs.kernel_build);
                     agents.insert(manifest.inputs.agent_sha256);
-                    packages.insert(manifest.inputs.kernel_deb_sha256);
-                    packages.insert(manifest.inputs.busybox_deb_sha256);
+                    kept_packages.insert(manifest.inputs.kernel_deb_sha256);
+                    kept_packages.insert(manifest.inputs.busybox_deb_sha256);
                 }
             } else {
                 remove(&dir, &mut pruned);
-            }
-        }
-        // Downloaded packages (a kernel source is 130 MB) no kept image was made from,
-        // known by the digest their sidecar remembers; one without it is kept.
-        if let Ok(entries) = fs::read_dir(cache_dir.join("downloads")) {
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let is_deb = path.extension().is_some_and(|ext| ext == "deb");
-                let is_file = fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file());
-                if !is_deb || !is_file || !idle_since(&path) {
-                    continue;
-                }
-                if remembered_sha256(&path).is_some_and(|digest| !packages.contains(&digest)) {
-                    let sidecar = sidecar_path(&path);
-                    remove(&path, &mut pruned);
-                    let _ = fs::remove_file(sidecar);
-                }
             }
         }
         for (key, dir) in keyed_dirs(&cache_dir.join("kernels")) {
@@ -90,35 +77,50 @@ pub fn prune_cache(cache_dir: &Path, idle: Duration) -> Pruned {
                 remove(&dir, &mut pruned);
             }
         }
+        packages = Some(kept_packages);
     }
 
-    // Without a readable record of the current QEMU, none is judged unused.
-    let Some(current_qemu) = current_qemu_key(cache_dir) else {
-        return pruned;
-    };
-    let executed = executables_running();
-    let mut sources = HashSet::new();
-    for (key, dir) in keyed_dirs(&cache_dir.join("qemu")) {
-        let real = dir.canonicalize().unwrap_or_else(|_| dir.clone());
-        let running = executed.iter().any(|exe| exe.starts_with(&real));
-        if current_qemu == key || running || !idle_since(&dir) {
-            if let Some((package, version)) = built_source(&dir) {
-                sources.insert(source_dir_name(&package, &version));
-            }
-        } else {
-            remove(&dir, &mut pruned);
-        }
-    }
-    if let Ok(entries) = fs::read_dir(cache_dir.join("downloads")) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let dir = entry.path();
-            if name.starts_with("qemu-source-")
-                && is_real_dir(&dir)
-                && !sources.contains(&name)
-                && idle_since(&dir)
-            {
+    // The sources of the kept QEMU builds; `None` without a readable record of the
+    // current QEMU (then none is judged unused).
+    let mut sources = None;
+    if let Some(current_qemu) = current_qemu_key(cache_dir) {
+        let executed = executables_running();
+        let mut kept_sources = HashSet::new();
+        for (key, dir) in keyed_dirs(&cache_dir.join("qemu")) {
+            let real = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+            let running = executed.iter().any(|exe| exe.starts_with(&real));
+            if current_qemu == key || running || !idle_since(&dir) {
+                if let Some((package, version)) = built_source(&dir) {
+                    kept_sources.insert(source_dir_name(&package, &version));
+                }
+            } else {
                 remove(&dir, &mut pruned);
+            }
+        }
+        sources = Some(kept_sources);
+    }
+
+    // Downloads: QEMU sources, and packages (a kernel source is 130 MB) known by the
+    // digest their sidecar remembers (one without it is kept).
+    let downloads = fs::read_dir(cache_dir.join("downloads"));
+    for entry in downloads.into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let is_deb = path.extension().is_some_and(|ext| ext == "deb")
+            && fs::symlink_metadata(&path).is_ok_and(|meta| meta.is_file());
+        let unused = if is_deb {
+            packages.as_ref().is_some_and(|kept| {
+                remembered_sha256(&path).is_some_and(|digest| !kept.contains(&digest))
+            })
+        } else if name.starts_with("qemu-source-") && is_real_dir(&path) {
+            sources.as_ref().is_some_and(|kept| !kept.contains(&name))
+        } else {
+            false
+        };
+        if unused && idle_since(&path) {
+            remove(&path, &mut pruned);
+            if is_deb {
+                let _ = fs::remove_file(sidecar_path(&path));
             }
         }
     }
@@ -192,7 +194,7 @@ fn size_of(dir: &Path) -> u64 {
 
 fn remove(dir: &Path, pruned: &mut Pruned) {
     let bytes = size_of(dir);
-    let removed = if fs::symlink_metadata(dir).is_ok_and(|meta| meta.is_dir()) {
+    let removed = if is_real_dir(dir) {
         fs::remove_dir_all(dir)
     } else {
         fs::remove_file(dir)

@@ -248,41 +248,49 @@ fn debian_binary_stamp() -> Option<(u64, i128)> {
 /// without running anything (a few `stat` calls): `None` when none is built, the recipe
 /// changed, or Debian's QEMU was upgraded since.
 pub fn current_qemu(cache_dir: &Path) -> Option<BuiltQemu> {
-    let root = cache_dir.join("qemu");
-    let record: CurrentRecord =
-        serde_json::from_slice(&fs::read(root.join("current.json")).ok()?).ok()?;
+    let record = read_current_record(cache_dir)?;
     if record.recipe != qemu_recipe_digest() || record.debian_binary != debian_binary_stamp() {
         return None;
     }
-    load_built(&root.join(&record.key), &record.key)
+    load_built(&cache_dir.join("qemu").join(&record.key), &record.key)
+}
+
+/// `qemu/current.json`, if it can be read.
+fn read_current_record(cache_dir: &Path) -> Option<CurrentRecord> {
+    let bytes = fs::read(cache_dir.join("qemu").join("current.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// The key `qemu/current.json` names, whichever vmfactory or Debian QEMU it was built
 /// for.
 pub(crate) fn current_qemu_key(cache_dir: &Path) -> Option<String> {
-    let bytes = fs::read(cache_dir.join("qemu").join("current.json")).ok()?;
-    serde_json::from_slice::<CurrentRecord>(&bytes)
-        .ok()
-        .map(|record| record.key)
+    read_current_record(cache_dir).map(|record| record.key)
+}
+
+/// `build.json` of the build cached under `dir`, if it can be read.
+fn read_build_record(dir: &Path) -> Option<BuildRecord> {
+    serde_json::from_slice(&fs::read(dir.join("build.json")).ok()?).ok()
 }
 
 /// The Debian source package and version a build cached under `dir` was compiled from.
 pub(crate) fn built_source(dir: &Path) -> Option<(String, String)> {
-    let record: BuildRecord =
-        serde_json::from_slice(&fs::read(dir.join("build.json")).ok()?).ok()?;
-    Some((record.source_package, record.source_version))
+    read_build_record(dir).map(|record| (record.source_package, record.source_version))
+}
+
+/// A Debian version without its epoch (`1:7.2+dfsg-7` → `7.2+dfsg-7`), as source file
+/// names carry it.
+fn upstream_version(version: &str) -> &str {
+    version.split_once(':').map_or(version, |(_, rest)| rest)
 }
 
 /// Name of the directory under `downloads/` holding the source of `package` `version`.
 pub(crate) fn source_dir_name(package: &str, version: &str) -> String {
-    let upstream = version.split_once(':').map_or(version, |(_, rest)| rest);
-    format!("{package}-source-{upstream}")
+    format!("{package}-source-{}", upstream_version(version))
 }
 
 /// Reads the build cached under `dir`, if complete.
 fn load_built(dir: &Path, key: &str) -> Option<BuiltQemu> {
-    let record: BuildRecord =
-        serde_json::from_slice(&fs::read(dir.join("build.json")).ok()?).ok()?;
+    let record = read_build_record(dir)?;
     let binary = dir.join("bin/qemu-system-x86_64");
     (record.key == key && binary.is_file()).then(|| BuiltQemu {
         dir: dir.to_owned(),
@@ -454,11 +462,10 @@ fn ensure_source(
     version: &str,
     progress: &mut dyn FnMut(&str),
 ) -> Result<PathBuf, GuestImageError> {
-    let upstream = version.split_once(':').map_or(version, |(_, rest)| rest);
     let dir = cache_dir
         .join("downloads")
         .join(source_dir_name(package, version));
-    let dsc = dir.join(format!("{package}_{upstream}.dsc"));
+    let dsc = dir.join(format!("{package}_{}.dsc", upstream_version(version)));
     if dsc.is_file() && dir.join(".complete").is_file() {
         return Ok(dsc);
     }
