@@ -130,8 +130,7 @@ impl PhaseSamples {
         self.resumed.push(taken.taken + taken.ready.resumed);
         self.answered.push(taken.answered());
         self.guest.push(taken.ready.guest);
-        self.translated.push(taken.translated);
-        self.translated.push_cpu(taken.qemu_cpu);
+        self.translated.push(taken.translated, taken.qemu_cpu);
     }
 
     fn medians(&self) -> Option<PhaseMedians> {

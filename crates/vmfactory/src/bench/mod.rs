@@ -243,11 +243,9 @@ pub(crate) struct Translated {
 }
 
 impl Translated {
-    pub(crate) fn push(&mut self, stats: Option<TranslationStats>) {
+    /// One VM's translation counts and its QEMU's CPU time.
+    pub(crate) fn push(&mut self, stats: Option<TranslationStats>, cpu: Option<Duration>) {
         self.blocks.push(stats);
-    }
-
-    pub(crate) fn push_cpu(&mut self, cpu: Option<Duration>) {
         self.cpu.push(cpu);
     }
 
@@ -438,8 +436,7 @@ async fn bench_boot(
                 ..config.clone()
             };
             let (elapsed, stats, cpu) = boot_once(&config).await?;
-            translated[index].push(stats);
-            translated[index].push_cpu(cpu);
+            translated[index].push(stats, cpu);
             if !json {
                 eprintln!(
                     "boot {}/{n} {}: {:.1} ms",
@@ -550,10 +547,10 @@ mod tests {
         let mut series = Translated::default();
         assert_eq!(series.median_blocks(), None);
         for blocks in [30, 10, 20, 40] {
-            series.push(stats(blocks));
+            series.push(stats(blocks), None);
         }
         assert_eq!(series.median_blocks(), Some(20));
-        series.push(None);
+        series.push(None, None);
         assert_eq!(series.median_blocks(), None, "a VM under KVM has no count");
     }
 
@@ -566,10 +563,10 @@ mod tests {
         let mut series = Translated::default();
         assert_eq!(series.median_cpu_ms(), None);
         for ms in [30, 10, 20] {
-            series.push_cpu(Some(Duration::from_millis(ms)));
+            series.push(None, Some(Duration::from_millis(ms)));
         }
         assert_eq!(series.median_cpu_ms(), Some(20.0));
-        series.push_cpu(None);
+        series.push(None, None);
         assert_eq!(series.median_cpu_ms(), None, "one VM's QEMU was not ours");
     }
 }
