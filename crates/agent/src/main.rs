@@ -2,7 +2,7 @@
 //! `/sys` and `/dev`, loads the virtio modules listed in `/lib/modules/load-order`, then
 //! forks the agent server and stays behind as a supervisor that reaps orphans and restarts
 //! the server if it ever dies (PID 1 exiting would panic the guest kernel). The server finds
-//! the virtio-serial port named `agent.0` and serves the agent API (gRPC over HTTP/2) on it,
+//! the virtio-serial port named `agent.0` and serves the agent API (gRPC over `vmfactory_protocols::mux`) on it,
 //! one host connection after another.
 
 mod container;

@@ -1,10 +1,10 @@
-//! The virtio-serial port: finding it, and serving one HTTP/2 connection after another
-//! on it.
+//! The virtio-serial port: finding it, and serving one host connection after another on
+//! it (the agent API over `vmfactory_protocols::mux`).
 //!
 //! The port stays open and registered with the runtime from one host to the next, and
 //! each connection is made before its host arrives: when a host leaves, the next
 //! connection is set up at once and parks, its server preface unsent, until a host
-//! connects. A template is saved in that state (the host waits for the console line
+//! connects (its first read finds nothing). A template is saved in that state (the host waits for the console line
 //! [`CONSOLE_PORT_OPENED`] first), so a clone's hand-out starts with its connection
 //! already made: none of that guest code (the server's set-up, the port's registration
 //! with epoll, checking for a host with `poll`) is run, and translated by the clone's
@@ -21,8 +21,6 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use rustix::buffer::spare_capacity;
 use rustix::event::{epoll, Timespec};
 use tokio::io::unix::AsyncFd;
@@ -32,9 +30,9 @@ use tracing::{info, warn};
 use vmfactory_protocols::agent::agent_service_server::AgentServiceServer;
 
 use vmfactory_protocols::contract::{
-    AGENT_CONNECTION_WINDOW, AGENT_MAX_FRAME_SIZE, AGENT_MAX_MESSAGE_SIZE as MAX_MESSAGE_SIZE,
-    AGENT_STREAM_WINDOW, CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED,
+    AGENT_MAX_MESSAGE_SIZE as MAX_MESSAGE_SIZE, CONSOLE_HOST_LEFT, CONSOLE_PORT_OPENED,
 };
+use vmfactory_protocols::mux;
 
 use crate::service::Agent;
 
@@ -52,18 +50,7 @@ pub async fn serve_port(name: &str) {
         let service = AgentServiceServer::new(agent.clone())
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            // No `date` header: no gRPC client reads it, and formatting and encoding it
-            // was guest code on every clone's hand-out (about 60 blocks).
-            .auto_date_header(false)
-            .initial_stream_window_size(AGENT_STREAM_WINDOW)
-            .initial_connection_window_size(AGENT_CONNECTION_WINDOW)
-            .max_frame_size(AGENT_MAX_FRAME_SIZE)
-            .serve_connection(
-                TokioIo::new(PortIo::new(port.clone())),
-                TowerToHyperService::new(service),
-            )
-            .await;
+        let result = mux::serve(PortIo::new(port.clone()), service).await;
         match result {
             Ok(()) => info!("{}", CONSOLE_HOST_LEFT[0]),
             Err(err) => info!(%err, "{}", CONSOLE_HOST_LEFT[1]),
@@ -291,11 +278,14 @@ impl AsyncRead for PortIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            let unfilled = buf.initialize_unfilled();
+            // Read into the buffer's unfilled part as it is: zeroing it first (the
+            // connection reads into 64 KiB of room) would be guest work on every read.
+            // SAFETY: the bytes are only written to, by read(2), never read here.
+            let unfilled = unsafe { buf.unfilled_mut() };
             if unfilled.is_empty() {
                 return Poll::Ready(Ok(()));
             }
-            // SAFETY: reading into a valid, initialized buffer of the given length.
+            // SAFETY: reading into valid memory of the given length.
             let n = unsafe {
                 libc::read(
                     this.port.fd.as_raw_fd(),
@@ -306,6 +296,8 @@ impl AsyncRead for PortIo {
             if n > 0 {
                 this.host_seen = true;
                 this.announce();
+                // SAFETY: read(2) initialised the first n bytes of the unfilled part.
+                unsafe { buf.assume_init(n as usize) };
                 buf.advance(n as usize);
                 return Poll::Ready(Ok(()));
             }

@@ -1,6 +1,6 @@
 //! Processes started by `ExecProcess`, by exec id: their pipes or pseudo-terminal,
 //! streamed on demand, and their end. Output is never collected in the agent: a stream
-//! reads a pipe only as fast as the host takes the chunks (HTTP/2 flow control), so a
+//! reads a pipe only as fast as the host takes the chunks (the connection's flow control), so a
 //! flooding process blocks on its pipe instead of filling guest memory.
 
 use std::collections::HashMap;

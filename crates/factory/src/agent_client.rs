@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint};
 use vmfactory_protocols::agent::agent_service_client::AgentServiceClient;
 use vmfactory_protocols::agent::health_check_response::ServingStatus;
 use vmfactory_protocols::agent::{
@@ -16,9 +14,10 @@ use vmfactory_protocols::agent::{
 };
 
 use vmfactory_protocols::contract::{
-    AGENT_CONNECTION_WINDOW, AGENT_MAX_MESSAGE_SIZE as MAX_MESSAGE_SIZE, AGENT_MAX_RESPONSE_SIZE,
-    AGENT_STREAM_WINDOW,
+    AGENT_MAX_MESSAGE_SIZE as MAX_MESSAGE_SIZE, AGENT_MAX_RESPONSE_SIZE,
 };
+pub use vmfactory_protocols::mux::Channel as AgentChannel;
+use vmfactory_protocols::mux::{self, Connector};
 
 /// Errors talking to the guest agent.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +29,7 @@ pub enum AgentError {
         path: PathBuf,
         /// The underlying error.
         #[source]
-        source: tonic::transport::Error,
+        source: std::io::Error,
     },
     /// The agent answered with an error status.
     #[error("{}", rpc_message(rpc, status))]
@@ -134,7 +133,7 @@ pub struct GuestDetails {
 /// last clone is dropped or on [`AgentClient::disconnect`].
 #[derive(Debug, Clone)]
 pub struct AgentClient {
-    pub(crate) inner: AgentServiceClient<Channel>,
+    pub(crate) inner: AgentServiceClient<AgentChannel>,
     socket: Arc<SocketGuard>,
     /// The container whose root file operations (`copy_in`, `copy_out`) work in; empty:
     /// the VM's. See [`AgentClient::files_in`].
@@ -145,8 +144,9 @@ pub struct AgentClient {
 }
 
 /// A duplicate of the connected socket's fd, to shut the connection down on demand: the
-/// gRPC channel's background task may keep its own handle alive for a while, and the guest
-/// agent only goes back to waiting for a host once the host side is really gone.
+/// channel's connection lives while any clone of it or an answer being read holds it,
+/// and the guest agent only goes back to waiting for a host once the host side is really
+/// gone.
 #[derive(Debug, Default)]
 struct SocketGuard {
     fd: Mutex<Option<OwnedFd>>,
@@ -214,63 +214,48 @@ impl AgentClient {
         }
     }
 
-    /// Connects to the agent socket. The HTTP/2 connection is set up at once; calls wait
-    /// until the agent in the guest listens, so this can run while the guest still boots.
+    /// Connects to the agent socket now; calls wait until the agent in the guest listens,
+    /// so this can run while the guest still boots.
     pub async fn connect(socket: &Path) -> Result<Self, AgentError> {
-        let (endpoint, connector, guard) = Self::endpoint(socket);
-        let channel = endpoint
-            .connect_with_connector(connector)
-            .await
-            .map_err(|source| AgentError::Connect {
-                path: socket.to_path_buf(),
-                source,
-            })?;
+        let (connector, guard) = Self::connector(socket);
+        let channel =
+            AgentChannel::connect(connector)
+                .await
+                .map_err(|source| AgentError::Connect {
+                    path: socket.to_path_buf(),
+                    source,
+                })?;
         Ok(Self::with_channel(channel, guard))
     }
 
     /// A client that connects on its first call: nothing reaches the guest before then
     /// (a paused VM that may change hands must not have a stale connection in its port).
     pub fn connect_lazy(socket: &Path) -> Self {
-        let (endpoint, connector, guard) = Self::endpoint(socket);
-        Self::with_channel(endpoint.connect_with_connector_lazy(connector), guard)
+        let (connector, guard) = Self::connector(socket);
+        Self::with_channel(AgentChannel::lazy(connector), guard)
     }
 
-    #[allow(clippy::type_complexity)]
-    fn endpoint(
-        socket: &Path,
-    ) -> (
-        Endpoint,
-        impl tower::Service<
-                http::Uri,
-                Response = TokioIo<UnixStream>,
-                Error = std::io::Error,
-                Future = impl Send,
-            > + Send
-            + Clone
-            + 'static,
-        Arc<SocketGuard>,
-    ) {
+    /// Connects to the agent socket `socket` (each time the channel needs a connection),
+    /// keeping a duplicate of the connection's fd in the returned guard.
+    fn connector(socket: &Path) -> (Connector, Arc<SocketGuard>) {
         let path = socket.to_path_buf();
         let guard = Arc::new(SocketGuard::default());
         let weak: Weak<SocketGuard> = Arc::downgrade(&guard);
-        let connector = tower::service_fn(move |_: http::Uri| {
+        let connector: Connector = Arc::new(move || {
             let path = path.clone();
             let weak = weak.clone();
-            async move {
+            Box::pin(async move {
                 let stream = UnixStream::connect(path).await?;
                 if let Some(guard) = weak.upgrade() {
                     guard.set(stream.as_fd().try_clone_to_owned()?);
                 }
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
+                Ok(Box::new(stream) as Box<dyn mux::Io>)
+            })
         });
-        let endpoint = Endpoint::from_static("http://vmfactory-agent")
-            .initial_stream_window_size(AGENT_STREAM_WINDOW)
-            .initial_connection_window_size(AGENT_CONNECTION_WINDOW);
-        (endpoint, connector, guard)
+        (connector, guard)
     }
 
-    fn with_channel(channel: Channel, socket: Arc<SocketGuard>) -> Self {
+    fn with_channel(channel: AgentChannel, socket: Arc<SocketGuard>) -> Self {
         let inner = AgentServiceClient::new(channel)
             .max_decoding_message_size(AGENT_MAX_RESPONSE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -284,7 +269,7 @@ impl AgentClient {
 
     /// The generated gRPC client on this connection (to forward calls, as a sandbox
     /// supervisor does).
-    pub fn grpc(&self) -> AgentServiceClient<Channel> {
+    pub fn grpc(&self) -> AgentServiceClient<AgentChannel> {
         self.inner.clone()
     }
 

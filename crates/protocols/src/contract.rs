@@ -22,13 +22,11 @@ pub const AGENT_MAX_MESSAGE_SIZE: usize = 256 << 20;
 /// gives (a `StatPath` listing of [`MAX_DIR_ENTRY_BYTES`] of names).
 pub const AGENT_MAX_RESPONSE_SIZE: usize = 32 << 20;
 
-/// HTTP/2 stream flow-control window of the agent connection.
+/// Flow-control window of each call on the agent connection: body bytes a side may send
+/// beyond what the other has read ([`crate::mux`]).
 pub const AGENT_STREAM_WINDOW: u32 = 8 << 20;
 
-/// HTTP/2 connection flow-control window of the agent connection.
-pub const AGENT_CONNECTION_WINDOW: u32 = 16 << 20;
-
-/// Largest HTTP/2 frame the agent's server accepts.
+/// Largest frame either end of the agent connection accepts ([`crate::mux`]).
 pub const AGENT_MAX_FRAME_SIZE: u32 = 1 << 20;
 
 /// Most entropy bytes one `ReseedRandomDev` may carry.

@@ -1,9 +1,10 @@
 //! Protocol definitions of vmfactory: Kata's `cache.proto` (the VMCache service, wire
 //! compatible with Kata Containers) and `agent.proto` (the guest agent API), compiled with
 //! `protox` and `tonic-build` at build time, plus the [`contract`] constants both ends of
-//! the agent connection share.
+//! the agent connection share and its transport, [`mux`].
 
 pub mod contract;
+pub mod mux;
 
 /// Kata's VMCache protocol (`package cache`).
 pub mod cache {

@@ -1,10 +1,11 @@
 //! The agent API on the supervisor's socket, forwarded over the supervisor's one
-//! connection to the sandbox VM's agent (HTTP/2 multiplexes the calls of every client).
+//! connection to the sandbox VM's agent (`vmfactory_protocols::mux` multiplexes the calls of
+//! every client).
 //! Streams are forwarded as streams, so back-pressure reaches the guest.
 
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+use vmfactory_factory::agent_client::AgentChannel as Channel;
 use vmfactory_protocols::agent::agent_service_client::AgentServiceClient;
 use vmfactory_protocols::agent::agent_service_server::AgentService;
 use vmfactory_protocols::agent::{
