@@ -3,8 +3,8 @@
 //!
 //! The port stays open and registered with the runtime from one host to the next, and
 //! each connection is made before its host arrives: when a host leaves, the next
-//! connection is set up at once and parks, its server preface unsent, until a host
-//! connects (its first read finds nothing). A template is saved in that state (the host waits for the console line
+//! connection is set up at once and parks, its first read finding no host, until one
+//! connects. A template is saved in that state (the host waits for the console line
 //! [`CONSOLE_PORT_OPENED`] first), so a clone's hand-out starts with its connection
 //! already made: none of that guest code (the server's set-up, the port's registration
 //! with epoll, checking for a host with `poll`) is run, and translated by the clone's
@@ -53,6 +53,13 @@ pub async fn serve_port(name: &str) {
         let result = mux::serve(PortIo::new(port.clone()), service).await;
         match result {
             Ok(()) => info!("{}", CONSOLE_HOST_LEFT[0]),
+            Err(mux::MuxError::Superseded(next)) => {
+                // The host left and the next one already spoke: its bytes start the
+                // next connection.
+                info!("{}", CONSOLE_HOST_LEFT[0]);
+                port.keep_for_next(next.to_vec());
+                continue;
+            }
             Err(err) => info!(%err, "{}", CONSOLE_HOST_LEFT[1]),
         }
         if !port.host_left.load(Ordering::Relaxed) {
@@ -69,13 +76,32 @@ pub async fn serve_port(name: &str) {
     }
 }
 
-/// Reads and drops what the port's host sends until it leaves.
+/// Reads and drops what the port's host sends until it leaves, or until a new
+/// connection's preface arrives: a host that connected again before this side saw it
+/// leave (the port only tells "a host is there"). What follows the preface, the preface
+/// included, is kept for the next connection.
 async fn discard_until_host_leaves(port: Arc<Port>) -> io::Result<()> {
-    let mut io = PortIo::new(port);
+    let mut io = PortIo::new(port.clone());
     io.host_seen = true;
     let mut buffer = vec![0; 64 << 10];
-    while tokio::io::AsyncReadExt::read(&mut io, &mut buffer).await? > 0 {}
-    Ok(())
+    // The end of what was read before, in case a preface straddles two reads.
+    let mut seen = Vec::new();
+    loop {
+        let n = tokio::io::AsyncReadExt::read(&mut io, &mut buffer).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        seen.extend_from_slice(&buffer[..n]);
+        if let Some(at) = seen
+            .windows(mux::PREFACE.len())
+            .position(|window| window == mux::PREFACE)
+        {
+            seen.drain(..at);
+            port.keep_for_next(seen);
+            return Ok(());
+        }
+        seen.drain(..seen.len().saturating_sub(mux::PREFACE.len() - 1));
+    }
 }
 
 /// The open port, registered with the runtime through an epoll set of its own.
@@ -85,6 +111,8 @@ struct Port {
     edges: PortEdges,
     /// Set when a connection's host left (its read found no data and no host).
     host_left: AtomicBool,
+    /// Bytes read already that belong to the next connection (its first read gets them).
+    pending: std::sync::Mutex<Vec<u8>>,
 }
 
 impl Port {
@@ -98,6 +126,7 @@ impl Port {
                         fd,
                         edges,
                         host_left: AtomicBool::new(false),
+                        pending: std::sync::Mutex::new(Vec::new()),
                     })
                 }
                 Err(err) => {
@@ -106,6 +135,28 @@ impl Port {
                 }
             }
         }
+    }
+}
+
+impl Port {
+    fn keep_for_next(&self, bytes: Vec<u8>) {
+        if let Ok(mut pending) = self.pending.lock() {
+            *pending = bytes;
+        }
+    }
+
+    /// Moves as much of the kept bytes as fits into `buf`; false if none are kept.
+    fn take_pending(&self, buf: &mut ReadBuf<'_>) -> bool {
+        let Ok(mut pending) = self.pending.lock() else {
+            return false;
+        };
+        if pending.is_empty() {
+            return false;
+        }
+        let n = pending.len().min(buf.remaining());
+        buf.put_slice(&pending[..n]);
+        pending.drain(..n);
+        true
     }
 }
 
@@ -277,6 +328,11 @@ impl AsyncRead for PortIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if buf.remaining() > 0 && this.port.take_pending(buf) {
+            this.host_seen = true;
+            this.announce();
+            return Poll::Ready(Ok(()));
+        }
         loop {
             // Read into the buffer's unfilled part as it is: zeroing it first (the
             // connection reads into 64 KiB of room) would be guest work on every read.

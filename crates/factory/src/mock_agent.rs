@@ -9,8 +9,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::service::TowerToHyperService;
 use tokio::net::UnixListener;
 use tonic::{Request, Response, Status};
 use vmfactory_hypervisor::mock::{GuestHook, MockControl};
@@ -289,10 +287,9 @@ pub fn hook(calls: Arc<AgentCalls>) -> GuestHook {
                     } => return,
                 };
                 let Ok((stream, _)) = accepted else { return };
-                let service = TowerToHyperService::new(AgentServiceServer::new(agent.clone()));
-                let served = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let served =
+                    vmfactory_protocols::mux::serve(stream, AgentServiceServer::new(agent.clone()))
+                        .await;
                 if control.is_alive() {
                     console_line(&console, CONSOLE_HOST_LEFT[usize::from(served.is_err())]);
                 }

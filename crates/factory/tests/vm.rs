@@ -204,14 +204,16 @@ async fn the_agent_serves_host_after_host_and_survives_a_garbled_one() {
         console_shows(&console, mark, &[CONSOLE_HOST_LEFT[0], CONSOLE_PORT_OPENED]).await;
     }
 
-    // A host that sends what is not HTTP/2, more than one read takes, and stays: its
-    // connection ends with an error, and the rest of what it sends is dropped until it
-    // leaves; only then is the next connection made.
+    // A host that opens a connection and then sends what is not the agent's protocol,
+    // more than one read takes, and stays: its connection ends with an error, which the
+    // agent tells it, and the rest of what it sends is dropped until it leaves; only then
+    // is the next connection made.
     let mark = len(&console);
     let mut garbled = tokio::net::UnixStream::connect(&channels.agent_socket)
         .await
         .expect("connect to the agent socket");
-    let mut junk = b"GET / HTTP/1.1\r\nHost: vmfactory\r\n\r\n".to_vec();
+    let mut junk = vmfactory_protocols::mux::PREFACE.to_vec();
+    junk.extend_from_slice(b"GET / HTTP/1.1\r\nHost: vmfactory\r\n\r\n");
     junk.resize(256 << 10, b'x');
     tokio::time::timeout(
         Duration::from_secs(20),
@@ -221,6 +223,16 @@ async fn the_agent_serves_host_after_host_and_survives_a_garbled_one() {
     .expect("the agent reads (and drops) all of it")
     .expect("write the junk");
     let ended = console_shows(&console, mark, &[CONSOLE_HOST_LEFT[1]]).await;
+    // `mux`'s connection error: a RESET frame (kind 4) on stream 0, no payload.
+    let mut told = [0; 9];
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_exact(&mut garbled, &mut told),
+    )
+    .await
+    .expect("the agent tells the host")
+    .expect("read what the agent wrote");
+    assert_eq!(told, [0, 0, 0, 0, 4, 0, 0, 0, 0]);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let text = std::fs::read(&console).expect("console");
     assert!(
@@ -240,6 +252,15 @@ async fn the_agent_serves_host_after_host_and_survives_a_garbled_one() {
         .await
         .expect("exec after the garbled host");
     assert_eq!(output.stdout, b"after garbage\n");
+
+    // A host that leaves and the next at once, before the agent may have seen the first
+    // go (the port only tells "a host is there"): the next host's preface, read where
+    // the last host's next frame was due, starts the next connection.
+    for round in 3..8 {
+        let details = vm.details().await.expect("details after a quick reconnect");
+        assert_eq!(details.online_cpus, 1, "round {round}");
+        vm.reconnect_agent();
+    }
     vm.stop().await.expect("stop");
 }
 

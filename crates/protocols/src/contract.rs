@@ -26,6 +26,10 @@ pub const AGENT_MAX_RESPONSE_SIZE: usize = 32 << 20;
 /// beyond what the other has read ([`crate::mux`]).
 pub const AGENT_STREAM_WINDOW: u32 = 8 << 20;
 
+/// Flow-control window of the agent connection as a whole: body bytes all calls together
+/// may send in one direction beyond what the other side has read ([`crate::mux`]).
+pub const AGENT_CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// Largest frame either end of the agent connection accepts ([`crate::mux`]).
 pub const AGENT_MAX_FRAME_SIZE: u32 = 1 << 20;
 

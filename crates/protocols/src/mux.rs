@@ -49,7 +49,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio::task::AbortHandle;
 use tonic::Status;
 
-use crate::contract::{AGENT_MAX_FRAME_SIZE, AGENT_STREAM_WINDOW};
+use crate::contract::{AGENT_CONNECTION_WINDOW, AGENT_MAX_FRAME_SIZE, AGENT_STREAM_WINDOW};
 
 /// What the host sends first on a new connection.
 pub const PREFACE: &[u8; 8] = b"VMFMUX1\n";
@@ -59,6 +59,25 @@ pub const MAX_FRAME: usize = AGENT_MAX_FRAME_SIZE as usize;
 
 /// Body bytes a side may send on one stream beyond what the other has granted back.
 pub const WINDOW: u32 = AGENT_STREAM_WINDOW;
+
+/// Body bytes all of a connection's calls together may send in one direction beyond what
+/// the other side has granted back.
+pub const CONNECTION_WINDOW: u32 = AGENT_CONNECTION_WINDOW;
+
+/// What each `DATA` frame costs of both windows besides its bytes: the receiver's
+/// bookkeeping for it, so that a flood of tiny frames is bounded too.
+const FRAME_COST: u32 = 256;
+
+/// Payloads below this size are copied out of the read buffer: a slice of it, queued,
+/// would keep the whole buffer's allocation.
+const COPY_BELOW: usize = 16 << 10;
+
+/// `DATA` bytes queued and not yet taken into the write buffer, all calls together (a
+/// side that grants credit but does not read cannot make the other queue without end).
+const UNWRITTEN: usize = 4 << 20;
+
+/// Connection credit owed for calls that ended is sent back once this much is owed.
+const RETURN_AT: u32 = CONNECTION_WINDOW / 8;
 
 /// Largest `DATA` payload sent; larger body chunks are split.
 const DATA_CHUNK: usize = 256 << 10;
@@ -96,6 +115,11 @@ pub enum MuxError {
     /// The other side sent something this protocol does not allow.
     #[error("The other side of the agent connection broke its protocol: {0}")]
     Protocol(&'static str),
+    /// (Agent side.) A new connection's preface arrived where the next frame was due: its
+    /// host connected before this side saw the last one leave (a port only tells "a host
+    /// is there"). Carries what was read from the preface on, for the next connection.
+    #[error("A new host connected before the last one was seen to leave")]
+    Superseded(Bytes),
 }
 
 /// Which end of the connection this is.
@@ -130,10 +154,10 @@ impl Out {
 #[derive(Debug)]
 enum Event {
     /// The answer's status and headers (host side).
-    Head(StatusCode, HeaderMap),
+    Head(Box<(StatusCode, HeaderMap)>),
     Data(Bytes),
     /// The end of the body, with its trailers.
-    End(HeaderMap),
+    End(Box<HeaderMap>),
     Reset,
 }
 
@@ -142,7 +166,7 @@ enum Event {
 struct Slot {
     /// The receiving end's queue; `None` once the other side's body ended.
     incoming: Option<mpsc::UnboundedSender<Event>>,
-    /// Body bytes received and not yet granted back.
+    /// Window received (bytes and [`FRAME_COST`]s) and not yet given back.
     received: Arc<AtomicU32>,
     /// Body bytes this side may still send.
     credit: Arc<Semaphore>,
@@ -178,6 +202,16 @@ struct Streams {
 struct Shared {
     out: mpsc::UnboundedSender<Out>,
     streams: Mutex<Streams>,
+    /// Connection window this side may still send.
+    conn_credit: Semaphore,
+    /// Connection window received and not yet given back.
+    conn_received: AtomicU32,
+    /// Connection window owed back for calls that ended, sent at [`RETURN_AT`].
+    conn_owed: AtomicU32,
+    /// Room for `DATA` queued and not yet in the write buffer.
+    unwritten: Semaphore,
+    /// How the connection ended, for the calls it ends.
+    ended: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -185,7 +219,54 @@ impl Shared {
         Arc::new(Self {
             out,
             streams: Mutex::new(Streams::default()),
+            conn_credit: Semaphore::new(CONNECTION_WINDOW as usize),
+            conn_received: AtomicU32::new(0),
+            conn_owed: AtomicU32::new(0),
+            unwritten: Semaphore::new(UNWRITTEN),
+            ended: Mutex::new(None),
         })
+    }
+
+    /// Gives `amount` of window back on stream `stream`, and on the connection.
+    fn grant(&self, stream: u32, amount: u32) {
+        if amount == 0 {
+            return;
+        }
+        self.conn_received.fetch_sub(amount, Ordering::AcqRel);
+        self.send(GRANT, stream, Bytes::copy_from_slice(&amount.to_be_bytes()));
+    }
+
+    /// Gives `amount` of connection window back (what a call that ended still held),
+    /// [`RETURN_AT`] at a time.
+    fn give_back(&self, amount: u32) {
+        if amount == 0 {
+            return;
+        }
+        let owed = self.conn_owed.fetch_add(amount, Ordering::AcqRel) + amount;
+        if owed >= RETURN_AT {
+            let owed = self.conn_owed.swap(0, Ordering::AcqRel);
+            self.grant(0, owed);
+        }
+    }
+
+    /// Records how the connection ended.
+    fn set_ended(&self, result: &Result<(), MuxError>) {
+        let reason = match result {
+            Ok(()) => "the other side closed it".to_string(),
+            Err(err) => err.to_string(),
+        };
+        if let Ok(mut ended) = self.ended.lock() {
+            ended.get_or_insert(reason);
+        }
+    }
+
+    /// The status of a call the connection's end ended.
+    fn lost(&self) -> Status {
+        let reason = self.ended.lock().ok().and_then(|ended| ended.clone());
+        match reason {
+            Some(reason) => Status::unavailable(format!("The agent connection was lost: {reason}")),
+            None => Status::unavailable("The agent connection was lost"),
+        }
     }
 
     fn streams(&self) -> MutexGuard<'_, Streams> {
@@ -229,6 +310,8 @@ impl Shared {
 
     /// The connection ended: every stream ends with it, and no new one starts.
     fn close_all(&self) {
+        self.conn_credit.close();
+        self.unwritten.close();
         let slots: Vec<Slot> = {
             let mut streams = self.streams();
             streams.closed = true;
@@ -289,20 +372,30 @@ impl fmt::Debug for RecvBody {
 }
 
 impl RecvBody {
-    /// Grants back what was handed on, a quarter window at a time (one `WINDOW` frame per
-    /// 2 MiB, none at all for a small call's body).
-    fn consumed(&mut self, bytes: usize) {
-        // A DATA payload is at most MAX_FRAME, so this fits.
-        self.consumed += bytes as u32;
-        if self.consumed >= WINDOW / 4 {
+    /// Grants back what was handed on: a quarter window at a time, or all of it when the
+    /// reader has caught up (so a call read as it comes never holds window back).
+    fn consumed(&mut self, cost: u32, caught_up: bool) {
+        self.consumed += cost;
+        if self.consumed >= WINDOW / 4 || caught_up {
             self.received.fetch_sub(self.consumed, Ordering::AcqRel);
-            self.shared.send(
-                GRANT,
-                self.stream,
-                Bytes::copy_from_slice(&self.consumed.to_be_bytes()),
-            );
+            self.shared.grant(self.stream, self.consumed);
             self.consumed = 0;
         }
+    }
+
+    /// The body is over: the window it still holds (read or queued) goes back to the
+    /// connection, and what still arrives for it is given back as it comes.
+    fn finish(&mut self) {
+        self.ended = true;
+        self.consumed = 0;
+        let rest = {
+            // Under the lock the reader holds while it queues data: nothing queued is
+            // counted twice or lost.
+            let _streams = self.shared.streams();
+            self.rx.close();
+            self.received.swap(0, Ordering::AcqRel)
+        };
+        self.shared.give_back(rest);
     }
 }
 
@@ -321,19 +414,22 @@ impl Body for RecvBody {
         let event = ready!(this.rx.poll_recv(cx));
         let frame = match event {
             Some(Event::Data(data)) => {
-                this.consumed(data.len());
+                // A DATA payload is at most MAX_FRAME, so this fits.
+                let cost = data.len() as u32 + FRAME_COST;
+                let caught_up = this.rx.is_empty();
+                this.consumed(cost, caught_up);
                 return Poll::Ready(Some(Ok(BodyFrame::data(data))));
             }
             Some(Event::End(trailers)) if trailers.is_empty() => None,
-            Some(Event::End(trailers)) => Some(Ok(BodyFrame::trailers(trailers))),
+            Some(Event::End(trailers)) => Some(Ok(BodyFrame::trailers(*trailers))),
             Some(Event::Reset) => Some(Err(Status::cancelled(
                 "The other side of the agent connection gave up the call",
             ))),
             // The reader only hands a stream one head, before its body.
             Some(Event::Head(..)) => Some(Err(Status::internal("A second answer head"))),
-            None => Some(Err(Status::unavailable("The agent connection was lost"))),
+            None => Some(Err(this.shared.lost())),
         };
-        this.ended = true;
+        this.finish();
         Poll::Ready(frame)
     }
 
@@ -344,8 +440,11 @@ impl Body for RecvBody {
 
 impl Drop for RecvBody {
     fn drop(&mut self) {
-        if self.reset_on_drop && !self.ended {
-            self.shared.reset(self.stream);
+        if !self.ended {
+            if self.reset_on_drop {
+                self.shared.reset(self.stream);
+            }
+            self.finish();
         }
     }
 }
@@ -418,12 +517,33 @@ fn decode_block(mut block: Bytes, pseudo: &str) -> Result<(String, HeaderMap), M
     Ok((first.unwrap_or_default(), headers))
 }
 
-/// Sends `body` on stream `stream` as `DATA` frames within the stream's credit, then its
-/// `END`; gives the stream up if the body fails.
+/// Gives a stream up if its sending task ends without its `END` (a panic, an abort
+/// while the stream is still open): the other side must not wait for it for ever.
+struct SendGuard {
+    shared: Arc<Shared>,
+    stream: u32,
+    done: bool,
+}
+
+impl Drop for SendGuard {
+    fn drop(&mut self) {
+        if !self.done && self.shared.streams().map.contains_key(&self.stream) {
+            self.shared.reset(self.stream);
+        }
+    }
+}
+
+/// Sends `body` on stream `stream` as `DATA` frames within the stream's and the
+/// connection's credit, then its `END`; gives the stream up if the body fails.
 async fn send_body<B>(shared: Arc<Shared>, stream: u32, credit: Arc<Semaphore>, body: B)
 where
     B: Body<Data = Bytes>,
 {
+    let mut guard = SendGuard {
+        shared: shared.clone(),
+        stream,
+        done: false,
+    };
     let mut body = std::pin::pin!(body);
     loop {
         // A body's error is not sent on: the stream is given up.
@@ -436,20 +556,27 @@ where
         let frame = match frame {
             None => {
                 shared.send(END, stream, empty_block());
+                guard.done = true;
                 return;
             }
             Some(Some(frame)) => frame,
-            Some(None) => {
-                shared.reset(stream);
-                return;
-            }
+            Some(None) => return,
         };
         match frame.into_data() {
             Ok(mut data) => {
                 while !data.is_empty() {
                     let piece = data.len().min(DATA_CHUNK);
-                    // Only fails once the stream is over (its credit closed).
-                    let Ok(permit) = credit.acquire_many(piece as u32).await else {
+                    let cost = piece as u32 + FRAME_COST;
+                    // Each only fails once the stream or the connection is over.
+                    let Ok(permit) = credit.acquire_many(cost).await else {
+                        return;
+                    };
+                    permit.forget();
+                    let Ok(permit) = shared.conn_credit.acquire_many(cost).await else {
+                        return;
+                    };
+                    permit.forget();
+                    let Ok(permit) = shared.unwritten.acquire_many(piece as u32).await else {
                         return;
                     };
                     permit.forget();
@@ -458,9 +585,9 @@ where
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
-                    match encode_block(("", ""), &trailers) {
-                        Some(block) => shared.send(END, stream, block),
-                        None => shared.reset(stream),
+                    if let Some(block) = encode_block(("", ""), &trailers) {
+                        shared.send(END, stream, block);
+                        guard.done = true;
                     }
                     return;
                 }
@@ -492,7 +619,7 @@ struct Driver<'a, T> {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
-    async fn run(mut self) -> Result<(), MuxError> {
+    async fn run(&mut self) -> Result<(), MuxError> {
         std::future::poll_fn(|cx| self.poll(cx)).await
     }
 
@@ -501,7 +628,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
             let mut progress = false;
             while self.write.len() < WRITE_HIGH {
                 match self.out.poll_recv(cx) {
-                    Poll::Ready(Some(out)) => out.encode(&mut self.write),
+                    Poll::Ready(Some(out)) => {
+                        out.encode(&mut self.write);
+                        if out.kind == DATA {
+                            self.shared.unwritten.add_permits(out.payload.len());
+                        }
+                    }
                     _ => break,
                 }
             }
@@ -519,12 +651,22 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
                 }
             }
             self.read.reserve(READ_ROOM);
-            let mut buffer = ReadBuf::uninit(self.read.spare_capacity_mut());
+            let spare = self.read.spare_capacity_mut();
+            let start = spare.as_ptr().cast::<u8>();
+            let mut buffer = ReadBuf::uninit(spare);
             match Pin::new(&mut self.io).poll_read(cx, &mut buffer) {
                 Poll::Ready(Ok(())) => {
                     let n = buffer.filled().len();
                     if n == 0 {
                         return Poll::Ready(Ok(()));
+                    }
+                    // A reader that swapped the buffer for another (no sound one does)
+                    // filled nothing of ours.
+                    if buffer.filled().as_ptr() != start {
+                        return Poll::Ready(Err(io::Error::other(
+                            "the reader replaced its buffer",
+                        )
+                        .into()));
                     }
                     // SAFETY: the read initialised the first n bytes of the spare capacity.
                     unsafe { self.read.set_len(self.read.len() + n) };
@@ -553,6 +695,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
             self.preface = false;
         }
         while self.read.len() >= FRAME_HEADER {
+            if self.role == Role::Server && self.read.starts_with(PREFACE) {
+                return Err(MuxError::Superseded(self.read.split().freeze()));
+            }
             let length =
                 u32::from_be_bytes([self.read[0], self.read[1], self.read[2], self.read[3]])
                     as usize;
@@ -566,7 +711,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
             let stream =
                 u32::from_be_bytes([self.read[5], self.read[6], self.read[7], self.read[8]]);
             self.read.advance(FRAME_HEADER);
-            let payload = self.read.split_to(length).freeze();
+            let payload = if length < COPY_BELOW {
+                let payload = Bytes::copy_from_slice(&self.read[..length]);
+                self.read.advance(length);
+                payload
+            } else {
+                self.read.split_to(length).freeze()
+            };
             self.dispatch(kind, stream, payload)?;
         }
         Ok(())
@@ -588,7 +739,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
                         return Err(MuxError::Protocol("a second answer head"));
                     }
                     if let Some(incoming) = &slot.incoming {
-                        let _ = incoming.send(Event::Head(status, headers));
+                        let _ = incoming.send(Event::Head(Box::new((status, headers))));
                     }
                 }
                 Ok(())
@@ -604,7 +755,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
                         .and_then(|slot| slot.incoming.take())
                 };
                 if let Some(incoming) = incoming {
-                    let _ = incoming.send(Event::End(trailers));
+                    let _ = incoming.send(Event::End(Box::new(trailers)));
                 }
                 if self.role == Role::Client {
                     // The answer is complete: the call is over, and what is left of its
@@ -613,6 +764,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
                 }
                 Ok(())
             }
+            // Stream 0: the other side ended the connection after an error of its own.
+            (RESET, _) if stream == 0 => Err(MuxError::Protocol(
+                "the other side ended the connection after an error",
+            )),
             (RESET, _) => {
                 self.shared.remove(stream);
                 Ok(())
@@ -622,13 +777,23 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
                     .try_into()
                     .map_err(|_| MuxError::Protocol("a malformed window frame"))?;
                 let bytes = u32::from_be_bytes(bytes) as usize;
-                let streams = self.shared.streams();
-                if let Some(slot) = streams.map.get(&stream) {
-                    if slot.credit.available_permits() + bytes > WINDOW as usize {
-                        return Err(MuxError::Protocol("a window grant beyond the window"));
+                const BEYOND: MuxError = MuxError::Protocol("a window grant beyond the window");
+                // Stream 0 gives back connection window only; a stream's grant gives
+                // back both (the stream's, if it is still open).
+                if stream != 0 {
+                    let streams = self.shared.streams();
+                    if let Some(slot) = streams.map.get(&stream) {
+                        if slot.credit.available_permits() + bytes > WINDOW as usize {
+                            return Err(BEYOND);
+                        }
+                        slot.credit.add_permits(bytes);
                     }
-                    slot.credit.add_permits(bytes);
                 }
+                let credit = &self.shared.conn_credit;
+                if credit.available_permits() + bytes > CONNECTION_WINDOW as usize {
+                    return Err(BEYOND);
+                }
+                credit.add_permits(bytes);
                 Ok(())
             }
             _ => Err(MuxError::Protocol("an unknown frame kind")),
@@ -678,32 +843,39 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
     }
 
     fn data(&mut self, stream: u32, payload: Bytes) -> Result<(), MuxError> {
-        let length = payload.len() as u32;
-        let refused = {
-            let streams = self.shared.streams();
-            // Data of a stream already over is dropped.
-            let Some(slot) = streams.map.get(&stream) else {
-                return Ok(());
-            };
-            let Some(incoming) = &slot.incoming else {
-                return Err(MuxError::Protocol("data after the end of a body"));
-            };
-            let received = slot.received.fetch_add(length, Ordering::AcqRel);
-            if received.saturating_add(length) > WINDOW {
-                return Err(MuxError::Protocol("more data than the window allows"));
-            }
-            if incoming.send(Event::Data(payload)).is_err() {
-                // Nobody reads this body any more (the agent's handler dropped it): it
-                // is dropped, and granted back so the sender is not held up.
-                slot.received.fetch_sub(length, Ordering::AcqRel);
-                true
-            } else {
-                false
-            }
+        if payload.is_empty() {
+            return Err(MuxError::Protocol("an empty data frame"));
+        }
+        // A DATA payload is at most MAX_FRAME, so this fits.
+        let cost = payload.len() as u32 + FRAME_COST;
+        let conn_received = self.shared.conn_received.load(Ordering::Acquire);
+        if conn_received.saturating_add(cost) > CONNECTION_WINDOW {
+            return Err(MuxError::Protocol(
+                "more data than the connection window allows",
+            ));
+        }
+        self.shared.conn_received.fetch_add(cost, Ordering::AcqRel);
+        let streams = self.shared.streams();
+        let Some(slot) = streams.map.get(&stream) else {
+            // Data of a stream already over is dropped, and its window given back.
+            drop(streams);
+            self.shared.give_back(cost);
+            return Ok(());
         };
-        if refused && length > 0 {
-            self.shared
-                .send(GRANT, stream, Bytes::copy_from_slice(&length.to_be_bytes()));
+        let Some(incoming) = &slot.incoming else {
+            return Err(MuxError::Protocol("data after the end of a body"));
+        };
+        let received = slot.received.load(Ordering::Acquire);
+        if received.saturating_add(cost) > WINDOW {
+            return Err(MuxError::Protocol("more data than the window allows"));
+        }
+        if incoming.send(Event::Data(payload)).is_ok() {
+            slot.received.fetch_add(cost, Ordering::AcqRel);
+        } else {
+            // Nobody reads this body any more (the agent's handler dropped it): it is
+            // dropped, and granted back so the sender is not held up.
+            drop(streams);
+            self.shared.grant(stream, cost);
         }
         Ok(())
     }
@@ -755,7 +927,7 @@ where
         })
         .abort_handle()
     });
-    Driver {
+    let mut driver = Driver {
         io,
         role: Role::Server,
         shared,
@@ -764,9 +936,25 @@ where
         write: BytesMut::new(),
         preface: true,
         on_request: Some(on_request),
+    };
+    let result = driver.run().await;
+    if let (Err(MuxError::Protocol(_)), false) = (&result, driver.preface) {
+        // Tells the host, which cannot otherwise know (an agent cannot close its end of
+        // the port), so that it ends the connection and makes a new one. Only a host
+        // that spoke this protocol is told: one that did not would not understand, and
+        // may already be gone, with a new host in its place that would take it for its
+        // own connection's end.
+        let mut goaway = BytesMut::new();
+        Out {
+            kind: RESET,
+            stream: 0,
+            payload: Bytes::new(),
+        }
+        .encode(&mut goaway);
+        let write = tokio::io::AsyncWriteExt::write_all(&mut driver.io, &goaway);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), write).await;
     }
-    .run()
-    .await
+    result
 }
 
 /// A byte stream a [`Channel`] connects over.
@@ -852,10 +1040,12 @@ impl Channel {
             on_request: None,
         };
         let close = CloseOnDrop(shared.clone());
+        let mut driver = driver;
         let driver = tokio::spawn(async move {
             let _close = close;
             // How the connection ended reaches each call it ended (`Unavailable`).
-            let _ = driver.run().await;
+            let result = driver.run().await;
+            driver.shared.set_ended(&result);
         })
         .abort_handle();
         let live = Arc::new(Connection { shared, driver });
@@ -897,11 +1087,14 @@ where
     let stream = {
         let mut streams = shared.streams();
         if streams.closed {
-            return Err(Status::unavailable("The agent connection was lost"));
+            drop(streams);
+            return Err(shared.lost());
         }
         let Some(stream) = streams.last.checked_add(1) else {
+            // The next call makes a new connection.
+            streams.closed = true;
             return Err(Status::unavailable(
-                "The agent connection ran out of streams",
+                "The agent connection ran out of call numbers",
             ));
         };
         streams.last = stream;
@@ -918,13 +1111,13 @@ where
     let task = tokio::spawn(send_body(shared.clone(), stream, credit, body));
     shared.set_task(stream, task.abort_handle());
     let (status, headers) = match rx.recv().await {
-        Some(Event::Head(status, headers)) => (status, headers),
+        Some(Event::Head(head)) => *head,
         Some(Event::Reset) => {
             return Err(Status::cancelled(
                 "The guest agent gave up the call (too many at once?)",
             ))
         }
-        None => return Err(Status::unavailable("The agent connection was lost")),
+        None => return Err(shared.lost()),
         Some(_) => return Err(Status::internal("The guest agent answered without a head")),
     };
     guard.armed = false;
@@ -1111,7 +1304,8 @@ mod tests {
         let (mut channel, _servers) = channel(seen, connections.clone());
         // Above a quarter window, in several DATA frames: grants flow back.
         let sent: Bytes = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        for _ in 0..3 {
+        // More than the connection window in all: what each call held comes back.
+        for _ in 0..8 {
             let response = channel
                 .call(request("/echo", sent.clone()))
                 .await
@@ -1206,24 +1400,28 @@ mod tests {
         assert_eq!(connections.load(Ordering::SeqCst), 2);
     }
 
-    /// Serves one raw connection, the host sending `input` and leaving; returns how it
-    /// ended.
-    async fn serve_raw(input: &[u8]) -> Result<(), MuxError> {
+    /// Serves one raw connection, the host sending `input` and then sending nothing more;
+    /// returns how it ended and what the server wrote.
+    async fn serve_raw(input: &[u8]) -> (Result<(), MuxError>, Vec<u8>) {
         let (mut host, agent): (DuplexStream, DuplexStream) = tokio::io::duplex(1 << 20);
         let server = tokio::spawn(serve(agent, service(Arc::new(Seen::default()))));
         // The server may end (and close) before it read everything.
         let _ = host.write_all(input).await;
         let _ = host.shutdown().await;
         let reader = tokio::spawn(async move {
-            let mut sink = Vec::new();
-            let _ = host.read_to_end(&mut sink).await;
+            let mut written = Vec::new();
+            let _ = host.read_to_end(&mut written).await;
+            written
         });
         let result = tokio::time::timeout(Duration::from_secs(5), server)
             .await
             .expect("the server did not end")
             .expect("the server task");
-        reader.abort();
-        result
+        let written = tokio::time::timeout(Duration::from_secs(5), reader)
+            .await
+            .expect("the server did not close")
+            .expect("the reader task");
+        (result, written)
     }
 
     fn frame(kind: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
@@ -1244,16 +1442,24 @@ mod tests {
     #[tokio::test]
     async fn a_peer_breaking_the_protocol_ends_the_connection_with_an_error() {
         let mut case = 0;
-        let mut protocol = |result: Result<(), MuxError>| {
+        let goaway = frame(RESET, 0, b"");
+        let mut protocol = |(result, written): (Result<(), MuxError>, Vec<u8>)| {
             case += 1;
+            // The host is told: the connection's last frame ends it.
+            assert!(written.ends_with(&goaway), "case {case}: {written:?}");
             match result {
                 Err(MuxError::Protocol(what)) => what,
                 other => panic!("case {case}: {other:?}"),
             }
         };
-        // Not this protocol at all.
-        let what = protocol(serve_raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await);
-        assert!(what.contains("not a vmfactory"), "{what}");
+        // Not this protocol at all: an error, and nothing written (a host that did not
+        // speak it would not understand, and may be gone already).
+        let (result, written) = serve_raw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        assert!(
+            matches!(result, Err(MuxError::Protocol(what)) if what.contains("not a vmfactory")),
+            "{result:?}"
+        );
+        assert!(written.is_empty());
         let mut input = PREFACE.to_vec();
         // A frame too large.
         input.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, DATA, 0, 0, 0, 1]);
@@ -1281,8 +1487,37 @@ mod tests {
         let mut input = PREFACE.to_vec();
         input.extend(frame(9, 1, b""));
         assert!(protocol(serve_raw(&input).await).contains("unknown"));
-        // A clean end: the host leaves.
-        assert!(serve_raw(PREFACE).await.is_ok());
+        // An empty data frame (each would cost the host bookkeeping, not window).
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEAD, 1, &head("/hold")));
+        input.extend(frame(DATA, 1, b""));
+        assert!(protocol(serve_raw(&input).await).contains("empty"));
+        // More data than the connection window, on streams each within their own.
+        let mut input = PREFACE.to_vec();
+        for stream in 1..=3 {
+            input.extend(frame(HEAD, stream, &head("/hold")));
+            for _ in 0..6 {
+                input.extend(frame(DATA, stream, &vec![0; MAX_FRAME]));
+            }
+        }
+        assert!(protocol(serve_raw(&input).await).contains("connection window"));
+        // A new connection's preface where the next frame was due: its bytes are handed on.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEAD, 1, &head("/endless")));
+        let mut next = PREFACE.to_vec();
+        next.extend(frame(HEAD, 1, &head("/echo")));
+        input.extend(&next);
+        match serve_raw(&input).await {
+            (Err(MuxError::Superseded(bytes)), written) => {
+                assert_eq!(&bytes[..], &next[..]);
+                assert!(written.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
+        // A clean end: the host leaves; nothing is written.
+        let (result, written) = serve_raw(PREFACE).await;
+        assert!(result.is_ok(), "{result:?}");
+        assert!(written.is_empty());
     }
 
     #[tokio::test]
@@ -1297,6 +1532,8 @@ mod tests {
                     encode_block((":status", "200"), &HeaderMap::new()).expect("a small block");
                 let mut answer = frame(HEAD, 1, &status);
                 answer.extend(frame(HEAD, 1, &status));
+                // (Never read: the host ended the connection at the second head.)
+                answer.extend(frame(RESET, 0, b""));
                 let _ = agent.write_all(&answer).await;
                 let mut sink = Vec::new();
                 let _ = agent.read_to_end(&mut sink).await;
@@ -1315,6 +1552,29 @@ mod tests {
             Err(status) => status,
         };
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        assert!(status.message().contains("second answer head"), "{status}");
+    }
+
+    #[tokio::test]
+    async fn an_agent_ending_the_connection_after_an_error_fails_the_hosts_calls() {
+        let connector: Connector = Arc::new(|| {
+            let (host, mut agent) = tokio::io::duplex(1 << 20);
+            tokio::spawn(async move {
+                let mut first = [0; 8];
+                let _ = agent.read_exact(&mut first).await;
+                let _ = agent.write_all(&frame(RESET, 0, b"")).await;
+                let mut sink = Vec::new();
+                let _ = agent.read_to_end(&mut sink).await;
+            });
+            Box::pin(async move { Ok(Box::new(host) as Box<dyn Io>) })
+        });
+        let mut channel = Channel::lazy(connector);
+        let status = channel
+            .call(request("/x", Bytes::new()))
+            .await
+            .expect_err("the agent ended the connection");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+        assert!(status.message().contains("after an error"), "{status}");
     }
 
     #[test]

@@ -3,10 +3,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+
 use tokio::net::UnixStream;
-use tonic::transport::{Channel, Endpoint};
 use vmfactory_factory::AgentClient;
+use vmfactory_protocols::mux::{self, Channel, Connector};
 use vmfactory_protocols::sandbox::sandbox_service_client::SandboxServiceClient;
 use vmfactory_protocols::sandbox::SandboxStatus;
 
@@ -33,17 +34,16 @@ impl SandboxClient {
             reason,
         };
         let path = socket.clone();
-        let connector = tower::service_fn(move |_: http::Uri| {
+        let connector: Connector = Arc::new(move || {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+            Box::pin(
+                async move { Ok(Box::new(UnixStream::connect(path).await?) as Box<dyn mux::Io>) },
+            )
         });
-        let channel = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            Endpoint::from_static("http://sandbox").connect_with_connector(connector),
-        )
-        .await
-        .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|err| unreachable(err.to_string()))?;
+        let channel = tokio::time::timeout(CONNECT_TIMEOUT, Channel::connect(connector))
+            .await
+            .map_err(|_| unreachable("timed out".into()))?
+            .map_err(|err| unreachable(err.to_string()))?;
         let agent = AgentClient::connect(Path::new(&socket))
             .await
             .map_err(|err| unreachable(err.to_string()))?;

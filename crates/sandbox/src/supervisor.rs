@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use vmfactory_factory::{ContainerSpec, Factory, RunningContainer, Vm, VmRequest};
 use vmfactory_protocols::agent::agent_service_server::AgentServiceServer;
 use vmfactory_protocols::contract::AGENT_MAX_MESSAGE_SIZE;
+use vmfactory_protocols::mux;
 use vmfactory_protocols::sandbox::sandbox_service_server::{SandboxService, SandboxServiceServer};
 use vmfactory_protocols::sandbox::SandboxStatus;
 
@@ -379,16 +380,28 @@ impl Supervisor {
         let control = SandboxServiceServer::new(Control {
             shared: shared.clone(),
         });
-        let ended = Arc::new(Notify::new());
-        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
-        let server = tonic::transport::Server::builder()
-            .add_service(control)
-            .add_service(proxy)
-            .serve_with_incoming_shutdown(incoming, {
-                let ended = ended.clone();
-                async move { ended.notified().await }
-            });
-        tokio::pin!(server);
+        // Both APIs on one socket, over the agent connection's transport (`mux`): the
+        // sandbox's control calls and the agent API forwarded to the VM.
+        let api = tower::ServiceExt::map_request(
+            tonic::service::Routes::new(control).add_service(proxy),
+            |request: http::Request<mux::RecvBody>| request.map(tonic::body::boxed),
+        );
+        let mut connections = tokio::task::JoinSet::new();
+        let mut server = Box::pin(async {
+            loop {
+                let (stream, _) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(err) => return err,
+                };
+                let api = api.clone();
+                connections.spawn(async move {
+                    // A client that breaks the protocol only loses its own connection.
+                    let _ = mux::serve(stream, api).await;
+                });
+                // Forget the connections already over.
+                while connections.try_join_next().is_some() {}
+            }
+        });
         let watch_vm = async {
             loop {
                 tokio::time::sleep(VM_WATCH_INTERVAL).await;
@@ -413,15 +426,18 @@ impl Supervisor {
             _ = hup.recv() => End::Signal("SIGHUP"),
             () = watch_vm => End::VmDied,
             served = &mut server => {
-                if let Err(err) = served {
-                    warn!(%err, "Sandbox API server failed");
-                }
+                warn!(err = %served, "Sandbox API server failed");
                 End::Stopped
             }
         };
-        // Let a Stop call get its answer, then close the socket.
-        ended.notify_one();
-        let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+        // No new connection; let a Stop call get its answer (its client then leaves), for
+        // at most 2 s; then end every connection and remove the socket.
+        drop(server);
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        connections.abort_all();
         let _ = std::fs::remove_file(shared.dir.socket());
         end
     }
