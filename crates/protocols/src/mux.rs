@@ -195,6 +195,8 @@ struct Streams {
     closed: bool,
     /// The last stream number used.
     last: u32,
+    /// The driver, while it drains (ends once no stream is left), to be woken then.
+    draining: Option<std::task::Waker>,
 }
 
 /// What a connection's reader, writer and streams share.
@@ -288,9 +290,19 @@ impl Shared {
 
     /// Forgets stream `stream`, stopping its sending task.
     fn remove(&self, stream: u32) {
-        let slot = self.streams().map.remove(&stream);
+        let (slot, none_left) = {
+            let mut streams = self.streams();
+            let slot = streams.map.remove(&stream);
+            (slot, streams.map.is_empty())
+        };
         if let Some(slot) = slot {
             slot.close();
+        }
+        if none_left {
+            // A draining driver ends once no stream is left.
+            if let Some(driver) = self.streams().draining.take() {
+                driver.wake();
+            }
         }
     }
 
@@ -613,6 +625,9 @@ struct Driver<'a, T> {
     out: mpsc::UnboundedReceiver<Out>,
     read: BytesMut,
     write: BytesMut,
+    /// Once ready, the server takes no new call and ends when its calls are answered.
+    shutdown: Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
+    draining: bool,
     /// The server still waits for [`PREFACE`].
     preface: bool,
     on_request: Option<OnRequest<'a>>,
@@ -675,6 +690,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
                 }
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
                 Poll::Pending => {}
+            }
+            if !progress && self.drained(cx) {
+                return Poll::Ready(Ok(()));
             }
             if !progress {
                 return Poll::Pending;
@@ -801,6 +819,26 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
     }
 
     /// A new stream on the server: the request's head.
+    /// Whether the driver was told to shut down and has nothing left to do: no call
+    /// under way and nothing to write (else it is woken when the last call ends).
+    fn drained(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(shutdown) = self.shutdown.as_mut() {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                self.shutdown = None;
+                self.draining = true;
+            }
+        }
+        if !self.draining || !self.write.is_empty() {
+            return false;
+        }
+        let mut streams = self.shared.streams();
+        if streams.map.is_empty() {
+            return true;
+        }
+        streams.draining = Some(cx.waker().clone());
+        false
+    }
+
     fn open(&mut self, stream: u32, payload: Bytes) -> Result<(), MuxError> {
         let (path, headers) = decode_block(payload, ":path")?;
         let uri = http::Uri::try_from(path).map_err(|_| MuxError::Protocol("a malformed path"))?;
@@ -813,7 +851,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
                 return Err(MuxError::Protocol("a stream number used before"));
             }
             streams.last = stream;
-            if streams.map.len() >= MAX_STREAMS {
+            if streams.map.len() >= MAX_STREAMS || self.draining {
                 drop(streams);
                 self.shared.send(RESET, stream, Bytes::new());
                 return Ok(());
@@ -896,6 +934,26 @@ where
     S::Error: Send,
     B: Body<Data = Bytes> + Send + 'static,
 {
+    serve_until(io, service, std::future::pending()).await
+}
+
+/// [`serve`], until `shutdown` is ready: then new calls are refused (reset), and once
+/// the calls under way are answered and written, `Ok`.
+pub async fn serve_until<T, S, B>(
+    io: T,
+    service: S,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), MuxError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    S: tower_service::Service<http::Request<RecvBody>, Response = http::Response<B>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send,
+    B: Body<Data = Bytes> + Send + 'static,
+{
     let (out, out_rx) = mpsc::unbounded_channel();
     let shared = Shared::new(out);
     let _close = CloseOnDrop(shared.clone());
@@ -936,6 +994,8 @@ where
         write: BytesMut::new(),
         preface: true,
         on_request: Some(on_request),
+        shutdown: Some(Box::pin(shutdown)),
+        draining: false,
     };
     let result = driver.run().await;
     if let (Err(MuxError::Protocol(_)), false) = (&result, driver.preface) {
@@ -1038,6 +1098,8 @@ impl Channel {
             write,
             preface: false,
             on_request: None,
+            shutdown: None,
+            draining: false,
         };
         let close = CloseOnDrop(shared.clone());
         let mut driver = driver;
@@ -1575,6 +1637,46 @@ mod tests {
             .expect_err("the agent ended the connection");
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
         assert!(status.message().contains("after an error"), "{status}");
+    }
+
+    #[tokio::test]
+    async fn a_server_told_to_shut_down_refuses_new_calls_and_ends_after_the_last() {
+        let (tell, told) = tokio::sync::oneshot::channel::<()>();
+        let told = Arc::new(Mutex::new(Some(told)));
+        let (done_tx, mut done) = mpsc::unbounded_channel();
+        let connector: Connector = Arc::new(move || {
+            let (host, agent) = tokio::io::duplex(1 << 20);
+            let told = told.lock().expect("lock").take();
+            let done_tx = done_tx.clone();
+            tokio::spawn(async move {
+                let shutdown = async move {
+                    if let Some(told) = told {
+                        let _ = told.await;
+                    }
+                };
+                let result = serve_until(agent, service(Arc::new(Seen::default())), shutdown).await;
+                let _ = done_tx.send(result.is_ok());
+            });
+            Box::pin(async move { Ok(Box::new(host) as Box<dyn Io>) })
+        });
+        let mut channel = Channel::lazy(connector);
+        let under_way = channel
+            .call(request("/endless", Bytes::new()))
+            .await
+            .expect("an answer");
+        tell.send(()).expect("tell");
+        let refused = channel
+            .call(request("/echo", Bytes::from_static(b"late")))
+            .await
+            .expect_err("refused while shutting down");
+        assert_eq!(refused.code(), tonic::Code::Cancelled, "{refused}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(done.try_recv().is_err(), "ended with a call under way");
+        drop(under_way);
+        let ended = tokio::time::timeout(Duration::from_secs(5), done.recv())
+            .await
+            .expect("the server ends after its last call");
+        assert_eq!(ended, Some(true));
     }
 
     #[test]

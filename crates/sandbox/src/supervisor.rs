@@ -386,6 +386,7 @@ impl Supervisor {
             tonic::service::Routes::new(control).add_service(proxy),
             |request: http::Request<mux::RecvBody>| request.map(tonic::body::boxed),
         );
+        let (shut_down, shutdown) = tokio::sync::watch::channel(false);
         let mut connections = tokio::task::JoinSet::new();
         let mut server = Box::pin(async {
             loop {
@@ -394,9 +395,13 @@ impl Supervisor {
                     Err(err) => return err,
                 };
                 let api = api.clone();
+                let mut shutdown = shutdown.clone();
                 connections.spawn(async move {
+                    let shutdown = async move {
+                        let _ = shutdown.wait_for(|&down| down).await;
+                    };
                     // A client that breaks the protocol only loses its own connection.
-                    let _ = mux::serve(stream, api).await;
+                    let _ = mux::serve_until(stream, api, shutdown).await;
                 });
                 // Forget the connections already over.
                 while connections.try_join_next().is_some() {}
@@ -430,9 +435,10 @@ impl Supervisor {
                 End::Stopped
             }
         };
-        // No new connection; let a Stop call get its answer (its client then leaves), for
-        // at most 2 s; then end every connection and remove the socket.
+        // No new connection or call; let the calls under way (a Stop call's answer)
+        // finish, for at most 2 s; then end every connection and remove the socket.
         drop(server);
+        let _ = shut_down.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             while connections.join_next().await.is_some() {}
         })
