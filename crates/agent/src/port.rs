@@ -267,7 +267,9 @@ impl PortEdges {
 /// Until a host has been seen, the port's "no host" answers (a read of nothing, a write
 /// that would block) mean "wait for one"; once one has been seen, a read of nothing is
 /// the end of the connection (the host left), and a write that would block while the
-/// host is gone is a broken pipe. The port's kernel driver answers a read with 0 bytes
+/// host is gone is a broken pipe. A host is seen when the port says it is there (a read
+/// that would block, a write that goes through), not by its data alone, which can come
+/// first. The port's kernel driver answers a read with 0 bytes
 /// when no host is connected and no data is left, and with `EAGAIN` when a host is
 /// connected and sent nothing yet.
 #[derive(Debug)]
@@ -329,7 +331,7 @@ impl AsyncRead for PortIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if buf.remaining() > 0 && this.port.take_pending(buf) {
-            this.host_seen = true;
+            // Data, not yet the host seen (below).
             this.announce();
             return Poll::Ready(Ok(()));
         }
@@ -350,7 +352,11 @@ impl AsyncRead for PortIo {
                 )
             };
             if n > 0 {
-                this.host_seen = true;
+                // Data is not yet the host seen: in a template's clone, the host's first
+                // bytes can reach the agent before the message that its host connected
+                // (another virtqueue), and until then the port answers "no host" (0)
+                // once they are read. A host counts as seen when the port says it is
+                // there (a read that would block, a write that goes through).
                 this.announce();
                 // SAFETY: read(2) initialised the first n bytes of the unfilled part.
                 unsafe { buf.assume_init(n as usize) };
