@@ -50,7 +50,7 @@ pub async fn serve_port(name: &str) {
         let service = AgentServiceServer::new(agent.clone())
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let result = mux::serve(PortIo::new(port.clone()), service).await;
+        let result = mux::serve(PortIo::new(port.clone()), service, std::future::pending()).await;
         match result {
             Ok(()) => info!("{}", CONSOLE_HOST_LEFT[0]),
             Err(mux::MuxError::Superseded(next)) => {

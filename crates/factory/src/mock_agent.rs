@@ -287,9 +287,12 @@ pub fn hook(calls: Arc<AgentCalls>) -> GuestHook {
                     } => return,
                 };
                 let Ok((stream, _)) = accepted else { return };
-                let served =
-                    vmfactory_protocols::mux::serve(stream, AgentServiceServer::new(agent.clone()))
-                        .await;
+                let served = vmfactory_protocols::mux::serve(
+                    stream,
+                    AgentServiceServer::new(agent.clone()),
+                    std::future::pending(),
+                )
+                .await;
                 if control.is_alive() {
                     console_line(&console, CONSOLE_HOST_LEFT[usize::from(served.is_err())]);
                 }

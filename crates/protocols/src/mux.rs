@@ -922,24 +922,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
 /// Serves `service` on the connection `io` (the agent's side) until the host leaves:
 /// `Ok` when it closed the connection, an error when reading or writing failed or it
 /// broke the protocol. Each call is answered in a task of its own; they all end with the
-/// connection.
-pub async fn serve<T, S, B>(io: T, service: S) -> Result<(), MuxError>
-where
-    T: AsyncRead + AsyncWrite + Unpin,
-    S: tower_service::Service<http::Request<RecvBody>, Response = http::Response<B>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-{
-    serve_until(io, service, std::future::pending()).await
-}
-
-/// [`serve`], until `shutdown` is ready: then new calls are refused (reset), and once
-/// the calls under way are answered and written, `Ok`.
-pub async fn serve_until<T, S, B>(
+/// connection. Once `shutdown` is ready (`std::future::pending()`: never), new calls are
+/// refused (reset), and once the calls under way are answered and written, `Ok`.
+pub async fn serve<T, S, B>(
     io: T,
     service: S,
     shutdown: impl Future<Output = ()> + Send,
@@ -1340,7 +1325,7 @@ mod tests {
         let connector: Connector = Arc::new(move || {
             let (host, agent) = tokio::io::duplex(256 << 10);
             connections.fetch_add(1, Ordering::SeqCst);
-            let task = tokio::spawn(serve(agent, service(seen.clone())));
+            let task = tokio::spawn(serve(agent, service(seen.clone()), std::future::pending()));
             tasks
                 .lock()
                 .expect("the server list")
@@ -1466,7 +1451,11 @@ mod tests {
     /// returns how it ended and what the server wrote.
     async fn serve_raw(input: &[u8]) -> (Result<(), MuxError>, Vec<u8>) {
         let (mut host, agent): (DuplexStream, DuplexStream) = tokio::io::duplex(1 << 20);
-        let server = tokio::spawn(serve(agent, service(Arc::new(Seen::default()))));
+        let server = tokio::spawn(serve(
+            agent,
+            service(Arc::new(Seen::default())),
+            std::future::pending(),
+        ));
         // The server may end (and close) before it read everything.
         let _ = host.write_all(input).await;
         let _ = host.shutdown().await;
@@ -1654,7 +1643,7 @@ mod tests {
                         let _ = told.await;
                     }
                 };
-                let result = serve_until(agent, service(Arc::new(Seen::default())), shutdown).await;
+                let result = serve(agent, service(Arc::new(Seen::default())), shutdown).await;
                 let _ = done_tx.send(result.is_ok());
             });
             Box::pin(async move { Ok(Box::new(host) as Box<dyn Io>) })

@@ -401,7 +401,7 @@ impl Supervisor {
                         let _ = shutdown.wait_for(|&down| down).await;
                     };
                     // A client that breaks the protocol only loses its own connection.
-                    let _ = mux::serve_until(stream, api, shutdown).await;
+                    let _ = mux::serve(stream, api, shutdown).await;
                 });
                 // Forget the connections already over.
                 while connections.try_join_next().is_some() {}
