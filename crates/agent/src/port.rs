@@ -136,9 +136,8 @@ impl Port {
             }
         }
     }
-}
 
-impl Port {
+    /// Keeps `bytes`, read already, for the next connection's first read.
     fn keep_for_next(&self, bytes: Vec<u8>) {
         if let Ok(mut pending) = self.pending.lock() {
             *pending = bytes;
@@ -269,9 +268,8 @@ impl PortEdges {
 /// the end of the connection (the host left), and a write that would block while the
 /// host is gone is a broken pipe. A host is seen when the port says it is there (a read
 /// that would block, a write that goes through), not by its data alone, which can come
-/// first. The port's kernel driver answers a read with 0 bytes
-/// when no host is connected and no data is left, and with `EAGAIN` when a host is
-/// connected and sent nothing yet.
+/// first. The port's kernel driver answers a read with 0 bytes when no host is connected
+/// and no data is left, and with `EAGAIN` when a host is connected and sent nothing yet.
 #[derive(Debug)]
 struct PortIo {
     port: Arc<Port>,

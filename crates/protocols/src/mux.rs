@@ -18,19 +18,24 @@
 //! - `HEAD`: the host opens stream `stream` (each new stream's number is above the last)
 //!   with the request's header block, `:path` first; the agent answers with the
 //!   response's, `:status` first.
-//! - `DATA`: body bytes. A side sends at most [`WINDOW`] bytes of a stream's body beyond
-//!   what the other side has granted back with `WINDOW` frames (flow control: a slow
-//!   reader holds the writer back, stream by stream).
+//! - `DATA`: body bytes, never none. Each frame costs its bytes plus [`FRAME_COST`] of
+//!   two windows: a side has at most [`WINDOW`] of a stream and [`CONNECTION_WINDOW`] of
+//!   all streams together in flight beyond what the other side granted back (flow
+//!   control: a slow reader holds the writer back).
 //! - `END`: the end of this side's body; its payload is the trailers' header block.
 //! - `RESET`: the stream is given up (the host dropped the call, or a side failed it).
-//! - `WINDOW`: a `u32`, more body bytes the receiver of this frame may send.
+//!   On stream 0: the agent ended the connection after the host broke the protocol.
+//! - `GRANT`: a `u32` of window given back: on a stream, of that stream's and the
+//!   connection's; on stream 0 (what ended calls held), of the connection's only.
 //!
 //! A header block is `count: u16`, then for each header `name_len: u16, name,
 //! value_len: u32, value`.
 //!
 //! Everything read is checked: frame sizes, stream numbers, header names and values, the
-//! flow-control window; a peer that breaks the protocol ends the connection with
-//! [`MuxError::Protocol`], never a panic.
+//! flow-control windows; a peer that breaks the protocol ends the connection with
+//! [`MuxError::Protocol`], never a panic. On the agent's side a new host's preface where
+//! a frame was due ends the connection with [`MuxError::Superseded`] (the port did not
+//! show the last host leave).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -102,9 +107,6 @@ const DATA: u8 = 2;
 const END: u8 = 3;
 const RESET: u8 = 4;
 const GRANT: u8 = 5;
-
-/// A boxed error, as bodies and services report them.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -290,19 +292,22 @@ impl Shared {
 
     /// Forgets stream `stream`, stopping its sending task.
     fn remove(&self, stream: u32) {
-        let (slot, none_left) = {
+        let (slot, drained) = {
             let mut streams = self.streams();
             let slot = streams.map.remove(&stream);
-            (slot, streams.map.is_empty())
+            // A draining driver ends once no stream is left.
+            let drained = if streams.map.is_empty() {
+                streams.draining.take()
+            } else {
+                None
+            };
+            (slot, drained)
         };
         if let Some(slot) = slot {
             slot.close();
         }
-        if none_left {
-            // A draining driver ends once no stream is left.
-            if let Some(driver) = self.streams().draining.take() {
-                driver.wake();
-            }
+        if let Some(driver) = drained {
+            driver.wake();
         }
     }
 
@@ -367,11 +372,9 @@ pub struct RecvBody {
     /// Bytes handed on and not yet granted back.
     consumed: u32,
     ended: bool,
-    /// Dropping the body before its end gives the stream up (the host's answers: the
-    /// agent stops sending).
-    reset_on_drop: bool,
-    /// The host's connection, kept while its answer is read.
-    _connection: Option<Arc<Connection>>,
+    /// On the host's side (an answer), its connection, kept while the answer is read;
+    /// dropping such a body before its end gives the call up (the agent stops sending).
+    connection: Option<Arc<Connection>>,
 }
 
 impl fmt::Debug for RecvBody {
@@ -384,6 +387,24 @@ impl fmt::Debug for RecvBody {
 }
 
 impl RecvBody {
+    fn new(
+        rx: mpsc::UnboundedReceiver<Event>,
+        shared: Arc<Shared>,
+        stream: u32,
+        received: Arc<AtomicU32>,
+        connection: Option<Arc<Connection>>,
+    ) -> Self {
+        Self {
+            rx,
+            shared,
+            stream,
+            received,
+            consumed: 0,
+            ended: false,
+            connection,
+        }
+    }
+
     /// Grants back what was handed on: a quarter window at a time, or all of it when the
     /// reader has caught up (so a call read as it comes never holds window back).
     fn consumed(&mut self, cost: u32, caught_up: bool) {
@@ -453,7 +474,7 @@ impl Body for RecvBody {
 impl Drop for RecvBody {
     fn drop(&mut self) {
         if !self.ended {
-            if self.reset_on_drop {
+            if self.connection.is_some() {
                 self.shared.reset(self.stream);
             }
             self.finish();
@@ -580,18 +601,12 @@ where
                     let piece = data.len().min(DATA_CHUNK);
                     let cost = piece as u32 + FRAME_COST;
                     // Each only fails once the stream or the connection is over.
-                    let Ok(permit) = credit.acquire_many(cost).await else {
+                    if !take(&credit, cost).await
+                        || !take(&shared.conn_credit, cost).await
+                        || !take(&shared.unwritten, piece as u32).await
+                    {
                         return;
-                    };
-                    permit.forget();
-                    let Ok(permit) = shared.conn_credit.acquire_many(cost).await else {
-                        return;
-                    };
-                    permit.forget();
-                    let Ok(permit) = shared.unwritten.acquire_many(piece as u32).await else {
-                        return;
-                    };
-                    permit.forget();
+                    }
                     shared.send(DATA, stream, data.split_to(piece));
                 }
             }
@@ -605,6 +620,18 @@ where
                 }
             }
         }
+    }
+}
+
+/// Takes `amount` of `credit` for good (it comes back as new permits); false once the
+/// credit is closed.
+async fn take(credit: &Semaphore, amount: u32) -> bool {
+    match credit.acquire_many(amount).await {
+        Ok(permit) => {
+            permit.forget();
+            true
+        }
+        Err(_) => false,
     }
 }
 
@@ -691,11 +718,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
                 Poll::Ready(Err(err)) => return Poll::Ready(Err(err.into())),
                 Poll::Pending => {}
             }
-            if !progress && self.drained(cx) {
-                return Poll::Ready(Ok(()));
-            }
             if !progress {
-                return Poll::Pending;
+                return if self.drained(cx) {
+                    Poll::Ready(Ok(()))
+                } else {
+                    Poll::Pending
+                };
             }
         }
     }
@@ -818,7 +846,6 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
         }
     }
 
-    /// A new stream on the server: the request's head.
     /// Whether the driver was told to shut down and has nothing left to do: no call
     /// under way and nothing to write (else it is woken when the last call ends).
     fn drained(&mut self, cx: &mut Context<'_>) -> bool {
@@ -839,6 +866,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
         false
     }
 
+    /// A new stream on the server: the request's head.
     fn open(&mut self, stream: u32, payload: Bytes) -> Result<(), MuxError> {
         let (path, headers) = decode_block(payload, ":path")?;
         let uri = http::Uri::try_from(path).map_err(|_| MuxError::Protocol("a malformed path"))?;
@@ -858,16 +886,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Driver<'_, T> {
             }
             streams.map.insert(stream, slot);
         }
-        let body = RecvBody {
-            rx,
-            shared: self.shared.clone(),
-            stream,
-            received,
-            consumed: 0,
-            ended: false,
-            reset_on_drop: false,
-            _connection: None,
-        };
+        let body = RecvBody::new(rx, self.shared.clone(), stream, received, None);
         let mut request = http::Request::new(body);
         *request.method_mut() = http::Method::POST;
         *request.uri_mut() = uri;
@@ -1074,7 +1093,7 @@ impl Channel {
         let shared = Shared::new(out);
         let mut write = BytesMut::new();
         write.put_slice(PREFACE);
-        let driver = Driver {
+        let mut driver = Driver {
             io,
             role: Role::Client,
             shared: shared.clone(),
@@ -1087,7 +1106,6 @@ impl Channel {
             draining: false,
         };
         let close = CloseOnDrop(shared.clone());
-        let mut driver = driver;
         let driver = tokio::spawn(async move {
             let _close = close;
             // How the connection ended reaches each call it ended (`Unavailable`).
@@ -1168,16 +1186,7 @@ where
         Some(_) => return Err(Status::internal("The guest agent answered without a head")),
     };
     guard.armed = false;
-    let body = RecvBody {
-        rx,
-        shared: shared.clone(),
-        stream,
-        received,
-        consumed: 0,
-        ended: false,
-        reset_on_drop: true,
-        _connection: Some(connection),
-    };
+    let body = RecvBody::new(rx, shared, stream, received, Some(connection));
     let mut response = http::Response::new(body);
     *response.status_mut() = status;
     *response.version_mut() = http::Version::HTTP_2;
