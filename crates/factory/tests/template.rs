@@ -511,6 +511,14 @@ async fn every_clone_gets_its_own_vm_generation_id_and_reseeds() {
                 dmesg.contains("crng reseeded due to virtual machine fork"),
                 "no vmgenid reseed in the clone's kernel log:\n{dmesg}"
             );
+            // The driver took QEMU's change event itself (patch 0004, `vmgenid.gpe=5`),
+            // not through the ACPI method: it says so only when that fails.
+            let gpe = sh(clone, "cat /sys/module/vmgenid/parameters/gpe").await;
+            assert_eq!(gpe.trim(), "5", "vmgenid.gpe in the clone");
+            assert!(
+                !dmesg.contains("Taking GPE"),
+                "the vmgenid driver could not take its GPE:\n{dmesg}"
+            );
         }
         let bytes = sh(
             clone,

@@ -35,6 +35,10 @@ pub const KERNEL_PATCHES: &[(&str, &str)] = &[
         "0003-x86-tsc-early-khz-skips-cpu-calibration.patch",
         include_str!("../kernel/patches/0003-x86-tsc-early-khz-skips-cpu-calibration.patch"),
     ),
+    (
+        "0004-virt-vmgenid-gpe-parameter.patch",
+        include_str!("../kernel/patches/0004-virt-vmgenid-gpe-parameter.patch"),
+    ),
 ];
 
 /// Version of the kernel build recipe; bump it when the same inputs give another kernel.
@@ -831,6 +835,81 @@ mod tests {
         text
     }
 
+    /// drivers/virt/vmgenid.c as Debian's 6.1 source has it, from its size constant to
+    /// its device IDs, after `header` lines.
+    fn vmgenid_source(header: usize) -> String {
+        let mut text = "/* header */\n".repeat(header);
+        text.push_str(concat!(
+            "enum { VMGENID_SIZE = 16 };\n",
+            "\n",
+            "struct vmgenid_state {\n",
+            "	u8 *next_id;\n",
+            "	u8 this_id[VMGENID_SIZE];\n",
+            "};\n",
+            "\n",
+            "static int vmgenid_add(struct acpi_device *device)\n",
+            "{\n",
+            "	struct acpi_buffer parsed = { ACPI_ALLOCATE_BUFFER };\n",
+            "	struct vmgenid_state *state;\n",
+            "	union acpi_object *obj;\n",
+            "	phys_addr_t phys_addr;\n",
+            "	acpi_status status;\n",
+            "	int ret = 0;\n",
+            "\n",
+            "	state = devm_kmalloc(&device->dev, sizeof(*state), GFP_KERNEL);\n",
+            "	if (!state)\n",
+            "		return -ENOMEM;\n",
+            "\n",
+            "	status = acpi_evaluate_object(device->handle, \"ADDR\", NULL, &parsed);\n",
+            "	if (ACPI_FAILURE(status)) {\n",
+            "		ACPI_EXCEPTION((AE_INFO, status, \"Evaluating ADDR\"));\n",
+            "		return -ENODEV;\n",
+            "	}\n",
+            "	obj = parsed.pointer;\n",
+            "	if (!obj || obj->type != ACPI_TYPE_PACKAGE || obj->package.count != 2 ||\n",
+            "	    obj->package.elements[0].type != ACPI_TYPE_INTEGER ||\n",
+            "	    obj->package.elements[1].type != ACPI_TYPE_INTEGER) {\n",
+            "		ret = -EINVAL;\n",
+            "		goto out;\n",
+            "	}\n",
+            "\n",
+            "	phys_addr = (obj->package.elements[0].integer.value << 0) |\n",
+            "		    (obj->package.elements[1].integer.value << 32);\n",
+            "	state->next_id = devm_memremap(&device->dev, phys_addr, VMGENID_SIZE, MEMREMAP_WB);\n",
+            "	if (IS_ERR(state->next_id)) {\n",
+            "		ret = PTR_ERR(state->next_id);\n",
+            "		goto out;\n",
+            "	}\n",
+            "\n",
+            "	memcpy(state->this_id, state->next_id, sizeof(state->this_id));\n",
+            "	add_device_randomness(state->this_id, sizeof(state->this_id));\n",
+            "\n",
+            "	device->driver_data = state;\n",
+            "\n",
+            "out:\n",
+            "	ACPI_FREE(parsed.pointer);\n",
+            "	return ret;\n",
+            "}\n",
+            "\n",
+            "static void vmgenid_notify(struct acpi_device *device, u32 event)\n",
+            "{\n",
+            "	struct vmgenid_state *state = acpi_driver_data(device);\n",
+            "	u8 old_id[VMGENID_SIZE];\n",
+            "\n",
+            "	memcpy(old_id, state->this_id, sizeof(old_id));\n",
+            "	memcpy(state->this_id, state->next_id, sizeof(state->this_id));\n",
+            "	if (!memcmp(old_id, state->this_id, sizeof(old_id)))\n",
+            "		return;\n",
+            "	add_vmfork_randomness(state->this_id, sizeof(state->this_id));\n",
+            "}\n",
+            "\n",
+            "static const struct acpi_device_id vmgenid_ids[] = {\n",
+            "	{ \"VMGENCTR\", 0 },\n",
+            "	{ \"VM_GEN_COUNTER\", 0 },\n",
+        ));
+        text
+    }
+
     #[test]
     fn our_patches_apply_to_the_source_they_were_written_for_and_refuse_another() {
         let tree = tempfile::tempdir().expect("tempdir");
@@ -844,6 +923,10 @@ mod tests {
         fs::write(&apic, lapic_params_source(7)).expect("source");
         let tsc = tree.path().join("arch/x86/kernel/tsc.c");
         fs::write(&tsc, tsc_frequencies_source(3)).expect("source");
+        let virt = tree.path().join("drivers/virt");
+        fs::create_dir_all(&virt).expect("source dir");
+        let vmgenid = virt.join("vmgenid.c");
+        fs::write(&vmgenid, vmgenid_source(16)).expect("source");
         apply_patches(tree.path(), KERNEL_PATCHES, &kernel_error).expect("the patches apply");
         let patched = fs::read_to_string(&file).expect("patched source");
         assert!(patched.contains("free_reserved_area((void *)begin, (void *)end, -1, what);"));
@@ -854,6 +937,9 @@ mod tests {
         let patched = fs::read_to_string(&tsc).expect("patched source");
         assert!(patched.contains("\tif (early && tsc_early_khz) {\n"));
         assert!(patched.contains("\t\tcpu_khz = tsc_early_khz;\n"));
+        let patched = fs::read_to_string(&vmgenid).expect("patched source");
+        assert!(patched.contains("module_param(gpe, int, 0444);"));
+        assert!(patched.contains("\tvmgenid_take_gpe(device);\n"));
 
         // Applied twice, or to a source that changed there: a build error naming the patch.
         let message = apply_patches(tree.path(), KERNEL_PATCHES, &kernel_error)

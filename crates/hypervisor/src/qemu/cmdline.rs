@@ -24,6 +24,13 @@ pub const HOTPLUG_PORT_PREFIX: &str = "vmfhp";
 /// A kernel without the patch ignores the parameter and calibrates. A boot (not a clone)
 /// also gets `tsc_early_khz`, the host's TSC rate ([`super::tsc`]).
 pub const TCG_KERNEL_PARAMS: &str = "lapic_timer_hz=1000000000";
+/// Kernel parameter of VMs with a `vmgenid` device: the general-purpose event QEMU raises
+/// when the VM generation ID changes (its `_E05` method only notifies the device). With
+/// it, vmfactory's kernel (patch 0004) reseeds its CRNG from that event's handler instead
+/// of running the ACPI method and its notify (about 1,000 guest blocks each TCG clone
+/// translated anew). Kernels without the patch ignore it (a `module.parameter` of a
+/// module not built in).
+pub const VMGENID_KERNEL_PARAM: &str = "vmgenid.gpe=5";
 /// Machine devices no vmfactory guest uses, left out (`-machine` properties of both `q35`
 /// and `pc`): the SATA controller, SMBus, the PS/2 controller and VMware's I/O port. Fewer
 /// devices for SeaBIOS and the kernel to probe (SeaBIOS's AHCI and keyboard set-up, the
@@ -177,6 +184,12 @@ pub fn build_args(
     if let Some(firmware) = &config.firmware {
         push(&["-bios", &firmware.to_string_lossy()]);
     }
+    // VM generation ID: every QEMU process gets a random GUID (`guid=auto`); after a
+    // clone loads a template's state QEMU writes its own GUID into guest memory and
+    // notifies the guest, whose vmgenid driver reseeds the kernel's CRNG. qboot cannot
+    // run the ACPI linker-loader commands of the device: with it the VM hangs before the
+    // kernel prints anything (QEMU 7.2, checked), so qboot VMs go without.
+    let vmgenid = !is_qboot(config.firmware.as_deref());
     // Only a boot gets the kernel, its initramfs and its command line. A clone resumes a
     // guest that booted long ago: the kernel's ELF segments, the initrd and the command
     // line are fw_cfg data and start-up ROMs, not migrated RAM, and QEMU would read them
@@ -187,17 +200,17 @@ pub fn build_args(
         if let Some(initrd) = &spec.initrd {
             push(&["-initrd", &escape_option(initrd)]);
         }
-        let append = match accel {
-            ResolvedAccel::Kvm => spec.kernel_params.clone(),
-            ResolvedAccel::Tcg => {
-                let mut append = format!("{} {TCG_KERNEL_PARAMS}", spec.kernel_params);
-                // Only a boot calibrates the TSC.
-                if let (StartMode::Boot, Some(khz)) = (mode, super::tsc::host_tsc_khz()) {
-                    append.push_str(&format!(" tsc_early_khz={khz}"));
-                }
-                append
+        let mut append = spec.kernel_params.clone();
+        if vmgenid {
+            append.push_str(&format!(" {VMGENID_KERNEL_PARAM}"));
+        }
+        if accel == ResolvedAccel::Tcg {
+            append.push_str(&format!(" {TCG_KERNEL_PARAMS}"));
+            // Only a boot calibrates the TSC.
+            if let (StartMode::Boot, Some(khz)) = (mode, super::tsc::host_tsc_khz()) {
+                append.push_str(&format!(" tsc_early_khz={khz}"));
             }
-        };
+        }
         push(&["-append", append.trim_start()]);
     }
     push(&[
@@ -215,12 +228,7 @@ pub fn build_args(
         "-serial",
         "chardev:console0",
     ]);
-    // VM generation ID: every QEMU process gets a random GUID (`guid=auto`); after a
-    // clone loads a template's state QEMU writes its own GUID into guest memory and
-    // notifies the guest, whose vmgenid driver reseeds the kernel's CRNG. qboot cannot
-    // run the ACPI linker-loader commands of the device: with it the VM hangs before the
-    // kernel prints anything (QEMU 7.2, checked), so qboot VMs go without.
-    if !is_qboot(config.firmware.as_deref()) {
+    if vmgenid {
         push(&["-device", "vmgenid,guid=auto"]);
     }
     push(&[
@@ -335,7 +343,7 @@ mod tests {
         assert_eq!(
             values(&args, "-append"),
             [format!(
-                "console=ttyS0 quiet lapic_timer_hz=1000000000 tsc_early_khz={khz}"
+                "console=ttyS0 quiet vmgenid.gpe=5 lapic_timer_hz=1000000000 tsc_early_khz={khz}"
             )]
         );
         assert_eq!(
@@ -425,7 +433,7 @@ mod tests {
         assert_eq!(values(&kata, "-initrd"), ["/k/initrd.img"]);
         assert_eq!(
             values(&kata, "-append"),
-            ["console=ttyS0 quiet lapic_timer_hz=1000000000"],
+            ["console=ttyS0 quiet vmgenid.gpe=5 lapic_timer_hz=1000000000"],
             "a clone calibrates no TSC"
         );
         assert_eq!(values(&kata, "-incoming"), ["defer"]);
@@ -437,6 +445,7 @@ mod tests {
         config.firmware = Some("/usr/share/qemu/qboot.rom".into());
         let args = args_of(&config, &spec(), ResolvedAccel::Tcg);
         assert!(!values(&args, "-device").contains(&"vmgenid,guid=auto"));
+        assert!(!values(&args, "-append")[0].contains("vmgenid"));
         assert_eq!(values(&args, "-bios"), ["/usr/share/qemu/qboot.rom"]);
     }
 
@@ -450,7 +459,10 @@ mod tests {
         let tcg = args_of(&config, &spec(), ResolvedAccel::Tcg);
         assert_eq!(values(&tcg, "-accel"), ["tcg,tb-size=32"]);
         // The APIC timer's clock is only given where it would be calibrated (TCG).
-        assert_eq!(values(&kvm, "-append"), ["console=ttyS0 quiet"]);
+        assert_eq!(
+            values(&kvm, "-append"),
+            ["console=ttyS0 quiet vmgenid.gpe=5"]
+        );
         assert!(
             values(&kvm, "-global").is_empty(),
             "KVM keeps its APIC as it is"
