@@ -836,7 +836,7 @@ mod tests {
     }
 
     /// drivers/virt/vmgenid.c as Debian's 6.1 source has it, from its size constant to
-    /// its device IDs, after `header` lines.
+    /// its driver, after `header` lines.
     fn vmgenid_source(header: usize) -> String {
         let mut text = "/* header */\n".repeat(header);
         text.push_str(concat!(
@@ -906,6 +906,19 @@ mod tests {
             "static const struct acpi_device_id vmgenid_ids[] = {\n",
             "	{ \"VMGENCTR\", 0 },\n",
             "	{ \"VM_GEN_COUNTER\", 0 },\n",
+            "	{ }\n",
+            "};\n",
+            "\n",
+            "static struct acpi_driver vmgenid_driver = {\n",
+            "	.name = \"vmgenid\",\n",
+            "	.ids = vmgenid_ids,\n",
+            "	.owner = THIS_MODULE,\n",
+            "	.ops = {\n",
+            "		.add = vmgenid_add,\n",
+            "		.notify = vmgenid_notify\n",
+            "	}\n",
+            "};\n",
+            "\n",
         ));
         text
     }
@@ -940,6 +953,7 @@ mod tests {
         let patched = fs::read_to_string(&vmgenid).expect("patched source");
         assert!(patched.contains("module_param(gpe, int, 0444);"));
         assert!(patched.contains("\tvmgenid_take_gpe(device);\n"));
+        assert!(patched.contains("\t\t.remove = vmgenid_remove,\n"));
 
         // Applied twice, or to a source that changed there: a build error naming the patch.
         let message = apply_patches(tree.path(), KERNEL_PATCHES, &kernel_error)

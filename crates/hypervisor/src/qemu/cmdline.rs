@@ -26,10 +26,12 @@ pub const HOTPLUG_PORT_PREFIX: &str = "vmfhp";
 pub const TCG_KERNEL_PARAMS: &str = "lapic_timer_hz=1000000000";
 /// Kernel parameter of VMs with a `vmgenid` device: the general-purpose event QEMU raises
 /// when the VM generation ID changes (its `_E05` method only notifies the device). With
-/// it, vmfactory's kernel (patch 0004) reseeds its CRNG from that event's handler instead
-/// of running the ACPI method and its notify (about 1,000 guest blocks each TCG clone
-/// translated anew). Kernels without the patch ignore it (a `module.parameter` of a
-/// module not built in).
+/// it, vmfactory's kernel (patch 0004) handles that event itself and reseeds its CRNG on
+/// a worker the handler queues, instead of running the AML method and its notify (about
+/// 1,000 guest blocks each TCG clone translated anew). Other kernels ignore it (Linux
+/// drops an unknown `module.parameter` from the command line silently). It goes first,
+/// so that a user's `vmgenid.gpe=-1` in `kernel_params` (the last value wins) turns it
+/// off. Clones inherit it from the template's boot.
 pub const VMGENID_KERNEL_PARAM: &str = "vmgenid.gpe=5";
 /// Machine devices no vmfactory guest uses, left out (`-machine` properties of both `q35`
 /// and `pc`): the SATA controller, SMBus, the PS/2 controller and VMware's I/O port. Fewer
@@ -200,10 +202,11 @@ pub fn build_args(
         if let Some(initrd) = &spec.initrd {
             push(&["-initrd", &escape_option(initrd)]);
         }
-        let mut append = spec.kernel_params.clone();
-        if vmgenid {
-            append.push_str(&format!(" {VMGENID_KERNEL_PARAM}"));
-        }
+        let mut append = if vmgenid {
+            format!("{VMGENID_KERNEL_PARAM} {}", spec.kernel_params)
+        } else {
+            spec.kernel_params.clone()
+        };
         if accel == ResolvedAccel::Tcg {
             append.push_str(&format!(" {TCG_KERNEL_PARAMS}"));
             // Only a boot calibrates the TSC.
@@ -343,7 +346,7 @@ mod tests {
         assert_eq!(
             values(&args, "-append"),
             [format!(
-                "console=ttyS0 quiet vmgenid.gpe=5 lapic_timer_hz=1000000000 tsc_early_khz={khz}"
+                "vmgenid.gpe=5 console=ttyS0 quiet lapic_timer_hz=1000000000 tsc_early_khz={khz}"
             )]
         );
         assert_eq!(
@@ -433,7 +436,7 @@ mod tests {
         assert_eq!(values(&kata, "-initrd"), ["/k/initrd.img"]);
         assert_eq!(
             values(&kata, "-append"),
-            ["console=ttyS0 quiet vmgenid.gpe=5 lapic_timer_hz=1000000000"],
+            ["vmgenid.gpe=5 console=ttyS0 quiet lapic_timer_hz=1000000000"],
             "a clone calibrates no TSC"
         );
         assert_eq!(values(&kata, "-incoming"), ["defer"]);
@@ -461,7 +464,15 @@ mod tests {
         // The APIC timer's clock is only given where it would be calibrated (TCG).
         assert_eq!(
             values(&kvm, "-append"),
-            ["console=ttyS0 quiet vmgenid.gpe=5"]
+            ["vmgenid.gpe=5 console=ttyS0 quiet"]
+        );
+        // A user's own value comes after vmfactory's, and the last one counts.
+        let mut off = spec();
+        off.kernel_params = "console=ttyS0 vmgenid.gpe=-1".into();
+        let kvm = args_of(&config, &off, ResolvedAccel::Kvm);
+        assert_eq!(
+            values(&kvm, "-append"),
+            ["vmgenid.gpe=5 console=ttyS0 vmgenid.gpe=-1"]
         );
         assert!(
             values(&kvm, "-global").is_empty(),
