@@ -1580,27 +1580,32 @@ mod tests {
         assert!(written.is_empty());
     }
 
-    #[tokio::test]
-    async fn the_host_ends_a_connection_whose_agent_breaks_the_protocol() {
-        // An agent that answers stream 1 with two heads (queued without end otherwise).
-        let connector: Connector = Arc::new(|| {
+    /// Connects to a fake agent that reads the host's first 8 bytes (its preface), writes
+    /// `answer`, then reads and drops whatever else comes until the host leaves.
+    fn scripted_agent(answer: Vec<u8>) -> Connector {
+        Arc::new(move || {
             let (host, mut agent) = tokio::io::duplex(1 << 20);
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let mut first = [0; 8];
                 let _ = agent.read_exact(&mut first).await;
-                let status =
-                    encode_block((":status", "200"), &HeaderMap::new()).expect("a small block");
-                let mut answer = frame(HEAD, 1, &status);
-                answer.extend(frame(HEAD, 1, &status));
-                // (Never read: the host ended the connection at the second head.)
-                answer.extend(frame(RESET, 0, b""));
                 let _ = agent.write_all(&answer).await;
                 let mut sink = Vec::new();
                 let _ = agent.read_to_end(&mut sink).await;
             });
             Box::pin(async move { Ok(Box::new(host) as Box<dyn Io>) })
-        });
-        let mut channel = Channel::lazy(connector);
+        })
+    }
+
+    #[tokio::test]
+    async fn the_host_ends_a_connection_whose_agent_breaks_the_protocol() {
+        // An agent that answers stream 1 with two heads (queued without end otherwise).
+        let status = encode_block((":status", "200"), &HeaderMap::new()).expect("a small block");
+        let mut answer = frame(HEAD, 1, &status);
+        answer.extend(frame(HEAD, 1, &status));
+        // (Never read: the host ended the connection at the second head.)
+        answer.extend(frame(RESET, 0, b""));
+        let mut channel = Channel::lazy(scripted_agent(answer));
         let result = channel.call(request("/x", Bytes::new())).await;
         let status = match result {
             Ok(response) => response
@@ -1617,18 +1622,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_agent_ending_the_connection_after_an_error_fails_the_hosts_calls() {
-        let connector: Connector = Arc::new(|| {
-            let (host, mut agent) = tokio::io::duplex(1 << 20);
-            tokio::spawn(async move {
-                let mut first = [0; 8];
-                let _ = agent.read_exact(&mut first).await;
-                let _ = agent.write_all(&frame(RESET, 0, b"")).await;
-                let mut sink = Vec::new();
-                let _ = agent.read_to_end(&mut sink).await;
-            });
-            Box::pin(async move { Ok(Box::new(host) as Box<dyn Io>) })
-        });
-        let mut channel = Channel::lazy(connector);
+        let mut channel = Channel::lazy(scripted_agent(frame(RESET, 0, b"")));
         let status = channel
             .call(request("/x", Bytes::new()))
             .await
