@@ -202,19 +202,20 @@ pub fn build_args(
         if let Some(initrd) = &spec.initrd {
             push(&["-initrd", &escape_option(initrd)]);
         }
-        let mut append = if vmgenid {
-            format!("{VMGENID_KERNEL_PARAM} {}", spec.kernel_params)
-        } else {
-            spec.kernel_params.clone()
-        };
+        let mut append = Vec::new();
+        if vmgenid {
+            append.push(VMGENID_KERNEL_PARAM.to_string());
+        }
+        append.push(spec.kernel_params.clone());
         if accel == ResolvedAccel::Tcg {
-            append.push_str(&format!(" {TCG_KERNEL_PARAMS}"));
+            append.push(TCG_KERNEL_PARAMS.to_string());
             // Only a boot calibrates the TSC.
             if let (StartMode::Boot, Some(khz)) = (mode, super::tsc::host_tsc_khz()) {
-                append.push_str(&format!(" tsc_early_khz={khz}"));
+                append.push(format!("tsc_early_khz={khz}"));
             }
         }
-        push(&["-append", append.trim_start()]);
+        append.retain(|part| !part.is_empty());
+        push(&["-append", &append.join(" ")]);
     }
     push(&[
         "-nodefaults",
@@ -473,6 +474,18 @@ mod tests {
         assert_eq!(
             values(&kvm, "-append"),
             ["vmgenid.gpe=5 console=ttyS0 vmgenid.gpe=-1"]
+        );
+        // No parameters of the user's: single spaces, none at the ends.
+        off.kernel_params = String::new();
+        let tcg = args_of(&config, &off, ResolvedAccel::Tcg);
+        let append = &values(&tcg, "-append")[0];
+        assert!(
+            append.starts_with("vmgenid.gpe=5 lapic_timer_hz=1000000000"),
+            "{append}"
+        );
+        assert!(
+            !append.contains("  ") && append.trim() == *append,
+            "{append}"
         );
         assert!(
             values(&kvm, "-global").is_empty(),
