@@ -698,6 +698,8 @@ impl Settings {
                 firmware: (!qemu.firmware.as_os_str().is_empty()).then(|| qemu.firmware.clone()),
                 die_with_parent: false,
                 library_dir: None,
+                // Set by the CLI when it resolved the QEMU build of its own recipe.
+                vmfactory_build: false,
             },
             kernel,
             initrd: (!initrd.as_os_str().is_empty()).then_some(initrd),

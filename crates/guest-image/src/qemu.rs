@@ -52,6 +52,14 @@ pub const QEMU_PATCHES: &[(&str, &str)] = &[
         "0003-savevm-load-in-one-transaction.patch",
         include_str!("../qemu/patches/0003-savevm-load-in-one-transaction.patch"),
     ),
+    (
+        "0004-acpi-no-tables-for-incoming.patch",
+        include_str!("../qemu/patches/0004-acpi-no-tables-for-incoming.patch"),
+    ),
+    (
+        "0005-migration-x-ignore-shared-property.patch",
+        include_str!("../qemu/patches/0005-migration-x-ignore-shared-property.patch"),
+    ),
 ];
 
 /// Version of the QEMU build recipe; bump it when the same inputs give another binary.
@@ -1029,7 +1037,8 @@ mod tests {
 
     #[test]
     fn the_patches_apply_to_their_file() {
-        // Each patch: its file, and the call it wraps in one memory transaction.
+        // Each patch: its file, and two pieces of the text it makes (for 0001-0003 the
+        // start and the end of the memory transaction it wraps a call in).
         let expected = [
             (
                 "b/softmmu/vl.c",
@@ -1046,6 +1055,17 @@ mod tests {
                 "if (batched) {\n        memory_region_transaction_begin();\n    }\n    \
                  ret = qemu_loadvm_state_main(f, mis);",
                 "mis);\n    if (batched) {\n        memory_region_transaction_commit();\n    }\n",
+            ),
+            (
+                "b/hw/i386/acpi-build.c",
+                "if (runstate_check(RUN_STATE_INMIGRATE)) {\n",
+                "    } else {\n        acpi_build(&tables, MACHINE(pcms));\n    }\n",
+            ),
+            (
+                "b/migration/migration.c",
+                "#endif\n    /*\n",
+                "    DEFINE_PROP_MIG_CAP(\"x-ignore-shared\",\n            \
+                 MIGRATION_CAPABILITY_X_IGNORE_SHARED),\n\n    DEFINE_PROP_END_OF_LIST(),",
             ),
         ];
         assert_eq!(QEMU_PATCHES.len(), expected.len());

@@ -179,6 +179,21 @@ pub fn wants_built_qemu(args: &ImageArgs, settings: &Settings) -> bool {
         && args.guest_qemu.unwrap_or(settings.guest.qemu) == QemuSource::Vmfactory
 }
 
+/// True when `binary` (a path or a name in `PATH`) is the QEMU build of this vmfactory's
+/// recipe, the one [`current_qemu`] names, so it has every patch of that recipe: when a
+/// command resolved it itself, and when a configuration names it (`bench run` writes one).
+pub fn is_built_qemu(args: &ImageArgs, binary: &Path) -> bool {
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let Some(built) = current_qemu(&cache_dir) else {
+        return false;
+    };
+    let canonical = |path: &Path| std::fs::canonicalize(path).ok();
+    vmfactory_hypervisor::qemu::config::resolve_binary(binary)
+        .ok()
+        .and_then(|binary| canonical(&binary))
+        .is_some_and(|binary| canonical(&built.binary) == Some(binary))
+}
+
 /// Records a failed build of vmfactory's QEMU for a while, so commands do not retry it
 /// (apt and a compile) one after another.
 const QEMU_FAILURE_FILE: &str = "qemu/build-failed";

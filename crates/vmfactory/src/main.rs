@@ -234,6 +234,9 @@ impl VmArgs {
         }
         check_request(&settings.hypervisor.qemu, self.vcpus, self.memory)?;
         let mut base = settings.vm_config(None);
+        // The build of this vmfactory's recipe, chosen here or named by the configuration,
+        // has every one of its patches.
+        base.qemu.vmfactory_build = local && guest::is_built_qemu(&self.image, &base.qemu.binary);
         // VMs are owned by the process that makes them (and die with it), except the
         // VMCache server's, which are handed over and must outlive it.
         base.qemu.die_with_parent = true;

@@ -36,6 +36,12 @@ pub struct QemuConfig {
     /// stand-ins for libraries QEMU never calls ([`super::libstub`]), when usable.
     #[serde(default)]
     pub library_dir: Option<PathBuf>,
+    /// `binary` is vmfactory's own QEMU build (with its patches): a clone's QEMU then
+    /// loads the device state from its command line (`-global
+    /// migration.x-ignore-shared=on -incoming fd:3`, patch 0005) as soon as it runs,
+    /// instead of waiting for two QMP commands first. Any other QEMU loads through QMP.
+    #[serde(default)]
+    pub vmfactory_build: bool,
 }
 
 /// QEMU's minimal firmware. It boots Linux straight from fw_cfg but cannot run the ACPI
@@ -63,6 +69,7 @@ impl Default for QemuConfig {
             firmware: default_firmware(),
             die_with_parent: false,
             library_dir: None,
+            vmfactory_build: false,
         }
     }
 }

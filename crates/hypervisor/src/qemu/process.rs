@@ -26,7 +26,8 @@ impl Qemu {
         Self::spawn(config, spec, StartMode::Boot, None).await
     }
 
-    /// Spawns QEMU paused and waiting for a device state (`-incoming defer -S`), with the
+    /// Spawns QEMU paused and waiting for a device state (`-incoming defer -S`; vmfactory's
+    /// QEMU `-incoming fd:3 -S`, see [`QemuConfig::vmfactory_build`]), with the
     /// state file `state` open as fd 3, and loads it.
     pub async fn start_incoming(config: &QemuConfig, spec: &VmSpec, state: &Path) -> Result<Self> {
         let file = std::fs::File::open(state).map_err(|source| HypervisorError::Io {
@@ -35,7 +36,7 @@ impl Qemu {
             source,
         })?;
         let mut qemu = Self::spawn(config, spec, StartMode::Incoming, Some(file)).await?;
-        if let Err(err) = qemu.load_device_state().await {
+        if let Err(err) = qemu.load_device_state(config.vmfactory_build).await {
             let _ = qemu.stop().await;
             return Err(err);
         }

@@ -98,13 +98,16 @@ impl Qemu {
         .await
     }
 
-    /// Loads the device state inherited as fd [`STATE_FD`] (see [`Qemu::start_incoming`]);
-    /// the VM stays paused afterwards.
-    pub(super) async fn load_device_state(&self) -> Result<()> {
-        self.set_ignore_shared().await?;
-        let uri = format!("fd:{STATE_FD}");
-        self.qmp("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
-            .await?;
+    /// Loads the device state inherited as fd [`STATE_FD`] (see [`Qemu::start_incoming`]),
+    /// or with `from_command_line` waits for the load QEMU started itself (vmfactory's
+    /// QEMU, `-incoming fd:3`); the VM stays paused afterwards.
+    pub(super) async fn load_device_state(&self, from_command_line: bool) -> Result<()> {
+        if !from_command_line {
+            self.set_ignore_shared().await?;
+            let uri = format!("fd:{STATE_FD}");
+            self.qmp("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+                .await?;
+        }
         let started = Instant::now();
         loop {
             let status = self.qmp("query-status", None).await?;
