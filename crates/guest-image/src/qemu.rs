@@ -1058,7 +1058,7 @@ mod tests {
             ),
             (
                 "b/hw/i386/acpi-build.c",
-                "if (runstate_check(RUN_STATE_INMIGRATE)) {\n",
+                "    if (from_stream) {\n        g_array_set_size(tables.table_data, 1);\n",
                 "    } else {\n        acpi_build(&tables, MACHINE(pcms));\n    }\n",
             ),
             (
