@@ -698,7 +698,7 @@ impl Settings {
                 firmware: (!qemu.firmware.as_os_str().is_empty()).then(|| qemu.firmware.clone()),
                 die_with_parent: false,
                 library_dir: None,
-                // Set by the CLI when it resolved the QEMU build of its own recipe.
+                // Set by the CLI when the QEMU is the build of its own recipe.
                 vmfactory_build: false,
             },
             kernel,

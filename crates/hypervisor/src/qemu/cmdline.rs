@@ -331,6 +331,12 @@ mod tests {
         build_args(config, spec, accel, &paths, StartMode::Boot).expect("args")
     }
 
+    /// The command line of the test VM (`spec()`, TCG) started in `mode`.
+    fn started(config: &QemuConfig, mode: StartMode) -> Vec<String> {
+        let paths = VmPaths::new(Path::new("/run/vmf/vm/abc")).expect("paths");
+        build_args(config, &spec(), ResolvedAccel::Tcg, &paths, mode).expect("args")
+    }
+
     /// The value following `flag`, for every occurrence of it.
     fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
         args.windows(2)
@@ -401,15 +407,7 @@ mod tests {
 
     #[test]
     fn incoming_mode_waits_paused_for_the_state() {
-        let paths = VmPaths::new(Path::new("/run/vmf/vm/abc")).expect("paths");
-        let args = build_args(
-            &config(),
-            &spec(),
-            ResolvedAccel::Tcg,
-            &paths,
-            StartMode::Incoming,
-        )
-        .expect("args");
+        let args = started(&config(), StartMode::Incoming);
         assert_eq!(values(&args, "-incoming"), ["defer"]);
         assert!(args.iter().any(|a| a == "-S"));
         for flag in ["-kernel", "-initrd", "-append"] {
@@ -438,14 +436,7 @@ mod tests {
         assert_eq!(rest, boot_rest);
 
         // Kata's clones keep the whole command line (the benchmark's baseline).
-        let kata = build_args(
-            &config(),
-            &spec(),
-            ResolvedAccel::Tcg,
-            &paths,
-            StartMode::IncomingKata,
-        )
-        .expect("args");
+        let kata = started(&config(), StartMode::IncomingKata);
         assert_eq!(values(&kata, "-kernel"), ["/k/vmlinux"]);
         assert_eq!(values(&kata, "-initrd"), ["/k/initrd.img"]);
         assert_eq!(
@@ -458,29 +449,14 @@ mod tests {
 
     #[test]
     fn vmfactory_qemu_loads_the_state_from_its_command_line() {
-        let paths = VmPaths::new(Path::new("/run/vmf/vm/abc")).expect("paths");
         let mut ours = config();
         ours.vmfactory_build = true;
-        let args = build_args(
-            &ours,
-            &spec(),
-            ResolvedAccel::Tcg,
-            &paths,
-            StartMode::Incoming,
-        )
-        .expect("args");
+        let args = started(&ours, StartMode::Incoming);
         assert_eq!(values(&args, "-incoming"), [format!("fd:{STATE_FD}")]);
         assert!(values(&args, "-global").contains(&"migration.x-ignore-shared=on"));
         assert!(args.iter().any(|a| a == "-S"));
         // The same devices as a QMP-loaded clone's.
-        let deferred = build_args(
-            &config(),
-            &spec(),
-            ResolvedAccel::Tcg,
-            &paths,
-            StartMode::Incoming,
-        )
-        .expect("args");
+        let deferred = started(&config(), StartMode::Incoming);
         let before = |args: &[String]| -> Vec<String> {
             args.iter()
                 .take_while(|a| *a != "-incoming" && *a != "migration.x-ignore-shared=on")
@@ -491,17 +467,9 @@ mod tests {
         assert_eq!(start.pop().as_deref(), Some("-global"));
         assert_eq!(start, before(&deferred));
         // Boots and Kata's clones are started as before.
-        let kata = build_args(
-            &ours,
-            &spec(),
-            ResolvedAccel::Tcg,
-            &paths,
-            StartMode::IncomingKata,
-        )
-        .expect("args");
+        let kata = started(&ours, StartMode::IncomingKata);
         assert_eq!(values(&kata, "-incoming"), ["defer"]);
-        let boot =
-            build_args(&ours, &spec(), ResolvedAccel::Tcg, &paths, StartMode::Boot).expect("args");
+        let boot = started(&ours, StartMode::Boot);
         assert!(values(&boot, "-incoming").is_empty());
         assert!(!boot.iter().any(|a| a == "migration.x-ignore-shared=on"));
     }
